@@ -1,0 +1,61 @@
+"""The Celery app shared by producers and workers, configured for at-least-once delivery.
+
+Both sides build it from the same Settings, so the visibility timeout and the time
+limits agree everywhere (a producer with a shorter visibility timeout would make
+Redis redeliver running shards).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from orchestrator.config import Settings
+from orchestrator.constants import QUEUE_DEFAULT
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    settings = settings or Settings()
+    broker = settings.broker_url or "redis://127.0.0.1:6379/0"
+    if settings.visibility_timeout_s <= settings.task_time_limit_s:
+        raise ValueError(
+            f"visibility_timeout_s ({settings.visibility_timeout_s}) must exceed task_time_limit_s "
+            f"({settings.task_time_limit_s}), or Redis redelivers shards that are still running"
+        )
+    app = Celery("vitbatch", broker=broker, backend=settings.backend_url or broker)
+    transport_options = {
+        "visibility_timeout": settings.visibility_timeout_s,
+        "socket_timeout": 30,
+        "socket_connect_timeout": 5,
+        "socket_keepalive": True,
+        "retry_on_timeout": True,
+        "health_check_interval": 25,
+    }
+    app.conf.update(
+        # JSON only: a pickled or YAML message is refused before anything of it runs.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        # Ack after the shard is committed; a worker that dies mid-shard gives it back.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.task_time_limit_s,
+        task_soft_time_limit=max(1, settings.task_time_limit_s - 60),
+        broker_transport_options=transport_options,
+        result_backend_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=5,
+        result_expires=7 * 24 * 3600,
+        task_default_queue=QUEUE_DEFAULT,
+        task_queues=[Queue(QUEUE_DEFAULT)],
+        task_track_started=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        # The progress numbers live in the ledger; Celery results are not needed.
+        task_ignore_result=True,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    return app

@@ -1,0 +1,36 @@
+"""Settings: one object, read from the environment (prefix VITBATCH_) when asked."""
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything a deployment tunes. Build with `Settings()`; never read os.environ elsewhere."""
+
+    model_config = SettingsConfigDict(env_prefix="VITBATCH_", extra="ignore")
+
+    broker_url: str | None = Field(
+        None, description="Redis URL of the Celery broker; unset means `run` starts the embedded stack."
+    )
+    result_backend: str | None = Field(
+        None, description="Redis URL for job state and Celery results; defaults to broker_url."
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, moto); unset means AWS."
+    )
+    s3_max_attempts: int = Field(8, description="boto3 'standard' retry attempts for transient S3 errors.")
+    task_time_limit_s: int = Field(3600, description="Hard time limit of one shard task.")
+    visibility_timeout_s: int = Field(
+        4000,
+        description="Seconds before Redis redelivers an unacknowledged shard; must exceed task_time_limit_s.",
+    )
+    max_object_bytes: int = Field(64 * 1024 * 1024, description="Objects larger than this are error rows.")
+    max_pixels: int = Field(50_000_000, description="Decoded images larger than this are error rows.")
+    max_attempts: int = Field(3, description="Deliveries of one shard before it is quarantined.")
+    model_cache_dir: str = Field("~/.cache/vitbatch/models", description="Where s3:// models are downloaded.")
+    flower_user: str = Field("vitbatch", description="Flower basic-auth user.")
+    flower_password: str = Field("vitbatch", description="Flower basic-auth password; change it.")
+
+    @property
+    def backend_url(self) -> str | None:
+        return self.result_backend or self.broker_url

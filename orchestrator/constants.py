@@ -1,0 +1,68 @@
+"""Every Redis key, task name and output file name, in one place."""
+
+TASK_RUN_SHARD = "vitbatch.run_shard"
+TASK_FINALIZE = "vitbatch.finalize"
+
+QUEUE_DEFAULT = "vitbatch"
+
+JOB_SPEC_FILE = "_job.json"
+SUCCESS_FILE = "_SUCCESS.json"
+MANIFEST_DIR = "_manifests"
+COMMIT_DIR = "_commits"
+ERRORS_FILE_PREFIX = "errors"
+
+
+def job_key(job_id: str) -> str:
+    """Hash: state, spec json, output, counts, timestamps."""
+    return f"vitbatch:job:{job_id}"
+
+
+def shard_state_key(job_id: str) -> str:
+    """Hash: shard index -> state (pending, running, committed, failed)."""
+    return f"vitbatch:job:{job_id}:shards"
+
+
+def shard_done_key(job_id: str) -> str:
+    """Hash: shard index -> items processed so far (set, not incremented: idempotent)."""
+    return f"vitbatch:job:{job_id}:done"
+
+
+def shard_errors_key(job_id: str) -> str:
+    """Hash: shard index -> error rows in the committed shard."""
+    return f"vitbatch:job:{job_id}:errors"
+
+
+def shard_attempts_key(job_id: str) -> str:
+    """Hash: shard index -> deliveries so far (for quarantine)."""
+    return f"vitbatch:job:{job_id}:attempts"
+
+
+def shard_reason_key(job_id: str) -> str:
+    """Hash: shard index -> why the shard failed."""
+    return f"vitbatch:job:{job_id}:reasons"
+
+
+def shard_last_error_key(job_id: str) -> str:
+    """Hash: shard index -> the last exception a delivery of the shard raised."""
+    return f"vitbatch:job:{job_id}:last_error"
+
+
+def shard_stats_key(job_id: str) -> str:
+    """Hash: shard index -> json stats of the committed shard (seconds per stage, images/s)."""
+    return f"vitbatch:job:{job_id}:stats"
+
+
+JOBS_INDEX_KEY = "vitbatch:jobs"
+"""Sorted set: job id scored by submit time."""
+
+
+def part_name(shard: int, ext: str) -> str:
+    return f"part-{shard:05d}.{ext}"
+
+
+def manifest_name(shard: int) -> str:
+    return f"{MANIFEST_DIR}/shard-{shard:05d}.jsonl"
+
+
+def commit_name(shard: int) -> str:
+    return f"{COMMIT_DIR}/part-{shard:05d}.json"

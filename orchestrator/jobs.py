@@ -1,0 +1,107 @@
+"""Job specs: the contract between the CLI, the orchestrator and the workers.
+
+One pydantic model per job kind. Every field has a description: it becomes the
+`--help` text and the JSON schema (`vitbatch schema`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+
+from orchestrator.errors import SpecError, StorageError
+from orchestrator.storage import normalize_uri
+
+Precision = Literal["auto", "fp16", "bf16", "fp32"]
+Device = Literal["auto", "cpu", "cuda"]
+
+_MODEL_SCHEMES = ("hf:", "timm:", "s3://", "file://")
+_HF_REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def normalize_model_ref(ref: str) -> str:
+    """Validate a model reference; local directories become absolute file:// URIs."""
+    ref = ref.strip()
+    if not ref:
+        raise ValueError("model reference is empty")
+    if ref.startswith(("hf:", "timm:")):
+        scheme, _, name = ref.partition(":")
+        if not name:
+            raise ValueError(f"model reference {ref!r} names no model: write {scheme}:<name>")
+        if name.startswith(("/", ".", "~")) or name.startswith("file://"):
+            return f"{scheme}:{normalize_uri(name.rstrip('/'))}"
+        if scheme == "hf" and not _HF_REPO_ID.match(name):
+            raise ValueError(f"{ref!r} is neither a Hugging Face repo id (org/name) nor a local directory")
+        return ref
+    if ref.startswith("s3://"):
+        return normalize_uri(ref).rstrip("/") + "/"
+    if ref.startswith("file://"):
+        return normalize_uri(ref).rstrip("/")
+    if "://" in ref:
+        raise ValueError(f"model reference {ref!r}: use hf:<id>, timm:<name>, a local directory or s3://")
+    return normalize_uri(ref.rstrip("/"))
+
+
+class JobBase(BaseModel):
+    """Options every inference job shares."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str = Field(
+        description="Images: a local directory, file:// or s3:// prefix, or a manifest file "
+        "(.txt one key per line, .jsonl with a 'key' field)."
+    )
+    output: str = Field(description="Output prefix (local directory, file:// or s3://).")
+    model: str = Field(
+        description="hf:<repo id or dir>, timm:<name or dir>, a local save_pretrained directory, or s3:// directory."
+    )
+    batch_size: int = Field(64, gt=0, le=4096, description="Images per forward pass.")
+    shard_size: int = Field(1000, gt=0, le=1_000_000, description="Images per shard (one task per shard).")
+    precision: Precision = Field(
+        "auto", description="Compute dtype; auto = fp16 on CUDA, bf16 on CPUs with AMX, else fp32."
+    )
+    device: Device = Field("auto", description="auto picks CUDA when the worker has it.")
+    read_concurrency: int = Field(16, gt=0, le=256, description="Concurrent object reads per worker.")
+
+    @field_validator("input", "output")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        try:
+            return normalize_uri(value)
+        except StorageError as e:
+            raise ValueError(str(e)) from e
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        return normalize_model_ref(value)
+
+
+class ClassifySpec(JobBase):
+    """Top-k labels for every image."""
+
+    kind: Literal["classify"] = "classify"
+    top_k: int = Field(5, gt=0, le=1000, description="Labels and scores kept per image.")
+
+
+# Grows into Annotated[A | B, Field(discriminator="kind")] as kinds are added.
+JobSpec = ClassifySpec
+_ADAPTER = TypeAdapter(JobSpec)
+JOB_KINDS = ("classify",)
+
+
+def parse_spec(data: dict | str) -> JobSpec:
+    """A spec from a dict or JSON text, or SpecError with one line per problem."""
+    from pydantic import ValidationError
+
+    try:
+        if isinstance(data, str):
+            return _ADAPTER.validate_json(data)
+        return _ADAPTER.validate_python(data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}" for err in e.errors()
+        )
+        raise SpecError(f"invalid job spec: {problems}") from e

@@ -1,0 +1,216 @@
+"""Job state and counters in Redis.
+
+Counters are *set* per shard, never incremented, so a redelivered shard that
+reports again leaves the totals right. Shard state moves pending -> running ->
+committed | failed; a committed shard never goes back.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+import redis
+
+from orchestrator import constants as k
+from orchestrator.errors import BrokerUnavailable, JobNotFound
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FINISHED_WITH_FAILURES = "finished_with_failures"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (JobState.QUEUED, JobState.RUNNING)
+
+
+class ShardState(str, Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMMITTED = "committed"
+    FAILED = "failed"
+
+
+@dataclass
+class JobStatus:
+    job_id: str
+    kind: str
+    state: JobState
+    output: str
+    n_items: int
+    n_shards: int
+    done: int
+    errors: int
+    shards: dict[str, int]
+    failed_shards: dict[int, str] = field(default_factory=dict)
+    reason: str = ""
+    created_at: float = 0.0
+    finished_at: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        end = self.finished_at or time.time()
+        return self.done / max(end - self.created_at, 1e-9)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["state"] = self.state.value
+        out["images_per_s"] = round(self.images_per_s, 2)
+        return out
+
+
+def connect(url: str) -> redis.Redis:
+    return redis.Redis.from_url(
+        url, decode_responses=True, socket_connect_timeout=5, socket_timeout=30,
+        socket_keepalive=True, retry_on_timeout=True, health_check_interval=25,
+    )
+
+
+class Ledger:
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+
+    @classmethod
+    def from_url(cls, url: str) -> Ledger:
+        return cls(connect(url))
+
+    def ping(self) -> None:
+        try:
+            self.r.ping()
+        except redis.RedisError as e:
+            raise BrokerUnavailable(f"Redis is unreachable ({e}); nothing was enqueued") from e
+
+    # -- producer side ---------------------------------------------------------------------
+    def create(self, job_id: str, spec_json: str, kind: str, output: str, n_items: int, n_shards: int) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(k.job_key(job_id), mapping={
+            "state": JobState.QUEUED.value, "spec": spec_json, "kind": kind, "output": output,
+            "n_items": n_items, "n_shards": n_shards, "created_at": time.time(),
+        })
+        if n_shards:
+            pipe.hset(k.shard_state_key(job_id), mapping={str(i): ShardState.PENDING.value for i in range(n_shards)})
+        pipe.zadd(k.JOBS_INDEX_KEY, {job_id: time.time()})
+        pipe.execute()
+
+    def set_state(self, job_id: str, state: JobState, reason: str = "") -> None:
+        fields: dict = {"state": state.value}
+        if reason:
+            fields["reason"] = reason
+        if state.terminal:
+            fields["finished_at"] = time.time()
+        self.r.hset(k.job_key(job_id), mapping=fields)
+
+    # -- worker side -----------------------------------------------------------------------
+    def spec_json(self, job_id: str) -> str:
+        spec = self.r.hget(k.job_key(job_id), "spec")
+        if spec is None:
+            raise JobNotFound(f"no job {job_id!r} in Redis")
+        return spec
+
+    def state(self, job_id: str) -> JobState:
+        value = self.r.hget(k.job_key(job_id), "state")
+        if value is None:
+            raise JobNotFound(f"no job {job_id!r} in Redis")
+        return JobState(value)
+
+    def start_shard(self, job_id: str, shard: int) -> int:
+        """Mark a delivery of the shard; returns how many deliveries it has had."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hincrby(k.shard_attempts_key(job_id), str(shard), 1)
+        pipe.hget(k.shard_state_key(job_id), str(shard))
+        attempts, state = pipe.execute()
+        if state != ShardState.COMMITTED.value:
+            self.r.hset(k.shard_state_key(job_id), str(shard), ShardState.RUNNING.value)
+            self.r.hsetnx(k.job_key(job_id), "started_at", time.time())
+            self._promote(job_id)
+        return int(attempts)
+
+    def _promote(self, job_id: str) -> None:
+        # Only a queued job becomes running; a cancelled or failed one stays as it is.
+        self.r.eval(
+            "if redis.call('HGET', KEYS[1], 'state') == 'queued' then "
+            "redis.call('HSET', KEYS[1], 'state', 'running') end",
+            1, k.job_key(job_id),
+        )
+
+    def progress(self, job_id: str, shard: int, done: int) -> None:
+        self.r.hset(k.shard_done_key(job_id), str(shard), done)
+
+    def commit_shard(self, job_id: str, shard: int, done: int, errors: int, stats: dict) -> bool:
+        """Record a committed shard; True when every shard is now committed or failed."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(k.shard_state_key(job_id), str(shard), ShardState.COMMITTED.value)
+        pipe.hset(k.shard_done_key(job_id), str(shard), done)
+        pipe.hset(k.shard_errors_key(job_id), str(shard), errors)
+        pipe.hset(k.shard_stats_key(job_id), str(shard), json.dumps(stats))
+        pipe.hdel(k.shard_reason_key(job_id), str(shard))
+        pipe.execute()
+        return self.all_settled(job_id)
+
+    def fail_shard(self, job_id: str, shard: int, reason: str) -> bool:
+        """Quarantine a shard with its reason; True when every shard is now settled."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(k.shard_state_key(job_id), str(shard), ShardState.FAILED.value)
+        pipe.hset(k.shard_reason_key(job_id), str(shard), reason)
+        pipe.execute()
+        return self.all_settled(job_id)
+
+    def note_shard_error(self, job_id: str, shard: int, reason: str) -> None:
+        self.r.hset(k.shard_last_error_key(job_id), str(shard), reason[:2000])
+
+    def last_shard_error(self, job_id: str, shard: int) -> str:
+        return self.r.hget(k.shard_last_error_key(job_id), str(shard)) or ""
+
+    def all_settled(self, job_id: str) -> bool:
+        states = self.r.hvals(k.shard_state_key(job_id))
+        return all(s in (ShardState.COMMITTED.value, ShardState.FAILED.value) for s in states)
+
+    def shard_states(self, job_id: str) -> dict[int, ShardState]:
+        return {int(i): ShardState(s) for i, s in self.r.hgetall(k.shard_state_key(job_id)).items()}
+
+    def shard_stats(self, job_id: str) -> dict[int, dict]:
+        return {int(i): json.loads(s) for i, s in self.r.hgetall(k.shard_stats_key(job_id)).items()}
+
+    def reset_shards(self, job_id: str, shards: list[int]) -> None:
+        """Make shards pending again (for `retry`), forgetting their attempts."""
+        if not shards:
+            return
+        pipe = self.r.pipeline(transaction=True)
+        for shard in shards:
+            pipe.hset(k.shard_state_key(job_id), str(shard), ShardState.PENDING.value)
+            pipe.hdel(k.shard_attempts_key(job_id), str(shard))
+            pipe.hdel(k.shard_reason_key(job_id), str(shard))
+        pipe.hset(k.job_key(job_id), mapping={"state": JobState.QUEUED.value, "reason": "", "finished_at": 0})
+        pipe.execute()
+
+    # -- reading ---------------------------------------------------------------------------
+    def status(self, job_id: str) -> JobStatus:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(k.job_key(job_id))
+        pipe.hvals(k.shard_state_key(job_id))
+        pipe.hvals(k.shard_done_key(job_id))
+        pipe.hvals(k.shard_errors_key(job_id))
+        pipe.hgetall(k.shard_reason_key(job_id))
+        job, states, done, errors, reasons = pipe.execute()
+        if not job:
+            raise JobNotFound(f"no job {job_id!r} in Redis; check the id and VITBATCH_BROKER_URL")
+        counts = {s.value: 0 for s in ShardState}
+        for s in states:
+            counts[s] += 1
+        return JobStatus(
+            job_id=job_id, kind=job.get("kind", ""), state=JobState(job["state"]), output=job["output"],
+            n_items=int(job["n_items"]), n_shards=int(job["n_shards"]),
+            done=sum(int(x) for x in done), errors=sum(int(x) for x in errors), shards=counts,
+            failed_shards={int(i): r for i, r in reasons.items()}, reason=job.get("reason", ""),
+            created_at=float(job["created_at"]), finished_at=float(job.get("finished_at") or 0),
+        )
+
+    def recent_jobs(self, limit: int = 20) -> list[str]:
+        return list(self.r.zrevrange(k.JOBS_INDEX_KEY, 0, limit - 1))

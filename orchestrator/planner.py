@@ -1,0 +1,142 @@
+"""Inputs -> manifest shards under the output prefix.
+
+A shard's manifest is the whole truth about which items it owns, so a
+redelivered shard reads the same items in the same order and writes the same
+rows. Nothing here reads image bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from orchestrator.constants import manifest_name
+from orchestrator.errors import ObjectNotFound, SpecError, UnsafeKey
+from orchestrator.storage import ObjectInfo, ObjectStore, join, relative_key
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+MANIFEST_SUFFIXES = frozenset({".txt", ".jsonl", ".lst"})
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input object: `key` is what result rows show, `uri` is where to read it."""
+
+    key: str
+    uri: str
+    size: int = -1
+    etag: str = ""
+
+    def to_line(self) -> str:
+        return json.dumps({"key": self.key, "uri": self.uri, "size": self.size, "etag": self.etag})
+
+    @classmethod
+    def from_line(cls, line: str) -> Item:
+        return cls(**json.loads(line))
+
+
+@dataclass
+class Plan:
+    items: list[Item]
+    shard_size: int
+    ignored: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+
+    @property
+    def n_shards(self) -> int:
+        return -(-len(self.items) // self.shard_size)
+
+    def shards(self) -> Iterator[tuple[int, list[Item]]]:
+        for index in range(self.n_shards):
+            yield index, self.items[index * self.shard_size:(index + 1) * self.shard_size]
+
+    def summary(self) -> dict:
+        return {
+            "items": len(self.items), "shards": self.n_shards,
+            "ignored_non_images": len(self.ignored), "ignored_examples": self.ignored[:10],
+            "duplicate_keys": len(self.duplicates), "duplicate_examples": self.duplicates[:10],
+        }
+
+
+def is_image_key(key: str) -> bool:
+    return posixpath.splitext(key.lower())[1] in IMAGE_SUFFIXES
+
+
+def plan(input_uri: str, shard_size: int, store: ObjectStore) -> Plan:
+    """List the inputs (prefix or manifest file), keep the images, cut them into shards."""
+    suffix = posixpath.splitext(input_uri.rstrip("/").lower())[1]
+    if suffix in MANIFEST_SUFFIXES and store.exists(input_uri):
+        candidates = _from_manifest(input_uri, store)
+    else:
+        candidates = _from_prefix(input_uri, store)
+    items, ignored, duplicates, seen = [], [], [], set()
+    for item in candidates:
+        if item.key in seen:
+            duplicates.append(item.key)  # first occurrence wins: deterministic
+        elif not is_image_key(item.key):
+            ignored.append(item.key)
+        else:
+            seen.add(item.key)
+            items.append(item)
+    if not items:
+        raise SpecError(
+            f"no image files under {input_uri} (looked for {', '.join(sorted(IMAGE_SUFFIXES))};"
+            f" {len(ignored)} other files ignored)"
+        )
+    return Plan(items=items, shard_size=shard_size, ignored=ignored, duplicates=duplicates)
+
+
+def _from_prefix(prefix: str, store: ObjectStore) -> Iterator[Item]:
+    try:
+        infos: Iterable[ObjectInfo] = store.list(prefix)
+        for info in infos:
+            key = relative_key(prefix, info.uri)
+            if posixpath.basename(key).startswith("."):
+                continue  # hidden files and our own atomic-write temporaries
+            yield Item(key=key, uri=info.uri, size=info.size, etag=info.etag)
+    except ObjectNotFound as e:
+        raise SpecError(f"input {prefix} is unreadable: {e}") from e
+
+
+def _from_manifest(manifest_uri: str, store: ObjectStore) -> Iterator[Item]:
+    """One key per line, or JSON lines with a 'key' field; keys are relative to the manifest's folder."""
+    base = manifest_uri.rsplit("/", 1)[0]
+    text = store.read(manifest_uri).decode("utf-8-sig")
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key = _manifest_key(line, manifest_uri, lineno)
+        try:
+            uri = join(base, key)
+        except UnsafeKey as e:
+            raise SpecError(f"{manifest_uri} line {lineno}: key {key!r} escapes the manifest's folder") from e
+        yield Item(key=key, uri=uri)
+
+
+def _manifest_key(line: str, manifest_uri: str, lineno: int) -> str:
+    if not line.startswith("{"):
+        return line
+    try:
+        key = json.loads(line)["key"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SpecError(f"{manifest_uri} line {lineno}: expected a JSON object with a 'key' field") from e
+    if not isinstance(key, str) or not key:
+        raise SpecError(f"{manifest_uri} line {lineno}: 'key' must be a non-empty string")
+    return key
+
+
+def write_manifests(plan_: Plan, output: str, store: ObjectStore) -> list[str]:
+    uris = []
+    for index, items in plan_.shards():
+        uri = join(output, manifest_name(index))
+        store.write(uri, ("\n".join(item.to_line() for item in items) + "\n").encode())
+        uris.append(uri)
+    return uris
+
+
+def read_manifest(output: str, shard: int, store: ObjectStore) -> list[Item]:
+    data = store.read(join(output, manifest_name(shard))).decode()
+    return [Item.from_line(line) for line in data.splitlines() if line]

@@ -1,0 +1,122 @@
+"""Submit, watch, cancel and retry jobs. Everything is checked before anything is enqueued."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from celery import Celery
+
+from orchestrator import __version__
+from orchestrator.celery_app import make_app
+from orchestrator.config import Settings
+from orchestrator.constants import JOB_SPEC_FILE, SUCCESS_FILE, TASK_RUN_SHARD
+from orchestrator.errors import BrokerUnavailable, SpecError
+from orchestrator.jobs import JobSpec
+from orchestrator.ledger import JobState, JobStatus, Ledger, ShardState
+from orchestrator.modelinfo import label_count, read_config
+from orchestrator.planner import Plan, plan, write_manifests
+from orchestrator.storage import ObjectStore, join
+
+
+def new_job_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-", time.gmtime()) + secrets.token_hex(3)
+
+
+@dataclass
+class Client:
+    """The control plane as one object: settings, the Celery app, the ledger and the store."""
+
+    settings: Settings
+    app: Celery
+    ledger: Ledger
+    store: ObjectStore
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> Client:
+        settings = settings or Settings()
+        if not settings.broker_url:
+            raise BrokerUnavailable("no broker configured: set VITBATCH_BROKER_URL or use `vitbatch run`")
+        return cls(settings, make_app(settings), Ledger.from_url(settings.backend_url), ObjectStore(settings))
+
+    # -- submit ----------------------------------------------------------------------------
+    def check(self, spec: JobSpec, overwrite: bool = False) -> Plan:
+        """Every check that does not need a GPU; SpecError on the first problem."""
+        config = read_config(spec.model, self.store)
+        top_k = getattr(spec, "top_k", None)
+        if config is not None and top_k is not None:
+            n_labels = label_count(config)
+            if n_labels is not None and top_k > n_labels:
+                raise SpecError(f"top_k={top_k} is larger than the model's {n_labels} labels")
+        if not overwrite and self.store.exists(join(spec.output, SUCCESS_FILE)):
+            raise SpecError(f"{spec.output} already holds a finished job; choose a new output or pass --overwrite")
+        return plan(spec.input, spec.shard_size, self.store)
+
+    def submit(self, spec: JobSpec, overwrite: bool = False) -> tuple[str, Plan]:
+        self.ledger.ping()
+        job_plan = self.check(spec, overwrite)
+        job_id = new_job_id()
+        spec_json = spec.model_dump_json()
+        write_manifests(job_plan, spec.output, self.store)
+        self.store.write(join(spec.output, JOB_SPEC_FILE), json.dumps({
+            "job_id": job_id, "spec": json.loads(spec_json), "plan": job_plan.summary(),
+            "vitbatch_version": __version__, "submitted_at": time.time(),
+        }, indent=2).encode())
+        self.ledger.create(job_id, spec_json, spec.kind, spec.output, len(job_plan.items), job_plan.n_shards)
+        try:
+            self.enqueue(job_id, range(job_plan.n_shards))
+        except Exception as e:
+            # Shards already sent see a cancelled job and do nothing: no half-run job.
+            self._safe_cancel(job_id, f"enqueue failed: {e}")
+            raise BrokerUnavailable(f"enqueueing job {job_id} failed ({e}); the job was cancelled") from e
+        return job_id, job_plan
+
+    def enqueue(self, job_id: str, shards) -> None:
+        with self.app.producer_or_acquire() as producer:
+            for shard in shards:
+                # A deterministic task id per (job, shard) makes duplicates easy to spot in Flower.
+                self.app.send_task(
+                    TASK_RUN_SHARD, args=[job_id, shard], task_id=f"{job_id}-{shard:05d}",
+                    producer=producer, retry=True,
+                    retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
+                )
+
+    def _safe_cancel(self, job_id: str, reason: str) -> None:
+        try:
+            self.ledger.set_state(job_id, JobState.CANCELLED, reason)
+        except Exception:
+            pass  # Redis is down: the job was never acknowledged to the user anyway
+
+    # -- watch -----------------------------------------------------------------------------
+    def status(self, job_id: str) -> JobStatus:
+        return self.ledger.status(job_id)
+
+    def wait(self, job_id: str, on_update: Callable[[JobStatus], None] | None = None,
+             poll_s: float = 0.5, timeout_s: float | None = None) -> JobStatus:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            status = self.status(job_id)
+            if on_update:
+                on_update(status)
+            if status.state.terminal:
+                return status
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {status.state.value} after {timeout_s} s")
+            time.sleep(poll_s)
+
+    def cancel(self, job_id: str) -> JobStatus:
+        status = self.status(job_id)
+        if not status.state.terminal:
+            self.ledger.set_state(job_id, JobState.CANCELLED, "cancelled by user")
+        return self.status(job_id)
+
+    def retry(self, job_id: str) -> list[int]:
+        """Re-enqueue only the shards that failed or never committed."""
+        states = self.ledger.shard_states(job_id)
+        todo = sorted(i for i, s in states.items() if s != ShardState.COMMITTED)
+        self.ledger.reset_shards(job_id, todo)
+        self.enqueue(job_id, todo)
+        return todo

@@ -1,0 +1,26 @@
+"""Every exception the data plane raises, in one tree."""
+
+from orchestrator.errors import VitbatchError
+
+
+class WorkerError(VitbatchError):
+    """Base of data-plane errors."""
+
+
+class BadImage(WorkerError):
+    """An object could not be turned into an RGB image; `reason` says why.
+
+    Becomes an error row; never fails the shard.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ModelLoadError(WorkerError):
+    """A model reference cannot be loaded; retrying will not help."""
+
+
+class UnsafeCheckpoint(ModelLoadError):
+    """A pickle checkpoint was found and pickle loading is not allowed."""

@@ -1,0 +1,213 @@
+"""Load models by reference and keep them cached per worker process.
+
+Preprocessing always comes from the model itself (the HF image processor or
+timm's data config); nothing here assumes 224 pixels or ImageNet statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import torch
+from PIL import Image
+
+from orchestrator.config import Settings
+from orchestrator.modelinfo import model_dir
+from orchestrator.storage import ObjectStore
+from workers.errors import ModelLoadError, UnsafeCheckpoint
+
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
+             "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+_PICKLE_FILES = ("pytorch_model.bin", "model.pth", "model.pt")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes model input: PIL resize (+ optional center crop) in uint8, then normalize."""
+
+    size: tuple[int, int]
+    resample: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    shortest_edge: int | None = None
+    crop: tuple[int, int] | None = None
+
+    def to_json(self) -> dict:
+        return {"size": list(self.size), "resample": self.resample, "mean": list(self.mean),
+                "std": list(self.std), "shortest_edge": self.shortest_edge,
+                "crop": list(self.crop) if self.crop else None}
+
+
+@dataclass
+class LoadedModel:
+    ref: str
+    family: str  # "hf" or "timm"
+    module: torch.nn.Module
+    prep: Preprocess
+    id2label: dict[int, str]
+    device: torch.device
+    dtype: torch.dtype
+    fingerprint: str
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.prep.crop or self.prep.size
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was asked for but this worker has no CUDA device")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def _local_dir(ref: str, store: ObjectStore, settings: Settings) -> Path | None:
+    """A local directory for the reference (s3:// directories are downloaded once), or None for hub names."""
+    directory = model_dir(ref)
+    if directory is None:
+        return None
+    if directory.startswith("s3://"):
+        digest = hashlib.sha256(directory.encode()).hexdigest()[:16]
+        dest = Path(settings.model_cache_dir).expanduser() / digest
+        marker = dest / ".complete"
+        if not marker.exists():
+            store.download_prefix(directory, dest)
+            marker.touch()
+        return dest
+    path = Path(unquote(urlparse(directory).path))
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"model directory {path} has no config.json: pass a save_pretrained directory")
+    return path
+
+
+def _check_weights(path: Path, allow_pickle: bool) -> None:
+    if any(path.glob("*.safetensors")):
+        return
+    if any((path / name).exists() for name in _PICKLE_FILES) and not allow_pickle:
+        raise UnsafeCheckpoint(
+            f"{path} holds only pickle weights; convert them to safetensors or set allow_pickle "
+            "(then loaded with weights_only=True)"
+        )
+
+
+def _family(ref: str, path: Path | None) -> str:
+    if ref.startswith("timm:"):
+        return "timm"
+    if ref.startswith("hf:"):
+        return "hf"
+    config = json.loads((path / "config.json").read_text())
+    return "timm" if "architecture" in config else "hf"
+
+
+def _load_hf(name: str, dtype: torch.dtype, attn: str) -> tuple[torch.nn.Module, Preprocess, dict[int, str]]:
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    try:
+        module = AutoModelForImageClassification.from_pretrained(name, dtype=dtype, attn_implementation=attn)
+        processor = AutoImageProcessor.from_pretrained(name)
+    except OSError as e:
+        raise ModelLoadError(
+            f"model 'hf:{name}' not found locally and the hub is unreachable or has no such repo ({e}): "
+            "pass a local directory or s3:// URI"
+        ) from e
+    return module, _hf_preprocess(processor), {int(i): str(v) for i, v in module.config.id2label.items()}
+
+
+def _hf_preprocess(processor) -> Preprocess:
+    size = processor.size
+    resample = int(getattr(processor, "resample", Image.BILINEAR))
+    mean = tuple(processor.image_mean) if getattr(processor, "do_normalize", True) else (0.0, 0.0, 0.0)
+    std = tuple(processor.image_std) if getattr(processor, "do_normalize", True) else (1.0, 1.0, 1.0)
+    crop = None
+    if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):
+        crop = (processor.crop_size["height"], processor.crop_size["width"])
+    if size.get("shortest_edge"):
+        edge = int(size["shortest_edge"])
+        return Preprocess((edge, edge), resample, mean, std, shortest_edge=edge, crop=crop or (edge, edge))
+    return Preprocess((int(size["height"]), int(size["width"])), resample, mean, std, crop=crop)
+
+
+def _load_timm(name: str, allow_pickle: bool) -> tuple[torch.nn.Module, Preprocess, dict[int, str]]:
+    import timm
+
+    try:
+        module = timm.create_model(name, pretrained=True)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise ModelLoadError(f"model 'timm:{name}' cannot be loaded ({e}): pass a local directory or s3:// URI") from e
+    config = timm.data.resolve_model_data_config(module)
+    height, width = config["input_size"][1:]
+    resample = _RESAMPLE.get(config.get("interpolation", "bicubic"), Image.BICUBIC)
+    crop_pct = float(config.get("crop_pct") or 1.0)
+    edge = int(height / crop_pct) if config.get("crop_mode", "center") == "center" else height
+    prep = Preprocess((height, width), resample, tuple(config["mean"]), tuple(config["std"]),
+                      shortest_edge=edge, crop=(height, width))
+    names = module.pretrained_cfg.get("label_names")
+    if not names and module.num_classes == 1000:
+        names = timm.data.ImageNetInfo().label_names()
+    id2label = {i: (names[i] if names else str(i)) for i in range(module.num_classes)}
+    return module, prep, id2label
+
+
+def fingerprint(module: torch.nn.Module, prep: Preprocess) -> str:
+    """sha256 over every weight and the preprocessing: changes exactly when the model's output can."""
+    digest = hashlib.sha256(json.dumps(prep.to_json(), sort_keys=True).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def load(ref: str, device: str = "auto", precision: str = "auto", *, attn: str = "sdpa",
+         settings: Settings | None = None, store: ObjectStore | None = None,
+         allow_pickle: bool = False) -> LoadedModel:
+    settings = settings or Settings()
+    store = store or ObjectStore(settings)
+    torch_device = resolve_device(device)
+    dtype = resolve_dtype(precision, torch_device)
+    path = _local_dir(ref, store, settings)
+    if path is not None:
+        _check_weights(path, allow_pickle)
+    family = _family(ref, path)
+    name = str(path) if path is not None else ref.split(":", 1)[1]
+    if family == "hf":
+        module, prep, id2label = _load_hf(name, torch.float32, attn)
+    else:
+        module, prep, id2label = _load_timm(f"local-dir:{name}" if path is not None else name, allow_pickle)
+    module.eval().requires_grad_(False)
+    fp = fingerprint(module, prep)
+    # On CUDA the weights themselves are cast; on CPU, fp16/bf16 run under autocast over fp32 weights.
+    module = module.to(torch_device, dtype=dtype if torch_device.type == "cuda" else torch.float32)
+    return LoadedModel(ref, family, module, prep, id2label, torch_device, dtype, fp)
+
+
+class ModelCache:
+    """Keeps the last few loaded models; a worker loads each model once."""
+
+    def __init__(self, settings: Settings, store: ObjectStore, capacity: int = 2) -> None:
+        self.settings, self.store, self.capacity = settings, store, capacity
+        self._models: OrderedDict[tuple, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, ref: str, device: str, precision: str, attn: str = "sdpa") -> LoadedModel:
+        key = (ref, device, precision, attn)
+        with self._lock:
+            if key not in self._models:
+                self._models[key] = load(ref, device, precision, attn=attn,
+                                         settings=self.settings, store=self.store)
+                while len(self._models) > self.capacity:
+                    self._models.popitem(last=False)
+            self._models.move_to_end(key)
+            return self._models[key]

@@ -1,0 +1,152 @@
+"""fetch -> decode -> resize -> batch -> device, overlapped.
+
+Reads and decodes run in a thread pool ahead of the model (PIL and boto3
+release the GIL for most of their work); the model runs on the caller's
+thread. Results come back in manifest order, so a shard's rows never depend
+on arrival order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from orchestrator.errors import ObjectNotFound, ObjectTooLarge
+from orchestrator.planner import Item
+from orchestrator.storage import ObjectStore
+from workers.errors import BadImage
+from workers.imaging import decode_rgb, resize_uint8
+from workers.models import LoadedModel
+
+
+@dataclass
+class Decoded:
+    item: Item
+    pixels: np.ndarray | None
+    error: str | None
+    read_s: float = 0.0
+    decode_s: float = 0.0
+
+
+@dataclass
+class StageTimes:
+    """Seconds per stage; read and decode are summed over threads, the rest are wall time."""
+
+    read_s: float = 0.0
+    decode_s: float = 0.0
+    compute_s: float = 0.0
+    wait_s: float = 0.0
+    write_s: float = 0.0
+    wall_s: float = 0.0
+    items: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out = {k: round(v, 4) for k, v in vars(self).items() if isinstance(v, float)}
+        out["items"] = self.items
+        out["images_per_s"] = round(self.items / self.wall_s, 2) if self.wall_s else 0.0
+        return out
+
+
+class ShardPipeline:
+    def __init__(self, model: LoadedModel, store: ObjectStore, *, batch_size: int, read_concurrency: int,
+                 max_bytes: int, max_pixels: int) -> None:
+        self.model, self.store = model, store
+        self.batch_size, self.read_concurrency = batch_size, read_concurrency
+        self.max_bytes, self.max_pixels = max_bytes, max_pixels
+        prep = model.prep
+        self._mean = torch.tensor(prep.mean, device=model.device).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(prep.std, device=model.device).view(1, 3, 1, 1) * 255
+
+    # -- stage 1+2: read and decode, in threads ----------------------------------------------
+    def _load(self, item: Item) -> Decoded:
+        t0 = time.perf_counter()
+        try:
+            data = self.store.read(item.uri, max_bytes=self.max_bytes)
+        except (ObjectNotFound, ObjectTooLarge) as e:
+            return Decoded(item, None, str(e), read_s=time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        prep = self.model.prep
+        try:
+            height, width = self.model.input_size
+            img = decode_rgb(data, max_pixels=self.max_pixels, draft_size=(width, height))
+            pixels = resize_uint8(img, size=prep.size, resample=prep.resample,
+                                  shortest_edge=prep.shortest_edge, crop=prep.crop)
+        except BadImage as e:
+            return Decoded(item, None, e.reason, t1 - t0, time.perf_counter() - t1)
+        return Decoded(item, pixels, None, t1 - t0, time.perf_counter() - t1)
+
+    def decoded(self, items: list[Item], pool: ThreadPoolExecutor) -> Iterator[Decoded]:
+        """Items decoded in order, with a bounded window in flight (memory stays flat)."""
+        window: deque[Future] = deque()
+        pending = iter(items)
+        limit = max(self.read_concurrency, self.batch_size) * 2
+        for item in pending:
+            window.append(pool.submit(self._load, item))
+            if len(window) >= limit:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+    # -- stage 3: device ----------------------------------------------------------------------
+    def to_device(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        batch = torch.from_numpy(np.stack(arrays))
+        if self.model.device.type == "cuda":
+            batch = batch.pin_memory().to(self.model.device, non_blocking=True)
+        # Normalize on the device: uint8 crosses the bus, not float32 (4x less traffic).
+        batch = batch.permute(0, 3, 1, 2).float().sub_(self._mean).div_(self._std)
+        return batch.to(self.model.dtype) if self.model.device.type == "cuda" else batch
+
+    def compute(self, head: Callable, pixels: torch.Tensor):
+        autocast = self.model.device.type == "cpu" and self.model.dtype != torch.float32
+        with torch.inference_mode(), torch.autocast("cpu", dtype=self.model.dtype, enabled=autocast):
+            return head(pixels)
+
+    # -- the whole shard -----------------------------------------------------------------------
+    def run(self, items: list[Item], head, on_progress: Callable[[int, int], None] | None = None
+            ) -> tuple[list[dict], StageTimes]:
+        times = StageTimes()
+        start = time.perf_counter()
+        rows_by_index: list[dict | None] = [None] * len(items)
+        batch: list[tuple[int, Decoded]] = []
+        done = 0
+
+        def flush() -> None:
+            nonlocal done
+            if not batch:
+                return
+            t0 = time.perf_counter()
+            output = self.compute(head, self.to_device([d.pixels for _, d in batch]))
+            keys = [(d.item.key, d.item.etag) for _, d in batch]
+            for (index, _), row in zip(batch, head.rows(keys, output)):
+                rows_by_index[index] = row
+            times.compute_s += time.perf_counter() - t0
+            done += len(batch)
+            batch.clear()
+            if on_progress:
+                on_progress(done, len(items))
+
+        with ThreadPoolExecutor(self.read_concurrency, thread_name_prefix="vitbatch-read") as pool:
+            t_wait = time.perf_counter()
+            for index, decoded in enumerate(self.decoded(items, pool)):
+                times.wait_s += time.perf_counter() - t_wait
+                times.read_s += decoded.read_s
+                times.decode_s += decoded.decode_s
+                if decoded.error is not None:
+                    rows_by_index[index] = head.error_row(decoded.item.key, decoded.item.etag, decoded.error)
+                    done += 1
+                else:
+                    batch.append((index, decoded))
+                    if len(batch) >= self.batch_size:
+                        flush()
+                t_wait = time.perf_counter()
+            flush()
+        times.items = len(items)
+        times.wall_s = time.perf_counter() - start
+        return [row for row in rows_by_index if row is not None], times
