@@ -1,0 +1,172 @@
+"""Fixtures that start real servers: a Redis-compatible server (valkey from its PyPI wheel),
+an S3-compatible HTTP server (moto), and real Celery worker processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import Settings
+from orchestrator.embedded import RedisServer, free_port, settings_env, worker_command
+
+ROOT = Path(__file__).resolve().parents[1]
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+    "AWS_DEFAULT_REGION": "us-east-1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_env():
+    old = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update(S3_ENV)
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"), password="test-redis-password").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(redis_server, s3_endpoint, tmp_path_factory) -> Settings:
+    return Settings(
+        broker_url=redis_server.url(), s3_endpoint_url=s3_endpoint, task_time_limit_s=600,
+        visibility_timeout_s=900, model_cache_dir=str(tmp_path_factory.mktemp("model-cache")),
+    )
+
+
+@pytest.fixture(scope="session")
+def env(settings) -> dict[str, str]:
+    """The environment a CLI or worker process gets: the servers above and nothing else."""
+    out = settings_env(settings)
+    out.update(S3_ENV)
+    out["PYTHONPATH"] = str(ROOT)
+    return out
+
+
+@pytest.fixture(scope="session")
+def s3(s3_endpoint):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_endpoint)
+
+
+@pytest.fixture(scope="session")
+def bucket(s3) -> str:
+    s3.create_bucket(Bucket="vitbatch-test")
+    return "vitbatch-test"
+
+
+@pytest.fixture(scope="session")
+def client(settings):
+    from orchestrator.submit import Client
+
+    return Client.from_settings(settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from workers.demo import build_tiny_vit
+
+    return build_tiny_vit(tmp_path_factory.mktemp("models") / "tiny-vit", num_labels=10, image_size=32)
+
+
+class WorkerPool:
+    """Real `celery -A workers worker` processes, started and stopped by tests."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, app) -> None:
+        self.env, self.log_dir, self.app = env, log_dir, app
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, pool: str = "solo", wait: bool = True) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "ab")
+        proc = subprocess.Popen(worker_command(name, pool=pool), env=self.env, cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        if wait:
+            self.wait_ready(name)
+        return proc
+
+    def wait_ready(self, name: str, timeout_s: float = 90) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.procs[name].poll() is not None:
+                raise RuntimeError(f"worker {name} exited: {self.log(name)[-3000:]}")
+            replies = self.app.control.ping(timeout=0.5) or []
+            if any(name in key for reply in replies for key in reply):
+                return
+        raise RuntimeError(f"worker {name} not ready after {timeout_s} s: {self.log(name)[-3000:]}")
+
+    def log(self, name: str) -> str:
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")
+
+    def stop(self, name: str, timeout_s: float = 30) -> None:
+        proc = self.procs.pop(name)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+
+@pytest.fixture(scope="module")
+def workers(env, client, tmp_path_factory):
+    pool = WorkerPool(env, tmp_path_factory.mktemp("worker-logs"), client.app)
+    yield pool
+    pool.stop_all()
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout_s: float = 240) -> subprocess.CompletedProcess:
+    """`vitbatch ARGS` in its own process, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="session")
+def cli(env):
+    """Run `vitbatch ARGS` as a separate process against the test servers."""
+    return lambda args, timeout_s=240, extra_env=None: run_cli(args, {**env, **(extra_env or {})}, timeout_s)
+
+
+def upload_dir(s3, local: Path, bucket: str, prefix: str) -> list[str]:
+    keys = []
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        key = f"{prefix.rstrip('/')}/{path.relative_to(local).as_posix()}"
+        s3.upload_file(str(path), bucket, key)
+        keys.append(key)
+    return keys
+
+
+@pytest.fixture(scope="session")
+def upload(s3):
+    return lambda local, bucket, prefix: upload_dir(s3, Path(local), bucket, prefix)
