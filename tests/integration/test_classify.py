@@ -44,8 +44,10 @@ def dataset(tmp_path_factory, s3, bucket, upload, tiny_model):
 
 @pytest.fixture(scope="module")
 def finished_job(dataset, workers, cli, client, bucket):
-    workers.start("w1")
-    workers.start("w2")
+    for name in ("w1", "w2"):
+        workers.start(name, wait=False)
+    for name in ("w1", "w2"):
+        workers.wait_ready(name)
     out = f"s3://{bucket}/out/classify-run1/"
     submitted = cli(["submit", "classify", "--input", f"s3://{bucket}/inputs/digits/", "--output", out,
                      "--model", f"s3://{bucket}/models/tiny-vit/", "--shard-size", "16", "--batch-size", "8",
