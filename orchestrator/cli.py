@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
 import time
+import types
+import typing
 from contextlib import ExitStack
 
 import typer
@@ -15,7 +18,7 @@ from rich.table import Table
 
 from orchestrator.config import Settings
 from orchestrator.errors import VitbatchError
-from orchestrator.jobs import ClassifySpec, parse_spec
+from orchestrator.jobs import JOB_KINDS, SPEC_CLASSES, parse_spec
 from orchestrator.ledger import JobState, JobStatus
 
 app = typer.Typer(help="Dataset-scale Vision Transformer jobs on Celery + Redis.", no_args_is_help=True,
@@ -27,10 +30,6 @@ app.add_typer(submit_app, name="submit")
 app.add_typer(run_app, name="run")
 console = Console()
 err = Console(stderr=True)
-
-
-def _help(spec_cls, name: str) -> str:
-    return spec_cls.model_fields[name].description or ""
 
 
 def _client(settings: Settings | None = None):
@@ -102,33 +101,49 @@ def _submit(spec, wait: bool, workers: int, overwrite: bool, show_rows: int = 5)
     raise typer.Exit(_exit_code(status))
 
 
-def _classify_command(group: typer.Typer, wait: bool) -> None:
-    h = lambda name: _help(ClassifySpec, name)  # noqa: E731
-
-    @group.command("classify", help=ClassifySpec.__doc__)
-    def classify(
-        input: str = typer.Option(..., "--input", "-i", help=h("input")),
-        output: str = typer.Option(..., "--output", "-o", help=h("output")),
-        model: str = typer.Option(..., "--model", "-m", help=h("model")),
-        batch_size: int = typer.Option(64, help=h("batch_size")),
-        shard_size: int = typer.Option(1000, help=h("shard_size")),
-        precision: str = typer.Option("auto", help=h("precision")),
-        top_k: int = typer.Option(5, help=h("top_k")),
-        device: str = typer.Option("auto", help=h("device")),
-        read_concurrency: int = typer.Option(16, help=h("read_concurrency")),
-        overwrite: bool = typer.Option(False, help="Replace a finished job's output."),
-        workers: int = typer.Option(1, help="Embedded stack only: local worker processes."),
-    ) -> None:
-        spec = parse_spec({
-            "kind": "classify", "input": input, "output": output, "model": model, "batch_size": batch_size,
-            "shard_size": shard_size, "precision": precision, "top_k": top_k, "device": device,
-            "read_concurrency": read_concurrency,
-        })
-        _submit(spec, wait, workers, overwrite)
+def _cli_type(annotation, default):
+    """The type typer parses for a spec field: lists and literals arrive as text."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal or origin is list:
+        return str
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return typing.Optional[_cli_type(inner[0], default)]
+    return annotation
 
 
-_classify_command(submit_app, wait=False)
-_classify_command(run_app, wait=True)
+def _job_command(group: typer.Typer, kind: str, wait: bool) -> None:
+    """One command per job kind, its options generated from the spec's fields and descriptions."""
+    spec_cls = SPEC_CLASSES[kind]
+    params = []
+    for name, field in spec_cls.model_fields.items():
+        if name == "kind":
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = ",".join(str(v) for v in default)
+        flag = "--" + name.replace("_", "-")
+        option = typer.Option(... if field.is_required() else default, flag, help=field.description)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=_cli_type(field.annotation, default)))
+    params.append(inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                                    default=typer.Option(False, help="Replace a finished job's output.")))
+    params.append(inspect.Parameter("workers", inspect.Parameter.KEYWORD_ONLY, annotation=int,
+                                    default=typer.Option(1, help="Embedded stack only: local worker processes.")))
+
+    def command(**kwargs) -> None:
+        overwrite, workers = kwargs.pop("overwrite"), kwargs.pop("workers")
+        spec = parse_spec({"kind": kind, **{k: v for k, v in kwargs.items() if v is not None}})
+        _submit(spec, wait, workers, overwrite, show_rows=5 if kind == "classify" else 0)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = spec_cls.__doc__
+    group.command(kind)(command)
+
+
+for _kind in JOB_KINDS:
+    _job_command(submit_app, _kind, wait=False)
+    _job_command(run_app, _kind, wait=True)
 
 
 @app.command()
@@ -176,7 +191,9 @@ def jobs(limit: int = 20) -> None:
 @app.command()
 def schema() -> None:
     """Print the JSON schema of job specs."""
-    console.print_json(json.dumps(ClassifySpec.model_json_schema()))
+    from orchestrator.jobs import _ADAPTER
+
+    console.print_json(json.dumps(_ADAPTER.json_schema()))
 
 
 @app.command()
@@ -194,14 +211,15 @@ def worker(queues: str = typer.Option("vitbatch", help="Comma-separated queues t
 
 
 @app.command()
-def flower(port: int = typer.Option(5555, help="HTTP port.")) -> None:
+def flower(port: int = typer.Option(5555, help="HTTP port."),
+           address: str = typer.Option("127.0.0.1", help="Listen address (0.0.0.0 in a container).")) -> None:
     """Start Flower with basic auth (VITBATCH_FLOWER_USER / VITBATCH_FLOWER_PASSWORD)."""
     from orchestrator.embedded import flower_command
 
     settings = Settings()
     if not settings.broker_url:
         raise VitbatchError("set VITBATCH_BROKER_URL to the Redis the workers use")
-    cmd = flower_command(settings.broker_url, port, settings.flower_user, settings.flower_password)
+    cmd = flower_command(settings.broker_url, port, settings.flower_user, settings.flower_password, address)
     os.execv(cmd[0], cmd)
 
 

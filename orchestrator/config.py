@@ -1,6 +1,6 @@
 """Settings: one object, read from the environment (prefix VITBATCH_) when asked."""
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     model_cache_dir: str = Field("~/.cache/vitbatch/models", description="Where s3:// models are downloaded.")
     flower_user: str = Field("vitbatch", description="Flower basic-auth user.")
     flower_password: str = Field("vitbatch", description="Flower basic-auth password; change it.")
+
+    @field_validator("broker_url", "result_backend", "s3_endpoint_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        return value or None
 
     @property
     def backend_url(self) -> str | None:

@@ -111,9 +111,9 @@ def worker_command(name: str, queues: str = QUEUE_DEFAULT, pool: str = "solo", c
     return cmd
 
 
-def flower_command(broker_url: str, port: int, user: str, password: str) -> list[str]:
+def flower_command(broker_url: str, port: int, user: str, password: str, address: str = "127.0.0.1") -> list[str]:
     return [sys.executable, "-m", "celery", "--broker", broker_url, "flower", f"--port={port}",
-            "--address=127.0.0.1", f"--basic-auth={user}:{password}"]
+            f"--address={address}", f"--basic-auth={user}:{password}"]
 
 
 @dataclass

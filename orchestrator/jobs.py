@@ -7,7 +7,7 @@ One pydantic model per job kind. Every field has a description: it becomes the
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
@@ -82,14 +82,57 @@ class JobBase(BaseModel):
 class ClassifySpec(JobBase):
     """Top-k labels for every image."""
 
-    kind: Literal["classify"] = "classify"
+    kind: Literal["classify"] = Field("classify", description="Job kind: classify.")
     top_k: int = Field(5, gt=0, le=1000, description="Labels and scores kept per image.")
 
 
-# Grows into Annotated[A | B, Field(discriminator="kind")] as kinds are added.
-JobSpec = ClassifySpec
+Pooling = Literal["cls", "mean", "patches"]
+
+
+class EmbedSpec(JobBase):
+    """Embeddings of the final normalized hidden state: CLS, mean of patches, or every patch token."""
+
+    kind: Literal["embed"] = "embed"
+    pooling: list[Pooling] = Field(
+        default_factory=lambda: ["cls"], min_length=1,
+        description="Any of cls, mean, patches (patches stores [N, grid*grid, hidden] per shard: large).",
+    )
+
+    @field_validator("pooling", mode="before")
+    @classmethod
+    def _split(cls, value):
+        return [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
+
+    @field_validator("pooling")
+    @classmethod
+    def _dedupe(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+
+class AttentionSpec(JobBase):
+    """CLS-to-patch attention maps per layer, attention rollout, and PNG overlays."""
+
+    kind: Literal["attention"] = "attention"
+    layers: list[int] = Field(
+        default_factory=lambda: [-1], min_length=1,
+        description="Layers whose CLS-to-patch map is stored; negative counts from the last (-1 = last).",
+    )
+    heads: Literal["mean", "all"] = Field("mean", description="Average the heads, or keep each head's map.")
+    rollout: bool = Field(True, description="Also store attention rollout across all layers.")
+    max_overlays: int | None = Field(
+        None, ge=0, description="PNG overlays for the first N images of the job; unset = every image."
+    )
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _split(cls, value):
+        return [int(p) for p in value.split(",") if p.strip()] if isinstance(value, str) else value
+
+
+JobSpec = Annotated[ClassifySpec | EmbedSpec | AttentionSpec, Field(discriminator="kind")]
 _ADAPTER = TypeAdapter(JobSpec)
-JOB_KINDS = ("classify",)
+JOB_KINDS = ("classify", "embed", "attention")
+SPEC_CLASSES = {"classify": ClassifySpec, "embed": EmbedSpec, "attention": AttentionSpec}
 
 
 def parse_spec(data: dict | str) -> JobSpec:

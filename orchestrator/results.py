@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -30,3 +31,36 @@ def read_table(output: str, store: ObjectStore | None = None, limit_parts: int |
     if not tables:
         raise FileNotFoundError(f"no committed parts under {output}")
     return pa.concat_tables(tables)
+
+
+def read_index(output: str, store: ObjectStore | None = None) -> pa.Table:
+    """The parquet index of an embed or attention job: key, etag, shard, row, error (+ overlay)."""
+    return read_table(output, store)
+
+
+def read_arrays(output: str, name: str, store: ObjectStore | None = None) -> tuple[list[str], np.ndarray]:
+    """(keys, array) for one stored array (`cls`, `mean`, `patches`, `layer11`, `rollout`...).
+
+    Rows follow the index in shard order; error rows have no array row and are left out.
+    """
+    store = store or ObjectStore()
+    keys: list[str] = []
+    arrays = []
+    for uri in committed_parts(output, store):
+        shard_index = pq.read_table(io.BytesIO(store.read(uri)))
+        good = [row for row in shard_index.to_pylist() if row["error"] is None]
+        part = uri.rsplit("/", 1)[1].replace(".parquet", ".npy")
+        if good:
+            array = np.load(io.BytesIO(store.read(join(output, name, part))), allow_pickle=False)
+            if len(array) != len(good):
+                raise ValueError(f"{part}: {len(array)} rows of {name} for {len(good)} index rows")
+            keys += [row["key"] for row in sorted(good, key=lambda r: r["row"])]
+            arrays.append(array)
+    if not arrays:
+        raise FileNotFoundError(f"no committed {name!r} arrays under {output}")
+    return keys, np.concatenate(arrays)
+
+
+def read_embeddings(output: str, pooling: str = "cls", store: ObjectStore | None = None) -> tuple[list[str], np.ndarray]:
+    """(keys, float16 [N, hidden] or [N, tokens, hidden]) for a whole embed job, in one call."""
+    return read_arrays(output, pooling, store)

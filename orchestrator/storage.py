@@ -33,7 +33,13 @@ def normalize_uri(location: str) -> str:
             raise StorageError(f"malformed S3 URI {location!r}: expected s3://bucket/prefix")
         return location
     if location.startswith("file://"):
-        location = unquote(urlparse(location).path)
+        parsed = urlparse(location)
+        if parsed.netloc not in ("", "localhost"):
+            # file://out/run1 would otherwise silently become /run1.
+            raise StorageError(
+                f"file URI {location!r} names host {parsed.netloc!r}: write file:///absolute/path or a plain path"
+            )
+        location = unquote(parsed.path)
     elif "://" in location:
         raise StorageError(f"unsupported URI scheme in {location!r}: use a local path, file:// or s3://")
     path = os.path.abspath(os.path.expanduser(location))
@@ -70,6 +76,21 @@ def _s3_split(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
+def _walk_sorted(directory: Path) -> Iterator[Path]:
+    """Files under `directory` in full-key order, as S3 lists them: 'a-b' < 'a.png' < 'a/x'.
+
+    os.walk yields a folder's files before its subfolders, which is not key order.
+    Symlinked folders are not followed (as os.walk does not).
+    """
+    with os.scandir(directory) as entries:
+        named = [(entry.name + "/" if entry.is_dir() else entry.name, entry) for entry in entries]
+    for _, entry in sorted(named, key=lambda pair: pair[0]):
+        if not entry.is_dir():
+            yield Path(entry.path)
+        elif not entry.is_symlink():
+            yield from _walk_sorted(Path(entry.path))
+
+
 class ObjectStore:
     """Read, write and list objects by URI. Thread-safe; one per process is enough."""
 
@@ -104,16 +125,13 @@ class ObjectStore:
         root = _local_path(prefix)
         if not root.is_dir():
             raise ObjectNotFound(f"input directory {root} does not exist")
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            for name in sorted(filenames):
-                path = Path(dirpath) / name
-                stat = path.stat()
-                yield ObjectInfo(
-                    uri="file://" + quote(str(path)),
-                    size=stat.st_size,
-                    etag=f"{stat.st_mtime_ns:x}-{stat.st_size:x}",
-                )
+        for path in _walk_sorted(root):
+            stat = path.stat()
+            yield ObjectInfo(
+                uri="file://" + quote(str(path)),
+                size=stat.st_size,
+                etag=f"{stat.st_mtime_ns:x}-{stat.st_size:x}",
+            )
 
     def _list_s3(self, prefix: str) -> Iterator[ObjectInfo]:
         bucket, key_prefix = _s3_split(prefix)

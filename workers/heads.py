@@ -1,16 +1,30 @@
-"""Per-kind compute: what a batch of normalized pixels becomes, and the rows it yields."""
+"""Per-kind compute: what a batch of normalized pixels becomes, and the files a shard writes.
+
+A head sees batches out of manifest order (error rows skip the batcher), so it
+keys everything by the item's index in the shard and sorts when the shard ends.
+"""
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import pyarrow as pa
 import torch
 
+from orchestrator.constants import part_name
+from orchestrator.planner import Item
+from workers.errors import ModelLoadError
 from workers.models import LoadedModel
+from workers.writers import parquet_bytes
 
 CLASSIFY_SCHEMA = pa.schema([
     ("key", pa.string()), ("etag", pa.string()), ("label", pa.string()), ("label_id", pa.int32()),
     ("score", pa.float32()), ("topk_labels", pa.list_(pa.string())), ("topk_ids", pa.list_(pa.int32())),
     ("topk_scores", pa.list_(pa.float32())), ("error", pa.string()),
+])
+INDEX_SCHEMA = pa.schema([
+    ("key", pa.string()), ("etag", pa.string()), ("shard", pa.int32()), ("row", pa.int32()), ("error", pa.string()),
 ])
 
 
@@ -20,36 +34,132 @@ def logits(model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
     return model.module(pixels)
 
 
-class ClassifyHead:
+def prefix_tokens(model: LoadedModel) -> int:
+    """Tokens before the patches: CLS (+ distillation or register tokens)."""
+    if model.family == "timm":
+        return int(getattr(model.module, "num_prefix_tokens", 1))
+    return 2 if model.module.config.model_type == "deit" else 1
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+class Head:
+    """Collects a shard's results; `parts()` returns file name -> bytes, in manifest order."""
+
+    def __init__(self, model: LoadedModel, shard: int) -> None:
+        self.model, self.shard = model, shard
+        self.rows: dict[int, dict] = {}
+
+    def add_error(self, index: int, item: Item, reason: str) -> None:
+        self.rows[index] = self.error_row(item, reason)
+
+    def error_row(self, item: Item, reason: str) -> dict:
+        raise NotImplementedError
+
+    def ordered_rows(self) -> list[dict]:
+        return [self.rows[i] for i in sorted(self.rows)]
+
+    @property
+    def errors(self) -> int:
+        return sum(1 for row in self.rows.values() if row["error"] is not None)
+
+
+class ClassifyHead(Head):
     """Softmax top-k over the model's labels."""
 
-    schema = CLASSIFY_SCHEMA
-
-    def __init__(self, model: LoadedModel, top_k: int) -> None:
+    def __init__(self, model: LoadedModel, shard: int, top_k: int) -> None:
+        super().__init__(model, shard)
         if top_k > len(model.id2label):
-            from workers.errors import ModelLoadError
-
             raise ModelLoadError(f"top_k={top_k} is larger than the model's {len(model.id2label)} labels")
-        self.model, self.top_k = model, top_k
+        self.top_k = top_k
 
     def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = logits(self.model, pixels).float().softmax(dim=-1)
         scores, ids = probs.topk(self.top_k, dim=-1)
         return scores.cpu(), ids.cpu()
 
-    def rows(self, keys: list[tuple[str, str]], output: tuple[torch.Tensor, torch.Tensor]) -> list[dict]:
+    def add(self, indices: list[int], items: list[Item], output) -> None:
         scores, ids = output
         labels = self.model.id2label
-        out = []
-        for (key, etag), row_scores, row_ids in zip(keys, scores.tolist(), ids.tolist()):
-            out.append({
-                "key": key, "etag": etag, "label": labels[row_ids[0]], "label_id": row_ids[0],
+        for index, item, row_scores, row_ids in zip(indices, items, scores.tolist(), ids.tolist()):
+            self.rows[index] = {
+                "key": item.key, "etag": item.etag, "label": labels[row_ids[0]], "label_id": row_ids[0],
                 "score": row_scores[0], "topk_labels": [labels[i] for i in row_ids], "topk_ids": row_ids,
                 "topk_scores": row_scores, "error": None,
-            })
+            }
+
+    def error_row(self, item: Item, reason: str) -> dict:
+        return {"key": item.key, "etag": item.etag, "label": None, "label_id": None, "score": None,
+                "topk_labels": None, "topk_ids": None, "topk_scores": None, "error": reason}
+
+    def parts(self) -> dict[str, bytes]:
+        return {part_name(self.shard, "parquet"): parquet_bytes(self.ordered_rows(), CLASSIFY_SCHEMA)}
+
+
+class ArrayHead(Head):
+    """Heads that store float16 arrays per shard plus a parquet index (key, shard, row)."""
+
+    def __init__(self, model: LoadedModel, shard: int) -> None:
+        super().__init__(model, shard)
+        self.arrays: dict[str, dict[int, np.ndarray]] = {}
+
+    def keep(self, name: str, indices: list[int], values: torch.Tensor) -> None:
+        store = self.arrays.setdefault(name, {})
+        for index, value in zip(indices, values.float().cpu().numpy().astype(np.float16)):
+            store[index] = value
+
+    def add_ok(self, indices: list[int], items: list[Item]) -> None:
+        for index, item in zip(indices, items):
+            self.rows[index] = {"key": item.key, "etag": item.etag, "shard": self.shard, "row": -1, "error": None}
+
+    def error_row(self, item: Item, reason: str) -> dict:
+        return {"key": item.key, "etag": item.etag, "shard": self.shard, "row": -1, "error": reason}
+
+    index_schema = INDEX_SCHEMA
+
+    def extra_parts(self) -> dict[str, bytes]:
+        return {}
+
+    def parts(self) -> dict[str, bytes]:
+        good = [i for i in sorted(self.rows) if self.rows[i]["error"] is None]
+        for row, index in enumerate(good):
+            self.rows[index]["row"] = row
+        out = self.extra_parts()
+        out[part_name(self.shard, "parquet")] = parquet_bytes(self.ordered_rows(), self.index_schema)
+        for name, values in self.arrays.items():
+            stacked = np.stack([values[i] for i in good]) if good else np.zeros((0,), np.float16)
+            out[f"{name}/{part_name(self.shard, 'npy')}"] = npy_bytes(stacked)
         return out
 
-    @staticmethod
-    def error_row(key: str, etag: str, reason: str) -> dict:
-        return {"key": key, "etag": etag, "label": None, "label_id": None, "score": None,
-                "topk_labels": None, "topk_ids": None, "topk_scores": None, "error": reason}
+
+class EmbedHead(ArrayHead):
+    """CLS token, mean of patch tokens, and optionally every patch token, of the final normalized state."""
+
+    def __init__(self, model: LoadedModel, shard: int, pooling: list[str]) -> None:
+        super().__init__(model, shard)
+        self.pooling = pooling
+        self.prefix = prefix_tokens(model)
+
+    def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.model.family == "hf":
+            tokens = self.model.module.base_model(pixel_values=pixels).last_hidden_state
+            cls = tokens[:, 0]
+        else:
+            tokens = self.model.module.forward_features(pixels)
+            cls = self.model.module.forward_head(tokens, pre_logits=True)
+        patches = tokens[:, self.prefix:]
+        out = {"cls": cls}
+        if "mean" in self.pooling:
+            out["mean"] = patches.float().mean(dim=1)
+        if "patches" in self.pooling:
+            out["patches"] = patches
+        return {name: out[name] for name in self.pooling}
+
+    def add(self, indices: list[int], items: list[Item], output: dict[str, torch.Tensor]) -> None:
+        self.add_ok(indices, items)
+        for name, values in output.items():
+            self.keep(name, indices, values)

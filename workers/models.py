@@ -187,6 +187,10 @@ def load(ref: str, device: str = "auto", precision: str = "auto", *, attn: str =
     else:
         module, prep, id2label = _load_timm(f"local-dir:{name}" if path is not None else name, allow_pickle)
     module.eval().requires_grad_(False)
+    if attn == "eager":  # timm: the unfused path computes the softmax that attention maps read
+        for sub in module.modules():
+            if hasattr(sub, "fused_attn"):
+                sub.fused_attn = False
     fp = fingerprint(module, prep)
     # On CUDA the weights themselves are cast; on CPU, fp16/bf16 run under autocast over fp32 weights.
     module = module.to(torch_device, dtype=dtype if torch_device.type == "cuda" else torch.float32)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image
 
 from orchestrator.errors import ObjectNotFound, ObjectTooLarge
 from orchestrator.planner import Item
@@ -32,6 +33,7 @@ class Decoded:
     error: str | None
     read_s: float = 0.0
     decode_s: float = 0.0
+    preview: Image.Image | None = None  # the decoded image, kept only when a head asks (overlays)
 
 
 @dataclass
@@ -65,7 +67,7 @@ class ShardPipeline:
         self._std = torch.tensor(prep.std, device=model.device).view(1, 3, 1, 1) * 255
 
     # -- stage 1+2: read and decode, in threads ----------------------------------------------
-    def _load(self, item: Item) -> Decoded:
+    def _load(self, item: Item, keep_preview: bool = False) -> Decoded:
         t0 = time.perf_counter()
         try:
             data = self.store.read(item.uri, max_bytes=self.max_bytes)
@@ -80,15 +82,16 @@ class ShardPipeline:
                                   shortest_edge=prep.shortest_edge, crop=prep.crop)
         except BadImage as e:
             return Decoded(item, None, e.reason, t1 - t0, time.perf_counter() - t1)
-        return Decoded(item, pixels, None, t1 - t0, time.perf_counter() - t1)
+        preview = img if keep_preview else None
+        return Decoded(item, pixels, None, t1 - t0, time.perf_counter() - t1, preview)
 
-    def decoded(self, items: list[Item], pool: ThreadPoolExecutor) -> Iterator[Decoded]:
+    def decoded(self, items: list[Item], pool: ThreadPoolExecutor,
+                keep_preview: Callable[[int], bool] = lambda _: False) -> Iterator[Decoded]:
         """Items decoded in order, with a bounded window in flight (memory stays flat)."""
         window: deque[Future] = deque()
-        pending = iter(items)
         limit = max(self.read_concurrency, self.batch_size) * 2
-        for item in pending:
-            window.append(pool.submit(self._load, item))
+        for index, item in enumerate(items):
+            window.append(pool.submit(self._load, item, keep_preview(index)))
             if len(window) >= limit:
                 yield window.popleft().result()
         while window:
@@ -109,11 +112,10 @@ class ShardPipeline:
             return head(pixels)
 
     # -- the whole shard -----------------------------------------------------------------------
-    def run(self, items: list[Item], head, on_progress: Callable[[int, int], None] | None = None
-            ) -> tuple[list[dict], StageTimes]:
+    def run(self, items: list[Item], head, on_progress: Callable[[int, int], None] | None = None) -> StageTimes:
+        """Feed every item of the shard to `head` (results or error rows); returns stage timings."""
         times = StageTimes()
         start = time.perf_counter()
-        rows_by_index: list[dict | None] = [None] * len(items)
         batch: list[tuple[int, Decoded]] = []
         done = 0
 
@@ -123,23 +125,26 @@ class ShardPipeline:
                 return
             t0 = time.perf_counter()
             output = self.compute(head, self.to_device([d.pixels for _, d in batch]))
-            keys = [(d.item.key, d.item.etag) for _, d in batch]
-            for (index, _), row in zip(batch, head.rows(keys, output)):
-                rows_by_index[index] = row
+            indices, decoded = [i for i, _ in batch], [d for _, d in batch]
+            if any(d.preview is not None for d in decoded):
+                head.add(indices, [d.item for d in decoded], output, [d.preview for d in decoded])
+            else:
+                head.add(indices, [d.item for d in decoded], output)
             times.compute_s += time.perf_counter() - t0
             done += len(batch)
             batch.clear()
             if on_progress:
                 on_progress(done, len(items))
 
+        keep_preview = getattr(head, "wants_preview", lambda _: False)
         with ThreadPoolExecutor(self.read_concurrency, thread_name_prefix="vitbatch-read") as pool:
             t_wait = time.perf_counter()
-            for index, decoded in enumerate(self.decoded(items, pool)):
+            for index, decoded in enumerate(self.decoded(items, pool, keep_preview)):
                 times.wait_s += time.perf_counter() - t_wait
                 times.read_s += decoded.read_s
                 times.decode_s += decoded.decode_s
                 if decoded.error is not None:
-                    rows_by_index[index] = head.error_row(decoded.item.key, decoded.item.etag, decoded.error)
+                    head.add_error(index, decoded.item, decoded.error)
                     done += 1
                 else:
                     batch.append((index, decoded))
@@ -147,6 +152,8 @@ class ShardPipeline:
                         flush()
                 t_wait = time.perf_counter()
             flush()
+        if on_progress:
+            on_progress(done, len(items))
         times.items = len(items)
         times.wall_s = time.perf_counter() - start
-        return [row for row in rows_by_index if row is not None], times
+        return times

