@@ -62,6 +62,8 @@ def _report(status: JobStatus, show_rows: int = 0, client=None) -> None:
         console.print(f"reason: {status.reason}")
     for shard, reason in sorted(status.failed_shards.items()):
         console.print(f"  shard {shard}: {reason}")
+    if status.requeued:
+        console.print(f"reconciler re-enqueued {status.requeued} silent shard(s)")
     console.print(f"results: {status.output}")
     if show_rows and status.state is JobState.SUCCEEDED:
         from orchestrator.results import read_table
@@ -180,6 +182,25 @@ def retry(job_id: str) -> None:
 
 
 @app.command()
+def reconcile(loop: bool = typer.Option(False, help="Keep reconciling until Ctrl-C."),
+              stale_after_s: float = typer.Option(None, help="Override VITBATCH_STALE_AFTER_S.")) -> None:
+    """Re-enqueue shards whose worker went silent; finalize jobs whose last worker died."""
+    from orchestrator.reconcile import reconcile as reconcile_once
+
+    client = _client()
+    stale = stale_after_s or client.settings.stale_after_s
+    while True:
+        result = reconcile_once(client, stale)
+        for job_id, shards in result.requeued.items():
+            console.print(f"{job_id}: re-enqueued silent shards {shards}")
+        for job_id in result.finalized:
+            console.print(f"{job_id}: finalized")
+        if not loop:
+            return
+        time.sleep(client.settings.heartbeat_s)
+
+
+@app.command()
 def jobs(limit: int = 20) -> None:
     """List recent jobs."""
     client = _client()
@@ -233,9 +254,13 @@ def up(workers: int = typer.Option(1, help="Local worker processes.")) -> None:
         console.print(f"export VITBATCH_BROKER_URL='{s.broker_url}'")
         console.print(f"Flower: {stack.flower_url} (user {s.flower_user}, password {s.flower_password})")
         console.print("Ctrl-C stops the stack.")
+        from orchestrator.reconcile import reconcile as reconcile_once
+
+        client = _client(s)
         try:
             while not stack.dead_workers():
-                time.sleep(1)
+                reconcile_once(client, s.stale_after_s)
+                time.sleep(s.heartbeat_s)
             err.print(f"worker(s) exited: {stack.dead_workers()}; see {stack.log_dir}")
         except KeyboardInterrupt:
             pass

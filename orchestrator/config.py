@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     max_object_bytes: int = Field(64 * 1024 * 1024, description="Objects larger than this are error rows.")
     max_pixels: int = Field(50_000_000, description="Decoded images larger than this are error rows.")
     max_attempts: int = Field(3, description="Deliveries of one shard before it is quarantined.")
+    heartbeat_s: float = Field(5.0, description="How often a worker says it still holds a shard.")
+    stale_after_s: float = Field(
+        120.0, description="A running shard silent this long is re-enqueued by the reconciler."
+    )
     model_cache_dir: str = Field("~/.cache/vitbatch/models", description="Where s3:// models are downloaded.")
     flower_user: str = Field("vitbatch", description="Flower basic-auth user.")
     flower_password: str = Field("vitbatch", description="Flower basic-auth password; change it.")

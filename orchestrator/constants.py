@@ -47,6 +47,11 @@ def shard_last_error_key(job_id: str) -> str:
     return f"vitbatch:job:{job_id}:last_error"
 
 
+def shard_heartbeat_key(job_id: str) -> str:
+    """Hash: shard index -> unix time a worker last said it was working on the shard."""
+    return f"vitbatch:job:{job_id}:heartbeat"
+
+
 def shard_stats_key(job_id: str) -> str:
     """Hash: shard index -> json stats of the committed shard (seconds per stage, images/s)."""
     return f"vitbatch:job:{job_id}:stats"

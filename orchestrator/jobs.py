@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from orchestrator.errors import SpecError, StorageError
 from orchestrator.storage import normalize_uri
@@ -129,10 +129,111 @@ class AttentionSpec(JobBase):
         return [int(p) for p in value.split(",") if p.strip()] if isinstance(value, str) else value
 
 
-JobSpec = Annotated[ClassifySpec | EmbedSpec | AttentionSpec, Field(discriminator="kind")]
+class TrainBase(BaseModel):
+    """Options shared by the jobs that read labeled data."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    output: str = Field(description="Output prefix (local directory, file:// or s3://).")
+    batch_size: int = Field(32, gt=0, le=4096, description="Images per step (per forward pass for evaluate).")
+    precision: Precision = Field("auto", description="bf16 on CPUs/GPUs that support it, fp16, or fp32.")
+    device: Device = Field("auto", description="auto picks CUDA when the worker has it.")
+    seed: int = Field(0, description="Seed for splits, initialization, augmentation and data order.")
+
+    @field_validator("output")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        try:
+            return normalize_uri(value)
+        except StorageError as e:
+            raise ValueError(str(e)) from e
+
+
+class FinetuneSpec(TrainBase):
+    """Fine-tune (or train from a config) an image classifier on labeled images."""
+
+    kind: Literal["finetune"] = "finetune"
+    train: str = Field(description="Labeled images: an ImageFolder prefix (one folder per class) or a CSV/JSONL manifest (key,label).")
+    val: str | None = Field(None, description="Labeled validation images (same layouts); unset = --val-split of train.")
+    val_split: float = Field(0.1, ge=0.0, lt=0.9, description="Stratified, seeded share of train used for validation when --val is unset.")
+    model: str | None = Field(None, description="Pretrained starting point (hf:, timm:, local or s3:// dir); or use --config.")
+    config: dict | None = Field(
+        None, description="JSON of a custom architecture trained from scratch: ViTConfig fields (HF), "
+        "or {\"architecture\": timm name, ...create_model kwargs} for timm.",
+    )
+    epochs: float = Field(3.0, gt=0, le=1000, description="Passes over the training set.")
+    lr: float = Field(5e-5, gt=0, lt=1, description="Peak learning rate (AdamW, linear warmup then decay).")
+    weight_decay: float = Field(0.05, ge=0, lt=1, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps spent warming up the learning rate.")
+    freeze_backbone: bool = Field(False, description="Train only the classifier head.")
+    augment: Literal["none", "basic", "randaugment"] = Field(
+        "basic", description="none; basic = random resized crop + flip; randaugment = timm rand-m9-mstd0.5-inc1 + random erasing.",
+    )
+    checkpoint_every_steps: int = Field(200, gt=0, description="Upload a resumable checkpoint every N steps.")
+
+    @field_validator("train", "val")
+    @classmethod
+    def _data_uri(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return normalize_uri(value)
+        except StorageError as e:
+            raise ValueError(str(e)) from e
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str | None) -> str | None:
+        return None if value is None else normalize_model_ref(value)
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _json(cls, value):
+        if isinstance(value, str):
+            import json
+
+            try:
+                return json.loads(value)
+            except ValueError as e:
+                raise ValueError(f"--config is not valid JSON: {e}") from e
+        return value
+
+    @model_validator(mode="after")
+    def _one_start(self):
+        if (self.model is None) == (self.config is None):
+            raise ValueError("give exactly one of --model (pretrained) or --config (from scratch)")
+        return self
+
+
+class EvaluateSpec(TrainBase):
+    """Accuracy, top-5, per-class report and confusion matrix of a model on labeled images."""
+
+    kind: Literal["evaluate"] = "evaluate"
+    input: str = Field(description="Labeled images: an ImageFolder prefix or a CSV/JSONL manifest (key,label).")
+    model: str = Field(description="hf:, timm:, a local save_pretrained directory, or s3:// directory.")
+    batch_size: int = Field(64, gt=0, le=4096, description="Images per forward pass.")
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, value: str) -> str:
+        try:
+            return normalize_uri(value)
+        except StorageError as e:
+            raise ValueError(str(e)) from e
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        return normalize_model_ref(value)
+
+
+JobSpec = Annotated[
+    ClassifySpec | EmbedSpec | AttentionSpec | FinetuneSpec | EvaluateSpec, Field(discriminator="kind")
+]
 _ADAPTER = TypeAdapter(JobSpec)
-JOB_KINDS = ("classify", "embed", "attention")
-SPEC_CLASSES = {"classify": ClassifySpec, "embed": EmbedSpec, "attention": AttentionSpec}
+JOB_KINDS = ("classify", "embed", "attention", "finetune", "evaluate")
+SPEC_CLASSES = {"classify": ClassifySpec, "embed": EmbedSpec, "attention": AttentionSpec,
+                "finetune": FinetuneSpec, "evaluate": EvaluateSpec}
 
 
 def parse_spec(data: dict | str) -> JobSpec:

@@ -51,6 +51,7 @@ class JobStatus:
     shards: dict[str, int]
     failed_shards: dict[int, str] = field(default_factory=dict)
     reason: str = ""
+    requeued: int = 0
     created_at: float = 0.0
     finished_at: float = 0.0
 
@@ -128,6 +129,7 @@ class Ledger:
         attempts, state = pipe.execute()
         if state != ShardState.COMMITTED.value:
             self.r.hset(k.shard_state_key(job_id), str(shard), ShardState.RUNNING.value)
+            self.heartbeat(job_id, shard)
             self.r.hsetnx(k.job_key(job_id), "started_at", time.time())
             self._promote(job_id)
         return int(attempts)
@@ -143,10 +145,31 @@ class Ledger:
     def progress(self, job_id: str, shard: int, done: int) -> None:
         self.r.hset(k.shard_done_key(job_id), str(shard), done)
 
+    def heartbeat(self, job_id: str, shard: int) -> None:
+        self.r.hset(k.shard_heartbeat_key(job_id), str(shard), time.time())
+
+    def heartbeats(self, job_id: str) -> dict[int, float]:
+        return {int(i): float(t) for i, t in self.r.hgetall(k.shard_heartbeat_key(job_id)).items()}
+
+    def count_requeues(self, job_id: str, n: int) -> None:
+        self.r.hincrby(k.job_key(job_id), "requeued", n)
+
+    def requeue_if_stale(self, job_id: str, shard: int, older_than: float) -> bool:
+        """Atomically move a running shard whose heartbeat is older than `older_than` back to pending."""
+        return bool(self.r.eval(
+            "if redis.call('HGET', KEYS[1], ARGV[1]) ~= 'running' then return 0 end "
+            "local beat = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0') "
+            "if beat >= tonumber(ARGV[2]) then return 0 end "
+            "redis.call('HSET', KEYS[1], ARGV[1], 'pending') "
+            "redis.call('HSET', KEYS[2], ARGV[1], ARGV[3]) return 1",
+            2, k.shard_state_key(job_id), k.shard_heartbeat_key(job_id), str(shard), older_than, time.time(),
+        ))
+
     def commit_shard(self, job_id: str, shard: int, done: int, errors: int, stats: dict) -> bool:
         """Record a committed shard; True when every shard is now committed or failed."""
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(k.shard_state_key(job_id), str(shard), ShardState.COMMITTED.value)
+        pipe.hdel(k.shard_heartbeat_key(job_id), str(shard))
         pipe.hset(k.shard_done_key(job_id), str(shard), done)
         pipe.hset(k.shard_errors_key(job_id), str(shard), errors)
         pipe.hset(k.shard_stats_key(job_id), str(shard), json.dumps(stats))
@@ -209,8 +232,16 @@ class Ledger:
             n_items=int(job["n_items"]), n_shards=int(job["n_shards"]),
             done=sum(int(x) for x in done), errors=sum(int(x) for x in errors), shards=counts,
             failed_shards={int(i): r for i, r in reasons.items()}, reason=job.get("reason", ""),
+            requeued=int(job.get("requeued") or 0),
             created_at=float(job["created_at"]), finished_at=float(job.get("finished_at") or 0),
         )
+
+    def active_jobs(self, limit: int = 1000) -> list[str]:
+        jobs = self.recent_jobs(limit)
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in jobs:
+            pipe.hget(k.job_key(job_id), "state")
+        return [j for j, s in zip(jobs, pipe.execute()) if s in (JobState.QUEUED.value, JobState.RUNNING.value)]
 
     def recent_jobs(self, limit: int = 20) -> list[str]:
         return list(self.r.zrevrange(k.JOBS_INDEX_KEY, 0, limit - 1))

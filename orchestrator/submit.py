@@ -96,8 +96,14 @@ class Client:
 
     def wait(self, job_id: str, on_update: Callable[[JobStatus], None] | None = None,
              poll_s: float = 0.5, timeout_s: float | None = None) -> JobStatus:
+        from orchestrator.reconcile import reconcile
+
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        next_reconcile = time.monotonic() + self.settings.heartbeat_s
         while True:
+            if time.monotonic() >= next_reconcile:  # waiting clients double as reconcilers
+                reconcile(self, self.settings.stale_after_s, [job_id])
+                next_reconcile = time.monotonic() + self.settings.heartbeat_s
             status = self.status(job_id)
             if on_update:
                 on_update(status)
@@ -116,7 +122,10 @@ class Client:
     def retry(self, job_id: str) -> list[int]:
         """Re-enqueue only the shards that failed or never committed."""
         states = self.ledger.shard_states(job_id)
-        todo = sorted(i for i, s in states.items() if s != ShardState.COMMITTED)
+        beats = self.ledger.heartbeats(job_id)
+        silent_since = time.time() - self.settings.stale_after_s
+        todo = sorted(i for i, s in states.items() if s in (ShardState.FAILED, ShardState.PENDING)
+                      or (s is ShardState.RUNNING and beats.get(i, 0) < silent_since))
         self.ledger.reset_shards(job_id, todo)
         self.enqueue(job_id, todo)
         return todo

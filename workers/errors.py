@@ -24,3 +24,7 @@ class ModelLoadError(WorkerError):
 
 class UnsafeCheckpoint(ModelLoadError):
     """A pickle checkpoint was found and pickle loading is not allowed."""
+
+
+class TrainingDiverged(WorkerError):
+    """The loss became NaN or infinite; the job stops and commits no model."""

@@ -74,7 +74,7 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
 
-def _local_dir(ref: str, store: ObjectStore, settings: Settings) -> Path | None:
+def local_model_dir(ref: str, store: ObjectStore, settings: Settings) -> Path | None:
     """A local directory for the reference (s3:// directories are downloaded once), or None for hub names."""
     directory = model_dir(ref)
     if directory is None:
@@ -177,7 +177,7 @@ def load(ref: str, device: str = "auto", precision: str = "auto", *, attn: str =
     store = store or ObjectStore(settings)
     torch_device = resolve_device(device)
     dtype = resolve_dtype(precision, torch_device)
-    path = _local_dir(ref, store, settings)
+    path = local_model_dir(ref, store, settings)
     if path is not None:
         _check_weights(path, allow_pickle)
     family = _family(ref, path)

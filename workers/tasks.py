@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from functools import cache
 
@@ -29,6 +30,30 @@ class JobCancelled(Exception):
 @cache
 def context() -> WorkerContext:
     return WorkerContext(Settings())
+
+
+class Heartbeat:
+    """Tells the ledger every few seconds that this worker still holds the shard (see reconcile.py)."""
+
+    def __init__(self, ctx: WorkerContext, job_id: str, shard: int) -> None:
+        self.ctx, self.job_id, self.shard = ctx, job_id, shard
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="vitbatch-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ctx.settings.heartbeat_s):
+            try:
+                self.ctx.ledger.heartbeat(self.job_id, self.shard)
+            except Exception:  # Redis blip: the next beat will do; the shard goes on
+                log.warning("heartbeat for job %s shard %s failed", self.job_id, self.shard, exc_info=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _settle(ctx: WorkerContext, job_id: str, all_settled: bool, fingerprint: str = "") -> None:
@@ -90,7 +115,8 @@ def _run_shard(task: Task, ctx: WorkerContext, job_id: str, shard: int) -> dict:
             log.error("job %s shard %s %s", job_id, shard, reason)
             _settle(ctx, job_id, ctx.ledger.fail_shard(job_id, shard, reason))
             return {"shard": shard, "quarantined": True}
-        marker = run_shard_fn(spec, shard, ctx, _progress(task, ctx, job_id, shard))
+        with Heartbeat(ctx, job_id, shard):
+            marker = run_shard_fn(spec, shard, ctx, _progress(task, ctx, job_id, shard))
     # Also reached when a commit happened but a crash lost the ack: just record it again.
     settled = ctx.ledger.commit_shard(job_id, shard, marker["rows"], marker["errors"], marker["stats"])
     _settle(ctx, job_id, settled, marker["model_fingerprint"])
