@@ -11,7 +11,7 @@ from celery import Celery
 from kombu import Queue
 
 from orchestrator.config import Settings
-from orchestrator.constants import QUEUE_DEFAULT
+from orchestrator.constants import QUEUE_DEFAULT, QUEUE_TRAIN, TASK_FINETUNE
 
 
 def make_app(settings: Settings | None = None) -> Celery:
@@ -49,7 +49,8 @@ def make_app(settings: Settings | None = None) -> Celery:
         broker_connection_timeout=5,
         result_expires=7 * 24 * 3600,
         task_default_queue=QUEUE_DEFAULT,
-        task_queues=[Queue(QUEUE_DEFAULT)],
+        task_queues=[Queue(QUEUE_DEFAULT), Queue(QUEUE_TRAIN)],
+        task_routes={TASK_FINETUNE: {"queue": QUEUE_TRAIN}},
         task_track_started=True,
         worker_send_task_events=True,
         task_send_sent_event=True,

@@ -90,11 +90,12 @@ def _submit(spec, wait: bool, workers: int, overwrite: bool, show_rows: int = 5)
             err.print(f"no VITBATCH_BROKER_URL: starting the embedded stack with {workers} worker(s)")
             settings = stack.enter_context(EmbeddedStack(workers=workers, settings=settings)).settings
         client = _client(settings)
-        job_id, plan = client.submit(spec, overwrite=overwrite)
-        summary = plan.summary()
-        err.print(f"job {job_id}: {summary['items']} images in {summary['shards']} shard(s)"
-                  + (f", {summary['ignored_non_images']} non-image files ignored" if summary["ignored_non_images"] else "")
-                  + (f", {summary['duplicate_keys']} duplicate keys dropped" if summary["duplicate_keys"] else ""))
+        job_id, summary = client.submit(spec, overwrite=overwrite)
+        err.print(f"job {job_id}: {summary['items']} images"
+                  + (f" in {summary['shards']} shard(s)" if "shards" in summary else "")
+                  + (f", {len(summary['classes'])} classes" if "classes" in summary else "")
+                  + (f", {summary['ignored_non_images']} non-image files ignored" if summary.get("ignored_non_images") else "")
+                  + (f", {summary['duplicate_keys']} duplicate keys dropped" if summary.get("duplicate_keys") else ""))
         if not wait:
             console.print(job_id)
             return

@@ -1,9 +1,11 @@
 """Every Redis key, task name and output file name, in one place."""
 
 TASK_RUN_SHARD = "vitbatch.run_shard"
-TASK_FINALIZE = "vitbatch.finalize"
+TASK_FINETUNE = "vitbatch.finetune"
+TASK_EVALUATE = "vitbatch.evaluate"
 
 QUEUE_DEFAULT = "vitbatch"
+QUEUE_TRAIN = "vitbatch-train"
 
 JOB_SPEC_FILE = "_job.json"
 SUCCESS_FILE = "_SUCCESS.json"

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.config import Settings
-from orchestrator.constants import QUEUE_DEFAULT
+from orchestrator.constants import QUEUE_DEFAULT, QUEUE_TRAIN
+
+ALL_QUEUES = f"{QUEUE_DEFAULT},{QUEUE_TRAIN}"
 
 
 def free_port() -> int:
@@ -155,7 +157,7 @@ class EmbeddedStack:
         return proc
 
     def start_worker(self, name: str) -> subprocess.Popen:
-        return self._spawn(worker_command(name), name)
+        return self._spawn(worker_command(name, queues=ALL_QUEUES), name)
 
     def dead_workers(self) -> list[int]:
         return [p.pid for p in self.processes if p.poll() is not None]

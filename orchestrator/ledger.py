@@ -145,6 +145,9 @@ class Ledger:
     def progress(self, job_id: str, shard: int, done: int) -> None:
         self.r.hset(k.shard_done_key(job_id), str(shard), done)
 
+    def set_total(self, job_id: str, n_items: int) -> None:
+        self.r.hset(k.job_key(job_id), "n_items", n_items)
+
     def heartbeat(self, job_id: str, shard: int) -> None:
         self.r.hset(k.shard_heartbeat_key(job_id), str(shard), time.time())
 

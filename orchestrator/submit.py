@@ -13,13 +13,16 @@ from celery import Celery
 from orchestrator import __version__
 from orchestrator.celery_app import make_app
 from orchestrator.config import Settings
-from orchestrator.constants import JOB_SPEC_FILE, SUCCESS_FILE, TASK_RUN_SHARD
+from orchestrator.constants import JOB_SPEC_FILE, SUCCESS_FILE, TASK_EVALUATE, TASK_FINETUNE, TASK_RUN_SHARD
 from orchestrator.errors import BrokerUnavailable, SpecError
 from orchestrator.jobs import JobSpec
 from orchestrator.ledger import JobState, JobStatus, Ledger, ShardState
 from orchestrator.modelinfo import label_count, read_config
 from orchestrator.planner import Plan, plan, write_manifests
 from orchestrator.storage import ObjectStore, join
+
+
+SINGLE_TASK_KINDS = {"finetune": TASK_FINETUNE, "evaluate": TASK_EVALUATE}
 
 
 def new_job_id() -> str:
@@ -55,32 +58,43 @@ class Client:
             raise SpecError(f"{spec.output} already holds a finished job; choose a new output or pass --overwrite")
         return plan(spec.input, spec.shard_size, self.store)
 
-    def submit(self, spec: JobSpec, overwrite: bool = False) -> tuple[str, Plan]:
+    def submit(self, spec: JobSpec, overwrite: bool = False) -> tuple[str, dict]:
+        """Check, plan, record and enqueue; returns the job id and the plan's summary."""
         self.ledger.ping()
-        job_plan = self.check(spec, overwrite)
+        if spec.kind in SINGLE_TASK_KINDS:
+            from orchestrator.training_checks import check_labeled
+
+            summary = check_labeled(spec, self.store, overwrite)
+            n_units = 1
+        else:
+            job_plan = self.check(spec, overwrite)
+            write_manifests(job_plan, spec.output, self.store)
+            summary, n_units = job_plan.summary(), job_plan.n_shards
         job_id = new_job_id()
         spec_json = spec.model_dump_json()
-        write_manifests(job_plan, spec.output, self.store)
         self.store.write(join(spec.output, JOB_SPEC_FILE), json.dumps({
-            "job_id": job_id, "spec": json.loads(spec_json), "plan": job_plan.summary(),
+            "job_id": job_id, "spec": json.loads(spec_json), "plan": summary,
             "vitbatch_version": __version__, "submitted_at": time.time(),
         }, indent=2).encode())
-        self.ledger.create(job_id, spec_json, spec.kind, spec.output, len(job_plan.items), job_plan.n_shards)
+        self.ledger.create(job_id, spec_json, spec.kind, spec.output, summary["items"], n_units)
         try:
-            self.enqueue(job_id, range(job_plan.n_shards))
+            self.enqueue(job_id, range(n_units), spec.kind)
         except Exception as e:
             # Shards already sent see a cancelled job and do nothing: no half-run job.
             self._safe_cancel(job_id, f"enqueue failed: {e}")
             raise BrokerUnavailable(f"enqueueing job {job_id} failed ({e}); the job was cancelled") from e
-        return job_id, job_plan
+        return job_id, summary
 
-    def enqueue(self, job_id: str, shards) -> None:
+    def enqueue(self, job_id: str, shards, kind: str | None = None) -> None:
+        kind = kind or self.ledger.status(job_id).kind
         with self.app.producer_or_acquire() as producer:
             for shard in shards:
                 # A deterministic task id per (job, shard) makes duplicates easy to spot in Flower.
+                name, args = SINGLE_TASK_KINDS.get(kind, TASK_RUN_SHARD), [job_id, shard]
+                if kind in SINGLE_TASK_KINDS:
+                    args = [job_id]
                 self.app.send_task(
-                    TASK_RUN_SHARD, args=[job_id, shard], task_id=f"{job_id}-{shard:05d}",
-                    producer=producer, retry=True,
+                    name, args=args, task_id=f"{job_id}-{shard:05d}", producer=producer, retry=True,
                     retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
                 )
 

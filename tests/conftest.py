@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import Settings
-from orchestrator.embedded import RedisServer, free_port, settings_env, worker_command
+from orchestrator.embedded import ALL_QUEUES, RedisServer, free_port, settings_env, worker_command
 
 ROOT = Path(__file__).resolve().parents[1]
 S3_ENV = {
@@ -104,7 +104,7 @@ class WorkerPool:
 
     def start(self, name: str, pool: str = "solo", wait: bool = True) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen(worker_command(name, pool=pool), env=self.env, cwd=ROOT, stdout=log,
+        proc = subprocess.Popen(worker_command(name, queues=ALL_QUEUES, pool=pool), env=self.env, cwd=ROOT, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
         if wait:

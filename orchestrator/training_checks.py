@@ -1,0 +1,30 @@
+"""Submit-time checks for the jobs that read labeled data (finetune, evaluate)."""
+
+from __future__ import annotations
+
+from orchestrator.constants import SUCCESS_FILE
+from orchestrator.errors import SpecError
+from orchestrator.jobs import EvaluateSpec, FinetuneSpec
+from orchestrator.labels import check_val_labels, class_names, load_labeled
+from orchestrator.modelinfo import read_config
+from orchestrator.storage import ObjectStore, join
+
+
+def check_labeled(spec: FinetuneSpec | EvaluateSpec, store: ObjectStore, overwrite: bool) -> dict:
+    """Every check that needs no GPU; returns the plan summary written to _job.json."""
+    if not overwrite and (store.exists(join(spec.output, SUCCESS_FILE)) or store.exists(join(spec.output, "config.json"))):
+        raise SpecError(f"{spec.output} already holds a finished job or model; choose a new output or pass --overwrite")
+    if spec.model is not None:
+        read_config(spec.model, store)  # a local/s3 model without config.json is refused now
+    if isinstance(spec, EvaluateSpec):
+        items = load_labeled(spec.input, store)
+        return {"items": len(items), "classes": class_names(items)}
+    train = load_labeled(spec.train, store)
+    names = class_names(train)
+    summary = {"train_images": len(train), "classes": names}
+    if spec.val is not None:
+        val = load_labeled(spec.val, store)
+        check_val_labels(set(names), val)
+        summary["val_images"] = len(val)
+    summary["items"] = int(len(train) * spec.epochs)
+    return summary

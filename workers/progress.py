@@ -1,0 +1,92 @@
+"""Progress, heartbeats and cancellation for running tasks.
+
+Progress goes two ways: the job ledger (totals for `vitbatch status`) and a
+`task-progress` event, which Flower shows as the task's PROGRESS result text.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from celery import Task
+
+from orchestrator.ledger import JobState
+from workers.runner import WorkerContext
+
+log = logging.getLogger(__name__)
+REPORT_EVERY_S = 1.0
+
+
+class JobCancelled(Exception):
+    """The job was cancelled while this shard ran; the shard stops without committing."""
+
+
+class Heartbeat:
+    """Tells the ledger every few seconds that this worker still holds the shard (see reconcile.py)."""
+
+    def __init__(self, ctx: WorkerContext, job_id: str, shard: int) -> None:
+        self.ctx, self.job_id, self.shard = ctx, job_id, shard
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="vitbatch-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ctx.settings.heartbeat_s):
+            try:
+                self.ctx.ledger.heartbeat(self.job_id, self.shard)
+            except Exception:  # Redis blip: the next beat will do; the shard goes on
+                log.warning("heartbeat for job %s shard %s failed", self.job_id, self.shard, exc_info=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _throttled(task: Task, ctx: WorkerContext, job_id: str, shard: int):
+    """(publish(done, total, text)): at most once a second, and always for the last update."""
+    last = {"t": 0.0}
+
+    def publish(done: int, total: int, text: str) -> None:
+        now = time.monotonic()
+        if now - last["t"] < REPORT_EVERY_S and done < total:
+            return
+        last["t"] = now
+        ctx.ledger.progress(job_id, shard, done)
+        task.send_event("task-progress", result=text)
+        if ctx.ledger.state(job_id) is JobState.CANCELLED:
+            raise JobCancelled(job_id)
+
+    return publish
+
+
+def progress_reporter(task: Task, ctx: WorkerContext, job_id: str, shard: int):
+    publish = _throttled(task, ctx, job_id, shard)
+    start = time.monotonic()
+
+    def report(done: int, total: int) -> None:
+        rate = done / max(time.monotonic() - start, 1e-9)
+        publish(done, total, f"shard {shard}: {done}/{total} images, {rate:.0f} img/s")
+
+    return report
+
+
+def training_reporter(task: Task, ctx: WorkerContext, job_id: str):
+    """report(dict) for training and evaluation: step, epoch, loss, images/s, done, total."""
+    publish = _throttled(task, ctx, job_id, 0)
+    known_total = {"n": None}
+
+    def report(info: dict) -> None:
+        total = int(info.get("total") or 0)
+        if total and total != known_total["n"]:
+            ctx.ledger.set_total(job_id, total)
+            known_total["n"] = total
+        fields = [f"{name} {info[name]:.4g}" if isinstance(info[name], float) else f"{name} {info[name]}"
+                  for name in ("step", "epoch", "loss", "accuracy", "images_per_s") if info.get(name) is not None]
+        publish(int(info.get("done") or 0), total, ", ".join(fields))
+
+    return report
