@@ -64,6 +64,7 @@ class JobBase(BaseModel):
     )
     device: Device = Field("auto", description="auto picks CUDA when the worker has it.")
     read_concurrency: int = Field(16, gt=0, le=256, description="Concurrent object reads per worker.")
+    compile: bool = Field(False, description="torch.compile the model (slower start, faster steady state).")
 
     @field_validator("input", "output")
     @classmethod
@@ -92,7 +93,7 @@ Pooling = Literal["cls", "mean", "patches"]
 class EmbedSpec(JobBase):
     """Embeddings of the final normalized hidden state: CLS, mean of patches, or every patch token."""
 
-    kind: Literal["embed"] = "embed"
+    kind: Literal["embed"] = Field("embed", description="Job kind: embed.")
     pooling: list[Pooling] = Field(
         default_factory=lambda: ["cls"], min_length=1,
         description="Any of cls, mean, patches (patches stores [N, grid*grid, hidden] per shard: large).",
@@ -112,7 +113,7 @@ class EmbedSpec(JobBase):
 class AttentionSpec(JobBase):
     """CLS-to-patch attention maps per layer, attention rollout, and PNG overlays."""
 
-    kind: Literal["attention"] = "attention"
+    kind: Literal["attention"] = Field("attention", description="Job kind: attention.")
     layers: list[int] = Field(
         default_factory=lambda: [-1], min_length=1,
         description="Layers whose CLS-to-patch map is stored; negative counts from the last (-1 = last).",
@@ -152,7 +153,7 @@ class TrainBase(BaseModel):
 class FinetuneSpec(TrainBase):
     """Fine-tune (or train from a config) an image classifier on labeled images."""
 
-    kind: Literal["finetune"] = "finetune"
+    kind: Literal["finetune"] = Field("finetune", description="Job kind: finetune.")
     train: str = Field(description="Labeled images: an ImageFolder prefix (one folder per class) or a CSV/JSONL manifest (key,label).")
     val: str | None = Field(None, description="Labeled validation images (same layouts); unset = --val-split of train.")
     val_split: float = Field(0.1, ge=0.0, lt=0.9, description="Stratified, seeded share of train used for validation when --val is unset.")
@@ -208,7 +209,7 @@ class FinetuneSpec(TrainBase):
 class EvaluateSpec(TrainBase):
     """Accuracy, top-5, per-class report and confusion matrix of a model on labeled images."""
 
-    kind: Literal["evaluate"] = "evaluate"
+    kind: Literal["evaluate"] = Field("evaluate", description="Job kind: evaluate.")
     input: str = Field(description="Labeled images: an ImageFolder prefix or a CSV/JSONL manifest (key,label).")
     model: str = Field(description="hf:, timm:, a local save_pretrained directory, or s3:// directory.")
     batch_size: int = Field(64, gt=0, le=4096, description="Images per forward pass.")

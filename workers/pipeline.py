@@ -8,6 +8,7 @@ on arrival order.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -24,6 +25,8 @@ from orchestrator.storage import ObjectStore
 from workers.errors import BadImage
 from workers.imaging import decode_rgb, resize_uint8
 from workers.models import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -111,6 +114,25 @@ class ShardPipeline:
         with torch.inference_mode(), torch.autocast("cpu", dtype=self.model.dtype, enabled=autocast):
             return head(pixels)
 
+    def _compute_into(self, head, batch: list[tuple[int, Decoded]]) -> None:
+        """Run one batch; on device out-of-memory halve the batch size (for good) and go again."""
+        try:
+            output = self.compute(head, self.to_device([d.pixels for _, d in batch]))
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            torch.cuda.empty_cache()
+            self.batch_size = max(1, len(batch) // 2)
+            log.warning("out of device memory at batch %d; continuing with batch size %d", len(batch), self.batch_size)
+            for start in range(0, len(batch), self.batch_size):
+                self._compute_into(head, batch[start:start + self.batch_size])
+            return
+        indices, decoded = [i for i, _ in batch], [d for _, d in batch]
+        if any(d.preview is not None for d in decoded):
+            head.add(indices, [d.item for d in decoded], output, [d.preview for d in decoded])
+        else:
+            head.add(indices, [d.item for d in decoded], output)
+
     # -- the whole shard -----------------------------------------------------------------------
     def run(self, items: list[Item], head, on_progress: Callable[[int, int], None] | None = None) -> StageTimes:
         """Feed every item of the shard to `head` (results or error rows); returns stage timings."""
@@ -124,12 +146,8 @@ class ShardPipeline:
             if not batch:
                 return
             t0 = time.perf_counter()
-            output = self.compute(head, self.to_device([d.pixels for _, d in batch]))
-            indices, decoded = [i for i, _ in batch], [d for _, d in batch]
-            if any(d.preview is not None for d in decoded):
-                head.add(indices, [d.item for d in decoded], output, [d.preview for d in decoded])
-            else:
-                head.add(indices, [d.item for d in decoded], output)
+            for start in range(0, len(batch), self.batch_size):
+                self._compute_into(head, batch[start:start + self.batch_size])
             times.compute_s += time.perf_counter() - t0
             done += len(batch)
             batch.clear()

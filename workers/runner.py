@@ -43,13 +43,13 @@ class WorkerContext:
 def make_head(spec: JobSpec, shard: int, ctx: WorkerContext):
     """The model (eager attention for attention maps: SDPA returns no weights) and the head."""
     if spec.kind == "attention":
-        model = ctx.models.get(spec.model, spec.device, spec.precision, attn="eager")
+        model = ctx.models.get(spec.model, spec.device, spec.precision, attn="eager", compile=spec.compile)
         first = shard * spec.shard_size
         limit = spec.max_overlays if spec.max_overlays is not None else first + spec.shard_size
         overlays = set(range(max(0, min(spec.shard_size, limit - first))))
         return AttentionHead(model, shard, layers=spec.layers, heads=spec.heads, with_rollout=spec.rollout,
                              overlay_indices=overlays)
-    model = ctx.models.get(spec.model, spec.device, spec.precision)
+    model = ctx.models.get(spec.model, spec.device, spec.precision, compile=spec.compile)
     if spec.kind == "embed":
         return EmbedHead(model, shard, spec.pooling)
     return ClassifyHead(model, shard, spec.top_k)

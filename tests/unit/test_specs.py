@@ -7,7 +7,7 @@ import json
 import pytest
 
 from orchestrator.errors import SpecError
-from orchestrator.jobs import ClassifySpec, parse_spec
+from orchestrator.jobs import SPEC_CLASSES, ClassifySpec, parse_spec
 
 
 @pytest.fixture
@@ -121,3 +121,9 @@ def test_every_schema_property_has_a_description():
     assert {"input", "output", "model", "batch_size", "top_k"} <= set(properties)
     undocumented = [name for name, prop in properties.items() if not prop.get("description")]
     assert undocumented == []
+
+
+@pytest.mark.parametrize("kind", sorted(SPEC_CLASSES))
+def test_every_job_kind_documents_every_option(kind):
+    properties = SPEC_CLASSES[kind].model_json_schema()["properties"]
+    assert [name for name, prop in properties.items() if not prop.get("description")] == []
