@@ -53,4 +53,4 @@ HEALTHCHECK --interval=2m --timeout=45s --start-period=5m --retries=35 \
 # it finishes the running shard, then exits. Give the container a stop grace period longer
 # than a shard takes.
 ENTRYPOINT ["vitbatch", "worker"]
-CMD ["--queues", "vitbatch", "--pool", "solo", "--concurrency", "1", "--name", "vitbatch"]
+CMD ["--queues", "vitbatch-interactive,vitbatch", "--pool", "solo", "--concurrency", "1", "--name", "vitbatch"]

@@ -11,7 +11,7 @@ from celery import Celery
 from kombu import Queue
 
 from orchestrator.config import Settings
-from orchestrator.constants import QUEUE_DEFAULT, QUEUE_TRAIN, TASK_FINETUNE
+from orchestrator.constants import QUEUE_DEFAULT, QUEUE_INTERACTIVE, QUEUE_TRAIN, TASK_FINETUNE
 
 
 def make_app(settings: Settings | None = None) -> Celery:
@@ -31,6 +31,9 @@ def make_app(settings: Settings | None = None) -> Celery:
         "retry_on_timeout": True,
         "health_check_interval": 25,
     }
+    # A worker consuming several queues always takes from the first non-empty one in the
+    # order it was given (interactive before bulk), instead of round-robin.
+    broker_options = {**transport_options, "queue_order_strategy": "priority"}
     app.conf.update(
         # JSON only: a pickled or YAML message is refused before anything of it runs.
         task_serializer="json",
@@ -43,13 +46,13 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         task_time_limit=settings.task_time_limit_s,
         task_soft_time_limit=max(1, settings.task_time_limit_s - 60),
-        broker_transport_options=transport_options,
+        broker_transport_options=broker_options,
         result_backend_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,
         result_expires=7 * 24 * 3600,
         task_default_queue=QUEUE_DEFAULT,
-        task_queues=[Queue(QUEUE_DEFAULT), Queue(QUEUE_TRAIN)],
+        task_queues=[Queue(QUEUE_INTERACTIVE), Queue(QUEUE_DEFAULT), Queue(QUEUE_TRAIN)],
         task_routes={TASK_FINETUNE: {"queue": QUEUE_TRAIN}},
         task_track_started=True,
         worker_send_task_events=True,

@@ -21,6 +21,7 @@ from orchestrator.errors import VitbatchError
 from orchestrator.jobs import JOB_KINDS, SPEC_CLASSES, parse_spec
 from orchestrator.ledger import JobState, JobStatus
 
+DEFAULT_WORKER_QUEUES = "vitbatch-interactive,vitbatch"
 app = typer.Typer(help="Dataset-scale Vision Transformer jobs on Celery + Redis.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 submit_app = typer.Typer(help="Validate, plan and enqueue a job; print its id.", no_args_is_help=True)
@@ -219,7 +220,7 @@ def schema() -> None:
 
 
 @app.command()
-def worker(queues: str = typer.Option("vitbatch", help="Comma-separated queues to consume."),
+def worker(queues: str = typer.Option(DEFAULT_WORKER_QUEUES, help="Comma-separated queues, highest priority first."),
            concurrency: int = typer.Option(1, help="Processes (prefork) or threads; 1 per GPU."),
            pool: str = typer.Option("solo", help="solo (default, one per GPU), threads or prefork."),
            name: str = typer.Option("vitbatch", help="Worker name; the host is appended.")) -> None:

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     max_object_bytes: int = Field(64 * 1024 * 1024, description="Objects larger than this are error rows.")
     max_pixels: int = Field(50_000_000, description="Decoded images larger than this are error rows.")
     max_attempts: int = Field(3, description="Deliveries of one shard before it is quarantined.")
+    interactive_max_shards: int = Field(
+        4, description="Jobs with at most this many shards take the interactive lane (lane=auto)."
+    )
     heartbeat_s: float = Field(5.0, description="How often a worker says it still holds a shard.")
     stale_after_s: float = Field(
         120.0, description="A running shard silent this long is re-enqueued by the reconciler."

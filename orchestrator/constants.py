@@ -4,7 +4,8 @@ TASK_RUN_SHARD = "vitbatch.run_shard"
 TASK_FINETUNE = "vitbatch.finetune"
 TASK_EVALUATE = "vitbatch.evaluate"
 
-QUEUE_DEFAULT = "vitbatch"
+QUEUE_DEFAULT = "vitbatch"  # the bulk lane
+QUEUE_INTERACTIVE = "vitbatch-interactive"  # small jobs: workers drain it before the bulk lane
 QUEUE_TRAIN = "vitbatch-train"
 
 JOB_SPEC_FILE = "_job.json"

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.config import Settings
-from orchestrator.constants import QUEUE_DEFAULT, QUEUE_TRAIN
+from orchestrator.constants import QUEUE_DEFAULT, QUEUE_INTERACTIVE, QUEUE_TRAIN
 
-ALL_QUEUES = f"{QUEUE_DEFAULT},{QUEUE_TRAIN}"
+ALL_QUEUES = f"{QUEUE_INTERACTIVE},{QUEUE_DEFAULT},{QUEUE_TRAIN}"  # in priority order
 
 
 def free_port() -> int:

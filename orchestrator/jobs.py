@@ -65,6 +65,9 @@ class JobBase(BaseModel):
     device: Device = Field("auto", description="auto picks CUDA when the worker has it.")
     read_concurrency: int = Field(16, gt=0, le=256, description="Concurrent object reads per worker.")
     compile: bool = Field(False, description="torch.compile the model (slower start, faster steady state).")
+    lane: Literal["auto", "interactive", "bulk"] = Field(
+        "auto", description="Queue lane; auto = interactive for small jobs, bulk otherwise (nightly runs use bulk)."
+    )
 
     @field_validator("input", "output")
     @classmethod

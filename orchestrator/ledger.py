@@ -145,6 +145,12 @@ class Ledger:
     def progress(self, job_id: str, shard: int, done: int) -> None:
         self.r.hset(k.shard_done_key(job_id), str(shard), done)
 
+    def set_queue(self, job_id: str, queue: str) -> None:
+        self.r.hset(k.job_key(job_id), "queue", queue)
+
+    def queue(self, job_id: str) -> str:
+        return self.r.hget(k.job_key(job_id), "queue") or k.QUEUE_DEFAULT
+
     def set_total(self, job_id: str, n_items: int) -> None:
         self.r.hset(k.job_key(job_id), "n_items", n_items)
 

@@ -13,7 +13,10 @@ from celery import Celery
 from orchestrator import __version__
 from orchestrator.celery_app import make_app
 from orchestrator.config import Settings
-from orchestrator.constants import JOB_SPEC_FILE, SUCCESS_FILE, TASK_EVALUATE, TASK_FINETUNE, TASK_RUN_SHARD
+from orchestrator.constants import (
+    JOB_SPEC_FILE, QUEUE_DEFAULT, QUEUE_INTERACTIVE, QUEUE_TRAIN, SUCCESS_FILE, TASK_EVALUATE, TASK_FINETUNE,
+    TASK_RUN_SHARD,
+)
 from orchestrator.errors import BrokerUnavailable, SpecError
 from orchestrator.jobs import JobSpec
 from orchestrator.ledger import JobState, JobStatus, Ledger, ShardState
@@ -78,15 +81,26 @@ class Client:
         }, indent=2).encode())
         self.ledger.create(job_id, spec_json, spec.kind, spec.output, summary["items"], n_units)
         try:
-            self.enqueue(job_id, range(n_units), spec.kind)
+            self.enqueue(job_id, range(n_units), spec.kind, self.queue_for(spec, n_units))
         except Exception as e:
             # Shards already sent see a cancelled job and do nothing: no half-run job.
             self._safe_cancel(job_id, f"enqueue failed: {e}")
             raise BrokerUnavailable(f"enqueueing job {job_id} failed ({e}); the job was cancelled") from e
         return job_id, summary
 
-    def enqueue(self, job_id: str, shards, kind: str | None = None) -> None:
+    def queue_for(self, spec: JobSpec, n_units: int) -> str:
+        if spec.kind == "finetune":
+            return QUEUE_TRAIN
+        lane = getattr(spec, "lane", "auto")
+        if lane == "auto":
+            lane = "interactive" if n_units <= self.settings.interactive_max_shards else "bulk"
+        return QUEUE_INTERACTIVE if lane == "interactive" else QUEUE_DEFAULT
+
+    def enqueue(self, job_id: str, shards, kind: str | None = None, queue: str | None = None) -> None:
+        """Send one task per shard; `queue` defaults to the lane the job was submitted to."""
         kind = kind or self.ledger.status(job_id).kind
+        queue = queue or self.ledger.queue(job_id)
+        self.ledger.set_queue(job_id, queue)
         with self.app.producer_or_acquire() as producer:
             for shard in shards:
                 # A deterministic task id per (job, shard) makes duplicates easy to spot in Flower.
@@ -94,7 +108,7 @@ class Client:
                 if kind in SINGLE_TASK_KINDS:
                     args = [job_id]
                 self.app.send_task(
-                    name, args=args, task_id=f"{job_id}-{shard:05d}", producer=producer, retry=True,
+                    name, args=args, task_id=f"{job_id}-{shard:05d}", producer=producer, retry=True, queue=queue,
                     retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
                 )
 

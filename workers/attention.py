@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from orchestrator.planner import Item
+from workers.errors import ModelLoadError
 from workers.heads import INDEX_SCHEMA, ArrayHead, prefix_tokens
 from workers.models import LoadedModel
 
@@ -57,12 +58,25 @@ def grid_shape(model: LoadedModel, n_patches: int) -> tuple[int, int]:
 
 
 class _TimmAttentionTap:
-    """Captures timm's post-softmax attention (fused attention is switched off at load)."""
+    """Captures timm's post-softmax attention (fused attention is switched off at load).
+
+    The hooks live for one forward pass only: the module is cached and shared by every
+    shard's head, and a hook left behind would keep every later map alive.
+    """
 
     def __init__(self, module: torch.nn.Module) -> None:
-        self.maps: list[torch.Tensor] = []
-        for block in module.blocks:
-            block.attn.attn_drop.register_forward_hook(lambda _m, _i, out: self.maps.append(out))
+        self.module = module
+
+    def __call__(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        maps: list[torch.Tensor] = []
+        handles = [block.attn.attn_drop.register_forward_hook(lambda _m, _i, out: maps.append(out))
+                   for block in self.module.blocks]
+        try:
+            self.module.forward_features(pixels)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return maps
 
 
 class AttentionHead(ArrayHead):
@@ -74,6 +88,11 @@ class AttentionHead(ArrayHead):
         self.prefix = prefix_tokens(model)
         self.overlays: dict[int, bytes] = {}
         self._tap = _TimmAttentionTap(model.module) if model.family == "timm" else None
+        n_layers = len(model.module.blocks) if model.family == "timm" else model.module.config.num_hidden_layers
+        missing = [layer for layer in layers if not -n_layers <= layer < n_layers]
+        if missing:  # layer % n_layers would silently store another layer's map
+            raise ModelLoadError(f"layers {missing} do not exist: the model has {n_layers} layers "
+                                 f"(0 to {n_layers - 1}, or -1 to -{n_layers} from the last)")
 
     def wants_preview(self, index: int) -> bool:
         return index in self.overlay_indices
@@ -81,9 +100,7 @@ class AttentionHead(ArrayHead):
     def attentions(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         if self._tap is None:
             return list(self.model.module.base_model(pixel_values=pixels, output_attentions=True).attentions)
-        self._tap.maps.clear()
-        self.model.module.forward_features(pixels)
-        return list(self._tap.maps)
+        return self._tap(pixels)
 
     def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         attentions = self.attentions(pixels)

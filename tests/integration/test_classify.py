@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from orchestrator.constants import JOB_SPEC_FILE, QUEUE_DEFAULT, SUCCESS_FILE
+from orchestrator.constants import JOB_SPEC_FILE, SUCCESS_FILE
+from orchestrator.embedded import ALL_QUEUES
 from orchestrator.results import read_table
 from workers.demo import write_digits
 
@@ -173,12 +174,12 @@ def test_a_bad_spec_is_refused_before_anything_is_enqueued(args, message, cli, c
     argv = ["submit", "classify"]
     for flag, value in {**base, **overrides}.items():
         argv += [flag, value]
-    queued_before = client.ledger.r.llen(QUEUE_DEFAULT)
+    queued_before = sum(client.ledger.r.llen(q) for q in ALL_QUEUES.split(","))
     jobs_before = client.ledger.recent_jobs(1000)
     result = cli(argv)
     assert result.returncode != 0
     assert message in " ".join((result.stdout + result.stderr).split())
-    assert client.ledger.r.llen(QUEUE_DEFAULT) == queued_before
+    assert sum(client.ledger.r.llen(q) for q in ALL_QUEUES.split(",")) == queued_before
     assert client.ledger.recent_jobs(1000) == jobs_before
     assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix="out/refused/")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.constants import QUEUE_DEFAULT
+from orchestrator.constants import QUEUE_DEFAULT, QUEUE_INTERACTIVE
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -176,7 +176,7 @@ def test_worker_healthcheck_pings_the_name_the_worker_runs_under():
     cmd = yaml.safe_load(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))
     assert cmd[cmd.index("--name") + 1] == env_name
     assert cmd[cmd.index("--pool") + 1] == "solo"
-    assert cmd[cmd.index("--queues") + 1] == QUEUE_DEFAULT
+    assert cmd[cmd.index("--queues") + 1].split(",") == [QUEUE_INTERACTIVE, QUEUE_DEFAULT]
 
 
 def test_orchestrator_image_installs_no_torch():
