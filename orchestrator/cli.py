@@ -211,6 +211,71 @@ def jobs(limit: int = 20) -> None:
         console.print(f"{job_id}  {status.kind:9} {status.state.value:22} {status.done}/{status.n_items}  {status.output}")
 
 
+schedule_app = typer.Typer(help="Scheduled jobs (nightly reclassification) from a TOML file.", no_args_is_help=True)
+app.add_typer(schedule_app, name="schedule")
+
+
+@schedule_app.command("check")
+def schedule_check(file: str = typer.Option(..., "--file", "-f", help="Schedules TOML file.")) -> None:
+    """Validate a schedules file and show when each entry runs next."""
+    from datetime import datetime, timezone
+
+    from orchestrator.schedule import load_schedules
+
+    for entry in load_schedules(file):
+        wait_s = entry.crontab().remaining_estimate(datetime.now(timezone.utc)).total_seconds()
+        console.print(f"{entry.name}: '{entry.cron}' {entry.timezone}, {entry.job['kind']} -> "
+                      f"{entry.job['output']}, next run in {max(wait_s, 0) / 3600:.1f} h")
+
+
+@schedule_app.command("run")
+def schedule_run(name: str, file: str = typer.Option(..., "--file", "-f", help="Schedules TOML file.")) -> None:
+    """Start one run of a schedule now (what beat does on time); print the run record."""
+    from orchestrator.schedule import load_schedules, start_run
+
+    entries = {e.name: e for e in load_schedules(file)}
+    if name not in entries:
+        raise VitbatchError(f"no schedule {name!r} in {file}; it has {sorted(entries)}")
+    console.print_json(json.dumps(start_run(_client(), entries[name])))
+
+
+@app.command()
+def runs(name: str, limit: int = 20, as_json: bool = typer.Option(False, "--json")) -> None:
+    """List past runs of a schedule: changed/unchanged/failed counts and images/s."""
+    from orchestrator.schedule import runs as list_runs
+
+    records = list_runs(_client(), name, limit)
+    if as_json:
+        console.print_json(json.dumps(records))
+        return
+    view = Table("run", "job", "state", "computed", "carried over", "errors", "img/s", "output")
+    for r in records:
+        view.add_row(r["run_id"], r["job_id"], r["state"], str(r["processed"]), str(r["carried"]),
+                     str(r["errors"]), str(r["images_per_s"]), r["output"])
+    console.print(view)
+
+
+@app.command()
+def beat(file: str = typer.Option(..., "--file", "-f", help="Schedules TOML file."),
+         state_dir: str = typer.Option("~/.cache/vitbatch/beat", help="Where beat keeps its last-run times.")) -> None:
+    """Run Celery beat with the schedules in FILE (one beat per deployment)."""
+    from pathlib import Path
+
+    from orchestrator.celery_app import make_app
+    from orchestrator.schedule import beat_schedule, load_schedules
+
+    settings = Settings()
+    if not settings.broker_url:
+        raise VitbatchError("set VITBATCH_BROKER_URL to the Redis the workers use")
+    entries = load_schedules(file)
+    celery = make_app(settings)
+    celery.conf.beat_schedule = beat_schedule(entries)
+    folder = Path(state_dir).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    err.print(f"beat: {len(entries)} schedule(s): {', '.join(e.name for e in entries)}")
+    celery.Beat(schedule=str(folder / "schedule.db"), loglevel="INFO").run()
+
+
 @app.command()
 def schema() -> None:
     """Print the JSON schema of job specs."""
@@ -223,12 +288,19 @@ def schema() -> None:
 def worker(queues: str = typer.Option(DEFAULT_WORKER_QUEUES, help="Comma-separated queues, highest priority first."),
            concurrency: int = typer.Option(1, help="Processes (prefork) or threads; 1 per GPU."),
            pool: str = typer.Option("solo", help="solo (default, one per GPU), threads or prefork."),
-           name: str = typer.Option("vitbatch", help="Worker name; the host is appended.")) -> None:
+           name: str = typer.Option("vitbatch", help="Worker name; the host is appended."),
+           gpus: str = typer.Option(None, help="'all', a count, or ids like 0,2: one worker process per GPU.")) -> None:
     """Start a worker in the foreground (same as `celery -A workers worker`)."""
     from orchestrator.embedded import worker_command
 
     if not Settings().broker_url:
         raise VitbatchError("set VITBATCH_BROKER_URL to the Redis the jobs are submitted to")
+    if gpus:
+        from orchestrator.gpupool import supervise, visible_gpus
+
+        chosen = visible_gpus(gpus)
+        err.print(f"starting {len(chosen)} worker(s), one per GPU: {chosen}")
+        raise typer.Exit(supervise(chosen, lambda gpu: worker_command(f"{name}-gpu{gpu}", queues, pool, concurrency)))
     cmd = worker_command(name, queues, pool, concurrency)
     os.execv(cmd[0], cmd)
 

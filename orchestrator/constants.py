@@ -3,6 +3,7 @@
 TASK_RUN_SHARD = "vitbatch.run_shard"
 TASK_FINETUNE = "vitbatch.finetune"
 TASK_EVALUATE = "vitbatch.evaluate"
+TASK_SCHEDULED_RUN = "vitbatch.scheduled_run"
 
 QUEUE_DEFAULT = "vitbatch"  # the bulk lane
 QUEUE_INTERACTIVE = "vitbatch-interactive"  # small jobs: workers drain it before the bulk lane
@@ -58,6 +59,11 @@ def shard_heartbeat_key(job_id: str) -> str:
 def shard_stats_key(job_id: str) -> str:
     """Hash: shard index -> json stats of the committed shard (seconds per stage, images/s)."""
     return f"vitbatch:job:{job_id}:stats"
+
+
+def schedule_runs_key(name: str) -> str:
+    """List: json run records of a schedule, newest first."""
+    return f"vitbatch:schedule:{name}:runs"
 
 
 JOBS_INDEX_KEY = "vitbatch:jobs"

@@ -28,6 +28,7 @@ def finalize(job_id: str, ledger: Ledger, store: ObjectStore, model_fingerprint:
     wall_s = finished - status.created_at
     summary = {
         "job_id": job_id, "kind": status.kind, "items": status.n_items, "processed": status.done,
+        "carried_over": status.carried,
         "errors": status.errors, "shards": status.n_shards, "failed_shards": status.failed_shards,
         "wall_s": round(wall_s, 3), "images_per_s": round(status.done / max(wall_s, 1e-9), 2),
         "stage_seconds": stage_totals, "model_fingerprint": model_fingerprint,

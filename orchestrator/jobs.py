@@ -35,6 +35,8 @@ def normalize_model_ref(ref: str) -> str:
         if scheme == "hf" and not _HF_REPO_ID.match(name):
             raise ValueError(f"{ref!r} is neither a Hugging Face repo id (org/name) nor a local directory")
         return ref
+    if ref.startswith("alias:"):
+        return "alias:" + normalize_uri(ref.split(":", 1)[1])
     if ref.startswith("s3://"):
         return normalize_uri(ref).rstrip("/") + "/"
     if ref.startswith("file://"):
@@ -174,8 +176,12 @@ class FinetuneSpec(TrainBase):
         "basic", description="none; basic = random resized crop + flip; randaugment = timm rand-m9-mstd0.5-inc1 + random erasing.",
     )
     checkpoint_every_steps: int = Field(200, gt=0, description="Upload a resumable checkpoint every N steps.")
+    alias: str | None = Field(
+        None, description="Pointer object (e.g. s3://b/models/latest) set to this model when training succeeds; "
+        "jobs with --model alias:<that URI> follow it.",
+    )
 
-    @field_validator("train", "val")
+    @field_validator("train", "val", "alias")
     @classmethod
     def _data_uri(cls, value: str | None) -> str | None:
         if value is None:

@@ -52,6 +52,7 @@ class JobStatus:
     failed_shards: dict[int, str] = field(default_factory=dict)
     reason: str = ""
     requeued: int = 0
+    carried: int = 0
     created_at: float = 0.0
     finished_at: float = 0.0
 
@@ -89,11 +90,12 @@ class Ledger:
             raise BrokerUnavailable(f"Redis is unreachable ({e}); nothing was enqueued") from e
 
     # -- producer side ---------------------------------------------------------------------
-    def create(self, job_id: str, spec_json: str, kind: str, output: str, n_items: int, n_shards: int) -> None:
+    def create(self, job_id: str, spec_json: str, kind: str, output: str, n_items: int, n_shards: int,
+               carried: int = 0) -> None:
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(k.job_key(job_id), mapping={
             "state": JobState.QUEUED.value, "spec": spec_json, "kind": kind, "output": output,
-            "n_items": n_items, "n_shards": n_shards, "created_at": time.time(),
+            "n_items": n_items + carried, "n_shards": n_shards, "created_at": time.time(), "carried": carried,
         })
         if n_shards:
             pipe.hset(k.shard_state_key(job_id), mapping={str(i): ShardState.PENDING.value for i in range(n_shards)})
@@ -241,7 +243,7 @@ class Ledger:
             n_items=int(job["n_items"]), n_shards=int(job["n_shards"]),
             done=sum(int(x) for x in done), errors=sum(int(x) for x in errors), shards=counts,
             failed_shards={int(i): r for i, r in reasons.items()}, reason=job.get("reason", ""),
-            requeued=int(job.get("requeued") or 0),
+            requeued=int(job.get("requeued") or 0), carried=int(job.get("carried") or 0),
             created_at=float(job["created_at"]), finished_at=float(job.get("finished_at") or 0),
         )
 

@@ -18,7 +18,9 @@ from orchestrator.constants import (
     TASK_RUN_SHARD,
 )
 from orchestrator.errors import BrokerUnavailable, SpecError
-from orchestrator.jobs import JobSpec
+from orchestrator.finalize import finalize
+from orchestrator.incremental import carry_over, model_identity, resolve_alias
+from orchestrator.jobs import JobSpec, normalize_model_ref
 from orchestrator.ledger import JobState, JobStatus, Ledger, ShardState
 from orchestrator.modelinfo import label_count, read_config
 from orchestrator.planner import Plan, plan, write_manifests
@@ -59,11 +61,20 @@ class Client:
                 raise SpecError(f"top_k={top_k} is larger than the model's {n_labels} labels")
         if not overwrite and self.store.exists(join(spec.output, SUCCESS_FILE)):
             raise SpecError(f"{spec.output} already holds a finished job; choose a new output or pass --overwrite")
-        return plan(spec.input, spec.shard_size, self.store)
+        job_plan = plan(spec.input, spec.shard_size, self.store)
+        return job_plan
 
-    def submit(self, spec: JobSpec, overwrite: bool = False) -> tuple[str, dict]:
-        """Check, plan, record and enqueue; returns the job id and the plan's summary."""
+    def submit(self, spec: JobSpec, overwrite: bool = False, previous_output: str | None = None,
+               lane: str | None = None) -> tuple[str, dict]:
+        """Check, plan, record and enqueue; returns the job id and the plan's summary.
+
+        `previous_output`: a committed run of the same job whose unchanged rows are carried over.
+        """
         self.ledger.ping()
+        extra: dict = {}
+        if spec.model and spec.model.startswith("alias:"):
+            extra["model_alias"] = spec.model
+            spec = spec.model_copy(update={"model": normalize_model_ref(resolve_alias(spec.model, self.store))})
         if spec.kind in SINGLE_TASK_KINDS:
             from orchestrator.training_checks import check_labeled
 
@@ -71,17 +82,25 @@ class Client:
             n_units = 1
         else:
             job_plan = self.check(spec, overwrite)
+            extra["model_identity"] = model_identity(spec.model, self.store)
+            carried = 0
+            if previous_output and spec.kind == "classify":
+                carried = carry_over(job_plan, previous_output, spec.output, extra["model_identity"], self.store)
             write_manifests(job_plan, spec.output, self.store)
-            summary, n_units = job_plan.summary(), job_plan.n_shards
+            summary, n_units = {**job_plan.summary(), "carried": carried}, job_plan.n_shards
         job_id = new_job_id()
         spec_json = spec.model_dump_json()
         self.store.write(join(spec.output, JOB_SPEC_FILE), json.dumps({
-            "job_id": job_id, "spec": json.loads(spec_json), "plan": summary,
+            "job_id": job_id, "spec": json.loads(spec_json), "plan": summary, **extra,
             "vitbatch_version": __version__, "submitted_at": time.time(),
         }, indent=2).encode())
-        self.ledger.create(job_id, spec_json, spec.kind, spec.output, summary["items"], n_units)
+        self.ledger.create(job_id, spec_json, spec.kind, spec.output, summary["items"], n_units,
+                           carried=summary.get("carried", 0))
+        if n_units == 0:  # everything carried over: nothing to enqueue
+            finalize(job_id, self.ledger, self.store)
+            return job_id, summary
         try:
-            self.enqueue(job_id, range(n_units), spec.kind, self.queue_for(spec, n_units))
+            self.enqueue(job_id, range(n_units), spec.kind, lane or self.queue_for(spec, n_units))
         except Exception as e:
             # Shards already sent see a cancelled job and do nothing: no half-run job.
             self._safe_cancel(job_id, f"enqueue failed: {e}")

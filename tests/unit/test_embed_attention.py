@@ -1,7 +1,10 @@
 """embed and attention jobs in-process: plan -> manifests -> run_shard -> results readers, on the CPU.
 
-Four tiny models: the HF and timm ViTs of helpers_models (8x8 patch grid) and a wide
-32x48 input of each family (8x12 grid), so a swapped height and width shows up.
+Tiny models of both families, on a square 32x32 input (8x8 patch grid) and a wide 32x48
+input (8x12 grid, so a swapped height and width shows up). The timm ones are ViT-Tiny cut
+to 2 blocks (saved with their model_args) to keep the file fast on two cores; the bf16
+check also runs the 12-block ViT-Tiny of helpers_models, where rounding has more layers
+to accumulate over.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers_models import LABELS, TIMM_CROP_PCT, TIMM_MEAN, TIMM_STD
 from orchestrator.config import Settings
 from orchestrator.jobs import normalize_model_ref, parse_spec
 from orchestrator.planner import plan, write_manifests
@@ -41,9 +45,9 @@ class Expect:
 
 EXPECT = {
     "hf": Expect((8, 8), 32, 2, 2),
-    "timm": Expect((8, 8), 192, 12, 3),
+    "timm": Expect((8, 8), 48, 2, 3),
     "hf-wide": Expect((8, 12), 32, 2, 2),
-    "timm-wide": Expect((8, 12), 192, 12, 3),
+    "timm-wide": Expect((8, 12), 48, 2, 3),
 }
 
 
@@ -59,20 +63,24 @@ def build_wide_hf(directory: Path) -> Path:
     return directory
 
 
-def build_wide_timm(directory: Path) -> Path:
+def build_small_timm(directory: Path, img_size: tuple[int, int], seed: int) -> Path:
+    """ViT-Tiny with 2 blocks of width 48, and helpers_models' non-default preprocessing (crop_pct < 1)."""
     import timm
 
-    torch.manual_seed(4)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=(32, 48), patch_size=4)
-    timm.models.save_for_hf(model, directory, model_config={"label_names": list("abcde")}, safe_serialization=True)
+    torch.manual_seed(seed)
+    args = {"img_size": img_size, "patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 3, "num_classes": 5}
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args, pretrained_cfg_overlay={
+        "mean": TIMM_MEAN, "std": TIMM_STD, "crop_pct": TIMM_CROP_PCT, "interpolation": "bilinear"})
+    timm.models.save_for_hf(model, directory, model_config={"label_names": LABELS}, model_args=args,
+                            safe_serialization=True)
     return directory
 
 
 @pytest.fixture(scope="module")
-def model_dirs(hf_model_dir, timm_model_dir, tmp_path_factory) -> dict[str, Path]:
-    wide = tmp_path_factory.mktemp("wide-models")
-    return {"hf": hf_model_dir, "timm": timm_model_dir,
-            "hf-wide": build_wide_hf(wide / "hf"), "timm-wide": build_wide_timm(wide / "timm")}
+def model_dirs(hf_model_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {"hf": hf_model_dir, "timm": build_small_timm(root / "timm", (32, 32), seed=0),
+            "hf-wide": build_wide_hf(root / "hf-wide"), "timm-wide": build_small_timm(root / "timm-wide", (32, 48), seed=1)}
 
 
 def picture(index: int, width: int, height: int) -> Image.Image:
@@ -240,10 +248,11 @@ def test_embeddings_equal_a_direct_fp32_forward_pass_on_the_same_pixels(embed_jo
 
 
 # bf16 runs under CPU autocast over fp32 weights; fp16 autocast is CUDA-only here.
-@pytest.mark.parametrize("name", ["hf", "timm"])
-def test_bf16_embeddings_stay_within_cosine_0_999_of_fp32(name, ctx, inputs, model_dirs, tmp_path):
-    out = run_job(ctx, tmp_path / "out", "embed", inputs, model_dirs[name], pooling="cls,mean", precision="bf16")
-    reference = reference_embeddings(name, model_dirs[name], reference_pixels(model_dirs[name], GOOD, inputs))
+@pytest.mark.parametrize("name", ["hf", "timm", "timm-12-blocks"])
+def test_bf16_embeddings_stay_within_cosine_0_999_of_fp32(name, ctx, inputs, model_dirs, timm_model_dir, tmp_path):
+    model_dir = timm_model_dir if name == "timm-12-blocks" else model_dirs[name]
+    out = run_job(ctx, tmp_path / "out", "embed", inputs, model_dir, pooling="cls,mean", precision="bf16")
+    reference = reference_embeddings(name, model_dir, reference_pixels(model_dir, GOOD, inputs))
     for pooling in ("cls", "mean"):
         keys, stored = read_embeddings(out, pooling)
         assert keys == GOOD
@@ -341,6 +350,7 @@ def test_timm_shards_leave_no_attention_hooks_on_the_cached_model(inputs, model_
     out = run_job(ctx, tmp_path / "out", "attention", inputs, model_dirs["timm"], max_overlays=0)
     assert len(read_index(out)) == len(IMAGES)  # three shards ran on one cached model
     loaded = ctx.models.get(normalize_model_ref(str(model_dirs["timm"])), "cpu", "auto", attn="eager")
+    assert loaded.family == "timm" and len(loaded.module.blocks) == EXPECT["timm"].layers
     assert all(not block.attn.attn_drop._forward_hooks for block in loaded.module.blocks)
 
 

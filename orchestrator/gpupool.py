@@ -1,0 +1,72 @@
+"""`vitbatch worker --gpus all`: one solo worker process per visible GPU, each pinned with
+CUDA_VISIBLE_DEVICES and named after its GPU, supervised until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+from orchestrator.errors import VitbatchError
+
+RESTART_BACKOFF_S = 5.0
+
+
+def visible_gpus(spec: str) -> list[str]:
+    """'all' -> every GPU nvidia-smi lists (within CUDA_VISIBLE_DEVICES); '0,2' -> those; 'N' -> the first N."""
+    available = _listed_gpus()
+    if spec == "all":
+        chosen = available
+    elif spec.isdigit() and "," not in spec and len(spec) < 3 and int(spec) > 0 and spec not in available:
+        chosen = available[: int(spec)]
+    else:
+        chosen = [g.strip() for g in spec.split(",") if g.strip()]
+        missing = [g for g in chosen if g not in available]
+        if missing:
+            raise VitbatchError(f"GPU(s) {missing} are not visible; visible: {available}")
+    if not chosen:
+        raise VitbatchError("no GPUs visible (nvidia-smi lists none): run `vitbatch worker` without --gpus on a CPU host")
+    return chosen
+
+
+def _listed_gpus() -> list[str]:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip()]
+    if not shutil.which("nvidia-smi"):
+        return []
+    out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=30)
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
+
+
+def supervise(gpus: list[str], command_for) -> int:
+    """Run command_for(gpu) per GPU; restart a crashed one; forward SIGTERM/SIGINT (warm shutdown)."""
+    procs: dict[str, subprocess.Popen] = {}
+    stopping = {"flag": False}
+
+    def spawn(gpu: str) -> None:
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+        procs[gpu] = subprocess.Popen(command_for(gpu), env=env)
+
+    def stop(signum, _frame) -> None:
+        stopping["flag"] = True
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for gpu in gpus:
+        spawn(gpu)
+    while True:
+        time.sleep(1)
+        if stopping["flag"]:
+            return max((p.wait() for p in procs.values()), default=0)
+        for gpu, proc in list(procs.items()):
+            if proc.poll() is not None:
+                print(f"worker for GPU {gpu} exited with {proc.returncode}; restarting in {RESTART_BACKOFF_S} s", flush=True)
+                time.sleep(RESTART_BACKOFF_S)
+                spawn(gpu)

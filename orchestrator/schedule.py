@@ -1,0 +1,152 @@
+"""Scheduled jobs (nightly reclassification): a TOML file of cron entries run by Celery beat.
+
+    [[schedule]]
+    name = "nightly-products"
+    cron = "0 2 * * *"               # minute hour day-of-month month day-of-week
+    timezone = "Europe/Berlin"
+    incremental = true               # recompute only changed images (or everything after a model change)
+    [schedule.job]
+    kind = "classify"
+    input = "s3://bucket/products/"
+    output = "s3://bucket/nightly/products/"   # each run writes <output>/<run id>/
+    model = "alias:s3://bucket/models/latest"  # a pointer a finetune job (--alias) updates
+
+Beat only sends `vitbatch.scheduled_run(name, entry)` on time; a worker runs it, which
+plans (incrementally) and submits the job on the bulk lane, and records the run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import tomllib
+from datetime import datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from celery.schedules import crontab
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from orchestrator.constants import QUEUE_DEFAULT, SUCCESS_FILE, TASK_SCHEDULED_RUN, schedule_runs_key
+from orchestrator.errors import SpecError, StorageError
+from orchestrator.jobs import parse_spec
+from orchestrator.storage import join
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+class ZonedCrontab(crontab):
+    """A crontab evaluated in its own timezone (Celery's crontab uses the app's)."""
+
+    def __init__(self, expression: str, timezone: str) -> None:
+        minute, hour, day_of_month, month_of_year, day_of_week = expression.split()
+        super().__init__(minute, hour, day_of_week, day_of_month, month_of_year)
+        self.expression, self.timezone = expression, timezone
+        self.__dict__["tz"] = ZoneInfo(timezone)  # overrides the cached property
+
+    def __reduce__(self):
+        return self.__class__, (self.expression, self.timezone)
+
+
+class ScheduleEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Lowercase letters, digits and dashes; names the run history.")
+    cron: str = Field(description="Five-field cron expression: minute hour day-of-month month day-of-week.")
+    timezone: str = Field("UTC", description="IANA timezone the cron expression is read in.")
+    incremental: bool = Field(True, description="Carry unchanged items over from the previous committed run.")
+    job: dict = Field(description="A job spec (as for `vitbatch submit`); its output is the root of the runs.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"schedule name {value!r}: use lowercase letters, digits and dashes")
+        return value
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError(f"cron {value!r} needs five fields: minute hour day-of-month month day-of-week")
+        try:
+            ZonedCrontab(value, "UTC")
+        except (ValueError, IndexError) as e:
+            raise ValueError(f"cron {value!r}: {e}") from e
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as e:
+            raise ValueError(f"unknown timezone {value!r}") from e
+        return value
+
+    @field_validator("job")
+    @classmethod
+    def _job(cls, value: dict) -> dict:
+        parse_spec(value)  # refuse a bad spec when the file is loaded, not at 2 a.m.
+        return value
+
+    def crontab(self) -> ZonedCrontab:
+        return ZonedCrontab(self.cron, self.timezone)
+
+
+def load_schedules(path: str | Path) -> list[ScheduleEntry]:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise SpecError(f"schedule file {path}: {e}") from e
+    try:
+        entries = [ScheduleEntry(**raw) for raw in data.get("schedule", [])]
+    except (ValueError, TypeError, SpecError) as e:
+        raise SpecError(f"schedule file {path}: {e}") from e
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        raise SpecError(f"schedule file {path}: duplicate schedule names")
+    return entries
+
+
+def beat_schedule(entries: list[ScheduleEntry]) -> dict:
+    return {e.name: {"task": TASK_SCHEDULED_RUN, "schedule": e.crontab(), "args": [e.name, e.model_dump()],
+                     "options": {"queue": QUEUE_DEFAULT}} for e in entries}
+
+
+def start_run(client, entry: ScheduleEntry, now: float | None = None) -> dict:
+    """Submit one run of a schedule (incremental from the last succeeded run) and record it."""
+    now = now or time.time()
+    run_id = datetime.fromtimestamp(now, ZoneInfo(entry.timezone)).strftime("%Y%m%dT%H%M%S%z")
+    spec = parse_spec({**entry.job, "output": join(parse_spec(entry.job).output, run_id), "lane": "bulk"})
+    previous = last_succeeded(client, entry.name) if entry.incremental else None
+    job_id, summary = client.submit(spec, previous_output=previous["output"] if previous else None)
+    record = {"run_id": run_id, "job_id": job_id, "output": spec.output, "started_at": now,
+              "previous": previous["run_id"] if previous else None, "carried": summary.get("carried", 0),
+              "to_compute": summary["items"]}
+    client.ledger.r.lpush(schedule_runs_key(entry.name), json.dumps(record))
+    return record
+
+
+def runs(client, name: str, limit: int = 20) -> list[dict]:
+    """Past runs, newest first, with their state and _SUCCESS.json figures when finished."""
+    out = []
+    for raw in client.ledger.r.lrange(schedule_runs_key(name), 0, limit - 1):
+        record = json.loads(raw)
+        status = client.ledger.status(record["job_id"])
+        record.update(state=status.state.value, processed=status.done, errors=status.errors,
+                      images_per_s=round(status.images_per_s, 2))
+        try:
+            record["summary"] = json.loads(client.store.read(join(record["output"], SUCCESS_FILE)))
+        except StorageError:
+            pass
+        out.append(record)
+    return out
+
+
+def last_succeeded(client, name: str) -> dict | None:
+    for record in runs(client, name, limit=50):
+        if record["state"] == "succeeded":
+            return record
+    return None
