@@ -289,7 +289,7 @@ def worker(queues: str = typer.Option(DEFAULT_WORKER_QUEUES, help="Comma-separat
            concurrency: int = typer.Option(1, help="Processes (prefork) or threads; 1 per GPU."),
            pool: str = typer.Option("solo", help="solo (default, one per GPU), threads or prefork."),
            name: str = typer.Option("vitbatch", help="Worker name; the host is appended."),
-           gpus: str = typer.Option(None, help="'all', a count, or ids like 0,2: one worker process per GPU.")) -> None:
+           gpus: str = typer.Option(None, help="'all' or ids like 0,2: one worker process per GPU.")) -> None:
     """Start a worker in the foreground (same as `celery -A workers worker`)."""
     from orchestrator.embedded import worker_command
 

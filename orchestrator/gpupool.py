@@ -15,12 +15,10 @@ RESTART_BACKOFF_S = 5.0
 
 
 def visible_gpus(spec: str) -> list[str]:
-    """'all' -> every GPU nvidia-smi lists (within CUDA_VISIBLE_DEVICES); '0,2' -> those; 'N' -> the first N."""
+    """'all' -> every GPU nvidia-smi lists (or CUDA_VISIBLE_DEVICES names); '0,2' -> those ids."""
     available = _listed_gpus()
     if spec == "all":
         chosen = available
-    elif spec.isdigit() and "," not in spec and len(spec) < 3 and int(spec) > 0 and spec not in available:
-        chosen = available[: int(spec)]
     else:
         chosen = [g.strip() for g in spec.split(",") if g.strip()]
         missing = [g for g in chosen if g not in available]

@@ -93,8 +93,8 @@ def _from_prefix(prefix: str, store: ObjectStore) -> Iterator[Item]:
         infos: Iterable[ObjectInfo] = store.list(prefix)
         for info in infos:
             key = relative_key(prefix, info.uri)
-            if posixpath.basename(key).startswith("."):
-                continue  # hidden files and our own atomic-write temporaries
+            if any(part.startswith(".") for part in key.split("/")):
+                continue  # hidden files and folders (.ipynb_checkpoints), our atomic-write temporaries
             yield Item(key=key, uri=info.uri, size=info.size, etag=info.etag)
     except ObjectNotFound as e:
         raise SpecError(f"input {prefix} is unreadable: {e}") from e

@@ -32,6 +32,8 @@ def normalize_uri(location: str) -> str:
         if not parsed.netloc:
             raise StorageError(f"malformed S3 URI {location!r}: expected s3://bucket/prefix")
         return location
+    if location.startswith("s3:") and not location.startswith("s3://"):
+        raise StorageError(f"malformed S3 URI {location!r}: expected s3://bucket/prefix")
     if location.startswith("file://"):
         parsed = urlparse(location)
         if parsed.netloc not in ("", "localhost"):

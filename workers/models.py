@@ -133,9 +133,10 @@ def _load_hf(name: str, dtype: torch.dtype, attn: str) -> tuple[torch.nn.Module,
         module = AutoModelForImageClassification.from_pretrained(name, dtype=dtype, attn_implementation=attn)
         processor = AutoImageProcessor.from_pretrained(name)
     except OSError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(
-            f"model 'hf:{name}' not found locally and the hub is unreachable or has no such repo ({e}): "
-            "pass a local directory or s3:// URI"
+            f"model 'hf:{name}' not found locally and the hub is unreachable or has no such repo "
+            f"({first_line}): pass a local directory or s3:// URI"
         ) from e
     return module, _hf_preprocess(processor), {int(i): str(v) for i, v in module.config.id2label.items()}
 

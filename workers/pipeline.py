@@ -79,7 +79,8 @@ class ShardPipeline:
         t1 = time.perf_counter()
         prep = self.model.prep
         try:
-            height, width = self.model.input_size
+            # Draft to the size the first resize aims at (the shortest edge for crop models).
+            height, width = (prep.shortest_edge, prep.shortest_edge) if prep.shortest_edge else prep.size
             img = decode_rgb(data, max_pixels=self.max_pixels, draft_size=(width, height))
             pixels = resize_uint8(img, size=prep.size, resample=prep.resample,
                                   shortest_edge=prep.shortest_edge, crop=prep.crop)

@@ -26,6 +26,7 @@ class WorkerContext:
     """What a worker process holds for its whole life: settings, store, ledger, models."""
 
     settings: Settings
+    hostname: str = ""  # the Celery worker's name, recorded in commit markers
 
     @cached_property
     def store(self) -> ObjectStore:
@@ -66,6 +67,7 @@ def run_shard(spec: JobSpec, shard: int, ctx: WorkerContext, on_progress: Progre
     times = pipeline.run(items, head, on_progress)
     t0 = time.perf_counter()
     parts = head.parts()
-    summary = {"rows": len(head.rows), "errors": head.errors, "model_fingerprint": head.model.fingerprint}
+    summary = {"rows": len(head.rows), "errors": head.errors, "model_fingerprint": head.model.fingerprint,
+               "worker": ctx.hostname}
     times.write_s = time.perf_counter() - t0
     return commit_shard(ctx.store, spec.output, shard, parts, {**summary, "stats": times.to_json()})

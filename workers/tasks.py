@@ -41,6 +41,7 @@ def _settle(ctx: WorkerContext, job_id: str, all_settled: bool, fingerprint: str
 
 def _execute(task: Task, job_id: str, shard: int, work: Callable[[object, WorkerContext], dict]) -> dict:
     ctx = context()
+    ctx.hostname = task.request.hostname or ""
     try:
         if ctx.ledger.state(job_id).terminal:
             return {"shard": shard, "skipped": "job is no longer running"}
