@@ -138,10 +138,10 @@ def _load_hf(name: str, dtype: torch.dtype, attn: str) -> tuple[torch.nn.Module,
             f"model 'hf:{name}' not found locally and the hub is unreachable or has no such repo "
             f"({first_line}): pass a local directory or s3:// URI"
         ) from e
-    return module, _hf_preprocess(processor), {int(i): str(v) for i, v in module.config.id2label.items()}
+    return module, hf_preprocess(processor), {int(i): str(v) for i, v in module.config.id2label.items()}
 
 
-def _hf_preprocess(processor) -> Preprocess:
+def hf_preprocess(processor) -> Preprocess:
     size = processor.size
     resample = int(getattr(processor, "resample", Image.BILINEAR))
     mean = tuple(processor.image_mean) if getattr(processor, "do_normalize", True) else (0.0, 0.0, 0.0)
@@ -162,18 +162,25 @@ def _load_timm(name: str, allow_pickle: bool) -> tuple[torch.nn.Module, Preproce
         module = timm.create_model(name, pretrained=True)
     except (RuntimeError, OSError, ValueError) as e:
         raise ModelLoadError(f"model 'timm:{name}' cannot be loaded ({e}): pass a local directory or s3:// URI") from e
-    config = timm.data.resolve_model_data_config(module)
-    height, width = config["input_size"][1:]
-    resample = _RESAMPLE.get(config.get("interpolation", "bicubic"), Image.BICUBIC)
-    crop_pct = float(config.get("crop_pct") or 1.0)
-    edge = int(height / crop_pct) if config.get("crop_mode", "center") == "center" else height
-    prep = Preprocess((height, width), resample, tuple(config["mean"]), tuple(config["std"]),
-                      shortest_edge=edge, crop=(height, width))
+    prep = timm_preprocess(module)
     names = module.pretrained_cfg.get("label_names")
     if not names and module.num_classes == 1000:
         names = timm.data.ImageNetInfo().label_names()
     id2label = {i: (names[i] if names else str(i)) for i in range(module.num_classes)}
     return module, prep, id2label
+
+
+def timm_preprocess(module: torch.nn.Module) -> Preprocess:
+    """timm's eval transform (resize the short side to size / crop_pct, center crop) as a Preprocess."""
+    import timm
+
+    config = timm.data.resolve_model_data_config(module)
+    height, width = config["input_size"][1:]
+    resample = _RESAMPLE.get(config.get("interpolation", "bicubic"), Image.BICUBIC)
+    crop_pct = float(config.get("crop_pct") or 1.0)
+    edge = int(height / crop_pct) if config.get("crop_mode", "center") == "center" else height
+    return Preprocess((height, width), resample, tuple(config["mean"]), tuple(config["std"]),
+                      shortest_edge=edge, crop=(height, width))
 
 
 def fingerprint(module: torch.nn.Module, prep: Preprocess) -> str:

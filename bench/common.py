@@ -1,0 +1,77 @@
+"""Shared bench fixtures: real photos as 500x375 JPEGs, and ViTs built locally (no hub)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def write_photo_jpegs(dest: Path, n: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> list[Path]:
+    """n distinct 500x375 JPEGs cut from scikit-learn's two sample photos (real images, shipped offline)."""
+    from sklearn.datasets import load_sample_images
+
+    dest.mkdir(parents=True, exist_ok=True)
+    existing = sorted(dest.glob("*.jpg"))
+    if len(existing) >= n:
+        return existing[:n]
+    photos = [Image.fromarray(a) for a in load_sample_images().images]  # 427x640 each
+    rng = random.Random(seed)
+    paths = []
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        scale = rng.uniform(0.55, 0.95)
+        w, h = int(photo.width * scale), int(photo.height * scale)
+        left, top = rng.randint(0, photo.width - w), rng.randint(0, photo.height - h)
+        crop = photo.crop((left, top, left + w, top + h)).resize(size, Image.BILINEAR)
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        path = dest / f"img-{i:06d}.jpg"
+        crop.save(path, quality=rng.randint(80, 95))
+        paths.append(path)
+    return paths
+
+
+def build_hf_vit(dest: Path, *, hidden: int, layers: int, heads: int, image_size: int = 224, patch: int = 16,
+                 num_labels: int = 1000, seed: int = 0) -> Path:
+    """A randomly initialized HF ViT with its image processor (ViT-Tiny/16: 192, 12, 3)."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    if (dest / "config.json").exists():
+        return dest
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=image_size, patch_size=patch, hidden_size=hidden, num_hidden_layers=layers,
+                       num_attention_heads=heads, intermediate_size=4 * hidden, num_labels=num_labels,
+                       id2label={i: f"class-{i}" for i in range(num_labels)},
+                       label2id={f"class-{i}": i for i in range(num_labels)})
+    ViTForImageClassification(config).save_pretrained(dest)
+    ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(dest)
+    return dest
+
+
+@contextmanager
+def timed(label: str, results: dict):
+    start = time.perf_counter()
+    yield
+    results[label] = time.perf_counter() - start
+
+
+def report(name: str, figures: dict) -> None:
+    """Print one JSON line per benchmark so RESULTS.md can quote it verbatim."""
+    print(json.dumps({"bench": name, "cpus": os.cpu_count(), **figures}, default=float))
+
+
+def bench_dir() -> Path:
+    return Path(os.environ.get("VITBATCH_BENCH_DIR", Path.home() / ".cache" / "vitbatch" / "bench"))
+
+
+def top2_margin(probs: np.ndarray) -> np.ndarray:
+    top = np.sort(probs, axis=-1)[:, -2:]
+    return top[:, 1] - top[:, 0]

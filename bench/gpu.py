@@ -1,0 +1,89 @@
+"""For a lent H100: ViT-B/16 fp16 model-only vs end-to-end images/s on 500x375 JPEGs read from
+the local store, with the plain "image processor + model" loop as the baseline, in one run.
+
+    python bench/gpu.py [--n 8192] [--batch-size 256]
+
+Goal: end to end at least 7,000 img/s. Prints one JSON line; copy it to bench/RESULTS.md
+with the card, the date and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bench.common import bench_dir, build_hf_vit, report, write_photo_jpegs
+
+
+def model_only(model_dir, batch_size: int, steps: int = 30) -> float:
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(model_dir, dtype=torch.float16,
+                                                            attn_implementation="sdpa").cuda().eval()
+    x = torch.randn(batch_size, 3, 224, 224, device="cuda", dtype=torch.float16)
+    with torch.inference_mode():
+        for _ in range(5):
+            model(pixel_values=x)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            model(pixel_values=x)
+        torch.cuda.synchronize()
+    return batch_size * steps / (time.perf_counter() - start)
+
+
+def plain_loop(model_dir, paths, batch_size: int) -> float:
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageClassification.from_pretrained(model_dir, dtype=torch.float16).cuda().eval()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(paths), batch_size):
+            images = [Image.open(p).convert("RGB") for p in paths[i:i + batch_size]]
+            inputs = processor(images, return_tensors="pt").to("cuda", torch.float16)
+            model(**inputs).logits.argmax(-1).cpu()
+    return len(paths) / (time.perf_counter() - start)
+
+
+def end_to_end(model_dir, image_dir, n: int, batch_size: int, compile: bool) -> tuple[float, dict]:
+    from orchestrator.config import Settings
+    from orchestrator.jobs import parse_spec
+    from orchestrator.planner import plan, write_manifests
+    from workers.runner import WorkerContext, make_head, run_shard
+
+    ctx = WorkerContext(Settings())
+    spec = parse_spec({"kind": "classify", "input": str(image_dir), "output": str(bench_dir() / "out-gpu"),
+                       "model": str(model_dir), "shard_size": n, "batch_size": batch_size, "precision": "fp16",
+                       "device": "cuda", "compile": compile, "read_concurrency": 32})
+    write_manifests(plan(spec.input, spec.shard_size, ctx.store), spec.output, ctx.store)
+    make_head(spec, 0, ctx)
+    start = time.perf_counter()
+    marker = run_shard(spec, 0, ctx)
+    return n / (time.perf_counter() - start), marker["stats"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=8192)
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args()
+    root = bench_dir()
+    image_dir = root / f"jpegs-500x375-{args.n}"
+    paths = write_photo_jpegs(image_dir, args.n)
+    model_dir = build_hf_vit(root / "vit-base-16-224", hidden=768, layers=12, heads=12)
+    figures = {"device": torch.cuda.get_device_name(0), "images": args.n, "batch_size": args.batch_size}
+    figures["model_only_img_s"] = round(model_only(model_dir, args.batch_size), 1)
+    figures["plain_loop_img_s"] = round(plain_loop(model_dir, paths[:2048], args.batch_size), 1)
+    rate, stats = end_to_end(model_dir, image_dir, args.n, args.batch_size, compile=False)
+    figures["vitbatch_img_s"], figures["vitbatch_stages"] = round(rate, 1), stats
+    figures["vitbatch_vs_plain"] = round(rate / figures["plain_loop_img_s"], 2)
+    figures["vitbatch_vs_model_only"] = round(rate / figures["model_only_img_s"], 3)
+    report("gpu", figures)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""embed and attention throughput as ratios to classify, same model and images, in one run.
+
+    python bench/heads.py [--n 500]
+
+Target: embed within 10% of classify. attention pays for eager attention (SDPA returns
+no weights) plus rollout and overlays (capped with --max-overlays in the job).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from bench.common import bench_dir, build_hf_vit, report, write_photo_jpegs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=500)
+    args = parser.parse_args()
+    from orchestrator.config import Settings
+    from orchestrator.jobs import parse_spec
+    from orchestrator.planner import plan, write_manifests
+    from workers.runner import WorkerContext, make_head, run_shard
+
+    root = bench_dir()
+    image_dir = root / f"jpegs-500x375-{args.n}"
+    write_photo_jpegs(image_dir, args.n)
+    model = build_hf_vit(root / "vit-tiny-16-224", hidden=192, layers=12, heads=3)
+    ctx = WorkerContext(Settings())
+    kinds = {"classify": {}, "embed": {"pooling": "cls,mean"}, "attention": {"max_overlays": 0}}
+    seconds = {}
+    for kind, extra in kinds.items():
+        spec = parse_spec({"kind": kind, "input": str(image_dir), "output": str(root / f"out-heads-{kind}"),
+                           "model": str(model), "shard_size": args.n, **extra})
+        write_manifests(plan(spec.input, spec.shard_size, ctx.store), spec.output, ctx.store)
+        make_head(spec, 0, ctx)  # load (and cache) the model outside the timing
+        start = time.perf_counter()
+        run_shard(spec, 0, ctx)
+        seconds[kind] = time.perf_counter() - start
+    report("heads", {"images": args.n, **{f"{k}_img_s": round(args.n / s, 1) for k, s in seconds.items()},
+                     "embed_vs_classify": round(seconds["classify"] / seconds["embed"], 3),
+                     "attention_vs_classify": round(seconds["classify"] / seconds["attention"], 3)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Labeled images for finetune and evaluate: ImageFolder prefixes and key,label manifests.
+
+Nothing here reads image bytes (the control plane never imports torch); bad images
+are found by the worker that decodes them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import posixpath
+import random
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from orchestrator.errors import ObjectNotFound, SpecError, UnsafeKey
+from orchestrator.planner import is_image_key
+from orchestrator.storage import ObjectStore, join, relative_key
+
+MANIFEST_SUFFIXES = (".csv", ".jsonl")
+
+
+@dataclass(frozen=True)
+class LabeledItem:
+    """One labeled image: `key` is what reports show, `uri` where to read it."""
+
+    key: str
+    uri: str
+    label: str
+
+
+def load_labeled(uri: str, store: ObjectStore) -> list[LabeledItem]:
+    """Items of an ImageFolder prefix or a .csv/.jsonl manifest, sorted by key; SpecError when unusable."""
+    suffix = posixpath.splitext(uri.rstrip("/").lower())[1]
+    if suffix in MANIFEST_SUFFIXES:
+        items = _from_manifest(uri, store, suffix)
+    else:
+        items = _from_folders(uri, store)
+    if not items:
+        raise SpecError(f"no labeled images in {uri}")
+    labels = class_names(items)
+    if len(labels) < 2:
+        raise SpecError(f"{uri} has {len(labels)} class ({', '.join(labels)}): a classifier needs at least 2")
+    return sorted(items, key=lambda item: item.key)
+
+
+def class_names(items: list[LabeledItem]) -> list[str]:
+    """Sorted label names; a label's position is its id (as torchvision's ImageFolder numbers them)."""
+    return sorted({item.label for item in items})
+
+
+def _from_folders(prefix: str, store: ObjectStore) -> list[LabeledItem]:
+    """One folder per class directly under the prefix; images nested deeper keep their class."""
+    items, folders = [], set()
+    try:
+        for info in store.list(prefix):
+            key = relative_key(prefix, info.uri)
+            if "/" not in key or posixpath.basename(key).startswith("."):
+                continue  # files at the root are not in a class; dot files are temporaries
+            label = key.split("/", 1)[0]
+            folders.add(label)
+            if is_image_key(key):
+                items.append(LabeledItem(key=key, uri=info.uri, label=label))
+    except ObjectNotFound as e:
+        raise SpecError(f"input {prefix} does not exist ({e})") from e
+    empty = sorted(folders - {item.label for item in items})
+    if items and empty:
+        raise SpecError(f"class {empty[0]!r} has no images under {join(prefix, empty[0])}"
+                        + (f" (nor do {', '.join(empty[1:])})" if len(empty) > 1 else ""))
+    return items
+
+
+def _from_manifest(uri: str, store: ObjectStore, suffix: str) -> list[LabeledItem]:
+    if not store.exists(uri):
+        raise SpecError(f"labels file {uri} does not exist")
+    text = store.read(uri).decode("utf-8-sig")
+    base = uri.rsplit("/", 1)[0]
+    rows = _csv_rows(text, uri) if suffix == ".csv" else _jsonl_rows(text, uri)
+    items, seen = [], {}
+    for line, key, label in rows:
+        if not key:
+            raise SpecError(f"{uri} line {line}: the row has no key")
+        if not label:
+            raise SpecError(f"{uri} line {line}: key {key!r} has no label")
+        if key in seen:
+            raise SpecError(f"{uri} line {line}: key {key!r} already appeared on line {seen[key]}")
+        seen[key] = line
+        try:
+            items.append(LabeledItem(key=key, uri=join(base, key), label=label))
+        except UnsafeKey as e:
+            raise SpecError(f"{uri} line {line}: key {key!r} escapes the manifest's folder") from e
+    return items
+
+
+def _csv_rows(text: str, uri: str) -> Iterator[tuple[int, str, str]]:
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames or not {"key", "label"} <= {name.strip() for name in reader.fieldnames}:
+        raise SpecError(f"{uri}: the first line must be the header key,label (found {reader.fieldnames})")
+    for row in reader:
+        row = {(name or "").strip(): value for name, value in row.items()}
+        if not any((value or "").strip() for value in row.values() if isinstance(value, str)):
+            continue  # blank line
+        yield reader.line_num, (row.get("key") or "").strip(), (row.get("label") or "").strip()
+
+
+def _jsonl_rows(text: str, uri: str) -> Iterator[tuple[int, str, str]]:
+    for line, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except ValueError as e:
+            raise SpecError(f"{uri} line {line}: not a JSON object ({e})") from e
+        if not isinstance(obj, dict):
+            raise SpecError(f"{uri} line {line}: expected an object with 'key' and 'label'")
+        label = obj.get("label")
+        # Integer class ids are common in manifests; they name classes like folder names do.
+        yield line, str(obj.get("key") or "").strip(), "" if label is None else str(label).strip()
+
+
+def stratified_split(items: list[LabeledItem], val_split: float,
+                     seed: int) -> tuple[list[LabeledItem], list[LabeledItem]]:
+    """(train, val): the same share of every class in val, the same split for the same seed.
+
+    Each class shuffles with its own seeded generator, so adding a class does not
+    reshuffle the others. A class with 2+ items gives at least one to val (and keeps one).
+    """
+    by_label: dict[str, list[LabeledItem]] = defaultdict(list)
+    for item in sorted(items, key=lambda item: item.key):
+        by_label[item.label].append(item)
+    train, val = [], []
+    for label in sorted(by_label):
+        group = by_label[label]
+        random.Random(f"{seed}/{label}").shuffle(group)
+        n_val = round(len(group) * val_split)
+        if val_split > 0 and len(group) >= 2:
+            n_val = min(max(n_val, 1), len(group) - 1)
+        val.extend(group[:n_val])
+        train.extend(group[n_val:])
+    return sorted(train, key=lambda item: item.key), sorted(val, key=lambda item: item.key)
+
+
+def check_val_labels(train_labels: set[str], val: list[LabeledItem]) -> None:
+    """SpecError when validation has classes the model will not be trained on."""
+    unknown = sorted({item.label for item in val} - set(train_labels))
+    if unknown:
+        raise SpecError(
+            f"validation labels not in the training data: {', '.join(unknown)} "
+            f"(training has {', '.join(sorted(train_labels))})"
+        )
