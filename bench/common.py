@@ -39,8 +39,12 @@ def write_photo_jpegs(dest: Path, n: int, size: tuple[int, int] = (500, 375), se
 
 
 def build_hf_vit(dest: Path, *, hidden: int, layers: int, heads: int, image_size: int = 224, patch: int = 16,
-                 num_labels: int = 1000, seed: int = 0) -> Path:
-    """A randomly initialized HF ViT with its image processor (ViT-Tiny/16: 192, 12, 3)."""
+                 num_labels: int = 10, seed: int = 0) -> Path:
+    """A randomly initialized HF ViT with its image processor (ViT-Tiny/16: 192, 12, 3).
+
+    The classifier is scaled up so that random weights still give decisive top-1 margins
+    on many images (with the default init every image is a near-tie and agreement is noise).
+    """
     import torch
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
@@ -51,7 +55,10 @@ def build_hf_vit(dest: Path, *, hidden: int, layers: int, heads: int, image_size
                        num_attention_heads=heads, intermediate_size=4 * hidden, num_labels=num_labels,
                        id2label={i: f"class-{i}" for i in range(num_labels)},
                        label2id={f"class-{i}": i for i in range(num_labels)})
-    ViTForImageClassification(config).save_pretrained(dest)
+    model = ViTForImageClassification(config)
+    with torch.no_grad():
+        model.classifier.weight.mul_(50.0)
+    model.save_pretrained(dest)
     ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(dest)
     return dest
 

@@ -117,7 +117,8 @@ def _check_weights(path: Path, allow_pickle: bool) -> None:
         )
 
 
-def _family(ref: str, path: Path | None) -> str:
+def model_family(ref: str, path: Path | None) -> str:
+    """The family, hf or timm: from the reference's scheme, else from the directory's config.json."""
     if ref.startswith("timm:"):
         return "timm"
     if ref.startswith("hf:"):
@@ -202,7 +203,7 @@ def load(ref: str, device: str = "auto", precision: str = "auto", *, attn: str =
     path = local_model_dir(ref, store, settings)
     if path is not None:
         _check_weights(path, allow_pickle)
-    family = _family(ref, path)
+    family = model_family(ref, path)
     name = str(path) if path is not None else ref.split(":", 1)[1]
     if family == "hf":
         module, prep, id2label = _load_hf(name, torch.float32, attn)

@@ -1,0 +1,166 @@
+"""One chaos test's private world (its Redis, settings, client, killable workers, CLI) and the
+exactly-once check every fault test ends with."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import redis
+from kombu.exceptions import OperationalError
+
+from orchestrator.config import Settings
+from orchestrator.constants import commit_name, shard_attempts_key, shard_done_key
+from orchestrator.embedded import ALL_QUEUES, RedisServer, worker_command
+from orchestrator.jobs import parse_spec
+from orchestrator.ledger import JobStatus, ShardState
+from orchestrator.results import committed_parts, read_table
+from orchestrator.storage import ObjectStore, join
+from orchestrator.submit import Client
+
+ROOT = Path(__file__).resolve().parents[2]
+REDIS_DOWN = (redis.RedisError, OperationalError, ConnectionError)
+
+
+def via(proxy) -> dict[str, str]:
+    """Worker environment that sends its S3 traffic through `proxy` (a FaultyS3)."""
+    return {"VITBATCH_S3_ENDPOINT_URL": proxy.url}
+
+
+class ChaosWorkers:
+    """Real `celery -A workers worker` processes bound to one test's Redis; killable."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, app) -> None:
+        self.env, self.log_dir, self.app = env, log_dir, app
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, pool: str = "solo", wait: bool = True, env: dict[str, str] | None = None):
+        log = open(self.log_dir / f"{name}.log", "ab")
+        proc = subprocess.Popen(worker_command(name, queues=ALL_QUEUES, pool=pool), env={**self.env, **(env or {})},
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        if wait:
+            self.wait_ready(name)
+        return proc
+
+    def wait_ready(self, name: str, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.procs[name].poll() is not None:
+                raise RuntimeError(f"worker {name} exited: {self.log(name)[-3000:]}")
+            replies = self.app.control.ping(timeout=0.5) or []
+            if any(name in key for reply in replies for key in reply):
+                return
+        raise RuntimeError(f"worker {name} not ready after {timeout_s} s: {self.log(name)[-3000:]}")
+
+    def log(self, name: str) -> str:
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")
+
+    def logs(self) -> str:
+        return "".join(path.read_text(errors="replace") for path in sorted(self.log_dir.glob("*.log")))
+
+    def pool_children(self, name: str) -> list[int]:
+        return [child.pid for child in psutil.Process(self.procs[name].pid).children()]
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        os.killpg(self.procs[name].pid, sig)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # the test is over; nothing left to protect
+            proc.wait()
+
+
+@dataclass
+class Stack:
+    redis: RedisServer
+    settings: Settings
+    env: dict[str, str]
+    client: Client
+    workers: ChaosWorkers
+    output: str
+    model: Path
+    submitted: list[str] = field(default_factory=list)
+
+    @property
+    def store(self) -> ObjectStore:
+        return self.client.store
+
+    def spec(self, input_uri: str, **overrides):
+        return parse_spec({"kind": "classify", "input": input_uri, "output": self.output, "model": str(self.model),
+                           "batch_size": 4, "shard_size": 100, **overrides})
+
+    def submit(self, input_uri: str, **overrides) -> str:
+        job_id, _ = self.client.submit(self.spec(input_uri, **overrides))
+        self.submitted.append(job_id)
+        return job_id
+
+    def cli(self, args: list[str], timeout_s: float = 120, env: dict[str, str] | None = None):
+        """`vitbatch ARGS` in its own process, against this test's Redis."""
+        return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env={**self.env, **(env or {})},
+                              cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+
+    def attempts(self, job_id: str) -> dict[int, int]:
+        return {int(i): int(n) for i, n in self.client.ledger.r.hgetall(shard_attempts_key(job_id)).items()}
+
+    def running_shard(self, job_id: str, timeout_s: float = 120) -> int:
+        """The first shard the ledger shows running with some items done and no commit marker yet."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            done = self.client.ledger.r.hgetall(shard_done_key(job_id))
+            for shard, state in sorted(self.client.ledger.shard_states(job_id).items()):
+                if state is ShardState.RUNNING and int(done.get(str(shard), 0)) > 0 and not self.store.exists(
+                        join(self.output, commit_name(shard))):
+                    return shard
+            time.sleep(0.05)
+        raise TimeoutError(f"no shard of {job_id} was seen running within {timeout_s} s")
+
+    def wait(self, job_id: str, timeout_s: float = 180) -> JobStatus:
+        """client.wait (which also reconciles), riding out Redis being down or dropping connections."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.client.wait(job_id, poll_s=0.25, timeout_s=max(1.0, deadline - time.monotonic()))
+            except REDIS_DOWN:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+
+def assert_exactly_once(output_uri: str, expected_keys, store: ObjectStore) -> None:
+    """Every accepted input key is in the committed output exactly once, with a result or a reason.
+
+    Each committed part must also be byte for byte the part its marker describes, so a duplicate
+    delivery that rewrote a part after the marker was written cannot pass unnoticed.
+    """
+    for uri in committed_parts(output_uri, store):
+        data = store.read(uri)
+        shard = int(uri.rsplit("part-", 1)[1].split(".")[0])
+        recorded = json.loads(store.read(join(output_uri, commit_name(shard))))["parts"][uri.rsplit("/", 1)[1]]
+        assert recorded["sha256"] == hashlib.sha256(data).hexdigest(), f"{uri} is not the part its marker names"
+        pq.read_table(io.BytesIO(data))
+    table = read_table(output_uri, store)
+    counts = Counter(table.column("key").to_pylist())
+    expected = set(expected_keys)
+    missing = sorted(expected - counts.keys())
+    unexpected = sorted(counts.keys() - expected)
+    duplicated = {key: n for key, n in counts.items() if n > 1}
+    assert not missing, f"{len(missing)} input keys have no output row, e.g. {missing[:5]}"
+    assert not unexpected, f"{len(unexpected)} output keys were never input, e.g. {unexpected[:5]}"
+    assert not duplicated, f"{len(duplicated)} keys appear more than once, e.g. {list(duplicated.items())[:5]}"
+    for row in table.to_pylist():
+        has_result = row["error"] is None and row["label"] is not None
+        has_reason = bool(row["error"]) and row["label"] is None
+        assert has_result or has_reason, f"row {row['key']} has neither a result nor an error reason: {row}"

@@ -1,0 +1,76 @@
+"""Redis crashes, restarts from its append-only file, drops connections, or is down at submit."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+from chaos_stack import assert_exactly_once, via
+
+from orchestrator.ledger import JobState
+
+pytestmark = pytest.mark.chaos
+
+
+def test_redis_killed_mid_job_and_restarted_from_its_append_only_file(stack, slow_s3, digits):
+    worker = stack.workers.start("w", env=via(slow_s3))
+    job_id = stack.submit(digits.s3_prefix, read_concurrency=1)
+    stack.running_shard(job_id)
+    stack.redis.kill()
+    time.sleep(3)  # long enough for the worker's heartbeats, progress and broker connection to fail
+    stack.redis.start()
+    status = stack.wait(job_id)
+
+    assert status.state is JobState.SUCCEEDED, status
+    assert worker.poll() is None, "the worker reconnected instead of dying"
+    assert_exactly_once(stack.output, digits.keys, stack.store)
+
+
+class ConnectionKiller(threading.Thread):
+    """`CLIENT KILL TYPE normal` every `every_s` until stopped: each client's connections drop."""
+
+    def __init__(self, server, every_s: float = 0.7) -> None:
+        super().__init__(name="client-killer", daemon=True)
+        self.admin = redis.Redis(host="127.0.0.1", port=server.port, password=server.password)
+        self.every_s, self.rounds, self.dropped = every_s, 0, 0
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every_s):
+            self.dropped += self.admin.client_kill_filter(_type="normal", skipme=True)
+            self.rounds += 1
+
+    def __enter__(self) -> ConnectionKiller:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.join()
+
+
+def test_redis_dropping_every_client_connection_again_and_again(stack, slow_s3, digits):
+    worker = stack.workers.start("w", env=via(slow_s3))
+    job_id = stack.submit(digits.s3_prefix, read_concurrency=1)
+    stack.running_shard(job_id)
+    with ConnectionKiller(stack.redis) as killer:
+        status = stack.wait(job_id)
+
+    assert killer.rounds >= 3 and killer.dropped >= killer.rounds, (killer.rounds, killer.dropped)
+    assert status.state is JobState.SUCCEEDED, status
+    assert worker.poll() is None
+    assert_exactly_once(stack.output, digits.keys, stack.store)
+
+
+def test_submitting_while_redis_is_down_fails_fast_and_leaves_nothing_behind(stack, digits):
+    stack.redis.kill()
+    result = stack.cli(["submit", "classify", "--input", digits.s3_prefix, "--output", stack.output,
+                        "--model", str(stack.model), "--shard-size", "50"], timeout_s=60)
+
+    assert result.returncode != 0
+    assert "Redis" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert list(stack.store.list(stack.output)) == [], "nothing was written under the output prefix"
+    stack.redis.start()
+    assert stack.client.ledger.r.dbsize() == 0, "nothing was enqueued or recorded"

@@ -1,0 +1,26 @@
+"""S3 answers 500, 503 SlowDown, resets connections and cuts bodies short; no row is lost or doubled."""
+
+from __future__ import annotations
+
+import pytest
+from chaos_stack import assert_exactly_once, via
+from faulty_s3 import FAULTS, FaultyS3
+
+from orchestrator.ledger import JobState
+from orchestrator.results import read_table
+
+pytestmark = pytest.mark.chaos
+
+
+def test_transient_s3_faults_are_retried_without_failing_a_shard_or_an_image(stack, s3_endpoint, digits):
+    with FaultyS3(s3_endpoint, fail_every=4) as flaky:  # every 4th object read fails, each fault in turn
+        stack.workers.start("w", env=via(flaky))
+        job_id = stack.submit(digits.s3_prefix, read_concurrency=4, shard_size=50)
+        status = stack.wait(job_id)
+
+    assert set(flaky.injected) == set(FAULTS) and min(flaky.injected.values()) >= 5, flaky.injected
+    assert status.state is JobState.SUCCEEDED, status
+    assert set(stack.attempts(job_id).values()) == {1}, "every shard committed on its first delivery"
+    errors = [e for e in read_table(stack.output, stack.store).column("error").to_pylist() if e]
+    assert errors == [], f"transient faults became error rows: {errors[:3]}"
+    assert_exactly_once(stack.output, digits.keys, stack.store)
