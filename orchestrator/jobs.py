@@ -46,6 +46,14 @@ def normalize_model_ref(ref: str) -> str:
     return normalize_uri(ref.rstrip("/"))
 
 
+def _checked_uri(value: str) -> str:
+    """normalize_uri for validators: pydantic reports ValueError as a field error."""
+    try:
+        return normalize_uri(value)
+    except StorageError as e:
+        raise ValueError(str(e)) from e
+
+
 class JobBase(BaseModel):
     """Options every inference job shares."""
 
@@ -74,10 +82,7 @@ class JobBase(BaseModel):
     @field_validator("input", "output")
     @classmethod
     def _uri(cls, value: str) -> str:
-        try:
-            return normalize_uri(value)
-        except StorageError as e:
-            raise ValueError(str(e)) from e
+        return _checked_uri(value)
 
     @field_validator("model")
     @classmethod
@@ -149,10 +154,7 @@ class TrainBase(BaseModel):
     @field_validator("output")
     @classmethod
     def _uri(cls, value: str) -> str:
-        try:
-            return normalize_uri(value)
-        except StorageError as e:
-            raise ValueError(str(e)) from e
+        return _checked_uri(value)
 
 
 class FinetuneSpec(TrainBase):
@@ -184,12 +186,7 @@ class FinetuneSpec(TrainBase):
     @field_validator("train", "val", "alias")
     @classmethod
     def _data_uri(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            return normalize_uri(value)
-        except StorageError as e:
-            raise ValueError(str(e)) from e
+        return None if value is None else _checked_uri(value)
 
     @field_validator("model")
     @classmethod
@@ -226,10 +223,7 @@ class EvaluateSpec(TrainBase):
     @field_validator("input")
     @classmethod
     def _input(cls, value: str) -> str:
-        try:
-            return normalize_uri(value)
-        except StorageError as e:
-            raise ValueError(str(e)) from e
+        return _checked_uri(value)
 
     @field_validator("model")
     @classmethod
