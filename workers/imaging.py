@@ -154,6 +154,7 @@ def resize_uint8(
     resample: int,
     shortest_edge: int | None = None,
     crop: tuple[int, int] | None = None,
+    cover: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Resize an RGB image to an HxWx3 uint8 array; sizes are (height, width).
 
@@ -163,7 +164,9 @@ def resize_uint8(
     """
     if img.mode != "RGB":
         raise ValueError(f"resize_uint8 needs an RGB image, got mode {img.mode}: use decode_rgb")
-    if shortest_edge is None:
+    if cover is not None:  # timm's ResizeKeepRatio for non-square inputs: cover (h, w), then crop
+        out = _center_crop(_resize_cover(img, cover, resample), crop or size)
+    elif shortest_edge is None:
         out = img.resize((size[1], size[0]), resample=resample)
     else:
         out = _center_crop(_resize_shortest(img, shortest_edge, resample), crop or size)
@@ -177,6 +180,11 @@ def _resize_shortest(img: Image.Image, shortest_edge: int, resample: int) -> Ima
     if width <= height:
         return img.resize((shortest_edge, new_long), resample=resample)
     return img.resize((new_long, shortest_edge), resample=resample)
+
+
+def _resize_cover(img: Image.Image, cover: tuple[int, int], resample: int) -> Image.Image:
+    ratio = min(img.height / cover[0], img.width / cover[1])
+    return img.resize((round(img.width / ratio), round(img.height / ratio)), resample=resample)
 
 
 def _center_crop(img: Image.Image, crop: tuple[int, int]) -> Image.Image:

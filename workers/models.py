@@ -7,6 +7,7 @@ timm's data config); nothing here assumes 224 pixels or ImageNet statistics.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import threading
 from collections import OrderedDict
@@ -37,11 +38,12 @@ class Preprocess:
     std: tuple[float, float, float]
     shortest_edge: int | None = None
     crop: tuple[int, int] | None = None
+    cover: tuple[int, int] | None = None  # non-square timm models: scale to cover this, then crop
 
     def to_json(self) -> dict:
         return {"size": list(self.size), "resample": self.resample, "mean": list(self.mean),
                 "std": list(self.std), "shortest_edge": self.shortest_edge,
-                "crop": list(self.crop) if self.crop else None}
+                "crop": list(self.crop) if self.crop else None, "cover": list(self.cover) if self.cover else None}
 
 
 @dataclass
@@ -179,9 +181,13 @@ def timm_preprocess(module: torch.nn.Module) -> Preprocess:
     height, width = config["input_size"][1:]
     resample = _RESAMPLE.get(config.get("interpolation", "bicubic"), Image.BICUBIC)
     crop_pct = float(config.get("crop_pct") or 1.0)
-    edge = int(height / crop_pct) if config.get("crop_mode", "center") == "center" else height
+    # As timm's eval transform: Resize(floor(size / crop_pct)) then CenterCrop(size); for
+    # non-square inputs, ResizeKeepRatio to cover the scaled size instead of a shortest edge.
+    edge, cover = int(height / crop_pct), None
+    if height != width:
+        cover = (math.floor(height / crop_pct), math.floor(width / crop_pct))
     return Preprocess((height, width), resample, tuple(config["mean"]), tuple(config["std"]),
-                      shortest_edge=edge, crop=(height, width))
+                      shortest_edge=edge, crop=(height, width), cover=cover)
 
 
 def fingerprint(module: torch.nn.Module, prep: Preprocess) -> str:

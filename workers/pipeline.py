@@ -80,10 +80,10 @@ class ShardPipeline:
         prep = self.model.prep
         try:
             # Draft to the size the first resize aims at (the shortest edge for crop models).
-            height, width = (prep.shortest_edge, prep.shortest_edge) if prep.shortest_edge else prep.size
+            height, width = prep.cover or ((prep.shortest_edge,) * 2 if prep.shortest_edge else prep.size)
             img = decode_rgb(data, max_pixels=self.max_pixels, draft_size=(width, height))
             pixels = resize_uint8(img, size=prep.size, resample=prep.resample,
-                                  shortest_edge=prep.shortest_edge, crop=prep.crop)
+                                  shortest_edge=prep.shortest_edge, crop=prep.crop, cover=prep.cover)
         except BadImage as e:
             return Decoded(item, None, e.reason, t1 - t0, time.perf_counter() - t1)
         preview = img if keep_preview else None
