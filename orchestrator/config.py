@@ -25,6 +25,7 @@ class Settings(BaseSettings):
         description="Seconds before Redis redelivers an unacknowledged shard; must exceed task_time_limit_s.",
     )
     max_object_bytes: int = Field(64 * 1024 * 1024, description="Objects larger than this are error rows.")
+    max_tar_bytes: int = Field(4 * 1024**3, description="A .tar input shard larger than this is refused (read whole).")
     max_pixels: int = Field(50_000_000, description="Decoded images larger than this are error rows.")
     max_attempts: int = Field(3, description="Deliveries of one shard before it is quarantined.")
     interactive_max_shards: int = Field(

@@ -56,6 +56,11 @@ def shard_heartbeat_key(job_id: str) -> str:
     return f"vitbatch:job:{job_id}:heartbeat"
 
 
+def shard_items_key(job_id: str) -> str:
+    """Hash: shard index -> images found in a .tar shard."""
+    return f"vitbatch:job:{job_id}:tar_items"
+
+
 def shard_stats_key(job_id: str) -> str:
     """Hash: shard index -> json stats of the committed shard (seconds per stage, images/s)."""
     return f"vitbatch:job:{job_id}:stats"

@@ -153,6 +153,10 @@ class Ledger:
     def queue(self, job_id: str) -> str:
         return self.r.hget(k.job_key(job_id), "queue") or k.QUEUE_DEFAULT
 
+    def shard_items(self, job_id: str, shard: int, n_items: int) -> None:
+        """Items found inside a .tar shard (unknown when the job was planned)."""
+        self.r.hset(k.shard_items_key(job_id), str(shard), n_items)
+
     def set_total(self, job_id: str, n_items: int) -> None:
         self.r.hset(k.job_key(job_id), "n_items", n_items)
 
@@ -232,7 +236,8 @@ class Ledger:
         pipe.hvals(k.shard_done_key(job_id))
         pipe.hvals(k.shard_errors_key(job_id))
         pipe.hgetall(k.shard_reason_key(job_id))
-        job, states, done, errors, reasons = pipe.execute()
+        pipe.hvals(k.shard_items_key(job_id))
+        job, states, done, errors, reasons, tar_items = pipe.execute()
         if not job:
             raise JobNotFound(f"no job {job_id!r} in Redis; check the id and VITBATCH_BROKER_URL")
         counts = {s.value: 0 for s in ShardState}
@@ -240,7 +245,7 @@ class Ledger:
             counts[s] += 1
         return JobStatus(
             job_id=job_id, kind=job.get("kind", ""), state=JobState(job["state"]), output=job["output"],
-            n_items=int(job["n_items"]), n_shards=int(job["n_shards"]),
+            n_items=int(job["n_items"]) + sum(int(x) for x in tar_items), n_shards=int(job["n_shards"]),
             done=sum(int(x) for x in done), errors=sum(int(x) for x in errors), shards=counts,
             failed_shards={int(i): r for i, r in reasons.items()}, reason=job.get("reason", ""),
             requeued=int(job.get("requeued") or 0), carried=int(job.get("carried") or 0),

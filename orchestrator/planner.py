@@ -28,9 +28,11 @@ class Item:
     uri: str
     size: int = -1
     etag: str = ""
+    tar: bool = False  # a webdataset-style .tar whose image members the worker expands
 
     def to_line(self) -> str:
-        return json.dumps({"key": self.key, "uri": self.uri, "size": self.size, "etag": self.etag})
+        line = {"key": self.key, "uri": self.uri, "size": self.size, "etag": self.etag}
+        return json.dumps({**line, "tar": True} if self.tar else line)
 
     @classmethod
     def from_line(cls, line: str) -> Item:
@@ -43,18 +45,23 @@ class Plan:
     shard_size: int
     ignored: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
+    tars: list[Item] = field(default_factory=list)
 
     @property
     def n_shards(self) -> int:
-        return -(-len(self.items) // self.shard_size)
+        return -(-len(self.items) // self.shard_size) + len(self.tars)
 
     def shards(self) -> Iterator[tuple[int, list[Item]]]:
-        for index in range(self.n_shards):
+        """Image shards of shard_size, then one shard per .tar (one object read for all its images)."""
+        n_image_shards = -(-len(self.items) // self.shard_size)
+        for index in range(n_image_shards):
             yield index, self.items[index * self.shard_size:(index + 1) * self.shard_size]
+        for offset, tar in enumerate(self.tars):
+            yield n_image_shards + offset, [tar]
 
     def summary(self) -> dict:
         return {
-            "items": len(self.items), "shards": self.n_shards,
+            "items": len(self.items), "shards": self.n_shards, "tar_shards": len(self.tars),
             "ignored_non_images": len(self.ignored), "ignored_examples": self.ignored[:10],
             "duplicate_keys": len(self.duplicates), "duplicate_examples": self.duplicates[:10],
         }
@@ -71,21 +78,24 @@ def plan(input_uri: str, shard_size: int, store: ObjectStore) -> Plan:
         candidates = _from_manifest(input_uri, store)
     else:
         candidates = _from_prefix(input_uri, store)
-    items, ignored, duplicates, seen = [], [], [], set()
+    items, ignored, duplicates, tars, seen = [], [], [], [], set()
     for item in candidates:
         if item.key in seen:
             duplicates.append(item.key)  # first occurrence wins: deterministic
+        elif item.key.lower().endswith(".tar"):
+            seen.add(item.key)
+            tars.append(Item(item.key, item.uri, item.size, item.etag, tar=True))
         elif not is_image_key(item.key):
             ignored.append(item.key)
         else:
             seen.add(item.key)
             items.append(item)
-    if not items:
+    if not items and not tars:
         raise SpecError(
-            f"no image files under {input_uri} (looked for {', '.join(sorted(IMAGE_SUFFIXES))};"
+            f"no image files under {input_uri} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} and .tar;"
             f" {len(ignored)} other files ignored)"
         )
-    return Plan(items=items, shard_size=shard_size, ignored=ignored, duplicates=duplicates)
+    return Plan(items=items, shard_size=shard_size, ignored=ignored, duplicates=duplicates, tars=tars)
 
 
 def _from_prefix(prefix: str, store: ObjectStore) -> Iterator[Item]:

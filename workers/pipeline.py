@@ -61,8 +61,9 @@ class StageTimes:
 
 class ShardPipeline:
     def __init__(self, model: LoadedModel, store: ObjectStore, *, batch_size: int, read_concurrency: int,
-                 max_bytes: int, max_pixels: int) -> None:
+                 max_bytes: int, max_pixels: int, blobs: dict[str, bytes | str] | None = None) -> None:
         self.model, self.store = model, store
+        self.blobs = blobs or {}  # tar members already in memory: uri -> bytes, or why they were not read
         self.batch_size, self.read_concurrency = batch_size, read_concurrency
         self.max_bytes, self.max_pixels = max_bytes, max_pixels
         prep = model.prep
@@ -73,9 +74,11 @@ class ShardPipeline:
     def _load(self, item: Item, keep_preview: bool = False) -> Decoded:
         t0 = time.perf_counter()
         try:
-            data = self.store.read(item.uri, max_bytes=self.max_bytes)
+            data = self.blobs.pop(item.uri) if item.uri in self.blobs else self.store.read(item.uri, max_bytes=self.max_bytes)
         except (ObjectNotFound, ObjectTooLarge) as e:
             return Decoded(item, None, str(e), read_s=time.perf_counter() - t0)
+        if isinstance(data, str):
+            return Decoded(item, None, data, read_s=time.perf_counter() - t0)
         t1 = time.perf_counter()
         prep = self.model.prep
         try:

@@ -10,12 +10,13 @@ from functools import cached_property
 from orchestrator.config import Settings
 from orchestrator.jobs import JobSpec
 from orchestrator.ledger import Ledger
-from orchestrator.planner import read_manifest
+from orchestrator.planner import Item, read_manifest
 from orchestrator.storage import ObjectStore
 from workers.attention import AttentionHead
 from workers.heads import ClassifyHead, EmbedHead
 from workers.models import ModelCache
 from workers.pipeline import ShardPipeline
+from workers.tarshards import expand
 from workers.writers import commit_shard
 
 ProgressFn = Callable[[int, int], None]
@@ -56,13 +57,31 @@ def make_head(spec: JobSpec, shard: int, ctx: WorkerContext):
     return ClassifyHead(model, shard, spec.top_k)
 
 
-def run_shard(spec: JobSpec, shard: int, ctx: WorkerContext, on_progress: ProgressFn | None = None) -> dict:
+def expand_tars(items: list[Item], ctx: WorkerContext) -> tuple[list[Item], dict[str, bytes | str]]:
+    """Replace .tar items by their image members, read in one go."""
+    if not any(item.tar for item in items):
+        return items, {}
+    out, blobs = [], {}
+    for item in items:
+        if not item.tar:
+            out.append(item)
+            continue
+        members, member_blobs = expand(item, ctx.store, ctx.settings.max_tar_bytes, ctx.settings.max_object_bytes)
+        out += members
+        blobs.update(member_blobs)
+    return out, blobs
+
+
+def run_shard(spec: JobSpec, shard: int, ctx: WorkerContext, on_progress: ProgressFn | None = None,
+              job_id: str = "") -> dict:
     """Compute one shard and commit it; returns the commit marker."""
-    items = read_manifest(spec.output, shard, ctx.store)
+    items, blobs = expand_tars(read_manifest(spec.output, shard, ctx.store), ctx)
+    if blobs and job_id:  # the job's total grows by what the tars hold
+        ctx.ledger.shard_items(job_id, shard, len(items))
     head = make_head(spec, shard, ctx)
     pipeline = ShardPipeline(
         head.model, ctx.store, batch_size=spec.batch_size, read_concurrency=spec.read_concurrency,
-        max_bytes=ctx.settings.max_object_bytes, max_pixels=ctx.settings.max_pixels,
+        max_bytes=ctx.settings.max_object_bytes, max_pixels=ctx.settings.max_pixels, blobs=blobs,
     )
     times = pipeline.run(items, head, on_progress)
     t0 = time.perf_counter()

@@ -84,7 +84,7 @@ def _quarantine(ctx: WorkerContext, job_id: str, shard: int, attempts: int) -> d
 @app.task(name=TASK_RUN_SHARD, bind=True, acks_late=True, reject_on_worker_lost=True)
 def run_shard(self: Task, job_id: str, shard: int) -> dict:
     return _execute(self, job_id, shard, lambda spec, ctx: run_shard_fn(
-        spec, shard, ctx, progress_reporter(self, ctx, job_id, shard)))
+        spec, shard, ctx, progress_reporter(self, ctx, job_id, shard), job_id=job_id))
 
 
 @app.task(name=TASK_FINETUNE, bind=True, acks_late=True, reject_on_worker_lost=True, queue=QUEUE_TRAIN)
