@@ -19,6 +19,7 @@ from rich.table import Table
 from orchestrator.config import Settings
 from orchestrator.errors import VitbatchError
 from orchestrator.jobs import JOB_KINDS, SPEC_CLASSES, parse_spec
+from orchestrator.finalize import stage_seconds
 from orchestrator.ledger import JobState, JobStatus
 
 DEFAULT_WORKER_QUEUES = "vitbatch-interactive,vitbatch"
@@ -153,12 +154,17 @@ for _kind in JOB_KINDS:
 @app.command()
 def status(job_id: str, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Show a job's state and totals."""
-    job = _client().status(job_id)
+    client = _client()
+    job = client.status(job_id)
+    stages = stage_seconds(client.ledger.shard_stats(job_id))
     if as_json:
-        console.print_json(json.dumps(job.to_json()))
+        console.print_json(json.dumps({**job.to_json(), "stage_seconds": stages}))
     else:
         _report(job)
         console.print(f"shards: {job.shards}")
+        if stages:
+            console.print("seconds per stage (summed over committed shards): "
+                          + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in stages.items()))
 
 
 @app.command()

@@ -13,17 +13,22 @@ from orchestrator.storage import ObjectStore, join
 FAILURES_FILE = "_FAILURES.json"
 
 
+def stage_seconds(shard_stats: dict[int, dict]) -> dict[str, float]:
+    """read/decode/compute/write seconds summed over shards (read and decode are thread-seconds)."""
+    totals: dict[str, float] = {}
+    for stats in shard_stats.values():
+        for name, value in stats.items():
+            if name.endswith("_s") and isinstance(value, (int, float)):
+                totals[name] = round(totals.get(name, 0.0) + value, 4)
+    return totals
+
+
 def finalize(job_id: str, ledger: Ledger, store: ObjectStore, model_fingerprint: str = "") -> JobState:
     """Idempotent: two workers finishing the last shards at once write the same summary."""
     status = ledger.status(job_id)
     if status.state in (JobState.CANCELLED, JobState.FAILED):
         return status.state
-    stats = ledger.shard_stats(job_id)
-    stage_totals: dict[str, float] = {}
-    for shard_stats in stats.values():
-        for name, value in shard_stats.items():
-            if name.endswith("_s"):
-                stage_totals[name] = round(stage_totals.get(name, 0.0) + value, 4)
+    stage_totals = stage_seconds(ledger.shard_stats(job_id))
     finished = time.time()
     wall_s = finished - status.created_at
     summary = {

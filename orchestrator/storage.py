@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -166,6 +167,21 @@ class ObjectStore:
             raise ObjectNotFound(f"{uri} does not exist") from e
 
     def _read_s3(self, uri: str, max_bytes: int | None) -> bytes:
+        # boto3 retries a request that fails, but not a body that breaks off after the headers
+        # (a reset or a short read mid-stream): for those the whole GET is made again.
+        from botocore.exceptions import HTTPClientError, IncompleteReadError
+
+        attempt = 1
+        while True:
+            try:
+                return self._get_s3(uri, max_bytes)
+            except (HTTPClientError, IncompleteReadError) as e:
+                if attempt >= self.settings.s3_max_attempts:
+                    raise StorageError(f"cannot read {uri}: the body broke off {attempt} times ({e})") from e
+            time.sleep(min(0.1 * 2 ** attempt, 2.0))
+            attempt += 1
+
+    def _get_s3(self, uri: str, max_bytes: int | None) -> bytes:
         bucket, key = _s3_split(uri)
         try:
             response = self._s3.get_object(Bucket=bucket, Key=key)
