@@ -23,6 +23,7 @@ from orchestrator.finalize import stage_seconds
 from orchestrator.ledger import JobState, JobStatus
 
 DEFAULT_WORKER_QUEUES = "vitbatch-interactive,vitbatch"
+DEFAULT_FLOWER_PASSWORD = Settings.model_fields["flower_password"].default
 app = typer.Typer(help="Dataset-scale Vision Transformer jobs on Celery + Redis.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 submit_app = typer.Typer(help="Validate, plan and enqueue a job; print its id.", no_args_is_help=True)
@@ -320,6 +321,9 @@ def flower(port: int = typer.Option(5555, help="HTTP port."),
     settings = Settings()
     if not settings.broker_url:
         raise VitbatchError("set VITBATCH_BROKER_URL to the Redis the workers use")
+    if address not in ("127.0.0.1", "localhost") and settings.flower_password == DEFAULT_FLOWER_PASSWORD:
+        raise VitbatchError("refusing to serve Flower beyond localhost with the default password: "
+                            "set VITBATCH_FLOWER_PASSWORD")
     cmd = flower_command(settings.broker_url, port, settings.flower_user, settings.flower_password, address)
     os.execv(cmd[0], cmd)
 
@@ -327,9 +331,14 @@ def flower(port: int = typer.Option(5555, help="HTTP port."),
 @app.command()
 def up(workers: int = typer.Option(1, help="Local worker processes.")) -> None:
     """Run the embedded stack (Redis, workers, Flower) in the foreground until Ctrl-C."""
+    import secrets
+
     from orchestrator.embedded import EmbeddedStack
 
-    with EmbeddedStack(workers=workers, flower=True) as stack:
+    settings = Settings()
+    if settings.flower_password == DEFAULT_FLOWER_PASSWORD:
+        settings = settings.model_copy(update={"flower_password": secrets.token_urlsafe(12)})
+    with EmbeddedStack(workers=workers, flower=True, settings=settings) as stack:
         s = stack.settings
         console.print(f"export VITBATCH_BROKER_URL='{s.broker_url}'")
         console.print(f"Flower: {stack.flower_url} (user {s.flower_user}, password {s.flower_password})")
