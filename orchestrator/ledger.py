@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from orchestrator import constants as k
 from orchestrator.errors import BrokerUnavailable, JobNotFound
@@ -76,18 +78,25 @@ def connect(url: str) -> redis.Redis:
 
 
 class Ledger:
-    def __init__(self, client: redis.Redis) -> None:
-        self.r = client
+    def __init__(self, client: redis.Redis, url: str | None = None) -> None:
+        self.r, self.url = client, url
 
     @classmethod
     def from_url(cls, url: str) -> Ledger:
-        return cls(connect(url))
+        return cls(connect(url), url)
 
-    def ping(self) -> None:
+    def ping(self, timeout_s: float = 5.0) -> None:
+        # A probe with a short timeout and no retries: the ledger's own client waits 30 s a try,
+        # so a hung (not dead) Redis would make `submit` sit silent for a minute.
+        probe = self.r if self.url is None else redis.Redis.from_url(
+            self.url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
         try:
-            self.r.ping()
+            probe.ping()
         except redis.RedisError as e:
             raise BrokerUnavailable(f"Redis is unreachable ({e}); nothing was enqueued") from e
+        finally:
+            if probe is not self.r:
+                probe.close()
 
     # -- producer side ---------------------------------------------------------------------
     def create(self, job_id: str, spec_json: str, kind: str, output: str, n_items: int, n_shards: int,

@@ -175,9 +175,10 @@ def _load_timm(name: str, allow_pickle: bool) -> tuple[torch.nn.Module, Preproce
 
 def timm_preprocess(module: torch.nn.Module) -> Preprocess:
     """timm's eval transform (resize the short side to size / crop_pct, center crop) as a Preprocess."""
-    import timm
+    from timm.data.model_config import resolve_input_data_config
 
-    config = timm.data.resolve_model_data_config(module)
+    # The input size the model has now (img_size=32 overrides its source cfg's 224), as save_for_hf exports it.
+    config = resolve_input_data_config(module)
     height, width = config["input_size"][1:]
     resample = _RESAMPLE.get(config.get("interpolation", "bicubic"), Image.BICUBIC)
     crop_pct = float(config.get("crop_pct") or 1.0)

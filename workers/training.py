@@ -3,44 +3,38 @@
 Both families train through transformers' Trainer. A timm model is wrapped in
 `TimmForTraining` (forward(pixel_values, labels) -> {"loss", "logits"}), so HF and
 timm share one path for mixed precision, the LR schedule, checkpoints and resume
-(optimizer, scheduler, RNG and the data position); a hand-written loop would have
-to re-implement each of those, and resume is where such loops go wrong.
+(optimizer, scheduler, RNG and the data position). A hand-written loop would have
+to re-implement each of those; Trainer needed one fix instead (HF weights were not
+really restored on resume: see checkpoints.ResumableTrainer).
 
-Checkpoints: Trainer writes checkpoint-N to a local temp dir; `UploadCheckpoints`
-copies it to <output>/checkpoints/step-N/ and then writes _COMMITTED.json, so only
-whole checkpoints count. A redelivered task (fresh process, fresh temp dir)
-downloads the newest committed one and resumes from it. Old checkpoints stay in
-the store: ObjectStore has no delete.
+Checkpoints and resume live in workers/checkpoints.py, the Dataset and transforms
+in workers/datasets.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from orchestrator.errors import ObjectNotFound, ObjectTooLarge, SpecError
+from orchestrator.errors import SpecError
 from orchestrator.jobs import FinetuneSpec, normalize_model_ref
-from orchestrator.labels import LabeledItem, check_val_labels, class_names, load_labeled, stratified_split
-from orchestrator.storage import ObjectStore, join, relative_key
+from orchestrator.labels import check_val_labels, class_names, load_labeled, stratified_split
+from orchestrator.storage import ObjectStore, join
 from workers import models
-from workers.errors import BadImage, ModelLoadError, TrainingDiverged
-from workers.imaging import decode_rgb, resize_uint8
+from workers.checkpoints import ResumableTrainer, UploadCheckpoints, all_finite, restore
+from workers.datasets import LabeledImages, screen, transforms
+from workers.errors import ModelLoadError, TrainingDiverged
 from workers.runner import WorkerContext
-
-_COMMITTED = "_COMMITTED.json"
-_STEP_DIR = re.compile(r"step-(\d{8})/" + re.escape(_COMMITTED))
 
 
 class TimmForTraining(torch.nn.Module):
@@ -56,67 +50,6 @@ class TimmForTraining(torch.nn.Module):
         if labels is not None:
             out["loss"] = torch.nn.functional.cross_entropy(logits.float(), labels)
         return out
-
-
-class LabeledImages(torch.utils.data.Dataset):
-    """Reads and decodes each image when Trainer asks for it; only screened items come here."""
-
-    def __init__(self, items: list[LabeledItem], label_ids: dict[str, int], ctx: WorkerContext, transform) -> None:
-        self.items, self.label_ids, self.ctx, self.transform = items, label_ids, ctx, transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict:
-        item = self.items[index]
-        return {"pixel_values": self.transform(_decode(item, self.ctx)), "labels": self.label_ids[item.label]}
-
-
-def _decode(item: LabeledItem, ctx: WorkerContext):
-    data = ctx.store.read(item.uri, max_bytes=ctx.settings.max_object_bytes)
-    return decode_rgb(data, max_pixels=ctx.settings.max_pixels)
-
-
-def screen(items: list[LabeledItem], ctx: WorkerContext) -> tuple[list[LabeledItem], list[dict]]:
-    """(decodable items, [{key, reason}] of the rest): one decode pass, so training never meets a bad image."""
-
-    def check(item: LabeledItem) -> str | None:
-        try:
-            _decode(item, ctx)
-        except (BadImage, ObjectNotFound, ObjectTooLarge) as e:
-            return getattr(e, "reason", None) or str(e)
-        return None
-
-    with ThreadPoolExecutor(8, thread_name_prefix="vitbatch-screen") as pool:
-        reasons = list(pool.map(check, items))
-    good = [item for item, reason in zip(items, reasons) if reason is None]
-    return good, [{"key": item.key, "reason": r} for item, r in zip(items, reasons) if r is not None]
-
-
-_INTERPOLATION = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-
-
-def transforms(prep: models.Preprocess, augment: str):
-    """(train, eval) PIL -> tensor; eval is exactly the inference pipeline's resize and normalize."""
-    from torchvision import transforms as T
-
-    mean, std = torch.tensor(prep.mean).view(3, 1, 1) * 255, torch.tensor(prep.std).view(3, 1, 1) * 255
-
-    def evaluate(img) -> torch.Tensor:
-        pixels = resize_uint8(img, size=prep.size, resample=prep.resample, shortest_edge=prep.shortest_edge,
-                              crop=prep.crop)
-        return (torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() - mean) / std  # PIL arrays are read-only
-
-    size, interpolation = prep.crop or prep.size, _INTERPOLATION.get(prep.resample, "bilinear")
-    if augment == "none":
-        return evaluate, evaluate
-    if augment == "basic":
-        return T.Compose([T.RandomResizedCrop(size, scale=(0.8, 1.0), interpolation=T.InterpolationMode(interpolation)),
-                          T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(prep.mean, prep.std)]), evaluate
-    from timm.data import create_transform
-
-    return create_transform((3, *size), is_training=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25,
-                            mean=prep.mean, std=prep.std, interpolation=interpolation), evaluate
 
 
 @dataclass
@@ -174,18 +107,14 @@ def freeze_backbone(built: Built) -> None:
 
 def _precision(precision: str, device: torch.device) -> dict:
     if precision == "auto":
-        # Measured here (2-core AVX2 EPYC, no AMX): bf16 autocast trains the demo ViT
-        # 2-4x slower than fp32, so CPUs get bf16 only where AMX does bf16 matmuls natively.
+        # Measured on a 2-core AVX2 EPYC (no AVX512-BF16, no AMX): bf16 autocast trained the
+        # demo ViT about 10x slower than fp32, so CPUs get bf16 only where AMX runs it natively.
         fast_bf16 = (torch.cuda.is_bf16_supported() if device.type == "cuda"
                      else torch.cpu._is_amx_tile_supported())
         precision = "bf16" if fast_bf16 else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise SpecError("fp16 training needs a CUDA device: use --precision bf16 or fp32 on CPU workers")
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
-
-
-def _all_finite(module: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
 
 
 class StopOnDivergence(TrainerCallback):
@@ -229,47 +158,6 @@ class ReportProgress(TrainerCallback):
                      "val_accuracy": (metrics or {}).get("eval_accuracy")})
 
 
-class UploadCheckpoints(TrainerCallback):
-    """Copies each local checkpoint to the store; its _COMMITTED.json goes last."""
-
-    def __init__(self, store: ObjectStore, output: str, spec_json: dict) -> None:
-        self.store, self.output, self.spec_json = store, output, spec_json
-
-    def on_save(self, args, state, control, model=None, **kwargs):
-        if model is not None and not _all_finite(model):
-            raise TrainingDiverged(f"weights became NaN or inf by step {state.global_step}; lower --lr")
-        local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
-        prefix = join(self.output, "checkpoints", f"step-{state.global_step:08d}")
-        for rel in files:
-            self.store.write(join(prefix, rel), (local / rel).read_bytes())
-        marker = {"step": state.global_step, "files": files, "spec": self.spec_json, "committed_at": time.time()}
-        self.store.write(join(prefix, _COMMITTED), json.dumps(marker, indent=2).encode())
-
-
-def latest_checkpoint(store: ObjectStore, output: str) -> tuple[int, dict] | None:
-    """(step, marker) of the newest committed checkpoint under <output>/checkpoints, or None."""
-    prefix = join(output, "checkpoints")
-    try:
-        keys = [relative_key(prefix, info.uri) for info in store.list(prefix)]
-    except ObjectNotFound:
-        return None
-    steps = [int(m[1]) for m in map(_STEP_DIR.fullmatch, keys) if m]
-    if not steps:
-        return None
-    step = max(steps)
-    return step, json.loads(store.read(join(prefix, f"step-{step:08d}", _COMMITTED)))
-
-
-def download_checkpoint(store: ObjectStore, output: str, step: int, marker: dict, dest: Path) -> Path:
-    prefix = join(output, "checkpoints", f"step-{step:08d}")
-    for rel in marker["files"]:
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(store.read(join(prefix, rel)))
-    return dest
-
-
 def _split(spec: FinetuneSpec, store: ObjectStore):
     items = load_labeled(spec.train, store)
     if spec.val is not None:
@@ -300,18 +188,8 @@ def _accuracy(prediction) -> dict:
     return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
 
 
-def _resume(spec: FinetuneSpec, store: ObjectStore, out_dir: Path) -> tuple[int, str | None]:
-    found = latest_checkpoint(store, spec.output)
-    if found is None:
-        return 0, None
-    step, marker = found
-    if marker.get("spec") != spec.model_dump(mode="json"):
-        raise SpecError(f"{spec.output} holds checkpoints of a different finetune spec: use a new --output")
-    return step, str(download_checkpoint(store, spec.output, step, marker, out_dir / f"checkpoint-{step}"))
-
-
 def save_model(built: Built, names: list[str], dest: Path) -> Path:
-    if not _all_finite(built.model):
+    if not all_finite(built.model):
         raise TrainingDiverged("the trained weights hold NaN or inf; lower --lr")
     if built.family == "hf":
         built.model.save_pretrained(dest)
@@ -384,10 +262,10 @@ def finetune(spec: FinetuneSpec, job_id: str, ctx: WorkerContext, report: Callab
     label_ids = {name: i for i, name in enumerate(names)}
     with tempfile.TemporaryDirectory(prefix=f"vitbatch-finetune-{job_id}-") as tmp:
         out_dir = Path(tmp) / "trainer"
-        resumed_from, checkpoint = _resume(spec, ctx.store, out_dir)
+        resumed_from, checkpoint = restore(spec, ctx.store, out_dir)
         total = round(spec.epochs * len(train_items))
         progress = ReportProgress(report, len(train_items), total)
-        trainer = Trainer(
+        trainer = ResumableTrainer(
             model=built.model, args=_arguments(spec, out_dir, device, bool(val_items)),
             train_dataset=LabeledImages(train_items, label_ids, ctx, train_tf),
             eval_dataset=LabeledImages(val_items, label_ids, ctx, eval_tf) if val_items else None,

@@ -46,9 +46,10 @@ class ChaosWorkers:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, pool: str = "solo", wait: bool = True, env: dict[str, str] | None = None):
-        log = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen(worker_command(name, queues=ALL_QUEUES, pool=pool), env={**self.env, **(env or {})},
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(worker_command(name, queues=ALL_QUEUES, pool=pool),
+                                    env={**self.env, **(env or {})}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         self.procs[name] = proc
         if wait:
             self.wait_ready(name)
@@ -137,6 +138,10 @@ class Stack:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+
+
+def explain(status: JobStatus) -> str:
+    return f"job {status.state.value}: failed shards {status.failed_shards}, reason {status.reason!r}"
 
 
 def assert_exactly_once(output_uri: str, expected_keys, store: ObjectStore) -> None:

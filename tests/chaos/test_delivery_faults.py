@@ -7,7 +7,7 @@ import re
 import time
 
 import pytest
-from chaos_stack import assert_exactly_once, via
+from chaos_stack import assert_exactly_once, explain, via
 
 from orchestrator.constants import TASK_RUN_SHARD, commit_name, manifest_name
 from orchestrator.ledger import JobState
@@ -36,7 +36,7 @@ def test_one_shard_delivered_to_two_workers_at_once_is_written_once(stack, slow_
 
     assert _finished_deliveries(stack, 0) == 2, stack.workers.logs()[-3000:]
     assert stack.attempts(job_id) == {0: 2}, "both deliveries computed the shard side by side"
-    assert status.state is JobState.SUCCEEDED, status
+    assert status.state is JobState.SUCCEEDED, explain(status)
     assert status.done == len(digits.keys), "counters are set per shard, not added per delivery"
     assert_exactly_once(stack.output, digits.keys, stack.store)
 
@@ -49,7 +49,7 @@ def test_a_poison_shard_is_quarantined_and_retry_reruns_only_it(stack, digits):
     stack.workers.start("w")
     status = stack.wait(job_id)
 
-    assert status.state is JobState.FINISHED_WITH_FAILURES, status
+    assert status.state is JobState.FINISHED_WITH_FAILURES, explain(status)
     shown = stack.cli(["status", job_id, "--json"])
     assert shown.returncode == 0, shown.stderr
     report = json.loads(shown.stdout)
@@ -65,7 +65,7 @@ def test_a_poison_shard_is_quarantined_and_retry_reruns_only_it(stack, digits):
     assert retried.returncode == 0 and "[1]" in retried.stdout, retried.stdout + retried.stderr
     status = stack.wait(job_id)
 
-    assert status.state is JobState.SUCCEEDED, status
+    assert status.state is JobState.SUCCEEDED, explain(status)
     assert status.failed_shards == {}
     assert {i: stack.store.read(join(stack.output, commit_name(i))) for i in (0, 2, 3)} == healthy, \
         "the healthy shards were not run again"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from chaos_stack import assert_exactly_once, via
+from chaos_stack import assert_exactly_once, explain, via
 from faulty_s3 import FAULTS, FaultyS3
 
 from orchestrator.ledger import JobState
@@ -19,7 +19,7 @@ def test_transient_s3_faults_are_retried_without_failing_a_shard_or_an_image(sta
         status = stack.wait(job_id)
 
     assert set(flaky.injected) == set(FAULTS) and min(flaky.injected.values()) >= 5, flaky.injected
-    assert status.state is JobState.SUCCEEDED, status
+    assert status.state is JobState.SUCCEEDED, explain(status)
     assert set(stack.attempts(job_id).values()) == {1}, "every shard committed on its first delivery"
     errors = [e for e in read_table(stack.output, stack.store).column("error").to_pylist() if e]
     assert errors == [], f"transient faults became error rows: {errors[:3]}"

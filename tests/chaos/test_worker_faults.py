@@ -7,7 +7,7 @@ import time
 
 import psutil
 import pytest
-from chaos_stack import assert_exactly_once, via
+from chaos_stack import assert_exactly_once, explain, via
 
 from orchestrator.constants import commit_name
 from orchestrator.ledger import JobState
@@ -36,7 +36,7 @@ def test_a_sigkilled_pool_process_gives_its_shard_back_to_the_same_worker(stack,
     psutil.Process(child).send_signal(signal.SIGKILL)
     status = _wait_without_reconciler(stack, job_id)
 
-    assert status.state is JobState.SUCCEEDED, status
+    assert status.state is JobState.SUCCEEDED, explain(status)
     assert parent.poll() is None, "the worker itself survives losing its pool process"
     assert child not in stack.workers.pool_children("prefork"), "the killed pool process was replaced"
     assert stack.attempts(job_id)[shard] >= 2, "the killed shard was delivered again"
@@ -53,7 +53,7 @@ def test_a_sigkilled_solo_worker_is_replaced_and_the_reconciler_requeues_its_sha
     stack.workers.start("successor", env=via(slow_s3), wait=False)
     status = stack.wait(job_id)
 
-    assert status.state is JobState.SUCCEEDED, status
+    assert status.state is JobState.SUCCEEDED, explain(status)
     assert status.requeued >= 1, "the silent shard was re-enqueued by the reconciler"
     assert stack.attempts(job_id)[shard] >= 2
     assert_exactly_once(stack.output, digits.keys, stack.store)
@@ -64,12 +64,12 @@ def test_a_warm_shutdown_finishes_the_running_shard_before_the_worker_leaves(sta
     job_id = stack.submit(digits.s3_prefix, read_concurrency=1)
     shard = stack.running_shard(job_id)
     stack.workers.kill("leaving", signal.SIGTERM)
+    stack.workers.start("successor", env=via(slow_s3), wait=False)
     assert leaving.wait(timeout=120) == 0, stack.workers.log("leaving")[-3000:]
     assert stack.store.exists(join(stack.output, commit_name(shard))), "the running shard was committed"
-    stack.workers.start("successor", env=via(slow_s3), wait=False)
     status = stack.wait(job_id)
 
-    assert status.state is JobState.SUCCEEDED, status
+    assert status.state is JobState.SUCCEEDED, explain(status)
     assert stack.attempts(job_id)[shard] == 1, "the shard ran once: a warm shutdown does not abandon it"
     assert status.requeued == 0
     assert_exactly_once(stack.output, digits.keys, stack.store)

@@ -1,0 +1,79 @@
+"""Labeled images as a torch Dataset: one screening pass, lazy decode, train and eval transforms.
+
+The eval transform is the inference pipeline's own resize and normalize, so the
+validation accuracy during training is what classify and evaluate will measure.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from orchestrator.errors import ObjectNotFound, ObjectTooLarge
+from orchestrator.labels import LabeledItem
+from workers.errors import BadImage
+from workers.imaging import decode_rgb, resize_uint8
+from workers.models import Preprocess
+from workers.runner import WorkerContext
+
+
+class LabeledImages(torch.utils.data.Dataset):
+    """Reads and decodes each image when Trainer asks for it; only screened items come here."""
+
+    def __init__(self, items: list[LabeledItem], label_ids: dict[str, int], ctx: WorkerContext, transform) -> None:
+        self.items, self.label_ids, self.ctx, self.transform = items, label_ids, ctx, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items[index]
+        return {"pixel_values": self.transform(_decode(item, self.ctx)), "labels": self.label_ids[item.label]}
+
+
+def _decode(item: LabeledItem, ctx: WorkerContext):
+    data = ctx.store.read(item.uri, max_bytes=ctx.settings.max_object_bytes)
+    return decode_rgb(data, max_pixels=ctx.settings.max_pixels)
+
+
+def screen(items: list[LabeledItem], ctx: WorkerContext) -> tuple[list[LabeledItem], list[dict]]:
+    """(decodable items, [{key, reason}] of the rest): one decode pass, so training never meets a bad image."""
+
+    def check(item: LabeledItem) -> str | None:
+        try:
+            _decode(item, ctx)
+        except (BadImage, ObjectNotFound, ObjectTooLarge) as e:
+            return getattr(e, "reason", None) or str(e)
+        return None
+
+    with ThreadPoolExecutor(8, thread_name_prefix="vitbatch-screen") as pool:
+        reasons = list(pool.map(check, items))
+    good = [item for item, reason in zip(items, reasons) if reason is None]
+    return good, [{"key": item.key, "reason": r} for item, r in zip(items, reasons) if r is not None]
+
+
+_INTERPOLATION = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def transforms(prep: Preprocess, augment: str):
+    """(train, eval) PIL -> tensor; eval is exactly the inference pipeline's resize and normalize."""
+    from torchvision import transforms as T
+
+    mean, std = torch.tensor(prep.mean).view(3, 1, 1) * 255, torch.tensor(prep.std).view(3, 1, 1) * 255
+
+    def evaluate(img) -> torch.Tensor:
+        pixels = resize_uint8(img, size=prep.size, resample=prep.resample, shortest_edge=prep.shortest_edge,
+                              crop=prep.crop, cover=prep.cover)  # the same call as ShardPipeline._load
+        return (torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() - mean) / std  # PIL arrays are read-only
+
+    size, interpolation = prep.crop or prep.size, _INTERPOLATION.get(prep.resample, "bilinear")
+    if augment == "none":
+        return evaluate, evaluate
+    if augment == "basic":
+        return T.Compose([T.RandomResizedCrop(size, scale=(0.8, 1.0), interpolation=T.InterpolationMode(interpolation)),
+                          T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(prep.mean, prep.std)]), evaluate
+    from timm.data import create_transform
+
+    return create_transform((3, *size), is_training=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25,
+                            mean=prep.mean, std=prep.std, interpolation=interpolation), evaluate
