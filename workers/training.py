@@ -61,8 +61,8 @@ class Built:
 
 
 def build_model(spec: FinetuneSpec, names: list[str], ctx: WorkerContext) -> Built:
-    labels = {"num_labels": len(names), "id2label": dict(enumerate(names)),
-              "label2id": {name: i for i, name in enumerate(names)}}
+    # num_labels follows from id2label; passing both warns when a checkpoint had other labels.
+    labels = {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
     if spec.config is not None and "architecture" in spec.config:
         import timm
 
