@@ -316,7 +316,7 @@ def worker(queues: str = typer.Option(DEFAULT_WORKER_QUEUES, help="Comma-separat
 def flower(port: int = typer.Option(5555, help="HTTP port."),
            address: str = typer.Option("127.0.0.1", help="Listen address (0.0.0.0 in a container).")) -> None:
     """Start Flower with basic auth (VITBATCH_FLOWER_USER / VITBATCH_FLOWER_PASSWORD)."""
-    from orchestrator.embedded import flower_command
+    from orchestrator.embedded import flower_command, flower_env
 
     settings = Settings()
     if not settings.broker_url:
@@ -324,8 +324,9 @@ def flower(port: int = typer.Option(5555, help="HTTP port."),
     if address not in ("127.0.0.1", "localhost") and settings.flower_password == DEFAULT_FLOWER_PASSWORD:
         raise VitbatchError("refusing to serve Flower beyond localhost with the default password: "
                             "set VITBATCH_FLOWER_PASSWORD")
-    cmd = flower_command(settings.broker_url, port, settings.flower_user, settings.flower_password, address)
-    os.execv(cmd[0], cmd)
+    cmd = flower_command(port, address)
+    os.execve(cmd[0], cmd, {**os.environ, **flower_env(settings.broker_url, settings.flower_user,
+                                                       settings.flower_password)})
 
 
 @app.command()

@@ -61,6 +61,11 @@ def shard_items_key(job_id: str) -> str:
     return f"vitbatch:job:{job_id}:tar_items"
 
 
+def shard_enqueued_key(job_id: str) -> str:
+    """Hash: shard index -> unix time its latest message was sent."""
+    return f"vitbatch:job:{job_id}:enqueued"
+
+
 def shard_stats_key(job_id: str) -> str:
     """Hash: shard index -> json stats of the committed shard (seconds per stage, images/s)."""
     return f"vitbatch:job:{job_id}:stats"

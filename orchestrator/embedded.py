@@ -113,9 +113,13 @@ def worker_command(name: str, queues: str = QUEUE_DEFAULT, pool: str = "solo", c
     return cmd
 
 
-def flower_command(broker_url: str, port: int, user: str, password: str, address: str = "127.0.0.1") -> list[str]:
-    return [sys.executable, "-m", "celery", "--broker", broker_url, "flower", f"--port={port}",
-            f"--address={address}", f"--basic-auth={user}:{password}"]
+def flower_command(port: int, address: str = "127.0.0.1") -> list[str]:
+    """Flower's command line; the broker URL and credentials travel in flower_env, not argv (ps shows argv)."""
+    return [sys.executable, "-m", "celery", "flower", f"--port={port}", f"--address={address}"]
+
+
+def flower_env(broker_url: str, user: str, password: str) -> dict[str, str]:
+    return {"CELERY_BROKER_URL": broker_url, "FLOWER_BASIC_AUTH": f"{user}:{password}"}
 
 
 @dataclass
@@ -141,17 +145,18 @@ class EmbeddedStack:
                 self.start_worker(f"vitbatch-embedded-{index}")
             if self.flower:
                 port = free_port()
-                self._spawn(flower_command(self.redis.url(), port, self.settings.flower_user,
-                                           self.settings.flower_password), "flower")
+                self._spawn(flower_command(port), "flower", flower_env(
+                    self.redis.url(), self.settings.flower_user, self.settings.flower_password))
                 self.flower_url = f"http://127.0.0.1:{port}"
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
 
-    def _spawn(self, cmd: list[str], log_name: str) -> subprocess.Popen:
+    def _spawn(self, cmd: list[str], log_name: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{log_name}.log", "ab")
-        proc = subprocess.Popen(cmd, env=settings_env(self.settings), stdout=log, stderr=subprocess.STDOUT,
+        env = {**settings_env(self.settings), **(extra_env or {})}
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.processes.append(proc)
         return proc

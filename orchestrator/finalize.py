@@ -42,5 +42,7 @@ def finalize(job_id: str, ledger: Ledger, store: ObjectStore, model_fingerprint:
     state = JobState.SUCCEEDED if not status.failed_shards else JobState.FINISHED_WITH_FAILURES
     name = SUCCESS_FILE if state is JobState.SUCCEEDED else FAILURES_FILE
     store.write(join(status.output, name), json.dumps(summary, indent=2).encode())
+    if state is JobState.SUCCEEDED:
+        store.delete(join(status.output, FAILURES_FILE))  # a retry fixed what an earlier pass reported
     ledger.set_state(job_id, state, "" if state is JobState.SUCCEEDED else f"{len(status.failed_shards)} shard(s) failed")
     return state

@@ -175,6 +175,20 @@ class Ledger:
     def heartbeats(self, job_id: str) -> dict[int, float]:
         return {int(i): float(t) for i, t in self.r.hgetall(k.shard_heartbeat_key(job_id)).items()}
 
+    def mark_enqueued(self, job_id: str, shards: list[int]) -> None:
+        if shards:
+            now = time.time()
+            self.r.hset(k.shard_enqueued_key(job_id), mapping={str(s): now for s in shards})
+
+    def lost_pending(self, job_id: str, older_than: float) -> list[int]:
+        """Pending shards sent before `older_than` while their queue is now empty: the message was lost
+        (kombu moves a message from the queue to its unacked set in two steps; a crash between them drops it)."""
+        if self.r.llen(self.queue(job_id)):
+            return []
+        sent = {int(i): float(t) for i, t in self.r.hgetall(k.shard_enqueued_key(job_id)).items()}
+        return [i for i, s in self.shard_states(job_id).items()
+                if s is ShardState.PENDING and sent.get(i, 0) < older_than]
+
     def count_requeues(self, job_id: str, n: int) -> None:
         self.r.hincrby(k.job_key(job_id), "requeued", n)
 

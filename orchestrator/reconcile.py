@@ -33,6 +33,7 @@ def reconcile(client, stale_after_s: float, job_ids: list[str] | None = None) ->
         states = client.ledger.shard_states(job_id)
         stale = [i for i, s in states.items() if s is ShardState.RUNNING
                  and client.ledger.requeue_if_stale(job_id, i, now - stale_after_s)]
+        stale = sorted(set(stale + client.ledger.lost_pending(job_id, now - stale_after_s)))
         if stale:
             log.warning("job %s: shards %s went silent for %.0f s; re-enqueueing", job_id, stale, stale_after_s)
             client.enqueue(job_id, stale)

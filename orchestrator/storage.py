@@ -230,6 +230,17 @@ class ObjectStore:
                 raise StorageError(f"cannot check {uri}: {e}") from e
         return _local_path(uri).is_file()
 
+    def delete(self, uri: str) -> None:
+        """Remove an object; a missing one is not an error."""
+        if uri.startswith("s3://"):
+            bucket, key = _s3_split(uri)
+            try:
+                self._s3.delete_object(Bucket=bucket, Key=key)
+            except Exception as e:
+                raise StorageError(f"cannot delete {uri}: {e}") from e
+            return
+        _local_path(uri).unlink(missing_ok=True)
+
     def is_prefix(self, uri: str) -> bool:
         """True when `uri` names a directory (file://) or a non-empty key prefix (s3://)."""
         if uri.startswith("s3://"):

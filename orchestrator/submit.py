@@ -120,6 +120,8 @@ class Client:
         kind = kind or self.ledger.status(job_id).kind
         queue = queue or self.ledger.queue(job_id)
         self.ledger.set_queue(job_id, queue)
+        shards = list(shards)
+        self.ledger.mark_enqueued(job_id, shards)
         with self.app.producer_or_acquire() as producer:
             for shard in shards:
                 # A deterministic task id per (job, shard) makes duplicates easy to spot in Flower.

@@ -22,7 +22,7 @@ import yaml
 from chaos_stack import ROOT, explain
 
 from orchestrator.constants import QUEUE_DEFAULT, TASK_RUN_SHARD
-from orchestrator.embedded import ALL_QUEUES, flower_command, free_port
+from orchestrator.embedded import ALL_QUEUES, flower_command, flower_env, free_port
 from orchestrator.ledger import JobState, ShardState
 
 pytestmark = pytest.mark.chaos
@@ -65,9 +65,12 @@ def _get(url: str, user: str, password: str) -> str:
 
 def _start_flower(stack, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = flower_command(stack.redis.url(), port, stack.settings.flower_user, stack.settings.flower_password)
+    cmd = flower_command(port)
+    secrets_env = flower_env(stack.redis.url(), stack.settings.flower_user, stack.settings.flower_password)
+    assert not any(stack.redis.password in part for part in cmd)  # ps shows argv to every local user
     with open(stack.workers.log_dir / "flower.log", "ab") as log:
-        proc = subprocess.Popen(cmd, env={**stack.env, **env}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, env={**stack.env, **env, **secrets_env}, cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT,
                                 start_new_session=True)
     return proc, f"http://127.0.0.1:{port}"
 
