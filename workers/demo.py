@@ -20,10 +20,12 @@ import numpy as np
 from PIL import Image
 
 # Found by search on this 2-core machine (see the closing notes of the fine-tuning issue).
-DEMO_CONFIG = {"image_size": 32, "patch_size": 4, "hidden_size": 64, "num_hidden_layers": 4,
-               "num_attention_heads": 4, "intermediate_size": 128}
-DEMO_TRAINING = {"epochs": 12, "lr": 3e-3, "batch_size": 64, "weight_decay": 0.05, "warmup_ratio": 0.1,
-                 "augment": "none", "val_split": 0.1, "seed": 0, "checkpoint_every_steps": 100}
+# 8x8 patches of the 32x32 digits: 16 tokens, so attention is cheap and 30 epochs fit in two minutes.
+DEMO_CONFIG = {"image_size": 32, "patch_size": 8, "hidden_size": 64, "num_hidden_layers": 4,
+               "num_attention_heads": 4, "intermediate_size": 128, "hidden_dropout_prob": 0.1}
+# No augmentation: horizontal flips turn digits into other glyphs (basic: 93% instead of 96%).
+DEMO_TRAINING = {"epochs": 30, "lr": 1e-3, "batch_size": 16, "weight_decay": 0.05, "warmup_ratio": 0.1,
+                 "augment": "none", "val_split": 0.1, "seed": 0, "checkpoint_every_steps": 200}
 HOLDOUT_EVERY = 6  # every 6th digit is held out of training: 300 images for evaluate and classify
 
 
@@ -52,7 +54,8 @@ def build_tiny_vit(dest: Path, num_labels: int = 10, image_size: int = 32, seed:
 
     torch.manual_seed(seed)
     config = ViTConfig(
-        **{**DEMO_CONFIG, "image_size": image_size}, num_labels=num_labels,
+        image_size=image_size, patch_size=4, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=128, num_labels=num_labels,
         id2label={i: str(i) for i in range(num_labels)}, label2id={str(i): i for i in range(num_labels)},
     )
     ViTForImageClassification(config).save_pretrained(dest)
@@ -97,7 +100,7 @@ def full_story(work: Path, workers: int) -> None:
         client = Client.from_settings(stack.settings)
         tuned = _step(client, "1/5 fine-tune a ViT from scratch on the digits (train queue)", {
             "kind": "finetune", "train": str(train), "output": str(model), "config": DEMO_CONFIG,
-            "precision": "fp32", "alias": str(work / "models" / "latest"), **DEMO_TRAINING})
+            "alias": str(work / "models" / "latest"), **DEMO_TRAINING})
         evaluated = _step(client, "2/5 evaluate on the held-out digits", {
             "kind": "evaluate", "input": str(holdout), "output": str(out / "evaluate"), "model": str(model)})
         classified = _step(client, "3/5 classify the held-out digits", {
@@ -117,8 +120,8 @@ def full_story(work: Path, workers: int) -> None:
     console = Console()
     correct = sum(r["label"] == r["key"].split("/")[0] for r in rows)
     table = Table("what", "figure", title="vitbatch demo: scikit-learn digits, offline, through the queue")
-    table.add_row("fine-tune wall time", f"{tuned['wall_s']:.0f} s ({metrics.get('images_per_s', 0):.0f} img/s)")
-    table.add_row("validation accuracy (10% of train)", f"{metrics.get('final_val_accuracy', float('nan')):.3f}")
+    table.add_row("fine-tune wall time", f"{tuned['wall_s']:.0f} s ({DEMO_TRAINING['epochs']} epochs)")
+    table.add_row("validation accuracy (10% of train)", f"{metrics['val_accuracy']:.3f}")
     table.add_row("held-out accuracy (evaluate)", f"{evaluation['accuracy']:.3f} (top-5 {evaluation['top5_accuracy']:.3f})")
     table.add_row("held-out accuracy (classify rows)", f"{correct / len(rows):.3f} over {len(rows)} images")
     table.add_row("classify throughput", f"{classified['status'].images_per_s:.0f} img/s")

@@ -86,7 +86,8 @@ def training_reporter(task: Task, ctx: WorkerContext, job_id: str):
             ctx.ledger.set_total(job_id, total)
             known_total["n"] = total
         fields = [f"{name} {info[name]:.4g}" if isinstance(info[name], float) else f"{name} {info[name]}"
-                  for name in ("step", "epoch", "loss", "accuracy", "images_per_s") if info.get(name) is not None]
+                  for name in ("step", "epoch", "loss", "val_accuracy", "accuracy", "images_per_s")
+                  if info.get(name) is not None]
         publish(int(info.get("done") or 0), total, ", ".join(fields))
 
     return report

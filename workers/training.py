@@ -13,6 +13,8 @@ in workers/datasets.py.
 
 from __future__ import annotations
 
+import inspect
+import io
 import json
 import math
 import tempfile
@@ -63,32 +65,50 @@ class Built:
 def build_model(spec: FinetuneSpec, names: list[str], ctx: WorkerContext) -> Built:
     # num_labels follows from id2label; passing both warns when a checkpoint had other labels.
     labels = {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
-    if spec.config is not None and "architecture" in spec.config:
+    if spec.config is None:
+        return _from_pretrained(spec.model, labels, ctx)
+    try:
+        return _from_config(dict(spec.config), labels)
+    except (TypeError, ValueError, RuntimeError, AssertionError) as e:  # unknown arch, bad sizes...
+        raise SpecError(f"--config does not build a model: {type(e).__name__}: {e}") from e
+
+
+def _from_config(config: dict, labels: dict) -> Built:
+    if "architecture" in config:
         import timm
 
-        rest = {k: v for k, v in spec.config.items() if k != "architecture"}
-        return _timm(timm.create_model(spec.config["architecture"], pretrained=False, num_classes=len(names), **rest))
-    if spec.config is not None:
-        from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+        return _timm(timm.create_model(config.pop("architecture"), pretrained=False,
+                                       num_classes=len(labels["id2label"]), **config))
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-        module = ViTForImageClassification(ViTConfig(**spec.config, **labels))
-        size = module.config.image_size
-        return _hf(module, ViTImageProcessor(size={"height": size, "width": size},
-                                             image_mean=[0.5] * 3, image_std=[0.5] * 3))
-    path = models.local_model_dir(spec.model, ctx.store, ctx.settings)
-    name = str(path) if path is not None else spec.model.split(":", 1)[1]
+    label_keys = sorted({"num_labels", "id2label", "label2id"} & set(config))
+    if label_keys:
+        raise ValueError(f"drop {', '.join(label_keys)}: the labels come from the data")
+    # ViTConfig keeps unknown keys as attributes: a typo (hiden_size) would silently train the default.
+    unknown = sorted(set(config) - set(inspect.signature(ViTConfig).parameters))
+    if unknown:
+        raise ValueError(f"ViTConfig has no field {', '.join(unknown)}")
+    module = ViTForImageClassification(ViTConfig(**config, **labels))
+    size = module.config.image_size
+    return _hf(module, ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3,
+                                         image_std=[0.5] * 3))
+
+
+def _from_pretrained(ref: str, labels: dict, ctx: WorkerContext) -> Built:
+    path = models.local_model_dir(ref, ctx.store, ctx.settings)
+    name = str(path) if path is not None else ref.split(":", 1)[1]
     try:
-        if models.model_family(spec.model, path) == "timm":
+        if models.model_family(ref, path) == "timm":
             import timm
 
             source = f"local-dir:{name}" if path is not None else name
-            return _timm(timm.create_model(source, pretrained=True, num_classes=len(names)))
+            return _timm(timm.create_model(source, pretrained=True, num_classes=len(labels["id2label"])))
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
         module = AutoModelForImageClassification.from_pretrained(name, ignore_mismatched_sizes=True, **labels)
         return _hf(module, AutoImageProcessor.from_pretrained(name))
     except (OSError, RuntimeError, ValueError) as e:
-        raise ModelLoadError(f"model {spec.model!r} cannot be loaded ({e}): pass a local directory or s3:// URI") from e
+        raise ModelLoadError(f"model {ref!r} cannot be loaded ({e}): pass a local directory or s3:// URI") from e
 
 
 def _hf(module, processor) -> Built:
@@ -136,6 +156,8 @@ class StopOnDivergence(TrainerCallback):
 
 
 class ReportProgress(TrainerCallback):
+    """`report` gets step progress on every log and the val accuracy on every evaluation."""
+
     def __init__(self, report: Callable[[dict], None], n_train: int, total: int) -> None:
         self.report, self.n_train, self.total = report, n_train, total
         self.t0, self.step0 = time.perf_counter(), 0
@@ -147,15 +169,16 @@ class ReportProgress(TrainerCallback):
         images = (state.global_step - self.step0) * args.per_device_train_batch_size
         return round(images / max(time.perf_counter() - self.t0, 1e-9), 2)
 
+    def position(self, state) -> dict:
+        done = min(round((state.epoch or 0) * self.n_train), self.total)
+        return {"step": state.global_step, "epoch": round(state.epoch or 0, 3), "done": done, "total": self.total}
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
-            done = min(round((state.epoch or 0) * self.n_train), self.total)
-            self.report({"step": state.global_step, "epoch": round(state.epoch or 0, 3), "loss": logs["loss"],
-                         "images_per_s": self.images_per_s(args, state), "done": done, "total": self.total})
+            self.report({**self.position(state), "loss": logs["loss"], "images_per_s": self.images_per_s(args, state)})
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        self.report({"step": state.global_step, "epoch": round(state.epoch or 0, 3),
-                     "val_accuracy": (metrics or {}).get("eval_accuracy")})
+        self.report({**self.position(state), "val_accuracy": (metrics or {}).get("eval_accuracy")})
 
 
 def _split(spec: FinetuneSpec, store: ObjectStore):
@@ -171,6 +194,7 @@ def _split(spec: FinetuneSpec, store: ObjectStore):
 
 def _arguments(spec: FinetuneSpec, out_dir: Path, device: torch.device, has_val: bool) -> TrainingArguments:
     # Every save step is also a log step, so a NaN loss is caught before it is checkpointed.
+    # warmup_steps below 1 is a share of the steps (transformers 5 dropped warmup_ratio).
     logging_steps = math.gcd(spec.checkpoint_every_steps, 10)
     return TrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=spec.batch_size,
@@ -189,6 +213,7 @@ def _accuracy(prediction) -> dict:
 
 
 def save_model(built: Built, names: list[str], dest: Path) -> Path:
+    built.model.to("cpu")
     if not all_finite(built.model):
         raise TrainingDiverged("the trained weights hold NaN or inf; lower --lr")
     if built.family == "hf":
@@ -222,9 +247,17 @@ def epoch_metrics(log_history: list[dict]) -> list[dict]:
              "val_accuracy": accuracy.get(e)} for e in sorted(set(losses) | set(accuracy))]
 
 
-def curve_png(log_history: list[dict]) -> bytes:
-    import io
+def write_metrics(store: ObjectStore, output: str, log_history: list[dict], extra: dict) -> dict:
+    """metrics.json (per-epoch loss and accuracy, the final val accuracy, `extra`) and training_curve.png."""
+    epochs = epoch_metrics(log_history)
+    final = next((e["val_accuracy"] for e in reversed(epochs) if e["val_accuracy"] is not None), None)
+    metrics = {"val_accuracy": final, "epochs": epochs, **extra}
+    store.write(join(output, "metrics.json"), json.dumps(metrics, indent=2).encode())
+    store.write(join(output, "training_curve.png"), curve_png(log_history))
+    return metrics
 
+
+def curve_png(log_history: list[dict]) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")  # workers have no display
@@ -245,52 +278,51 @@ def curve_png(log_history: list[dict]) -> bytes:
     return buffer.getvalue()
 
 
+def _trainer(spec: FinetuneSpec, built: Built, names: list[str], data: tuple[list, list], ctx: WorkerContext,
+             out_dir: Path, callbacks: list) -> ResumableTrainer:
+    train_items, val_items = data
+    train_tf, eval_tf = transforms(built.prep, spec.augment)
+    label_ids = {name: i for i, name in enumerate(names)}
+    trainer = ResumableTrainer(
+        model=built.model, args=_arguments(spec, out_dir, models.resolve_device(spec.device), bool(val_items)),
+        train_dataset=LabeledImages(train_items, label_ids, ctx, train_tf),
+        eval_dataset=LabeledImages(val_items, label_ids, ctx, eval_tf) if val_items else None,
+        compute_metrics=_accuracy, callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # progress goes to `report`, not stdout
+    return trainer
+
+
 def finetune(spec: FinetuneSpec, job_id: str, ctx: WorkerContext, report: Callable[[dict], None]) -> dict:
     """Train, checkpoint and resume; save the model, metrics.json and training_curve.png at spec.output."""
     start = time.perf_counter()
-    device = models.resolve_device(spec.device)
     train_items, val_items, names = _split(spec, ctx.store)
+    torch.manual_seed(spec.seed)  # the from-scratch initialization is part of the seeded run
+    built = build_model(spec, names, ctx)  # before the decode pass: a bad --config fails in seconds
+    if spec.freeze_backbone:
+        freeze_backbone(built)
     train_items, train_skipped = screen(train_items, ctx)
     val_items, val_skipped = screen(val_items, ctx)
     if not train_items:
         raise SpecError(f"none of the training images in {spec.train} could be decoded")
-    torch.manual_seed(spec.seed)  # the from-scratch initialization is part of the seeded run
-    built = build_model(spec, names, ctx)
-    if spec.freeze_backbone:
-        freeze_backbone(built)
-    train_tf, eval_tf = transforms(built.prep, spec.augment)
-    label_ids = {name: i for i, name in enumerate(names)}
+    progress = ReportProgress(report, len(train_items), round(spec.epochs * len(train_items)))
     with tempfile.TemporaryDirectory(prefix=f"vitbatch-finetune-{job_id}-") as tmp:
-        out_dir = Path(tmp) / "trainer"
-        resumed_from, checkpoint = restore(spec, ctx.store, out_dir)
-        total = round(spec.epochs * len(train_items))
-        progress = ReportProgress(report, len(train_items), total)
-        trainer = ResumableTrainer(
-            model=built.model, args=_arguments(spec, out_dir, device, bool(val_items)),
-            train_dataset=LabeledImages(train_items, label_ids, ctx, train_tf),
-            eval_dataset=LabeledImages(val_items, label_ids, ctx, eval_tf) if val_items else None,
-            compute_metrics=_accuracy,
-            callbacks=[StopOnDivergence(), UploadCheckpoints(ctx.store, spec.output, spec.model_dump(mode="json")),
-                       progress],
-        )
-        trainer.remove_callback(PrinterCallback)  # progress goes to `report`, not stdout
+        resumed_from, checkpoint = restore(spec, ctx.store, Path(tmp) / "trainer")
+        callbacks = [StopOnDivergence(), UploadCheckpoints(ctx.store, spec.output, spec.model_dump(mode="json")),
+                     progress]
+        trainer = _trainer(spec, built, names, (train_items, val_items), ctx, Path(tmp) / "trainer", callbacks)
         trainer.train(resume_from_checkpoint=checkpoint)
         evals = [e for e in trainer.state.log_history if "eval_accuracy" in e]
         if val_items and (not evals or evals[-1]["step"] != trainer.state.global_step):
             trainer.evaluate()  # fractional epochs, or a resume that had nothing left to train
-        built.model.to("cpu")
         saved = save_model(built, names, Path(tmp) / "model")
         fingerprint = models.load(normalize_model_ref(str(saved)), device="cpu").fingerprint
         upload_dir(ctx.store, saved, spec.output)
-    epochs = epoch_metrics(trainer.state.log_history)
-    skipped = train_skipped + val_skipped
-    val_accuracy = next((e["val_accuracy"] for e in reversed(epochs) if e["val_accuracy"] is not None), None)
     stats = {"wall_s": round(time.perf_counter() - start, 2), "images_per_s": progress.images_per_s(
-        trainer.args, trainer.state), "steps": trainer.state.global_step, "n_val": len(val_items),
-        "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32", "device": device.type}
-    metrics = {"labels": names, "n_train": len(train_items), "epochs": epochs, "val_accuracy": val_accuracy,
-               "skipped": skipped, "resumed_from_step": resumed_from, **stats}
-    ctx.store.write(join(spec.output, "metrics.json"), json.dumps(metrics, indent=2).encode())
-    ctx.store.write(join(spec.output, "training_curve.png"), curve_png(trainer.state.log_history))
-    return {"rows": len(train_items), "errors": len(skipped), "model_fingerprint": fingerprint, "stats": stats,
-            "val_accuracy": val_accuracy, "resumed_from_step": resumed_from}
+        trainer.args, trainer.state), "steps": trainer.state.global_step, "n_train": len(train_items),
+        "n_val": len(val_items), "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32"}
+    metrics = write_metrics(ctx.store, spec.output, trainer.state.log_history,
+                            {"labels": names, "skipped": train_skipped + val_skipped,
+                             "resumed_from_step": resumed_from, **stats})
+    return {"rows": len(train_items), "errors": len(metrics["skipped"]), "model_fingerprint": fingerprint,
+            "stats": stats, "val_accuracy": metrics["val_accuracy"], "resumed_from_step": resumed_from}

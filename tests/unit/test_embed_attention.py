@@ -167,7 +167,7 @@ def reference_pixels(model_dir: Path, keys: list[str], input_dir: Path) -> torch
     for key in keys:
         img = decode_rgb((input_dir / key).read_bytes(), draft_size=(width, height))
         arrays.append(resize_uint8(img, size=prep.size, resample=prep.resample,
-                                   shortest_edge=prep.shortest_edge, crop=prep.crop))
+                                   shortest_edge=prep.shortest_edge, crop=prep.crop, cover=prep.cover))
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
     return (pixels - torch.tensor(prep.mean).view(1, 3, 1, 1)) / torch.tensor(prep.std).view(1, 3, 1, 1)
 

