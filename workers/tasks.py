@@ -8,6 +8,7 @@ unit after too many; run the work with a heartbeat; commit; settle the job.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from functools import cache
 
@@ -18,7 +19,7 @@ from orchestrator.constants import QUEUE_TRAIN, TASK_EVALUATE, TASK_FINETUNE, TA
 from orchestrator.errors import JobNotFound, SpecError
 from orchestrator.finalize import finalize
 from orchestrator.jobs import parse_spec
-from orchestrator.ledger import JobState
+from orchestrator.ledger import JobState, ShardState
 from workers.app import app
 from workers.errors import ModelLoadError, TrainingDiverged
 from workers.progress import Heartbeat, JobCancelled, progress_reporter, training_reporter
@@ -47,6 +48,10 @@ def _execute(task: Task, job_id: str, shard: int, work: Callable[[object, Worker
             return {"shard": shard, "skipped": "job is no longer running"}
         spec = parse_spec(ctx.ledger.spec_json(job_id))
         marker = read_commit(ctx.store, spec.output, shard)
+        if marker is None and spec.kind == "finetune" and _held_elsewhere(ctx, job_id, shard):
+            # Redis redelivered a training that is still alive elsewhere (past its visibility
+            # timeout): two trainers on one output would fight; the reconciler covers a real death.
+            return {"shard": shard, "skipped": "another worker is training this job"}
         if marker is None:
             attempts = ctx.ledger.start_shard(job_id, shard)
             if attempts > ctx.settings.max_attempts:
@@ -70,6 +75,12 @@ def _execute(task: Task, job_id: str, shard: int, work: Callable[[object, Worker
         log.exception("job %s shard %s failed; retrying", job_id, shard)
         ctx.ledger.note_shard_error(job_id, shard, f"{type(e).__name__}: {e}")
         raise task.retry(exc=e, countdown=min(2 ** task.request.retries, 30), max_retries=None)
+
+
+def _held_elsewhere(ctx: WorkerContext, job_id: str, shard: int) -> bool:
+    states, beats = ctx.ledger.shard_states(job_id), ctx.ledger.heartbeats(job_id)
+    fresh = time.time() - beats.get(shard, 0) < 3 * ctx.settings.heartbeat_s
+    return states.get(shard) is ShardState.RUNNING and fresh
 
 
 def _quarantine(ctx: WorkerContext, job_id: str, shard: int, attempts: int) -> dict:
