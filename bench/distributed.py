@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
-from pathlib import Path
 
 from bench.common import bench_dir, build_hf_vit, report, write_photo_jpegs
 
@@ -56,7 +54,7 @@ def main() -> None:
     start = time.perf_counter()
     run_shard(spec, 0, ctx)
     t["in_process_s"] = time.perf_counter() - start
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedStack(workers=1, settings=settings) as stack:
+    with EmbeddedStack(workers=1, settings=settings) as stack:
         client = Client.from_settings(stack.settings)
         s3.put_object(Bucket="bench", Key="in/warm.txt", Body="".join(k + "\n" for k in warm_keys).encode())
         job_id, _ = client.submit(parse_spec({**base, "input": "s3://bench/in/warm.txt", "output": "s3://bench/out-warm/"}))

@@ -6,15 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from orchestrator.config import Settings
-from orchestrator.embedded import ALL_QUEUES, RedisServer, free_port, settings_env, worker_command
+from orchestrator.embedded import RedisServer, free_port, settings_env
+from support import ROOT, WorkerPool
 
-ROOT = Path(__file__).resolve().parents[1]
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
     "AWS_DEFAULT_REGION": "us-east-1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
@@ -93,50 +92,6 @@ def tiny_model(tmp_path_factory) -> Path:
     from workers.demo import build_tiny_vit
 
     return build_tiny_vit(tmp_path_factory.mktemp("models") / "tiny-vit", num_labels=10, image_size=32)
-
-
-class WorkerPool:
-    """Real `celery -A workers worker` processes, started and stopped by tests."""
-
-    def __init__(self, env: dict[str, str], log_dir: Path, app) -> None:
-        self.env, self.log_dir, self.app = env, log_dir, app
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, pool: str = "solo", wait: bool = True) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen(worker_command(name, queues=ALL_QUEUES, pool=pool), env=self.env, cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs[name] = proc
-        if wait:
-            self.wait_ready(name)
-        return proc
-
-    def wait_ready(self, name: str, timeout_s: float = 90) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.procs[name].poll() is not None:
-                raise RuntimeError(f"worker {name} exited: {self.log(name)[-3000:]}")
-            replies = self.app.control.ping(timeout=0.5) or []
-            if any(name in key for reply in replies for key in reply):
-                return
-        raise RuntimeError(f"worker {name} not ready after {timeout_s} s: {self.log(name)[-3000:]}")
-
-    def log(self, name: str) -> str:
-        return (self.log_dir / f"{name}.log").read_text(errors="replace")
-
-    def stop(self, name: str, timeout_s: float = 30) -> None:
-        proc = self.procs.pop(name)
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
-                proc.wait()
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            self.stop(name)
 
 
 @pytest.fixture(scope="module")

@@ -101,7 +101,7 @@ def full_story(work: Path, workers: int) -> None:
         tuned = _step(client, "1/5 fine-tune a ViT from scratch on the digits (train queue)", {
             "kind": "finetune", "train": str(train), "output": str(model), "config": DEMO_CONFIG,
             "alias": str(work / "models" / "latest"), **DEMO_TRAINING})
-        evaluated = _step(client, "2/5 evaluate on the held-out digits", {
+        _step(client, "2/5 evaluate on the held-out digits", {
             "kind": "evaluate", "input": str(holdout), "output": str(out / "evaluate"), "model": str(model)})
         classified = _step(client, "3/5 classify the held-out digits", {
             "kind": "classify", "input": str(holdout), "output": str(out / "classify"), "model": str(model),

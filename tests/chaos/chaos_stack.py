@@ -22,14 +22,14 @@ from kombu.exceptions import OperationalError
 
 from orchestrator.config import Settings
 from orchestrator.constants import commit_name, shard_attempts_key, shard_done_key
-from orchestrator.embedded import ALL_QUEUES, RedisServer, worker_command
+from orchestrator.embedded import RedisServer
 from orchestrator.jobs import parse_spec
 from orchestrator.ledger import JobStatus, ShardState
 from orchestrator.results import committed_parts, read_table
 from orchestrator.storage import ObjectStore, join
 from orchestrator.submit import Client
+from support import ROOT, WorkerPool  # noqa: F401  (ROOT is re-exported to the chaos tests)
 
-ROOT = Path(__file__).resolve().parents[2]
 REDIS_DOWN = (redis.RedisError, OperationalError, ConnectionError)
 
 
@@ -38,44 +38,11 @@ def via(proxy) -> dict[str, str]:
     return {"VITBATCH_S3_ENDPOINT_URL": proxy.url}
 
 
-class ChaosWorkers:
-    """Real `celery -A workers worker` processes bound to one test's Redis; killable."""
-
-    def __init__(self, env: dict[str, str], log_dir: Path, app) -> None:
-        self.env, self.log_dir, self.app = env, log_dir, app
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, pool: str = "solo", wait: bool = True, env: dict[str, str] | None = None):
-        with open(self.log_dir / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(worker_command(name, queues=ALL_QUEUES, pool=pool),
-                                    env={**self.env, **(env or {})}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        self.procs[name] = proc
-        if wait:
-            self.wait_ready(name)
-        return proc
-
-    def wait_ready(self, name: str, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.procs[name].poll() is not None:
-                raise RuntimeError(f"worker {name} exited: {self.log(name)[-3000:]}")
-            replies = self.app.control.ping(timeout=0.5) or []
-            if any(name in key for reply in replies for key in reply):
-                return
-        raise RuntimeError(f"worker {name} not ready after {timeout_s} s: {self.log(name)[-3000:]}")
-
-    def log(self, name: str) -> str:
-        return (self.log_dir / f"{name}.log").read_text(errors="replace")
-
-    def logs(self) -> str:
-        return "".join(path.read_text(errors="replace") for path in sorted(self.log_dir.glob("*.log")))
+class ChaosWorkers(WorkerPool):
+    """The shared worker pool, plus what fault tests need: pool children and a hard stop."""
 
     def pool_children(self, name: str) -> list[int]:
         return [child.pid for child in psutil.Process(self.procs[name].pid).children()]
-
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        os.killpg(self.procs[name].pid, sig)
 
     def stop_all(self) -> None:
         for proc in self.procs.values():
