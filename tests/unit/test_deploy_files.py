@@ -86,7 +86,7 @@ def image_is_pinned(image: str) -> bool:
 
 def test_compose_renders_the_stack_with_secrets_from_the_environment(config):
     services = config["services"]
-    assert {"redis", "minio", "createbuckets", "flower", "worker"} <= services.keys()
+    assert {"redis", "minio", "createbuckets", "flower", "beat", "worker"} <= services.keys()
     pw = SECRETS["REDIS_PASSWORD"]
     assert services["worker"]["environment"]["VITBATCH_BROKER_URL"] == f"redis://:{pw}@redis:6379/0"
     assert services["worker"]["environment"]["VITBATCH_S3_ENDPOINT_URL"] == "http://minio:9000"
@@ -190,3 +190,11 @@ def test_deployment_guide_snippets_parse_and_scale_on_the_celery_queue():
     assert len(policies) == 2 and all(p["Version"] == "2012-10-17" for p in policies)
     (scaled, _auth) = yaml.safe_load_all(re.search(r"```yaml\n(.*?)```", guide, re.S).group(1))
     assert scaled["spec"]["triggers"][0]["metadata"]["listName"] == QUEUE_DEFAULT
+
+
+def test_the_example_schedules_file_that_compose_mounts_for_beat_is_valid():
+    from orchestrator.schedule import load_schedules
+
+    entries = load_schedules(DOCKER / "schedules.example.toml")
+    assert [e.name for e in entries] == ["nightly-products"]
+    assert entries[0].job["model"].startswith("alias:")

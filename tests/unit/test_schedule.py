@@ -1,0 +1,72 @@
+"""Schedule files and GPU pools: refused when wrong, at load time rather than at 2 a.m."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from orchestrator.errors import SpecError, VitbatchError
+from orchestrator.gpupool import visible_gpus
+from orchestrator.schedule import ZonedCrontab, load_schedules
+
+ENTRY = """
+[[schedule]]
+name = "{name}"
+cron = "{cron}"
+timezone = "{tz}"
+[schedule.job]
+kind = "classify"
+input = "s3://b/in/"
+output = "s3://b/out/"
+model = "{model}"
+"""
+
+
+def _file(tmp_path, *entries: dict) -> str:
+    text = "".join(ENTRY.format(**{"name": "nightly", "cron": "0 2 * * *", "tz": "UTC", "model": "hf:org/m", **e})
+                   for e in entries)
+    (tmp_path / "s.toml").write_text(text)
+    return str(tmp_path / "s.toml")
+
+
+def test_a_valid_file_loads_with_its_timezone(tmp_path):
+    (entry,) = load_schedules(_file(tmp_path, {"tz": "Europe/Berlin"}))
+    assert entry.crontab().tz == ZoneInfo("Europe/Berlin")
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"cron": "0 2 * *"}, "five fields"),
+    ({"cron": "0 25 * * *"}, "cron"),
+    ({"tz": "Mars/Olympus"}, "unknown timezone"),
+    ({"name": "Nightly Run"}, "lowercase"),
+    ({"model": "weird://x"}, "model"),
+])
+def test_a_bad_entry_is_refused_with_the_reason(tmp_path, override, message):
+    with pytest.raises(SpecError, match=message):
+        load_schedules(_file(tmp_path, override))
+
+
+def test_duplicate_names_are_refused(tmp_path):
+    with pytest.raises(SpecError, match="duplicate"):
+        load_schedules(_file(tmp_path, {}, {}))
+
+
+def test_the_cron_expression_is_read_in_the_entrys_timezone():
+    berlin = ZonedCrontab("0 2 * * *", "Europe/Berlin")
+    # 00:30 UTC on a winter night is 01:30 in Berlin: the 02:00 Berlin run is 30 minutes away.
+    last_run = datetime(2026, 11, 25, 2, 0, tzinfo=ZoneInfo("Europe/Berlin"))
+    berlin.nowfun = lambda: datetime(2026, 11, 26, 0, 30, tzinfo=timezone.utc)
+    assert 29 * 60 <= berlin.remaining_estimate(last_run).total_seconds() <= 31 * 60
+
+
+def test_gpu_pools_follow_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,3")
+    assert visible_gpus("all") == ["0", "1", "3"]
+    assert visible_gpus("1,3") == ["1", "3"]
+    with pytest.raises(VitbatchError, match="not visible"):
+        visible_gpus("2")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(VitbatchError, match="no GPUs"):
+        visible_gpus("all")
