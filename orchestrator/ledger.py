@@ -172,6 +172,10 @@ class Ledger:
     def heartbeat(self, job_id: str, shard: int) -> None:
         self.r.hset(k.shard_heartbeat_key(job_id), str(shard), time.time())
 
+    def release(self, job_id: str, shard: int) -> None:
+        """Forget the shard's heartbeat: nobody holds it now (a failed delivery about to retry)."""
+        self.r.hset(k.shard_heartbeat_key(job_id), str(shard), 0)
+
     def heartbeats(self, job_id: str) -> dict[int, float]:
         return {int(i): float(t) for i, t in self.r.hgetall(k.shard_heartbeat_key(job_id)).items()}
 

@@ -15,7 +15,6 @@ from functools import cache
 from celery import Task
 
 from orchestrator.config import Settings
-from orchestrator.constants import shard_heartbeat_key
 from orchestrator.constants import QUEUE_TRAIN, TASK_EVALUATE, TASK_FINETUNE, TASK_RUN_SHARD, TASK_SCHEDULED_RUN
 from orchestrator.errors import JobNotFound, SpecError
 from orchestrator.finalize import finalize
@@ -75,7 +74,7 @@ def _execute(task: Task, job_id: str, shard: int, work: Callable[[object, Worker
         # deliveries and quarantines the shard once they run out.
         log.exception("job %s shard %s failed; retrying", job_id, shard)
         ctx.ledger.note_shard_error(job_id, shard, f"{type(e).__name__}: {e}")
-        ctx.ledger.r.hset(shard_heartbeat_key(job_id), str(shard), 0)  # not held: the retry may take it
+        ctx.ledger.release(job_id, shard)  # not held any more: the retry may take it
         raise task.retry(exc=e, countdown=min(2 ** task.request.retries, 30), max_retries=None)
 
 
