@@ -82,3 +82,18 @@ def bench_dir() -> Path:
 def top2_margin(probs: np.ndarray) -> np.ndarray:
     top = np.sort(probs, axis=-1)[:, -2:]
     return top[:, 1] - top[:, 0]
+
+
+def run_in_process(ctx, spec) -> tuple[float, dict]:
+    """Plan the spec's single shard and run it on this process's pipeline, as a warm worker would.
+
+    The model is loaded (and cached in ctx) before the clock starts; returns (seconds, commit marker).
+    """
+    from orchestrator.planner import plan, write_manifests
+    from workers.runner import make_head, run_shard
+
+    write_manifests(plan(spec.input, spec.shard_size, ctx.store), spec.output, ctx.store)
+    make_head(spec, 0, ctx)
+    start = time.perf_counter()
+    marker = run_shard(spec, 0, ctx)
+    return time.perf_counter() - start, marker

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from bench.common import bench_dir, build_hf_vit, report, timed, top2_margin, write_photo_jpegs
+from bench.common import bench_dir, build_hf_vit, report, run_in_process, timed, top2_margin, write_photo_jpegs
 
 
 def load_plain(model_dir):
@@ -38,18 +38,14 @@ def plain_loop(processor, model, paths, batch_size: int) -> tuple[np.ndarray, np
     return np.concatenate(labels), np.concatenate(probs)
 
 
-def vitbatch_pipeline(model_dir, image_dir, out_dir, n: int) -> dict[str, int]:
+def vitbatch_pipeline(model_dir, image_dir, out_dir, n: int) -> tuple[dict[str, int], dict]:
     from orchestrator.config import Settings
     from orchestrator.jobs import parse_spec
-    from orchestrator.planner import plan, write_manifests
-    from workers.runner import WorkerContext, run_shard
+    from workers.runner import WorkerContext
 
-    ctx = WorkerContext(Settings())
     spec = parse_spec({"kind": "classify", "input": str(image_dir), "output": str(out_dir),
                        "model": str(model_dir), "shard_size": n})
-    write_manifests(plan(spec.input, spec.shard_size, ctx.store), spec.output, ctx.store)
-    ctx.models.get(spec.model, spec.device, spec.precision)  # load outside the timing, as a warm worker has it
-    marker = run_shard(spec, 0, ctx)
+    _, marker = run_in_process(WorkerContext(Settings()), spec)
     table = pq.read_table(io.BytesIO((out_dir / "part-00000.parquet").read_bytes()))
     return dict(zip(table.column("key").to_pylist(), table.column("label_id").to_pylist())), marker["stats"]
 

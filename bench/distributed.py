@@ -13,7 +13,7 @@ import argparse
 import os
 import time
 
-from bench.common import bench_dir, build_hf_vit, report, write_photo_jpegs
+from bench.common import bench_dir, build_hf_vit, report, run_in_process, write_photo_jpegs
 
 
 def main() -> None:
@@ -26,9 +26,8 @@ def main() -> None:
     from orchestrator.config import Settings
     from orchestrator.embedded import EmbeddedStack, free_port
     from orchestrator.jobs import parse_spec
-    from orchestrator.planner import plan, write_manifests
     from orchestrator.submit import Client
-    from workers.runner import WorkerContext, run_shard
+    from workers.runner import WorkerContext
 
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     root = bench_dir()
@@ -49,11 +48,7 @@ def main() -> None:
     t = {}
     ctx = WorkerContext(settings)
     spec = parse_spec({**base, "output": "s3://bench/out-inprocess/"})
-    write_manifests(plan(spec.input, spec.shard_size, ctx.store), spec.output, ctx.store)
-    ctx.models.get(spec.model, spec.device, spec.precision)
-    start = time.perf_counter()
-    run_shard(spec, 0, ctx)
-    t["in_process_s"] = time.perf_counter() - start
+    t["in_process_s"], _ = run_in_process(ctx, spec)
     with EmbeddedStack(workers=1, settings=settings) as stack:
         client = Client.from_settings(stack.settings)
         s3.put_object(Bucket="bench", Key="in/warm.txt", Body="".join(k + "\n" for k in warm_keys).encode())

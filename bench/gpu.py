@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from bench.common import bench_dir, build_hf_vit, report, write_photo_jpegs
+from bench.common import bench_dir, build_hf_vit, report, run_in_process, write_photo_jpegs
 
 
 def model_only(model_dir, batch_size: int, steps: int = 30) -> float:
@@ -52,18 +52,13 @@ def plain_loop(model_dir, paths, batch_size: int) -> float:
 def end_to_end(model_dir, image_dir, n: int, batch_size: int, compile: bool) -> tuple[float, dict]:
     from orchestrator.config import Settings
     from orchestrator.jobs import parse_spec
-    from orchestrator.planner import plan, write_manifests
-    from workers.runner import WorkerContext, make_head, run_shard
+    from workers.runner import WorkerContext
 
-    ctx = WorkerContext(Settings())
     spec = parse_spec({"kind": "classify", "input": str(image_dir), "output": str(bench_dir() / "out-gpu"),
                        "model": str(model_dir), "shard_size": n, "batch_size": batch_size, "precision": "fp16",
                        "device": "cuda", "compile": compile, "read_concurrency": 32})
-    write_manifests(plan(spec.input, spec.shard_size, ctx.store), spec.output, ctx.store)
-    make_head(spec, 0, ctx)
-    start = time.perf_counter()
-    marker = run_shard(spec, 0, ctx)
-    return n / (time.perf_counter() - start), marker["stats"]
+    seconds, marker = run_in_process(WorkerContext(Settings()), spec)
+    return n / seconds, marker["stats"]
 
 
 def main() -> None:

@@ -9,9 +9,8 @@ no weights) plus rollout and overlays (capped with --max-overlays in the job).
 from __future__ import annotations
 
 import argparse
-import time
 
-from bench.common import bench_dir, build_hf_vit, report, write_photo_jpegs
+from bench.common import bench_dir, build_hf_vit, report, run_in_process, write_photo_jpegs
 
 
 def main() -> None:
@@ -20,8 +19,7 @@ def main() -> None:
     args = parser.parse_args()
     from orchestrator.config import Settings
     from orchestrator.jobs import parse_spec
-    from orchestrator.planner import plan, write_manifests
-    from workers.runner import WorkerContext, make_head, run_shard
+    from workers.runner import WorkerContext
 
     root = bench_dir()
     image_dir = root / f"jpegs-500x375-{args.n}"
@@ -33,11 +31,7 @@ def main() -> None:
     for kind, extra in kinds.items():
         spec = parse_spec({"kind": kind, "input": str(image_dir), "output": str(root / f"out-heads-{kind}"),
                            "model": str(model), "shard_size": args.n, **extra})
-        write_manifests(plan(spec.input, spec.shard_size, ctx.store), spec.output, ctx.store)
-        make_head(spec, 0, ctx)  # load (and cache) the model outside the timing
-        start = time.perf_counter()
-        run_shard(spec, 0, ctx)
-        seconds[kind] = time.perf_counter() - start
+        seconds[kind], _ = run_in_process(ctx, spec)
     report("heads", {"images": args.n, **{f"{k}_img_s": round(args.n / s, 1) for k, s in seconds.items()},
                      "embed_vs_classify": round(seconds["classify"] / seconds["embed"], 3),
                      "attention_vs_classify": round(seconds["classify"] / seconds["attention"], 3)})
