@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     max_object_bytes: int = Field(64 * 1024 * 1024, description="Objects larger than this are error rows.")
     max_tar_bytes: int = Field(4 * 1024**3, description="A .tar input shard larger than this is refused (read whole).")
     max_pixels: int = Field(50_000_000, description="Decoded images larger than this are error rows.")
+    decode_processes: int | None = Field(
+        None, gt=0, description="Decode processes per worker (decode=processes or device); unset = one per core."
+    )
     max_attempts: int = Field(3, description="Deliveries of one shard before it is quarantined.")
     interactive_max_shards: int = Field(
         4, description="Jobs with at most this many shards take the interactive lane (lane=auto)."

@@ -15,6 +15,7 @@ from orchestrator.errors import SpecError, StorageError
 from orchestrator.storage import normalize_uri
 
 Precision = Literal["auto", "fp16", "bf16", "fp32"]
+Decode = Literal["auto", "threads", "processes", "device"]
 Device = Literal["auto", "cpu", "cuda"]
 
 _MODEL_SCHEMES = ("hf:", "timm:", "s3://", "file://")
@@ -75,6 +76,10 @@ class JobBase(BaseModel):
     device: Device = Field("auto", description="auto picks CUDA when the worker has it.")
     read_concurrency: int = Field(16, gt=0, le=256, description="Concurrent object reads per worker.")
     compile: bool = Field(False, description="torch.compile the model (slower start, faster steady state).")
+    decode: Decode = Field(
+        "auto", description="Where images are decoded: threads, processes (past the GIL), or device (nvJPEG "
+        "on CUDA for baseline JPEGs, the rest in processes); auto = device on CUDA, threads on CPU.",
+    )
     lane: Literal["auto", "interactive", "bulk"] = Field(
         "auto", description="Queue lane; auto = interactive for small jobs, bulk otherwise (nightly runs use bulk)."
     )

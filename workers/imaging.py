@@ -47,7 +47,7 @@ def decode_rgb(
         # leave this one warning silenced process-wide.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         img = _open(data)
-        _check_size(img, max_pixels)
+        check_size(img, max_pixels)
         return _load_rgb(img, draft_size)
 
 
@@ -101,7 +101,7 @@ def _sniff_format(prefix: bytes) -> str | None:
     return None
 
 
-def _check_size(img: Image.Image, max_pixels: int) -> None:
+def check_size(img: Image.Image, max_pixels: int) -> None:
     width, height = img.size
     if width < 1 or height < 1:
         raise BadImage(f"image is {width}x{height}: it has no pixels")
@@ -189,13 +189,13 @@ def _resize_cover(img: Image.Image, cover: tuple[int, int], resample: int) -> Im
 
 def _center_crop(img: Image.Image, crop: tuple[int, int]) -> Image.Image:
     crop_height, crop_width = crop
-    left = _crop_offset(img.width, crop_width)
-    top = _crop_offset(img.height, crop_height)
+    left = crop_offset(img.width, crop_width)
+    top = crop_offset(img.height, crop_height)
     # A box past the edges is filled with black, as torchvision pads.
     return img.crop((left, top, left + crop_width, top + crop_height))
 
 
-def _crop_offset(length: int, crop_length: int) -> int:
+def crop_offset(length: int, crop_length: int) -> int:
     if crop_length > length:
         return -((crop_length - length) // 2)  # torchvision's left/top padding
     return int(round((length - crop_length) / 2.0))

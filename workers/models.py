@@ -11,7 +11,7 @@ import math
 import json
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -56,6 +56,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     fingerprint: str
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)  # one forward at a time
 
     @property
     def input_size(self) -> tuple[int, int]:

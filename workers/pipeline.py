@@ -1,9 +1,13 @@
 """fetch -> decode -> resize -> batch -> device, overlapped.
 
-Reads and decodes run in a thread pool ahead of the model (PIL and boto3
-release the GIL for most of their work); the model runs on the caller's
-thread. Results come back in manifest order, so a shard's rows never depend
-on arrival order.
+Reads run in a thread pool ahead of the model (boto3 waits off the GIL).
+Decoding happens where the job's `decode` says: in those threads, in a
+process pool writing into shared memory (a `Lane`), or for plain JPEGs on
+the model's device (nvJPEG), which takes what the processes have no room
+for. The model runs on the caller's thread, one shard at a time per model
+(the model's lock), so a second shard in flight reads and decodes while
+this one computes. Results come back in manifest order, so a shard's rows
+never depend on arrival order.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from PIL import Image
 from orchestrator.errors import ObjectNotFound, ObjectTooLarge
 from orchestrator.planner import Item
 from orchestrator.storage import ObjectStore
+from workers.decodepool import DecodeRecipe, Lane
+from workers.devicedecode import decode_batch, device_decodable, resize_batch
 from workers.errors import BadImage
-from workers.imaging import decode_rgb, resize_uint8
 from workers.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -37,6 +42,9 @@ class Decoded:
     read_s: float = 0.0
     decode_s: float = 0.0
     preview: Image.Image | None = None  # the decoded image, kept only when a head asks (overlays)
+    slot: int | None = None  # the lane slot `pixels` views; freed once the batch is on the device
+    raw: bytes | None = None  # a JPEG left for the device to decode
+    tensor: torch.Tensor | None = None  # decoded and resized on the device (CHW float, 0..255)
 
 
 @dataclass
@@ -49,6 +57,7 @@ class StageTimes:
     wait_s: float = 0.0
     write_s: float = 0.0
     wall_s: float = 0.0
+    device_decode_s: float = 0.0
     items: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -61,16 +70,20 @@ class StageTimes:
 
 class ShardPipeline:
     def __init__(self, model: LoadedModel, store: ObjectStore, *, batch_size: int, read_concurrency: int,
-                 max_bytes: int, max_pixels: int, blobs: dict[str, bytes | str] | None = None) -> None:
+                 max_bytes: int, max_pixels: int, blobs: dict[str, bytes | str] | None = None,
+                 lane: Lane | None = None, device_jpegs: bool = False) -> None:
         self.model, self.store = model, store
         self.blobs = blobs or {}  # tar members already in memory: uri -> bytes, or why they were not read
         self.batch_size, self.read_concurrency = batch_size, read_concurrency
         self.max_bytes, self.max_pixels = max_bytes, max_pixels
+        self.lane, self.device_jpegs = lane, device_jpegs
+        self.recipe = DecodeRecipe.for_model(model.prep, max_pixels)
+        self.device_decode_s = 0.0
         prep = model.prep
         self._mean = torch.tensor(prep.mean, device=model.device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(prep.std, device=model.device).view(1, 3, 1, 1) * 255
 
-    # -- stage 1+2: read and decode, in threads ----------------------------------------------
+    # -- stage 1+2: read, then decode (in this thread, a decode process, or later on the device) ----
     def _load(self, item: Item, keep_preview: bool = False) -> Decoded:
         t0 = time.perf_counter()
         try:
@@ -80,23 +93,34 @@ class ShardPipeline:
         if isinstance(data, str):
             return Decoded(item, None, data, read_s=time.perf_counter() - t0)
         t1 = time.perf_counter()
-        prep = self.model.prep
+        if keep_preview or self.lane is None:
+            return self._decode_here(item, data, keep_preview, t1 - t0)
+        if (self.device_jpegs and not self.lane.pool.has_idle_process()
+                and device_decodable(data, self.max_pixels)):
+            return Decoded(item, None, None, t1 - t0, time.perf_counter() - t1, raw=data)
+        slot, error, seconds = self.lane.decode(data)
+        pixels = self.lane.pixels[slot] if slot is not None else None
+        return Decoded(item, pixels, error, t1 - t0, seconds, slot=slot)
+
+    def _decode_here(self, item: Item, data: bytes, keep_preview: bool, read_s: float) -> Decoded:
+        t1 = time.perf_counter()
         try:
-            # Draft to the size the first resize aims at (the shortest edge for crop models).
-            height, width = prep.cover or ((prep.shortest_edge,) * 2 if prep.shortest_edge else prep.size)
-            img = decode_rgb(data, max_pixels=self.max_pixels, draft_size=(width, height))
-            pixels = resize_uint8(img, size=prep.size, resample=prep.resample,
-                                  shortest_edge=prep.shortest_edge, crop=prep.crop, cover=prep.cover)
+            img = self.recipe.image(data)
+            pixels = self.recipe.resize(img)
         except BadImage as e:
-            return Decoded(item, None, e.reason, t1 - t0, time.perf_counter() - t1)
-        preview = img if keep_preview else None
-        return Decoded(item, pixels, None, t1 - t0, time.perf_counter() - t1, preview)
+            return Decoded(item, None, e.reason, read_s, time.perf_counter() - t1)
+        return Decoded(item, pixels, None, read_s, time.perf_counter() - t1, img if keep_preview else None)
+
+    @staticmethod
+    def window(read_concurrency: int, batch_size: int) -> int:
+        """Items read ahead of the model; a lane needs this many slots plus one batch."""
+        return max(read_concurrency, batch_size) * 2
 
     def decoded(self, items: list[Item], pool: ThreadPoolExecutor,
                 keep_preview: Callable[[int], bool] = lambda _: False) -> Iterator[Decoded]:
         """Items decoded in order, with a bounded window in flight (memory stays flat)."""
         window: deque[Future] = deque()
-        limit = max(self.read_concurrency, self.batch_size) * 2
+        limit = self.window(self.read_concurrency, self.batch_size)
         for index, item in enumerate(items):
             window.append(pool.submit(self._load, item, keep_preview(index)))
             if len(window) >= limit:
@@ -105,13 +129,46 @@ class ShardPipeline:
             yield window.popleft().result()
 
     # -- stage 3: device ----------------------------------------------------------------------
-    def to_device(self, arrays: list[np.ndarray]) -> torch.Tensor:
-        batch = torch.from_numpy(np.stack(arrays))
-        if self.model.device.type == "cuda":
-            batch = batch.pin_memory().to(self.model.device, non_blocking=True)
-        # Normalize on the device: uint8 crosses the bus, not float32 (4x less traffic).
-        batch = batch.permute(0, 3, 1, 2).float().sub_(self._mean).div_(self._std)
+    def to_device(self, decoded: list[Decoded]) -> torch.Tensor:
+        host = [d.pixels for d in decoded if d.tensor is None]
+        batch = None
+        if host:
+            batch = torch.from_numpy(np.stack(host))
+            if self.model.device.type == "cuda":
+                batch = batch.pin_memory().to(self.model.device, non_blocking=True)
+            # Normalize on the device: uint8 crosses the bus, not float32 (4x less traffic).
+            batch = batch.permute(0, 3, 1, 2).float()
+        if len(host) < len(decoded):  # some were decoded on the device: put them back in order
+            rows = iter(batch if batch is not None else ())
+            batch = torch.stack([d.tensor if d.tensor is not None else next(rows) for d in decoded])
+        batch = batch.sub_(self._mean).div_(self._std)
         return batch.to(self.model.dtype) if self.model.device.type == "cuda" else batch
+
+    def decode_on_device(self, head, batch: list[tuple[int, Decoded]]) -> list[tuple[int, Decoded]]:
+        """nvJPEG for the batch's raw JPEGs in one call; if it refuses any, those go the CPU way,
+        which turns a bad one into an error row with its reason."""
+        raws = [d for _, d in batch if d.raw is not None]
+        if not raws:
+            return batch
+        t0 = time.perf_counter()
+        try:
+            for d, tensor in zip(raws, resize_batch(decode_batch([d.raw for d in raws], self.model.device),
+                                                    self.recipe)):
+                d.tensor, d.raw = tensor, None
+        except RuntimeError as e:
+            log.info("device decode refused a batch (%s); decoding its JPEGs on the CPU", e)
+        kept = []
+        for index, d in batch:
+            if d.raw is not None:
+                try:
+                    d.pixels = self.recipe.decode(d.raw)
+                except BadImage as e:
+                    head.add_error(index, d.item, e.reason)
+                    continue
+                d.raw = None
+            kept.append((index, d))
+        self.device_decode_s += time.perf_counter() - t0
+        return kept
 
     def compute(self, head: Callable, pixels: torch.Tensor):
         autocast = self.model.device.type == "cpu" and self.model.dtype != torch.float32
@@ -121,7 +178,7 @@ class ShardPipeline:
     def _compute_into(self, head, batch: list[tuple[int, Decoded]]) -> None:
         """Run one batch; on device out-of-memory halve the batch size (for good) and go again."""
         try:
-            output = self.compute(head, self.to_device([d.pixels for _, d in batch]))
+            output = self.compute(head, self.to_device([d for _, d in batch]))
         except torch.OutOfMemoryError:
             if len(batch) == 1:
                 raise
@@ -150,16 +207,23 @@ class ShardPipeline:
             if not batch:
                 return
             t0 = time.perf_counter()
-            for start in range(0, len(batch), self.batch_size):
-                self._compute_into(head, batch[start:start + self.batch_size])
+            with self.model.lock:  # one shard at a time on the device; others keep reading
+                ready = self.decode_on_device(head, batch)
+                for start in range(0, len(ready), self.batch_size):
+                    self._compute_into(head, ready[start:start + self.batch_size])
             times.compute_s += time.perf_counter() - t0
             done += len(batch)
+            for _, d in batch:
+                if d.slot is not None:
+                    self.lane.release(d.slot)
             batch.clear()
             if on_progress:
                 on_progress(done, len(items))
 
         keep_preview = getattr(head, "wants_preview", lambda _: False)
-        with ThreadPoolExecutor(self.read_concurrency, thread_name_prefix="vitbatch-read") as pool:
+        # Threads blocked on a decode process must not starve the reads.
+        threads = self.read_concurrency + (self.lane.pool.processes if self.lane else 0)
+        with ThreadPoolExecutor(threads, thread_name_prefix="vitbatch-read") as pool:
             t_wait = time.perf_counter()
             for index, decoded in enumerate(self.decoded(items, pool, keep_preview)):
                 times.wait_s += time.perf_counter() - t_wait
@@ -177,5 +241,6 @@ class ShardPipeline:
         if on_progress:
             on_progress(done, len(items))
         times.items = len(items)
+        times.device_decode_s = self.device_decode_s
         times.wall_s = time.perf_counter() - start
         return times

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -13,8 +14,9 @@ from orchestrator.ledger import Ledger
 from orchestrator.planner import Item, read_manifest
 from orchestrator.storage import ObjectStore
 from workers.attention import AttentionHead
+from workers.decodepool import DecodePool, DecodeRecipe
 from workers.heads import ClassifyHead, EmbedHead
-from workers.models import ModelCache
+from workers.models import LoadedModel, ModelCache
 from workers.pipeline import ShardPipeline
 from workers.tarshards import expand
 from workers.writers import commit_shard
@@ -40,6 +42,17 @@ class WorkerContext:
     @cached_property
     def models(self) -> ModelCache:
         return ModelCache(self.settings, self.store)
+
+    @cached_property
+    def decode_pool(self) -> DecodePool:
+        return DecodePool(self.settings.decode_processes)
+
+
+def decode_mode(decode: str, model: LoadedModel) -> str:
+    """auto: nvJPEG (plus processes) on CUDA; threads on a CPU, whose cores the model needs."""
+    if decode == "auto":
+        return "device" if model.device.type == "cuda" else "threads"
+    return decode
 
 
 def make_head(spec: JobSpec, shard: int, ctx: WorkerContext):
@@ -79,11 +92,19 @@ def run_shard(spec: JobSpec, shard: int, ctx: WorkerContext, on_progress: Progre
     if blobs and job_id:  # the job's total grows by what the tars hold
         ctx.ledger.shard_items(job_id, shard, len(items))
     head = make_head(spec, shard, ctx)
-    pipeline = ShardPipeline(
-        head.model, ctx.store, batch_size=spec.batch_size, read_concurrency=spec.read_concurrency,
-        max_bytes=ctx.settings.max_object_bytes, max_pixels=ctx.settings.max_pixels, blobs=blobs,
-    )
-    times = pipeline.run(items, head, on_progress)
+    mode = decode_mode(spec.decode, head.model)
+    lane = nullcontext()
+    if mode != "threads":
+        slots = ShardPipeline.window(spec.read_concurrency, spec.batch_size) + spec.batch_size
+        recipe = DecodeRecipe.for_model(head.model.prep, ctx.settings.max_pixels)
+        lane = ctx.decode_pool.lane(min(slots, len(items) + 1), (*head.model.input_size, 3), recipe)
+    with lane as lane:
+        pipeline = ShardPipeline(
+            head.model, ctx.store, batch_size=spec.batch_size, read_concurrency=spec.read_concurrency,
+            max_bytes=ctx.settings.max_object_bytes, max_pixels=ctx.settings.max_pixels, blobs=blobs,
+            lane=lane, device_jpegs=mode == "device",
+        )
+        times = pipeline.run(items, head, on_progress)
     t0 = time.perf_counter()
     parts = head.parts()
     summary = {"rows": len(head.rows), "errors": head.errors, "model_fingerprint": head.model.fingerprint,

@@ -1,0 +1,182 @@
+"""Decoding past the GIL: processes that write pixels into shared memory.
+
+Reads stay in threads (they wait on the network, which releases the GIL). The
+bytes go to a decode process, which decodes, resizes and writes the HxWx3 uint8
+result into a slot of a shared-memory block; only the slot's status comes
+back, so no pixels are pickled. A lane is one shard's block of slots: two
+shards in flight never wait on each other's slots.
+
+The processes come from a forkserver, not fork: a worker holding CUDA state
+cannot fork safely, and Celery's solo and threads pools allow children.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from multiprocessing.shared_memory import SharedMemory
+from queue import SimpleQueue
+
+import numpy as np
+from PIL import Image
+
+from workers.errors import BadImage
+from workers.imaging import decode_rgb, resize_uint8
+
+# A decode process keeps this many blocks mapped (one per recent lane).
+_ATTACHED_LIMIT = 4
+_attached: OrderedDict[str, tuple[SharedMemory, np.ndarray]] = OrderedDict()
+
+
+@dataclass(frozen=True)
+class DecodeRecipe:
+    """Everything a process needs to turn bytes into model-sized pixels (small, picklable)."""
+
+    max_pixels: int
+    draft_size: tuple[int, int]
+    size: tuple[int, int]
+    resample: int
+    shortest_edge: int | None
+    crop: tuple[int, int] | None
+    cover: tuple[int, int] | None
+
+    @classmethod
+    def for_model(cls, prep, max_pixels: int) -> DecodeRecipe:
+        """From a model's Preprocess: draft JPEGs to the size the first resize aims at."""
+        height, width = prep.cover or ((prep.shortest_edge,) * 2 if prep.shortest_edge else prep.size)
+        return cls(max_pixels, (width, height), prep.size, prep.resample, prep.shortest_edge, prep.crop, prep.cover)
+
+    def image(self, data: bytes) -> Image.Image:
+        return decode_rgb(data, max_pixels=self.max_pixels, draft_size=self.draft_size)
+
+    def resize(self, img: Image.Image) -> np.ndarray:
+        return resize_uint8(img, size=self.size, resample=self.resample, shortest_edge=self.shortest_edge,
+                            crop=self.crop, cover=self.cover)
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """Bytes -> HxWx3 uint8 at the model's input size; BadImage says why not."""
+        return self.resize(self.image(data))
+
+
+def _block(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The lane's slots, mapped once per process. The parent owns the block and unlinks it;
+    children of a forkserver share its resource tracker, so attaching here leaks nothing."""
+    if name not in _attached:
+        shm = SharedMemory(name=name)
+        _attached[name] = (shm, np.ndarray(shape, dtype=np.uint8, buffer=shm.buf))
+        while len(_attached) > _ATTACHED_LIMIT:
+            old, _view = _attached.popitem(last=False)[1]
+            del _view
+            old.close()
+    _attached.move_to_end(name)
+    return _attached[name][1]
+
+
+def _decode_into(block: str, shape: tuple[int, ...], slot: int, data: bytes,
+                 recipe: DecodeRecipe) -> tuple[str | None, float]:
+    """Runs in a decode process: (None, seconds) with the pixels in the slot, or (reason, seconds)."""
+    start = time.perf_counter()
+    try:
+        pixels = recipe.decode(data)
+    except BadImage as e:
+        return e.reason, time.perf_counter() - start
+    _block(block, shape)[slot] = pixels
+    return None, time.perf_counter() - start
+
+
+class DecodePool:
+    """A worker's decode processes, started on first use and restarted if one dies."""
+
+    def __init__(self, processes: int | None = None) -> None:
+        self.processes = processes or len(os.sched_getaffinity(0))  # one per core this worker may use
+        self._executor: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._in_flight = 0
+
+    def _current(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                context = multiprocessing.get_context("forkserver")
+                context.set_forkserver_preload(["workers.decodepool"])
+                self._executor = ProcessPoolExecutor(self.processes, mp_context=context)
+            return self._executor
+
+    def _discard(self, broken: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._executor is broken:
+                self._executor = None
+        broken.shutdown(wait=False, cancel_futures=True)
+
+    def has_idle_process(self) -> bool:
+        return self._in_flight < self.processes
+
+    def run(self, *args) -> tuple[str | None, float]:
+        """_decode_into(*args) in a process; a process that dies (a decoder crash) is replaced and the
+        image tried once more, so its neighbours in flight are not lost with it."""
+        for attempt in range(2):
+            executor = self._current()
+            with self._lock:
+                self._in_flight += 1
+            try:
+                return executor.submit(_decode_into, *args).result()
+            except BrokenProcessPool:
+                self._discard(executor)
+            finally:
+                with self._lock:
+                    self._in_flight -= 1
+        return "a decode process died twice while decoding this image", 0.0
+
+    def lane(self, slots: int, shape: tuple[int, int, int], recipe: DecodeRecipe) -> Lane:
+        return Lane(self, slots, shape, recipe)
+
+    def close(self) -> None:
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+
+class Lane:
+    """One shard's slots in shared memory. decode() blocks its (reader) thread until a slot is
+    free and the pixels are in it; the consumer calls release() once the batch is on the device."""
+
+    def __init__(self, pool: DecodePool, slots: int, shape: tuple[int, int, int], recipe: DecodeRecipe) -> None:
+        self.pool, self.recipe = pool, recipe
+        self.shape = (slots, *shape)
+        self._shm = SharedMemory(create=True, size=int(np.prod(self.shape)))
+        self.pixels = np.ndarray(self.shape, dtype=np.uint8, buffer=self._shm.buf)
+        self._free: SimpleQueue[int] = SimpleQueue()
+        for slot in range(slots):
+            self._free.put(slot)
+
+    def decode(self, data: bytes) -> tuple[int | None, str | None, float]:
+        """(slot, None, seconds) or (None, reason, seconds)."""
+        slot = self._free.get()
+        error, seconds = self.pool.run(self._shm.name, self.shape, slot, data, self.recipe)
+        if error is not None:
+            self.release(slot)
+            return None, error, seconds
+        return slot, None, seconds
+
+    def release(self, slot: int) -> None:
+        self._free.put(slot)
+
+    def close(self) -> None:
+        self.pixels = None
+        try:
+            self._shm.close()
+        except BufferError:  # a view is still alive somewhere; the mapping goes when it does
+            pass
+        self._shm.unlink()
+
+    def __enter__(self) -> Lane:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
