@@ -42,8 +42,8 @@ RUN pip install --no-cache-dir "./[worker]" \
 USER 10001:10001
 VOLUME ["/cache"]
 
-# With the solo pool the worker answers control messages only between shards, so a ping
-# goes unanswered for as long as a shard runs. Unhealthy therefore means "no reply for
+# The threads pool answers pings while shards run (solo answers only between shards, so a
+# ping can go unanswered for as long as a shard runs). Unhealthy means "no reply for
 # longer than a shard may take": 35 misses x 2 min = 70 min > VITBATCH_VISIBILITY_TIMEOUT_S
 # (4000 s by default). WORKER_NAME must match --name below; Celery appends the hostname.
 HEALTHCHECK --interval=2m --timeout=45s --start-period=5m --retries=35 \
@@ -53,4 +53,4 @@ HEALTHCHECK --interval=2m --timeout=45s --start-period=5m --retries=35 \
 # it finishes the running shard, then exits. Give the container a stop grace period longer
 # than a shard takes.
 ENTRYPOINT ["vitbatch", "worker"]
-CMD ["--queues", "vitbatch-interactive,vitbatch", "--pool", "solo", "--concurrency", "1", "--name", "vitbatch"]
+CMD ["--queues", "vitbatch-interactive,vitbatch", "--shards-in-flight", "2", "--name", "vitbatch"]

@@ -293,8 +293,9 @@ def schema() -> None:
 
 @app.command()
 def worker(queues: str = typer.Option(DEFAULT_WORKER_QUEUES, help="Comma-separated queues, highest priority first."),
-           concurrency: int = typer.Option(1, help="Processes (prefork) or threads; 1 per GPU."),
-           pool: str = typer.Option("solo", help="solo (default, one per GPU), threads or prefork."),
+           shards_in_flight: int = typer.Option(
+               2, min=1, help="Shards held at once: the next one reads and decodes while this one computes."),
+           pool: str = typer.Option("auto", help="auto (threads, or solo for one shard in flight), threads, solo."),
            name: str = typer.Option("vitbatch", help="Worker name; the host is appended."),
            gpus: str = typer.Option(None, help="'all' or ids like 0,2: one worker process per GPU.")) -> None:
     """Start a worker in the foreground (same as `celery -A workers worker`)."""
@@ -307,8 +308,8 @@ def worker(queues: str = typer.Option(DEFAULT_WORKER_QUEUES, help="Comma-separat
 
         chosen = visible_gpus(gpus)
         err.print(f"starting {len(chosen)} worker(s), one per GPU: {chosen}")
-        raise typer.Exit(supervise(chosen, lambda gpu: worker_command(f"{name}-gpu{gpu}", queues, pool, concurrency)))
-    cmd = worker_command(name, queues, pool, concurrency)
+        raise typer.Exit(supervise(chosen, lambda gpu: worker_command(f"{name}-gpu{gpu}", queues, shards_in_flight, pool)))
+    cmd = worker_command(name, queues, shards_in_flight, pool)
     os.execv(cmd[0], cmd)
 
 

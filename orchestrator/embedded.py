@@ -103,13 +103,21 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def worker_command(name: str, queues: str = QUEUE_DEFAULT, pool: str = "solo", concurrency: int = 1,
+def worker_command(name: str, queues: str = QUEUE_DEFAULT, shards_in_flight: int = 2, pool: str = "auto",
                    loglevel: str = "INFO") -> list[str]:
-    # solo: CUDA state and decode process pools survive; prefork children are daemonic.
+    """A Celery worker holding `shards_in_flight` shards: with 2, the next shard reads and decodes
+    while this one computes, so the device stays busy across shard boundaries.
+
+    auto: threads (one process, one model, one CUDA context, one decode pool shared by the
+    shards), or solo for one shard. Not prefork: CUDA does not survive fork, and prefork
+    children are daemonic, so they cannot start decode processes.
+    """
+    if pool == "auto":
+        pool = "threads" if shards_in_flight > 1 else "solo"
     cmd = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-P", pool, "-Q", queues,
            "-n", f"{name}@%h", "-E", "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
     if pool != "solo":
-        cmd += ["--concurrency", str(concurrency)]
+        cmd += ["--concurrency", str(shards_in_flight)]
     return cmd
 
 

@@ -1,4 +1,4 @@
-"""`vitbatch worker --gpus all`: one solo worker process per visible GPU, each pinned with
+"""`vitbatch worker --gpus all`: one worker process per visible GPU, each pinned with
 CUDA_VISIBLE_DEVICES and named after its GPU, supervised until SIGTERM/SIGINT."""
 
 from __future__ import annotations
@@ -45,8 +45,11 @@ def supervise(gpus: list[str], command_for) -> int:
     procs: dict[str, subprocess.Popen] = {}
     stopping = {"flag": False}
 
+    # Each GPU's decode processes get their share of the host's cores, not all of them.
+    share = str(max(1, len(os.sched_getaffinity(0)) // len(gpus)))
+
     def spawn(gpu: str) -> None:
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+        env = {"VITBATCH_DECODE_PROCESSES": share, **os.environ, "CUDA_VISIBLE_DEVICES": gpu}
         procs[gpu] = subprocess.Popen(command_for(gpu), env=env)
 
     def stop(signum, _frame) -> None:

@@ -21,9 +21,9 @@ class WorkerPool:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, pool: str = "solo", wait: bool = True,
-              env: dict[str, str] | None = None) -> subprocess.Popen:
+              env: dict[str, str] | None = None, shards_in_flight: int = 1) -> subprocess.Popen:
         with open(self.log_dir / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(worker_command(name, queues=ALL_QUEUES, pool=pool),
+            proc = subprocess.Popen(worker_command(name, queues=ALL_QUEUES, shards_in_flight=shards_in_flight, pool=pool),
                                     env={**self.env, **(env or {})}, cwd=ROOT, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc

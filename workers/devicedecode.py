@@ -19,11 +19,14 @@ from PIL import Image
 from workers.imaging import check_size, crop_offset
 
 _EXIF_ORIENTATION = 0x0112
+_END_OF_IMAGE = b"\xff\xd9"
 _MODES = {Image.NEAREST: "nearest", Image.BILINEAR: "bilinear", Image.BICUBIC: "bicubic"}
 
 
 def device_decodable(data: bytes, max_pixels: int) -> bool:
     """True when the header says nvJPEG will decode this exactly as the CPU path would."""
+    if not data.rstrip(b"\0").endswith(_END_OF_IMAGE):
+        return False  # truncated: the CPU path names it; a decoder might fill the rest with grey
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

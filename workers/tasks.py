@@ -8,6 +8,7 @@ unit after too many; run the work with a heartbeat; commit; settle the job.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from functools import cache
@@ -30,9 +31,20 @@ log = logging.getLogger(__name__)
 FINAL_ERRORS = (SpecError, ModelLoadError, TrainingDiverged)  # retrying cannot help
 
 
+_context_lock = threading.Lock()
+
+
 @cache
+def _context() -> WorkerContext:
+    ctx = WorkerContext(Settings())
+    for part in ("store", "ledger", "models", "decode_pool"):  # made once here, not raced into being
+        getattr(ctx, part)                                    # by two shards in flight
+    return ctx
+
+
 def context() -> WorkerContext:
-    return WorkerContext(Settings())
+    with _context_lock:
+        return _context()
 
 
 def _settle(ctx: WorkerContext, job_id: str, all_settled: bool, fingerprint: str = "") -> None:

@@ -85,15 +85,20 @@ class Stack:
 
     def running_shard(self, job_id: str, timeout_s: float = 120) -> int:
         """The first shard the ledger shows running with some items done and no commit marker yet."""
+        return self.running_shards(job_id, 1, timeout_s)[0]
+
+    def running_shards(self, job_id: str, count: int, timeout_s: float = 120) -> list[int]:
+        """`count` shards the ledger shows running at once, each with some items done and no commit marker."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             done = self.client.ledger.r.hgetall(shard_done_key(job_id))
-            for shard, state in sorted(self.client.ledger.shard_states(job_id).items()):
-                if state is ShardState.RUNNING and int(done.get(str(shard), 0)) > 0 and not self.store.exists(
-                        join(self.output, commit_name(shard))):
-                    return shard
+            running = [shard for shard, state in sorted(self.client.ledger.shard_states(job_id).items())
+                       if state is ShardState.RUNNING and int(done.get(str(shard), 0)) > 0
+                       and not self.store.exists(join(self.output, commit_name(shard)))]
+            if len(running) >= count:
+                return running[:count]
             time.sleep(0.05)
-        raise TimeoutError(f"no shard of {job_id} was seen running within {timeout_s} s")
+        raise TimeoutError(f"{count} shards of {job_id} were not seen running at once within {timeout_s} s")
 
     def wait(self, job_id: str, timeout_s: float = 180) -> JobStatus:
         """client.wait (which also reconciles), riding out Redis being down or dropping connections."""

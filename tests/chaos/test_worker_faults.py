@@ -59,6 +59,20 @@ def test_a_sigkilled_solo_worker_is_replaced_and_the_reconciler_requeues_its_sha
     assert_exactly_once(stack.output, digits.keys, stack.store)
 
 
+def test_a_sigkilled_worker_with_two_shards_in_flight_loses_neither(stack, slow_s3, digits):
+    stack.workers.start("doubled", pool="auto", shards_in_flight=2, env=via(slow_s3))
+    job_id = stack.submit(digits.s3_prefix, read_concurrency=1, shard_size=-(-len(digits.keys) // 4))
+    shards = stack.running_shards(job_id, 2)
+    stack.workers.kill("doubled")
+    stack.workers.start("successor", env=via(slow_s3), wait=False)
+    status = stack.wait(job_id)
+
+    assert status.state is JobState.SUCCEEDED, explain(status)
+    assert status.requeued >= 2, "both silent shards were re-enqueued by the reconciler"
+    assert all(stack.attempts(job_id)[shard] >= 2 for shard in shards)
+    assert_exactly_once(stack.output, digits.keys, stack.store)
+
+
 def test_a_warm_shutdown_finishes_the_running_shard_before_the_worker_leaves(stack, slow_s3, digits):
     leaving = stack.workers.start("leaving", env=via(slow_s3))
     job_id = stack.submit(digits.s3_prefix, read_concurrency=1)

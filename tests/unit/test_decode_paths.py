@@ -1,0 +1,168 @@
+"""The three decode paths (threads, processes into shared memory, the model's device) give
+the same rows; what the device cannot decode exactly goes to the CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_sample_images
+
+from orchestrator.jobs import normalize_model_ref
+from orchestrator.planner import Item, plan
+from orchestrator.storage import ObjectStore, normalize_uri
+from workers import models
+from workers.decodepool import DecodePool, DecodeRecipe
+from workers.devicedecode import decode_batch, device_decodable, resize_batch
+from workers.heads import ClassifyHead
+from workers.pipeline import ShardPipeline
+
+MAX_PIXELS = 10_000_000
+
+
+def jpeg(img: Image.Image, **save) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Image.Image]:
+    """Real photos (scikit-learn ships two), cut to a few sizes and aspect ratios."""
+    china, flower = (Image.fromarray(a) for a in load_sample_images().images)
+    return [china.resize((500, 375)), flower.crop((0, 0, 300, 420)), china.crop((100, 50, 260, 150)),
+            flower.resize((64, 48)), china.convert("L").resize((240, 240))]
+
+
+@pytest.fixture(scope="module")
+def model(hf_model_dir) -> models.LoadedModel:
+    return models.load(normalize_model_ref(str(hf_model_dir)), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def pool():
+    pool = DecodePool(2)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def items(tmp_path, photos) -> list[Item]:
+    files = {f"p{i:02d}.jpg": jpeg(p) for i, p in enumerate(photos)}
+    files.update({f"q{i:02d}.png": _png(p) for i, p in enumerate(photos)})
+    files.update({"bad-empty.jpg": b"", "bad-truncated.jpg": jpeg(photos[0])[:3000], "bad-text.png": b"hello"})
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    return plan(normalize_uri(str(root)), 1000, ObjectStore()).items
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def run(model, items, *, lane=None, device_jpegs=False, batch_size=2, read_concurrency=1):
+    pipeline = ShardPipeline(model, ObjectStore(), batch_size=batch_size, read_concurrency=read_concurrency,
+                             max_bytes=1 << 24, max_pixels=MAX_PIXELS, lane=lane, device_jpegs=device_jpegs)
+    head = ClassifyHead(model, 0, 3)
+    times = pipeline.run(items, head)
+    return head.ordered_rows(), times
+
+
+def lane_for(pool, model, batch_size=2, read_concurrency=1):
+    slots = ShardPipeline.window(read_concurrency, batch_size) + batch_size
+    return pool.lane(slots, (*model.input_size, 3), DecodeRecipe.for_model(model.prep, MAX_PIXELS))
+
+
+def test_process_decode_gives_exactly_the_rows_of_thread_decode(model, items, pool):
+    threads, _ = run(model, items)
+    with lane_for(pool, model) as lane:
+        processes, times = run(model, items, lane=lane)
+    assert processes == threads  # same labels, scores and error reasons, bit for bit
+    assert sum(row["error"] is not None for row in processes) == 3
+    assert times.decode_s > 0
+
+
+def test_a_shard_longer_than_the_lane_reuses_its_slots_and_frees_them_all(model, items, pool):
+    with lane_for(pool, model) as lane:
+        assert lane.shape[0] < len(items)
+        rows, _ = run(model, items, lane=lane)
+        assert lane._free.qsize() == lane.shape[0]
+    assert [row["key"] for row in rows] == [item.key for item in items]
+
+
+def test_the_shared_memory_block_is_removed_when_the_lane_closes(model, pool):
+    with lane_for(pool, model) as lane:
+        path = Path("/dev/shm") / lane._shm.name
+        assert path.exists()
+    assert not path.exists()
+
+
+def test_a_killed_decode_process_is_replaced_and_the_image_still_decodes(model, photos, pool):
+    recipe = DecodeRecipe.for_model(model.prep, MAX_PIXELS)
+    with lane_for(pool, model) as lane:
+        assert lane.decode(jpeg(photos[0]))[1] is None  # the pool is up
+        for pid in list(pool._current()._processes):
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+        slot, error, _ = lane.decode(jpeg(photos[1]))
+        assert error is None
+        assert np.array_equal(lane.pixels[slot], recipe.decode(jpeg(photos[1])))
+
+
+@pytest.mark.parametrize("prep", [
+    dict(size=(224, 224), resample=Image.BILINEAR),  # HF ViT: stretch
+    dict(size=(224, 224), resample=Image.BICUBIC, shortest_edge=248, crop=(224, 224)),  # timm: short side, crop
+    dict(size=(96, 160), resample=Image.BICUBIC, shortest_edge=106, crop=(96, 160), cover=(106, 177)),  # non-square
+    dict(size=(64, 64), resample=Image.BILINEAR, shortest_edge=64, crop=(80, 80)),  # crop past the edges pads
+])
+def test_device_resize_matches_the_cpu_geometry_within_a_level_or_two(photos, prep):
+    recipe = DecodeRecipe.for_model(models.Preprocess(mean=(0.5,) * 3, std=(0.5,) * 3, **prep), MAX_PIXELS)
+    recipe = dataclasses.replace(recipe, draft_size=(10**5, 10**5))  # full-scale decode: compare geometry only
+    raws = [jpeg(p) for p in photos]
+    on_device = resize_batch(decode_batch(raws, torch.device("cpu")), recipe)
+    for raw, tensor in zip(raws, on_device):
+        cpu = recipe.decode(raw).astype(np.float32)
+        ours = tensor.permute(1, 2, 0).numpy()
+        assert ours.shape == cpu.shape
+        assert np.abs(ours - cpu).mean() < 2.0, "antialiased resize of the same decode"
+
+
+def test_only_jpegs_the_device_decodes_exactly_are_sent_there(photos):
+    photo = photos[0]
+    rotated = photo.getexif()
+    rotated[0x0112] = 6
+    assert device_decodable(jpeg(photo), MAX_PIXELS)
+    assert device_decodable(jpeg(photos[4]), MAX_PIXELS)  # grayscale
+    assert not device_decodable(jpeg(photo, progressive=True), MAX_PIXELS)
+    assert not device_decodable(jpeg(photo.convert("CMYK")), MAX_PIXELS)
+    assert not device_decodable(jpeg(photo, exif=rotated), MAX_PIXELS)
+    assert not device_decodable(jpeg(photo)[:3000], MAX_PIXELS)  # truncated: no end-of-image marker
+    assert not device_decodable(_png(photo), MAX_PIXELS)
+    assert not device_decodable(jpeg(photo), max_pixels=1000)
+
+
+def test_rows_decoded_on_the_device_match_the_cpu_rows_and_bad_files_keep_their_reasons(model, items, pool):
+    threads, _ = run(model, items)
+    busy = DecodePool(1)
+    busy.has_idle_process = lambda: False  # every plain JPEG goes to the device
+    with lane_for(busy, model) as lane:
+        device, times = run(model, items, lane=lane, device_jpegs=True)
+    busy.close()
+    assert times.device_decode_s > 0
+    assert [row["key"] for row in device] == [row["key"] for row in threads]
+    assert [row["error"] for row in device] == [row["error"] for row in threads]
+    for ours, theirs in zip(device, threads):
+        if ours["error"] is None:
+            assert np.allclose(ours["topk_scores"], theirs["topk_scores"], atol=0.02)
