@@ -97,3 +97,19 @@ def run_in_process(ctx, spec) -> tuple[float, dict]:
     start = time.perf_counter()
     marker = run_shard(spec, 0, ctx)
     return time.perf_counter() - start, marker
+
+
+def run_shards_in_process(ctx, spec, in_flight: int) -> tuple[float, list[dict]]:
+    """Every shard of the spec on this process, `in_flight` at a time on threads sharing one
+    model, as a worker with --shards-in-flight does; returns (seconds, commit markers)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from orchestrator.planner import plan, write_manifests
+    from workers.runner import make_head, run_shard
+
+    shards = len(write_manifests(plan(spec.input, spec.shard_size, ctx.store), spec.output, ctx.store))
+    make_head(spec, 0, ctx)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(in_flight) as pool:
+        markers = list(pool.map(lambda shard: run_shard(spec, shard, ctx), range(shards)))
+    return time.perf_counter() - start, markers
