@@ -68,7 +68,10 @@ class JobBase(BaseModel):
     model: str = Field(
         description="hf:<repo id or dir>, timm:<name or dir>, a local save_pretrained directory, or s3:// directory."
     )
-    batch_size: int = Field(64, gt=0, le=4096, description="Images per forward pass.")
+    batch_size: int | None = Field(
+        None, gt=0, le=4096, description="Images per forward pass; unset = 256 on CUDA (halved on out-of-memory), "
+        "16 on a CPU, where cache-sized batches run faster.",
+    )
     shard_size: int = Field(1000, gt=0, le=1_000_000, description="Images per shard (one task per shard).")
     precision: Precision = Field(
         "auto", description="Compute dtype; auto = fp16 on CUDA, bf16 on CPUs with AMX, else fp32."

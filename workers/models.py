@@ -71,6 +71,12 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def default_batch_size(device: torch.device) -> int:
+    """256 fills an H100 with ViT-B/16 (out-of-memory halves it); on a CPU a ViT runs faster in
+    batches that stay in cache (ViT-Tiny/16 here: about 37 img/s at 16, 27 at 64)."""
+    return 256 if device.type == "cuda" else 16
+
+
 def cpu_has_fast_bf16() -> bool:
     """AMX or AVX512-BF16: where bf16 autocast beats fp32 on the CPU (vit_base 4.3x with AMX).
 

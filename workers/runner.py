@@ -16,7 +16,7 @@ from orchestrator.storage import ObjectStore
 from workers.attention import AttentionHead
 from workers.decodepool import DecodePool, DecodeRecipe
 from workers.heads import ClassifyHead, EmbedHead
-from workers.models import LoadedModel, ModelCache
+from workers.models import LoadedModel, ModelCache, default_batch_size
 from workers.pipeline import ShardPipeline
 from workers.tarshards import expand
 from workers.writers import commit_shard
@@ -93,14 +93,15 @@ def run_shard(spec: JobSpec, shard: int, ctx: WorkerContext, on_progress: Progre
         ctx.ledger.shard_items(job_id, shard, len(items))
     head = make_head(spec, shard, ctx)
     mode = decode_mode(spec.decode, head.model)
+    batch_size = spec.batch_size or default_batch_size(head.model.device)
     lane = nullcontext()
     if mode != "threads":
-        slots = ShardPipeline.window(spec.read_concurrency, spec.batch_size) + spec.batch_size
+        slots = ShardPipeline.window(spec.read_concurrency, batch_size) + batch_size
         recipe = DecodeRecipe.for_model(head.model.prep, ctx.settings.max_pixels)
         lane = ctx.decode_pool.lane(min(slots, len(items) + 1), (*head.model.input_size, 3), recipe)
     with lane as lane:
         pipeline = ShardPipeline(
-            head.model, ctx.store, batch_size=spec.batch_size, read_concurrency=spec.read_concurrency,
+            head.model, ctx.store, batch_size=batch_size, read_concurrency=spec.read_concurrency,
             max_bytes=ctx.settings.max_object_bytes, max_pixels=ctx.settings.max_pixels, blobs=blobs,
             lane=lane, device_jpegs=mode == "device",
         )
@@ -108,6 +109,6 @@ def run_shard(spec: JobSpec, shard: int, ctx: WorkerContext, on_progress: Progre
     t0 = time.perf_counter()
     parts = head.parts()
     summary = {"rows": len(head.rows), "errors": head.errors, "model_fingerprint": head.model.fingerprint,
-               "worker": ctx.hostname}
+               "worker": ctx.hostname, "batch_size": pipeline.batch_size}  # after any out-of-memory halving
     times.write_s = time.perf_counter() - t0
     return commit_shard(ctx.store, spec.output, shard, parts, {**summary, "stats": times.to_json()})

@@ -166,3 +166,18 @@ def test_rows_decoded_on_the_device_match_the_cpu_rows_and_bad_files_keep_their_
     for ours, theirs in zip(device, threads):
         if ours["error"] is None:
             assert np.allclose(ours["topk_scores"], theirs["topk_scores"], atol=0.02)
+
+
+def test_an_unset_batch_size_runs_cache_sized_batches_on_a_cpu(hf_model_dir, items, tmp_path):
+    from orchestrator.config import Settings
+    from orchestrator.jobs import parse_spec
+    from orchestrator.planner import write_manifests
+    from workers.runner import WorkerContext, run_shard
+
+    folder = Path(items[0].uri.removeprefix("file://")).parent
+    spec = parse_spec({"kind": "classify", "input": str(folder), "output": str(tmp_path / "out"),
+                       "model": str(hf_model_dir), "device": "cpu"})
+    write_manifests(plan(spec.input, spec.shard_size, ObjectStore()), spec.output, ObjectStore())
+    marker = run_shard(spec, 0, WorkerContext(Settings()))
+    assert spec.batch_size is None
+    assert marker["batch_size"] == 16 and marker["rows"] == len(items)
