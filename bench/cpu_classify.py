@@ -79,14 +79,14 @@ def main() -> None:
     out = root / "out-cpu-classify"
     with timed("vitbatch_s", t):
         ours, stats = vitbatch_pipeline(model_dir, image_dir, out, args.n)
-    ceiling = model_only(model, args.batch_size)
+    ceiling = max(model_only(model, args.batch_size), model_only(model, 16))  # the plain loop's and vitbatch's CPU batch
     margin = top2_margin(plain_probs)
     decisive = [i for i, m in enumerate(margin) if m > 0.05]
     agree = sum(ours[paths[i].name] == plain_labels[i] for i in decisive)
     report("cpu_classify", {
         "images": args.n, "plain_fp32_img_s": round(args.n / t["plain_s"], 1),
         "vitbatch_img_s": round(args.n / t["vitbatch_s"], 1), "ratio": round(t["plain_s"] / t["vitbatch_s"], 2),
-        "model_only_fp32_img_s": round(ceiling, 1), "ceiling_vs_plain": round(ceiling * t["plain_s"] / args.n, 2),
+        "model_only_fp32_best_batch_img_s": round(ceiling, 1), "ceiling_vs_plain": round(ceiling * t["plain_s"] / args.n, 2),
         "decisive_images": len(decisive), "top1_agreement": round(agree / max(len(decisive), 1), 4),
         "vitbatch_stage_seconds": stats, "torch_threads": torch.get_num_threads(),
     })

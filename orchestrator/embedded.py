@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def _raise_keyboard_interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
 def worker_command(name: str, queues: str = QUEUE_DEFAULT, shards_in_flight: int = 2, pool: str = "auto",
                    loglevel: str = "INFO") -> list[str]:
     """A Celery worker holding `shards_in_flight` shards: with 2, the next shard reads and decodes
@@ -142,6 +147,10 @@ class EmbeddedStack:
     flower_url: str = ""
 
     def __enter__(self) -> EmbeddedStack:
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM (docker stop, systemd, kill) unwinds like Ctrl-C, so __exit__ stops the
+            # workers and Redis instead of leaving them behind.
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         self._tmp = tempfile.TemporaryDirectory(prefix="vitbatch-") if self.data_dir is None else None
         root = Path(self._tmp.name) if self._tmp else Path(self.data_dir)
         self.log_dir = root / "logs"
@@ -191,5 +200,7 @@ class EmbeddedStack:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self.redis.stop()
+        if getattr(self, "_previous_sigterm", None) is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
         if self._tmp:
             self._tmp.cleanup()

@@ -18,7 +18,7 @@ def stage_seconds(shard_stats: dict[int, dict]) -> dict[str, float]:
     totals: dict[str, float] = {}
     for stats in shard_stats.values():
         for name, value in stats.items():
-            if name.endswith("_s") and isinstance(value, (int, float)):
+            if name.endswith("_s") and name != "images_per_s" and isinstance(value, (int, float)):
                 totals[name] = round(totals.get(name, 0.0) + value, 4)
     return totals
 

@@ -54,3 +54,32 @@ def test_embedded_redis_requires_its_password():
         assert redis.Redis.from_url(url).ping()
         with pytest.raises(redis.exceptions.AuthenticationError):
             redis.Redis(host="127.0.0.1", port=stack.redis.port).ping()
+
+
+def test_sigterm_to_vitbatch_up_stops_its_redis_and_workers(env, tmp_path):
+    """docker stop and systemd send SIGTERM: the stack's children must not outlive it."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from support import ROOT
+
+    up_env = {k: v for k, v in env.items() if k != "VITBATCH_BROKER_URL"}
+    log = tmp_path / "up.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "up", "--workers", "1"], env=up_env,
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while "Ctrl-C stops the stack" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert len(children) >= 3, log.read_text()  # Redis, a worker, Flower
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    left = [p.cmdline()[:3] for p in alive]
+    for p in alive:
+        p.kill()
+    assert not alive, f"left running after SIGTERM: {left}"
