@@ -31,6 +31,9 @@ from workers.imaging import decode_rgb, resize_uint8
 
 # A decode process keeps this many blocks mapped (one per recent lane).
 _ATTACHED_LIMIT = 4
+# A decode that takes longer is reported as an error row instead of holding the shard forever
+# (a 50-megapixel JPEG decodes in about a second).
+DECODE_TIMEOUT_S = 120.0
 _attached: OrderedDict[str, tuple[SharedMemory, np.ndarray]] = OrderedDict()
 
 
@@ -119,14 +122,21 @@ class DecodePool:
     def run(self, *args) -> tuple[str | None, float]:
         """_decode_into(*args) in a process; a process that dies (a decoder crash) is replaced and the
         image tried once more, so its neighbours in flight are not lost with it."""
-        for attempt in range(2):
+        for _ in range(2):
             executor = self._current()
             with self._lock:
                 self._in_flight += 1
             try:
-                return executor.submit(_decode_into, *args).result()
+                return executor.submit(_decode_into, *args).result(timeout=DECODE_TIMEOUT_S)
             except BrokenProcessPool:
                 self._discard(executor)
+            except TimeoutError:
+                # The stuck process must not write into the slot after it is reused: end it (the
+                # executor has no public handle on its processes); its neighbours are retried.
+                for process in list((getattr(executor, "_processes", None) or {}).values()):
+                    process.kill()
+                self._discard(executor)
+                return f"decoding took longer than {DECODE_TIMEOUT_S:.0f} s", DECODE_TIMEOUT_S
             finally:
                 with self._lock:
                     self._in_flight -= 1

@@ -121,6 +121,20 @@ def test_a_killed_decode_process_is_replaced_and_the_image_still_decodes(model, 
         assert np.array_equal(lane.pixels[slot], recipe.decode(jpeg(photos[1])))
 
 
+def test_a_decode_past_its_time_limit_is_an_error_and_the_pool_recovers(model, photos, pool, monkeypatch):
+    import workers.decodepool as decodepool
+
+    big = photos[0].resize((3000, 2250))
+    with lane_for(pool, model) as lane:
+        monkeypatch.setattr(decodepool, "DECODE_TIMEOUT_S", 0.005)
+        slot, error, _ = lane.decode(_png(big))  # a PNG has no reduced-scale decode: slow
+        assert slot is None and "longer than" in error
+        monkeypatch.setattr(decodepool, "DECODE_TIMEOUT_S", 120.0)
+        slot, error, _ = lane.decode(jpeg(photos[1]))
+        assert error is None
+        assert np.array_equal(lane.pixels[slot], lane.recipe.decode(jpeg(photos[1])))
+
+
 @pytest.mark.parametrize("prep", [
     dict(size=(224, 224), resample=Image.BILINEAR),  # HF ViT: stretch
     dict(size=(224, 224), resample=Image.BICUBIC, shortest_edge=248, crop=(224, 224)),  # timm: short side, crop
