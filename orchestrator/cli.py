@@ -294,7 +294,8 @@ def schema() -> None:
 @app.command()
 def worker(queues: str = typer.Option(DEFAULT_WORKER_QUEUES, help="Comma-separated queues, highest priority first."),
            shards_in_flight: int = typer.Option(
-               2, min=1, help="Shards held at once: the next one reads and decodes while this one computes."),
+               None, min=1, help="Shards held at once: the next one reads and decodes while this one computes "
+               "(default: 2 on a GPU host, 1 on a CPU-only host)."),
            pool: str = typer.Option("auto", help="auto (threads, or solo for one shard in flight), threads, solo."),
            name: str = typer.Option("vitbatch", help="Worker name; the host is appended."),
            gpus: str = typer.Option(None, help="'all' or ids like 0,2: one worker process per GPU.")) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from orchestrator.config import Settings
 from orchestrator.constants import QUEUE_DEFAULT, QUEUE_INTERACTIVE, QUEUE_TRAIN
+from orchestrator.gpupool import listed_gpus
 
 ALL_QUEUES = f"{QUEUE_INTERACTIVE},{QUEUE_DEFAULT},{QUEUE_TRAIN}"  # in priority order
 
@@ -108,15 +109,19 @@ def _raise_keyboard_interrupt(_signum, _frame) -> None:
     raise KeyboardInterrupt
 
 
-def worker_command(name: str, queues: str = QUEUE_DEFAULT, shards_in_flight: int = 2, pool: str = "auto",
-                   loglevel: str = "INFO") -> list[str]:
+def worker_command(name: str, queues: str = QUEUE_DEFAULT, shards_in_flight: int | None = None,
+                   pool: str = "auto", loglevel: str = "INFO") -> list[str]:
     """A Celery worker holding `shards_in_flight` shards: with 2, the next shard reads and decodes
-    while this one computes, so the device stays busy across shard boundaries.
+    while this one computes, so the device stays busy across shard boundaries. Unset: 2 on a
+    GPU host; 1 on a CPU-only host, where decoding and the model share the same cores and a
+    second shard only adds contention (bench/shards.py: 0.85x on 2 cores).
 
     auto: threads (one process, one model, one CUDA context, one decode pool shared by the
     shards), or solo for one shard. Not prefork: CUDA does not survive fork, and prefork
     children are daemonic, so they cannot start decode processes.
     """
+    if shards_in_flight is None:
+        shards_in_flight = 2 if listed_gpus() else 1
     if pool == "auto":
         pool = "threads" if shards_in_flight > 1 else "solo"
     cmd = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-P", pool, "-Q", queues,

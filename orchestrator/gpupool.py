@@ -16,7 +16,7 @@ RESTART_BACKOFF_S = 5.0
 
 def visible_gpus(spec: str) -> list[str]:
     """'all' -> every GPU nvidia-smi lists (or CUDA_VISIBLE_DEVICES names); '0,2' -> those ids."""
-    available = _listed_gpus()
+    available = listed_gpus()
     if spec == "all":
         chosen = available
     else:
@@ -29,7 +29,8 @@ def visible_gpus(spec: str) -> list[str]:
     return chosen
 
 
-def _listed_gpus() -> list[str]:
+def listed_gpus() -> list[str]:
+    """GPU ids from CUDA_VISIBLE_DEVICES, else from nvidia-smi; [] on a CPU-only host (no torch needed)."""
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [g.strip() for g in env.split(",") if g.strip()]
