@@ -79,6 +79,18 @@ def bench_dir() -> Path:
     return Path(os.environ.get("VITBATCH_BENCH_DIR", Path.home() / ".cache" / "vitbatch" / "bench"))
 
 
+VIT_TINY = {"hidden": 192, "layers": 12, "heads": 3}
+VIT_BASE = {"hidden": 768, "layers": 12, "heads": 12}
+
+
+def photos_and_vit(n: int, vit: dict = VIT_TINY) -> tuple[Path, list[Path], Path]:
+    """(image folder, its n 500x375 JPEGs, a ViT/16 at 224 directory), cached under bench_dir()."""
+    root = bench_dir()
+    image_dir = root / f"jpegs-500x375-{n}"
+    name = f"vit-{'tiny' if vit == VIT_TINY else 'base'}-16-224"
+    return image_dir, write_photo_jpegs(image_dir, n), build_hf_vit(root / name, **vit)
+
+
 def top2_margin(probs: np.ndarray) -> np.ndarray:
     top = np.sort(probs, axis=-1)[:, -2:]
     return top[:, 1] - top[:, 0]

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from bench.common import bench_dir, build_hf_vit, report, run_in_process, timed, top2_margin, write_photo_jpegs
+from bench.common import bench_dir, photos_and_vit, report, run_in_process, timed, top2_margin
 
 
 def load_plain(model_dir):
@@ -69,9 +69,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
     root = bench_dir()
-    image_dir = root / f"jpegs-500x375-{args.n}"
-    paths = write_photo_jpegs(image_dir, args.n)
-    model_dir = build_hf_vit(root / "vit-tiny-16-224", hidden=192, layers=12, heads=3)
+    image_dir, paths, model_dir = photos_and_vit(args.n)
     t = {}
     processor, model = load_plain(model_dir)
     with timed("plain_s", t):

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from bench.common import bench_dir, build_hf_vit, report, run_shards_in_process, write_photo_jpegs
+from bench.common import VIT_BASE, bench_dir, photos_and_vit, report, run_shards_in_process
 
 
 def model_only(model_dir, batch_size: int, steps: int = 30) -> float:
@@ -69,10 +69,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
-    root = bench_dir()
-    image_dir = root / f"jpegs-500x375-{args.n}"
-    paths = write_photo_jpegs(image_dir, args.n)
-    model_dir = build_hf_vit(root / "vit-base-16-224", hidden=768, layers=12, heads=12)
+    image_dir, paths, model_dir = photos_and_vit(args.n, VIT_BASE)
     figures = {"device": torch.cuda.get_device_name(0), "images": args.n, "batch_size": args.batch_size}
     figures["model_only_img_s"] = round(model_only(model_dir, args.batch_size), 1)
     figures["plain_loop_img_s"] = round(plain_loop(model_dir, paths[:2048], args.batch_size), 1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench.common import bench_dir, build_hf_vit, report, run_in_process, write_photo_jpegs
+from bench.common import bench_dir, photos_and_vit, report, run_in_process
 
 
 def main() -> None:
@@ -22,9 +22,7 @@ def main() -> None:
     from workers.runner import WorkerContext
 
     root = bench_dir()
-    image_dir = root / f"jpegs-500x375-{args.n}"
-    write_photo_jpegs(image_dir, args.n)
-    model = build_hf_vit(root / "vit-tiny-16-224", hidden=192, layers=12, heads=3)
+    image_dir, _, model = photos_and_vit(args.n)
     ctx = WorkerContext(Settings())
     kinds = {"classify": {}, "embed": {"pooling": "cls,mean"}, "attention": {"max_overlays": 0}}
     seconds = {}

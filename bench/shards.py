@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench.common import bench_dir, build_hf_vit, report, run_shards_in_process, write_photo_jpegs
+from bench.common import bench_dir, photos_and_vit, report, run_shards_in_process
 
 
 def main() -> None:
@@ -26,10 +26,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
     root = bench_dir()
-    image_dir = root / f"jpegs-500x375-{args.n}"
-    for path in write_photo_jpegs(image_dir, args.n):
+    image_dir, paths, model_dir = photos_and_vit(args.n)
+    for path in paths:
         path.read_bytes()  # both runs start with the files in the page cache
-    model_dir = build_hf_vit(root / "vit-tiny-16-224", hidden=192, layers=12, heads=3)
     ctx = WorkerContext(Settings())
     rates = {}
     for in_flight in (1, 2):
