@@ -26,7 +26,7 @@ from queue import SimpleQueue
 import numpy as np
 from PIL import Image
 
-from workers.errors import BadImage
+from workers.errors import BadImage, NoSharedMemory
 from workers.imaging import decode_rgb, resize_uint8
 
 # A decode process keeps this many blocks mapped (one per recent lane).
@@ -160,6 +160,17 @@ class Lane:
         self.pool, self.recipe = pool, recipe
         self.shape = (slots, *shape)
         self._shm = SharedMemory(create=True, size=int(np.prod(self.shape)))
+        try:
+            # Reserve the pages now: a sparse block on a full /dev/shm (64 MB in a default
+            # container) would kill the worker with SIGBUS at the first write past the room left.
+            os.posix_fallocate(self._shm._fd, 0, self._shm.size)
+        except OSError as e:
+            self._shm.close()
+            self._shm.unlink()
+            raise NoSharedMemory(
+                f"/dev/shm has no room for {self._shm.size / 2**20:.0f} MB of decoded pixels ({e.strerror}): "
+                "give it more (compose shm_size, a Kubernetes emptyDir with medium Memory) or decode=threads"
+            ) from e
         self.pixels = np.ndarray(self.shape, dtype=np.uint8, buffer=self._shm.buf)
         self._free: SimpleQueue[int] = SimpleQueue()
         for slot in range(slots):

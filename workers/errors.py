@@ -28,3 +28,7 @@ class UnsafeCheckpoint(ModelLoadError):
 
 class TrainingDiverged(WorkerError):
     """The loss became NaN or infinite; the job stops and commits no model."""
+
+
+class NoSharedMemory(WorkerError):
+    """/dev/shm cannot hold a shard's decoded pixels; the shard decodes in threads instead."""

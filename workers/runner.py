@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -15,6 +16,7 @@ from orchestrator.planner import Item, read_manifest
 from orchestrator.storage import ObjectStore
 from workers.attention import AttentionHead
 from workers.decodepool import DecodePool, DecodeRecipe
+from workers.errors import NoSharedMemory
 from workers.heads import ClassifyHead, EmbedHead
 from workers.models import LoadedModel, ModelCache, default_batch_size
 from workers.pipeline import ShardPipeline
@@ -22,6 +24,7 @@ from workers.tarshards import expand
 from workers.writers import commit_shard
 
 ProgressFn = Callable[[int, int], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,7 +101,11 @@ def run_shard(spec: JobSpec, shard: int, ctx: WorkerContext, on_progress: Progre
     if mode != "threads":
         slots = ShardPipeline.window(spec.read_concurrency, batch_size) + batch_size
         recipe = DecodeRecipe.for_model(head.model.prep, ctx.settings.max_pixels)
-        lane = ctx.decode_pool.lane(min(slots, len(items) + 1), (*head.model.input_size, 3), recipe)
+        try:
+            lane = ctx.decode_pool.lane(min(slots, len(items) + 1), (*head.model.input_size, 3), recipe)
+        except NoSharedMemory as e:
+            log.warning("shard %d decodes in threads: %s", shard, e)
+            mode = "threads"
     with lane as lane:
         pipeline = ShardPipeline(
             head.model, ctx.store, batch_size=batch_size, read_concurrency=spec.read_concurrency,

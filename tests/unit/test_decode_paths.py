@@ -182,7 +182,7 @@ def test_rows_decoded_on_the_device_match_the_cpu_rows_and_bad_files_keep_their_
             assert np.allclose(ours["topk_scores"], theirs["topk_scores"], atol=0.02)
 
 
-def test_an_unset_batch_size_runs_cache_sized_batches_on_a_cpu(hf_model_dir, items, tmp_path):
+def _run_shard(model_dir, items, tmp_path, ctx=None, **options) -> dict:
     from orchestrator.config import Settings
     from orchestrator.jobs import parse_spec
     from orchestrator.planner import write_manifests
@@ -190,8 +190,40 @@ def test_an_unset_batch_size_runs_cache_sized_batches_on_a_cpu(hf_model_dir, ite
 
     folder = Path(items[0].uri.removeprefix("file://")).parent
     spec = parse_spec({"kind": "classify", "input": str(folder), "output": str(tmp_path / "out"),
-                       "model": str(hf_model_dir), "device": "cpu"})
+                       "model": str(model_dir), "device": "cpu", **options})
     write_manifests(plan(spec.input, spec.shard_size, ObjectStore()), spec.output, ObjectStore())
-    marker = run_shard(spec, 0, WorkerContext(Settings()))
-    assert spec.batch_size is None
+    return run_shard(spec, 0, ctx or WorkerContext(Settings()))
+
+
+def test_an_unset_batch_size_runs_cache_sized_batches_on_a_cpu(hf_model_dir, items, tmp_path):
+    marker = _run_shard(hf_model_dir, items, tmp_path)
     assert marker["batch_size"] == 16 and marker["rows"] == len(items)
+
+
+def test_a_shard_decodes_in_threads_when_dev_shm_has_no_room(hf_model_dir, items, tmp_path, caplog):
+    from orchestrator.config import Settings
+    from workers.errors import NoSharedMemory
+    from workers.runner import WorkerContext
+
+    class NoRoom(DecodePool):
+        def lane(self, *args, **kwargs):
+            raise NoSharedMemory("/dev/shm has no room (shm_size)")
+
+    ctx = WorkerContext(Settings())
+    ctx.decode_pool = NoRoom(1)
+    marker = _run_shard(hf_model_dir, items, tmp_path, ctx, decode="processes")
+    assert marker["rows"] == len(items) and marker["errors"] == 3
+    assert "decodes in threads" in caplog.text
+
+
+def test_a_lane_larger_than_dev_shm_is_refused_clearly_and_leaves_nothing_behind(model, pool):
+    from workers.errors import NoSharedMemory
+
+    stat = os.statvfs("/dev/shm")
+    slot_bytes = 224 * 224 * 3
+    slots = stat.f_blocks * stat.f_frsize // slot_bytes + 16  # more than the whole of /dev/shm
+    before = set(os.listdir("/dev/shm"))
+    recipe = DecodeRecipe.for_model(model.prep, MAX_PIXELS)
+    with pytest.raises(NoSharedMemory, match="shm_size"):
+        pool.lane(slots, (224, 224, 3), recipe)
+    assert set(os.listdir("/dev/shm")) == before
