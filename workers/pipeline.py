@@ -133,9 +133,14 @@ class ShardPipeline:
         host = [d.pixels for d in decoded if d.tensor is None]
         batch = None
         if host:
-            batch = torch.from_numpy(np.stack(host))
             if self.model.device.type == "cuda":
-                batch = batch.pin_memory().to(self.model.device, non_blocking=True)
+                # Stack straight into pinned memory (torch's caching host allocator reuses the block
+                # once its copy has finished) and copy without blocking: one host copy, not two.
+                staging = torch.empty((len(host), *host[0].shape), dtype=torch.uint8, pin_memory=True)
+                np.stack(host, out=staging.numpy())
+                batch = staging.to(self.model.device, non_blocking=True)
+            else:
+                batch = torch.from_numpy(np.stack(host))
             # Normalize on the device: uint8 crosses the bus, not float32 (4x less traffic).
             batch = batch.permute(0, 3, 1, 2).float()
         if len(host) < len(decoded):  # some were decoded on the device: put them back in order
