@@ -51,17 +51,19 @@ def plain_loop(model_dir, paths, batch_size: int) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
-def end_to_end(ctx, model_dir, image_dir, n: int, batch_size: int, decode: str, compile: bool = False,
-               in_flight: int = 1, shards: int = 1) -> tuple[float, dict]:
+def end_to_end(ctx, name: str, model_dir, image_dir, n: int, batch_size: int, decode: str, compile: bool = False,
+               in_flight: int = 1, shards: int = 1) -> tuple[float, dict, dict[str, int]]:
     from orchestrator.jobs import parse_spec
+    from orchestrator.results import read_table
 
-    spec = parse_spec({"kind": "classify", "input": str(image_dir), "output": str(bench_dir() / "out-gpu"),
+    spec = parse_spec({"kind": "classify", "input": str(image_dir), "output": str(bench_dir() / f"out-gpu-{name}"),
                        "model": str(model_dir), "shard_size": -(-n // shards), "batch_size": batch_size,
                        "precision": "fp16", "device": "cuda", "compile": compile, "read_concurrency": 32,
                        "decode": decode})
     run_shards_in_process(ctx, spec, in_flight)  # warm: decode processes started, compile done
     seconds, markers = run_shards_in_process(ctx, spec, in_flight)
-    return n / seconds, markers[0]["stats"]
+    table = read_table(spec.output, ctx.store)
+    return n / seconds, markers[0]["stats"], dict(zip(table.column("key").to_pylist(), table.column("label_id").to_pylist()))
 
 
 def main() -> None:
@@ -80,9 +82,13 @@ def main() -> None:
     runs = {"threads": {"decode": "threads"}, "processes": {"decode": "processes"}, "device": {"decode": "device"},
             "device_compile": {"decode": "device", "compile": True},
             "device_compile_2_in_flight_8_shards": {"decode": "device", "compile": True, "in_flight": 2, "shards": 8}}
+    labels = {}
     for name, options in runs.items():
-        rate, stats = end_to_end(ctx, model_dir, image_dir, args.n, args.batch_size, **options)
+        rate, stats, labels[name] = end_to_end(ctx, name, model_dir, image_dir, args.n, args.batch_size, **options)
         figures[f"{name}_img_s"], figures[f"{name}_stages"] = round(rate, 1), stats
+        # Same model, other decode path: how many top-1 labels match the threads (PIL) path.
+        same = sum(labels[name].get(key) == label for key, label in labels["threads"].items())
+        figures[f"{name}_top1_same_as_threads"] = round(same / len(labels["threads"]), 4)
         figures[f"{name}_vs_plain"] = round(rate / figures["plain_loop_img_s"], 2)
         figures[f"{name}_vs_model_only"] = round(rate / figures["model_only_img_s"], 3)
         print(name, round(rate, 1), flush=True)  # partial results survive a timeout
