@@ -79,6 +79,14 @@ def _s3_split(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
+_PARTIAL_SUFFIX = ".vitbatch-partial"
+
+
+def _is_partial_write(name: str) -> bool:
+    """A temporary file of `ObjectStore.write`, renamed into place once complete."""
+    return name.startswith(".") and name.endswith(_PARTIAL_SUFFIX)
+
+
 def _walk_sorted(directory: Path) -> Iterator[Path]:
     """Files under `directory` in full-key order, as S3 lists them: 'a-b' < 'a.png' < 'a/x'.
 
@@ -129,7 +137,12 @@ class ObjectStore:
         if not root.is_dir():
             raise ObjectNotFound(f"input directory {root} does not exist")
         for path in _walk_sorted(root):
-            stat = path.stat()
+            if _is_partial_write(path.name):
+                continue  # another writer's object, not there until its os.replace
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # removed (or renamed into place) since the listing
+                continue
             yield ObjectInfo(
                 uri="file://" + quote(str(path)),
                 size=stat.st_size,
@@ -209,7 +222,7 @@ class ObjectStore:
             return
         path = _local_path(uri)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_PARTIAL_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

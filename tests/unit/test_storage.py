@@ -34,6 +34,22 @@ def test_writing_leaves_no_temporary_files(store, root, tmp_path):
     assert sorted(os.listdir(tmp_path / "out")) == ["part-00000.parquet"]
 
 
+def test_a_listing_during_another_writers_write_shows_only_whole_objects(store, root, tmp_path, monkeypatch):
+    """A reader listing _commits/ while a worker writes a marker must not see its half-written temporary."""
+    listed = []
+    real_replace = os.replace
+
+    def list_then_replace(src, dst):  # the moment between writing the bytes and renaming them into place
+        listed.extend(info.uri for info in store.list(join(root, "_commits")))
+        real_replace(src, dst)
+
+    store.write(join(root, "_commits", "part-00000.json"), b"{}")
+    monkeypatch.setattr(os, "replace", list_then_replace)
+    store.write(join(root, "_commits", "part-00001.json"), b"{}")
+    assert listed == [join(root, "_commits", "part-00000.json")]
+    assert len(os.listdir(tmp_path / "_commits")) == 2
+
+
 def test_overwriting_replaces_the_whole_content(store, root):
     uri = join(root, "obj")
     store.write(uri, b"a much longer first version")
