@@ -77,7 +77,7 @@ class ShardPipeline:
         self.batch_size, self.read_concurrency = batch_size, read_concurrency
         self.max_bytes, self.max_pixels = max_bytes, max_pixels
         self.lane, self.device_jpegs = lane, device_jpegs
-        self.recipe = DecodeRecipe.for_model(model.prep, max_pixels)
+        self.recipe = lane.recipe if lane else DecodeRecipe.for_model(model.prep, max_pixels)  # one recipe per shard
         self.device_decode_s = 0.0
         prep = model.prep
         self._mean = torch.tensor(prep.mean, device=model.device).view(1, 3, 1, 1) * 255
