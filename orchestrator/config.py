@@ -38,9 +38,17 @@ class Settings(BaseSettings):
     stale_after_s: float = Field(
         120.0, description="A running shard silent this long is re-enqueued by the reconciler."
     )
+    job_ttl_s: int = Field(
+        30 * 24 * 3600, gt=0, description="Seconds a finished job's state stays in Redis (its output keeps its record)."
+    )
     model_cache_dir: str = Field("~/.cache/vitbatch/models", description="Where s3:// models are downloaded.")
     flower_user: str = Field("vitbatch", description="Flower basic-auth user.")
     flower_password: str = Field("vitbatch", description="Flower basic-auth password; change it.")
+    metrics_port: int = Field(
+        0, ge=0, lt=65536,
+        description="Prometheus port of a worker process; 0 = off. `worker --gpus`: the base, plus each GPU's index.",
+    )
+    metrics_address: str = Field("0.0.0.0", description="Address the worker's metrics endpoint listens on.")
 
     @field_validator("broker_url", "result_backend", "s3_endpoint_url", mode="before")
     @classmethod

@@ -9,8 +9,10 @@ QUEUE_DEFAULT = "vitbatch"  # the bulk lane
 QUEUE_INTERACTIVE = "vitbatch-interactive"  # small jobs: workers drain it before the bulk lane
 QUEUE_TRAIN = "vitbatch-train"
 
-JOB_SPEC_FILE = "_job.json"
-SUCCESS_FILE = "_SUCCESS.json"
+JOB_SPEC_FILE = "_job.json"  # at the prefix: the job that last took it; in a job's folder: that job's record
+SUCCESS_FILE = "_SUCCESS.json"  # the one object readers start from: the latest succeeded job and its parts
+FAILURES_FILE = "_FAILURES.json"
+JOBS_DIR = "_jobs"  # <output>/_jobs/<job id>/: everything one job writes
 MANIFEST_DIR = "_manifests"
 COMMIT_DIR = "_commits"
 ERRORS_FILE_PREFIX = "errors"
@@ -75,6 +77,23 @@ def schedule_runs_key(name: str) -> str:
     """List: json run records of a schedule, newest first."""
     return f"vitbatch:schedule:{name}:runs"
 
+
+def output_lease_key(output: str) -> str:
+    """String: "<job id> <unix time>" of the live job that holds an output prefix (SET NX)."""
+    import hashlib
+
+    return f"vitbatch:output:{hashlib.sha256(output.rstrip('/').encode()).hexdigest()[:40]}"
+
+
+def job_keys(job_id: str) -> list[str]:
+    """Every key one job owns: they expire together once the job ends."""
+    return [job_key(job_id), shard_state_key(job_id), shard_done_key(job_id), shard_errors_key(job_id),
+            shard_attempts_key(job_id), shard_reason_key(job_id), shard_last_error_key(job_id),
+            shard_heartbeat_key(job_id), shard_items_key(job_id), shard_enqueued_key(job_id),
+            shard_stats_key(job_id)]
+
+
+SCHEDULE_RUNS_KEPT = 1000  # run records per schedule; older ones are trimmed
 
 JOBS_INDEX_KEY = "vitbatch:jobs"
 """Sorted set: job id scored by submit time."""

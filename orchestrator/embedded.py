@@ -132,8 +132,11 @@ def worker_command(name: str, queues: str = QUEUE_DEFAULT, shards_in_flight: int
 
 
 def flower_command(port: int, address: str = "127.0.0.1") -> list[str]:
-    """Flower's command line; the broker URL and credentials travel in flower_env, not argv (ps shows argv)."""
-    return [sys.executable, "-m", "celery", "flower", f"--port={port}", f"--address={address}"]
+    """Flower's command line; the broker URL and credentials travel in flower_env, not argv (ps shows argv).
+
+    Through orchestrator.flowerauth, so /metrics asks for the same credentials as Flower's pages.
+    """
+    return [sys.executable, "-m", "orchestrator.flowerauth", f"--port={port}", f"--address={address}"]
 
 
 def flower_env(broker_url: str, user: str, password: str) -> dict[str, str]:
@@ -150,6 +153,7 @@ class EmbeddedStack:
     settings: Settings = field(default_factory=Settings)
     processes: list[subprocess.Popen] = field(default_factory=list)
     flower_url: str = ""
+    metrics_urls: list[str] = field(default_factory=list)  # one per worker when settings.metrics_port is set
 
     def __enter__(self) -> EmbeddedStack:
         if threading.current_thread() is threading.main_thread():
@@ -187,8 +191,17 @@ class EmbeddedStack:
         # Local workers share this host's cores: without a cap each one's torch/OpenMP spins up a
         # thread per core and they thrash (training ran 2.8x slower here with 2 workers on 2 cores).
         threads = str(max(1, (os.cpu_count() or 1) // max(1, self.workers)))
-        return self._spawn(worker_command(name, queues=ALL_QUEUES), name, {"OMP_NUM_THREADS": threads}
-                           if "OMP_NUM_THREADS" not in os.environ else None)
+        env = {"OMP_NUM_THREADS": threads} if "OMP_NUM_THREADS" not in os.environ else {}
+        return self._spawn(worker_command(name, queues=ALL_QUEUES), name, {**env, **self._metrics_env()})
+
+    def _metrics_env(self) -> dict[str, str]:
+        """Worker N of the stack serves its metrics on the base port plus N, on loopback."""
+        base = self.settings.metrics_port
+        if not base:
+            return {}
+        port = base + len(self.metrics_urls)
+        self.metrics_urls.append(f"http://127.0.0.1:{port}/metrics")
+        return {"VITBATCH_METRICS_PORT": str(port), "VITBATCH_METRICS_ADDRESS": "127.0.0.1"}
 
     def dead_workers(self) -> list[int]:
         return [p.pid for p in self.processes if p.poll() is not None]

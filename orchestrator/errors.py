@@ -21,8 +21,21 @@ class ObjectTooLarge(StorageError):
     """The object is larger than the configured byte cap; it was not downloaded."""
 
 
+class ObjectExists(StorageError):
+    """A create-only write found the object already there."""
+
+
 class UnsafeKey(StorageError):
     """A key would escape its prefix (`..`, absolute path, empty segment)."""
+
+
+class ObjectUnreadable(StorageError):
+    """The object is there but retrying will not make it readable (permission denied, archived,
+    symlink loop, name too long, not a regular file): one error row, never a failed shard."""
+
+
+class OutsideInput(ObjectUnreadable):
+    """The object lies outside the job's input prefix (a forged manifest line, a symlink out); not opened."""
 
 
 class BrokerUnavailable(VitbatchError):
@@ -31,3 +44,15 @@ class BrokerUnavailable(VitbatchError):
 
 class JobNotFound(VitbatchError):
     """No job with that id is recorded in Redis."""
+
+
+class OutputBusy(SpecError):
+    """Another live job holds the output prefix; nothing was written."""
+
+
+class OutputNotFound(VitbatchError):
+    """No succeeded job (or no such job) at an output prefix."""
+
+
+class CorruptOutput(VitbatchError):
+    """A committed part does not match the sha256 its job recorded."""

@@ -41,8 +41,16 @@ def listed_gpus() -> list[str]:
     return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
 
 
-def supervise(gpus: list[str], command_for) -> int:
-    """Run command_for(gpu) per GPU; restart a crashed one; forward SIGTERM/SIGINT (warm shutdown)."""
+def metrics_port(base: int, gpu: str, position: int) -> int:
+    """A GPU process's Prometheus port: the base plus the GPU's index (its position when ids are UUIDs)."""
+    return base + (int(gpu) if gpu.isdigit() else position)
+
+
+def supervise(gpus: list[str], command_for, metrics_base: int = 0) -> int:
+    """Run command_for(gpu) per GPU; restart a crashed one; forward SIGTERM/SIGINT (warm shutdown).
+
+    metrics_base: VITBATCH_METRICS_PORT of the pool; each GPU process gets its own port (metrics_port).
+    """
     procs: dict[str, subprocess.Popen] = {}
     stopping = {"flag": False}
 
@@ -51,6 +59,8 @@ def supervise(gpus: list[str], command_for) -> int:
 
     def spawn(gpu: str) -> None:
         env = {"VITBATCH_DECODE_PROCESSES": share, **os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+        if metrics_base:
+            env["VITBATCH_METRICS_PORT"] = str(metrics_port(metrics_base, gpu, gpus.index(gpu)))
         procs[gpu] = subprocess.Popen(command_for(gpu), env=env)
 
     def stop(signum, _frame) -> None:

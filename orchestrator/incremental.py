@@ -18,8 +18,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from orchestrator.constants import COMMIT_DIR, JOB_SPEC_FILE
-from orchestrator.errors import SpecError, StorageError
-from orchestrator.modelinfo import model_dir
+from orchestrator.errors import OutputNotFound, SpecError, StorageError
+from orchestrator.modelinfo import model_dir, model_files
+from orchestrator.outputs import model_folder, read_json, success_record
 from orchestrator.planner import Plan
 from orchestrator.results import read_table
 from orchestrator.storage import ObjectStore, join, relative_key
@@ -46,26 +47,31 @@ def model_identity(ref: str, store: ObjectStore) -> str:
     directory = model_dir(ref)
     if directory is None:
         return "ref:" + ref
-    digest = hashlib.sha256()
-    for info in store.list(directory):
+    directory = model_folder(directory, store)  # a finetune output: its latest succeeded job's model
+    digest = hashlib.sha256(directory.encode() + b"\n")
+    for info in model_files(directory, store):
         digest.update(f"{relative_key(directory, info.uri)}\t{info.etag}\n".encode())
     return "sha256:" + digest.hexdigest()
 
 
 def previous_identity(previous_output: str, store: ObjectStore) -> str | None:
+    """The model identity the previous run's succeeded job was submitted with."""
     try:
-        return json.loads(store.read(join(previous_output, JOB_SPEC_FILE))).get("model_identity")
-    except StorageError:
+        record = success_record(previous_output, store)
+    except OutputNotFound:
         return None
+    job_record = read_json(store, join(previous_output, record["job_dir"], JOB_SPEC_FILE)) or {}
+    return job_record.get("model_identity")
 
 
-def carry_over(job_plan: Plan, previous_output: str, output: str, identity: str, store: ObjectStore) -> int:
-    """Drop unchanged items from the plan and commit their previous rows under `output`."""
+def carry_over(job_plan: Plan, previous_output: str, folder: str, identity: str, store: ObjectStore,
+               job_id: str) -> int:
+    """Drop unchanged items from the plan and commit their previous rows in this job's `folder`."""
     if previous_identity(previous_output, store) != identity:
         return 0  # a new model reclassifies everything once
     try:
         previous = read_table(previous_output, store)
-    except FileNotFoundError:
+    except OutputNotFound:
         return 0
     etags = dict(zip(previous.column("key").to_pylist(), previous.column("etag").to_pylist()))
     unchanged = {item.key for item in job_plan.items if item.etag and etags.get(item.key) == item.etag}
@@ -76,9 +82,10 @@ def carry_over(job_plan: Plan, previous_output: str, output: str, identity: str,
     buffer = io.BytesIO()
     pq.write_table(carried, buffer, compression="zstd")
     data = buffer.getvalue()
-    store.write(join(output, CARRIED_PART), data)
+    store.write(join(folder, CARRIED_PART), data)
     n_errors = carried.num_rows - carried.column("error").null_count
-    marker = {"shard": "carried", "parts": {CARRIED_PART: {"bytes": len(data)}}, "rows": carried.num_rows,
-              "errors": n_errors, "carried_from": previous_output}
-    store.write(join(output, COMMIT_DIR, "carried-00000.json"), json.dumps(marker, indent=2).encode())
+    marker = {"job_id": job_id, "shard": "carried",
+              "parts": {CARRIED_PART: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}},
+              "rows": carried.num_rows, "errors": n_errors, "carried_from": previous_output}
+    store.write(join(folder, COMMIT_DIR, "carried-00000.json"), json.dumps(marker, indent=2).encode())
     return carried.num_rows

@@ -7,6 +7,7 @@ committed | failed; a committed shard never goes back.
 
 from __future__ import annotations
 
+import calendar
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from orchestrator import constants as k
-from orchestrator.errors import BrokerUnavailable, JobNotFound
+from orchestrator.errors import BrokerUnavailable, JobNotFound, OutputBusy
 
 
 class JobState(str, Enum):
@@ -63,10 +64,20 @@ class JobStatus:
         end = self.finished_at or time.time()
         return self.done / max(end - self.created_at, 1e-9)
 
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds left at the rate so far: 0 once ended or all done; None before the first item (no rate yet)."""
+        left = max(0, self.n_items - self.done)
+        if self.state.terminal or not left:
+            return 0.0
+        rate = self.images_per_s
+        return left / rate if rate > 0 else None
+
     def to_json(self) -> dict:
         out = asdict(self)
         out["state"] = self.state.value
         out["images_per_s"] = round(self.images_per_s, 2)
+        out["eta_s"] = None if self.eta_s is None else round(self.eta_s, 1)
         return out
 
 
@@ -77,13 +88,41 @@ def connect(url: str) -> redis.Redis:
     )
 
 
+OUTPUT_LEASE_GRACE_S = 600.0  # a lease whose job never reached Redis (a submitter died mid-plan) lapses
+
+# Take the prefix when it is free, held by this job, or held by a job that has ended (or never
+# got recorded within the grace period); else return the holder. One script: atomic across submitters.
+_HOLD_OUTPUT = """
+local held = redis.call('GET', KEYS[1])
+if held then
+  local holder, since = string.match(held, '^(%S+) (%S+)$')
+  if holder ~= ARGV[1] then
+    local state = redis.call('HGET', ARGV[4] .. holder, 'state')
+    local ended = state and state ~= 'queued' and state ~= 'running'
+    local lapsed = (not state) and (tonumber(ARGV[2]) - tonumber(since) > tonumber(ARGV[3]))
+    if not (ended or lapsed) then return holder end
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2])
+return false
+"""
+_RELEASE_OUTPUT = """
+local held = redis.call('GET', KEYS[1])
+if held and string.match(held, '^(%S+) ') == ARGV[1] then redis.call('DEL', KEYS[1]) end
+"""
+
+
+def _is_oom(error: redis.RedisError) -> bool:
+    return isinstance(error, redis.ResponseError) and str(error).startswith("OOM")
+
+
 class Ledger:
-    def __init__(self, client: redis.Redis, url: str | None = None) -> None:
-        self.r, self.url = client, url
+    def __init__(self, client: redis.Redis, url: str | None = None, job_ttl_s: int = 30 * 24 * 3600) -> None:
+        self.r, self.url, self.job_ttl_s = client, url, job_ttl_s
 
     @classmethod
-    def from_url(cls, url: str) -> Ledger:
-        return cls(connect(url), url)
+    def from_url(cls, url: str, job_ttl_s: int = 30 * 24 * 3600) -> Ledger:
+        return cls(connect(url), url, job_ttl_s)
 
     def ping(self, timeout_s: float = 5.0) -> None:
         # A probe with a short timeout and no retries: the ledger's own client waits 30 s a try,
@@ -99,6 +138,24 @@ class Ledger:
                 probe.close()
 
     # -- producer side ---------------------------------------------------------------------
+    def hold_output(self, output: str, job_id: str) -> None:
+        """Take the output prefix for `job_id`; OutputBusy when another live job holds it."""
+        try:
+            holder = self.r.eval(_HOLD_OUTPUT, 1, k.output_lease_key(output), job_id, time.time(),
+                                 OUTPUT_LEASE_GRACE_S, k.job_key(""))
+        except redis.RedisError as e:
+            if _is_oom(e):
+                raise BrokerUnavailable("Redis is out of memory (maxmemory reached with noeviction): raise "
+                                        "maxmemory or free keys; nothing was written or enqueued") from e
+            raise BrokerUnavailable(f"Redis is unreachable ({e}); nothing was written or enqueued") from e
+        if holder:
+            raise OutputBusy(f"{output} is held by job {holder}, which is still queued or running: wait for it "
+                             f"(`vitbatch wait {holder}`), cancel it (`vitbatch cancel {holder}`), or choose "
+                             "another output; nothing was written")
+
+    def release_output(self, output: str, job_id: str) -> None:
+        self.r.eval(_RELEASE_OUTPUT, 1, k.output_lease_key(output), job_id)
+
     def create(self, job_id: str, spec_json: str, kind: str, output: str, n_items: int, n_shards: int,
                carried: int = 0) -> None:
         pipe = self.r.pipeline(transaction=True)
@@ -109,27 +166,35 @@ class Ledger:
         if n_shards:
             pipe.hset(k.shard_state_key(job_id), mapping={str(i): ShardState.PENDING.value for i in range(n_shards)})
         pipe.zadd(k.JOBS_INDEX_KEY, {job_id: time.time()})
+        pipe.zremrangebyscore(k.JOBS_INDEX_KEY, 0, time.time() - self.job_ttl_s)  # their keys have expired
         pipe.execute()
 
     def set_state(self, job_id: str, state: JobState, reason: str = "") -> None:
+        """Record the job's state; an ended job frees its output prefix and its keys start to expire."""
         fields: dict = {"state": state.value}
         if reason:
             fields["reason"] = reason
         if state.terminal:
             fields["finished_at"] = time.time()
         self.r.hset(k.job_key(job_id), mapping=fields)
+        if state.terminal:
+            self.release_output(self.r.hget(k.job_key(job_id), "output") or "", job_id)
+            pipe = self.r.pipeline(transaction=False)
+            for key in k.job_keys(job_id):
+                pipe.expire(key, self.job_ttl_s)
+            pipe.execute()
 
     # -- worker side -----------------------------------------------------------------------
     def spec_json(self, job_id: str) -> str:
         spec = self.r.hget(k.job_key(job_id), "spec")
         if spec is None:
-            raise JobNotFound(f"no job {job_id!r} in Redis")
+            raise JobNotFound(self._missing(job_id))
         return spec
 
     def state(self, job_id: str) -> JobState:
         value = self.r.hget(k.job_key(job_id), "state")
         if value is None:
-            raise JobNotFound(f"no job {job_id!r} in Redis")
+            raise JobNotFound(self._missing(job_id))
         return JobState(value)
 
     def start_shard(self, job_id: str, shard: int) -> int:
@@ -172,9 +237,18 @@ class Ledger:
     def heartbeat(self, job_id: str, shard: int) -> None:
         self.r.hset(k.shard_heartbeat_key(job_id), str(shard), time.time())
 
-    def release(self, job_id: str, shard: int) -> None:
-        """Forget the shard's heartbeat: nobody holds it now (a failed delivery about to retry)."""
-        self.r.hset(k.shard_heartbeat_key(job_id), str(shard), 0)
+    def hold_until(self, job_id: str, shard: int, until: float) -> None:
+        """A failed delivery waits out its retry backoff: the reconciler leaves the shard alone until then."""
+        self.r.hset(k.shard_heartbeat_key(job_id), str(shard), until)
+
+    def stand_down(self, job_id: str, shard: int) -> None:
+        """A delivery stopped without committing (the job was cancelled): the shard is pending again."""
+        self.r.eval(
+            "if redis.call('HGET', KEYS[1], ARGV[1]) == 'running' then "
+            "redis.call('HSET', KEYS[1], ARGV[1], 'pending') end "
+            "redis.call('HSET', KEYS[2], ARGV[1], 0)",
+            2, k.shard_state_key(job_id), k.shard_heartbeat_key(job_id), str(shard),
+        )
 
     def heartbeats(self, job_id: str) -> dict[int, float]:
         return {int(i): float(t) for i, t in self.r.hgetall(k.shard_heartbeat_key(job_id)).items()}
@@ -253,9 +327,22 @@ class Ledger:
             pipe.hdel(k.shard_attempts_key(job_id), str(shard))
             pipe.hdel(k.shard_reason_key(job_id), str(shard))
         pipe.hset(k.job_key(job_id), mapping={"state": JobState.QUEUED.value, "reason": "", "finished_at": 0})
+        for key in k.job_keys(job_id):
+            pipe.persist(key)  # running again: no longer expiring
         pipe.execute()
 
     # -- reading ---------------------------------------------------------------------------
+    def _missing(self, job_id: str) -> str:
+        """Why a job is not in Redis: never submitted here, or finished and expired (ids start with their time)."""
+        try:
+            submitted = calendar.timegm(time.strptime(job_id[:15], "%Y%m%d-%H%M%S"))
+        except ValueError:
+            submitted = None
+        if submitted is not None and time.time() - submitted > self.job_ttl_s:
+            return (f"job {job_id} ended more than {self.job_ttl_s / 86400:g} days ago and its state expired from "
+                    f"Redis (VITBATCH_JOB_TTL_S); its output's {k.SUCCESS_FILE} (or {k.FAILURES_FILE}) holds its summary")
+        return f"no job {job_id!r} in Redis; check the id and VITBATCH_BROKER_URL"
+
     def status(self, job_id: str) -> JobStatus:
         pipe = self.r.pipeline(transaction=False)
         pipe.hgetall(k.job_key(job_id))
@@ -266,7 +353,7 @@ class Ledger:
         pipe.hvals(k.shard_items_key(job_id))
         job, states, done, errors, reasons, tar_items = pipe.execute()
         if not job:
-            raise JobNotFound(f"no job {job_id!r} in Redis; check the id and VITBATCH_BROKER_URL")
+            raise JobNotFound(self._missing(job_id))
         counts = {s.value: 0 for s in ShardState}
         for s in states:
             counts[s] += 1

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from orchestrator.errors import SpecError, StorageError
-from orchestrator.storage import ObjectStore, join
+from orchestrator.outputs import model_folder
+from orchestrator.storage import ObjectInfo, ObjectStore, join, relative_key
 
 
 def model_dir(ref: str) -> str | None:
@@ -16,11 +17,25 @@ def model_dir(ref: str) -> str | None:
     return ref
 
 
+def model_files(directory: str, store: ObjectStore) -> list[ObjectInfo]:
+    """The files that make up the model in `directory`: not a fine-tune's checkpoints/ nor vitbatch's
+    own records (names starting with `_` or `.`)."""
+    files = []
+    for info in store.list(directory):
+        key = relative_key(directory, info.uri)
+        own_record = any(part.startswith(("_", ".")) and part not in (".", "..") for part in key.split("/"))
+        if key.split("/", 1)[0] == "checkpoints" or own_record:
+            continue  # unsafe names ('', '.', '..') are kept, for the downloader to refuse
+        files.append(info)
+    return files
+
+
 def read_config(ref: str, store: ObjectStore) -> dict | None:
     """config.json of a local or s3:// model directory; None for hub names (checked by the worker)."""
     directory = model_dir(ref)
     if directory is None:
         return None
+    directory = model_folder(directory, store)
     try:
         return json.loads(store.read(join(directory, "config.json")))
     except StorageError as e:

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 from orchestrator.constants import manifest_name
 from orchestrator.errors import ObjectNotFound, SpecError, UnsafeKey
+from orchestrator.scope import MANIFEST_SUFFIXES, input_root, outside_input
 from orchestrator.storage import ObjectInfo, ObjectStore, join, relative_key
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
-MANIFEST_SUFFIXES = frozenset({".txt", ".jsonl", ".lst"})
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # webdataset shards, gzip-compressed or not
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Plan:
     ignored: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
     tars: list[Item] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # "key: why": links out, loops, FIFOs, unlistable
 
     @property
     def n_shards(self) -> int:
@@ -64,6 +66,7 @@ class Plan:
             "items": len(self.items), "shards": self.n_shards, "tar_shards": len(self.tars),
             "ignored_non_images": len(self.ignored), "ignored_examples": self.ignored[:10],
             "duplicate_keys": len(self.duplicates), "duplicate_examples": self.duplicates[:10],
+            "skipped": len(self.skipped), "skipped_examples": self.skipped[:10],
         }
 
 
@@ -74,15 +77,19 @@ def is_image_key(key: str) -> bool:
 def plan(input_uri: str, shard_size: int, store: ObjectStore) -> Plan:
     """List the inputs (prefix or manifest file), keep the images, cut them into shards."""
     suffix = posixpath.splitext(input_uri.rstrip("/").lower())[1]
+    skipped: list[str] = []
     if suffix in MANIFEST_SUFFIXES and store.exists(input_uri):
         candidates = _from_manifest(input_uri, store)
     else:
-        candidates = _from_prefix(input_uri, store)
+        candidates = _from_prefix(input_uri, store, skipped)
+    root = input_root(input_uri)
     items, ignored, duplicates, tars, seen = [], [], [], [], set()
     for item in candidates:
         if item.key in seen:
             duplicates.append(item.key)  # first occurrence wins: deterministic
-        elif item.key.lower().endswith(".tar"):
+        elif (why := outside_input(item.uri, root)) is not None:
+            skipped.append(f"{item.key}: {why}")  # the worker would refuse it too: the same check
+        elif item.key.lower().endswith(TAR_SUFFIXES):
             seen.add(item.key)
             tars.append(Item(item.key, item.uri, item.size, item.etag, tar=True))
         elif not is_image_key(item.key):
@@ -93,14 +100,15 @@ def plan(input_uri: str, shard_size: int, store: ObjectStore) -> Plan:
     if not items and not tars:
         raise SpecError(
             f"no image files under {input_uri} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} and .tar;"
-            f" {len(ignored)} other files ignored)"
+            f" {len(ignored)} other files ignored, {len(skipped)} entries skipped{': ' + skipped[0] if skipped else ''})"
         )
-    return Plan(items=items, shard_size=shard_size, ignored=ignored, duplicates=duplicates, tars=tars)
+    return Plan(items=items, shard_size=shard_size, ignored=ignored, duplicates=duplicates, tars=tars,
+                skipped=skipped)
 
 
-def _from_prefix(prefix: str, store: ObjectStore) -> Iterator[Item]:
+def _from_prefix(prefix: str, store: ObjectStore, skipped: list[str]) -> Iterator[Item]:
     try:
-        infos: Iterable[ObjectInfo] = store.list(prefix)
+        infos: Iterable[ObjectInfo] = store.list(prefix, skipped)
         for info in infos:
             key = relative_key(prefix, info.uri)
             if any(part.startswith(".") for part in key.split("/")):
@@ -111,7 +119,12 @@ def _from_prefix(prefix: str, store: ObjectStore) -> Iterator[Item]:
 
 
 def _from_manifest(manifest_uri: str, store: ObjectStore) -> Iterator[Item]:
-    """One key per line, or JSON lines with a 'key' field; keys are relative to the manifest's folder."""
+    """One key per line, or JSON lines with a 'key' field; keys are relative to the manifest's folder.
+
+    Keys are taken exactly as written (`#`, `?`, `%`, unicode), except that a plain line is
+    stripped of surrounding spaces and one starting with '#' is a comment: a key that starts
+    with '#' or has surrounding spaces goes in a JSON line, which is never altered.
+    """
     base = manifest_uri.rsplit("/", 1)[0]
     text = store.read(manifest_uri).decode("utf-8-sig")
     for lineno, raw in enumerate(text.splitlines(), 1):

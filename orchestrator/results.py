@@ -1,66 +1,80 @@
-"""Read a job's committed output back (pyarrow only; no torch)."""
+"""Read a job's committed output back (pyarrow only; no torch).
+
+Every reader reads exactly the parts one job's record lists (see outputs.py): the latest
+succeeded job at the prefix by default, or the job named by `job_id`. Each part is
+checked against its recorded sha256.
+"""
 
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.constants import COMMIT_DIR
+from orchestrator.errors import CorruptOutput, OutputNotFound
+from orchestrator.outputs import part_entries, read_part, success_record
 from orchestrator.storage import ObjectStore, join
 
 
-def committed_parts(output: str, store: ObjectStore, suffix: str = ".parquet") -> list[str]:
-    """Part URIs named by commit markers, in shard order (uncommitted leftovers are ignored)."""
-    markers = sorted(info.uri for info in store.list(join(output, COMMIT_DIR)))
-    parts = []
-    for uri in markers:
-        marker = json.loads(store.read(uri))
-        parts += [join(output, name) for name in sorted(marker["parts"]) if name.endswith(suffix)]
-    return parts
+def committed_parts(output: str, store: ObjectStore, suffix: str = ".parquet", job_id: str | None = None) -> list[str]:
+    """URIs of the parts the job's record lists, in shard order."""
+    return [join(output, part["name"]) for part in part_entries(success_record(output, store, job_id), suffix)]
 
 
-def read_table(output: str, store: ObjectStore | None = None, limit_parts: int | None = None) -> pa.Table:
-    """Every committed row of a classify job as one Arrow table (`.to_pandas()` for pandas)."""
+def _index_parts(record: dict) -> list[dict]:
+    """The row-holding parquet parts of a record (one per shard, plus carried-over rows)."""
+    return [part for part in part_entries(record, ".parquet") if "/" not in part["name"].split("/", 2)[2]]
+
+
+def read_table(output: str, store: ObjectStore | None = None, limit_parts: int | None = None,
+               job_id: str | None = None) -> pa.Table:
+    """Every committed row of a classify job (or the index of an embed/attention job) as one Arrow table."""
     store = store or ObjectStore()
-    parts = committed_parts(output, store)[:limit_parts]
-    tables = [pq.read_table(io.BytesIO(store.read(uri))) for uri in parts]
-    if not tables:
-        raise FileNotFoundError(f"no committed parts under {output}")
-    return pa.concat_tables(tables)
+    record = success_record(output, store, job_id)
+    parts = _index_parts(record)[:limit_parts]
+    if not parts:
+        raise OutputNotFound(f"job {record['job_id']} at {output} committed no row parts ({record.get('kind')} job)")
+    return pa.concat_tables([pq.read_table(io.BytesIO(read_part(output, part, store))) for part in parts])
 
 
-def read_index(output: str, store: ObjectStore | None = None) -> pa.Table:
+def read_index(output: str, store: ObjectStore | None = None, job_id: str | None = None) -> pa.Table:
     """The parquet index of an embed or attention job: key, etag, shard, row, error (+ overlay)."""
-    return read_table(output, store)
+    return read_table(output, store, job_id=job_id)
 
 
-def read_arrays(output: str, name: str, store: ObjectStore | None = None) -> tuple[list[str], np.ndarray]:
+def read_arrays(output: str, name: str, store: ObjectStore | None = None,
+                job_id: str | None = None) -> tuple[list[str], np.ndarray]:
     """(keys, array) for one stored array (`cls`, `mean`, `patches`, `layer11`, `rollout`...).
 
     Rows follow the index in shard order; error rows have no array row and are left out.
     """
     store = store or ObjectStore()
+    record = success_record(output, store, job_id)
+    listed = {part["name"]: part for part in record["parts"]}
     keys: list[str] = []
     arrays = []
-    for uri in committed_parts(output, store):
-        shard_index = pq.read_table(io.BytesIO(store.read(uri)))
-        good = [row for row in shard_index.to_pylist() if row["error"] is None]
-        part = uri.rsplit("/", 1)[1].replace(".parquet", ".npy")
-        if good:
-            array = np.load(io.BytesIO(store.read(join(output, name, part))), allow_pickle=False)
-            if len(array) != len(good):
-                raise ValueError(f"{part}: {len(array)} rows of {name} for {len(good)} index rows")
-            keys += [row["key"] for row in sorted(good, key=lambda r: r["row"])]
-            arrays.append(array)
+    for index_part in _index_parts(record):
+        good = [row for row in pq.read_table(io.BytesIO(read_part(output, index_part, store))).to_pylist()
+                if row["error"] is None]
+        if not good:
+            continue
+        folder, part = index_part["name"].rsplit("/", 1)
+        array_part = listed.get(f"{folder}/{name}/{part.replace('.parquet', '.npy')}")
+        if array_part is None:
+            raise OutputNotFound(f"job {record['job_id']} at {output} stored no {name!r} array for {part}")
+        array = np.load(io.BytesIO(read_part(output, array_part, store)), allow_pickle=False)
+        if len(array) != len(good):
+            raise CorruptOutput(f"{part}: {len(array)} rows of {name} for {len(good)} index rows")
+        keys += [row["key"] for row in sorted(good, key=lambda r: r["row"])]
+        arrays.append(array)
     if not arrays:
-        raise FileNotFoundError(f"no committed {name!r} arrays under {output}")
+        raise OutputNotFound(f"no committed {name!r} arrays under {output}")
     return keys, np.concatenate(arrays)
 
 
-def read_embeddings(output: str, pooling: str = "cls", store: ObjectStore | None = None) -> tuple[list[str], np.ndarray]:
+def read_embeddings(output: str, pooling: str = "cls", store: ObjectStore | None = None,
+                    job_id: str | None = None) -> tuple[list[str], np.ndarray]:
     """(keys, float16 [N, hidden] or [N, tokens, hidden]) for a whole embed job, in one call."""
-    return read_arrays(output, pooling, store)
+    return read_arrays(output, pooling, store, job_id)

@@ -28,8 +28,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from celery.schedules import crontab
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from orchestrator.constants import QUEUE_DEFAULT, SUCCESS_FILE, TASK_SCHEDULED_RUN, schedule_runs_key
-from orchestrator.errors import SpecError, StorageError
+from orchestrator.constants import (
+    QUEUE_DEFAULT, SCHEDULE_RUNS_KEPT, SUCCESS_FILE, TASK_SCHEDULED_RUN, schedule_runs_key,
+)
+from orchestrator.errors import JobNotFound, SpecError, StorageError
 from orchestrator.jobs import parse_spec
 from orchestrator.storage import join
 
@@ -125,7 +127,10 @@ def start_run(client, entry: ScheduleEntry, now: float | None = None) -> dict:
     record = {"run_id": run_id, "job_id": job_id, "output": spec.output, "started_at": now,
               "previous": previous["run_id"] if previous else None, "carried": summary.get("carried", 0),
               "to_compute": summary["items"]}
-    client.ledger.r.lpush(schedule_runs_key(entry.name), json.dumps(record))
+    pipe = client.ledger.r.pipeline(transaction=True)
+    pipe.lpush(schedule_runs_key(entry.name), json.dumps(record))
+    pipe.ltrim(schedule_runs_key(entry.name), 0, SCHEDULE_RUNS_KEPT - 1)  # Redis does not grow for ever
+    pipe.execute()
     return record
 
 
@@ -134,13 +139,17 @@ def runs(client, name: str, limit: int = 20) -> list[dict]:
     out = []
     for raw in client.ledger.r.lrange(schedule_runs_key(name), 0, limit - 1):
         record = json.loads(raw)
-        status = client.ledger.status(record["job_id"])
-        record.update(state=status.state.value, processed=status.done, errors=status.errors,
-                      images_per_s=round(status.images_per_s, 2))
         try:
             record["summary"] = json.loads(client.store.read(join(record["output"], SUCCESS_FILE)))
         except StorageError:
             pass
+        try:
+            status = client.ledger.status(record["job_id"])
+            record.update(state=status.state.value, processed=status.done, errors=status.errors,
+                          images_per_s=round(status.images_per_s, 2))
+        except JobNotFound:  # its Redis state expired (VITBATCH_JOB_TTL_S): the output's record remains
+            published = record.get("summary", {}).get("job_id") == record["job_id"]
+            record.update(state="succeeded" if published else "expired")
         out.append(record)
     return out
 

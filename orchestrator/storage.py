@@ -6,17 +6,23 @@ may read from S3 and write to a local directory or the other way round.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
-from urllib.parse import quote, unquote, urlparse
+from urllib.parse import quote, unquote
 
 from orchestrator.config import Settings
-from orchestrator.errors import ObjectNotFound, ObjectTooLarge, StorageError, UnsafeKey
+from orchestrator.errors import (
+    ObjectExists, ObjectNotFound, ObjectTooLarge, ObjectUnreadable, OutsideInput, StorageError, UnsafeKey,
+)
+from orchestrator.scope import local_path_inside
 
 
 @dataclass(frozen=True)
@@ -27,22 +33,25 @@ class ObjectInfo:
 
 
 def normalize_uri(location: str) -> str:
-    """A local path or file:// or s3:// location -> a canonical URI (local paths made absolute)."""
+    """A local path or file:// or s3:// location -> a canonical URI (local paths made absolute).
+
+    Nothing here URL-parses: `#`, `?` and `%` are ordinary characters of an S3 key (urlparse
+    would cut `s3://b/a#1.png` at the `#`). file:// URIs are percent-decoded, nothing more.
+    """
     if location.startswith("s3://"):
-        parsed = urlparse(location)
-        if not parsed.netloc:
+        if not location[len("s3://"):].split("/", 1)[0]:
             raise StorageError(f"malformed S3 URI {location!r}: expected s3://bucket/prefix")
         return location
     if location.startswith("s3:") and not location.startswith("s3://"):
         raise StorageError(f"malformed S3 URI {location!r}: expected s3://bucket/prefix")
     if location.startswith("file://"):
-        parsed = urlparse(location)
-        if parsed.netloc not in ("", "localhost"):
+        host, slash, path = location[len("file://"):].partition("/")
+        if host not in ("", "localhost"):
             # file://out/run1 would otherwise silently become /run1.
             raise StorageError(
-                f"file URI {location!r} names host {parsed.netloc!r}: write file:///absolute/path or a plain path"
+                f"file URI {location!r} names host {host!r}: write file:///absolute/path or a plain path"
             )
-        location = unquote(parsed.path)
+        location = unquote(slash + path)
     elif "://" in location:
         raise StorageError(f"unsupported URI scheme in {location!r}: use a local path, file:// or s3://")
     path = os.path.abspath(os.path.expanduser(location))
@@ -71,12 +80,14 @@ def relative_key(prefix: str, uri: str) -> str:
 
 
 def _local_path(uri: str) -> Path:
-    return Path(unquote(urlparse(uri).path))
+    rest = uri[len("file://"):]
+    return Path(unquote(rest[len("localhost"):] if rest.startswith("localhost/") else rest))
 
 
 def _s3_split(uri: str) -> tuple[str, str]:
-    parsed = urlparse(uri)
-    return parsed.netloc, parsed.path.lstrip("/")
+    """(bucket, key) exactly as written: no URL parsing, so `#`, `?`, `%` stay in the key."""
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return bucket, key
 
 
 _PARTIAL_SUFFIX = ".vitbatch-partial"
@@ -87,19 +98,150 @@ def _is_partial_write(name: str) -> bool:
     return name.startswith(".") and name.endswith(_PARTIAL_SUFFIX)
 
 
-def _walk_sorted(directory: Path) -> Iterator[Path]:
-    """Files under `directory` in full-key order, as S3 lists them: 'a-b' < 'a.png' < 'a/x'.
+@cache
+def _umask() -> int:
+    # os.umask can only be read by setting it: done once, not raced by writer threads.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
-    os.walk yields a folder's files before its subfolders, which is not key order.
-    Symlinked folders are not followed (as os.walk does not).
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _walk_sorted(directory: Path, root: str, skipped: list[tuple[Path, str]],
+                 ancestors: frozenset[tuple[int, int]]) -> Iterator[tuple[Path, os.stat_result]]:
+    """Regular files under `directory` in full-key order, as S3 lists them: 'a-b' < 'a.png' < 'a/x'.
+
+    os.walk yields a folder's files before its subfolders, which is not key order. Symlinks are
+    followed while they resolve inside `root` (the real input folder): a link out of it, a loop,
+    a FIFO, socket or device, or an entry that cannot be examined is not yielded but named in
+    `skipped`, and one entry's error never ends the listing. `ancestors` ((st_dev, st_ino) of
+    the folders above) stops a link to a folder above it from recursing for ever.
     """
-    with os.scandir(directory) as entries:
-        named = [(entry.name + "/" if entry.is_dir() else entry.name, entry) for entry in entries]
-    for _, entry in sorted(named, key=lambda pair: pair[0]):
-        if not entry.is_dir():
-            yield Path(entry.path)
-        elif not entry.is_symlink():
-            yield from _walk_sorted(Path(entry.path))
+    try:
+        with os.scandir(directory) as scan:
+            entries = list(scan)
+    except OSError as e:
+        skipped.append((directory, f"cannot be listed ({_os_reason(e)})"))
+        return
+    named = []
+    for entry in entries:
+        kind, detail = _examine(entry, root)
+        if kind == "skip":
+            if detail:
+                skipped.append((Path(entry.path), detail))
+            continue
+        named.append((entry.name + "/" if kind == "dir" else entry.name, kind, Path(entry.path), detail))
+    for _, kind, path, info in sorted(named, key=lambda row: row[0]):
+        if kind == "file":
+            yield path, info
+        elif (info.st_dev, info.st_ino) in ancestors:
+            skipped.append((path, "a symlink loop (links to a folder above it): not followed"))
+        else:
+            yield from _walk_sorted(path, root, skipped, ancestors | {(info.st_dev, info.st_ino)})
+
+
+def _examine(entry: os.DirEntry, root: str) -> tuple[str, os.stat_result | str | None]:
+    """("file" | "dir", stat) for what the listing keeps, else ("skip", why; None: say nothing)."""
+    try:
+        info = os.stat(entry.path)  # follows symlinks
+    except FileNotFoundError:  # a broken link, or removed (renamed into place) since the scan
+        return "skip", "a broken symlink" if entry.is_symlink() else None
+    except OSError as e:
+        return "skip", _os_reason(e)
+    if entry.is_symlink() and not local_path_inside(entry.path, root):
+        return "skip", "a symlink to a path outside the input: not followed"
+    if stat.S_ISDIR(info.st_mode):
+        return "dir", info
+    if stat.S_ISREG(info.st_mode):
+        return "file", info
+    return "skip", "not a regular file (a FIFO, socket or device): never opened"
+
+
+def _relative(root: Path, path: Path) -> str:
+    return path.relative_to(root).as_posix() if path != root else "."
+
+
+def _os_reason(error: OSError) -> str:
+    """An OSError as the words an error row or a plan summary shows."""
+    words = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+             errno.ELOOP: "a symlink loop", errno.ENAMETOOLONG: "name too long"}
+    return words.get(error.errno, error.strerror or type(error).__name__)
+
+
+def _read_local(uri: str, max_bytes: int | None, within: str | None) -> bytes:
+    """Open without blocking (a FIFO named .png would hang a reader thread for ever), then read
+    only a regular file, at most `max_bytes` + 1 bytes of it (a file growing meanwhile)."""
+    path = _local_path(uri)
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            _refuse_non_regular(uri, os.stat(path).st_mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise ObjectNotFound(f"{uri} does not exist") from e
+    except OSError as e:
+        raise ObjectUnreadable(f"{uri} cannot be read: {_os_reason(e)}") from e
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):  # swapped for a FIFO between the stat and the open
+            _refuse_non_regular(uri, info.st_mode)
+        if within is not None and not local_path_inside(_opened_path(f.fileno(), path), str(_local_path(within))):
+            raise OutsideInput(f"{uri} resolves to a file outside the job's input {within}: not read")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise ObjectTooLarge(f"object is {info.st_size} bytes, over the cap of {max_bytes}")
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ObjectTooLarge(f"object grew past the cap of {max_bytes} bytes while it was read")
+    return data
+
+
+# What S3 answers for an object that no retry will make readable; everything else (5xx,
+# throttling, timeouts) stays a StorageError, which fails the shard so that it is retried.
+_S3_UNREADABLE = {
+    "AccessDenied": "access denied (403): the workers' credentials may not read it",
+    "AllAccessDisabled": "access to it is disabled",
+    "InvalidObjectState": "archived (InvalidObjectState): restore it from Glacier/Deep Archive first",
+    "AccountProblem": "the bucket owner's account cannot serve it",
+}
+
+
+def _s3_read_error(uri: str, error) -> StorageError:
+    """A botocore ClientError of a GET as ObjectUnreadable (one error row) or StorageError (retry)."""
+    details = error.response.get("Error", {})
+    code = str(details.get("Code", ""))
+    status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if code in _S3_UNREADABLE:
+        return ObjectUnreadable(f"{uri} cannot be read: {_S3_UNREADABLE[code]}")
+    if code.startswith("KMS.") and not code.endswith(("ThrottlingException", "InternalException")):
+        return ObjectUnreadable(f"{uri} cannot be read: its KMS key refused decryption ({code})")
+    if code == "NoSuchKey" or status == 404:
+        return ObjectNotFound(f"{uri} does not exist")
+    if status == 403:
+        return ObjectUnreadable(f"{uri} cannot be read: forbidden (403 {code})")
+    return StorageError(f"cannot read {uri}: {error}")
+
+
+def _refuse_non_regular(uri: str, mode: int) -> None:
+    if stat.S_ISDIR(mode):
+        raise ObjectNotFound(f"{uri} does not exist (it is a folder)")
+    raise ObjectUnreadable(f"{uri} is not a regular file (a FIFO, socket or device): never opened")
+
+
+def _opened_path(fd: int, path: Path) -> str:
+    """The real path of the file behind `fd` (Linux names it in /proc), else `path` resolved."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)
+
+
+_umask()
 
 
 class ObjectStore:
@@ -125,29 +267,32 @@ class ObjectStore:
         return boto3.session.Session().client("s3", endpoint_url=self.settings.s3_endpoint_url, config=config)
 
     # -- listing ---------------------------------------------------------------------------
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        """Every object under `prefix`, sorted by key, following pagination."""
+    def list(self, prefix: str, skipped: list[str] | None = None) -> Iterator[ObjectInfo]:
+        """Every object under `prefix`, sorted by key, following pagination.
+
+        Local entries that are not listed (links out of the prefix, loops, FIFOs, sockets,
+        devices, entries that cannot be examined) are appended to `skipped` as "key: why".
+        """
         if prefix.startswith("s3://"):
             yield from self._list_s3(prefix)
         else:
-            yield from self._list_local(prefix)
+            yield from self._list_local(prefix, [] if skipped is None else skipped)
 
-    def _list_local(self, prefix: str) -> Iterator[ObjectInfo]:
+    def _list_local(self, prefix: str, skipped: list[str]) -> Iterator[ObjectInfo]:
         root = _local_path(prefix)
         if not root.is_dir():
             raise ObjectNotFound(f"input directory {root} does not exist")
-        for path in _walk_sorted(root):
+        top = root.stat()
+        passed: list[tuple[Path, str]] = []
+        for path, info in _walk_sorted(root, str(root), passed, frozenset({(top.st_dev, top.st_ino)})):
             if _is_partial_write(path.name):
                 continue  # another writer's object, not there until its os.replace
-            try:
-                stat = path.stat()
-            except FileNotFoundError:  # removed (or renamed into place) since the listing
-                continue
             yield ObjectInfo(
                 uri="file://" + quote(str(path)),
-                size=stat.st_size,
-                etag=f"{stat.st_mtime_ns:x}-{stat.st_size:x}",
+                size=info.st_size,
+                etag=f"{info.st_mtime_ns:x}-{info.st_size:x}",
             )
+        skipped.extend(f"{_relative(root, p)}: {why}" for p, why in passed)
 
     def _list_s3(self, prefix: str) -> Iterator[ObjectInfo]:
         bucket, key_prefix = _s3_split(prefix)
@@ -166,18 +311,17 @@ class ObjectStore:
             raise StorageError(f"cannot list {prefix}: {e}") from e
 
     # -- objects ---------------------------------------------------------------------------
-    def read(self, uri: str, max_bytes: int | None = None) -> bytes:
-        """The object's bytes; ObjectTooLarge before downloading anything over `max_bytes`."""
+    def read(self, uri: str, max_bytes: int | None = None, *, within: str | None = None) -> bytes:
+        """The object's bytes; ObjectTooLarge before downloading anything over `max_bytes`.
+
+        ObjectUnreadable when retrying cannot help (permission denied, archived, a loop, a
+        name too long, not a regular file). `within`: a local file must really lie under this
+        prefix, checked on the opened file itself, so a symlink swapped in after planning
+        cannot lead the read out of the input.
+        """
         if uri.startswith("s3://"):
             return self._read_s3(uri, max_bytes)
-        path = _local_path(uri)
-        try:
-            size = path.stat().st_size
-            if max_bytes is not None and size > max_bytes:
-                raise ObjectTooLarge(f"object is {size} bytes, over the cap of {max_bytes}")
-            return path.read_bytes()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-            raise ObjectNotFound(f"{uri} does not exist") from e
+        return _read_local(uri, max_bytes, within)
 
     def _read_s3(self, uri: str, max_bytes: int | None) -> bytes:
         # boto3 retries a request that fails, but not a body that breaks off after the headers
@@ -200,6 +344,8 @@ class ObjectStore:
             response = self._s3.get_object(Bucket=bucket, Key=key)
         except self._s3.exceptions.NoSuchKey as e:
             raise ObjectNotFound(f"{uri} does not exist") from e
+        except self._s3.exceptions.ClientError as e:
+            raise _s3_read_error(uri, e) from e
         except Exception as e:
             raise StorageError(f"cannot read {uri}: {e}") from e
         body = response["Body"]
@@ -211,14 +357,16 @@ class ObjectStore:
         finally:
             body.close()
 
-    def write(self, uri: str, data: bytes) -> None:
-        """Write atomically: readers see the old object or the whole new one, never a part."""
+    def write(self, uri: str, data: bytes, *, if_absent: bool = False) -> None:
+        """Write atomically: readers see the old object or the whole new one, never a part.
+
+        `if_absent`: create only; ObjectExists when the object is already there (S3's
+        conditional `If-None-Match: *`, a hard link locally: both atomic across writers).
+        Local files are fsynced with their folder before this returns, so a commit marker
+        written next never survives a crash that its part did not.
+        """
         if uri.startswith("s3://"):
-            bucket, key = _s3_split(uri)
-            try:
-                self._s3.put_object(Bucket=bucket, Key=key, Body=data)
-            except Exception as e:
-                raise StorageError(f"cannot write {uri}: {e}") from e
+            self._write_s3(uri, data, if_absent)
             return
         path = _local_path(uri)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -226,10 +374,34 @@ class ObjectStore:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            os.replace(tmp, path)
+                f.flush()
+                os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared files
+                os.fsync(f.fileno())
+            if if_absent:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError as e:
+                    raise ObjectExists(f"{uri} already exists") from e
+                finally:
+                    Path(tmp).unlink(missing_ok=True)
+            else:
+                os.replace(tmp, path)
+            _fsync_dir(path.parent)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def _write_s3(self, uri: str, data: bytes, if_absent: bool) -> None:
+        bucket, key = _s3_split(uri)
+        extra = {"IfNoneMatch": "*"} if if_absent else {}
+        try:
+            self._s3.put_object(Bucket=bucket, Key=key, Body=data, **extra)
+        except self._s3.exceptions.ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise ObjectExists(f"{uri} already exists") from e
+            raise StorageError(f"cannot write {uri}: {e}") from e
+        except Exception as e:
+            raise StorageError(f"cannot write {uri}: {e}") from e
 
     def exists(self, uri: str) -> bool:
         if uri.startswith("s3://"):
@@ -253,6 +425,16 @@ class ObjectStore:
                 raise StorageError(f"cannot delete {uri}: {e}") from e
             return
         _local_path(uri).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove every object under `prefix` (a local folder: the folder itself, links not followed)."""
+        if prefix.startswith("s3://"):
+            for info in list(self._list_s3(prefix)):
+                self.delete(info.uri)
+            return
+        path = _local_path(prefix)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
 
     def is_prefix(self, uri: str) -> bool:
         """True when `uri` names a directory (file://) or a non-empty key prefix (s3://)."""

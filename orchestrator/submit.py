@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import secrets
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,21 +17,39 @@ from orchestrator.constants import (
     JOB_SPEC_FILE, QUEUE_DEFAULT, QUEUE_INTERACTIVE, QUEUE_TRAIN, SUCCESS_FILE, TASK_EVALUATE, TASK_FINETUNE,
     TASK_RUN_SHARD,
 )
-from orchestrator.errors import BrokerUnavailable, SpecError
+from orchestrator.errors import BrokerUnavailable, ObjectExists, OutputBusy, SpecError
 from orchestrator.finalize import finalize
 from orchestrator.incremental import carry_over, model_identity, resolve_alias
 from orchestrator.jobs import JobSpec, normalize_model_ref
 from orchestrator.ledger import JobState, JobStatus, Ledger, ShardState
 from orchestrator.modelinfo import label_count, read_config
+from orchestrator.outputs import job_dir, new_job_id, prefix_holder, read_json, spec_digest
 from orchestrator.planner import Plan, plan, write_manifests
 from orchestrator.storage import ObjectStore, join
 
 
+log = logging.getLogger(__name__)
 SINGLE_TASK_KINDS = {"finetune": TASK_FINETUNE, "evaluate": TASK_EVALUATE}
 
 
-def new_job_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S-", time.gmtime()) + secrets.token_hex(3)
+def check_prefix_free(spec: JobSpec, store: ObjectStore, overwrite: bool) -> None:
+    """A used prefix (any earlier job, finished or not, or a model saved there) needs --overwrite;
+    an output inside the job's input would become the next run's input."""
+    inputs = [getattr(spec, name, None) for name in ("input", "train", "val")]
+    for source in filter(None, inputs):
+        if spec.output.rstrip("/").startswith(source.rstrip("/") + "/") or spec.output.rstrip("/") == source.rstrip("/"):
+            raise SpecError(f"output {spec.output} lies inside the job's input {source}: its parts, overlays and "
+                            "models would be read as inputs by the next run; choose an output outside it")
+    if overwrite:
+        return
+    holder = prefix_holder(spec.output, store)
+    if holder is not None:
+        raise SpecError(f"{spec.output} already holds job {holder.get('job_id', '?')}: pass --overwrite to replace "
+                        f"it, `vitbatch retry {holder.get('job_id', 'JOB')}` to finish it, or choose a new output")
+    for name in (SUCCESS_FILE, "config.json"):
+        if store.exists(join(spec.output, name)):
+            raise SpecError(f"{spec.output} already holds a finished job or model ({name}); choose a new output "
+                            "or pass --overwrite")
 
 
 @dataclass
@@ -48,7 +66,8 @@ class Client:
         settings = settings or Settings()
         if not settings.broker_url:
             raise BrokerUnavailable("no broker configured: set VITBATCH_BROKER_URL or use `vitbatch run`")
-        return cls(settings, make_app(settings), Ledger.from_url(settings.backend_url), ObjectStore(settings))
+        return cls(settings, make_app(settings), Ledger.from_url(settings.backend_url, settings.job_ttl_s),
+                   ObjectStore(settings))
 
     # -- submit ----------------------------------------------------------------------------
     def check(self, spec: JobSpec, overwrite: bool = False) -> Plan:
@@ -59,15 +78,14 @@ class Client:
             n_labels = label_count(config)
             if n_labels is not None and top_k > n_labels:
                 raise SpecError(f"top_k={top_k} is larger than the model's {n_labels} labels")
-        if not overwrite and self.store.exists(join(spec.output, SUCCESS_FILE)):
-            raise SpecError(f"{spec.output} already holds a finished job; choose a new output or pass --overwrite")
-        job_plan = plan(spec.input, spec.shard_size, self.store)
-        return job_plan
+        check_prefix_free(spec, self.store, overwrite)
+        return plan(spec.input, spec.shard_size, self.store)
 
     def submit(self, spec: JobSpec, overwrite: bool = False, previous_output: str | None = None,
                lane: str | None = None) -> tuple[str, dict]:
-        """Check, plan, record and enqueue; returns the job id and the plan's summary.
+        """Check, take the output prefix, plan, record and enqueue; returns the job id and the plan's summary.
 
+        Nothing is written before every check has passed and the prefix is this job's.
         `previous_output`: a committed run of the same job whose unchanged rows are carried over.
         """
         self.ledger.ping()
@@ -75,27 +93,23 @@ class Client:
         if spec.model and spec.model.startswith("alias:"):
             extra["model_alias"] = spec.model
             spec = spec.model_copy(update={"model": normalize_model_ref(resolve_alias(spec.model, self.store))})
+        job_plan = None
         if spec.kind in SINGLE_TASK_KINDS:
             from orchestrator.training_checks import check_labeled
 
-            summary = check_labeled(spec, self.store, overwrite)
-            n_units = 1
+            check_prefix_free(spec, self.store, overwrite)
+            summary, n_units = check_labeled(spec, self.store), 1
         else:
             job_plan = self.check(spec, overwrite)
             extra["model_identity"] = model_identity(spec.model, self.store)
-            carried = 0
-            if previous_output and spec.kind == "classify":
-                carried = carry_over(job_plan, previous_output, spec.output, extra["model_identity"], self.store)
-            write_manifests(job_plan, spec.output, self.store)
-            summary, n_units = {**job_plan.summary(), "carried": carried}, job_plan.n_shards
+            summary, n_units = job_plan.summary(), job_plan.n_shards
         job_id = new_job_id()
-        spec_json = spec.model_dump_json()
-        self.store.write(join(spec.output, JOB_SPEC_FILE), json.dumps({
-            "job_id": job_id, "spec": json.loads(spec_json), "plan": summary, **extra,
-            "vitbatch_version": __version__, "submitted_at": time.time(),
-        }, indent=2).encode())
-        self.ledger.create(job_id, spec_json, spec.kind, spec.output, summary["items"], n_units,
-                           carried=summary.get("carried", 0))
+        self.ledger.hold_output(spec.output, job_id)
+        try:
+            summary, n_units = self._record(job_id, spec, job_plan, summary, n_units, extra, previous_output)
+        except BaseException:
+            self._abandon(job_id, spec.output)
+            raise
         if n_units == 0:  # everything carried over: nothing to enqueue
             finalize(job_id, self.ledger, self.store)
             return job_id, summary
@@ -106,6 +120,45 @@ class Client:
             self._safe_cancel(job_id, f"enqueue failed: {e}")
             raise BrokerUnavailable(f"enqueueing job {job_id} failed ({e}); the job was cancelled") from e
         return job_id, summary
+
+    def _record(self, job_id: str, spec: JobSpec, job_plan: Plan | None, summary: dict, n_units: int,
+                extra: dict, previous_output: str | None) -> tuple[dict, int]:
+        """Write the job's folder (carried rows, manifests, its record), then the ledger entry."""
+        folder = job_dir(spec.output, job_id)
+        if job_plan is not None:
+            carried = 0
+            if previous_output and spec.kind == "classify":
+                carried = carry_over(job_plan, previous_output, folder, extra["model_identity"], self.store, job_id)
+            write_manifests(job_plan, folder, self.store)
+            summary, n_units = {**job_plan.summary(), "carried": carried}, job_plan.n_shards
+        spec_json = spec.model_dump_json()
+        record = json.dumps({
+            "job_id": job_id, "spec_sha256": spec_digest(spec_json), "spec": json.loads(spec_json),
+            "plan": summary, **extra, "vitbatch_version": __version__, "submitted_at": time.time(),
+        }, indent=2).encode()
+        self.store.write(join(folder, JOB_SPEC_FILE), record)
+        self._take_prefix_record(spec.output, record)
+        self.ledger.create(job_id, spec_json, spec.kind, spec.output, summary["items"], n_units,
+                           carried=summary.get("carried", 0))
+        return summary, n_units
+
+    def _take_prefix_record(self, output: str, record: bytes) -> None:
+        """`_job.json` at the prefix names its holder; a first job creates it create-only, so two
+        deployments with different Redis servers cannot both take a fresh prefix."""
+        uri = join(output, JOB_SPEC_FILE)
+        try:
+            self.store.write(uri, record, if_absent=not self.store.exists(uri))
+        except ObjectExists as e:
+            raise OutputBusy(f"another job took {output} at the same moment ({e}); nothing of this job is "
+                             "visible there: choose another output or retry with --overwrite") from e
+
+    def _abandon(self, job_id: str, output: str) -> None:
+        """A submit that broke after taking the prefix: free it; its folder is invisible and removed."""
+        try:
+            self.ledger.release_output(output, job_id)
+            self.store.delete_prefix(job_dir(output, job_id))
+        except Exception:
+            log.warning("could not clean up abandoned job %s at %s", job_id, output, exc_info=True)
 
     def queue_for(self, spec: JobSpec, n_units: int) -> str:
         if spec.kind == "finetune":
@@ -169,12 +222,27 @@ class Client:
         return self.status(job_id)
 
     def retry(self, job_id: str) -> list[int]:
-        """Re-enqueue only the shards that failed or never committed."""
+        """Re-enqueue only the shards that failed or never committed (all of them after a cancel).
+
+        The job takes its output prefix back first: OutputBusy when another job holds it now,
+        SpecError when a later job has replaced its output.
+        """
+        status = self.status(job_id)
+        record = read_json(self.store, join(status.output, SUCCESS_FILE)) or {}
+        if record.get("job_id") not in (None, job_id) and record.get("finished_at", 0) > status.created_at:
+            raise SpecError(f"job {job_id} was replaced at {status.output} by job {record['job_id']}: "
+                            "submit it again instead")
+        self.ledger.hold_output(status.output, job_id)
         states = self.ledger.shard_states(job_id)
         beats = self.ledger.heartbeats(job_id)
         silent_since = time.time() - self.settings.stale_after_s
+        cancelled = status.state is JobState.CANCELLED
         todo = sorted(i for i, s in states.items() if s in (ShardState.FAILED, ShardState.PENDING)
-                      or (s is ShardState.RUNNING and beats.get(i, 0) < silent_since))
+                      or (s is ShardState.RUNNING and (cancelled or beats.get(i, 0) < silent_since)))
+        if not todo:
+            if status.state.terminal:
+                self.ledger.release_output(status.output, job_id)
+            return []
         self.ledger.reset_shards(job_id, todo)
         self.enqueue(job_id, todo)
         return todo

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from orchestrator.constants import SUCCESS_FILE
-from orchestrator.errors import SpecError
 from orchestrator.jobs import EvaluateSpec, FinetuneSpec
 from orchestrator.labels import check_val_labels, class_names, load_labeled
 from orchestrator.modelinfo import read_config
-from orchestrator.storage import ObjectStore, join
+from orchestrator.storage import ObjectStore
 
 
-def check_labeled(spec: FinetuneSpec | EvaluateSpec, store: ObjectStore, overwrite: bool) -> dict:
+def check_labeled(spec: FinetuneSpec | EvaluateSpec, store: ObjectStore) -> dict:
     """Every check that needs no GPU; returns the plan summary written to _job.json."""
-    if not overwrite and (store.exists(join(spec.output, SUCCESS_FILE)) or store.exists(join(spec.output, "config.json"))):
-        raise SpecError(f"{spec.output} already holds a finished job or model; choose a new output or pass --overwrite")
     if spec.model is not None:
         read_config(spec.model, store)  # a local/s3 model without config.json is refused now
     if isinstance(spec, EvaluateSpec):

@@ -1,6 +1,10 @@
 """`celery -A workers worker` entry: the shared app with the tasks registered."""
 
+from celery.signals import worker_init
+
 from orchestrator.celery_app import make_app
+from workers.metrics import on_worker_init
 
 app = make_app()
 app.conf.imports = ["workers.tasks"]
+worker_init.connect(on_worker_init)  # VITBATCH_METRICS_PORT: the Prometheus endpoint, once per process

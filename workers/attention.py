@@ -81,8 +81,9 @@ class _TimmAttentionTap:
 
 class AttentionHead(ArrayHead):
     def __init__(self, model: LoadedModel, shard: int, *, layers: list[int], heads: str, with_rollout: bool,
-                 overlay_indices: set[int]) -> None:
+                 overlay_indices: set[int], overlay_prefix: str = "") -> None:
         super().__init__(model, shard)
+        self.overlay_prefix = overlay_prefix  # the job's folder under the output: the column reads from the prefix
         self.layers, self.heads, self.with_rollout = layers, heads, with_rollout
         self.overlay_indices = overlay_indices
         self.prefix = prefix_tokens(model)
@@ -133,7 +134,7 @@ class AttentionHead(ArrayHead):
         out = {}
         for index, png in self.overlays.items():
             name = f"overlays/part-{self.shard:05d}-{self.rows[index]['row']:06d}.png"
-            self.rows[index]["overlay"] = name
+            self.rows[index]["overlay"] = self.overlay_prefix + name
             out[name] = png
         return out
 

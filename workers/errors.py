@@ -32,3 +32,7 @@ class TrainingDiverged(WorkerError):
 
 class NoSharedMemory(WorkerError):
     """/dev/shm cannot hold a shard's decoded pixels; the shard decodes in threads instead."""
+
+
+class ShardFailed(WorkerError):
+    """A shard ended without output (quarantined, or its job failed): the task ends in FAILURE with why."""

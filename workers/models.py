@@ -6,9 +6,13 @@ timm's data config); nothing here assumes 224 pixels or ImageNet statistics.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
-import math
 import json
+import math
+import os
+import shutil
+import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -19,8 +23,9 @@ import torch
 from PIL import Image
 
 from orchestrator.config import Settings
-from orchestrator.modelinfo import model_dir
-from orchestrator.storage import ObjectStore
+from orchestrator.modelinfo import model_dir, model_files
+from orchestrator.outputs import model_folder
+from orchestrator.storage import ObjectStore, relative_key
 from workers.errors import ModelLoadError, UnsafeCheckpoint
 
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
@@ -98,22 +103,63 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def local_model_dir(ref: str, store: ObjectStore, settings: Settings) -> Path | None:
-    """A local directory for the reference (s3:// directories are downloaded once), or None for hub names."""
+    """A local directory for the reference (s3:// directories are downloaded once), or None for hub names.
+
+    A fine-tune output resolves to the model of its latest succeeded job.
+    """
     directory = model_dir(ref)
     if directory is None:
         return None
+    directory = model_folder(directory, store)
     if directory.startswith("s3://"):
-        digest = hashlib.sha256(directory.encode()).hexdigest()[:16]
-        dest = Path(settings.model_cache_dir).expanduser() / digest
-        marker = dest / ".complete"
-        if not marker.exists():
-            store.download_prefix(directory, dest)
-            marker.touch()
-        return dest
+        return download_model(directory, store, Path(settings.model_cache_dir).expanduser())
     path = Path(unquote(urlparse(directory).path))
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"model directory {path} has no config.json: pass a save_pretrained directory")
     return path
+
+
+def download_model(directory: str, store: ObjectStore, cache: Path) -> Path:
+    """The s3:// model's files in a cache folder named by their content (keys, ETags, sizes).
+
+    Workers sharing a cache volume download once (a file lock), never see a half-written
+    model (downloaded into a temporary folder, renamed into place), and download again
+    when the model at that URI is replaced (new ETags, new folder). Keys that would land
+    outside the folder (absolute, `..`, empty segments) are refused.
+    """
+    files = [(model_key(directory, info.uri), info) for info in model_files(directory, store)]
+    digest = hashlib.sha256(directory.encode() + b"\n")
+    for key, info in sorted(files):
+        digest.update(f"{key}\t{info.etag}\t{info.size}\n".encode())
+    dest = cache / digest.hexdigest()[:32]
+    if dest.is_dir():
+        return dest
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one download per model per cache volume
+        if dest.is_dir():
+            return dest
+        staging = Path(tempfile.mkdtemp(dir=cache, prefix=f".{dest.name}."))
+        try:
+            for key, info in files:
+                target = staging / key
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(store.read(info.uri))
+            os.rename(staging, dest)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return dest
+
+
+def model_key(directory: str, uri: str) -> str:
+    """A model file's path inside the model folder; ModelLoadError for one that would escape it."""
+    key = relative_key(directory, uri)
+    parts = key.split("/")
+    if key.startswith("/") or any(part in ("", ".", "..") or "\\" in part for part in parts):
+        raise ModelLoadError(f"model {directory} holds the key {key!r}, which would be written outside the model "
+                             "cache folder: remove it from the model's prefix")
+    return key
 
 
 def _check_weights(path: Path, allow_pickle: bool) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from orchestrator.config import Settings
+from orchestrator.constants import JOBS_DIR
 from orchestrator.jobs import JobSpec
 from orchestrator.ledger import Ledger
 from orchestrator.planner import Item, read_manifest
@@ -18,10 +19,11 @@ from workers.attention import AttentionHead
 from workers.decodepool import DecodePool, DecodeRecipe
 from workers.errors import NoSharedMemory
 from workers.heads import ClassifyHead, EmbedHead
+from workers.metrics import instrumented_shard, timed_model
 from workers.models import LoadedModel, ModelCache, default_batch_size
 from workers.pipeline import ShardPipeline
 from workers.tarshards import expand
-from workers.writers import commit_shard
+from workers.writers import commit_shard, upload_parts
 
 ProgressFn = Callable[[int, int], None]
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ class WorkerContext:
 
     @cached_property
     def ledger(self) -> Ledger:
-        return Ledger.from_url(self.settings.backend_url)
+        return Ledger.from_url(self.settings.backend_url, self.settings.job_ttl_s)
 
     @cached_property
     def models(self) -> ModelCache:
@@ -58,16 +60,17 @@ def decode_mode(decode: str, model: LoadedModel) -> str:
     return decode
 
 
-def make_head(spec: JobSpec, shard: int, ctx: WorkerContext):
+def make_head(spec: JobSpec, shard: int, ctx: WorkerContext, job_id: str = ""):
     """The model (eager attention for attention maps: SDPA returns no weights) and the head."""
     if spec.kind == "attention":
-        model = ctx.models.get(spec.model, spec.device, spec.precision, attn="eager", compile=spec.compile)
+        model = timed_model(ctx.models.get, spec.model, spec.device, spec.precision, attn="eager",
+                            compile=spec.compile)
         first = shard * spec.shard_size
         limit = spec.max_overlays if spec.max_overlays is not None else first + spec.shard_size
         overlays = set(range(max(0, min(spec.shard_size, limit - first))))
         return AttentionHead(model, shard, layers=spec.layers, heads=spec.heads, with_rollout=spec.rollout,
-                             overlay_indices=overlays)
-    model = ctx.models.get(spec.model, spec.device, spec.precision, compile=spec.compile)
+                             overlay_indices=overlays, overlay_prefix=f"{JOBS_DIR}/{job_id}/" if job_id else "")
+    model = timed_model(ctx.models.get, spec.model, spec.device, spec.precision, compile=spec.compile)
     if spec.kind == "embed":
         return EmbedHead(model, shard, spec.pooling)
     return ClassifyHead(model, shard, spec.top_k)
@@ -88,13 +91,17 @@ def expand_tars(items: list[Item], ctx: WorkerContext) -> tuple[list[Item], dict
     return out, blobs
 
 
+@instrumented_shard  # the worker's Prometheus metrics: images, stage seconds, shard duration
 def run_shard(spec: JobSpec, shard: int, ctx: WorkerContext, on_progress: ProgressFn | None = None,
-              job_id: str = "") -> dict:
-    """Compute one shard and commit it; returns the commit marker."""
+              job_id: str = "", marker_fields: dict | None = None) -> dict:
+    """Compute one shard and commit it into `spec.output` (the job's folder); returns the commit marker.
+
+    `marker_fields`: what names the job in the marker (job_id, spec_sha256).
+    """
     items, blobs = expand_tars(read_manifest(spec.output, shard, ctx.store), ctx)
     if blobs and job_id:  # the job's total grows by what the tars hold
         ctx.ledger.shard_items(job_id, shard, len(items))
-    head = make_head(spec, shard, ctx)
+    head = make_head(spec, shard, ctx, (marker_fields or {}).get("job_id", job_id))
     mode = decode_mode(spec.decode, head.model)
     batch_size = spec.batch_size or default_batch_size(head.model.device)
     lane = nullcontext()
@@ -114,8 +121,9 @@ def run_shard(spec: JobSpec, shard: int, ctx: WorkerContext, on_progress: Progre
         )
         times = pipeline.run(items, head, on_progress)
     t0 = time.perf_counter()
-    parts = head.parts()
-    summary = {"rows": len(head.rows), "errors": head.errors, "model_fingerprint": head.model.fingerprint,
-               "worker": ctx.hostname, "batch_size": pipeline.batch_size}  # after any out-of-memory halving
-    times.write_s = time.perf_counter() - t0
-    return commit_shard(ctx.store, spec.output, shard, parts, {**summary, "stats": times.to_json()})
+    written = upload_parts(ctx.store, spec.output, head.parts())
+    times.write_s = time.perf_counter() - t0  # serialising and uploading
+    summary = {**(marker_fields or {"job_id": job_id}), "rows": len(head.rows), "errors": head.errors,
+               "model_fingerprint": head.model.fingerprint, "worker": ctx.hostname,
+               "batch_size": pipeline.batch_size}  # after any out-of-memory halving
+    return commit_shard(ctx.store, spec.output, shard, {}, {**summary, "stats": times.to_json()}, written=written)

@@ -13,7 +13,9 @@ import time
 from collections.abc import Callable
 from functools import cache
 
+import redis
 from celery import Task
+from celery.exceptions import Reject
 
 from orchestrator.config import Settings
 from orchestrator.constants import QUEUE_TRAIN, TASK_EVALUATE, TASK_FINETUNE, TASK_RUN_SHARD, TASK_SCHEDULED_RUN
@@ -21,14 +23,15 @@ from orchestrator.errors import JobNotFound, SpecError
 from orchestrator.finalize import finalize
 from orchestrator.jobs import parse_spec
 from orchestrator.ledger import JobState, ShardState
+from orchestrator.outputs import job_dir, spec_digest
 from workers.app import app
-from workers.errors import ModelLoadError, TrainingDiverged
+from workers.errors import ModelLoadError, ShardFailed, TrainingDiverged
 from workers.progress import Heartbeat, JobCancelled, progress_reporter, training_reporter
 from workers.runner import WorkerContext, run_shard as run_shard_fn
-from workers.writers import commit_shard, read_commit
+from workers.writers import commit_shard, read_commit, written_files
 
 log = logging.getLogger(__name__)
-FINAL_ERRORS = (SpecError, ModelLoadError, TrainingDiverged)  # retrying cannot help
+NOT_RETRYABLE = (SpecError, ModelLoadError, TrainingDiverged)  # retrying cannot help
 
 
 _context_lock = threading.Lock()
@@ -52,85 +55,108 @@ def _settle(ctx: WorkerContext, job_id: str, all_settled: bool, fingerprint: str
         finalize(job_id, ctx.ledger, ctx.store, fingerprint)
 
 
-def _execute(task: Task, job_id: str, shard: int, work: Callable[[object, WorkerContext], dict]) -> dict:
+def _execute(task: Task, job_id: str, shard: int, work: Callable[[object, WorkerContext, dict], dict]) -> dict:
     ctx = context()
     ctx.hostname = task.request.hostname or ""
     try:
-        if ctx.ledger.state(job_id).terminal:
-            return {"shard": shard, "skipped": "job is no longer running"}
-        spec = parse_spec(ctx.ledger.spec_json(job_id))
-        marker = read_commit(ctx.store, spec.output, shard)
-        if marker is None and spec.kind == "finetune" and _held_elsewhere(ctx, job_id, shard):
-            # Redis redelivered a training that is still alive elsewhere (past its visibility
-            # timeout): two trainers on one output would fight; the reconciler covers a real death.
-            return {"shard": shard, "skipped": "another worker is training this job"}
-        if marker is None:
-            attempts = ctx.ledger.start_shard(job_id, shard)
-            if attempts > ctx.settings.max_attempts:
-                return _quarantine(ctx, job_id, shard, attempts)
-            with Heartbeat(ctx, job_id, shard):
-                marker = work(spec, ctx)
-        settled = ctx.ledger.commit_shard(job_id, shard, marker["rows"], marker["errors"], marker["stats"])
-        _settle(ctx, job_id, settled, marker.get("model_fingerprint", ""))
-        return {"shard": shard, "rows": marker["rows"], "errors": marker["errors"]}
-    except FINAL_ERRORS as e:
+        return _lifecycle(task, ctx, job_id, shard, work)
+    except ShardFailed:
+        raise  # Flower shows FAILURE with the reason; the message is acknowledged
+    except NOT_RETRYABLE as e:
         log.error("job %s failed: %s", job_id, e)
         ctx.ledger.set_state(job_id, JobState.FAILED, str(e))
-        return {"shard": shard, "failed": str(e)}
+        raise ShardFailed(f"job {job_id} failed: {e}") from None
     except JobNotFound:
         return {"shard": shard, "skipped": "job unknown to this Redis"}
     except JobCancelled:
+        ctx.ledger.stand_down(job_id, shard)  # `vitbatch retry` runs it again
         return {"shard": shard, "cancelled": True}
+    except redis.RedisError as e:
+        # The ledger cannot record what happened (Redis down or full): do not acknowledge.
+        # The message goes back (or stays unacknowledged and returns with the visibility timeout).
+        log.warning("job %s shard %s: Redis failed (%s); the shard's message is not acknowledged", job_id, shard, e)
+        raise Reject(f"Redis failed: {e}", requeue=True) from e
     except Exception as e:
-        # Transient (S3, Redis, OOM...): back off and go again; start_shard counts the
-        # deliveries and quarantines the shard once they run out.
+        # Transient (S3, OOM...): back off and go again; start_shard counts the deliveries
+        # and quarantines the shard once they run out.
         log.exception("job %s shard %s failed; retrying", job_id, shard)
+        countdown = min(2 ** task.request.retries, 30)
         ctx.ledger.note_shard_error(job_id, shard, f"{type(e).__name__}: {e}")
-        ctx.ledger.release(job_id, shard)  # not held any more: the retry may take it
-        raise task.retry(exc=e, countdown=min(2 ** task.request.retries, 30), max_retries=None)
+        # Not held by anyone during the backoff, but not silent either: the reconciler waits it out.
+        ctx.ledger.hold_until(job_id, shard, time.time() + countdown)
+        raise task.retry(exc=e, countdown=countdown, max_retries=None)
+
+
+def _lifecycle(task: Task, ctx: WorkerContext, job_id: str, shard: int, work) -> dict:
+    """Skip an ended job; honour this job's own marker; count the delivery; work; commit; settle."""
+    if ctx.ledger.state(job_id).terminal:
+        return {"shard": shard, "skipped": "job is no longer running"}
+    spec_json = ctx.ledger.spec_json(job_id)
+    spec = parse_spec(spec_json)
+    # Everything this job writes goes into its own folder under the output prefix.
+    local = spec.model_copy(update={"output": job_dir(spec.output, job_id)})
+    fields = {"job_id": job_id, "spec_sha256": spec_digest(spec_json)}
+    marker = read_commit(ctx.store, local.output, shard, job_id)
+    if marker is None and spec.kind == "finetune" and _held_elsewhere(ctx, job_id, shard):
+        # Redis redelivered a training that is still alive elsewhere (past its visibility
+        # timeout): two trainers on one output would fight; the reconciler covers a real death.
+        return {"shard": shard, "skipped": "another worker is training this job"}
+    if marker is None:
+        attempts = ctx.ledger.start_shard(job_id, shard)
+        if attempts > ctx.settings.max_attempts:
+            _quarantine(ctx, job_id, shard, attempts)
+        with Heartbeat(ctx, job_id, shard):
+            marker = work(local, ctx, fields)
+    settled = ctx.ledger.commit_shard(job_id, shard, marker["rows"], marker["errors"], marker["stats"])
+    _settle(ctx, job_id, settled, marker.get("model_fingerprint", ""))
+    return {"shard": shard, "rows": marker["rows"], "errors": marker["errors"]}
 
 
 def _held_elsewhere(ctx: WorkerContext, job_id: str, shard: int) -> bool:
     states, beats = ctx.ledger.shard_states(job_id), ctx.ledger.heartbeats(job_id)
-    fresh = time.time() - beats.get(shard, 0) < 3 * ctx.settings.heartbeat_s
+    beat, now = beats.get(shard, 0), time.time()
+    fresh = beat <= now and now - beat < 3 * ctx.settings.heartbeat_s  # a future beat is a retry's backoff
     return states.get(shard) is ShardState.RUNNING and fresh
 
 
-def _quarantine(ctx: WorkerContext, job_id: str, shard: int, attempts: int) -> dict:
+def _quarantine(ctx: WorkerContext, job_id: str, shard: int, attempts: int) -> None:
     reason = f"quarantined after {attempts - 1} deliveries that did not commit"
     last = ctx.ledger.last_shard_error(job_id, shard)
     reason += f"; last error: {last}" if last else ""
     log.error("job %s shard %s %s", job_id, shard, reason)
     _settle(ctx, job_id, ctx.ledger.fail_shard(job_id, shard, reason))
-    return {"shard": shard, "quarantined": True}
+    raise ShardFailed(f"job {job_id} shard {shard} {reason}")
 
 
-@app.task(name=TASK_RUN_SHARD, bind=True, acks_late=True, reject_on_worker_lost=True)
+TASK_OPTIONS = {"bind": True, "acks_late": True, "reject_on_worker_lost": True, "throws": (ShardFailed,)}
+
+
+@app.task(name=TASK_RUN_SHARD, **TASK_OPTIONS)
 def run_shard(self: Task, job_id: str, shard: int) -> dict:
-    return _execute(self, job_id, shard, lambda spec, ctx: run_shard_fn(
-        spec, shard, ctx, progress_reporter(self, ctx, job_id, shard), job_id=job_id))
+    return _execute(self, job_id, shard, lambda spec, ctx, fields: run_shard_fn(
+        spec, shard, ctx, progress_reporter(self, ctx, job_id, shard), job_id=job_id, marker_fields=fields))
 
 
-@app.task(name=TASK_FINETUNE, bind=True, acks_late=True, reject_on_worker_lost=True, queue=QUEUE_TRAIN)
+@app.task(name=TASK_FINETUNE, queue=QUEUE_TRAIN, **TASK_OPTIONS)
 def finetune(self: Task, job_id: str) -> dict:
     from workers.training import finetune as finetune_fn
 
-    def work(spec, ctx: WorkerContext) -> dict:
+    def work(spec, ctx: WorkerContext, fields: dict) -> dict:
         summary = finetune_fn(spec, job_id, ctx, training_reporter(self, ctx, job_id))
-        if spec.alias:  # nightly jobs that name this alias pick the new model up by themselves
-            ctx.store.write(spec.alias, spec.output.encode())
-        return commit_shard(ctx.store, spec.output, 0, {}, summary)
+        return commit_shard(ctx.store, spec.output, 0, {}, {**fields, **summary},
+                            written=written_files(ctx.store, spec.output))
 
     return _execute(self, job_id, 0, work)
 
 
-@app.task(name=TASK_EVALUATE, bind=True, acks_late=True, reject_on_worker_lost=True)
+@app.task(name=TASK_EVALUATE, **TASK_OPTIONS)
 def evaluate(self: Task, job_id: str) -> dict:
     from workers.evaluation import evaluate as evaluate_fn
 
-    def work(spec, ctx: WorkerContext) -> dict:
+    def work(spec, ctx: WorkerContext, fields: dict) -> dict:
         summary = evaluate_fn(spec, job_id, ctx, training_reporter(self, ctx, job_id))
-        return commit_shard(ctx.store, spec.output, 0, {}, summary)
+        return commit_shard(ctx.store, spec.output, 0, {}, {**fields, **summary},
+                            written=written_files(ctx.store, spec.output))
 
     return _execute(self, job_id, 0, work)
 

@@ -20,14 +20,15 @@ from PIL import Image
 from helpers_models import LABELS, TIMM_CROP_PCT, TIMM_MEAN, TIMM_STD
 from orchestrator.config import Settings
 from orchestrator.jobs import normalize_model_ref, parse_spec
-from orchestrator.planner import plan, write_manifests
+from orchestrator.outputs import success_record
 from orchestrator.results import committed_parts, read_arrays, read_embeddings, read_index
 from orchestrator.storage import ObjectStore, join
 from workers import models
 from workers.attention import rollout
 from workers.errors import ModelLoadError
 from workers.imaging import decode_rgb, resize_uint8
-from workers.runner import WorkerContext, run_shard
+from workers.local import run_local
+from workers.runner import WorkerContext
 
 EMPTY = "c-empty.jpg"
 
@@ -131,13 +132,10 @@ def ctx() -> WorkerContext:
 
 
 def run_job(ctx: WorkerContext, output: Path, kind: str, input_dir: Path, model_dir: Path, **options) -> str:
-    """What submit + the workers do, in-process: plan, write manifests, run every shard."""
+    """What submit + the workers do, in-process: plan, write manifests, run every shard, publish."""
     spec = parse_spec({"kind": kind, "input": str(input_dir), "output": str(output), "model": str(model_dir),
                        "device": "cpu", "shard_size": 4, "batch_size": 3, "read_concurrency": 2, **options})
-    job_plan = plan(spec.input, spec.shard_size, ctx.store)
-    write_manifests(job_plan, spec.output, ctx.store)
-    for shard in range(job_plan.n_shards):
-        run_shard(spec, shard, ctx)
+    run_local(spec, ctx)
     return spec.output
 
 
@@ -282,7 +280,8 @@ def test_each_index_row_addresses_its_own_vector_in_its_shards_npy(embed_job):
     keys, cls = read_embeddings(out, "cls")
     store = ObjectStore()
     for row in (r for r in read_index(out).to_pylist() if r["error"] is None):
-        part = np.load(io.BytesIO(store.read(join(out, "cls", f"part-{row['shard']:05d}.npy"))))
+        folder = join(out, success_record(out, store)["job_dir"])
+        part = np.load(io.BytesIO(store.read(join(folder, "cls", f"part-{row['shard']:05d}.npy"))))
         assert np.array_equal(part[row["row"]], cls[keys.index(row["key"])])
 
 
@@ -405,7 +404,8 @@ def test_max_overlays_writes_only_the_first_n_images_of_the_job(ctx, model_dirs,
     rows = read_index(out).to_pylist()
     assert [row["overlay"] is not None for row in rows] == [True, True, False, False, False]
     assert committed_parts(out, ObjectStore(), ".png") == sorted(join(out, row["overlay"]) for row in rows[:2])
-    assert len(list(ObjectStore().list(join(out, "overlays")))) == 2
+    job_folder = join(out, success_record(out, ObjectStore())["job_dir"])
+    assert len(list(ObjectStore().list(join(job_folder, "overlays")))) == 2
 
     # Across shards the count is per job: 4 overlays over shards of 3 = 3 + 1.
     out = run_job(ctx, tmp_path / "out2", "attention", folder, model_dirs["hf"], max_overlays=4, shard_size=3)

@@ -1,0 +1,35 @@
+"""`python -m orchestrator.flowerauth [flower options]`: Celery's Flower, with /metrics behind its auth.
+
+Flower 2.2.0 checks credentials per handler (`tornado.web.authenticated`), and its /metrics
+handler has none: with FLOWER_BASIC_AUTH set, every page answers 401 without credentials
+except /metrics, which shows every worker's name and task counts to anyone who can reach the
+port. This entry point adds the same check to /metrics before Flower starts, so Prometheus
+scrapes it with basic_auth like a browser. /healthcheck stays open for container probes.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def protect_metrics() -> None:
+    """Wrap Flower's /metrics GET in the check its pages use (idempotent)."""
+    from flower.views import monitor
+    from tornado import web
+
+    handler = monitor.Metrics
+    if not getattr(handler.get, "_vitbatch_authenticated", False):
+        handler.get = web.authenticated(handler.get)
+        handler.get._vitbatch_authenticated = True
+
+
+def main(argv: list[str] | None = None) -> None:
+    from celery.bin.celery import main as celery_main
+
+    protect_metrics()
+    sys.argv = ["celery", "flower", *(sys.argv[1:] if argv is None else argv)]
+    celery_main()
+
+
+if __name__ == "__main__":
+    main()

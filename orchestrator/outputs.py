@@ -1,0 +1,111 @@
+"""A job's output belongs to that job: its own folder, one record that publishes it.
+
+Layout under an output prefix:
+
+    _job.json        the job that last took the prefix (created with a conditional write)
+    _SUCCESS.json    the latest *succeeded* job: id, spec hash, and every part (name, sha256, rows)
+    _FAILURES.json   the latest job that finished with failures (removed by the next success)
+    _jobs/<job id>/  everything that job wrote: _job.json, _manifests/, _commits/, parts, arrays, model
+
+As in Delta's transaction log or Hadoop's job committer, a job writes only inside its own
+folder and becomes visible in one atomic object write (its `_SUCCESS.json`). Readers read
+exactly the parts that record lists, never a listing, so a rerun, a half-finished rerun or
+a concurrent writer never changes what they see of the previous succeeded job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+
+from orchestrator.constants import FAILURES_FILE, JOB_SPEC_FILE, JOBS_DIR, SUCCESS_FILE
+from orchestrator.errors import CorruptOutput, ObjectNotFound, OutputNotFound, StorageError
+from orchestrator.storage import ObjectStore, join, relative_key
+
+
+def new_job_id() -> str:
+    """Sortable and unique: the submit time (UTC) and 24 random bits."""
+    return time.strftime("%Y%m%d-%H%M%S-", time.gmtime()) + secrets.token_hex(3)
+
+
+def job_dir(output: str, job_id: str) -> str:
+    """Where one job writes everything it writes."""
+    return join(output, JOBS_DIR, job_id)
+
+
+def spec_digest(spec_json: str) -> str:
+    """Names the spec a job ran with, in its markers and records."""
+    return "sha256:" + hashlib.sha256(spec_json.encode()).hexdigest()
+
+
+def read_json(store: ObjectStore, uri: str) -> dict | None:
+    """The object as JSON, or None when it does not exist."""
+    try:
+        return json.loads(store.read(uri))
+    except ObjectNotFound:
+        return None
+
+
+def prefix_holder(output: str, store: ObjectStore) -> dict | None:
+    """The record of the job that last took the prefix (`_job.json`), if any."""
+    return read_json(store, join(output, JOB_SPEC_FILE))
+
+
+def success_record(output: str, store: ObjectStore, job_id: str | None = None) -> dict:
+    """The record readers follow: the latest succeeded job, or the job named (succeeded or not)."""
+    if job_id is None:
+        record = read_json(store, join(output, SUCCESS_FILE))
+        if record is None:
+            failed = read_json(store, join(output, FAILURES_FILE))
+            hint = (f"; job {failed['job_id']} finished with failures: pass its id to read its committed parts"
+                    if failed and failed.get("job_id") else "")
+            raise OutputNotFound(f"no succeeded job at {output}{hint}")
+        if "job_id" not in record:
+            raise OutputNotFound(f"{output} was written by an older vitbatch (no job id in {SUCCESS_FILE}): rerun "
+                                 "the job with --overwrite")
+        return record
+    folder = job_dir(output, job_id)
+    record = read_json(store, join(folder, SUCCESS_FILE)) or read_json(store, join(folder, FAILURES_FILE))
+    if record is None:
+        raise OutputNotFound(f"job {job_id} has no finished output at {output} (still running, or its files were "
+                             "removed when a later job replaced it)")
+    return record
+
+
+def part_entries(record: dict, suffix: str = "") -> list[dict]:
+    """The record's parts (in shard order) whose name ends with `suffix`."""
+    return [part for part in record["parts"] if part["name"].endswith(suffix)]
+
+
+def read_part(output: str, part: dict, store: ObjectStore) -> bytes:
+    """A listed part's bytes, checked against the sha256 its job recorded."""
+    data = store.read(join(output, part["name"]))
+    if hashlib.sha256(data).hexdigest() != part["sha256"]:
+        raise CorruptOutput(f"{join(output, part['name'])} does not match the sha256 its job recorded: "
+                            "it was changed after the job committed it; rerun the job")
+    return data
+
+
+def model_folder(output: str, store: ObjectStore) -> str:
+    """The folder a finetune output's model lives in: its latest succeeded job's folder.
+
+    A prefix that holds no vitbatch record is taken as a plain model directory.
+    """
+    record = read_json(store, join(output, SUCCESS_FILE))
+    if record and record.get("model"):
+        return join(output, record["model"])
+    return output
+
+
+def remove_superseded(output: str, job_id: str, store: ObjectStore) -> list[str]:
+    """Delete every other job's folder once `job_id` is published; returns the job ids removed."""
+    try:
+        infos = list(store.list(join(output, JOBS_DIR)))
+    except ObjectNotFound:
+        return []
+    others = sorted({relative_key(join(output, JOBS_DIR), info.uri).split("/", 1)[0] for info in infos} - {job_id})
+    for other in others:
+        store.delete_prefix(job_dir(output, other))
+    return others

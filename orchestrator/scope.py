@@ -1,0 +1,55 @@
+"""What a job may read: the objects under its input prefix (or its manifest's folder), nothing else.
+
+The planner applies `outside_input` when it lists, and the worker applies it again before it
+opens each item: a shard's manifest is a file in the output prefix, and whoever can write
+there could otherwise point a line at any object the workers' credentials can read
+(another bucket, /etc, a secret next to the input). One function for both, so the two
+never disagree about what lies inside.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from urllib.parse import unquote
+
+MANIFEST_SUFFIXES = frozenset({".txt", ".jsonl", ".lst"})
+
+
+def input_root(input_uri: str) -> str:
+    """The prefix every item of a job must lie under: the input prefix, or a manifest file's folder."""
+    stripped = input_uri.rstrip("/")
+    if posixpath.splitext(stripped.lower())[1] in MANIFEST_SUFFIXES:
+        return stripped.rsplit("/", 1)[0]
+    return stripped
+
+
+def outside_input(uri: str, root: str) -> str | None:
+    """Why `uri` is not the job's to read, or None when it lies under `root` (both canonical URIs).
+
+    Keys are compared as written, never URL-parsed (`#`, `?` and `%` are ordinary characters of
+    an S3 key). A `.` or `..` segment is refused outright: S3 keeps it literally, but proxies and
+    S3-compatible servers may normalize it away to another key. Local paths are also compared
+    after resolving symlinks, so a link inside the input that points out of it is outside.
+    """
+    base = root.rstrip("/") + "/"
+    if not uri.startswith(base):
+        return f"{uri} is outside the job's input {root}: not read"
+    relative = uri[len(base):]
+    if uri.startswith("file://"):
+        relative = unquote(relative)
+    if any(segment in (".", "..") for segment in relative.split("/")) or "\x00" in relative:
+        return f"{uri} has a '.' or '..' segment, which could leave the job's input {root}: not read"
+    if uri.startswith("file://") and not local_path_inside(_path(uri), _path(root)):
+        return f"{uri} resolves (through a symlink) to a path outside the job's input {root}: not read"
+    return None
+
+
+def local_path_inside(path: str, root: str) -> bool:
+    """True when `path`, with every symlink resolved, is `root` or lies under it (also resolved)."""
+    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def _path(file_uri: str) -> str:
+    return unquote(file_uri[len("file://"):])
