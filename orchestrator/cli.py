@@ -13,6 +13,7 @@ from contextlib import ExitStack
 
 import typer
 from rich.console import Console
+from rich.markup import escape as rich_escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
@@ -102,7 +103,10 @@ def _submit(spec, wait: bool, workers: int, overwrite: bool, show_rows: int = 5)
             from orchestrator.embedded import EmbeddedStack
 
             err.print(f"no VITBATCH_BROKER_URL: starting the embedded stack with {workers} worker(s)")
-            settings = stack.enter_context(EmbeddedStack(workers=workers, settings=settings)).settings
+            embedded_stack = stack.enter_context(EmbeddedStack(workers=workers, settings=settings))
+            settings = embedded_stack.settings
+            for url in embedded_stack.metrics_urls:
+                err.print(f"worker metrics: {url}")
         client = _client(settings)
         job_id, summary = client.submit(spec, overwrite=overwrite)
         err.print(f"job {job_id}: {summary['items']} images"
@@ -119,14 +123,25 @@ def _submit(spec, wait: bool, workers: int, overwrite: bool, show_rows: int = 5)
 
 
 def _cli_type(annotation, default):
-    """The type typer parses for a spec field: lists and literals arrive as text."""
+    """The type typer parses for a spec field: lists, literals and JSON objects arrive as text."""
     origin = typing.get_origin(annotation)
-    if origin is typing.Literal or origin is list:
+    if origin is typing.Literal or origin is list or annotation is dict or origin is dict:
         return str
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
         return typing.Optional[_cli_type(inner[0], default)]
     return annotation
+
+
+def _json_argument(value: str) -> str:
+    """A JSON option as typed, or the text of FILE for `@FILE` (a long --config is easier in a file)."""
+    if not value.startswith("@"):
+        return value
+    try:
+        with open(os.path.expanduser(value[1:]), encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise VitbatchError(f"cannot read {value[1:]!r} for --config ({e.strerror}): give a JSON object or @file.json")
 
 
 def _job_command(group: typer.Typer, kind: str, wait: bool) -> None:
@@ -150,6 +165,8 @@ def _job_command(group: typer.Typer, kind: str, wait: bool) -> None:
 
     def command(**kwargs) -> None:
         overwrite, workers = kwargs.pop("overwrite"), kwargs.pop("workers")
+        if isinstance(kwargs.get("config"), str):
+            kwargs["config"] = _json_argument(kwargs["config"])
         spec = parse_spec({"kind": kind, **{k: v for k, v in kwargs.items() if v is not None}})
         _submit(spec, wait, workers, overwrite, show_rows=5 if kind == "classify" else 0)
 
@@ -318,9 +335,15 @@ def worker(queues: str = typer.Option(DEFAULT_WORKER_QUEUES, help="Comma-separat
     if gpus:
         from orchestrator.gpupool import supervise, visible_gpus
 
+        from orchestrator.gpupool import metrics_port
+
         chosen = visible_gpus(gpus)
         err.print(f"starting {len(chosen)} worker(s), one per GPU: {chosen}")
-        raise typer.Exit(supervise(chosen, lambda gpu: worker_command(f"{name}-gpu{gpu}", queues, shards_in_flight, pool)))
+        base = Settings().metrics_port
+        for position, gpu in enumerate(chosen if base else []):
+            err.print(f"GPU {gpu} metrics: port {metrics_port(base, gpu, position)} (/metrics)")
+        raise typer.Exit(supervise(chosen, lambda gpu: worker_command(f"{name}-gpu{gpu}", queues, shards_in_flight, pool),
+                                   metrics_base=base))
     cmd = worker_command(name, queues, shards_in_flight, pool)
     os.execv(cmd[0], cmd)
 
@@ -343,7 +366,29 @@ def flower(port: int = typer.Option(5555, help="HTTP port."),
 
 
 @app.command()
-def up(workers: int = typer.Option(1, help="Local worker processes.")) -> None:
+def metrics(port: int = typer.Option(9808, help="HTTP port of /metrics."),
+            address: str = typer.Option("0.0.0.0", help="Listen address.")) -> None:
+    """Serve the fleet's Prometheus metrics (queue length per lane, jobs, per-job progress) from Redis.
+
+    One per deployment; each worker serves its own on VITBATCH_METRICS_PORT.
+    """
+    from orchestrator.exporter import serve
+    from orchestrator.ledger import Ledger
+
+    settings = Settings()
+    if not settings.broker_url:
+        raise VitbatchError("set VITBATCH_BROKER_URL to the Redis the workers use")
+    err.print(f"fleet metrics: http://{address}:{port}/metrics")
+    try:
+        serve(Ledger.from_url(settings.backend_url), port, address)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def up(workers: int = typer.Option(1, help="Local worker processes."),
+       metrics_port: int = typer.Option(None, help="Base Prometheus port: worker N serves on base+N, the fleet "
+                                        "exporter on base+workers (default VITBATCH_METRICS_PORT; 0 = off).")) -> None:
     """Run the embedded stack (Redis, workers, Flower) in the foreground until Ctrl-C."""
     import secrets
 
@@ -352,10 +397,22 @@ def up(workers: int = typer.Option(1, help="Local worker processes.")) -> None:
     settings = Settings()
     if settings.flower_password == DEFAULT_FLOWER_PASSWORD:
         settings = settings.model_copy(update={"flower_password": secrets.token_urlsafe(12)})
+    if metrics_port is not None:
+        settings = settings.model_copy(update={"metrics_port": metrics_port})
     with EmbeddedStack(workers=workers, flower=True, settings=settings) as stack:
         s = stack.settings
         console.print(f"export VITBATCH_BROKER_URL='{s.broker_url}'")
         console.print(f"Flower: {stack.flower_url} (user {s.flower_user}, password {s.flower_password})")
+        for url in stack.metrics_urls:
+            console.print(f"worker metrics: {url}")
+        if s.metrics_port:
+            from orchestrator.exporter import registry
+            from orchestrator.ledger import Ledger
+            from prometheus_client import start_http_server
+
+            fleet_port = s.metrics_port + workers
+            start_http_server(fleet_port, addr="127.0.0.1", registry=registry(Ledger.from_url(s.backend_url)))
+            console.print(f"fleet metrics: http://127.0.0.1:{fleet_port}/metrics")
         console.print("Ctrl-C stops the stack.")
         from orchestrator.reconcile import reconcile as reconcile_once
 
@@ -369,11 +426,35 @@ def up(workers: int = typer.Option(1, help="Local worker processes.")) -> None:
             pass
 
 
+def _unreachable(error: BaseException) -> str | None:
+    """One line for a Redis, broker or S3 connection failure, or None for any other exception.
+
+    Matched by class module and name, so that this runs without importing botocore; the
+    messages of these errors name host and port, never the password in the broker URL.
+    """
+    for cls in type(error).__mro__:
+        module, name = cls.__module__.split(".")[0], cls.__name__
+        if module == "redis" and name in ("ConnectionError", "TimeoutError", "AuthenticationError", "BusyLoadingError"):
+            return f"cannot reach Redis ({error}): is it running, and is VITBATCH_BROKER_URL right?"
+        if module == "kombu" and name == "OperationalError":
+            return f"cannot reach the broker ({error}): is Redis running, and is VITBATCH_BROKER_URL right?"
+        if module == "botocore" and name in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+                                             "NoCredentialsError", "ConnectionClosedError"):
+            return f"cannot reach S3 ({error}): check VITBATCH_S3_ENDPOINT_URL and the AWS_* credentials"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
     except VitbatchError as e:
-        err.print(f"[red]error:[/] {e}")
+        err.print(f"[red]error:[/] {rich_escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except Exception as e:
+        line = _unreachable(e)
+        if line is None:
+            raise
+        err.print(f"[red]error:[/] {rich_escape(line)}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -16,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from orchestrator.constants import QUEUE_DEFAULT, QUEUE_INTERACTIVE, QUEUE_TRAIN, job_key
 from orchestrator.errors import JobNotFound
-from orchestrator.ledger import JobState, Ledger
+from orchestrator.ledger import JobState, Ledger, ShardState
 
 QUEUES = (QUEUE_INTERACTIVE, QUEUE_DEFAULT, QUEUE_TRAIN)
 JOB_LABELS = ["job", "kind"]
@@ -49,6 +49,13 @@ def job_state_counts(ledger: Ledger, limit: int = JOBS_COUNTED) -> dict[str, int
     return counts
 
 
+def heartbeat_age(ledger: Ledger, job_id: str) -> float:
+    """Age of the oldest heartbeat among the job's running shards (a retry's hold in the future counts 0)."""
+    states, beats, now = ledger.shard_states(job_id), ledger.heartbeats(job_id), time.time()
+    running = [shard for shard, state in states.items() if state is ShardState.RUNNING]
+    return max((max(0.0, now - beats.get(shard, now)) for shard in running), default=0.0)
+
+
 class FleetCollector:
     """Queue length per lane, jobs per state, and per active job: progress, errors, rate, ETA."""
 
@@ -74,9 +81,12 @@ class FleetCollector:
             job("vitbatch_job_quarantined_shards", "Shards a job gave up on after too many deliveries"),
             job("vitbatch_job_images_per_second", "A job's items done per second since it was submitted"),
             job("vitbatch_job_eta_seconds", "Seconds until a job is done at its rate so far"),
+            job("vitbatch_job_heartbeat_age_seconds", "Seconds since the most silent running shard of a job "
+                "last heartbeat (0 with none running); past VITBATCH_STALE_AFTER_S the reconciler re-enqueues it"),
         )}
 
     def describe(self):
+        """The families without samples: lets the registry check names without reading Redis."""
         return list(self.families().values())
 
     def collect(self):
@@ -108,6 +118,7 @@ class FleetCollector:
             families["vitbatch_job_images_per_second"].add_metric(labels, status.images_per_s)
             if status.eta_s is not None:
                 families["vitbatch_job_eta_seconds"].add_metric(labels, status.eta_s)
+            families["vitbatch_job_heartbeat_age_seconds"].add_metric(labels, heartbeat_age(self.ledger, job_id))
 
 
 def registry(ledger: Ledger) -> CollectorRegistry:

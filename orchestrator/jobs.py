@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Literal
+from urllib.parse import unquote
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
@@ -45,6 +46,65 @@ def normalize_model_ref(ref: str) -> str:
     if "://" in ref:
         raise ValueError(f"model reference {ref!r}: use hf:<id>, timm:<name>, a local directory or s3://")
     return normalize_uri(ref.rstrip("/"))
+
+
+_S3_BUCKET = re.compile(r"^[A-Za-z0-9._-]{1,255}$")  # what any S3 store takes (AWS today: stricter)
+_S3_KEY_BYTES = 1024  # S3's limit on a whole key
+_OUTPUT_ROOM = 200  # what vitbatch appends under an output prefix (_jobs/<id>/_manifests/shard-NNNNN.jsonl, ...)
+_NAME_BYTES = 255  # one file name on Linux file systems
+_LOCAL_PATH_BYTES = 4096
+
+
+def storable_output(uri: str) -> str:
+    """A canonical output URI, or ValueError saying which character or length its store cannot hold.
+
+    `#`, `?`, `%`, spaces and unicode are fine (keys are kept as written); control characters
+    are not (S3 listings are XML, and a terminal would hide them), nor a key or file name
+    longer than the store allows once vitbatch's own names are appended.
+    """
+    text = unquote(uri[len("file://"):]) if uri.startswith("file://") else uri
+    bad = sorted({f"U+{ord(c):04X}" for c in text if ord(c) < 32 or ord(c) == 127})
+    if bad:
+        raise ValueError(f"output {uri!r} holds control characters ({', '.join(bad)}): choose a name without them")
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        if not _S3_BUCKET.match(bucket):
+            raise ValueError(f"output bucket {bucket!r} is not a valid S3 bucket name (letters, digits, "
+                             "'.', '-' and '_' only)")
+        if len(key.encode()) > _S3_KEY_BYTES - _OUTPUT_ROOM:
+            raise ValueError(f"output prefix is {len(key.encode())} bytes: S3 keys hold {_S3_KEY_BYTES}, and vitbatch "
+                             f"needs {_OUTPUT_ROOM} of them for its own names; choose a shorter prefix")
+        return uri
+    path = text
+    longest = max(path.split("/"), key=lambda part: len(part.encode()))
+    if len(longest.encode()) > _NAME_BYTES:
+        raise ValueError(f"output folder name {longest[:40]!r}... is {len(longest.encode())} bytes: file names "
+                         f"hold at most {_NAME_BYTES}")
+    if len(path.encode()) > _LOCAL_PATH_BYTES - _OUTPUT_ROOM:
+        raise ValueError(f"output path is {len(path.encode())} bytes: too long for the files vitbatch writes under it")
+    return uri
+
+
+_FILE_KEYS = frozenset({"checkpoint_path", "pretrained", "pretrained_model_name_or_path", "name_or_path",
+                        "_name_or_path", "cache_dir"})
+_FILE_SUFFIXES = ("_path", "_file", "_dir", "_url")
+_CFG_KEYS = ("pretrained_cfg", "pretrained_cfg_overlay")  # fine for mean/std; not for where weights come from
+_CFG_SOURCES = frozenset({"file", "url", "hf_hub_id", "hf_hub_filename", "source", "state_dict"})
+
+
+def refuse_file_keys(config: dict) -> None:
+    """A --config builds a model from scratch; a key that names a file or a download (timm's
+    `checkpoint_path`, `pretrained_cfg_overlay={"file": ...}`) would load weights, pickle
+    included, from wherever it points, so it is refused (ValueError says which)."""
+    named = [key for key in config if key in _FILE_KEYS or str(key).endswith(_FILE_SUFFIXES)]
+    for key in _CFG_KEYS:
+        cfg = config.get(key)
+        if isinstance(cfg, str) or (isinstance(cfg, dict) and _CFG_SOURCES & set(cfg)):
+            named.append(key + (f" ({', '.join(sorted(_CFG_SOURCES & set(cfg)))})" if isinstance(cfg, dict) else ""))
+    named.sort()
+    if named:
+        raise ValueError(f"--config may not name files or downloads ({', '.join(named)}): it builds an untrained "
+                         "model; to start from weights pass --model with a safetensors directory")
 
 
 def _checked_uri(value: str) -> str:
@@ -91,6 +151,11 @@ class JobBase(BaseModel):
     @classmethod
     def _uri(cls, value: str) -> str:
         return _checked_uri(value)
+
+    @field_validator("output")
+    @classmethod
+    def _storable(cls, value: str) -> str:
+        return storable_output(value)
 
     @field_validator("model")
     @classmethod
@@ -162,7 +227,7 @@ class TrainBase(BaseModel):
     @field_validator("output")
     @classmethod
     def _uri(cls, value: str) -> str:
-        return _checked_uri(value)
+        return storable_output(_checked_uri(value))
 
 
 class FinetuneSpec(TrainBase):
@@ -211,6 +276,13 @@ class FinetuneSpec(TrainBase):
                 return json.loads(value)
             except ValueError as e:
                 raise ValueError(f"--config is not valid JSON: {e}") from e
+        return value
+
+    @field_validator("config")
+    @classmethod
+    def _no_files(cls, value: dict | None) -> dict | None:
+        if value is not None:
+            refuse_file_keys(value)
         return value
 
     @model_validator(mode="after")

@@ -22,7 +22,8 @@ from orchestrator.finalize import finalize
 from orchestrator.incremental import carry_over, model_identity, resolve_alias
 from orchestrator.jobs import JobSpec, normalize_model_ref
 from orchestrator.ledger import JobState, JobStatus, Ledger, ShardState
-from orchestrator.modelinfo import label_count, read_config
+from orchestrator.checks import check_model_options
+from orchestrator.modelinfo import read_config
 from orchestrator.outputs import job_dir, new_job_id, prefix_holder, read_json, spec_digest
 from orchestrator.planner import Plan, plan, write_manifests
 from orchestrator.storage import ObjectStore, join
@@ -73,11 +74,7 @@ class Client:
     def check(self, spec: JobSpec, overwrite: bool = False) -> Plan:
         """Every check that does not need a GPU; SpecError on the first problem."""
         config = read_config(spec.model, self.store)
-        top_k = getattr(spec, "top_k", None)
-        if config is not None and top_k is not None:
-            n_labels = label_count(config)
-            if n_labels is not None and top_k > n_labels:
-                raise SpecError(f"top_k={top_k} is larger than the model's {n_labels} labels")
+        check_model_options(spec, config)  # layers, top_k, architecture, remote code
         check_prefix_free(spec, self.store, overwrite)
         return plan(spec.input, spec.shard_size, self.store)
 

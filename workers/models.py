@@ -30,7 +30,7 @@ from workers.errors import ModelLoadError, UnsafeCheckpoint
 
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
              "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
-_PICKLE_FILES = ("pytorch_model.bin", "model.pth", "model.pt")
+_PICKLE_PATTERNS = ("*.bin", "*.pth", "*.pt", "*.pth.tar", "*.ckpt", "*.pkl")  # torch.save / pickle checkpoints
 
 
 @dataclass(frozen=True)
@@ -162,14 +162,48 @@ def model_key(directory: str, uri: str) -> str:
     return key
 
 
+def check_model_dir(path: Path, allow_pickle: bool = False) -> dict:
+    """config.json of a model directory, once it is known that loading it runs no code and no pickle.
+
+    Every load goes through here (inference and fine-tuning's starting model): retrying cannot
+    fix what this refuses, so the job fails once with the reason.
+    """
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model directory {path}: config.json cannot be read ({e})") from e
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"model directory {path}: config.json is not a JSON object")
+    if "auto_map" in config:
+        raise ModelLoadError(
+            f"model directory {path} names its own code (auto_map: {sorted(config['auto_map'])}): vitbatch never "
+            "runs code shipped with a model; use an architecture that transformers or timm provide"
+        )
+    _check_weights(path, allow_pickle)
+    return config
+
+
 def _check_weights(path: Path, allow_pickle: bool) -> None:
-    if any(path.glob("*.safetensors")):
+    """safetensors only. Next to pickle files, the safetensors must be the file loaders try first
+    (model.safetensors, or a sharded index): timm would take pytorch_model.bin before a
+    differently named safetensors file."""
+    pickles = sorted(p.name for pattern in _PICKLE_PATTERNS for p in path.glob(pattern))
+    safetensors = any(path.glob("*.safetensors"))
+    preferred = (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()
+    if allow_pickle or (safetensors and (preferred or not pickles)):
         return
-    if any((path / name).exists() for name in _PICKLE_FILES) and not allow_pickle:
+    if safetensors:
+        raise UnsafeCheckpoint(
+            f"{path} holds pickle weights ({', '.join(pickles)}) next to safetensors not named model.safetensors: "
+            "rename the safetensors file to model.safetensors or remove the pickle files"
+        )
+    if pickles:
         raise UnsafeCheckpoint(
             f"{path} holds only pickle weights; convert them to safetensors or set allow_pickle "
             "(then loaded with weights_only=True)"
         )
+    raise ModelLoadError(f"model directory {path} has no weights: expected model.safetensors (save_pretrained "
+                         "or timm's save_for_hf with safe_serialization)")
 
 
 def model_family(ref: str, path: Path | None) -> str:
@@ -178,23 +212,36 @@ def model_family(ref: str, path: Path | None) -> str:
         return "timm"
     if ref.startswith("hf:"):
         return "hf"
-    config = json.loads((path / "config.json").read_text())
-    return "timm" if "architecture" in config else "hf"
+    return "timm" if "architecture" in check_model_dir(path, allow_pickle=True) else "hf"
 
 
-def _load_hf(name: str, dtype: torch.dtype, attn: str) -> tuple[torch.nn.Module, Preprocess, dict[int, str]]:
+def _load_hf(name: str, dtype: torch.dtype, attn: str, allow_pickle: bool = False
+             ) -> tuple[torch.nn.Module, Preprocess, dict[int, str]]:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+    # trust_remote_code=False said out loud: otherwise transformers asks on a terminal. Without
+    # allow_pickle only safetensors are read, even where a pytorch_model.bin sits next to them.
+    options = {"trust_remote_code": False, "use_safetensors": None if allow_pickle else True}
     try:
-        module = AutoModelForImageClassification.from_pretrained(name, dtype=dtype, attn_implementation=attn)
-        processor = AutoImageProcessor.from_pretrained(name)
+        module = AutoModelForImageClassification.from_pretrained(name, dtype=dtype, attn_implementation=attn,
+                                                                 **options)
+        processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=False)
     except OSError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if Path(name).is_dir():
+            raise ModelLoadError(f"model directory {name} cannot be loaded: {_first_line(e)}") from e
         raise ModelLoadError(
             f"model 'hf:{name}' not found locally and the hub is unreachable or has no such repo "
-            f"({first_line}): pass a local directory or s3:// URI"
+            f"({_first_line(e)}): pass a local directory or s3:// URI"
         ) from e
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+        # Unknown model_type, remote code, a config that names no image model, mismatched weights.
+        raise ModelLoadError(f"model 'hf:{name}' cannot be loaded ({type(e).__name__}: {_first_line(e)})") from e
     return module, hf_preprocess(processor), {int(i): str(v) for i, v in module.config.id2label.items()}
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def hf_preprocess(processor) -> Preprocess:
@@ -216,8 +263,9 @@ def _load_timm(name: str, allow_pickle: bool) -> tuple[torch.nn.Module, Preproce
 
     try:
         module = timm.create_model(name, pretrained=True)
-    except (RuntimeError, OSError, ValueError) as e:
-        raise ModelLoadError(f"model 'timm:{name}' cannot be loaded ({e}): pass a local directory or s3:// URI") from e
+    except (RuntimeError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ModelLoadError(f"model 'timm:{name}' cannot be loaded ({type(e).__name__}: {_first_line(e)}): "
+                             "pass a local directory or s3:// URI") from e
     prep = timm_preprocess(module)
     names = module.pretrained_cfg.get("label_names")
     if not names and module.num_classes == 1000:
@@ -262,11 +310,11 @@ def load(ref: str, device: str = "auto", precision: str = "auto", *, attn: str =
     dtype = resolve_dtype(precision, torch_device)
     path = local_model_dir(ref, store, settings)
     if path is not None:
-        _check_weights(path, allow_pickle)
+        check_model_dir(path, allow_pickle)
     family = model_family(ref, path)
     name = str(path) if path is not None else ref.split(":", 1)[1]
     if family == "hf":
-        module, prep, id2label = _load_hf(name, torch.float32, attn)
+        module, prep, id2label = _load_hf(name, torch.float32, attn, allow_pickle)
     else:
         module, prep, id2label = _load_timm(f"local-dir:{name}" if path is not None else name, allow_pickle)
     module.eval().requires_grad_(False)

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from orchestrator.errors import ObjectNotFound, ObjectTooLarge
+from orchestrator.errors import ObjectNotFound, ObjectTooLarge, ObjectUnreadable
 from orchestrator.planner import Item
+from orchestrator.scope import outside_input
 from orchestrator.storage import ObjectStore
 from workers.decodepool import DecodeRecipe, Lane
 from workers.devicedecode import decode_batch, device_decodable, resize_batch
@@ -71,8 +72,11 @@ class StageTimes:
 class ShardPipeline:
     def __init__(self, model: LoadedModel, store: ObjectStore, *, batch_size: int, read_concurrency: int,
                  max_bytes: int, max_pixels: int, blobs: dict[str, bytes | str] | None = None,
-                 lane: Lane | None = None, device_jpegs: bool = False) -> None:
+                 lane: Lane | None = None, device_jpegs: bool = False, scope: str | None = None) -> None:
         self.model, self.store = model, store
+        # The job's input root (scope.input_root): an item outside it is an error row, never
+        # opened. A shard's manifest lives in the output prefix, so it is checked, not trusted.
+        self.scope = scope
         self.blobs = blobs or {}  # tar members already in memory: uri -> bytes, or why they were not read
         self.batch_size, self.read_concurrency = batch_size, read_concurrency
         self.max_bytes, self.max_pixels = max_bytes, max_pixels
@@ -87,8 +91,8 @@ class ShardPipeline:
     def _load(self, item: Item, keep_preview: bool = False) -> Decoded:
         t0 = time.perf_counter()
         try:
-            data = self.blobs.pop(item.uri) if item.uri in self.blobs else self.store.read(item.uri, max_bytes=self.max_bytes)
-        except (ObjectNotFound, ObjectTooLarge) as e:
+            data = self.blobs.pop(item.uri) if item.uri in self.blobs else self._read(item)
+        except (ObjectNotFound, ObjectTooLarge, ObjectUnreadable) as e:  # retrying cannot help: one row
             return Decoded(item, None, str(e), read_s=time.perf_counter() - t0)
         if isinstance(data, str):
             return Decoded(item, None, data, read_s=time.perf_counter() - t0)
@@ -101,6 +105,12 @@ class ShardPipeline:
         slot, error, seconds = self.lane.decode(data)
         pixels = self.lane.pixels[slot] if slot is not None else None
         return Decoded(item, pixels, error, t1 - t0, seconds, slot=slot)
+
+    def _read(self, item: Item) -> bytes | str:
+        """The item's bytes, or why it is not the job's to read (outside its input)."""
+        if self.scope is not None and (why := outside_input(item.uri, self.scope)) is not None:
+            return why
+        return self.store.read(item.uri, max_bytes=self.max_bytes, within=self.scope)
 
     def _decode_here(self, item: Item, data: bytes, keep_preview: bool, read_s: float) -> Decoded:
         t1 = time.perf_counter()

@@ -14,6 +14,7 @@ from orchestrator.constants import JOBS_DIR
 from orchestrator.jobs import JobSpec
 from orchestrator.ledger import Ledger
 from orchestrator.planner import Item, read_manifest
+from orchestrator.scope import outside_input
 from orchestrator.storage import ObjectStore
 from workers.attention import AttentionHead
 from workers.decodepool import DecodePool, DecodeRecipe
@@ -76,8 +77,13 @@ def make_head(spec: JobSpec, shard: int, ctx: WorkerContext, job_id: str = ""):
     return ClassifyHead(model, shard, spec.top_k)
 
 
-def expand_tars(items: list[Item], ctx: WorkerContext) -> tuple[list[Item], dict[str, bytes | str]]:
-    """Replace .tar items by their image members, read in one go."""
+def expand_tars(items: list[Item], ctx: WorkerContext, scope: str | None = None
+                ) -> tuple[list[Item], dict[str, bytes | str]]:
+    """Replace .tar items by their image members, read in one go.
+
+    `scope` (the job's `input_root`): a tar outside it is one error row, never opened; a
+    manifest line is not to be trusted more than the spec that planned it.
+    """
     if not any(item.tar for item in items):
         return items, {}
     out, blobs = [], {}
@@ -85,7 +91,12 @@ def expand_tars(items: list[Item], ctx: WorkerContext) -> tuple[list[Item], dict
         if not item.tar:
             out.append(item)
             continue
-        members, member_blobs = expand(item, ctx.store, ctx.settings.max_tar_bytes, ctx.settings.max_object_bytes)
+        if scope is not None and (why := outside_input(item.uri, scope)) is not None:
+            out.append(Item(item.key, item.uri, item.size, item.etag))
+            blobs[item.uri] = why
+            continue
+        members, member_blobs = expand(item, ctx.store, ctx.settings.max_tar_bytes, ctx.settings.max_object_bytes,
+                                       within=scope)
         out += members
         blobs.update(member_blobs)
     return out, blobs

@@ -59,7 +59,7 @@ def _execute(task: Task, job_id: str, shard: int, work: Callable[[object, Worker
     ctx = context()
     ctx.hostname = task.request.hostname or ""
     try:
-        return _lifecycle(task, ctx, job_id, shard, work)
+        return lifecycle(ctx, job_id, shard, work)
     except ShardFailed:
         raise  # Flower shows FAILURE with the reason; the message is acknowledged
     except NOT_RETRYABLE as e:
@@ -87,7 +87,7 @@ def _execute(task: Task, job_id: str, shard: int, work: Callable[[object, Worker
         raise task.retry(exc=e, countdown=countdown, max_retries=None)
 
 
-def _lifecycle(task: Task, ctx: WorkerContext, job_id: str, shard: int, work) -> dict:
+def lifecycle(ctx: WorkerContext, job_id: str, shard: int, work) -> dict:
     """Skip an ended job; honour this job's own marker; count the delivery; work; commit; settle."""
     if ctx.ledger.state(job_id).terminal:
         return {"shard": shard, "skipped": "job is no longer running"}

@@ -96,6 +96,8 @@ def _from_config(config: dict, labels: dict) -> Built:
 
 def _from_pretrained(ref: str, labels: dict, ctx: WorkerContext) -> Built:
     path = models.local_model_dir(ref, ctx.store, ctx.settings)
+    if path is not None:  # the same rules as inference: no remote code, safetensors only
+        models.check_model_dir(path)
     name = str(path) if path is not None else ref.split(":", 1)[1]
     try:
         if models.model_family(ref, path) == "timm":
@@ -105,9 +107,10 @@ def _from_pretrained(ref: str, labels: dict, ctx: WorkerContext) -> Built:
             return _timm(timm.create_model(source, pretrained=True, num_classes=len(labels["id2label"])))
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-        module = AutoModelForImageClassification.from_pretrained(name, ignore_mismatched_sizes=True, **labels)
-        return _hf(module, AutoImageProcessor.from_pretrained(name))
-    except (OSError, RuntimeError, ValueError) as e:
+        module = AutoModelForImageClassification.from_pretrained(name, ignore_mismatched_sizes=True, use_safetensors=True,
+                                                                 trust_remote_code=False, **labels)
+        return _hf(module, AutoImageProcessor.from_pretrained(name, trust_remote_code=False))
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(f"model {ref!r} cannot be loaded ({e}): pass a local directory or s3:// URI") from e
 
 

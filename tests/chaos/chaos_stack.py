@@ -21,6 +21,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 from orchestrator.config import Settings
+from orchestrator.outputs import job_dir
 from orchestrator.constants import commit_name, shard_attempts_key, shard_done_key
 from orchestrator.embedded import RedisServer
 from orchestrator.jobs import parse_spec
@@ -80,6 +81,10 @@ class Stack:
         return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env={**self.env, **(env or {})},
                               cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
 
+    def folder(self, job_id: str) -> str:
+        """Where the job writes its manifests, parts and markers."""
+        return job_dir(self.output, job_id)
+
     def attempts(self, job_id: str) -> dict[int, int]:
         return {int(i): int(n) for i, n in self.client.ledger.r.hgetall(shard_attempts_key(job_id)).items()}
 
@@ -94,7 +99,7 @@ class Stack:
             done = self.client.ledger.r.hgetall(shard_done_key(job_id))
             running = [shard for shard, state in sorted(self.client.ledger.shard_states(job_id).items())
                        if state is ShardState.RUNNING and int(done.get(str(shard), 0)) > 0
-                       and not self.store.exists(join(self.output, commit_name(shard)))]
+                       and not self.store.exists(join(self.folder(job_id), commit_name(shard)))]
             if len(running) >= count:
                 return running[:count]
             time.sleep(0.05)
@@ -125,7 +130,8 @@ def assert_exactly_once(output_uri: str, expected_keys, store: ObjectStore) -> N
     for uri in committed_parts(output_uri, store):
         data = store.read(uri)
         shard = int(uri.rsplit("part-", 1)[1].split(".")[0])
-        recorded = json.loads(store.read(join(output_uri, commit_name(shard))))["parts"][uri.rsplit("/", 1)[1]]
+        folder = uri.rsplit("/", 1)[0]  # the job's folder, which holds its markers
+        recorded = json.loads(store.read(join(folder, commit_name(shard))))["parts"][uri.rsplit("/", 1)[1]]
         assert recorded["sha256"] == hashlib.sha256(data).hexdigest(), f"{uri} is not the part its marker names"
         pq.read_table(io.BytesIO(data))
     table = read_table(output_uri, store)

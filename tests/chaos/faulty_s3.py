@@ -3,7 +3,9 @@
 Workers point VITBATCH_S3_ENDPOINT_URL at it. Every `fail_every`-th object GET gets
 the next fault of `faults` in turn (deterministic, so a run is reproducible); every
 object GET waits `delay_s` first, which makes shards slow enough to be hit mid-way
-without depending on how busy the CPU is.
+without depending on how busy the CPU is. `key_faults` answers chosen objects (by
+"bucket/key", as written) with a fault every time they are read: a 403 AccessDenied, an
+archived object's InvalidObjectState, a KMS denial: errors that no retry mends.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
               "expect", "content-length"}
@@ -24,16 +26,23 @@ ERROR_XML = {
     "500": ("InternalError", "We encountered an internal error. Please try again."),
     "503": ("SlowDown", "Please reduce your request rate."),
 }
+# Per-object faults (key_faults): HTTP status, S3 error code, message, as AWS answers them.
+KEY_FAULTS = {
+    "403": (403, "AccessDenied", "Access Denied"),
+    "archived": (403, "InvalidObjectState", "The operation is not valid for the object's storage class"),
+    "kms": (400, "KMS.DisabledException", "The KMS key used to encrypt this object is disabled."),
+}
 
 
 class FaultyS3:
     """Start with `with FaultyS3(upstream, ...) as proxy:`; `proxy.url` is the endpoint to hand out."""
 
     def __init__(self, upstream: str, *, delay_s: float = 0.0, fail_every: int = 0,
-                 faults: tuple[str, ...] = FAULTS) -> None:
+                 faults: tuple[str, ...] = FAULTS, key_faults: dict[str, str] | None = None) -> None:
         parsed = urlsplit(upstream)
         self.upstream = (parsed.hostname, parsed.port)
         self.delay_s, self.fail_every, self.faults = delay_s, fail_every, faults
+        self.key_faults = dict(key_faults or {})
         self.object_gets = 0
         self.injected: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -59,6 +68,11 @@ class FaultyS3:
         segments = [s for s in urlsplit(path).path.split("/") if s]
         if method != "GET" or len(segments) < 2:  # listings, HEADs and writes pass untouched
             return None
+        object_path = unquote(urlsplit(path).path.lstrip("/"))
+        if object_path in self.key_faults:
+            with self._lock:
+                self.injected[self.key_faults[object_path]] += 1
+            return self.key_faults[object_path]
         if self.delay_s:
             time.sleep(self.delay_s)
         with self._lock:
@@ -96,6 +110,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reset()
         if fault in ERROR_XML:
             return self._send(int(fault), _error_xml(*ERROR_XML[fault]), [("Content-Type", "application/xml")])
+        if fault in KEY_FAULTS:
+            status, code, message = KEY_FAULTS[fault]
+            return self._send(status, _error_xml(code, message), [("Content-Type", "application/xml")])
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
         if self.headers.get("Transfer-Encoding", "").lower() != "chunked" and "Content-Length" in self.headers:
             headers["Content-Length"] = str(len(body))

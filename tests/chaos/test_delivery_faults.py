@@ -43,7 +43,7 @@ def test_one_shard_delivered_to_two_workers_at_once_is_written_once(stack, slow_
 
 def test_a_poison_shard_is_quarantined_and_retry_reruns_only_it(stack, digits):
     job_id = stack.submit(digits.s3_prefix, shard_size=50)  # 4 shards; no worker is running yet
-    poisoned = join(stack.output, manifest_name(1))
+    poisoned = join(stack.folder(job_id), manifest_name(1))
     healthy_manifest = stack.store.read(poisoned)
     stack.store.write(poisoned, b'{"key": "0/digit-0000.png", "uri": \n')  # every delivery raises
     stack.workers.start("w")
@@ -58,7 +58,7 @@ def test_a_poison_shard_is_quarantined_and_retry_reruns_only_it(stack, digits):
     reason = report["failed_shards"]["1"]
     assert f"after {stack.settings.max_attempts} deliveries" in reason and "JSONDecodeError" in reason, reason
     assert stack.attempts(job_id)[1] == stack.settings.max_attempts + 1  # the last one only quarantined it
-    healthy = {i: stack.store.read(join(stack.output, commit_name(i))) for i in (0, 2, 3)}
+    healthy = {i: stack.store.read(join(stack.folder(job_id), commit_name(i))) for i in (0, 2, 3)}
 
     stack.store.write(poisoned, healthy_manifest)
     retried = stack.cli(["retry", job_id])
@@ -67,7 +67,7 @@ def test_a_poison_shard_is_quarantined_and_retry_reruns_only_it(stack, digits):
 
     assert status.state is JobState.SUCCEEDED, explain(status)
     assert status.failed_shards == {}
-    assert {i: stack.store.read(join(stack.output, commit_name(i))) for i in (0, 2, 3)} == healthy, \
+    assert {i: stack.store.read(join(stack.folder(job_id), commit_name(i))) for i in (0, 2, 3)} == healthy, \
         "the healthy shards were not run again"
     assert {i: n for i, n in stack.attempts(job_id).items() if i != 1} == {0: 1, 2: 1, 3: 1}
     assert_exactly_once(stack.output, digits.keys, stack.store)

@@ -80,7 +80,7 @@ def test_a_warm_shutdown_finishes_the_running_shard_before_the_worker_leaves(sta
     stack.workers.kill("leaving", signal.SIGTERM)
     stack.workers.start("successor", env=via(slow_s3), wait=False)
     assert leaving.wait(timeout=120) == 0, stack.workers.log("leaving")[-3000:]
-    assert stack.store.exists(join(stack.output, commit_name(shard))), "the running shard was committed"
+    assert stack.store.exists(join(stack.folder(job_id), commit_name(shard))), "the running shard was committed"
     status = stack.wait(job_id)
 
     assert status.state is JobState.SUCCEEDED, explain(status)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 
@@ -116,11 +117,21 @@ def test_outputs_hold_job_spec_manifests_markers_and_success(finished_job, clien
     prefix = out.split(f"s3://{bucket}/", 1)[1]
     keys = {o["Key"][len(prefix):] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
     n_shards = -(-(N_IMAGES + len(BAD_FILES)) // 16)
-    assert {f"part-{i:05d}.parquet" for i in range(n_shards)} <= keys
-    assert {f"_commits/part-{i:05d}.json" for i in range(n_shards)} <= keys
-    assert {f"_manifests/shard-{i:05d}.jsonl" for i in range(n_shards)} <= keys
+    folder = f"_jobs/{job_id}/"
+    assert {f"{folder}part-{i:05d}.parquet" for i in range(n_shards)} <= keys
+    assert {f"{folder}_commits/part-{i:05d}.json" for i in range(n_shards)} <= keys
+    assert {f"{folder}_manifests/shard-{i:05d}.jsonl" for i in range(n_shards)} <= keys
+    assert all(key.startswith(("_jobs/", "_SUCCESS", "_job.json")) for key in keys)  # nothing loose at the prefix
     success = json.loads(s3.get_object(Bucket=bucket, Key=prefix + SUCCESS_FILE)["Body"].read())
-    assert success["job_id"] == job_id
+    assert success["job_id"] == job_id and success["job_dir"] == folder.rstrip("/")
+    listed = {part["name"]: part for part in success["parts"]}
+    assert set(listed) == {f"{folder}part-{i:05d}.parquet" for i in range(n_shards)}
+    for name, part in listed.items():
+        data = s3.get_object(Bucket=bucket, Key=prefix + name)["Body"].read()
+        assert hashlib.sha256(data).hexdigest() == part["sha256"]
+        assert pq.read_table(io.BytesIO(data)).num_rows == part["rows"]
+    marker = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}{folder}_commits/part-00000.json")["Body"].read())
+    assert marker["job_id"] == job_id and marker["spec_sha256"] == success["spec_sha256"]
     assert success["items"] == success["processed"] == N_IMAGES + len(BAD_FILES)
     assert success["errors"] == len(BAD_FILES)
     assert success["model_fingerprint"].startswith("sha256:")
@@ -130,9 +141,9 @@ def test_outputs_hold_job_spec_manifests_markers_and_success(finished_job, clien
 
 
 def test_part_files_are_plain_parquet(finished_job, s3, bucket):
-    _, out, _ = finished_job
+    job_id, out, _ = finished_job
     prefix = out.split(f"s3://{bucket}/", 1)[1]
-    table = pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=prefix + "part-00000.parquet")["Body"].read()))
+    table = pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=f"{prefix}_jobs/{job_id}/part-00000.parquet")["Body"].read()))
     assert {"key", "etag", "label", "label_id", "score", "topk_labels", "topk_scores", "error"} <= set(table.column_names)
     scores = [s for s in table.column("topk_scores").to_pylist() if s]
     assert all(np.all(np.diff(s) <= 1e-6) for s in scores)

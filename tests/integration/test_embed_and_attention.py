@@ -117,11 +117,12 @@ def test_attention_maps_cover_the_patch_grid_and_sum_to_one(finished_jobs, clien
 
 
 def test_only_the_first_images_of_the_job_get_overlays(finished_jobs, client, s3, bucket):
-    _, out, _ = finished_jobs["attention"]
+    job_id, out, _ = finished_jobs["attention"]
     rows = read_index(out, client.store).to_pylist()
     assert [row["overlay"] is not None for row in rows] == [True] * N_OVERLAYS + [False] * (len(rows) - N_OVERLAYS)
     prefix = out.split(f"s3://{bucket}/", 1)[1]
-    stored = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix + "overlays/").get("Contents", [])]
+    folder = f"{prefix}_jobs/{job_id}/"
+    stored = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=folder + "overlays/").get("Contents", [])]
     assert sorted(stored) == sorted(prefix + row["overlay"] for row in rows[:N_OVERLAYS])
     for row in rows[:N_OVERLAYS]:
         overlay = Image.open(io.BytesIO(client.store.read(join(out, row["overlay"]))))

@@ -12,6 +12,7 @@ from PIL import Image
 
 from orchestrator.jobs import parse_spec
 from orchestrator.results import read_table
+from orchestrator.errors import ObjectNotFound
 from orchestrator.storage import join
 from workers.demo import build_tiny_vit, write_digits
 
@@ -19,7 +20,12 @@ pytestmark = pytest.mark.integration
 
 
 def _markers(client, output: str) -> list[dict]:
-    return [json.loads(client.store.read(info.uri)) for info in client.store.list(join(output, "_commits"))]
+    """Every job's commit markers under the prefix (they live in each job's folder)."""
+    try:
+        infos = list(client.store.list(join(output, "_jobs")))
+    except ObjectNotFound:  # no job has written yet
+        return []
+    return [json.loads(client.store.read(info.uri)) for info in infos if "/_commits/" in info.uri]
 
 
 def _assert_exactly_once(client, output: str, keys: set[str]) -> list[dict]:

@@ -24,6 +24,9 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 COMPOSE_FILE = DOCKER / "compose.yaml"
 DOCKERFILES = [DOCKER / "worker.Dockerfile", DOCKER / "orchestrator.Dockerfile"]
+PROMETHEUS = DOCKER / "prometheus"
+GRAFANA = DOCKER / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "vitbatch.json"
 
 SECRETS = {
     "REDIS_PASSWORD": "test-redis-pw-7f3a1c9e",
@@ -33,6 +36,8 @@ SECRETS = {
     "AWS_SECRET_ACCESS_KEY": "test-secret-key-9d0b72f1",
     "VITBATCH_FLOWER_USER": "test-flower-user-a4c8",
     "VITBATCH_FLOWER_PASSWORD": "test-flower-pw-16e3bb07",
+    "GRAFANA_ADMIN_USER": "test-grafana-user-77d1",
+    "GRAFANA_ADMIN_PASSWORD": "test-grafana-pw-0c5e9a12",
 }
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|AUTH|BROKER_URL")
 
@@ -198,3 +203,104 @@ def test_the_example_schedules_file_that_compose_mounts_for_beat_is_valid():
     entries = load_schedules(DOCKER / "schedules.example.toml")
     assert [e.name for e in entries] == ["nightly-products"]
     assert entries[0].job["model"].startswith("alias:")
+
+
+# -- observability: Prometheus, Grafana, the fleet exporter ----------------------------------------
+
+def exported_metric_names() -> set[str]:
+    """Every series name the code can expose: the worker registry's (as registered, with the
+    _total/_bucket/... suffixes prometheus_client adds) and the fleet exporter's gauges."""
+    from orchestrator.exporter import FleetCollector
+    from workers.metrics import REGISTRY
+
+    worker = {name for name in REGISTRY._names_to_collectors if name.startswith("vitbatch_")}
+    fleet = {family.name for family in FleetCollector.families().values()}
+    assert {"vitbatch_images_total", "vitbatch_queue_length"} <= worker | fleet  # the lookup itself works
+    return worker | fleet
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    return set(re.findall(r"\b(vitbatch_[a-z0-9_]+)", expr))
+
+
+def dashboard_exprs() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+
+
+def test_compose_runs_prometheus_grafana_and_the_fleet_exporter(config):
+    services = config["services"]
+    assert {"prometheus", "grafana", "metrics"} <= services.keys()
+    command = services["metrics"]["command"]
+    assert command[0] == "metrics"
+    exporter_port = command[command.index("--port") + 1]
+    assert any(v.endswith(":/etc/prometheus:ro") and v.startswith(str(PROMETHEUS)) for v in services["prometheus"]["volumes"])
+    assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
+    grafana_mounts = {v.split(":")[1]: v.split(":")[0] for v in services["grafana"]["volumes"] if v.startswith("/")}
+    assert grafana_mounts["/etc/grafana/provisioning"] == str(GRAFANA / "provisioning")
+    assert grafana_mounts["/etc/grafana/dashboards"] == str(GRAFANA / "dashboards")
+    assert services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == SECRETS["GRAFANA_ADMIN_PASSWORD"]
+    for name in ("prometheus", "grafana"):
+        assert all(p.startswith("127.0.0.1:") for p in services[name]["ports"]), services[name]["ports"]
+
+    scrape = {job["job_name"]: job for job in yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())["scrape_configs"]}
+    assert scrape["vitbatch-fleet"]["static_configs"][0]["targets"] == [f"metrics:{exporter_port}"]
+    (dns,) = scrape["vitbatch-workers"]["dns_sd_configs"]
+    workers = {name: svc for name, svc in services.items() if name.startswith("worker")}
+    rendered_all = render_all_profiles()
+    all_workers = {name for name in rendered_all["services"] if name.startswith("worker")}
+    assert set(dns["names"]) == all_workers, "Prometheus must discover exactly the compose worker services"
+    for name, svc in workers.items():
+        assert int(svc["environment"]["VITBATCH_METRICS_PORT"]) == dns["port"], name
+
+
+def render_all_profiles() -> dict:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {"COMPOSE_PROFILES": "gpus-8,tools"}
+        result = render_compose(Path(tmp), {**SECRETS, **env})
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def test_flower_in_compose_serves_metrics_behind_its_basic_auth(config):
+    assert config["services"]["flower"]["entrypoint"] == ["python", "-m", "orchestrator.flowerauth"]
+
+
+def test_promtool_accepts_the_prometheus_config_and_its_alert_rules():
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool not found: apt-get install -y --no-install-recommends prometheus (.ci/setup does)")
+    result = subprocess.run([promtool, "check", "config", str(PROMETHEUS / "prometheus.yml")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "alerts.yml" in result.stdout + result.stderr and "rules found" in result.stdout + result.stderr
+
+
+def test_the_dashboard_and_the_alerts_query_only_metrics_the_code_exports():
+    exported = exported_metric_names()
+    rules = [rule for group in yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"] for rule in group["rules"]]
+    exprs = dashboard_exprs() + [rule["expr"] for rule in rules]
+    queried = set()
+    for expr in exprs:
+        names = promql_metric_names(expr)
+        assert names or "up{" in expr, f"queries no vitbatch metric: {expr}"
+        queried |= names
+    assert queried - exported == set(), f"queried but never exported: {sorted(queried - exported)}"
+    # What the dashboard is for: throughput, stages, lanes, errors, active jobs.
+    dashboard_names = set().union(*(promql_metric_names(e) for e in dashboard_exprs()))
+    assert {"vitbatch_images_total", "vitbatch_stage_seconds_total", "vitbatch_queue_length",
+            "vitbatch_job_items_done", "vitbatch_job_items_total", "vitbatch_worker_info"} <= dashboard_names
+
+
+def test_grafana_provisions_the_prometheus_service_and_the_dashboards_data_source():
+    (source,) = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yaml").read_text())["datasources"]
+    assert source["url"] == "http://prometheus:9090" and source["type"] == "prometheus"
+    (provider,) = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "vitbatch.yaml").read_text())["providers"]
+    assert provider["options"]["path"] == "/etc/grafana/dashboards"
+    dashboard = json.loads(DASHBOARD.read_text())
+    uids = {panel["datasource"]["uid"] for panel in dashboard["panels"]}
+    uids |= {t["datasource"]["uid"] for panel in dashboard["panels"] for t in panel["targets"]}
+    assert uids == {source["uid"]}
+    assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])

@@ -1,0 +1,153 @@
+"""The job state machine, read as a specification: the ledger and a shard task's life, against a real
+Redis (started by the session fixture) and a local output folder. No worker, no Celery broker traffic."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+
+import pytest
+
+from orchestrator import constants as k
+from orchestrator.config import Settings
+from orchestrator.errors import JobNotFound, OutputBusy
+from orchestrator.jobs import parse_spec
+from orchestrator.ledger import JobState, Ledger, ShardState
+from orchestrator.outputs import job_dir, success_record
+from orchestrator.storage import join, normalize_uri
+from workers.errors import ShardFailed
+from workers.runner import WorkerContext
+from workers.tasks import lifecycle
+from workers.writers import commit_shard
+
+TTL_S = 3600
+
+
+@pytest.fixture
+def ctx(redis_server) -> WorkerContext:
+    ctx = WorkerContext(Settings(broker_url=redis_server.url(), max_attempts=2, job_ttl_s=TTL_S))
+    ctx.hostname = "unit@test"
+    return ctx
+
+
+@pytest.fixture
+def job(ctx, tmp_path):
+    """A recorded two-shard classify job (as submit leaves it), its id and spec."""
+    job_id = time.strftime("%Y%m%d-%H%M%S-", time.gmtime()) + secrets.token_hex(3)
+    spec = parse_spec({"kind": "classify", "input": str(tmp_path / "in"), "output": str(tmp_path / "out"),
+                       "model": str(tmp_path / "model")})
+    ctx.ledger.hold_output(spec.output, job_id)
+    ctx.ledger.create(job_id, spec.model_dump_json(), "classify", spec.output, n_items=4, n_shards=2)
+    return job_id, spec
+
+
+class Work:
+    """A shard's work: commits two rows into the job's folder and counts its calls."""
+
+    def __init__(self, shard: int | None = None) -> None:
+        self.calls, self.shard = 0, shard
+
+    def __call__(self, spec, ctx, fields: dict) -> dict:
+        self.calls += 1
+        shard = self.calls - 1 if self.shard is None else self.shard  # shards 0, 1, ... in call order
+        rows = json.dumps([{"key": f"k{shard}"}]).encode()
+        return commit_shard(ctx.store, spec.output, shard, {f"part-{shard:05d}.json": rows},
+                            {**fields, "rows": 2, "errors": 0, "stats": {"compute_s": 0.1}})
+
+
+def test_a_first_delivery_runs_the_work_commits_and_the_last_shard_publishes_the_job(ctx, job):
+    job_id, spec = job
+    work = Work()
+    lifecycle(ctx, job_id, 0, work)
+    assert ctx.ledger.state(job_id) is JobState.RUNNING
+    lifecycle(ctx, job_id, 1, work)
+
+    assert work.calls == 2
+    assert ctx.ledger.state(job_id) is JobState.SUCCEEDED
+    record = success_record(spec.output, ctx.store)
+    assert record["job_id"] == job_id and record["job_dir"] == f"_jobs/{job_id}"
+    assert [p["name"] for p in record["parts"]] == [f"_jobs/{job_id}/part-00000.json", f"_jobs/{job_id}/part-00001.json"]
+
+
+def test_a_redelivery_after_commit_only_records_the_marker(ctx, job):
+    job_id, _ = job
+    work = Work()
+    lifecycle(ctx, job_id, 0, work)
+    lifecycle(ctx, job_id, 0, work)  # the ack was lost: Redis delivers the shard again
+    assert work.calls == 1
+    assert ctx.ledger.r.hget(k.shard_attempts_key(job_id), "0") == "1"
+    assert ctx.ledger.shard_states(job_id) == {0: ShardState.COMMITTED, 1: ShardState.PENDING}
+
+
+def test_a_marker_of_another_job_in_the_folder_is_not_honoured(ctx, job):
+    job_id, spec = job
+    folder = job_dir(spec.output, job_id)
+    commit_shard(ctx.store, folder, 0, {}, {"job_id": "someone-else", "rows": 9, "errors": 0, "stats": {}})
+    work = Work()
+    lifecycle(ctx, job_id, 0, work)
+    assert work.calls == 1, "a stale marker made the shard skip its work"
+
+
+def test_a_shard_delivered_too_often_is_quarantined_and_the_job_finishes_with_failures(ctx, job):
+    job_id, spec = job
+    lifecycle(ctx, job_id, 1, Work(1))
+    for _ in range(ctx.settings.max_attempts):
+        ctx.ledger.start_shard(job_id, 0)  # deliveries that crashed before committing
+    with pytest.raises(ShardFailed, match="quarantined after 2 deliveries"):
+        lifecycle(ctx, job_id, 0, Work())
+
+    assert ctx.ledger.state(job_id) is JobState.FINISHED_WITH_FAILURES
+    assert not ctx.store.exists(join(spec.output, k.SUCCESS_FILE))  # a previous success would stay readable
+    assert json.loads(ctx.store.read(join(spec.output, k.FAILURES_FILE)))["failed_shards"].keys() == {"0"}
+
+
+def test_a_cancelled_job_skips_its_shards_frees_its_prefix_and_retry_makes_them_pending(ctx, job):
+    job_id, spec = job
+    ctx.ledger.start_shard(job_id, 0)
+    ctx.ledger.set_state(job_id, JobState.CANCELLED, "cancelled by user")
+    assert lifecycle(ctx, job_id, 1, Work(1))["skipped"] == "job is no longer running"
+    ctx.ledger.stand_down(job_id, 0)  # what a running delivery does when it sees the cancel
+    assert ctx.ledger.shard_states(job_id) == {0: ShardState.PENDING, 1: ShardState.PENDING}
+    ctx.ledger.hold_output(spec.output, "another-job")  # the prefix is free again
+
+    ctx.ledger.reset_shards(job_id, [0, 1])
+    assert ctx.ledger.state(job_id) is JobState.QUEUED
+    assert ctx.ledger.r.ttl(k.job_key(job_id)) == -1, "a job running again does not expire"
+
+
+def test_one_live_job_holds_a_prefix_until_it_ends(ctx, job):
+    job_id, spec = job
+    with pytest.raises(OutputBusy, match=job_id):
+        ctx.ledger.hold_output(spec.output, "second-job")
+    ctx.ledger.hold_output(spec.output, job_id)  # the holder itself may take it again (retry)
+    ctx.ledger.set_state(job_id, JobState.SUCCEEDED)
+    ctx.ledger.hold_output(spec.output, "second-job")
+
+
+def test_a_lease_whose_job_never_reached_redis_lapses_after_the_grace_period(ctx, tmp_path):
+    output = normalize_uri(str(tmp_path / "o"))
+    ctx.ledger.r.set(k.output_lease_key(output), f"ghost-job {time.time()}")
+    with pytest.raises(OutputBusy, match="ghost-job"):
+        ctx.ledger.hold_output(output, "new-job")
+    ctx.ledger.r.set(k.output_lease_key(output), f"ghost-job {time.time() - 3600}")
+    ctx.ledger.hold_output(output, "new-job")
+
+
+def test_the_reconciler_leaves_a_shard_alone_while_it_waits_out_its_retry_backoff(ctx, job):
+    job_id, _ = job
+    ctx.ledger.start_shard(job_id, 0)
+    ctx.ledger.hold_until(job_id, 0, time.time() + 30)  # a failed delivery, retrying in 30 s
+    assert not ctx.ledger.requeue_if_stale(job_id, 0, older_than=time.time() - 5)
+    assert ctx.ledger.requeue_if_stale(job_id, 0, older_than=time.time() + 60)  # silent past its backoff
+
+
+def test_an_ended_jobs_keys_expire_and_its_status_then_says_so(ctx, job):
+    job_id, _ = job
+    ctx.ledger.set_state(job_id, JobState.SUCCEEDED)
+    for key in (k.job_key(job_id), k.shard_state_key(job_id)):
+        assert 0 < ctx.ledger.r.ttl(key) <= TTL_S
+    with pytest.raises(JobNotFound, match="expired"):
+        Ledger(ctx.ledger.r, job_ttl_s=TTL_S).status("20200101-000000-abcdef")
+    with pytest.raises(JobNotFound, match="check the id"):
+        ctx.ledger.status("no-such-job")
