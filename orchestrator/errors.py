@@ -5,8 +5,12 @@ class VitbatchError(Exception):
     """Base of every vitbatch error; its message is meant for the user."""
 
 
-class SpecError(VitbatchError):
-    """A job spec is invalid; nothing was enqueued."""
+class NotRetryable(VitbatchError):
+    """Retrying cannot help: a task that raises one fails its job once, with this reason."""
+
+
+class SpecError(NotRetryable):
+    """A job spec is invalid (at submit: nothing was enqueued; on a worker: the job fails with why)."""
 
 
 class StorageError(VitbatchError):

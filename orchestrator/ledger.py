@@ -281,7 +281,7 @@ class Ledger:
             2, k.shard_state_key(job_id), k.shard_heartbeat_key(job_id), str(shard), older_than, time.time(),
         ))
 
-    def commit_shard(self, job_id: str, shard: int, done: int, errors: int, stats: dict) -> bool:
+    def record_commit(self, job_id: str, shard: int, done: int, errors: int, stats: dict) -> bool:
         """Record a committed shard; True when every shard is now committed or failed."""
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(k.shard_state_key(job_id), str(shard), ShardState.COMMITTED.value)

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import time
 
 from orchestrator.constants import FAILURES_FILE, JOB_SPEC_FILE, JOBS_DIR, SUCCESS_FILE
 from orchestrator.errors import CorruptOutput, ObjectNotFound, OutputNotFound, StorageError
 from orchestrator.storage import ObjectStore, join, relative_key
+
+log = logging.getLogger(__name__)
 
 
 def new_job_id() -> str:
@@ -107,5 +110,8 @@ def remove_superseded(output: str, job_id: str, store: ObjectStore) -> list[str]
         return []
     others = sorted({relative_key(join(output, JOBS_DIR), info.uri).split("/", 1)[0] for info in infos} - {job_id})
     for other in others:
-        store.delete_prefix(job_dir(output, other))
+        try:
+            store.delete_prefix(job_dir(output, other))
+        except StorageError as e:  # e.g. no s3:DeleteObject: the leftovers are invisible to readers anyway
+            log.warning("could not remove replaced job %s at %s: %s", other, output, e)
     return others

@@ -1,6 +1,6 @@
 """Every exception the data plane raises, in one tree."""
 
-from orchestrator.errors import VitbatchError
+from orchestrator.errors import NotRetryable, VitbatchError
 
 
 class WorkerError(VitbatchError):
@@ -18,7 +18,7 @@ class BadImage(WorkerError):
         self.reason = reason
 
 
-class ModelLoadError(WorkerError):
+class ModelLoadError(WorkerError, NotRetryable):
     """A model reference cannot be loaded; retrying will not help."""
 
 
@@ -26,8 +26,12 @@ class UnsafeCheckpoint(ModelLoadError):
     """A pickle checkpoint was found and pickle loading is not allowed."""
 
 
-class TrainingDiverged(WorkerError):
+class TrainingDiverged(WorkerError, NotRetryable):
     """The loss became NaN or infinite; the job stops and commits no model."""
+
+
+class JobCancelled(WorkerError):
+    """The job was cancelled while this shard ran; the shard stops without committing."""
 
 
 class NoSharedMemory(WorkerError):

@@ -124,7 +124,10 @@ def timed_model(get, *args, **kwargs):
     model = get(*args, **kwargs)
     if _seen_models.get(id(model)) is not model:
         MODEL_LOAD.observe(time.perf_counter() - started)
-        _seen_models[id(model)] = model
+        try:
+            _seen_models[id(model)] = model
+        except TypeError:  # not weak-referenceable: every call counts as a load, the shard goes on
+            pass
     return model
 
 

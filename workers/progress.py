@@ -13,14 +13,11 @@ import time
 from celery import Task
 
 from orchestrator.ledger import JobState
+from workers.errors import JobCancelled
 from workers.runner import WorkerContext
 
 log = logging.getLogger(__name__)
 REPORT_EVERY_S = 1.0
-
-
-class JobCancelled(Exception):
-    """The job was cancelled while this shard ran; the shard stops without committing."""
 
 
 class Heartbeat:

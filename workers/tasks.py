@@ -19,19 +19,18 @@ from celery.exceptions import Reject
 
 from orchestrator.config import Settings
 from orchestrator.constants import QUEUE_TRAIN, TASK_EVALUATE, TASK_FINETUNE, TASK_RUN_SHARD, TASK_SCHEDULED_RUN
-from orchestrator.errors import JobNotFound, SpecError
+from orchestrator.errors import JobNotFound, NotRetryable
 from orchestrator.finalize import finalize
 from orchestrator.jobs import parse_spec
 from orchestrator.ledger import JobState, ShardState
 from orchestrator.outputs import job_dir, spec_digest
 from workers.app import app
-from workers.errors import ModelLoadError, ShardFailed, TrainingDiverged
-from workers.progress import Heartbeat, JobCancelled, progress_reporter, training_reporter
+from workers.errors import JobCancelled, ShardFailed
+from workers.progress import Heartbeat, progress_reporter, training_reporter
 from workers.runner import WorkerContext, run_shard as run_shard_fn
 from workers.writers import commit_shard, read_commit, written_files
 
 log = logging.getLogger(__name__)
-NOT_RETRYABLE = (SpecError, ModelLoadError, TrainingDiverged)  # retrying cannot help
 
 
 _context_lock = threading.Lock()
@@ -62,7 +61,7 @@ def _execute(task: Task, job_id: str, shard: int, work: Callable[[object, Worker
         return lifecycle(ctx, job_id, shard, work)
     except ShardFailed:
         raise  # Flower shows FAILURE with the reason; the message is acknowledged
-    except NOT_RETRYABLE as e:
+    except NotRetryable as e:
         log.error("job %s failed: %s", job_id, e)
         ctx.ledger.set_state(job_id, JobState.FAILED, str(e))
         raise ShardFailed(f"job {job_id} failed: {e}") from None
@@ -107,7 +106,7 @@ def lifecycle(ctx: WorkerContext, job_id: str, shard: int, work) -> dict:
             _quarantine(ctx, job_id, shard, attempts)
         with Heartbeat(ctx, job_id, shard):
             marker = work(local, ctx, fields)
-    settled = ctx.ledger.commit_shard(job_id, shard, marker["rows"], marker["errors"], marker["stats"])
+    settled = ctx.ledger.record_commit(job_id, shard, marker["rows"], marker["errors"], marker["stats"])
     _settle(ctx, job_id, settled, marker.get("model_fingerprint", ""))
     return {"shard": shard, "rows": marker["rows"], "errors": marker["errors"]}
 

@@ -169,3 +169,37 @@ def test_normalize_uri_is_idempotent(tmp_path):
 def test_normalize_uri_refuses_unusable_uris(uri):
     with pytest.raises(StorageError):
         normalize_uri(uri)
+
+
+def test_local_writes_respect_the_umask_not_mkstemps_0600(tmp_path):
+    store = ObjectStore()
+    uri = join(normalize_uri(str(tmp_path)), "out", "part-00000.parquet")
+    store.write(uri, b"rows")
+    mode = (tmp_path / "out" / "part-00000.parquet").stat().st_mode & 0o777
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask
+
+
+def test_a_create_only_write_refuses_an_existing_object_and_keeps_it(tmp_path):
+    from orchestrator.errors import ObjectExists
+
+    store = ObjectStore()
+    uri = join(normalize_uri(str(tmp_path)), "_job.json")
+    store.write(uri, b"first", if_absent=True)
+    with pytest.raises(ObjectExists):
+        store.write(uri, b"second", if_absent=True)
+    assert store.read(uri) == b"first"
+    assert sorted(os.listdir(tmp_path)) == ["_job.json"]  # no temporary left behind
+
+
+def test_an_output_inside_the_jobs_input_is_refused_before_anything_is_written(tmp_path):
+    from orchestrator.errors import SpecError
+    from orchestrator.jobs import parse_spec
+    from orchestrator.submit import check_prefix_free
+
+    spec = parse_spec({"kind": "classify", "input": str(tmp_path / "in"), "output": str(tmp_path / "in" / "out"),
+                       "model": str(tmp_path / "m")})
+    with pytest.raises(SpecError, match="inside the job's input"):
+        check_prefix_free(spec, ObjectStore(), overwrite=True)
+    assert not (tmp_path / "in").exists()

@@ -197,23 +197,63 @@ def test_local_read_errors_retrying_cannot_fix_are_error_rows_with_the_reason(tm
     assert rows[2]["error"] is None
 
 
-# -- manifests: keys exactly as written ------------------------------------------------------------
-def test_manifest_keys_with_hash_question_mark_percent_and_unicode_are_kept_as_written(tmp_path):
-    images = tmp_path / "in"
-    images.mkdir()
-    names = ["a#1.png", "b?x=1.png", "c%2Fd.png", "e f.png", "ü-ñ.png", "#lead.png"]
-    for name in names:
-        (images / name).write_bytes(png())
-    lines = ["# a comment line", "a#1.png", "b?x=1.png", "c%2Fd.png", "e f.png", "ü-ñ.png",
-             json.dumps({"key": "#lead.png"})]
-    (images / "list.txt").write_text("\n".join(lines) + "\n")
+# -- keys exactly as written, end to end ----------------------------------------------------------
+ODD_NAMES = ["a#1.png", "b?x=1.png", "c%2Fd.png", "e f.png", "ü-ñ.png", "#lead.png"]
 
-    job_plan = plan(uri(images / "list.txt"), 10, ObjectStore())
 
-    assert [item.key for item in job_plan.items] == names
-    assert [ObjectStore().read(item.uri) for item in job_plan.items] == [png()] * len(names)
-    listed = plan(uri(images), 10, ObjectStore())
-    assert sorted(item.key for item in listed.items) == sorted(names)
+def _manifest_text() -> str:
+    """Plain lines, a comment, and a JSON line for the key that starts with '#'."""
+    lines = ["# a comment line", *ODD_NAMES[:-1], json.dumps({"key": ODD_NAMES[-1]})]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def s3_store(s3_endpoint, s3) -> tuple[ObjectStore, str]:
+    from orchestrator.config import Settings
+
+    s3.create_bucket(Bucket="vitbatch-keys")
+    return ObjectStore(Settings(s3_endpoint_url=s3_endpoint)), "vitbatch-keys"
+
+
+def test_keys_with_hash_question_mark_percent_space_and_unicode_are_listed_and_read_as_written(
+        s3_store, s3, tmp_path):
+    local = tmp_path / "in"
+    local.mkdir()
+    for i, name in enumerate(ODD_NAMES):
+        (local / name).write_bytes(png(i))
+    (local / "list.txt").write_text(_manifest_text())
+    local_plan = plan(uri(local / "list.txt"), 10, ObjectStore())
+    assert [item.key for item in local_plan.items] == ODD_NAMES
+    assert [ObjectStore().read(item.uri) for item in local_plan.items] == [png(i) for i in range(len(ODD_NAMES))]
+
+    store, bucket = s3_store
+    for i, name in enumerate(ODD_NAMES):
+        s3.put_object(Bucket=bucket, Key=f"odd/{name}", Body=png(i))
+    s3.put_object(Bucket=bucket, Key="odd/list.txt", Body=_manifest_text().encode())
+
+    listed = plan(f"s3://{bucket}/odd/", 10, store)
+    from_manifest = plan(f"s3://{bucket}/odd/list.txt", 10, store)
+
+    assert sorted(item.key for item in listed.items) == sorted(ODD_NAMES)
+    assert [item.key for item in from_manifest.items] == ODD_NAMES
+    for job_plan in (listed, from_manifest):
+        by_key = {item.key: store.read(item.uri) for item in job_plan.items}
+        assert by_key == {name: png(i) for i, name in enumerate(ODD_NAMES)}
+
+
+def test_an_s3_output_prefix_with_hash_keeps_every_object_under_it(s3_store, s3):
+    store, bucket = s3_store
+    spec = parse_spec({"kind": "classify", "input": f"s3://{bucket}/odd/", "output": f"s3://{bucket}/out#x?y=1/",
+                       "model": "hf:org/model"})
+    assert spec.output == f"s3://{bucket}/out#x?y=1/"
+    from orchestrator.storage import join
+
+    for name in ("_job.json", "part-00000.parquet"):
+        store.write(join(spec.output, name), b"{}")
+    keys = sorted(obj["Key"] for obj in s3.list_objects_v2(Bucket=bucket, Prefix="out")["Contents"])
+    assert keys == ["out#x?y=1/_job.json", "out#x?y=1/part-00000.parquet"]
+    assert [info.uri for info in store.list(spec.output)] == [join(spec.output, "_job.json"),
+                                                              join(spec.output, "part-00000.parquet")]
 
 
 # -- tars ---------------------------------------------------------------------------------------------
@@ -363,9 +403,3 @@ def test_config_keys_that_name_files_are_refused(config):
 def test_output_prefixes_a_store_cannot_hold_are_refused(output, reason):
     with pytest.raises(SpecError, match=reason):
         parse_spec({"kind": "classify", "input": "/data", "output": output, "model": "hf:org/model"})
-
-
-def test_output_prefixes_with_hash_and_question_mark_are_kept_as_written():
-    spec = parse_spec({"kind": "classify", "input": "s3://b1/in#x/", "output": "s3://b1/out#x?y=1/",
-                       "model": "hf:org/model"})
-    assert spec.input == "s3://b1/in#x/" and spec.output == "s3://b1/out#x?y=1/"
