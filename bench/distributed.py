@@ -24,7 +24,8 @@ def main() -> None:
     from moto.server import ThreadedMotoServer
 
     from orchestrator.config import Settings
-    from orchestrator.embedded import EmbeddedStack, free_port
+    from orchestrator.embedded import EmbeddedStack
+    from orchestrator.processes import free_port
     from orchestrator.jobs import parse_spec
     from orchestrator.submit import Client
     from workers.runner import WorkerContext

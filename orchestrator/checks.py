@@ -14,7 +14,7 @@ from functools import cache
 from pathlib import Path
 
 from orchestrator.errors import SpecError
-from orchestrator.modelinfo import label_count
+from orchestrator.modelinfo import is_onnx, label_count, read_config
 
 
 def check_model_options(spec, config: dict | None) -> None:
@@ -23,9 +23,42 @@ def check_model_options(spec, config: dict | None) -> None:
     if config is None:
         return
     _check_no_remote_code(spec.model, config)
-    _check_architecture(spec.model, config)
+    if is_onnx(config):
+        _check_onnx_kind(spec, config)
+    else:
+        _check_architecture(spec.model, config)
     _check_top_k(spec, config)
     _check_layers(spec, config)
+
+
+def _check_onnx_kind(spec, config: dict) -> None:
+    """An ONNX export runs classify, embed and evaluate; what needs the PyTorch modules is refused."""
+    if spec.kind == "attention":
+        raise SpecError(f"model {spec.model!r} is an ONNX export: attention maps need the PyTorch model's "
+                        f"softmax weights, which the ONNX graph does not output; pass the model it was exported from "
+                        f"({config.get('source', {}).get('ref', 'its source')})")
+    if spec.kind in ("finetune", "export"):
+        raise SpecError(f"model {spec.model!r} is an ONNX export: {spec.kind} starts from a PyTorch model only; pass "
+                        f"the model it was exported from ({config.get('source', {}).get('ref', 'its source')})")
+
+
+def check_export(spec, store) -> dict:
+    """Submit-time checks of an export job: a PyTorch source model, sample images that exist.
+    Returns the plan summary (`items`: the images the parity check runs)."""
+    from orchestrator.planner import plan
+
+    config = read_config(spec.model, store)
+    if config is not None:
+        _check_no_remote_code(spec.model, config)
+        if is_onnx(config):
+            _check_onnx_kind(spec, config)
+        _check_architecture(spec.model, config)
+    if spec.input is None:
+        return {"items": spec.samples, "sample": "synthetic"}
+    images = [item for item in plan(spec.input, 1_000_000, store).items if not item.tar]
+    if not images:
+        raise SpecError(f"--input {spec.input} holds no image files for the parity check (tars are not sampled)")
+    return {"items": min(spec.samples, len(images)), "sample": "input"}
 
 
 def _check_no_remote_code(ref: str, config: dict) -> None:

@@ -113,7 +113,9 @@ def _submit(spec, wait: bool, workers: int, overwrite: bool, show_rows: int = 5)
                   + (f" in {summary['shards']} shard(s)" if "shards" in summary else "")
                   + (f", {len(summary['classes'])} classes" if "classes" in summary else "")
                   + (f", {summary['ignored_non_images']} non-image files ignored" if summary.get("ignored_non_images") else "")
-                  + (f", {summary['duplicate_keys']} duplicate keys dropped" if summary.get("duplicate_keys") else ""))
+                  + (f", {summary['duplicate_keys']} duplicate keys dropped" if summary.get("duplicate_keys") else "")
+                  + (f", {summary['skipped']} entries skipped (e.g. {summary['skipped_examples'][0]})"
+                     if summary.get("skipped") else ""))
         if not wait:
             console.print(job_id)
             return
@@ -328,7 +330,7 @@ def worker(queues: str = typer.Option(DEFAULT_WORKER_QUEUES, help="Comma-separat
            name: str = typer.Option("vitbatch", help="Worker name; the host is appended."),
            gpus: str = typer.Option(None, help="'all' or ids like 0,2: one worker process per GPU.")) -> None:
     """Start a worker in the foreground (same as `celery -A workers worker`)."""
-    from orchestrator.embedded import worker_command
+    from orchestrator.processes import worker_command
 
     if not Settings().broker_url:
         raise VitbatchError("set VITBATCH_BROKER_URL to the Redis the jobs are submitted to")
@@ -352,7 +354,7 @@ def worker(queues: str = typer.Option(DEFAULT_WORKER_QUEUES, help="Comma-separat
 def flower(port: int = typer.Option(5555, help="HTTP port."),
            address: str = typer.Option("127.0.0.1", help="Listen address (0.0.0.0 in a container).")) -> None:
     """Start Flower with basic auth (VITBATCH_FLOWER_USER / VITBATCH_FLOWER_PASSWORD)."""
-    from orchestrator.embedded import flower_command, flower_env
+    from orchestrator.processes import flower_command, flower_env
 
     settings = Settings()
     if not settings.broker_url:

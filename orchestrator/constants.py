@@ -3,6 +3,7 @@
 TASK_RUN_SHARD = "vitbatch.run_shard"
 TASK_FINETUNE = "vitbatch.finetune"
 TASK_EVALUATE = "vitbatch.evaluate"
+TASK_EXPORT = "vitbatch.export"
 TASK_SCHEDULED_RUN = "vitbatch.scheduled_run"
 
 QUEUE_DEFAULT = "vitbatch"  # the bulk lane

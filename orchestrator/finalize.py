@@ -84,7 +84,7 @@ def publish(store: ObjectStore, output: str, summary: dict, succeeded: bool, spe
     Only a success replaces `_SUCCESS.json`; it then removes earlier jobs' folders and
     moves the spec's alias (if any) to this output.
     """
-    if summary["kind"] == "finetune":
+    if summary["kind"] in ("finetune", "export"):
         summary = {**summary, "model": summary["job_dir"]}  # `--model <output>` loads this job's model
     name = SUCCESS_FILE if succeeded else FAILURES_FILE
     data = json.dumps(summary, indent=2).encode()

@@ -311,13 +311,59 @@ class EvaluateSpec(TrainBase):
         return normalize_model_ref(value)
 
 
+class ExportSpec(BaseModel):
+    """Export a PyTorch model to an ONNX model directory (optionally int8), checked against PyTorch."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["export"] = Field("export", description="Job kind: export.")
+    model: str = Field(description="The PyTorch model to export: hf:, timm:, a local save_pretrained or timm "
+                       "save_for_hf directory, or s3:// directory (not an ONNX export).")
+    output: str = Field(description="Output prefix (local directory, file:// or s3://); use it as --model afterwards.")
+    input: str | None = Field(
+        None, description="Images for the parity check (same layouts as classify's --input); unset = deterministic "
+        "synthetic images, which check the graph but not your data.",
+    )
+    samples: int = Field(64, gt=0, le=4096, description="Images the parity check runs (spread over --input).")
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="int8 = ONNX Runtime dynamic quantization: int8 weights, activations quantized at run "
+        "time; the report gives its own parity figures.",
+    )
+    opset: int = Field(18, ge=17, le=23, description="ONNX opset (>= 17 keeps LayerNorm one op).")
+    device: Device = Field("auto", description="Where ONNX Runtime runs the parity check (CUDA where the worker has "
+                           "onnxruntime-gpu and a GPU); the PyTorch reference always runs in fp32 on the CPU.")
+    fp32_tolerance: float = Field(
+        1e-3, gt=0, lt=1, description="Largest allowed max |ONNX - PyTorch| logit difference of the fp32 export, "
+        "as a fraction of the sample's largest |logit|; the job fails above it.",
+    )
+    int8_min_agreement: float = Field(
+        0.95, ge=0, le=1, description="Least top-1 agreement of the int8 model with PyTorch fp32 on decisive "
+        "sample images (top-2 probability margin > 0.05); the job fails below it.",
+    )
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, value: str | None) -> str | None:
+        return None if value is None else _checked_uri(value)
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, value: str) -> str:
+        return storable_output(_checked_uri(value))
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        return normalize_model_ref(value)
+
+
 JobSpec = Annotated[
-    ClassifySpec | EmbedSpec | AttentionSpec | FinetuneSpec | EvaluateSpec, Field(discriminator="kind")
+    ClassifySpec | EmbedSpec | AttentionSpec | FinetuneSpec | EvaluateSpec | ExportSpec, Field(discriminator="kind")
 ]
 _ADAPTER = TypeAdapter(JobSpec)
-JOB_KINDS = ("classify", "embed", "attention", "finetune", "evaluate")
+JOB_KINDS = ("classify", "embed", "attention", "finetune", "evaluate", "export")
 SPEC_CLASSES = {"classify": ClassifySpec, "embed": EmbedSpec, "attention": AttentionSpec,
-                "finetune": FinetuneSpec, "evaluate": EvaluateSpec}
+                "finetune": FinetuneSpec, "evaluate": EvaluateSpec, "export": ExportSpec}
 
 
 def parse_spec(data: dict | str) -> JobSpec:

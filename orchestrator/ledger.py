@@ -113,7 +113,8 @@ if held and string.match(held, '^(%S+) ') == ARGV[1] then redis.call('DEL', KEYS
 
 
 def _is_oom(error: redis.RedisError) -> bool:
-    return isinstance(error, redis.ResponseError) and str(error).startswith("OOM")
+    # redis-py raises OutOfMemoryError for Redis's -OOM reply (its text no longer says "OOM").
+    return isinstance(error, redis.exceptions.OutOfMemoryError) or "maxmemory" in str(error)
 
 
 class Ledger:

@@ -47,6 +47,14 @@ def read_config(ref: str, store: ObjectStore) -> dict | None:
         raise SpecError(f"model {ref!r}: config.json is not valid JSON ({e})") from e
 
 
+ONNX_FORMAT = "onnx"  # config.json "format" of a directory an export job wrote
+
+
+def is_onnx(config: dict | None) -> bool:
+    """An exported ONNX model directory (run on ONNX Runtime), told from its config.json alone."""
+    return isinstance(config, dict) and config.get("format") == ONNX_FORMAT
+
+
 def label_count(config: dict) -> int | None:
     """Number of classes in an HF (id2label) or timm (num_classes) config."""
     if "id2label" in config:

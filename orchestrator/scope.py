@@ -39,7 +39,7 @@ def outside_input(uri: str, root: str) -> str | None:
     if uri.startswith("file://"):
         relative = unquote(relative)
     if any(segment in (".", "..") for segment in relative.split("/")) or "\x00" in relative:
-        return f"{uri} has a '.' or '..' segment, which could leave the job's input {root}: not read"
+        return f"{uri} has a '.' or '..' segment, so it counts as outside the job's input {root}: not read"
     if uri.startswith("file://") and not local_path_inside(_path(uri), _path(root)):
         return f"{uri} resolves (through a symlink) to a path outside the job's input {root}: not read"
     return None

@@ -14,15 +14,15 @@ from orchestrator import __version__
 from orchestrator.celery_app import make_app
 from orchestrator.config import Settings
 from orchestrator.constants import (
-    JOB_SPEC_FILE, QUEUE_DEFAULT, QUEUE_INTERACTIVE, QUEUE_TRAIN, SUCCESS_FILE, TASK_EVALUATE, TASK_FINETUNE,
-    TASK_RUN_SHARD,
+    JOB_SPEC_FILE, QUEUE_DEFAULT, QUEUE_INTERACTIVE, QUEUE_TRAIN, SUCCESS_FILE, TASK_EVALUATE, TASK_EXPORT,
+    TASK_FINETUNE, TASK_RUN_SHARD,
 )
 from orchestrator.errors import BrokerUnavailable, ObjectExists, OutputBusy, SpecError
 from orchestrator.finalize import finalize
 from orchestrator.incremental import carry_over, model_identity, resolve_alias
 from orchestrator.jobs import JobSpec, normalize_model_ref
 from orchestrator.ledger import JobState, JobStatus, Ledger, ShardState
-from orchestrator.checks import check_model_options
+from orchestrator.checks import check_export, check_model_options
 from orchestrator.modelinfo import read_config
 from orchestrator.outputs import job_dir, new_job_id, prefix_holder, read_json, spec_digest
 from orchestrator.planner import Plan, plan, write_manifests
@@ -30,7 +30,7 @@ from orchestrator.storage import ObjectStore, join
 
 
 log = logging.getLogger(__name__)
-SINGLE_TASK_KINDS = {"finetune": TASK_FINETUNE, "evaluate": TASK_EVALUATE}
+SINGLE_TASK_KINDS = {"finetune": TASK_FINETUNE, "evaluate": TASK_EVALUATE, "export": TASK_EXPORT}
 
 
 def check_prefix_free(spec: JobSpec, store: ObjectStore, overwrite: bool) -> None:
@@ -95,7 +95,8 @@ class Client:
             from orchestrator.training_checks import check_labeled
 
             check_prefix_free(spec, self.store, overwrite)
-            summary, n_units = check_labeled(spec, self.store), 1
+            check = check_export if spec.kind == "export" else check_labeled
+            summary, n_units = check(spec, self.store), 1
         else:
             job_plan = self.check(spec, overwrite)
             extra["model_identity"] = model_identity(spec.model, self.store)

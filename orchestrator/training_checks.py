@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from orchestrator.jobs import EvaluateSpec, FinetuneSpec
 from orchestrator.labels import check_val_labels, class_names, load_labeled
-from orchestrator.modelinfo import read_config
+from orchestrator.errors import SpecError
+from orchestrator.modelinfo import is_onnx, read_config
 from orchestrator.storage import ObjectStore
 
 
 def check_labeled(spec: FinetuneSpec | EvaluateSpec, store: ObjectStore) -> dict:
     """Every check that needs no GPU; returns the plan summary written to _job.json."""
     if spec.model is not None:
-        read_config(spec.model, store)  # a local/s3 model without config.json is refused now
+        config = read_config(spec.model, store)  # a local/s3 model without config.json is refused now
+        if isinstance(spec, FinetuneSpec) and is_onnx(config):
+            raise SpecError(f"model {spec.model!r} is an ONNX export: fine-tuning starts from a PyTorch model only; "
+                            f"pass the model it was exported from ({config.get('source', {}).get('ref', 'its source')})")
     if isinstance(spec, EvaluateSpec):
         items = load_labeled(spec.input, store)
         return {"items": len(items), "classes": class_names(items)}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import Settings
-from orchestrator.embedded import RedisServer, free_port, settings_env
+from orchestrator.processes import RedisServer, free_port, settings_env
 from support import ROOT, WorkerPool
 
 S3_ENV = {

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from orchestrator.embedded import ALL_QUEUES, worker_command
+from orchestrator.processes import ALL_QUEUES, worker_command
 
 ROOT = Path(__file__).resolve().parents[1]
 

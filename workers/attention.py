@@ -8,6 +8,9 @@ What a stored map is (also in the README):
 - rollout (Abnar & Zuidema 2020): per layer the head-mean attention A, plus the identity
   for the residual path, rows renormalized: (A + I) / 2; multiplied from the first layer
   to the last; then the CLS row, patch columns, renormalized to sum to 1.
+- models without a class token (timm class_token=False): no CLS query exists, so the map
+  is the mean over the patch queries' rows (how much attention each patch receives),
+  then the same patch columns and renormalization.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from PIL import Image
 
 from orchestrator.planner import Item
 from workers.errors import ModelLoadError
-from workers.heads import INDEX_SCHEMA, ArrayHead, prefix_tokens
+from workers.heads import INDEX_SCHEMA, ArrayHead, has_class_token, prefix_tokens
 from workers.models import LoadedModel
 
 OVERLAY_MAX_SIDE = 512
@@ -37,6 +40,13 @@ def rollout(attentions: list[torch.Tensor]) -> torch.Tensor:
         a = a / a.sum(dim=-1, keepdim=True)
         result = a if result is None else a @ result
     return result
+
+
+def query_rows(attention: torch.Tensor, prefix: int, class_token: bool) -> torch.Tensor:
+    """[..., T, T] -> [..., T]: the CLS query's row, or the mean over patch queries without a CLS token."""
+    if class_token:
+        return attention[..., 0, :]
+    return attention[..., prefix:, :].float().mean(dim=-2)
 
 
 def cls_to_patches(rows: torch.Tensor, prefix: int) -> torch.Tensor:
@@ -83,6 +93,9 @@ class AttentionHead(ArrayHead):
     def __init__(self, model: LoadedModel, shard: int, *, layers: list[int], heads: str, with_rollout: bool,
                  overlay_indices: set[int], overlay_prefix: str = "") -> None:
         super().__init__(model, shard)
+        if model.family == "onnx":  # submit refuses it; a spec run in-process gets the same reason
+            raise ModelLoadError(f"model {model.ref} is an ONNX export: attention maps need the PyTorch model")
+        self.class_token = has_class_token(model)
         self.overlay_prefix = overlay_prefix  # the job's folder under the output: the column reads from the prefix
         self.layers, self.heads, self.with_rollout = layers, heads, with_rollout
         self.overlay_indices = overlay_indices
@@ -109,12 +122,13 @@ class AttentionHead(ArrayHead):
         gh, gw = grid_shape(self.model, attentions[0].shape[-1] - self.prefix)
         out = {}
         for layer in self.layers:
-            cls_rows = attentions[layer % n_layers][:, :, 0, :]  # [B, heads, T]
+            cls_rows = query_rows(attentions[layer % n_layers], self.prefix, self.class_token)  # [B, heads, T]
             maps = cls_to_patches(cls_rows, self.prefix)
             maps = maps.mean(dim=1) if self.heads == "mean" else maps
             out[f"layer{layer % n_layers}"] = maps.reshape(*maps.shape[:-1], gh, gw)
         if self.with_rollout:
-            out["rollout"] = cls_to_patches(rollout(attentions)[:, 0, :], self.prefix).reshape(-1, gh, gw)
+            rows = query_rows(rollout(attentions), self.prefix, self.class_token)
+            out["rollout"] = cls_to_patches(rows, self.prefix).reshape(-1, gh, gw)
         return out
 
     def add(self, indices: list[int], items: list[Item], output: dict[str, torch.Tensor], previews=None) -> None:

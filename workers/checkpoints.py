@@ -3,7 +3,8 @@
 Trainer writes checkpoint-N to a local temp dir; `UploadCheckpoints` copies it to
 <output>/checkpoints/step-NNNNNNNN/ and then writes _COMMITTED.json, so only whole
 checkpoints count. A redelivered task (fresh process, fresh temp dir) downloads the
-newest committed one. Older checkpoints stay in the store: ObjectStore has no delete.
+newest committed one. Older checkpoints stay until the job's folder is removed (when a
+later job at the prefix succeeds); they are never downloaded as part of the model.
 
 Resume restores weights, optimizer, schedule, RNG and data position: with augment
 "none" the resumed run ends bit-identical to an uninterrupted one (tested). Random

@@ -40,3 +40,7 @@ class NoSharedMemory(WorkerError):
 
 class ShardFailed(WorkerError):
     """A shard ended without output (quarantined, or its job failed): the task ends in FAILURE with why."""
+
+
+class ExportFailed(WorkerError, NotRetryable):
+    """An ONNX export could not be made, or it does not match PyTorch on the sample images; retrying will not help."""

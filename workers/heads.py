@@ -29,16 +29,64 @@ INDEX_SCHEMA = pa.schema([
 
 
 def logits(model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
+    if model.family == "onnx":
+        return model.module(pixels, ["logits"])["logits"]
     if model.family == "hf":
         return model.module(pixel_values=pixels).logits
     return model.module(pixels)
 
 
 def prefix_tokens(model: LoadedModel) -> int:
-    """Tokens before the patches: CLS (+ distillation or register tokens)."""
+    """Tokens before the patches: CLS (+ distillation or register tokens); 0 for timm models without a class token.
+
+    Dinov2 with registers keeps its register tokens right after CLS (config.num_register_tokens).
+    """
+    if model.family == "onnx":
+        return int(model.module.meta["prefix_tokens"])
     if model.family == "timm":
         return int(getattr(model.module, "num_prefix_tokens", 1))
-    return 2 if model.module.config.model_type == "deit" else 1
+    config = model.module.config
+    return 1 + (config.model_type == "deit") + int(getattr(config, "num_register_tokens", 0) or 0)
+
+
+def has_class_token(model: LoadedModel) -> bool:
+    """Whether token 0 is a CLS token (timm's class_token=False models start with the patches or registers)."""
+    if model.family == "onnx":
+        return bool(model.module.meta.get("class_token", True))
+    if model.family == "timm":
+        return getattr(model.module, "cls_token", None) is not None
+    return True
+
+
+def cls_source(model: LoadedModel) -> str:
+    """What the `cls` embedding is: "cls_token" (token 0 of the final normalized state) or "pooled"
+    (the features the classifier reads, where that is not the CLS token: timm avg/map pooling and
+    models without a class token, timm's distilled DeiT (mean of CLS and distillation tokens), BEiT
+    with mean pooling (its final state is not normalized and its CLS token is not what it classifies)."""
+    if model.family == "onnx":
+        return str(model.module.meta["cls_source"])
+    if model.family == "timm":
+        module = model.module
+        token = (getattr(module, "global_pool", "token") == "token" and has_class_token(model)
+                 and getattr(module, "dist_token", None) is None)
+        return "cls_token" if token else "pooled"
+    return "pooled" if getattr(model.module.config, "use_mean_pooling", False) else "cls_token"
+
+
+def hf_cls(model: LoadedModel, outputs) -> torch.Tensor:
+    """The `cls` embedding from an HF base model's outputs (see cls_source)."""
+    if cls_source(model) == "pooled":
+        return outputs.pooler_output
+    return outputs.last_hidden_state[:, 0]
+
+
+def final_tokens(model: LoadedModel, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every token of the final hidden state [B, T, hidden] and the `cls` embedding [B, hidden] (PyTorch)."""
+    if model.family == "hf":
+        outputs = model.module.base_model(pixel_values=pixels)
+        return outputs.last_hidden_state, hf_cls(model, outputs)
+    tokens = model.module.forward_features(pixels)
+    return tokens, model.module.forward_head(tokens, pre_logits=True)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -143,14 +191,14 @@ class EmbedHead(ArrayHead):
         super().__init__(model, shard)
         self.pooling = pooling
         self.prefix = prefix_tokens(model)
+        # Readers tell a CLS token from a pooled output (and count prefix tokens) by the index's metadata.
+        self.index_schema = INDEX_SCHEMA.with_metadata({"vitbatch.cls_source": cls_source(model),
+                                                         "vitbatch.prefix_tokens": str(self.prefix)})
 
     def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.model.family == "hf":
-            tokens = self.model.module.base_model(pixel_values=pixels).last_hidden_state
-            cls = tokens[:, 0]
-        else:
-            tokens = self.model.module.forward_features(pixels)
-            cls = self.model.module.forward_head(tokens, pre_logits=True)
+        if self.model.family == "onnx":
+            return self.model.module(pixels, self.pooling)
+        tokens, cls = final_tokens(self.model, pixels)
         patches = tokens[:, self.prefix:]
         out = {"cls": cls}
         if "mean" in self.pooling:

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from orchestrator.config import Settings
-from orchestrator.modelinfo import model_dir, model_files
+from orchestrator.modelinfo import is_onnx, model_dir, model_files
 from orchestrator.outputs import model_folder
 from orchestrator.storage import ObjectStore, relative_key
 from workers.errors import ModelLoadError, UnsafeCheckpoint
@@ -50,11 +50,19 @@ class Preprocess:
                 "std": list(self.std), "shortest_edge": self.shortest_edge,
                 "crop": list(self.crop) if self.crop else None, "cover": list(self.cover) if self.cover else None}
 
+    @classmethod
+    def from_json(cls, data: dict) -> Preprocess:
+        """The inverse of to_json: an ONNX export carries its source model's preprocessing this way."""
+        pair = lambda v: tuple(int(x) for x in v) if v else None  # noqa: E731
+        return cls(pair(data["size"]), int(data["resample"]), tuple(map(float, data["mean"])),
+                   tuple(map(float, data["std"])), data.get("shortest_edge"), pair(data.get("crop")),
+                   pair(data.get("cover")))
+
 
 @dataclass
 class LoadedModel:
     ref: str
-    family: str  # "hf" or "timm"
+    family: str  # "hf", "timm", or "onnx" (module is then a workers.onnxmodel.OrtModule)
     module: torch.nn.Module
     prep: Preprocess
     id2label: dict[int, str]
@@ -183,6 +191,13 @@ def check_model_dir(path: Path, allow_pickle: bool = False) -> dict:
     return config
 
 
+def _read_config(path: Path) -> dict | None:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # check_model_dir says why
+
+
 def _check_weights(path: Path, allow_pickle: bool) -> None:
     """safetensors only. Next to pickle files, the safetensors must be the file loaders try first
     (model.safetensors, or a sharded index): timm would take pytorch_model.bin before a
@@ -309,6 +324,10 @@ def load(ref: str, device: str = "auto", precision: str = "auto", *, attn: str =
     torch_device = resolve_device(device)
     dtype = resolve_dtype(precision, torch_device)
     path = local_model_dir(ref, store, settings)
+    if path is not None and is_onnx(_read_config(path)):
+        from workers.onnxmodel import load_onnx
+
+        return load_onnx(ref, path, device)
     if path is not None:
         check_model_dir(path, allow_pickle)
     family = model_family(ref, path)

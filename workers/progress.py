@@ -67,7 +67,7 @@ def progress_reporter(task: Task, ctx: WorkerContext, job_id: str, shard: int):
 
     def report(done: int, total: int) -> None:
         rate = done / max(time.monotonic() - start, 1e-9)
-        publish(done, total, f"shard {shard}: {done}/{total} images, {rate:.0f} img/s")
+        publish(done, total, f"job {job_id} shard {shard}: {done}/{total} images, {rate:.0f} img/s")
 
     return report
 

@@ -14,7 +14,7 @@ from orchestrator.constants import JOBS_DIR
 from orchestrator.jobs import JobSpec
 from orchestrator.ledger import Ledger
 from orchestrator.planner import Item, read_manifest
-from orchestrator.scope import outside_input
+from orchestrator.scope import input_root, outside_input
 from orchestrator.storage import ObjectStore
 from workers.attention import AttentionHead
 from workers.decodepool import DecodePool, DecodeRecipe
@@ -109,7 +109,7 @@ def run_shard(spec: JobSpec, shard: int, ctx: WorkerContext, on_progress: Progre
 
     `marker_fields`: what names the job in the marker (job_id, spec_sha256).
     """
-    items, blobs = expand_tars(read_manifest(spec.output, shard, ctx.store), ctx)
+    items, blobs = expand_tars(read_manifest(spec.output, shard, ctx.store), ctx, scope=input_root(spec.input))
     if blobs and job_id:  # the job's total grows by what the tars hold
         ctx.ledger.shard_items(job_id, shard, len(items))
     head = make_head(spec, shard, ctx, (marker_fields or {}).get("job_id", job_id))
@@ -128,7 +128,7 @@ def run_shard(spec: JobSpec, shard: int, ctx: WorkerContext, on_progress: Progre
         pipeline = ShardPipeline(
             head.model, ctx.store, batch_size=batch_size, read_concurrency=spec.read_concurrency,
             max_bytes=ctx.settings.max_object_bytes, max_pixels=ctx.settings.max_pixels, blobs=blobs,
-            lane=lane, device_jpegs=mode == "device",
+            lane=lane, device_jpegs=mode == "device", scope=input_root(spec.input),
         )
         times = pipeline.run(items, head, on_progress)
     t0 = time.perf_counter()

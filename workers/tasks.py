@@ -8,6 +8,7 @@ unit after too many; run the work with a heartbeat; commit; settle the job.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -15,7 +16,6 @@ from functools import cache
 
 import redis
 from celery import Task
-from celery.exceptions import Reject
 
 from orchestrator.config import Settings
 from orchestrator.constants import QUEUE_TRAIN, TASK_EVALUATE, TASK_FINETUNE, TASK_RUN_SHARD, TASK_SCHEDULED_RUN
@@ -57,6 +57,7 @@ def _settle(ctx: WorkerContext, job_id: str, all_settled: bool, fingerprint: str
 def _execute(task: Task, job_id: str, shard: int, work: Callable[[object, WorkerContext, dict], dict]) -> dict:
     ctx = context()
     ctx.hostname = task.request.hostname or ""
+    _announce(task)
     try:
         return lifecycle(ctx, job_id, shard, work)
     except ShardFailed:
@@ -71,10 +72,14 @@ def _execute(task: Task, job_id: str, shard: int, work: Callable[[object, Worker
         ctx.ledger.stand_down(job_id, shard)  # `vitbatch retry` runs it again
         return {"shard": shard, "cancelled": True}
     except redis.RedisError as e:
-        # The ledger cannot record what happened (Redis down or full): do not acknowledge.
-        # The message goes back (or stays unacknowledged and returns with the visibility timeout).
+        # The ledger cannot record what happened (Redis down or full). Acking now would lose the
+        # shard, and requeueing needs a Redis write too (kombu's restore fails on a full Redis and
+        # takes the consumer down). So the message stays unacknowledged while Redis refuses
+        # writes; once it takes them again the shard is retried. A worker killed meanwhile leaves
+        # the message to Redis's visibility timeout.
         log.warning("job %s shard %s: Redis failed (%s); the shard's message is not acknowledged", job_id, shard, e)
-        raise Reject(f"Redis failed: {e}", requeue=True) from e
+        _wait_for_redis_writes(ctx)
+        raise task.retry(exc=e, countdown=1, max_retries=None)
     except Exception as e:
         # Transient (S3, OOM...): back off and go again; start_shard counts the deliveries
         # and quarantines the shard once they run out.
@@ -84,6 +89,39 @@ def _execute(task: Task, job_id: str, shard: int, work: Callable[[object, Worker
         # Not held by anyone during the backoff, but not silent either: the reconciler waits it out.
         ctx.ledger.hold_until(job_id, shard, time.time() + countdown)
         raise task.retry(exc=e, countdown=countdown, max_retries=None)
+
+
+REDIS_PROBE_KEY = "vitbatch:probe"
+
+
+def _wait_for_redis_writes(ctx: WorkerContext, poll_s: float = 2.0) -> None:
+    """Block until Redis accepts a write again."""
+    waited = 0.0
+    while True:
+        try:
+            ctx.ledger.r.set(REDIS_PROBE_KEY, ctx.hostname or "worker", ex=60)
+            return
+        except redis.RedisError as e:
+            if waited % 60 < poll_s:
+                log.warning("Redis refuses writes (%s); holding the shard's message for %.0f s so far", e, waited)
+        time.sleep(poll_s)
+        waited += poll_s
+
+
+def _announce(task: Task) -> None:
+    """Tell Flower the shard is received and started now, from the task's own thread.
+
+    On the solo pool the worker's own task-received/task-started events only leave once the
+    task returns, so Flower listed a running shard as unknown (no Received, no Started, last
+    page). Flower's state machine never moves a task back, so the late duplicates are harmless.
+    """
+    try:
+        request = task.request
+        task.send_event("task-received", name=task.name, args=repr(request.args), kwargs="{}",
+                        retries=request.retries, hostname=request.hostname or "")
+        task.send_event("task-started", pid=os.getpid(), hostname=request.hostname or "")
+    except Exception:  # monitoring only: never fail a shard over an event
+        log.debug("could not announce task %s", task.request.id, exc_info=True)
 
 
 def lifecycle(ctx: WorkerContext, job_id: str, shard: int, work) -> dict:

@@ -23,7 +23,7 @@ from kombu.exceptions import OperationalError
 from orchestrator.config import Settings
 from orchestrator.outputs import job_dir
 from orchestrator.constants import commit_name, shard_attempts_key, shard_done_key
-from orchestrator.embedded import RedisServer
+from orchestrator.processes import RedisServer
 from orchestrator.jobs import parse_spec
 from orchestrator.ledger import JobStatus, ShardState
 from orchestrator.results import committed_parts, read_table

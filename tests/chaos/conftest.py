@@ -16,7 +16,7 @@ from chaos_stack import ROOT, ChaosWorkers, Stack
 from faulty_s3 import FaultyS3
 
 from orchestrator.config import Settings
-from orchestrator.embedded import RedisServer, settings_env
+from orchestrator.processes import RedisServer, settings_env
 from orchestrator.submit import Client
 
 BUCKET = "vitbatch-chaos"

@@ -43,6 +43,7 @@ class FaultyS3:
         self.upstream = (parsed.hostname, parsed.port)
         self.delay_s, self.fail_every, self.faults = delay_s, fail_every, faults
         self.key_faults = dict(key_faults or {})
+        self.reads: Counter[str] = Counter()  # "bucket/key" of every object GET, as written
         self.object_gets = 0
         self.injected: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -69,6 +70,8 @@ class FaultyS3:
         if method != "GET" or len(segments) < 2:  # listings, HEADs and writes pass untouched
             return None
         object_path = unquote(urlsplit(path).path.lstrip("/"))
+        with self._lock:
+            self.reads[object_path] += 1
         if object_path in self.key_faults:
             with self._lock:
                 self.injected[self.key_faults[object_path]] += 1

@@ -1,5 +1,5 @@
 """Forged pickle and YAML messages are refused unrun; no secret leaks into messages, results,
-logs, Redis or Flower."""
+logs, Redis or Flower; a forged manifest line cannot make a worker read outside the job's input."""
 
 from __future__ import annotations
 
@@ -19,11 +19,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from chaos_stack import ROOT, explain
+from chaos_stack import ROOT, assert_exactly_once, explain, via
+from faulty_s3 import FaultyS3
 
 from orchestrator.constants import QUEUE_DEFAULT, TASK_RUN_SHARD
-from orchestrator.embedded import ALL_QUEUES, flower_command, flower_env, free_port
+from orchestrator.processes import ALL_QUEUES, flower_command, flower_env, free_port
 from orchestrator.ledger import JobState, ShardState
+from orchestrator.results import read_table
+from orchestrator.storage import normalize_uri
 
 pytestmark = pytest.mark.chaos
 NO_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -176,3 +179,47 @@ def test_pickle_and_yaml_messages_are_refused_and_no_secret_leaks(stack, digits,
     for place, text in places.items():
         for name, secret in planted.items():
             assert secret not in text, f"the {name} leaked into the {place}"
+
+
+def _manifest_of(stack, job_id: str, shard: int) -> str:
+    """Where the planner wrote the shard's manifest (found by listing: the layout may move)."""
+    name = f"_manifests/shard-{shard:05d}.jsonl"
+    found = [info.uri for info in stack.store.list(stack.output) if info.uri.endswith(name) and job_id in info.uri]
+    if not found:  # an older layout: manifests straight under the output prefix
+        found = [info.uri for info in stack.store.list(stack.output) if info.uri.endswith(name)]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_a_forged_manifest_line_pointing_outside_the_input_is_an_error_row_and_never_read(
+        stack, digits, s3, s3_endpoint, tmp_path):
+    private = f"vitbatch-private-{secrets.token_hex(3)}"
+    s3.create_bucket(Bucket=private)
+    secret = next(iter(sorted(digits.keys)))
+    image = s3.get_object(Bucket=digits.s3_prefix.split("/")[2], Key=f"digits/{secret}")["Body"].read()
+    s3.put_object(Bucket=private, Key="secret.png", Body=image)
+    s3.put_object(Bucket=private, Key="secret.tar", Body=b"")
+    (tmp_path / "secret.png").write_bytes(image)
+
+    job_id = stack.submit(digits.s3_prefix)  # no worker yet: the manifests wait to be read
+    manifest = _manifest_of(stack, job_id, 0)
+    lines = [json.loads(line) for line in stack.store.read(manifest).decode().splitlines()]
+    forged = {lines[0]["key"]: f"s3://{private}/secret.png",
+              lines[1]["key"]: normalize_uri(str(tmp_path / "secret.png")),
+              lines[2]["key"]: digits.s3_prefix + "../../" + private + "/secret.png"}
+    lines[0]["uri"], lines[1]["uri"], lines[2]["uri"] = forged.values()
+    lines[3] = {**lines[3], "uri": f"s3://{private}/secret.tar", "tar": True}
+    forged[lines[3]["key"]] = lines[3]["uri"]
+    stack.store.write(manifest, ("\n".join(json.dumps(line) for line in lines) + "\n").encode())
+
+    with FaultyS3(s3_endpoint) as proxy:  # counts every object the worker asks S3 for
+        stack.workers.start("w", env=via(proxy))
+        status = stack.wait(job_id)
+
+    assert status.state is JobState.SUCCEEDED, explain(status)
+    rows = {row["key"]: row for row in read_table(stack.output, stack.store).to_pylist()}
+    for key in forged:
+        assert rows[key]["label"] is None and "outside the job's input" in (rows[key]["error"] or ""), rows[key]
+    assert [path for path in proxy.reads if private in path] == [], "an object outside the input was requested"
+    assert sum(1 for row in rows.values() if row["error"]) == len(forged)
+    assert_exactly_once(stack.output, digits.keys, stack.store)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from orchestrator.embedded import free_port
+from orchestrator.processes import free_port
 from orchestrator.jobs import parse_spec
 from orchestrator.ledger import JobState
 from orchestrator.results import read_table

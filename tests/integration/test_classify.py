@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from orchestrator.constants import JOB_SPEC_FILE, SUCCESS_FILE
-from orchestrator.embedded import ALL_QUEUES
+from orchestrator.processes import ALL_QUEUES
 from orchestrator.results import read_table
 from workers.demo import write_digits
 
