@@ -10,75 +10,15 @@ from __future__ import annotations
 import calendar
 import json
 import time
-from dataclasses import asdict, dataclass, field
-from enum import Enum
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from orchestrator import constants as k
-from orchestrator.errors import BrokerUnavailable, JobNotFound, OutputBusy
-
-
-class JobState(str, Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FINISHED_WITH_FAILURES = "finished_with_failures"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self not in (JobState.QUEUED, JobState.RUNNING)
-
-
-class ShardState(str, Enum):
-    PENDING = "pending"
-    RUNNING = "running"
-    COMMITTED = "committed"
-    FAILED = "failed"
-
-
-@dataclass
-class JobStatus:
-    job_id: str
-    kind: str
-    state: JobState
-    output: str
-    n_items: int
-    n_shards: int
-    done: int
-    errors: int
-    shards: dict[str, int]
-    failed_shards: dict[int, str] = field(default_factory=dict)
-    reason: str = ""
-    requeued: int = 0
-    carried: int = 0
-    created_at: float = 0.0
-    finished_at: float = 0.0
-
-    @property
-    def images_per_s(self) -> float:
-        end = self.finished_at or time.time()
-        return self.done / max(end - self.created_at, 1e-9)
-
-    @property
-    def eta_s(self) -> float | None:
-        """Seconds left at the rate so far: 0 once ended or all done; None before the first item (no rate yet)."""
-        left = max(0, self.n_items - self.done)
-        if self.state.terminal or not left:
-            return 0.0
-        rate = self.images_per_s
-        return left / rate if rate > 0 else None
-
-    def to_json(self) -> dict:
-        out = asdict(self)
-        out["state"] = self.state.value
-        out["images_per_s"] = round(self.images_per_s, 2)
-        out["eta_s"] = None if self.eta_s is None else round(self.eta_s, 1)
-        return out
+from orchestrator import leases
+from orchestrator.errors import BrokerUnavailable, JobNotFound
+from orchestrator.states import JobState, JobStatus, ShardState  # noqa: F401  (the ledger's vocabulary)
 
 
 def connect(url: str) -> redis.Redis:
@@ -86,35 +26,6 @@ def connect(url: str) -> redis.Redis:
         url, decode_responses=True, socket_connect_timeout=5, socket_timeout=30,
         socket_keepalive=True, retry_on_timeout=True, health_check_interval=25,
     )
-
-
-OUTPUT_LEASE_GRACE_S = 600.0  # a lease whose job never reached Redis (a submitter died mid-plan) lapses
-
-# Take the prefix when it is free, held by this job, or held by a job that has ended (or never
-# got recorded within the grace period); else return the holder. One script: atomic across submitters.
-_HOLD_OUTPUT = """
-local held = redis.call('GET', KEYS[1])
-if held then
-  local holder, since = string.match(held, '^(%S+) (%S+)$')
-  if holder ~= ARGV[1] then
-    local state = redis.call('HGET', ARGV[4] .. holder, 'state')
-    local ended = state and state ~= 'queued' and state ~= 'running'
-    local lapsed = (not state) and (tonumber(ARGV[2]) - tonumber(since) > tonumber(ARGV[3]))
-    if not (ended or lapsed) then return holder end
-  end
-end
-redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2])
-return false
-"""
-_RELEASE_OUTPUT = """
-local held = redis.call('GET', KEYS[1])
-if held and string.match(held, '^(%S+) ') == ARGV[1] then redis.call('DEL', KEYS[1]) end
-"""
-
-
-def _is_oom(error: redis.RedisError) -> bool:
-    # redis-py raises OutOfMemoryError for Redis's -OOM reply (its text no longer says "OOM").
-    return isinstance(error, redis.exceptions.OutOfMemoryError) or "maxmemory" in str(error)
 
 
 class Ledger:
@@ -140,22 +51,11 @@ class Ledger:
 
     # -- producer side ---------------------------------------------------------------------
     def hold_output(self, output: str, job_id: str) -> None:
-        """Take the output prefix for `job_id`; OutputBusy when another live job holds it."""
-        try:
-            holder = self.r.eval(_HOLD_OUTPUT, 1, k.output_lease_key(output), job_id, time.time(),
-                                 OUTPUT_LEASE_GRACE_S, k.job_key(""))
-        except redis.RedisError as e:
-            if _is_oom(e):
-                raise BrokerUnavailable("Redis is out of memory (maxmemory reached with noeviction): raise "
-                                        "maxmemory or free keys; nothing was written or enqueued") from e
-            raise BrokerUnavailable(f"Redis is unreachable ({e}); nothing was written or enqueued") from e
-        if holder:
-            raise OutputBusy(f"{output} is held by job {holder}, which is still queued or running: wait for it "
-                             f"(`vitbatch wait {holder}`), cancel it (`vitbatch cancel {holder}`), or choose "
-                             "another output; nothing was written")
+        """Take the output prefix for `job_id` (see leases.py); OutputBusy when another live job holds it."""
+        leases.hold_output(self.r, output, job_id)
 
     def release_output(self, output: str, job_id: str) -> None:
-        self.r.eval(_RELEASE_OUTPUT, 1, k.output_lease_key(output), job_id)
+        leases.release_output(self.r, output, job_id)
 
     def create(self, job_id: str, spec_json: str, kind: str, output: str, n_items: int, n_shards: int,
                carried: int = 0) -> None:

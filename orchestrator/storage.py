@@ -6,23 +6,23 @@ may read from S3 and write to a local directory or the other way round.
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
-import stat
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cache, cached_property
+from functools import cached_property
 from pathlib import Path
 from urllib.parse import quote, unquote
 
 from orchestrator.config import Settings
 from orchestrator.errors import (
-    ObjectExists, ObjectNotFound, ObjectTooLarge, ObjectUnreadable, OutsideInput, StorageError, UnsafeKey,
+    ObjectExists, ObjectNotFound, ObjectTooLarge, ObjectUnreadable, StorageError, UnsafeKey,
 )
-from orchestrator.scope import local_path_inside
+from orchestrator.localfs import (
+    PARTIAL_SUFFIX, fsync_dir, is_partial_write, read_local, relative_path, current_umask, walk_sorted, local_path,
+)
 
 
 @dataclass(frozen=True)
@@ -79,136 +79,20 @@ def relative_key(prefix: str, uri: str) -> str:
     return unquote(rel) if uri.startswith("file://") else rel
 
 
-def _local_path(uri: str) -> Path:
-    rest = uri[len("file://"):]
-    return Path(unquote(rest[len("localhost"):] if rest.startswith("localhost/") else rest))
+_local_path = local_path
 
-
-def _s3_split(uri: str) -> tuple[str, str]:
-    """(bucket, key) exactly as written: no URL parsing, so `#`, `?`, `%` stay in the key."""
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    return bucket, key
-
-
-_PARTIAL_SUFFIX = ".vitbatch-partial"
-
-
-def _is_partial_write(name: str) -> bool:
-    """A temporary file of `ObjectStore.write`, renamed into place once complete."""
-    return name.startswith(".") and name.endswith(_PARTIAL_SUFFIX)
-
-
-@cache
-def _umask() -> int:
-    # os.umask can only be read by setting it: done once, not raced by writer threads.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _walk_sorted(directory: Path, root: str, skipped: list[tuple[Path, str]],
-                 ancestors: frozenset[tuple[int, int]]) -> Iterator[tuple[Path, os.stat_result]]:
-    """Regular files under `directory` in full-key order, as S3 lists them: 'a-b' < 'a.png' < 'a/x'.
-
-    os.walk yields a folder's files before its subfolders, which is not key order. Symlinks are
-    followed while they resolve inside `root` (the real input folder): a link out of it, a loop,
-    a FIFO, socket or device, or an entry that cannot be examined is not yielded but named in
-    `skipped`, and one entry's error never ends the listing. `ancestors` ((st_dev, st_ino) of
-    the folders above) stops a link to a folder above it from recursing for ever.
-    """
-    try:
-        with os.scandir(directory) as scan:
-            entries = list(scan)
-    except OSError as e:
-        skipped.append((directory, f"cannot be listed ({_os_reason(e)})"))
-        return
-    named = []
-    for entry in entries:
-        kind, detail = _examine(entry, root)
-        if kind == "skip":
-            if detail:
-                skipped.append((Path(entry.path), detail))
-            continue
-        named.append((entry.name + "/" if kind == "dir" else entry.name, kind, Path(entry.path), detail))
-    for _, kind, path, info in sorted(named, key=lambda row: row[0]):
-        if kind == "file":
-            yield path, info
-        elif (info.st_dev, info.st_ino) in ancestors:
-            skipped.append((path, "a symlink loop (links to a folder above it): not followed"))
-        else:
-            yield from _walk_sorted(path, root, skipped, ancestors | {(info.st_dev, info.st_ino)})
-
-
-def _examine(entry: os.DirEntry, root: str) -> tuple[str, os.stat_result | str | None]:
-    """("file" | "dir", stat) for what the listing keeps, else ("skip", why; None: say nothing)."""
-    try:
-        info = os.stat(entry.path)  # follows symlinks
-    except FileNotFoundError:  # a broken link, or removed (renamed into place) since the scan
-        return "skip", "a broken symlink" if entry.is_symlink() else None
-    except OSError as e:
-        return "skip", _os_reason(e)
-    if entry.is_symlink() and not local_path_inside(entry.path, root):
-        return "skip", "a symlink to a path outside the input: not followed"
-    if stat.S_ISDIR(info.st_mode):
-        return "dir", info
-    if stat.S_ISREG(info.st_mode):
-        return "file", info
-    return "skip", "not a regular file (a FIFO, socket or device): never opened"
-
-
-def _relative(root: Path, path: Path) -> str:
-    return path.relative_to(root).as_posix() if path != root else "."
-
-
-def _os_reason(error: OSError) -> str:
-    """An OSError as the words an error row or a plan summary shows."""
-    words = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-             errno.ELOOP: "a symlink loop", errno.ENAMETOOLONG: "name too long"}
-    return words.get(error.errno, error.strerror or type(error).__name__)
-
-
-def _read_local(uri: str, max_bytes: int | None, within: str | None) -> bytes:
-    """Open without blocking (a FIFO named .png would hang a reader thread for ever), then read
-    only a regular file, at most `max_bytes` + 1 bytes of it (a file growing meanwhile)."""
-    path = _local_path(uri)
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            _refuse_non_regular(uri, os.stat(path).st_mode)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError) as e:
-        raise ObjectNotFound(f"{uri} does not exist") from e
-    except OSError as e:
-        raise ObjectUnreadable(f"{uri} cannot be read: {_os_reason(e)}") from e
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):  # swapped for a FIFO between the stat and the open
-            _refuse_non_regular(uri, info.st_mode)
-        if within is not None and not local_path_inside(_opened_path(f.fileno(), path), str(_local_path(within))):
-            raise OutsideInput(f"{uri} resolves to a file outside the job's input {within}: not read")
-        if max_bytes is not None and info.st_size > max_bytes:
-            raise ObjectTooLarge(f"object is {info.st_size} bytes, over the cap of {max_bytes}")
-        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
-    if max_bytes is not None and len(data) > max_bytes:
-        raise ObjectTooLarge(f"object grew past the cap of {max_bytes} bytes while it was read")
-    return data
-
-
-# What S3 answers for an object that no retry will make readable; everything else (5xx,
-# throttling, timeouts) stays a StorageError, which fails the shard so that it is retried.
 _S3_UNREADABLE = {
     "AccessDenied": "access denied (403): the workers' credentials may not read it",
     "AllAccessDisabled": "access to it is disabled",
     "InvalidObjectState": "archived (InvalidObjectState): restore it from Glacier/Deep Archive first",
     "AccountProblem": "the bucket owner's account cannot serve it",
 }
+
+
+def _s3_split(uri: str) -> tuple[str, str]:
+    """(bucket, key) exactly as written: no URL parsing, so `#`, `?`, `%` stay in the key."""
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return bucket, key
 
 
 def _s3_read_error(uri: str, error) -> StorageError:
@@ -225,23 +109,6 @@ def _s3_read_error(uri: str, error) -> StorageError:
     if status == 403:
         return ObjectUnreadable(f"{uri} cannot be read: forbidden (403 {code})")
     return StorageError(f"cannot read {uri}: {error}")
-
-
-def _refuse_non_regular(uri: str, mode: int) -> None:
-    if stat.S_ISDIR(mode):
-        raise ObjectNotFound(f"{uri} does not exist (it is a folder)")
-    raise ObjectUnreadable(f"{uri} is not a regular file (a FIFO, socket or device): never opened")
-
-
-def _opened_path(fd: int, path: Path) -> str:
-    """The real path of the file behind `fd` (Linux names it in /proc), else `path` resolved."""
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return os.path.realpath(path)
-
-
-_umask()
 
 
 class ObjectStore:
@@ -284,15 +151,15 @@ class ObjectStore:
             raise ObjectNotFound(f"input directory {root} does not exist")
         top = root.stat()
         passed: list[tuple[Path, str]] = []
-        for path, info in _walk_sorted(root, str(root), passed, frozenset({(top.st_dev, top.st_ino)})):
-            if _is_partial_write(path.name):
+        for path, info in walk_sorted(root, str(root), passed, frozenset({(top.st_dev, top.st_ino)})):
+            if is_partial_write(path.name):
                 continue  # another writer's object, not there until its os.replace
             yield ObjectInfo(
                 uri="file://" + quote(str(path)),
                 size=info.st_size,
                 etag=f"{info.st_mtime_ns:x}-{info.st_size:x}",
             )
-        skipped.extend(f"{_relative(root, p)}: {why}" for p, why in passed)
+        skipped.extend(f"{relative_path(root, p)}: {why}" for p, why in passed)
 
     def _list_s3(self, prefix: str) -> Iterator[ObjectInfo]:
         bucket, key_prefix = _s3_split(prefix)
@@ -321,7 +188,7 @@ class ObjectStore:
         """
         if uri.startswith("s3://"):
             return self._read_s3(uri, max_bytes)
-        return _read_local(uri, max_bytes, within)
+        return read_local(uri, max_bytes, within)
 
     def _read_s3(self, uri: str, max_bytes: int | None) -> bytes:
         # boto3 retries a request that fails, but not a body that breaks off after the headers
@@ -370,12 +237,12 @@ class ObjectStore:
             return
         path = _local_path(uri)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_PARTIAL_SUFFIX)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared files
+                os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes 0600; outputs are shared files
                 os.fsync(f.fileno())
             if if_absent:
                 try:
@@ -386,7 +253,7 @@ class ObjectStore:
                     Path(tmp).unlink(missing_ok=True)
             else:
                 os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -441,11 +308,3 @@ class ObjectStore:
         if uri.startswith("s3://"):
             return next(iter(self._list_s3(uri)), None) is not None
         return _local_path(uri).is_dir()
-
-    def download_prefix(self, prefix: str, dest: Path) -> Path:
-        """Copy every object under `prefix` into `dest` (for model directories)."""
-        for info in self.list(prefix):
-            target = dest / relative_key(prefix, info.uri)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(self.read(info.uri))
-        return dest
