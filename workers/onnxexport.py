@@ -299,7 +299,8 @@ def export(spec: ExportSpec, job_id: str, ctx, report: Callable[[dict], None] | 
                 figures["int8"] = parity(reference, ort_outputs(session(final, spec.device), pixels))
             stats["total_s"] = round(time.perf_counter() - t0, 3)
             if report:
-                report({"done": len(pixels), "total": len(pixels)})
+                rows = len(pixels) + len(sample["errors"])  # what submit counted: decoded or not
+                report({"done": rows, "total": rows})
             grid = _grid(model, reference["patches"].shape[1])
             failure = check_parity(spec, figures)
             record = {

@@ -8,7 +8,6 @@ unit after too many; run the work with a heartbeat; commit; settle the job.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -18,7 +17,9 @@ import redis
 from celery import Task
 
 from orchestrator.config import Settings
-from orchestrator.constants import QUEUE_TRAIN, TASK_EVALUATE, TASK_FINETUNE, TASK_RUN_SHARD, TASK_SCHEDULED_RUN
+from orchestrator.constants import (
+    QUEUE_TRAIN, TASK_EVALUATE, TASK_EXPORT, TASK_FINETUNE, TASK_RUN_SHARD, TASK_SCHEDULED_RUN,
+)
 from orchestrator.errors import JobNotFound, NotRetryable
 from orchestrator.finalize import finalize
 from orchestrator.jobs import parse_spec
@@ -117,11 +118,12 @@ def _announce(task: Task) -> None:
     """
     try:
         request = task.request
+        # (the dispatcher adds hostname, pid, timestamp and the task id itself)
         task.send_event("task-received", name=task.name, args=repr(request.args), kwargs="{}",
-                        retries=request.retries, hostname=request.hostname or "")
-        task.send_event("task-started", pid=os.getpid(), hostname=request.hostname or "")
+                        retries=request.retries)
+        task.send_event("task-started")
     except Exception:  # monitoring only: never fail a shard over an event
-        log.debug("could not announce task %s", task.request.id, exc_info=True)
+        log.warning("could not announce task %s to monitors", task.request.id, exc_info=True)
 
 
 def lifecycle(ctx: WorkerContext, job_id: str, shard: int, work) -> dict:
@@ -205,3 +207,15 @@ def scheduled_run(name: str, entry: dict) -> dict:
     from orchestrator.submit import Client
 
     return start_run(Client.from_settings(context().settings), ScheduleEntry(**entry))
+
+
+@app.task(name=TASK_EXPORT, **TASK_OPTIONS)
+def export(self: Task, job_id: str) -> dict:
+    from workers.onnxexport import export as export_fn
+
+    def work(spec, ctx: WorkerContext, fields: dict) -> dict:
+        summary = export_fn(spec, job_id, ctx, training_reporter(self, ctx, job_id))
+        return commit_shard(ctx.store, spec.output, 0, {}, {**fields, **summary},
+                            written=written_files(ctx.store, spec.output))
+
+    return _execute(self, job_id, 0, work)
