@@ -18,7 +18,6 @@ import io
 import platform
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 
 from bench.common import VIT_BASE, VIT_TINY, bench_dir, build_hf_vit, report, run_in_process, write_photo_jpegs

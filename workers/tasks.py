@@ -176,28 +176,35 @@ def run_shard(self: Task, job_id: str, shard: int) -> dict:
         spec, shard, ctx, progress_reporter(self, ctx, job_id, shard), job_id=job_id, marker_fields=fields))
 
 
+def _single_task(task: Task, job_id: str, run: Callable) -> dict:
+    """finetune, evaluate, export: one unit of work whose files, all of them, are the job's output."""
+    def work(spec, ctx: WorkerContext, fields: dict) -> dict:
+        summary = run(spec, job_id, ctx, training_reporter(task, ctx, job_id))
+        return commit_shard(ctx.store, spec.output, 0, {}, {**fields, **summary},
+                            written=written_files(ctx.store, spec.output))
+
+    return _execute(task, job_id, 0, work)
+
+
 @app.task(name=TASK_FINETUNE, queue=QUEUE_TRAIN, **TASK_OPTIONS)
 def finetune(self: Task, job_id: str) -> dict:
     from workers.training import finetune as finetune_fn
 
-    def work(spec, ctx: WorkerContext, fields: dict) -> dict:
-        summary = finetune_fn(spec, job_id, ctx, training_reporter(self, ctx, job_id))
-        return commit_shard(ctx.store, spec.output, 0, {}, {**fields, **summary},
-                            written=written_files(ctx.store, spec.output))
-
-    return _execute(self, job_id, 0, work)
+    return _single_task(self, job_id, finetune_fn)
 
 
 @app.task(name=TASK_EVALUATE, **TASK_OPTIONS)
 def evaluate(self: Task, job_id: str) -> dict:
     from workers.evaluation import evaluate as evaluate_fn
 
-    def work(spec, ctx: WorkerContext, fields: dict) -> dict:
-        summary = evaluate_fn(spec, job_id, ctx, training_reporter(self, ctx, job_id))
-        return commit_shard(ctx.store, spec.output, 0, {}, {**fields, **summary},
-                            written=written_files(ctx.store, spec.output))
+    return _single_task(self, job_id, evaluate_fn)
 
-    return _execute(self, job_id, 0, work)
+
+@app.task(name=TASK_EXPORT, **TASK_OPTIONS)
+def export(self: Task, job_id: str) -> dict:
+    from workers.onnxexport import export as export_fn
+
+    return _single_task(self, job_id, export_fn)
 
 
 @app.task(name=TASK_SCHEDULED_RUN, acks_late=True)
@@ -207,15 +214,3 @@ def scheduled_run(name: str, entry: dict) -> dict:
     from orchestrator.submit import Client
 
     return start_run(Client.from_settings(context().settings), ScheduleEntry(**entry))
-
-
-@app.task(name=TASK_EXPORT, **TASK_OPTIONS)
-def export(self: Task, job_id: str) -> dict:
-    from workers.onnxexport import export as export_fn
-
-    def work(spec, ctx: WorkerContext, fields: dict) -> dict:
-        summary = export_fn(spec, job_id, ctx, training_reporter(self, ctx, job_id))
-        return commit_shard(ctx.store, spec.output, 0, {}, {**fields, **summary},
-                            written=written_files(ctx.store, spec.output))
-
-    return _execute(self, job_id, 0, work)
