@@ -28,7 +28,7 @@ def main() -> None:
     from orchestrator.processes import free_port
     from orchestrator.jobs import parse_spec
     from orchestrator.submit import Client
-    from workers.runner import WorkerContext
+    from workers.context import WorkerContext
 
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     root = bench_dir()

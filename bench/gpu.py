@@ -81,7 +81,7 @@ def main() -> None:
     figures["model_only_img_s"] = round(model_only(model_dir, args.batch_size), 1)
     figures["plain_loop_img_s"] = round(plain_loop(model_dir, paths[:2048], args.batch_size), 1)
     from orchestrator.config import Settings
-    from workers.runner import WorkerContext
+    from workers.context import WorkerContext
 
     ctx = WorkerContext(Settings())
     runs = {"threads": {"decode": "threads"}, "processes": {"decode": "processes"}, "device": {"decode": "device"},

@@ -19,7 +19,7 @@ def main() -> None:
     args = parser.parse_args()
     from orchestrator.config import Settings
     from orchestrator.jobs import parse_spec
-    from workers.runner import WorkerContext
+    from workers.context import WorkerContext
 
     root = bench_dir()
     image_dir, _, model = photos_and_vit(args.n)

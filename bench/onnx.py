@@ -101,7 +101,7 @@ def main() -> None:
     import torch
 
     from orchestrator.config import Settings
-    from workers.runner import WorkerContext
+    from workers.context import WorkerContext
 
     ctx = WorkerContext(Settings())
     info = {**cpu_info(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,

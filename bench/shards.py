@@ -16,7 +16,7 @@ from bench.common import bench_dir, photos_and_vit, report, run_shards_in_proces
 def main() -> None:
     from orchestrator.config import Settings
     from orchestrator.jobs import parse_spec
-    from workers.runner import WorkerContext
+    from workers.context import WorkerContext
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=2000)

@@ -15,7 +15,7 @@ from orchestrator.labels import LabeledItem
 from workers.errors import BadImage
 from workers.imaging import decode_rgb, resize_uint8
 from workers.models import Preprocess
-from workers.runner import WorkerContext
+from workers.context import WorkerContext
 
 
 class LabeledImages(torch.utils.data.Dataset):

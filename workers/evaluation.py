@@ -24,7 +24,7 @@ from orchestrator.storage import join
 from workers.heads import logits
 from workers.models import LoadedModel
 from workers.pipeline import ShardPipeline
-from workers.runner import WorkerContext
+from workers.context import WorkerContext
 from workers.writers import parquet_bytes
 
 READ_CONCURRENCY = 16  # EvaluateSpec has no knob for it; the classify default

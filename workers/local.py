@@ -15,7 +15,8 @@ from orchestrator.jobs import JobSpec
 from orchestrator.outputs import job_dir, new_job_id, spec_digest
 from orchestrator.planner import plan, write_manifests
 from orchestrator.storage import relative_key
-from workers.runner import WorkerContext, run_shard
+from workers.context import WorkerContext
+from workers.runner import run_shard
 
 
 def run_local(spec: JobSpec, ctx: WorkerContext, job_id: str | None = None) -> tuple[str, list[dict]]:

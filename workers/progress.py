@@ -14,7 +14,7 @@ from celery import Task
 
 from orchestrator.ledger import JobState
 from workers.errors import JobCancelled
-from workers.runner import WorkerContext
+from workers.context import WorkerContext
 
 log = logging.getLogger(__name__)
 REPORT_EVERY_S = 1.0

@@ -6,52 +6,24 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
-from functools import cached_property
 
-from orchestrator.config import Settings
 from orchestrator.constants import JOBS_DIR
 from orchestrator.jobs import JobSpec
-from orchestrator.ledger import Ledger
 from orchestrator.planner import Item, read_manifest
 from orchestrator.scope import input_root, outside_input
-from orchestrator.storage import ObjectStore
 from workers.attention import AttentionHead
-from workers.decodepool import DecodePool, DecodeRecipe
+from workers.decodepool import DecodeRecipe
 from workers.errors import NoSharedMemory
 from workers.heads import ClassifyHead, EmbedHead
 from workers.metrics import instrumented_shard, timed_model
-from workers.models import LoadedModel, ModelCache, default_batch_size
+from workers.context import WorkerContext
+from workers.models import LoadedModel, default_batch_size
 from workers.pipeline import ShardPipeline
 from workers.tarshards import expand
 from workers.writers import commit_shard, upload_parts
 
 ProgressFn = Callable[[int, int], None]
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class WorkerContext:
-    """What a worker process holds for its whole life: settings, store, ledger, models."""
-
-    settings: Settings
-    hostname: str = ""  # the Celery worker's name, recorded in commit markers
-
-    @cached_property
-    def store(self) -> ObjectStore:
-        return ObjectStore(self.settings)
-
-    @cached_property
-    def ledger(self) -> Ledger:
-        return Ledger.from_url(self.settings.backend_url, self.settings.job_ttl_s)
-
-    @cached_property
-    def models(self) -> ModelCache:
-        return ModelCache(self.settings, self.store)
-
-    @cached_property
-    def decode_pool(self) -> DecodePool:
-        return DecodePool(self.settings.decode_processes)
 
 
 def decode_mode(decode: str, model: LoadedModel) -> str:

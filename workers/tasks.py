@@ -28,7 +28,8 @@ from orchestrator.outputs import job_dir, spec_digest
 from workers.app import app
 from workers.errors import JobCancelled, ShardFailed
 from workers.progress import Heartbeat, progress_reporter, training_reporter
-from workers.runner import WorkerContext, run_shard as run_shard_fn
+from workers.context import WorkerContext
+from workers.runner import run_shard as run_shard_fn
 from workers.writers import commit_shard, read_commit, written_files
 
 log = logging.getLogger(__name__)

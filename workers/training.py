@@ -36,7 +36,7 @@ from workers import models
 from workers.checkpoints import ResumableTrainer, UploadCheckpoints, all_finite, restore
 from workers.datasets import LabeledImages, screen, transforms
 from workers.errors import ModelLoadError, TrainingDiverged
-from workers.runner import WorkerContext
+from workers.context import WorkerContext
 
 
 class TimmForTraining(torch.nn.Module):

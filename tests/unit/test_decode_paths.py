@@ -186,7 +186,8 @@ def _run_shard(model_dir, items, tmp_path, ctx=None, **options) -> dict:
     from orchestrator.config import Settings
     from orchestrator.jobs import parse_spec
     from orchestrator.planner import write_manifests
-    from workers.runner import WorkerContext, run_shard
+    from workers.context import WorkerContext
+    from workers.runner import run_shard
 
     folder = Path(items[0].uri.removeprefix("file://")).parent
     spec = parse_spec({"kind": "classify", "input": str(folder), "output": str(tmp_path / "out"),
@@ -203,7 +204,7 @@ def test_an_unset_batch_size_runs_cache_sized_batches_on_a_cpu(hf_model_dir, ite
 def test_a_shard_decodes_in_threads_when_dev_shm_has_no_room(hf_model_dir, items, tmp_path, caplog):
     from orchestrator.config import Settings
     from workers.errors import NoSharedMemory
-    from workers.runner import WorkerContext
+    from workers.context import WorkerContext
 
     class NoRoom(DecodePool):
         def lane(self, *args, **kwargs):

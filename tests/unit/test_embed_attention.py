@@ -28,7 +28,7 @@ from workers.attention import rollout
 from workers.errors import ModelLoadError
 from workers.imaging import decode_rgb, resize_uint8
 from workers.local import run_local
-from workers.runner import WorkerContext
+from workers.context import WorkerContext
 
 EMPTY = "c-empty.jpg"
 

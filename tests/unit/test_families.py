@@ -28,7 +28,7 @@ from workers import models
 from workers.attention import AttentionHead, cls_to_patches
 from workers.heads import cls_source, has_class_token, prefix_tokens
 from workers.local import run_local
-from workers.runner import WorkerContext
+from workers.context import WorkerContext
 
 N_GOOD = 5
 

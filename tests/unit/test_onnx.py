@@ -30,7 +30,7 @@ from workers.errors import ExportFailed, ModelLoadError
 from workers.local import run_local
 from workers.onnxexport import REPORT_FILE, export
 from workers.onnxmodel import OUTPUT_NAMES
-from workers.runner import WorkerContext
+from workers.context import WorkerContext
 
 N_GOOD = 12
 DECISIVE = 0.05

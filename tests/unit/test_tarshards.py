@@ -12,7 +12,8 @@ from orchestrator.config import Settings
 from orchestrator.jobs import parse_spec
 from orchestrator.planner import plan, write_manifests
 from workers.demo import build_tiny_vit
-from workers.runner import WorkerContext, run_shard
+from workers.context import WorkerContext
+from workers.runner import run_shard
 
 
 def _png(value: int) -> bytes:

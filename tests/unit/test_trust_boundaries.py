@@ -346,7 +346,7 @@ def test_finetunings_starting_model_obeys_the_safetensors_rule(hf_model_dir, tmp
     import torch
 
     from orchestrator.config import Settings
-    from workers.runner import WorkerContext
+    from workers.context import WorkerContext
     from workers.training import build_model
 
     pickled = tmp_path / "pickled"
