@@ -101,7 +101,8 @@ def run_in_process(ctx, spec) -> tuple[float, dict]:
 
     The model is loaded (and cached in ctx) before the clock starts; returns (seconds, commit marker).
     """
-    from orchestrator.planner import plan, write_manifests
+    from orchestrator.manifest import write_manifests
+    from orchestrator.planner import plan
     from workers.runner import make_head, run_shard
 
     write_manifests(plan(spec.input, spec.shard_size, ctx.store), spec.output, ctx.store)
@@ -116,7 +117,8 @@ def run_shards_in_process(ctx, spec, in_flight: int) -> tuple[float, list[dict]]
     model, as a worker with --shards-in-flight does; returns (seconds, commit markers)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from orchestrator.planner import plan, write_manifests
+    from orchestrator.manifest import write_manifests
+    from orchestrator.planner import plan
     from workers.runner import make_head, run_shard
 
     shards = len(write_manifests(plan(spec.input, spec.shard_size, ctx.store), spec.output, ctx.store))

@@ -12,32 +12,13 @@ import posixpath
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from orchestrator.constants import manifest_name
 from orchestrator.errors import ObjectNotFound, SpecError, UnsafeKey
+from orchestrator.manifest import Item
 from orchestrator.scope import MANIFEST_SUFFIXES, input_root, outside_input
 from orchestrator.storage import ObjectInfo, ObjectStore, join, relative_key
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # webdataset shards, gzip-compressed or not
-
-
-@dataclass(frozen=True)
-class Item:
-    """One input object: `key` is what result rows show, `uri` is where to read it."""
-
-    key: str
-    uri: str
-    size: int = -1
-    etag: str = ""
-    tar: bool = False  # a webdataset-style .tar whose image members the worker expands
-
-    def to_line(self) -> str:
-        line = {"key": self.key, "uri": self.uri, "size": self.size, "etag": self.etag}
-        return json.dumps({**line, "tar": True} if self.tar else line)
-
-    @classmethod
-    def from_line(cls, line: str) -> Item:
-        return cls(**json.loads(line))
 
 
 @dataclass
@@ -149,17 +130,3 @@ def _manifest_key(line: str, manifest_uri: str, lineno: int) -> str:
     if not isinstance(key, str) or not key:
         raise SpecError(f"{manifest_uri} line {lineno}: 'key' must be a non-empty string")
     return key
-
-
-def write_manifests(plan_: Plan, output: str, store: ObjectStore) -> list[str]:
-    uris = []
-    for index, items in plan_.shards():
-        uri = join(output, manifest_name(index))
-        store.write(uri, ("\n".join(item.to_line() for item in items) + "\n").encode())
-        uris.append(uri)
-    return uris
-
-
-def read_manifest(output: str, shard: int, store: ObjectStore) -> list[Item]:
-    data = store.read(join(output, manifest_name(shard))).decode()
-    return [Item.from_line(line) for line in data.splitlines() if line]

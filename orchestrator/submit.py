@@ -25,7 +25,8 @@ from orchestrator.ledger import JobState, JobStatus, Ledger, ShardState
 from orchestrator.checks import check_export, check_model_options
 from orchestrator.modelinfo import read_config
 from orchestrator.outputs import job_dir, new_job_id, prefix_holder, read_json, spec_digest
-from orchestrator.planner import Plan, plan, write_manifests
+from orchestrator.manifest import write_manifests
+from orchestrator.planner import Plan, plan
 from orchestrator.storage import ObjectStore, join
 
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from orchestrator.planner import Item
+from orchestrator.manifest import Item
 from workers.errors import ModelLoadError
 from workers.heads import INDEX_SCHEMA, ArrayHead, has_class_token, prefix_tokens
 from workers.models import LoadedModel

@@ -19,7 +19,7 @@ import torch
 from orchestrator.errors import SpecError
 from orchestrator.jobs import EvaluateSpec
 from orchestrator.labels import load_labeled
-from orchestrator.planner import Item
+from orchestrator.manifest import Item
 from orchestrator.storage import join
 from workers.heads import logits
 from workers.models import LoadedModel

@@ -13,7 +13,7 @@ import pyarrow as pa
 import torch
 
 from orchestrator.constants import part_name
-from orchestrator.planner import Item
+from orchestrator.manifest import Item
 from workers.errors import ModelLoadError
 from workers.models import LoadedModel
 from workers.writers import parquet_bytes

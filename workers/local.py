@@ -13,7 +13,8 @@ from orchestrator import __version__
 from orchestrator.finalize import marker_parts, publish
 from orchestrator.jobs import JobSpec
 from orchestrator.outputs import job_dir, new_job_id, spec_digest
-from orchestrator.planner import plan, write_manifests
+from orchestrator.manifest import write_manifests
+from orchestrator.planner import plan
 from orchestrator.storage import relative_key
 from workers.context import WorkerContext
 from workers.runner import run_shard

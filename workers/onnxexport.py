@@ -33,7 +33,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from orchestrator.jobs import ExportSpec
 from orchestrator.modelinfo import ONNX_FORMAT
-from orchestrator.planner import Item, plan
+from orchestrator.manifest import Item
+from orchestrator.planner import plan
 from orchestrator.storage import join
 from workers.errors import ExportFailed
 from workers.heads import cls_source, has_class_token, hf_cls, prefix_tokens

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from orchestrator.errors import ObjectNotFound, ObjectTooLarge, ObjectUnreadable
-from orchestrator.planner import Item
+from orchestrator.manifest import Item
 from orchestrator.scope import outside_input
 from orchestrator.storage import ObjectStore
 from workers.decodepool import DecodeRecipe, Lane

@@ -9,7 +9,7 @@ from contextlib import nullcontext
 
 from orchestrator.constants import JOBS_DIR
 from orchestrator.jobs import JobSpec
-from orchestrator.planner import Item, read_manifest
+from orchestrator.manifest import Item, read_manifest
 from orchestrator.scope import input_root, outside_input
 from workers.attention import AttentionHead
 from workers.decodepool import DecodeRecipe

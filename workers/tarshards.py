@@ -19,7 +19,8 @@ import tarfile
 import zlib
 
 from orchestrator.errors import ObjectNotFound, ObjectTooLarge, ObjectUnreadable
-from orchestrator.planner import Item, is_image_key
+from orchestrator.manifest import Item
+from orchestrator.planner import is_image_key
 from orchestrator.storage import ObjectStore
 
 UNSAFE = "unsafe member name (absolute or '..'): not read"

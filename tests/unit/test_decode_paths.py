@@ -17,7 +17,8 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from orchestrator.jobs import normalize_model_ref
-from orchestrator.planner import Item, plan
+from orchestrator.manifest import Item
+from orchestrator.planner import plan
 from orchestrator.storage import ObjectStore, normalize_uri
 from workers import models
 from workers.decodepool import DecodePool, DecodeRecipe
@@ -185,7 +186,7 @@ def test_rows_decoded_on_the_device_match_the_cpu_rows_and_bad_files_keep_their_
 def _run_shard(model_dir, items, tmp_path, ctx=None, **options) -> dict:
     from orchestrator.config import Settings
     from orchestrator.jobs import parse_spec
-    from orchestrator.planner import write_manifests
+    from orchestrator.manifest import write_manifests
     from workers.context import WorkerContext
     from workers.runner import run_shard
 

@@ -12,7 +12,8 @@ from PIL import Image
 
 from helpers_models import LABELS
 from orchestrator.jobs import normalize_model_ref
-from orchestrator.planner import Item, plan
+from orchestrator.manifest import Item
+from orchestrator.planner import plan
 from orchestrator.storage import ObjectStore, normalize_uri
 from workers import models
 from workers.errors import ModelLoadError

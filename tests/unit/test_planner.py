@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import SpecError
-from orchestrator.planner import Item, plan, read_manifest, write_manifests
+from orchestrator.manifest import Item, read_manifest, write_manifests
+from orchestrator.planner import plan
 from orchestrator.storage import ObjectStore, join, normalize_uri
 
 

@@ -10,7 +10,8 @@ from PIL import Image
 
 from orchestrator.config import Settings
 from orchestrator.jobs import parse_spec
-from orchestrator.planner import plan, write_manifests
+from orchestrator.manifest import write_manifests
+from orchestrator.planner import plan
 from workers.demo import build_tiny_vit
 from workers.context import WorkerContext
 from workers.runner import run_shard

@@ -19,7 +19,8 @@ from PIL import Image
 from orchestrator.checks import check_model_options
 from orchestrator.errors import ObjectUnreadable, OutsideInput, SpecError
 from orchestrator.jobs import normalize_model_ref, parse_spec
-from orchestrator.planner import Item, plan
+from orchestrator.manifest import Item
+from orchestrator.planner import plan
 from orchestrator.scope import input_root, outside_input
 from orchestrator.storage import ObjectStore, normalize_uri
 from workers import models
