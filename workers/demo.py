@@ -77,8 +77,14 @@ def _step(client, title: str, spec: dict) -> dict:
     return {"job_id": job_id, "wall_s": status.finished_at - status.created_at, "status": status}
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
+def _job_file(output: Path, name: str) -> dict:
+    """A JSON file of the latest succeeded job at `output` (its folder is named in _SUCCESS.json)."""
+    record = json.loads((output / "_SUCCESS.json").read_text())
+    return json.loads((output / record["job_dir"] / name).read_text())
+
+
+def _job_folder(output: Path) -> Path:
+    return output / json.loads((output / "_SUCCESS.json").read_text())["job_dir"]
 
 
 def full_story(work: Path, workers: int) -> None:
@@ -112,8 +118,8 @@ def full_story(work: Path, workers: int) -> None:
         _step(client, "5/5 attention maps and overlays of a few", {
             "kind": "attention", "input": str(few), "output": str(out / "attention"), "model": str(model),
             "max_overlays": 8})
-        metrics = _read_json(model / "metrics.json")
-        evaluation = _read_json(out / "evaluate" / "metrics.json")
+        metrics = _job_file(model, "metrics.json")
+        evaluation = _job_file(out / "evaluate", "metrics.json")
         rows = read_table(str(out / "classify"), client.store).to_pylist()
         _, cls = read_embeddings(str(out / "embed"), "cls", client.store)
         _, rollout = read_arrays(str(out / "attention"), "rollout", client.store)
@@ -126,10 +132,10 @@ def full_story(work: Path, workers: int) -> None:
     table.add_row("held-out accuracy (classify rows)", f"{correct / len(rows):.3f} over {len(rows)} images")
     table.add_row("classify throughput", f"{classified['status'].images_per_s:.0f} img/s")
     table.add_row("embeddings", f"cls {tuple(cls.shape)} {cls.dtype}")
-    table.add_row("attention rollout maps", f"{tuple(rollout.shape)}, overlays in {out / 'attention' / 'overlays'}")
+    table.add_row("attention rollout maps", f"{tuple(rollout.shape)}, overlays in {_job_folder(out / 'attention') / 'overlays'}")
     table.add_row("whole demo", f"{time.time() - started:.0f} s")
     console.print(table)
-    console.print(f"model: {model} (use it as --model); results under {out}")
+    console.print(f"model: {model} (use it as --model; its files: {_job_folder(model)}); results under {out}")
     for row in rows[:5]:
         console.print(f"  {row['key']}: {row['label']} ({row['score']:.3f})")
 
