@@ -15,11 +15,12 @@ import pyarrow.parquet as pq
 
 from orchestrator.errors import CorruptOutput, OutputNotFound
 from orchestrator.outputs import part_entries, read_part, success_record
-from orchestrator.storage import ObjectStore, join
+from orchestrator.storage import ObjectStore, join, normalize_uri
 
 
 def committed_parts(output: str, store: ObjectStore, suffix: str = ".parquet", job_id: str | None = None) -> list[str]:
     """URIs of the parts the job's record lists, in shard order."""
+    output = normalize_uri(output)
     return [join(output, part["name"]) for part in part_entries(success_record(output, store, job_id), suffix)]
 
 
@@ -31,7 +32,7 @@ def _index_parts(record: dict) -> list[dict]:
 def read_table(output: str, store: ObjectStore | None = None, limit_parts: int | None = None,
                job_id: str | None = None) -> pa.Table:
     """Every committed row of a classify job (or the index of an embed/attention job) as one Arrow table."""
-    store = store or ObjectStore()
+    store, output = store or ObjectStore(), normalize_uri(output)  # a plain local path is fine too
     record = success_record(output, store, job_id)
     parts = _index_parts(record)[:limit_parts]
     if not parts:
@@ -50,7 +51,7 @@ def read_arrays(output: str, name: str, store: ObjectStore | None = None,
 
     Rows follow the index in shard order; error rows have no array row and are left out.
     """
-    store = store or ObjectStore()
+    store, output = store or ObjectStore(), normalize_uri(output)
     record = success_record(output, store, job_id)
     listed = {part["name"]: part for part in record["parts"]}
     keys: list[str] = []

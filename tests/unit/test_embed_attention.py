@@ -420,3 +420,12 @@ def test_an_empty_file_in_an_attention_job_has_no_map_and_no_overlay(attention_j
     assert index[EMPTY]["error"] and index[EMPTY]["row"] == -1 and index[EMPTY]["overlay"] is None
     keys, maps = read_arrays(out, "rollout")
     assert EMPTY not in keys and len(maps) == len(GOOD)
+
+
+def test_readers_take_a_plain_local_path_as_well_as_a_uri(embed_job):
+    _, out = embed_job
+    plain = out[len("file://"):] if out.startswith("file://") else out
+    from urllib.parse import unquote
+
+    assert read_index(unquote(plain)).equals(read_index(out))
+    assert read_embeddings(unquote(plain), "cls")[0] == read_embeddings(out, "cls")[0]
