@@ -302,9 +302,3 @@ class ObjectStore:
         path = _local_path(prefix)
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-
-    def is_prefix(self, uri: str) -> bool:
-        """True when `uri` names a directory (file://) or a non-empty key prefix (s3://)."""
-        if uri.startswith("s3://"):
-            return next(iter(self._list_s3(uri)), None) is not None
-        return _local_path(uri).is_dir()
