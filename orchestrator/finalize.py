@@ -39,27 +39,38 @@ def marker_parts(output: str, folder: str, marker: dict) -> list[dict]:
             for name, part in sorted(marker["parts"].items())]
 
 
-def committed_parts(job_id: str, output: str, ledger: Ledger, store: ObjectStore, carried: int) -> list[dict]:
-    """Every part this job committed, in shard order (carried-over rows first), from its own markers."""
+def committed_markers(job_id: str, output: str, ledger: Ledger, store: ObjectStore, carried: int) -> list[dict]:
+    """This job's own commit markers, in shard order (carried-over rows first)."""
     folder = job_dir(output, job_id)
     names = [CARRIED_MARKER] if carried else []
     states = ledger.shard_states(job_id)
     names += [commit_name(i) for i in sorted(states) if states[i] is ShardState.COMMITTED]
-    parts = []
+    markers = []
     for name in names:
         marker = read_json(store, join(folder, name))
         if marker is None or marker.get("job_id") != job_id:
             raise StorageError(f"job {job_id}: commit marker {name} is missing from {folder}")
-        parts += marker_parts(output, folder, marker)
-    return parts
+        markers.append(marker)
+    return markers
 
 
-def finalize(job_id: str, ledger: Ledger, store: ObjectStore, model_fingerprint: str = "") -> JobState:
-    """Idempotent: two workers finishing the last shards at once write the same record."""
+def model_fields(markers: list[dict]) -> dict:
+    """The model the shards ran, from their markers: one fingerprint, or every one if they differ."""
+    seen = sorted({m["model_fingerprint"] for m in markers if m.get("model_fingerprint")})
+    fields = {"model_fingerprint": seen[0] if len(seen) == 1 else ""}
+    if len(seen) > 1:
+        fields["model_fingerprints"] = seen
+    return fields
+
+
+def finalize(job_id: str, ledger: Ledger, store: ObjectStore) -> JobState:
+    """Idempotent: whoever finalizes (the last worker, the reconciler, both at once) writes the
+    same record, built only from the ledger and this job's markers."""
     status = ledger.status(job_id)
     if status.state in (JobState.CANCELLED, JobState.FAILED):
         return status.state
     folder = job_dir(status.output, job_id)
+    markers = committed_markers(job_id, status.output, ledger, store, status.carried)
     finished = time.time()
     wall_s = finished - status.created_at
     summary = {
@@ -68,9 +79,9 @@ def finalize(job_id: str, ledger: Ledger, store: ObjectStore, model_fingerprint:
         "carried_over": status.carried,
         "errors": status.errors, "shards": status.n_shards, "failed_shards": status.failed_shards,
         "wall_s": round(wall_s, 3), "images_per_s": round(status.done / max(wall_s, 1e-9), 2),
-        "stage_seconds": stage_seconds(ledger.shard_stats(job_id)), "model_fingerprint": model_fingerprint,
+        "stage_seconds": stage_seconds(ledger.shard_stats(job_id)), **model_fields(markers),
         "vitbatch_version": __version__, "finished_at": finished,
-        "parts": committed_parts(job_id, status.output, ledger, store, status.carried),
+        "parts": [part for marker in markers for part in marker_parts(status.output, folder, marker)],
     }
     state = JobState.SUCCEEDED if not status.failed_shards else JobState.FINISHED_WITH_FAILURES
     publish(store, status.output, summary, state is JobState.SUCCEEDED, json.loads(ledger.spec_json(job_id)))

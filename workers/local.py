@@ -10,7 +10,7 @@ import json
 import time
 
 from orchestrator import __version__
-from orchestrator.finalize import marker_parts, publish
+from orchestrator.finalize import marker_parts, model_fields, publish
 from orchestrator.jobs import JobSpec
 from orchestrator.outputs import job_dir, new_job_id, spec_digest
 from orchestrator.manifest import write_manifests
@@ -35,7 +35,7 @@ def run_local(spec: JobSpec, ctx: WorkerContext, job_id: str | None = None) -> t
         **fields, "kind": spec.kind, "job_dir": relative_key(spec.output, folder),
         "items": sum(m["rows"] for m in markers), "processed": sum(m["rows"] for m in markers),
         "errors": sum(m["errors"] for m in markers), "shards": len(markers), "failed_shards": {},
-        "wall_s": round(time.time() - started, 3), "vitbatch_version": __version__, "finished_at": time.time(),
+        "wall_s": round(time.time() - started, 3), **model_fields(markers), "vitbatch_version": __version__, "finished_at": time.time(),
         "parts": [part for marker in markers for part in marker_parts(spec.output, folder, marker)],
     }
     publish(ctx.store, spec.output, summary, True, json.loads(spec_json))

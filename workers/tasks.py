@@ -51,9 +51,9 @@ def context() -> WorkerContext:
         return _context()
 
 
-def _settle(ctx: WorkerContext, job_id: str, all_settled: bool, fingerprint: str = "") -> None:
+def _settle(ctx: WorkerContext, job_id: str, all_settled: bool) -> None:
     if all_settled:
-        finalize(job_id, ctx.ledger, ctx.store, fingerprint)
+        finalize(job_id, ctx.ledger, ctx.store)
 
 
 def _execute(task: Task, job_id: str, shard: int, work: Callable[[object, WorkerContext, dict], dict]) -> dict:
@@ -148,7 +148,7 @@ def lifecycle(ctx: WorkerContext, job_id: str, shard: int, work) -> dict:
         with Heartbeat(ctx, job_id, shard):
             marker = work(local, ctx, fields)
     settled = ctx.ledger.record_commit(job_id, shard, marker["rows"], marker["errors"], marker["stats"])
-    _settle(ctx, job_id, settled, marker.get("model_fingerprint", ""))
+    _settle(ctx, job_id, settled)
     return {"shard": shard, "rows": marker["rows"], "errors": marker["errors"]}
 
 

@@ -52,3 +52,32 @@ def test_a_running_shard_that_stopped_heartbeating_goes_back_to_pending_and_the_
     result = reconcile(client, stale_after_s=0, job_ids=[job_id])
     assert result.requeued == {job_id: [1]}
     assert client.ledger.shard_states(job_id)[1] is ShardState.PENDING
+
+
+def test_a_job_the_reconciler_finalizes_records_the_model_its_shards_ran(client, queued_job, settings):
+    """The reconciler and the last worker race to finalize; either way the record names the model
+    (it once came only from the last worker's call, so a reconciler's record had an empty one)."""
+    from orchestrator.outputs import job_dir, read_json, spec_digest
+    from orchestrator.constants import SUCCESS_FILE
+    from orchestrator.storage import join
+    from workers.context import WorkerContext
+    from workers.runner import run_shard
+
+    job_id, queue = queued_job
+    client.ledger.r.delete(queue)  # no worker: this test plays the worker's part in-process
+    ctx = WorkerContext(settings)
+    spec_json = client.ledger.spec_json(job_id)
+    spec = parse_spec(spec_json)
+    local = spec.model_copy(update={"output": job_dir(spec.output, job_id)})
+    fields = {"job_id": job_id, "spec_sha256": spec_digest(spec_json)}
+    fingerprints = set()
+    for shard in range(3):
+        client.ledger.start_shard(job_id, shard)
+        marker = run_shard(local, shard, ctx, job_id=job_id, marker_fields=fields)
+        fingerprints.add(marker["model_fingerprint"])
+        client.ledger.record_commit(job_id, shard, marker["rows"], marker["errors"], marker["stats"])
+    # ...and the worker died before finalizing: the reconciler closes the job.
+    assert reconcile(client, stale_after_s=3600, job_ids=[job_id]).finalized == [job_id]
+    record = read_json(client.store, join(spec.output, SUCCESS_FILE))
+    assert record["job_id"] == job_id and len(fingerprints) == 1
+    assert record["model_fingerprint"] == fingerprints.pop() and record["model_fingerprint"].startswith("sha256:")
