@@ -26,6 +26,7 @@ from orchestrator.manifest import Item
 from workers.errors import ModelLoadError
 from workers.heads import INDEX_SCHEMA, ArrayHead, has_class_token, prefix_tokens
 from workers.models import LoadedModel
+from workers.preprocess import seen_box
 
 OVERLAY_MAX_SIDE = 512
 
@@ -63,7 +64,7 @@ def grid_shape(model: LoadedModel, n_patches: int) -> tuple[int, int]:
         patch = model.module.config.patch_size
         gh, gw = height // patch, width // patch
     if gh * gw != n_patches:
-        raise ValueError(f"{n_patches} patch tokens do not fill a {gh}x{gw} grid")
+        raise ModelLoadError(f"model {model.ref}: {n_patches} patch tokens do not fill its {gh}x{gw} patch grid")
     return gh, gw
 
 
@@ -108,7 +109,7 @@ class AttentionHead(ArrayHead):
             raise ModelLoadError(f"layers {missing} do not exist: the model has {n_layers} layers "
                                  f"(0 to {n_layers - 1}, or -1 to -{n_layers} from the last)")
 
-    def wants_preview(self, index: int) -> bool:
+    def wants_image(self, index: int) -> bool:
         return index in self.overlay_indices
 
     def attentions(self, pixels: torch.Tensor) -> list[torch.Tensor]:
@@ -116,7 +117,7 @@ class AttentionHead(ArrayHead):
             return list(self.model.module.base_model(pixel_values=pixels, output_attentions=True).attentions)
         return self._tap(pixels)
 
-    def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         attentions = self.attentions(pixels)
         n_layers = len(attentions)
         gh, gw = grid_shape(self.model, attentions[0].shape[-1] - self.prefix)
@@ -131,16 +132,16 @@ class AttentionHead(ArrayHead):
             out["rollout"] = cls_to_patches(rows, self.prefix).reshape(-1, gh, gw)
         return out
 
-    def add(self, indices: list[int], items: list[Item], output: dict[str, torch.Tensor], previews=None) -> None:
+    def collect(self, indices: list[int], items: list[Item], output: dict[str, torch.Tensor], images=None) -> None:
         self.add_ok(indices, items)
         for name, values in output.items():
             self.keep(name, indices, values)
         heat = output.get("rollout", next(iter(output.values())))
         for position, index in enumerate(indices):
-            if previews and previews[position] is not None:
+            if images and images[position] is not None:
                 grid = heat[position].float()
                 grid = grid.mean(dim=0) if grid.ndim == 3 else grid
-                self.overlays[index] = overlay_png(previews[position], grid.cpu().numpy(), self.model)
+                self.overlays[index] = overlay_png(images[position], grid.cpu().numpy(), self.model)
 
     index_schema = INDEX_SCHEMA.append(pa.field("overlay", pa.string()))
 
@@ -158,7 +159,7 @@ def overlay_png(image: Image.Image, grid: np.ndarray, model: LoadedModel) -> byt
     image = image.copy()
     image.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE))
     heat = (grid - grid.min()) / max(float(grid.max() - grid.min()), 1e-12)
-    box = _seen_box(image.size, model)
+    box = seen_box(*image.size, model.prep)
     width, height = box[2] - box[0], box[3] - box[1]
     heat_img = Image.fromarray((heat * 255).astype(np.uint8), mode="L").resize((width, height), Image.BILINEAR)
     red = Image.new("RGB", (width, height), (255, 0, 0))
@@ -168,15 +169,3 @@ def overlay_png(image: Image.Image, grid: np.ndarray, model: LoadedModel) -> byt
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return buffer.getvalue()
-
-
-def _seen_box(size: tuple[int, int], model: LoadedModel) -> tuple[int, int, int, int]:
-    """The part of the image the model saw: all of it, or the center crop for crop models."""
-    width, height = size
-    prep = model.prep
-    if prep.shortest_edge is None or prep.crop is None:
-        return 0, 0, width, height
-    scale = prep.shortest_edge / min(width, height)
-    crop_h, crop_w = (min(round(c / scale), side) for c, side in zip(prep.crop, (height, width)))
-    left, top = (width - crop_w) // 2, (height - crop_h) // 2
-    return left, top, left + crop_w, top + crop_h

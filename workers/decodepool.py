@@ -19,15 +19,13 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 from queue import SimpleQueue
 
 import numpy as np
-from PIL import Image
 
 from workers.errors import BadImage, NoSharedMemory
-from workers.imaging import decode_rgb, resize_uint8
+from workers.preprocess import Decoder
 
 # A decode process keeps this many blocks mapped (one per recent lane).
 _ATTACHED_LIMIT = 4
@@ -35,36 +33,6 @@ _ATTACHED_LIMIT = 4
 # (a 50-megapixel JPEG decodes in about a second).
 DECODE_TIMEOUT_S = 120.0
 _attached: OrderedDict[str, tuple[SharedMemory, np.ndarray]] = OrderedDict()
-
-
-@dataclass(frozen=True)
-class DecodeRecipe:
-    """Everything a process needs to turn bytes into model-sized pixels (small, picklable)."""
-
-    max_pixels: int
-    draft_size: tuple[int, int]
-    size: tuple[int, int]
-    resample: int
-    shortest_edge: int | None
-    crop: tuple[int, int] | None
-    cover: tuple[int, int] | None
-
-    @classmethod
-    def for_model(cls, prep, max_pixels: int) -> DecodeRecipe:
-        """From a model's Preprocess: draft JPEGs to the size the first resize aims at."""
-        height, width = prep.cover or ((prep.shortest_edge,) * 2 if prep.shortest_edge else prep.size)
-        return cls(max_pixels, (width, height), prep.size, prep.resample, prep.shortest_edge, prep.crop, prep.cover)
-
-    def image(self, data: bytes) -> Image.Image:
-        return decode_rgb(data, max_pixels=self.max_pixels, draft_size=self.draft_size)
-
-    def resize(self, img: Image.Image) -> np.ndarray:
-        return resize_uint8(img, size=self.size, resample=self.resample, shortest_edge=self.shortest_edge,
-                            crop=self.crop, cover=self.cover)
-
-    def decode(self, data: bytes) -> np.ndarray:
-        """Bytes -> HxWx3 uint8 at the model's input size; BadImage says why not."""
-        return self.resize(self.image(data))
 
 
 def _block(name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -82,11 +50,11 @@ def _block(name: str, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _decode_into(block: str, shape: tuple[int, ...], slot: int, data: bytes,
-                 recipe: DecodeRecipe) -> tuple[str | None, float]:
+                 decoder: Decoder) -> tuple[str | None, float]:
     """Runs in a decode process: (None, seconds) with the pixels in the slot, or (reason, seconds)."""
     start = time.perf_counter()
     try:
-        pixels = recipe.decode(data)
+        pixels = decoder.decode(data)
     except BadImage as e:
         return e.reason, time.perf_counter() - start
     _block(block, shape)[slot] = pixels
@@ -142,8 +110,8 @@ class DecodePool:
                     self._in_flight -= 1
         return "a decode process died twice while decoding this image", 0.0
 
-    def lane(self, slots: int, shape: tuple[int, int, int], recipe: DecodeRecipe) -> Lane:
-        return Lane(self, slots, shape, recipe)
+    def lane(self, slots: int, shape: tuple[int, int, int], decoder: Decoder) -> Lane:
+        return Lane(self, slots, shape, decoder)
 
     def close(self) -> None:
         with self._lock:
@@ -156,8 +124,8 @@ class Lane:
     """One shard's slots in shared memory. decode() blocks its (reader) thread until a slot is
     free and the pixels are in it; the consumer calls release() once the batch is on the device."""
 
-    def __init__(self, pool: DecodePool, slots: int, shape: tuple[int, int, int], recipe: DecodeRecipe) -> None:
-        self.pool, self.recipe = pool, recipe
+    def __init__(self, pool: DecodePool, slots: int, shape: tuple[int, int, int], decoder: Decoder) -> None:
+        self.pool, self.decoder = pool, decoder
         self.shape = (slots, *shape)
         self._shm = SharedMemory(create=True, size=int(np.prod(self.shape)))
         try:
@@ -179,7 +147,7 @@ class Lane:
     def decode(self, data: bytes) -> tuple[int | None, str | None, float]:
         """(slot, None, seconds) or (None, reason, seconds)."""
         slot = self._free.get()
-        error, seconds = self.pool.run(self._shm.name, self.shape, slot, data, self.recipe)
+        error, seconds = self.pool.run(self._shm.name, self.shape, slot, data, self.decoder)
         if error is not None:
             self.release(slot)
             return None, error, seconds

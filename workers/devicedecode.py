@@ -3,8 +3,8 @@
 Only JPEGs nvJPEG handles the way PIL would go there: baseline, RGB or gray, no
 EXIF rotation, within the pixel limits. Everything else (PNG, progressive,
 CMYK, rotated, corrupt) takes the CPU path, which also names what is wrong
-with a bad image. The resize mirrors `imaging.resize_uint8`'s geometry with
-antialiased interpolation, rounded to uint8 levels as the CPU path is.
+with a bad image. The resize is `preprocess.resize_tensor`: the CPU path's geometry,
+antialiased, rounded to uint8 levels as the CPU path is.
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ import io
 import warnings
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from workers.imaging import check_size, crop_offset
+from workers.imaging import check_size
+from workers.preprocess import Preprocess, resize_tensor
 
 _EXIF_ORIENTATION = 0x0112
 _END_OF_IMAGE = b"\xff\xd9"
-_MODES = {Image.NEAREST: "nearest", Image.BILINEAR: "bilinear", Image.BICUBIC: "bicubic"}
 
 
 def device_decodable(data: bytes, max_pixels: int) -> bool:
@@ -46,7 +45,7 @@ def decode_batch(raws: list[bytes], device: torch.device) -> list[torch.Tensor]:
     return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
-def resize_batch(images: list[torch.Tensor], recipe) -> list[torch.Tensor]:
+def resize_batch(images: list[torch.Tensor], prep: Preprocess) -> list[torch.Tensor]:
     """CHW uint8 images -> CHW float32 in [0, 255] at the model's input size, one
     interpolation per distinct source size (datasets hold few)."""
     out: list[torch.Tensor | None] = [None] * len(images)
@@ -54,39 +53,6 @@ def resize_batch(images: list[torch.Tensor], recipe) -> list[torch.Tensor]:
     for index, image in enumerate(images):
         by_size.setdefault(tuple(image.shape[-2:]), []).append(index)
     for indices in by_size.values():
-        resized = resize_nchw(torch.stack([images[i] for i in indices]), size=recipe.size, resample=recipe.resample,
-                              shortest_edge=recipe.shortest_edge, crop=recipe.crop, cover=recipe.cover)
-        for i, image in zip(indices, resized):
+        for i, image in zip(indices, resize_tensor(torch.stack([images[i] for i in indices]), prep)):
             out[i] = image
     return out
-
-
-def resize_nchw(images: torch.Tensor, *, size: tuple[int, int], resample: int, shortest_edge: int | None = None,
-                crop: tuple[int, int] | None = None, cover: tuple[int, int] | None = None) -> torch.Tensor:
-    """NCHW uint8 (one source size) -> NCHW float32 in [0, 255], the geometry of resize_uint8."""
-    height, width = images.shape[-2:]
-    if cover is not None:
-        ratio = min(height / cover[0], width / cover[1])
-        target, crop = (round(height / ratio), round(width / ratio)), crop or size
-    elif shortest_edge is None:
-        target, crop = size, None
-    else:
-        short, long = min(width, height), max(width, height)
-        new_long = int(shortest_edge * long / short)
-        target = (new_long, shortest_edge) if width <= height else (shortest_edge, new_long)
-        crop = crop or size
-    mode = _MODES.get(resample, "bicubic")
-    smooth = {} if mode == "nearest" else {"antialias": True, "align_corners": False}
-    out = F.interpolate(images.float(), size=target, mode=mode, **smooth).round_().clamp_(0, 255)
-    return _center_crop(out, crop) if crop is not None else out
-
-
-def _center_crop(images: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
-    height, width = images.shape[-2:]
-    top, left = crop_offset(height, crop[0]), crop_offset(width, crop[1])
-    # Past the edges is black, as torchvision (and the CPU path) pad.
-    pad = (max(0, -left), max(0, left + crop[1] - width), max(0, -top), max(0, top + crop[0] - height))
-    if any(pad):
-        images = F.pad(images, pad)
-        top, left = max(top, 0), max(left, 0)
-    return images[..., top:top + crop[0], left:left + crop[1]]

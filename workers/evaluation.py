@@ -1,6 +1,6 @@
 """Evaluate a classifier on labeled images: accuracy, top-k, per-class report, confusion matrix.
 
-Images go through the same ShardPipeline as classify jobs, so the accuracy here is
+Images go through the same shard path as classify jobs (workers.runner.run_with), so the accuracy here is
 the accuracy of what classify would output. Metrics are plain numpy (sklearn is
 only a test dependency).
 """
@@ -21,9 +21,11 @@ from orchestrator.jobs import EvaluateSpec
 from orchestrator.labels import load_labeled
 from orchestrator.manifest import Item
 from orchestrator.storage import join
-from workers.heads import logits
+from workers.heads import top_k
 from workers.models import LoadedModel
-from workers.pipeline import ShardPipeline
+from workers.pipeline import DecodePath
+from workers.preprocess import Decoder
+from workers.runner import run_with
 from workers.context import WorkerContext
 from workers.writers import parquet_bytes
 
@@ -44,19 +46,21 @@ class EvalHead:
         self.errors: dict[int, str] = {}
         self.batch_s: list[float] = []
 
-    def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t0 = time.perf_counter()
-        scores, ids = logits(self.model, pixels).float().softmax(dim=-1).topk(self.top_k, dim=-1)
-        scores, ids = scores.cpu(), ids.cpu()  # .cpu() waits for the device: the timing is real
+        output = top_k(self.model, pixels, self.top_k)  # on the CPU when it returns: the timing is real
         self.batch_s.append(time.perf_counter() - t0)
-        return scores, ids
+        return output
 
-    def add(self, indices: list[int], items: list[Item], output) -> None:
+    def collect(self, indices: list[int], items: list[Item], output, images=None) -> None:
         scores, ids = output
         for index, row_scores, row_ids in zip(indices, scores.tolist(), ids.tolist()):
             self.topk[index] = (row_ids, row_scores)
 
-    def add_error(self, index: int, item: Item, reason: str) -> None:
+    def wants_image(self, index: int) -> bool:
+        return False
+
+    def error(self, index: int, item: Item, reason: str) -> None:
         self.errors[index] = reason
 
 
@@ -158,10 +162,11 @@ def evaluate(spec: EvaluateSpec, job_id: str, ctx: WorkerContext, report: Callab
     model = ctx.models.get(spec.model, spec.device, spec.precision)
     ids = label_ids(model, {item.label for item in items})
     head = EvalHead(model, top_k=min(5, len(model.id2label)))
-    pipeline = ShardPipeline(model, ctx.store, batch_size=spec.batch_size, read_concurrency=READ_CONCURRENCY,
-                             max_bytes=ctx.settings.max_object_bytes, max_pixels=ctx.settings.max_pixels)
-    times = pipeline.run([Item(key=i.key, uri=i.uri) for i in items], head,
-                         lambda done, total: report({"done": done, "total": total}))
+    path = DecodePath(Decoder(model.prep, ctx.settings.max_pixels))  # decoded in threads
+    times, _ = run_with(model, ctx.store, [Item(key=i.key, uri=i.uri) for i in items], head, path,
+                        batch_size=spec.batch_size, read_concurrency=READ_CONCURRENCY,
+                        max_bytes=ctx.settings.max_object_bytes,
+                        on_progress=lambda done, total: report({"done": done, "total": total}))
     metrics, y_true, y_pred = _metrics(items, head, ids, model.id2label)
     metrics["images_per_s"] = round(len(items) / times.wall_s, 2) if times.wall_s else 0.0
     classes = np.union1d(y_true, y_pred)

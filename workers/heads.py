@@ -1,7 +1,9 @@
 """Per-kind compute: what a batch of normalized pixels becomes, and the files a shard writes.
 
-A head sees batches out of manifest order (error rows skip the batcher), so it
-keys everything by the item's index in the shard and sorts when the shard ends.
+A head is a pure `forward(pixels)` plus a collector: `collect` turns a batch's output into
+rows (and arrays), `error` records an item that never reached the model, and `parts()`
+serialises the shard. Errors arrive before their neighbours' batches, so a head keys
+everything by the item's index in the shard and sorts when the shard ends.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ CLASSIFY_SCHEMA = pa.schema([
 INDEX_SCHEMA = pa.schema([
     ("key", pa.string()), ("etag", pa.string()), ("shard", pa.int32()), ("row", pa.int32()), ("error", pa.string()),
 ])
+
+
+def top_k(model: LoadedModel, pixels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax scores and class ids of the k best classes, on the CPU ([B, k] each)."""
+    scores, ids = logits(model, pixels).float().softmax(dim=-1).topk(k, dim=-1)
+    return scores.cpu(), ids.cpu()  # .cpu() waits for the device
 
 
 def logits(model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
@@ -96,13 +104,23 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 class Head:
-    """Collects a shard's results; `parts()` returns file name -> bytes, in manifest order."""
+    """forward (pure) + collect/error (rows by manifest index); `parts()`: file name -> bytes."""
 
     def __init__(self, model: LoadedModel, shard: int) -> None:
         self.model, self.shard = model, shard
         self.rows: dict[int, dict] = {}
 
-    def add_error(self, index: int, item: Item, reason: str) -> None:
+    def forward(self, pixels: torch.Tensor):
+        raise NotImplementedError
+
+    def collect(self, indices: list[int], items: list[Item], output, images=None) -> None:
+        raise NotImplementedError
+
+    def wants_image(self, index: int) -> bool:
+        """Whether item `index`'s decoded image should reach `collect` (attention overlays)."""
+        return False
+
+    def error(self, index: int, item: Item, reason: str) -> None:
         self.rows[index] = self.error_row(item, reason)
 
     def error_row(self, item: Item, reason: str) -> dict:
@@ -125,12 +143,10 @@ class ClassifyHead(Head):
             raise ModelLoadError(f"top_k={top_k} is larger than the model's {len(model.id2label)} labels")
         self.top_k = top_k
 
-    def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = logits(self.model, pixels).float().softmax(dim=-1)
-        scores, ids = probs.topk(self.top_k, dim=-1)
-        return scores.cpu(), ids.cpu()
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return top_k(self.model, pixels, self.top_k)
 
-    def add(self, indices: list[int], items: list[Item], output) -> None:
+    def collect(self, indices: list[int], items: list[Item], output, images=None) -> None:
         scores, ids = output
         labels = self.model.id2label
         for index, item, row_scores, row_ids in zip(indices, items, scores.tolist(), ids.tolist()):
@@ -195,7 +211,7 @@ class EmbedHead(ArrayHead):
         self.index_schema = INDEX_SCHEMA.with_metadata({"vitbatch.cls_source": cls_source(model),
                                                          "vitbatch.prefix_tokens": str(self.prefix)})
 
-    def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.model.family == "onnx":
             return self.model.module(pixels, self.pooling)
         tokens, cls = final_tokens(self.model, pixels)
@@ -207,7 +223,7 @@ class EmbedHead(ArrayHead):
             out["patches"] = patches
         return {name: out[name] for name in self.pooling}
 
-    def add(self, indices: list[int], items: list[Item], output: dict[str, torch.Tensor]) -> None:
+    def collect(self, indices: list[int], items: list[Item], output: dict[str, torch.Tensor], images=None) -> None:
         self.add_ok(indices, items)
         for name, values in output.items():
             self.keep(name, indices, values)

@@ -1,4 +1,4 @@
-"""Turn untrusted object bytes into RGB images and model-sized uint8 arrays.
+"""Turn untrusted object bytes into RGB images (workers.preprocess sizes them for a model).
 
 `decode_rgb` turns every failure into `BadImage` with a reason a user can
 act on; it never returns None or lets a PIL exception escape.
@@ -145,57 +145,3 @@ def _flatten_on_white(img: Image.Image) -> Image.Image:
     rgba = img.convert("RGBA")
     background = Image.new("RGBA", rgba.size, _WHITE + (255,))
     return Image.alpha_composite(background, rgba).convert("RGB")
-
-
-def resize_uint8(
-    img: Image.Image,
-    *,
-    size: tuple[int, int],
-    resample: int,
-    shortest_edge: int | None = None,
-    crop: tuple[int, int] | None = None,
-    cover: tuple[int, int] | None = None,
-) -> np.ndarray:
-    """Resize an RGB image to an HxWx3 uint8 array; sizes are (height, width).
-
-    Without `shortest_edge`, stretch to `size`. With it, scale the short side
-    to `shortest_edge` and centre-crop to `crop` (default `size`), matching
-    torchvision's Resize(int) + CenterCrop on PIL images.
-    """
-    if img.mode != "RGB":
-        raise ValueError(f"resize_uint8 needs an RGB image, got mode {img.mode}: use decode_rgb")
-    if cover is not None:  # timm's ResizeKeepRatio for non-square inputs: cover (h, w), then crop
-        out = _center_crop(_resize_cover(img, cover, resample), crop or size)
-    elif shortest_edge is None:
-        out = img.resize((size[1], size[0]), resample=resample)
-    else:
-        out = _center_crop(_resize_shortest(img, shortest_edge, resample), crop or size)
-    return np.ascontiguousarray(np.asarray(out, dtype=np.uint8))
-
-
-def _resize_shortest(img: Image.Image, shortest_edge: int, resample: int) -> Image.Image:
-    width, height = img.size
-    short, long = min(width, height), max(width, height)
-    new_long = int(shortest_edge * long / short)
-    if width <= height:
-        return img.resize((shortest_edge, new_long), resample=resample)
-    return img.resize((new_long, shortest_edge), resample=resample)
-
-
-def _resize_cover(img: Image.Image, cover: tuple[int, int], resample: int) -> Image.Image:
-    ratio = min(img.height / cover[0], img.width / cover[1])
-    return img.resize((round(img.width / ratio), round(img.height / ratio)), resample=resample)
-
-
-def _center_crop(img: Image.Image, crop: tuple[int, int]) -> Image.Image:
-    crop_height, crop_width = crop
-    left = crop_offset(img.width, crop_width)
-    top = crop_offset(img.height, crop_height)
-    # A box past the edges is filled with black, as torchvision pads.
-    return img.crop((left, top, left + crop_width, top + crop_height))
-
-
-def crop_offset(length: int, crop_length: int) -> int:
-    if crop_length > length:
-        return -((crop_length - length) // 2)  # torchvision's left/top padding
-    return int(round((length - crop_length) / 2.0))

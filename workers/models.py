@@ -6,57 +6,26 @@ timm's data config); nothing here assumes 224 pixels or ImageNet statistics.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import torch
 from PIL import Image
 
 from orchestrator.config import Settings
-from orchestrator.modelinfo import is_onnx, model_dir, model_files
-from orchestrator.outputs import model_folder
-from orchestrator.storage import ObjectStore, relative_key
-from workers.errors import ModelLoadError, UnsafeCheckpoint
+from orchestrator.modelinfo import is_onnx
+from orchestrator.storage import ObjectStore
+from workers.errors import ModelLoadError
+from workers.modelfiles import check_model_dir, local_model_dir, read_config
+from workers.preprocess import Preprocess
 
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
              "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
-_PICKLE_PATTERNS = ("*.bin", "*.pth", "*.pt", "*.pth.tar", "*.ckpt", "*.pkl")  # torch.save / pickle checkpoints
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How an image becomes model input: PIL resize (+ optional center crop) in uint8, then normalize."""
-
-    size: tuple[int, int]
-    resample: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    shortest_edge: int | None = None
-    crop: tuple[int, int] | None = None
-    cover: tuple[int, int] | None = None  # non-square timm models: scale to cover this, then crop
-
-    def to_json(self) -> dict:
-        return {"size": list(self.size), "resample": self.resample, "mean": list(self.mean),
-                "std": list(self.std), "shortest_edge": self.shortest_edge,
-                "crop": list(self.crop) if self.crop else None, "cover": list(self.cover) if self.cover else None}
-
-    @classmethod
-    def from_json(cls, data: dict) -> Preprocess:
-        """The inverse of to_json: an ONNX export carries its source model's preprocessing this way."""
-        pair = lambda v: tuple(int(x) for x in v) if v else None  # noqa: E731
-        return cls(pair(data["size"]), int(data["resample"]), tuple(map(float, data["mean"])),
-                   tuple(map(float, data["std"])), data.get("shortest_edge"), pair(data.get("crop")),
-                   pair(data.get("cover")))
 
 
 @dataclass
@@ -73,7 +42,7 @@ class LoadedModel:
 
     @property
     def input_size(self) -> tuple[int, int]:
-        return self.prep.crop or self.prep.size
+        return self.prep.input_size
 
 
 def resolve_device(device: str) -> torch.device:
@@ -108,117 +77,6 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
             return torch.float16
         return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
-
-
-def local_model_dir(ref: str, store: ObjectStore, settings: Settings) -> Path | None:
-    """A local directory for the reference (s3:// directories are downloaded once), or None for hub names.
-
-    A fine-tune output resolves to the model of its latest succeeded job.
-    """
-    directory = model_dir(ref)
-    if directory is None:
-        return None
-    directory = model_folder(directory, store)
-    if directory.startswith("s3://"):
-        return download_model(directory, store, Path(settings.model_cache_dir).expanduser())
-    path = Path(unquote(urlparse(directory).path))
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"model directory {path} has no config.json: pass a save_pretrained directory")
-    return path
-
-
-def download_model(directory: str, store: ObjectStore, cache: Path) -> Path:
-    """The s3:// model's files in a cache folder named by their content (keys, ETags, sizes).
-
-    Workers sharing a cache volume download once (a file lock), never see a half-written
-    model (downloaded into a temporary folder, renamed into place), and download again
-    when the model at that URI is replaced (new ETags, new folder). Keys that would land
-    outside the folder (absolute, `..`, empty segments) are refused.
-    """
-    files = [(model_key(directory, info.uri), info) for info in model_files(directory, store)]
-    digest = hashlib.sha256(directory.encode() + b"\n")
-    for key, info in sorted(files):
-        digest.update(f"{key}\t{info.etag}\t{info.size}\n".encode())
-    dest = cache / digest.hexdigest()[:32]
-    if dest.is_dir():
-        return dest
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / f".{dest.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one download per model per cache volume
-        if dest.is_dir():
-            return dest
-        staging = Path(tempfile.mkdtemp(dir=cache, prefix=f".{dest.name}."))
-        try:
-            for key, info in files:
-                target = staging / key
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(store.read(info.uri))
-            os.rename(staging, dest)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return dest
-
-
-def model_key(directory: str, uri: str) -> str:
-    """A model file's path inside the model folder; ModelLoadError for one that would escape it."""
-    key = relative_key(directory, uri)
-    parts = key.split("/")
-    if key.startswith("/") or any(part in ("", ".", "..") or "\\" in part for part in parts):
-        raise ModelLoadError(f"model {directory} holds the key {key!r}, which would be written outside the model "
-                             "cache folder: remove it from the model's prefix")
-    return key
-
-
-def check_model_dir(path: Path, allow_pickle: bool = False) -> dict:
-    """config.json of a model directory, once it is known that loading it runs no code and no pickle.
-
-    Every load goes through here (inference and fine-tuning's starting model): retrying cannot
-    fix what this refuses, so the job fails once with the reason.
-    """
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"model directory {path}: config.json cannot be read ({e})") from e
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"model directory {path}: config.json is not a JSON object")
-    if "auto_map" in config:
-        raise ModelLoadError(
-            f"model directory {path} names its own code (auto_map: {sorted(config['auto_map'])}): vitbatch never "
-            "runs code shipped with a model; use an architecture that transformers or timm provide"
-        )
-    _check_weights(path, allow_pickle)
-    return config
-
-
-def _read_config(path: Path) -> dict | None:
-    try:
-        return json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return None  # check_model_dir says why
-
-
-def _check_weights(path: Path, allow_pickle: bool) -> None:
-    """safetensors only. Next to pickle files, the safetensors must be the file loaders try first
-    (model.safetensors, or a sharded index): timm would take pytorch_model.bin before a
-    differently named safetensors file."""
-    pickles = sorted(p.name for pattern in _PICKLE_PATTERNS for p in path.glob(pattern))
-    safetensors = any(path.glob("*.safetensors"))
-    preferred = (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()
-    if allow_pickle or (safetensors and (preferred or not pickles)):
-        return
-    if safetensors:
-        raise UnsafeCheckpoint(
-            f"{path} holds pickle weights ({', '.join(pickles)}) next to safetensors not named model.safetensors: "
-            "rename the safetensors file to model.safetensors or remove the pickle files"
-        )
-    if pickles:
-        raise UnsafeCheckpoint(
-            f"{path} holds only pickle weights; convert them to safetensors or set allow_pickle "
-            "(then loaded with weights_only=True)"
-        )
-    raise ModelLoadError(f"model directory {path} has no weights: expected model.safetensors (save_pretrained "
-                         "or timm's save_for_hf with safe_serialization)")
 
 
 def model_family(ref: str, path: Path | None) -> str:
@@ -324,7 +182,7 @@ def load(ref: str, device: str = "auto", precision: str = "auto", *, attn: str =
     torch_device = resolve_device(device)
     dtype = resolve_dtype(precision, torch_device)
     path = local_model_dir(ref, store, settings)
-    if path is not None and is_onnx(_read_config(path)):
+    if path is not None and is_onnx(read_config(path)):
         from workers.onnxmodel import load_onnx
 
         return load_onnx(ref, path, device)

@@ -99,7 +99,8 @@ def check_external_data(path: Path) -> None:
 
 def load_onnx(ref: str, path: Path, device: str = "auto"):
     """A LoadedModel that runs the export in `path` on ONNX Runtime (fp32 inputs on the CPU side)."""
-    from workers.models import LoadedModel, Preprocess
+    from workers.models import LoadedModel
+    from workers.preprocess import Preprocess
 
     config = json.loads((path / "config.json").read_text())
     model_path = path / config.get("model_file", MODEL_FILE)

@@ -1,36 +1,32 @@
-"""run_shard as a plain function: manifest in, committed part out. Tasks call this; so do tests."""
+"""A shard, one way: manifest -> read -> decode -> batch -> compute -> collect -> write -> commit.
+
+`run_shard` is a plain function (tasks call it; so do tests): the pipeline yields batches
+and failed items, the device stage turns a batch into the head's output, the head
+collects rows, and the writers upload the parts and the commit marker."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 
 from orchestrator.constants import JOBS_DIR
 from orchestrator.jobs import JobSpec
 from orchestrator.manifest import Item, read_manifest
 from orchestrator.scope import input_root, outside_input
+from orchestrator.storage import ObjectStore
 from workers.attention import AttentionHead
-from workers.decodepool import DecodeRecipe
-from workers.errors import NoSharedMemory
-from workers.heads import ClassifyHead, EmbedHead
-from workers.metrics import instrumented_shard, timed_model
+from workers.compute import DeviceStage
 from workers.context import WorkerContext
+from workers.heads import ClassifyHead, EmbedHead, Head
+from workers.metrics import instrumented_shard, timed_model
 from workers.models import LoadedModel, default_batch_size
-from workers.pipeline import ShardPipeline
+from workers.pipeline import DecodePath, Failed, ShardPipeline, StageTimes, decode_path
 from workers.tarshards import expand
 from workers.writers import commit_shard, upload_parts
 
 ProgressFn = Callable[[int, int], None]
 log = logging.getLogger(__name__)
-
-
-def decode_mode(decode: str, model: LoadedModel) -> str:
-    """auto: nvJPEG (plus processes) on CUDA; threads on a CPU, whose cores the model needs."""
-    if decode == "auto":
-        return "device" if model.device.type == "cuda" else "threads"
-    return decode
 
 
 def make_head(spec: JobSpec, shard: int, ctx: WorkerContext, job_id: str = ""):
@@ -74,6 +70,47 @@ def expand_tars(items: list[Item], ctx: WorkerContext, scope: str | None = None
     return out, blobs
 
 
+def run_items(items: list[Item], head: Head, pipeline: ShardPipeline, device: DeviceStage,
+              on_progress: ProgressFn | None = None) -> StageTimes:
+    """One way through a shard: read -> decode -> batch (pipeline), compute (device), collect (head)."""
+    start = time.perf_counter()
+    done = 0
+    for event in pipeline.batches(items, head.wants_image):
+        if isinstance(event, Failed):
+            head.error(event.index, event.item, event.reason)
+            done += 1
+            continue
+        t0 = time.perf_counter()
+        with head.model.lock:  # one shard at a time on the device; others keep reading
+            for out in device.run(event, head.forward):
+                if isinstance(out, Failed):
+                    head.error(out.index, out.item, out.reason)
+                else:
+                    head.collect(out.indices, out.items, out.output, out.images)
+        pipeline.path.release(event)
+        pipeline.times.compute_s += time.perf_counter() - t0
+        done += len(event.decoded)
+        if on_progress:
+            on_progress(done, len(items))
+    if on_progress:
+        on_progress(done, len(items))
+    times = pipeline.times
+    times.items, times.device_decode_s = len(items), device.device_decode_s
+    times.wall_s = time.perf_counter() - start
+    return times
+
+
+def run_with(model: LoadedModel, store: ObjectStore, items: list[Item], head: Head, path: DecodePath, *,
+             batch_size: int, read_concurrency: int, max_bytes: int, blobs: dict | None = None,
+             scope: str | None = None, on_progress: ProgressFn | None = None) -> tuple[StageTimes, int]:
+    """run_items over a pipeline and device stage built here; returns the times and the batch
+    size the shard ended with (after any out-of-memory halving)."""
+    pipeline = ShardPipeline(store, path, batch_size=batch_size, read_concurrency=read_concurrency,
+                             max_bytes=max_bytes, blobs=blobs, scope=scope)
+    device = DeviceStage(model, path.decoder, batch_size)
+    return run_items(items, head, pipeline, device, on_progress), device.batch_size
+
+
 @instrumented_shard  # the worker's Prometheus metrics: images, stage seconds, shard duration
 def run_shard(spec: JobSpec, shard: int, ctx: WorkerContext, on_progress: ProgressFn | None = None,
               job_id: str = "", marker_fields: dict | None = None) -> dict:
@@ -81,32 +118,21 @@ def run_shard(spec: JobSpec, shard: int, ctx: WorkerContext, on_progress: Progre
 
     `marker_fields`: what names the job in the marker (job_id, spec_sha256).
     """
-    items, blobs = expand_tars(read_manifest(spec.output, shard, ctx.store), ctx, scope=input_root(spec.input))
+    scope = input_root(spec.input)
+    items, blobs = expand_tars(read_manifest(spec.output, shard, ctx.store), ctx, scope=scope)
     if blobs and job_id:  # the job's total grows by what the tars hold
         ctx.ledger.shard_items(job_id, shard, len(items))
     head = make_head(spec, shard, ctx, (marker_fields or {}).get("job_id", job_id))
-    mode = decode_mode(spec.decode, head.model)
     batch_size = spec.batch_size or default_batch_size(head.model.device)
-    lane = nullcontext()
-    if mode != "threads":
-        slots = ShardPipeline.window(spec.read_concurrency, batch_size) + batch_size
-        recipe = DecodeRecipe.for_model(head.model.prep, ctx.settings.max_pixels)
-        try:
-            lane = ctx.decode_pool.lane(min(slots, len(items) + 1), (*head.model.input_size, 3), recipe)
-        except NoSharedMemory as e:
-            log.warning("shard %d decodes in threads: %s", shard, e)
-            mode = "threads"
-    with lane as lane:
-        pipeline = ShardPipeline(
-            head.model, ctx.store, batch_size=batch_size, read_concurrency=spec.read_concurrency,
-            max_bytes=ctx.settings.max_object_bytes, max_pixels=ctx.settings.max_pixels, blobs=blobs,
-            lane=lane, device_jpegs=mode == "device", scope=input_root(spec.input),
-        )
-        times = pipeline.run(items, head, on_progress)
+    with decode_path(spec.decode, head.model, ctx.decode_pool, ctx.settings.max_pixels, batch_size=batch_size,
+                     read_concurrency=spec.read_concurrency, n_items=len(items)) as path:
+        times, batch_size = run_with(head.model, ctx.store, items, head, path, batch_size=batch_size,
+                                     read_concurrency=spec.read_concurrency, max_bytes=ctx.settings.max_object_bytes,
+                                     blobs=blobs, scope=scope, on_progress=on_progress)
     t0 = time.perf_counter()
     written = upload_parts(ctx.store, spec.output, head.parts())
     times.write_s = time.perf_counter() - t0  # serialising and uploading
     summary = {**(marker_fields or {"job_id": job_id}), "rows": len(head.rows), "errors": head.errors,
                "model_fingerprint": head.model.fingerprint, "worker": ctx.hostname,
-               "batch_size": pipeline.batch_size}  # after any out-of-memory halving
+               "batch_size": batch_size}  # after any out-of-memory halving
     return commit_shard(ctx.store, spec.output, shard, {}, {**summary, "stats": times.to_json()}, written=written)

@@ -11,7 +11,7 @@ import pytest
 
 from orchestrator.storage import ObjectStore
 from workers.errors import ModelLoadError
-from workers.models import download_model
+from workers.modelfiles import download_model
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,7 @@ def test_four_workers_sharing_a_cache_download_the_model_once(s3, bucket, settin
 
 
 def test_a_model_replaced_at_the_same_uri_is_downloaded_again(s3, bucket, settings, tiny_model, tmp_path):
-    from workers.demo import build_tiny_vit
+    from support import build_tiny_vit
 
     prefix = f"models/{secrets.token_hex(4)}/"
     uri = upload_model(s3, bucket, tiny_model, prefix)

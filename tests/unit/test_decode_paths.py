@@ -3,7 +3,6 @@ the same rows; what the device cannot decode exactly goes to the CPU."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import signal
@@ -21,10 +20,13 @@ from orchestrator.manifest import Item
 from orchestrator.planner import plan
 from orchestrator.storage import ObjectStore, normalize_uri
 from workers import models
-from workers.decodepool import DecodePool, DecodeRecipe
+from workers.decodepool import DecodePool
 from workers.devicedecode import decode_batch, device_decodable, resize_batch
 from workers.heads import ClassifyHead
-from workers.pipeline import ShardPipeline
+from workers.imaging import decode_rgb
+from workers.pipeline import DecodePath, read_ahead
+from workers.preprocess import Decoder, Preprocess, resize_image
+from workers.runner import run_with
 
 MAX_PIXELS = 10_000_000
 
@@ -74,16 +76,16 @@ def _png(img: Image.Image) -> bytes:
 
 
 def run(model, items, *, lane=None, device_jpegs=False, batch_size=2, read_concurrency=1):
-    pipeline = ShardPipeline(model, ObjectStore(), batch_size=batch_size, read_concurrency=read_concurrency,
-                             max_bytes=1 << 24, max_pixels=MAX_PIXELS, lane=lane, device_jpegs=device_jpegs)
+    path = DecodePath(Decoder(model.prep, MAX_PIXELS), lane, device_jpegs)
     head = ClassifyHead(model, 0, 3)
-    times = pipeline.run(items, head)
+    times, _ = run_with(model, ObjectStore(), items, head, path, batch_size=batch_size,
+                        read_concurrency=read_concurrency, max_bytes=1 << 24)
     return head.ordered_rows(), times
 
 
 def lane_for(pool, model, batch_size=2, read_concurrency=1):
-    slots = ShardPipeline.window(read_concurrency, batch_size) + batch_size
-    return pool.lane(slots, (*model.input_size, 3), DecodeRecipe.for_model(model.prep, MAX_PIXELS))
+    slots = read_ahead(read_concurrency, batch_size) + batch_size
+    return pool.lane(slots, (*model.input_size, 3), Decoder(model.prep, MAX_PIXELS))
 
 
 def test_process_decode_gives_exactly_the_rows_of_thread_decode(model, items, pool):
@@ -111,7 +113,7 @@ def test_the_shared_memory_block_is_removed_when_the_lane_closes(model, pool):
 
 
 def test_a_killed_decode_process_is_replaced_and_the_image_still_decodes(model, photos, pool):
-    recipe = DecodeRecipe.for_model(model.prep, MAX_PIXELS)
+    decoder = Decoder(model.prep, MAX_PIXELS)
     with lane_for(pool, model) as lane:
         assert lane.decode(jpeg(photos[0]))[1] is None  # the pool is up
         for pid in list(pool._current()._processes):
@@ -119,7 +121,7 @@ def test_a_killed_decode_process_is_replaced_and_the_image_still_decodes(model, 
         time.sleep(0.5)
         slot, error, _ = lane.decode(jpeg(photos[1]))
         assert error is None
-        assert np.array_equal(lane.pixels[slot], recipe.decode(jpeg(photos[1])))
+        assert np.array_equal(lane.pixels[slot], decoder.decode(jpeg(photos[1])))
 
 
 def test_a_decode_past_its_time_limit_is_an_error_and_the_pool_recovers(model, photos, pool, monkeypatch):
@@ -133,7 +135,7 @@ def test_a_decode_past_its_time_limit_is_an_error_and_the_pool_recovers(model, p
         monkeypatch.setattr(decodepool, "DECODE_TIMEOUT_S", 120.0)
         slot, error, _ = lane.decode(jpeg(photos[1]))
         assert error is None
-        assert np.array_equal(lane.pixels[slot], lane.recipe.decode(jpeg(photos[1])))
+        assert np.array_equal(lane.pixels[slot], lane.decoder.decode(jpeg(photos[1])))
 
 
 @pytest.mark.parametrize("prep", [
@@ -143,12 +145,11 @@ def test_a_decode_past_its_time_limit_is_an_error_and_the_pool_recovers(model, p
     dict(size=(64, 64), resample=Image.BILINEAR, shortest_edge=64, crop=(80, 80)),  # crop past the edges pads
 ])
 def test_device_resize_matches_the_cpu_geometry_within_a_level_or_two(photos, prep):
-    recipe = DecodeRecipe.for_model(models.Preprocess(mean=(0.5,) * 3, std=(0.5,) * 3, **prep), MAX_PIXELS)
-    recipe = dataclasses.replace(recipe, draft_size=(10**5, 10**5))  # full-scale decode: compare geometry only
+    prep = Preprocess(mean=(0.5,) * 3, std=(0.5,) * 3, **prep)
     raws = [jpeg(p) for p in photos]
-    on_device = resize_batch(decode_batch(raws, torch.device("cpu")), recipe)
+    on_device = resize_batch(decode_batch(raws, torch.device("cpu")), prep)
     for raw, tensor in zip(raws, on_device):
-        cpu = recipe.decode(raw).astype(np.float32)
+        cpu = resize_image(decode_rgb(raw), prep).astype(np.float32)  # full-scale decode: geometry only
         ours = tensor.permute(1, 2, 0).numpy()
         assert ours.shape == cpu.shape
         assert np.abs(ours - cpu).mean() < 2.0, "antialiased resize of the same decode"
@@ -215,7 +216,7 @@ def test_a_shard_decodes_in_threads_when_dev_shm_has_no_room(hf_model_dir, items
     ctx.decode_pool = NoRoom(1)
     marker = _run_shard(hf_model_dir, items, tmp_path, ctx, decode="processes")
     assert marker["rows"] == len(items) and marker["errors"] == 3
-    assert "decodes in threads" in caplog.text
+    assert "decoding in threads" in caplog.text
 
 
 def test_a_lane_larger_than_dev_shm_is_refused_clearly_and_leaves_nothing_behind(model, pool):
@@ -225,7 +226,6 @@ def test_a_lane_larger_than_dev_shm_is_refused_clearly_and_leaves_nothing_behind
     slot_bytes = 224 * 224 * 3
     slots = stat.f_blocks * stat.f_frsize // slot_bytes + 16  # more than the whole of /dev/shm
     before = set(os.listdir("/dev/shm"))
-    recipe = DecodeRecipe.for_model(model.prep, MAX_PIXELS)
     with pytest.raises(NoSharedMemory, match="shm_size"):
-        pool.lane(slots, (224, 224, 3), recipe)
+        pool.lane(slots, (224, 224, 3), Decoder(model.prep, MAX_PIXELS))
     assert set(os.listdir("/dev/shm")) == before

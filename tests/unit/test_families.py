@@ -122,7 +122,7 @@ def test_attention_map_semantics(name, family_dirs):
     head = AttentionHead(model, 0, layers=[-1], heads="mean", with_rollout=False, overlay_indices=set())
     pixels = torch.randn(2, 3, *model.input_size)
     with torch.inference_mode():
-        got = head(pixels)["layer1"]
+        got = head.forward(pixels)["layer1"]
         last = head.attentions(pixels)[-1]  # [B, heads, T, T]
     queries = last[:, :, family.prefix:, :].mean(dim=2) if not family.class_token else last[:, :, 0, :]
     expected = cls_to_patches(queries, family.prefix).mean(dim=1).reshape(2, *family.grid)

@@ -1,4 +1,4 @@
-"""decode_rgb and resize_uint8 on images made in the test: nothing is downloaded."""
+"""decode_rgb on images made in the test: nothing is downloaded."""
 
 import io
 import random
@@ -11,7 +11,7 @@ import pytest
 from PIL import EpsImagePlugin, Image, ImageFile
 
 from workers.errors import BadImage
-from workers.imaging import MAX_ASPECT_RATIO, decode_rgb, resize_uint8
+from workers.imaging import MAX_ASPECT_RATIO, decode_rgb
 
 
 def encode(img: Image.Image, fmt: str, **params) -> bytes:
@@ -247,62 +247,3 @@ def test_draft_decodes_a_large_jpeg_at_reduced_scale_but_not_below_the_request()
 def test_draft_size_leaves_non_jpeg_images_at_full_size():
     data = encode(Image.new("RGB", (600, 400)), "PNG")
     assert decode_rgb(data, draft_size=(224, 224)).size == (600, 400)
-
-
-# --- resize_uint8 --------------------------------------------------------------
-
-
-def three_stripes(width: int, height: int) -> Image.Image:
-    """Red, green and blue vertical thirds: a centre crop must land on green."""
-    pixels = np.zeros((height, width, 3), dtype=np.uint8)
-    for index, bounds in enumerate(np.array_split(np.arange(width), 3)):
-        pixels[:, bounds, index] = 255
-    return Image.fromarray(pixels)
-
-
-def test_resize_without_shortest_edge_stretches_to_height_by_width():
-    out = resize_uint8(three_stripes(300, 200), size=(32, 48), resample=Image.Resampling.BILINEAR)
-    assert (out.shape, out.dtype) == ((32, 48, 3), np.uint8)
-    assert out.flags.c_contiguous
-
-
-def test_resize_with_shortest_edge_scales_then_crops_the_centre():
-    out = resize_uint8(
-        three_stripes(300, 200),
-        size=(64, 64),
-        resample=Image.Resampling.BICUBIC,
-        shortest_edge=224,
-        crop=(224, 160),
-    )
-    assert (out.shape, out.dtype) == ((224, 160, 3), np.uint8)
-    assert out.flags.c_contiguous
-    assert tuple(out[112, 80]) == (0, 255, 0)
-
-
-def test_resize_with_shortest_edge_crops_to_size_when_no_crop_is_given():
-    out = resize_uint8(
-        three_stripes(200, 300),
-        size=(224, 224),
-        resample=Image.Resampling.BICUBIC,
-        shortest_edge=256,
-    )
-    assert out.shape == (224, 224, 3)
-
-
-def test_resize_rounds_the_long_side_down_like_torchvision(monkeypatch):
-    sizes = []
-    real_resize = Image.Image.resize
-
-    def spy(self, size, **kwargs):
-        sizes.append(size)
-        return real_resize(self, size, **kwargs)
-
-    monkeypatch.setattr(Image.Image, "resize", spy)
-    img = Image.new("RGB", (333, 250))
-    resize_uint8(img, size=(224, 224), resample=Image.Resampling.BILINEAR, shortest_edge=224)
-    assert sizes == [(int(333 * 224 / 250), 224)]
-
-
-def test_resize_refuses_non_rgb_images():
-    with pytest.raises(ValueError, match="decode_rgb"):
-        resize_uint8(Image.new("L", (4, 4)), size=(2, 2), resample=Image.Resampling.BILINEAR)

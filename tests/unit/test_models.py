@@ -18,7 +18,8 @@ from orchestrator.modelinfo import label_count, read_config
 from orchestrator.storage import ObjectStore
 from workers import models
 from workers.errors import ModelLoadError, UnsafeCheckpoint
-from workers.imaging import decode_rgb, resize_uint8
+from workers.imaging import decode_rgb
+from workers.preprocess import resize_image
 
 
 def load(directory, prefix: str = "") -> models.LoadedModel:
@@ -152,8 +153,7 @@ def test_vitbatch_preprocessing_matches_the_hf_image_processor(hf_model_dir, ima
     expected = processor(images=Image.open(io.BytesIO(data)), return_tensors="pt")["pixel_values"][0]
 
     prep = load(hf_model_dir).prep
-    pixels = resize_uint8(decode_rgb(data), size=prep.size, resample=prep.resample,
-                          shortest_edge=prep.shortest_edge, crop=prep.crop)
+    pixels = resize_image(decode_rgb(data), prep)
     scaled = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255
     ours = (scaled - torch.tensor(prep.mean).view(3, 1, 1)) / torch.tensor(prep.std).view(3, 1, 1)
 

@@ -18,8 +18,11 @@ from orchestrator.storage import ObjectStore, normalize_uri
 from workers import models
 from workers.errors import ModelLoadError
 from workers.heads import ClassifyHead
-from workers.imaging import decode_rgb, resize_uint8
-from workers.pipeline import ShardPipeline
+from workers.imaging import decode_rgb
+from workers.preprocess import resize_image
+from workers.pipeline import DecodePath
+from workers.preprocess import Decoder
+from workers.runner import run_with
 
 TOP_K = 3
 BAD = {"g04-empty.jpg": b"", "g09-random.jpg": np.random.default_rng(1).bytes(500)}
@@ -67,18 +70,16 @@ def items(tmp_path) -> list[Item]:
 
 
 def run(model, items, *, batch_size=5, max_bytes=1 << 20, on_progress=None, top_k=TOP_K):
-    pipeline = ShardPipeline(model, ObjectStore(), batch_size=batch_size, read_concurrency=4,
-                             max_bytes=max_bytes, max_pixels=1_000_000)
     head = ClassifyHead(model, 0, top_k)
-    times = pipeline.run(items, head, on_progress)
+    times, _ = run_with(model, ObjectStore(), items, head, DecodePath(Decoder(model.prep, 1_000_000)),
+                        batch_size=batch_size, read_concurrency=4, max_bytes=max_bytes, on_progress=on_progress)
     return head.ordered_rows(), times
 
 
 def reference_label_ids(model: models.LoadedModel, module: torch.nn.Module, items: list[Item]) -> list[int]:
     """argmax of a plain fp32 forward pass over the same preprocessing, one batch."""
     store, prep = ObjectStore(), model.prep
-    arrays = [resize_uint8(decode_rgb(store.read(item.uri)), size=prep.size, resample=prep.resample,
-                           shortest_edge=prep.shortest_edge, crop=prep.crop) for item in items]
+    arrays = [resize_image(decode_rgb(store.read(item.uri)), prep) for item in items]
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
     pixels = (pixels - torch.tensor(prep.mean).view(1, 3, 1, 1)) / torch.tensor(prep.std).view(1, 3, 1, 1)
     with torch.inference_mode():

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from timm.models import save_for_hf
 
-from workers.imaging import resize_uint8
+from workers.preprocess import resize_image
 from workers.models import load
 
 
@@ -23,8 +23,7 @@ def test_preprocessing_matches_timms_eval_transform(tmp_path, img_size):
     prep = loaded.prep
     for shape in [(90, 70), (70, 90), (40, 40)]:
         img = Image.fromarray((np.random.RandomState(sum(shape)).rand(*shape, 3) * 255).astype(np.uint8))
-        pixels = resize_uint8(img, size=prep.size, resample=prep.resample, shortest_edge=prep.shortest_edge,
-                              crop=prep.crop, cover=prep.cover)
+        pixels = resize_image(img, prep)
         ours = (torch.from_numpy(pixels).permute(2, 0, 1).float() / 255 - torch.tensor(prep.mean).view(3, 1, 1)) \
             / torch.tensor(prep.std).view(3, 1, 1)
         reference = transform(img)

@@ -26,7 +26,9 @@ from orchestrator.storage import ObjectStore, normalize_uri
 from workers import models
 from workers.errors import ModelLoadError, UnsafeCheckpoint
 from workers.heads import ClassifyHead
-from workers.pipeline import ShardPipeline
+from workers.pipeline import DecodePath
+from workers.preprocess import Decoder
+from workers.runner import run_with
 from workers.tarshards import expand
 
 
@@ -46,10 +48,9 @@ def hf_model(hf_model_dir) -> models.LoadedModel:
 
 
 def run(model, items: list[Item], scope: str | None = None, blobs=None) -> list[dict]:
-    pipeline = ShardPipeline(model, ObjectStore(), batch_size=4, read_concurrency=2, max_bytes=1 << 20,
-                             max_pixels=1_000_000, scope=scope, blobs=blobs)
     head = ClassifyHead(model, 0, 3)
-    pipeline.run(items, head)
+    run_with(model, ObjectStore(), items, head, DecodePath(Decoder(model.prep, 1_000_000)), batch_size=4,
+             read_concurrency=2, max_bytes=1 << 20, scope=scope, blobs=blobs)
     return head.ordered_rows()
 
 
