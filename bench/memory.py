@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from bench.common import bench_dir, report, write_photo_jpegs
+from bench.common import bench_dir, build_hf_vit, report, write_photo_jpegs
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -39,13 +39,11 @@ def run_job(image_dir: Path, n: int, model: Path, out: Path) -> float:
 
 
 def main() -> None:
-    from workers.demo import build_tiny_vit
-
     root = bench_dir()
     image_dir = root / "jpegs-128x96-20000"
     write_photo_jpegs(image_dir, 20_000, size=(128, 96))
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_tiny_vit(Path(tmp) / "model")
+        model = build_hf_vit(Path(tmp) / "model", hidden=64, layers=4, heads=4, image_size=32, patch=4)
         small = run_job(image_dir, 2_000, model, Path(tmp) / "out-2k")
         large = run_job(image_dir, 20_000, model, Path(tmp) / "out-20k")
     report("memory", {"peak_rss_mb_2k": round(small, 1), "peak_rss_mb_20k": round(large, 1),

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import report
+from bench.common import build_hf_vit, report
 
 
 def main() -> None:
@@ -24,14 +24,13 @@ def main() -> None:
     from orchestrator.embedded import EmbeddedStack
     from orchestrator.jobs import parse_spec
     from orchestrator.submit import Client
-    from workers.demo import build_tiny_vit
 
     with tempfile.TemporaryDirectory() as tmp, EmbeddedStack(workers=0, settings=Settings()) as stack:
         root = Path(tmp)
         manifest = root / "images" / "manifest.txt"
         manifest.parent.mkdir()
         manifest.write_text("".join(f"shard-{i // 10000:02d}/img-{i:07d}.jpg\n" for i in range(args.keys)))
-        model = build_tiny_vit(root / "model")
+        model = build_hf_vit(root / "model", hidden=64, layers=4, heads=4, image_size=32, patch=4)  # only its config is read
         client = Client.from_settings(stack.settings)
         spec = parse_spec({"kind": "classify", "input": str(manifest), "output": str(root / "out"),
                            "model": str(model), "shard_size": args.shard_size})

@@ -12,15 +12,18 @@ from kombu import Queue
 
 from orchestrator.config import Settings
 from orchestrator.constants import QUEUE_DEFAULT, QUEUE_INTERACTIVE, QUEUE_TRAIN, TASK_FINETUNE
+from orchestrator.errors import ConfigError
 
 
 def make_app(settings: Settings | None = None) -> Celery:
+    """The app for these settings; ConfigError when they would make Redis redeliver running shards."""
     settings = settings or Settings()
     broker = settings.broker_url or "redis://127.0.0.1:6379/0"
     if settings.visibility_timeout_s <= settings.task_time_limit_s:
-        raise ValueError(
-            f"visibility_timeout_s ({settings.visibility_timeout_s}) must exceed task_time_limit_s "
-            f"({settings.task_time_limit_s}), or Redis redelivers shards that are still running"
+        raise ConfigError(
+            f"VITBATCH_VISIBILITY_TIMEOUT_S ({settings.visibility_timeout_s}) must exceed VITBATCH_TASK_TIME_LIMIT_S "
+            f"({settings.task_time_limit_s}), or Redis redelivers shards that are still running: raise the first "
+            "or lower the second, the same on submitters and workers"
         )
     app = Celery("vitbatch", broker=broker, backend=settings.backend_url or broker)
     transport_options = {

@@ -42,6 +42,14 @@ class OutsideInput(ObjectUnreadable):
     """The object lies outside the job's input prefix (a forged manifest line, a symlink out); not opened."""
 
 
+class ConfigError(VitbatchError):
+    """The settings (VITBATCH_* variables) contradict each other; nothing was started."""
+
+
+class ServerNotReady(VitbatchError):
+    """A server vitbatch starts itself (the embedded Redis) exited or did not answer in time."""
+
+
 class BrokerUnavailable(VitbatchError):
     """Redis could not be reached; nothing was enqueued."""
 

@@ -6,119 +6,57 @@ One pydantic model per job kind. Every field has a description: it becomes the
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
-from urllib.parse import unquote
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-from orchestrator.errors import SpecError, StorageError
+from orchestrator.errors import SpecError, VitbatchError
+from orchestrator.modelrefs import normalize_model_ref, refuse_file_keys
+from orchestrator.outputs import storable_output
 from orchestrator.storage import normalize_uri
 
 Precision = Literal["auto", "fp16", "bf16", "fp32"]
 Decode = Literal["auto", "threads", "processes", "device"]
 Device = Literal["auto", "cpu", "cuda"]
 
-_MODEL_SCHEMES = ("hf:", "timm:", "s3://", "file://")
-_HF_REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
-
-def normalize_model_ref(ref: str) -> str:
-    """Validate a model reference; local directories become absolute file:// URIs."""
-    ref = ref.strip()
-    if not ref:
-        raise ValueError("model reference is empty")
-    if ref.startswith(("hf:", "timm:")):
-        scheme, _, name = ref.partition(":")
-        if not name:
-            raise ValueError(f"model reference {ref!r} names no model: write {scheme}:<name>")
-        if name.startswith(("/", ".", "~")) or name.startswith("file://"):
-            return f"{scheme}:{normalize_uri(name.rstrip('/'))}"
-        if scheme == "hf" and not _HF_REPO_ID.match(name):
-            raise ValueError(f"{ref!r} is neither a Hugging Face repo id (org/name) nor a local directory")
-        return ref
-    if ref.startswith("alias:"):
-        return "alias:" + normalize_uri(ref.split(":", 1)[1])
-    if ref.startswith("s3://"):
-        return normalize_uri(ref).rstrip("/") + "/"
-    if ref.startswith("file://"):
-        return normalize_uri(ref).rstrip("/")
-    if "://" in ref:
-        raise ValueError(f"model reference {ref!r}: use hf:<id>, timm:<name>, a local directory or s3://")
-    return normalize_uri(ref.rstrip("/"))
-
-
-_S3_BUCKET = re.compile(r"^[A-Za-z0-9._-]{1,255}$")  # what any S3 store takes (AWS today: stricter)
-_S3_KEY_BYTES = 1024  # S3's limit on a whole key
-_OUTPUT_ROOM = 200  # what vitbatch appends under an output prefix (_jobs/<id>/_manifests/shard-NNNNN.jsonl, ...)
-_NAME_BYTES = 255  # one file name on Linux file systems
-_LOCAL_PATH_BYTES = 4096
-
-
-def storable_output(uri: str) -> str:
-    """A canonical output URI, or ValueError saying which character or length its store cannot hold.
-
-    `#`, `?`, `%`, spaces and unicode are fine (keys are kept as written); control characters
-    are not (S3 listings are XML, and a terminal would hide them), nor a key or file name
-    longer than the store allows once vitbatch's own names are appended.
-    """
-    text = unquote(uri[len("file://"):]) if uri.startswith("file://") else uri
-    bad = sorted({f"U+{ord(c):04X}" for c in text if ord(c) < 32 or ord(c) == 127})
-    if bad:
-        raise ValueError(f"output {uri!r} holds control characters ({', '.join(bad)}): choose a name without them")
-    if uri.startswith("s3://"):
-        bucket, _, key = uri[len("s3://"):].partition("/")
-        if not _S3_BUCKET.match(bucket):
-            raise ValueError(f"output bucket {bucket!r} is not a valid S3 bucket name (letters, digits, "
-                             "'.', '-' and '_' only)")
-        if len(key.encode()) > _S3_KEY_BYTES - _OUTPUT_ROOM:
-            raise ValueError(f"output prefix is {len(key.encode())} bytes: S3 keys hold {_S3_KEY_BYTES}, and vitbatch "
-                             f"needs {_OUTPUT_ROOM} of them for its own names; choose a shorter prefix")
-        return uri
-    path = text
-    longest = max(path.split("/"), key=lambda part: len(part.encode()))
-    if len(longest.encode()) > _NAME_BYTES:
-        raise ValueError(f"output folder name {longest[:40]!r}... is {len(longest.encode())} bytes: file names "
-                         f"hold at most {_NAME_BYTES}")
-    if len(path.encode()) > _LOCAL_PATH_BYTES - _OUTPUT_ROOM:
-        raise ValueError(f"output path is {len(path.encode())} bytes: too long for the files vitbatch writes under it")
-    return uri
-
-
-_FILE_KEYS = frozenset({"checkpoint_path", "pretrained", "pretrained_model_name_or_path", "name_or_path",
-                        "_name_or_path", "cache_dir"})
-_FILE_SUFFIXES = ("_path", "_file", "_dir", "_url")
-_CFG_KEYS = ("pretrained_cfg", "pretrained_cfg_overlay")  # fine for mean/std; not for where weights come from
-_CFG_SOURCES = frozenset({"file", "url", "hf_hub_id", "hf_hub_filename", "source", "state_dict"})
-
-
-def refuse_file_keys(config: dict) -> None:
-    """A --config builds a model from scratch; a key that names a file or a download (timm's
-    `checkpoint_path`, `pretrained_cfg_overlay={"file": ...}`) would load weights, pickle
-    included, from wherever it points, so it is refused (ValueError says which)."""
-    named = [key for key in config if key in _FILE_KEYS or str(key).endswith(_FILE_SUFFIXES)]
-    for key in _CFG_KEYS:
-        cfg = config.get(key)
-        if isinstance(cfg, str) or (isinstance(cfg, dict) and _CFG_SOURCES & set(cfg)):
-            named.append(key + (f" ({', '.join(sorted(_CFG_SOURCES & set(cfg)))})" if isinstance(cfg, dict) else ""))
-    named.sort()
-    if named:
-        raise ValueError(f"--config may not name files or downloads ({', '.join(named)}): it builds an untrained "
-                         "model; to start from weights pass --model with a safetensors directory")
-
-
-def _checked_uri(value: str) -> str:
-    """normalize_uri for validators: pydantic reports ValueError as a field error."""
+def _field_value(check, value: str | None) -> str | None:
+    """`check(value)` for a validator (None passes): pydantic reports a ValueError as a field error."""
+    if value is None:
+        return None
     try:
-        return normalize_uri(value)
-    except StorageError as e:
+        return check(value)
+    except VitbatchError as e:
         raise ValueError(str(e)) from e
 
 
-class JobBase(BaseModel):
-    """Options every inference job shares."""
+def _output_uri(value: str) -> str:
+    return storable_output(normalize_uri(value))
+
+
+class _Spec(BaseModel):
+    """The rules every spec applies to the fields it has: locations, the output and the model."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("input", "train", "val", "alias", check_fields=False)
+    @classmethod
+    def _location(cls, value: str | None) -> str | None:
+        return _field_value(normalize_uri, value)
+
+    @field_validator("output", check_fields=False)
+    @classmethod
+    def _output(cls, value: str) -> str:
+        return _field_value(_output_uri, value)
+
+    @field_validator("model", check_fields=False)
+    @classmethod
+    def _model(cls, value: str | None) -> str | None:
+        return _field_value(normalize_model_ref, value)
+
+
+class JobBase(_Spec):
+    """Options every inference job shares."""
 
     input: str = Field(
         description="Images: a local directory, file:// or s3:// prefix, or a manifest file "
@@ -134,7 +72,7 @@ class JobBase(BaseModel):
     )
     shard_size: int = Field(1000, gt=0, le=1_000_000, description="Images per shard (one task per shard).")
     precision: Precision = Field(
-        "auto", description="Compute dtype; auto = fp16 on CUDA, bf16 on CPUs with AMX, else fp32."
+        "auto", description="Compute dtype; auto = fp16 on CUDA, bf16 on CPUs with AMX or AVX512-BF16, else fp32."
     )
     device: Device = Field("auto", description="auto picks CUDA when the worker has it.")
     read_concurrency: int = Field(16, gt=0, le=256, description="Concurrent object reads per worker.")
@@ -146,21 +84,6 @@ class JobBase(BaseModel):
     lane: Literal["auto", "interactive", "bulk"] = Field(
         "auto", description="Queue lane; auto = interactive for small jobs, bulk otherwise (nightly runs use bulk)."
     )
-
-    @field_validator("input", "output")
-    @classmethod
-    def _uri(cls, value: str) -> str:
-        return _checked_uri(value)
-
-    @field_validator("output")
-    @classmethod
-    def _storable(cls, value: str) -> str:
-        return storable_output(value)
-
-    @field_validator("model")
-    @classmethod
-    def _model(cls, value: str) -> str:
-        return normalize_model_ref(value)
 
 
 class ClassifySpec(JobBase):
@@ -213,21 +136,14 @@ class AttentionSpec(JobBase):
         return [int(p) for p in value.split(",") if p.strip()] if isinstance(value, str) else value
 
 
-class TrainBase(BaseModel):
+class TrainBase(_Spec):
     """Options shared by the jobs that read labeled data."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     output: str = Field(description="Output prefix (local directory, file:// or s3://).")
     batch_size: int = Field(32, gt=0, le=4096, description="Images per step (per forward pass for evaluate).")
     precision: Precision = Field("auto", description="bf16 on CPUs/GPUs that support it, fp16, or fp32.")
     device: Device = Field("auto", description="auto picks CUDA when the worker has it.")
     seed: int = Field(0, description="Seed for splits, initialization, augmentation and data order.")
-
-    @field_validator("output")
-    @classmethod
-    def _uri(cls, value: str) -> str:
-        return storable_output(_checked_uri(value))
 
 
 class FinetuneSpec(TrainBase):
@@ -256,16 +172,6 @@ class FinetuneSpec(TrainBase):
         "jobs with --model alias:<that URI> follow it.",
     )
 
-    @field_validator("train", "val", "alias")
-    @classmethod
-    def _data_uri(cls, value: str | None) -> str | None:
-        return None if value is None else _checked_uri(value)
-
-    @field_validator("model")
-    @classmethod
-    def _model(cls, value: str | None) -> str | None:
-        return None if value is None else normalize_model_ref(value)
-
     @field_validator("config", mode="before")
     @classmethod
     def _json(cls, value):
@@ -281,8 +187,7 @@ class FinetuneSpec(TrainBase):
     @field_validator("config")
     @classmethod
     def _no_files(cls, value: dict | None) -> dict | None:
-        if value is not None:
-            refuse_file_keys(value)
+        _field_value(refuse_file_keys, value)
         return value
 
     @model_validator(mode="after")
@@ -300,21 +205,9 @@ class EvaluateSpec(TrainBase):
     model: str = Field(description="hf:, timm:, a local save_pretrained directory, or s3:// directory.")
     batch_size: int = Field(64, gt=0, le=4096, description="Images per forward pass.")
 
-    @field_validator("input")
-    @classmethod
-    def _input(cls, value: str) -> str:
-        return _checked_uri(value)
 
-    @field_validator("model")
-    @classmethod
-    def _model(cls, value: str) -> str:
-        return normalize_model_ref(value)
-
-
-class ExportSpec(BaseModel):
+class ExportSpec(_Spec):
     """Export a PyTorch model to an ONNX model directory (optionally int8), checked against PyTorch."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["export"] = Field("export", description="Job kind: export.")
     model: str = Field(description="The PyTorch model to export: hf:, timm:, a local save_pretrained or timm "
@@ -340,21 +233,6 @@ class ExportSpec(BaseModel):
         0.95, ge=0, le=1, description="Least top-1 agreement of the int8 model with PyTorch fp32 on decisive "
         "sample images (top-2 probability margin > 0.05); the job fails below it.",
     )
-
-    @field_validator("input")
-    @classmethod
-    def _input(cls, value: str | None) -> str | None:
-        return None if value is None else _checked_uri(value)
-
-    @field_validator("output")
-    @classmethod
-    def _output(cls, value: str) -> str:
-        return storable_output(_checked_uri(value))
-
-    @field_validator("model")
-    @classmethod
-    def _model(cls, value: str) -> str:
-        return normalize_model_ref(value)
 
 
 JobSpec = Annotated[

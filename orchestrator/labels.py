@@ -10,8 +10,6 @@ import csv
 import io
 import json
 import posixpath
-import random
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -118,28 +116,6 @@ def _jsonl_rows(text: str, uri: str) -> Iterator[tuple[int, str, str]]:
         label = obj.get("label")
         # Integer class ids are common in manifests; they name classes like folder names do.
         yield line, str(obj.get("key") or "").strip(), "" if label is None else str(label).strip()
-
-
-def stratified_split(items: list[LabeledItem], val_split: float,
-                     seed: int) -> tuple[list[LabeledItem], list[LabeledItem]]:
-    """(train, val): the same share of every class in val, the same split for the same seed.
-
-    Each class shuffles with its own seeded generator, so adding a class does not
-    reshuffle the others. A class with 2+ items gives at least one to val (and keeps one).
-    """
-    by_label: dict[str, list[LabeledItem]] = defaultdict(list)
-    for item in sorted(items, key=lambda item: item.key):
-        by_label[item.label].append(item)
-    train, val = [], []
-    for label in sorted(by_label):
-        group = by_label[label]
-        random.Random(f"{seed}/{label}").shuffle(group)
-        n_val = round(len(group) * val_split)
-        if val_split > 0 and len(group) >= 2:
-            n_val = min(max(n_val, 1), len(group) - 1)
-        val.extend(group[:n_val])
-        train.extend(group[n_val:])
-    return sorted(train, key=lambda item: item.key), sorted(val, key=lambda item: item.key)
 
 
 def check_val_labels(train_labels: set[str], val: list[LabeledItem]) -> None:

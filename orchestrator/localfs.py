@@ -131,10 +131,6 @@ def read_local(uri: str, max_bytes: int | None, within: str | None) -> bytes:
     return data
 
 
-# What S3 answers for an object that no retry will make readable; everything else (5xx,
-# throttling, timeouts) stays a StorageError, which fails the shard so that it is retried.
-
-
 def _refuse_non_regular(uri: str, mode: int) -> None:
     if stat.S_ISDIR(mode):
         raise ObjectNotFound(f"{uri} does not exist (it is a folder)")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from orchestrator.config import Settings
 from orchestrator.constants import QUEUE_DEFAULT, QUEUE_INTERACTIVE, QUEUE_TRAIN
+from orchestrator.errors import ServerNotReady
 from orchestrator.gpupool import listed_gpus
 
 ALL_QUEUES = f"{QUEUE_INTERACTIVE},{QUEUE_DEFAULT},{QUEUE_TRAIN}"  # in priority order
@@ -46,6 +47,7 @@ class RedisServer:
         return cmd + (["--requirepass", self.password] if self.password else [])
 
     def start(self, timeout_s: float = 20) -> RedisServer:
+        """Start the server and wait until it answers; ServerNotReady (naming its log) otherwise."""
         import redis
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -55,7 +57,7 @@ class RedisServer:
         deadline = time.monotonic() + timeout_s
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"redis server exited at start; see {self.data_dir / 'server.log'}")
+                raise ServerNotReady(f"the Redis server (valkey) exited at start: see {self.data_dir / 'server.log'}")
             try:
                 if client.ping():
                     return self
@@ -64,7 +66,8 @@ class RedisServer:
             except redis.exceptions.ConnectionError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"redis server not ready after {timeout_s} s")
+                raise ServerNotReady(f"the Redis server (valkey) did not answer within {timeout_s} s: see "
+                                     f"{self.data_dir / 'server.log'} (replaying a large append-only file takes longer)")
             time.sleep(0.05)
 
     def kill(self) -> None:

@@ -51,6 +51,15 @@ class ZonedCrontab(crontab):
         return self.__class__, (self.expression, self.timezone)
 
 
+def _parsed(value: str, parse, errors: tuple[type[Exception], ...], problem) -> str:
+    """`value` when `parse` takes it; else the field error `problem(e)` (pydantic wants a ValueError)."""
+    try:
+        parse(value)
+    except errors as e:
+        raise ValueError(problem(e)) from e
+    return value
+
+
 class ScheduleEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -72,20 +81,13 @@ class ScheduleEntry(BaseModel):
     def _cron(cls, value: str) -> str:
         if len(value.split()) != 5:
             raise ValueError(f"cron {value!r} needs five fields: minute hour day-of-month month day-of-week")
-        try:
-            ZonedCrontab(value, "UTC")
-        except (ValueError, IndexError) as e:
-            raise ValueError(f"cron {value!r}: {e}") from e
-        return value
+        return _parsed(value, lambda v: ZonedCrontab(v, "UTC"), (ValueError, IndexError),
+                       lambda e: f"cron {value!r}: {e}")
 
     @field_validator("timezone")
     @classmethod
     def _tz(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError) as e:
-            raise ValueError(f"unknown timezone {value!r}") from e
-        return value
+        return _parsed(value, ZoneInfo, (ZoneInfoNotFoundError, ValueError), lambda e: f"unknown timezone {value!r}")
 
     @field_validator("job")
     @classmethod

@@ -1,7 +1,8 @@
 """ObjectStore: one API over file:// (the embedded default) and s3:// (boto3).
 
 Every location is a full URI; the store picks the backend by scheme, so a job
-may read from S3 and write to a local directory or the other way round.
+may read from S3 and write to a local directory or the other way round. The local
+side's details live in localfs.py, the S3 side in s3.py.
 """
 
 from __future__ import annotations
@@ -9,20 +10,17 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from urllib.parse import quote, unquote
 
 from orchestrator.config import Settings
-from orchestrator.errors import (
-    ObjectExists, ObjectNotFound, ObjectTooLarge, ObjectUnreadable, StorageError, UnsafeKey,
-)
+from orchestrator.errors import ObjectExists, ObjectNotFound, StorageError, UnsafeKey
 from orchestrator.localfs import (
     PARTIAL_SUFFIX, fsync_dir, is_partial_write, read_local, relative_path, current_umask, walk_sorted, local_path,
 )
+from orchestrator.s3 import S3Objects
 
 
 @dataclass(frozen=True)
@@ -79,59 +77,12 @@ def relative_key(prefix: str, uri: str) -> str:
     return unquote(rel) if uri.startswith("file://") else rel
 
 
-_local_path = local_path
-
-_S3_UNREADABLE = {
-    "AccessDenied": "access denied (403): the workers' credentials may not read it",
-    "AllAccessDisabled": "access to it is disabled",
-    "InvalidObjectState": "archived (InvalidObjectState): restore it from Glacier/Deep Archive first",
-    "AccountProblem": "the bucket owner's account cannot serve it",
-}
-
-
-def _s3_split(uri: str) -> tuple[str, str]:
-    """(bucket, key) exactly as written: no URL parsing, so `#`, `?`, `%` stay in the key."""
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    return bucket, key
-
-
-def _s3_read_error(uri: str, error) -> StorageError:
-    """A botocore ClientError of a GET as ObjectUnreadable (one error row) or StorageError (retry)."""
-    details = error.response.get("Error", {})
-    code = str(details.get("Code", ""))
-    status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    if code in _S3_UNREADABLE:
-        return ObjectUnreadable(f"{uri} cannot be read: {_S3_UNREADABLE[code]}")
-    if code.startswith("KMS.") and not code.endswith(("ThrottlingException", "InternalException")):
-        return ObjectUnreadable(f"{uri} cannot be read: its KMS key refused decryption ({code})")
-    if code == "NoSuchKey" or status == 404:
-        return ObjectNotFound(f"{uri} does not exist")
-    if status == 403:
-        return ObjectUnreadable(f"{uri} cannot be read: forbidden (403 {code})")
-    return StorageError(f"cannot read {uri}: {error}")
-
-
 class ObjectStore:
     """Read, write and list objects by URI. Thread-safe; one per process is enough."""
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
-
-    @cached_property
-    def _s3(self):  # boto3 is imported lazily: file:// users never pay for it
-        import boto3
-        from botocore.config import Config
-
-        # 'standard' retries cover 500/503 SlowDown, throttling, timeouts and resets with
-        # backoff; keepalive stops idle NATs from silently dropping long-lived connections.
-        config = Config(
-            retries={"mode": "standard", "max_attempts": self.settings.s3_max_attempts},
-            connect_timeout=10,
-            read_timeout=60,
-            tcp_keepalive=True,
-            max_pool_connections=64,
-        )
-        return boto3.session.Session().client("s3", endpoint_url=self.settings.s3_endpoint_url, config=config)
+        self._s3 = S3Objects(self.settings)
 
     # -- listing ---------------------------------------------------------------------------
     def list(self, prefix: str, skipped: list[str] | None = None) -> Iterator[ObjectInfo]:
@@ -141,12 +92,12 @@ class ObjectStore:
         devices, entries that cannot be examined) are appended to `skipped` as "key: why".
         """
         if prefix.startswith("s3://"):
-            yield from self._list_s3(prefix)
+            yield from (ObjectInfo(uri, size, etag) for uri, size, etag in self._s3.list(prefix))
         else:
             yield from self._list_local(prefix, [] if skipped is None else skipped)
 
     def _list_local(self, prefix: str, skipped: list[str]) -> Iterator[ObjectInfo]:
-        root = _local_path(prefix)
+        root = local_path(prefix)
         if not root.is_dir():
             raise ObjectNotFound(f"input directory {root} does not exist")
         top = root.stat()
@@ -161,22 +112,6 @@ class ObjectStore:
             )
         skipped.extend(f"{relative_path(root, p)}: {why}" for p, why in passed)
 
-    def _list_s3(self, prefix: str) -> Iterator[ObjectInfo]:
-        bucket, key_prefix = _s3_split(prefix)
-        if key_prefix and not key_prefix.endswith("/"):
-            key_prefix += "/"
-        paginator = self._s3.get_paginator("list_objects_v2")
-        try:
-            for page in paginator.paginate(Bucket=bucket, Prefix=key_prefix):
-                for obj in page.get("Contents", []):
-                    yield ObjectInfo(
-                        uri=f"s3://{bucket}/{obj['Key']}", size=obj["Size"], etag=obj["ETag"].strip('"')
-                    )
-        except self._s3.exceptions.NoSuchBucket as e:
-            raise ObjectNotFound(f"bucket {bucket!r} does not exist") from e
-        except Exception as e:
-            raise StorageError(f"cannot list {prefix}: {e}") from e
-
     # -- objects ---------------------------------------------------------------------------
     def read(self, uri: str, max_bytes: int | None = None, *, within: str | None = None) -> bytes:
         """The object's bytes; ObjectTooLarge before downloading anything over `max_bytes`.
@@ -187,42 +122,8 @@ class ObjectStore:
         cannot lead the read out of the input.
         """
         if uri.startswith("s3://"):
-            return self._read_s3(uri, max_bytes)
+            return self._s3.read(uri, max_bytes)
         return read_local(uri, max_bytes, within)
-
-    def _read_s3(self, uri: str, max_bytes: int | None) -> bytes:
-        # boto3 retries a request that fails, but not a body that breaks off after the headers
-        # (a reset or a short read mid-stream): for those the whole GET is made again.
-        from botocore.exceptions import HTTPClientError, IncompleteReadError
-
-        attempt = 1
-        while True:
-            try:
-                return self._get_s3(uri, max_bytes)
-            except (HTTPClientError, IncompleteReadError) as e:
-                if attempt >= self.settings.s3_max_attempts:
-                    raise StorageError(f"cannot read {uri}: the body broke off {attempt} times ({e})") from e
-            time.sleep(min(0.1 * 2 ** attempt, 2.0))
-            attempt += 1
-
-    def _get_s3(self, uri: str, max_bytes: int | None) -> bytes:
-        bucket, key = _s3_split(uri)
-        try:
-            response = self._s3.get_object(Bucket=bucket, Key=key)
-        except self._s3.exceptions.NoSuchKey as e:
-            raise ObjectNotFound(f"{uri} does not exist") from e
-        except self._s3.exceptions.ClientError as e:
-            raise _s3_read_error(uri, e) from e
-        except Exception as e:
-            raise StorageError(f"cannot read {uri}: {e}") from e
-        body = response["Body"]
-        if max_bytes is not None and response["ContentLength"] > max_bytes:
-            body.close()
-            raise ObjectTooLarge(f"object is {response['ContentLength']} bytes, over the cap of {max_bytes}")
-        try:
-            return body.read()
-        finally:
-            body.close()
 
     def write(self, uri: str, data: bytes, *, if_absent: bool = False) -> None:
         """Write atomically: readers see the old object or the whole new one, never a part.
@@ -233,9 +134,9 @@ class ObjectStore:
         written next never survives a crash that its part did not.
         """
         if uri.startswith("s3://"):
-            self._write_s3(uri, data, if_absent)
+            self._s3.write(uri, data, if_absent)
             return
-        path = _local_path(uri)
+        path = local_path(uri)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
         try:
@@ -258,47 +159,24 @@ class ObjectStore:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def _write_s3(self, uri: str, data: bytes, if_absent: bool) -> None:
-        bucket, key = _s3_split(uri)
-        extra = {"IfNoneMatch": "*"} if if_absent else {}
-        try:
-            self._s3.put_object(Bucket=bucket, Key=key, Body=data, **extra)
-        except self._s3.exceptions.ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
-                raise ObjectExists(f"{uri} already exists") from e
-            raise StorageError(f"cannot write {uri}: {e}") from e
-        except Exception as e:
-            raise StorageError(f"cannot write {uri}: {e}") from e
-
     def exists(self, uri: str) -> bool:
         if uri.startswith("s3://"):
-            bucket, key = _s3_split(uri)
-            try:
-                self._s3.head_object(Bucket=bucket, Key=key)
-                return True
-            except self._s3.exceptions.ClientError as e:
-                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                    return False
-                raise StorageError(f"cannot check {uri}: {e}") from e
-        return _local_path(uri).is_file()
+            return self._s3.exists(uri)
+        return local_path(uri).is_file()
 
     def delete(self, uri: str) -> None:
         """Remove an object; a missing one is not an error."""
         if uri.startswith("s3://"):
-            bucket, key = _s3_split(uri)
-            try:
-                self._s3.delete_object(Bucket=bucket, Key=key)
-            except Exception as e:
-                raise StorageError(f"cannot delete {uri}: {e}") from e
+            self._s3.delete(uri)
             return
-        _local_path(uri).unlink(missing_ok=True)
+        local_path(uri).unlink(missing_ok=True)
 
     def delete_prefix(self, prefix: str) -> None:
         """Remove every object under `prefix` (a local folder: the folder itself, links not followed)."""
         if prefix.startswith("s3://"):
-            for info in list(self._list_s3(prefix)):
-                self.delete(info.uri)
+            for uri, _, _ in list(self._s3.list(prefix)):
+                self._s3.delete(uri)
             return
-        path = _local_path(prefix)
+        path = local_path(prefix)
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)

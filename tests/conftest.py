@@ -12,7 +12,7 @@ import pytest
 
 from orchestrator.config import Settings
 from orchestrator.processes import RedisServer, free_port, settings_env
-from support import ROOT, WorkerPool
+from support import ROOT, WorkerPool, build_tiny_vit
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
@@ -89,8 +89,6 @@ def client(settings):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from workers.demo import build_tiny_vit
-
     return build_tiny_vit(tmp_path_factory.mktemp("models") / "tiny-vit", num_labels=10, image_size=32)
 
 

@@ -13,6 +13,39 @@ from orchestrator.processes import ALL_QUEUES, worker_command
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def build_tiny_vit(dest: Path, num_labels: int = 10, image_size: int | tuple[int, int] = 32, seed: int = 0, *,
+                   labels: list[str] | None = None, hidden_size: int = 64, layers: int = 4, heads: int = 4,
+                   head_scale: float = 1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                   resample: int | None = None) -> Path:
+    """A small untrained HF ViT (4x4 patches) with its image processor, saved as safetensors (what `--model` loads).
+
+    `labels` name the classes (default "0".."num_labels-1"); `image_size` may be (height, width).
+    `head_scale` > 1 spreads the near-uniform scores of a random init, so that argmax
+    comparisons are not decided by rounding.
+    """
+    import torch
+    from PIL import Image
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    labels = labels or [str(i) for i in range(num_labels)]
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=image_size if isinstance(image_size, int) else [height, width], patch_size=4,
+        hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * hidden_size,
+        num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+    )
+    model = ViTForImageClassification(config)
+    if head_scale != 1.0:
+        with torch.no_grad():
+            model.classifier.weight.mul_(head_scale)
+    model.save_pretrained(dest)
+    extra = {} if resample is None else {"resample": Image.Resampling(resample)}
+    ViTImageProcessor(size={"height": height, "width": width}, image_mean=list(mean), image_std=list(std),
+                      **extra).save_pretrained(dest)
+    return dest
+
+
 class WorkerPool:
     """Real `celery -A workers worker` processes, started, stopped and killed by tests."""
 

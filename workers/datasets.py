@@ -13,9 +13,9 @@ import torch
 from orchestrator.errors import ObjectNotFound, ObjectTooLarge
 from orchestrator.labels import LabeledItem
 from workers.errors import BadImage
-from workers.imaging import decode_rgb, resize_uint8
-from workers.models import Preprocess
 from workers.context import WorkerContext
+from workers.imaging import decode_rgb
+from workers.preprocess import Preprocess, resize_image
 
 
 class LabeledImages(torch.utils.data.Dataset):
@@ -63,8 +63,7 @@ def transforms(prep: Preprocess, augment: str):
     mean, std = torch.tensor(prep.mean).view(3, 1, 1) * 255, torch.tensor(prep.std).view(3, 1, 1) * 255
 
     def evaluate(img) -> torch.Tensor:
-        pixels = resize_uint8(img, size=prep.size, resample=prep.resample, shortest_edge=prep.shortest_edge,
-                              crop=prep.crop, cover=prep.cover)  # the same call as ShardPipeline._load
+        pixels = resize_image(img, prep)  # the same resize as every inference decode path
         return (torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() - mean) / std  # PIL arrays are read-only
 
     size, interpolation = prep.crop or prep.size, _INTERPOLATION.get(prep.resample, "bilinear")

@@ -12,15 +12,14 @@ tests build (HF ViT, DeiT, BEiT, Dinov2 with and without registers; timm ViT wit
 registers, without a class token, distilled DeiT, non-square) with a dynamic batch axis
 and LayerNormalization kept as one op from opset 17.
 
-Parity: the export's outputs are compared with PyTorch fp32 on the CPU over sample
-images decoded by the job's own pipeline (`--input`, else synthetic images), and the job
-fails with the figures when they differ by more than the spec allows.
+Parity (workers/onnxparity.py): the export's outputs are compared with PyTorch fp32 on
+the CPU over sample images decoded by the job's own pipeline (`--input`, else synthetic
+images), and the job fails with the figures when they differ by more than the spec allows.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import tempfile
 import time
@@ -29,25 +28,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter
 
 from orchestrator.jobs import ExportSpec
 from orchestrator.modelinfo import ONNX_FORMAT
-from orchestrator.manifest import Item
-from orchestrator.planner import plan
 from orchestrator.storage import join
 from workers.errors import ExportFailed
 from workers.heads import cls_source, has_class_token, hf_cls, prefix_tokens
 from workers.models import LoadedModel, load
 from workers.onnxmodel import INPUT_NAME, MODEL_FILE, OUTPUT_NAMES, session
-from workers.pipeline import ShardPipeline
+from workers.onnxparity import (
+    DECISIVE_MARGIN, GRAPH_OUTPUTS, check_parity, ort_outputs, parity, sample_pixels, torch_outputs,
+)
 
 REPORT_FILE = "export_report.json"
-DECISIVE_MARGIN = 0.05  # top-1 minus top-2 probability: below it, argmax is decided by rounding
-PARITY_BATCH = 16
-SYNTHETIC_SIZE = (500, 375)
-EMBEDDINGS = ("cls", "mean", "patches")
-_GRAPH_OUTPUTS = ("logits", *EMBEDDINGS)
 _TWO_GB = 2 * 1024 ** 3  # protobuf's limit: larger models keep their weights beside the graph
 
 
@@ -92,7 +85,7 @@ def export_graph(wrapper: GraphOutputs, path: Path, opset: int) -> None:
     try:
         torch.onnx.export(
             wrapper, (example,), str(path), input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAMES[name] for name in _GRAPH_OUTPUTS],
+            output_names=[OUTPUT_NAMES[name] for name in GRAPH_OUTPUTS],
             dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch", min=1, max=4096)}},
             opset_version=opset, dynamo=True, external_data=size >= _TWO_GB, verbose=False,
         )
@@ -124,125 +117,6 @@ def quantize_int8(source: Path, dest: Path) -> None:
         raise ExportFailed(f"int8 dynamic quantization failed: {type(e).__name__}: {e}") from e
 
 
-# -- sample images --------------------------------------------------------------------------
-def synthetic_jpegs(n: int, size: tuple[int, int] = SYNTHETIC_SIZE, seed: int = 0) -> dict[str, bytes]:
-    """n deterministic photo-like JPEGs: smooth colour fields, edges, shapes and sensor-like noise.
-
-    Used when the job names no --input: they cover the whole pixel range and the decode path
-    real photos take (JPEG, resize, crop), so they check the graph; they are not your data.
-    """
-    rng = np.random.default_rng(seed)
-    out = {}
-    for i in range(n):
-        coarse = rng.integers(0, 256, (rng.integers(2, 7), rng.integers(2, 7), 3), dtype=np.uint8)
-        img = Image.fromarray(coarse).resize(size, Image.BICUBIC)
-        draw = ImageDraw.Draw(img)
-        for _ in range(rng.integers(2, 8)):
-            x0, y0 = int(rng.integers(0, size[0])), int(rng.integers(0, size[1]))
-            x1, y1 = x0 + int(rng.integers(20, 200)), y0 + int(rng.integers(20, 200))
-            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
-        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0, 2))))
-        noisy = np.asarray(img, np.int16) + rng.normal(0, 6, (size[1], size[0], 3)).astype(np.int16)
-        buffer = io.BytesIO()
-        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
-        out[f"synthetic-{i:04d}.jpg"] = buffer.getvalue()
-    return out
-
-
-class _KeepPixels:
-    """A pipeline head that keeps the normalized batches (what the model would see) in manifest order."""
-
-    def __init__(self) -> None:
-        self.pixels: dict[int, torch.Tensor] = {}
-        self.errors: dict[str, str] = {}
-
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        return pixels.clone()
-
-    def add(self, indices: list[int], items: list[Item], output: torch.Tensor) -> None:
-        for index, row in zip(indices, output):
-            self.pixels[index] = row
-
-    def add_error(self, index: int, item: Item, reason: str) -> None:
-        self.errors[item.key] = reason
-
-
-def sample_pixels(spec: ExportSpec, model: LoadedModel, ctx) -> tuple[torch.Tensor, dict]:
-    """The sample images through the job pipeline's decode and resize; returns [N, 3, H, W] and what they were."""
-    blobs: dict[str, bytes | str] = {}
-    if spec.input is not None:
-        images = [item for item in plan(spec.input, 1_000_000, ctx.store).items if not item.tar]
-        step = max(len(images) / spec.samples, 1.0)
-        items = [images[int(k * step)] for k in range(min(spec.samples, len(images)))]  # spread over the input
-    else:
-        blobs = {f"synthetic:{key}": data for key, data in synthetic_jpegs(spec.samples).items()}
-        items = [Item(key=uri.split(":", 1)[1], uri=uri) for uri in blobs]
-    head = _KeepPixels()
-    ShardPipeline(model, ctx.store, batch_size=PARITY_BATCH, read_concurrency=8,
-                  max_bytes=ctx.settings.max_object_bytes, max_pixels=ctx.settings.max_pixels,
-                  blobs=blobs).run(items, head)
-    if not head.pixels:
-        raise ExportFailed(f"no sample image could be decoded for the parity check: {dict(list(head.errors.items())[:3])}")
-    pixels = torch.stack([head.pixels[i] for i in sorted(head.pixels)])
-    about = {"kind": "input" if spec.input else "synthetic", "images": len(pixels), "errors": head.errors,
-             "source": spec.input or f"{spec.samples} synthetic {SYNTHETIC_SIZE[0]}x{SYNTHETIC_SIZE[1]} JPEGs"}
-    return pixels, about
-
-
-# -- parity ----------------------------------------------------------------------------------
-def torch_outputs(wrapper: GraphOutputs, pixels: torch.Tensor) -> dict[str, np.ndarray]:
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in _GRAPH_OUTPUTS}
-    with torch.inference_mode():
-        for start in range(0, len(pixels), PARITY_BATCH):
-            for name, value in zip(_GRAPH_OUTPUTS, wrapper(pixels[start:start + PARITY_BATCH])):
-                parts[name].append(value.float().numpy())
-    return {name: np.concatenate(values) for name, values in parts.items()}
-
-
-def ort_outputs(ort_session, pixels: torch.Tensor) -> dict[str, np.ndarray]:
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in _GRAPH_OUTPUTS}
-    for start in range(0, len(pixels), PARITY_BATCH):
-        batch = np.ascontiguousarray(pixels[start:start + PARITY_BATCH].numpy())
-        for name, value in zip(_GRAPH_OUTPUTS, ort_session.run([OUTPUT_NAMES[n] for n in _GRAPH_OUTPUTS],
-                                                               {INPUT_NAME: batch})):
-            parts[name].append(value)
-    return {name: np.concatenate(values) for name, values in parts.items()}
-
-
-def parity(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict:
-    """Max |logit| difference (absolute and relative to the sample's largest |logit|), top-1 agreement
-    (all images, and decisive ones: PyTorch's top-2 probability margin > DECISIVE_MARGIN), embeddings' max difference."""
-    ref, out = reference["logits"].astype(np.float64), got["logits"].astype(np.float64)
-    diff = float(np.abs(ref - out).max())
-    probs = np.exp(ref - ref.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
-    top2 = np.sort(probs, axis=1)[:, -2:] if probs.shape[1] > 1 else np.concatenate([np.zeros_like(probs), probs], 1)
-    decisive = (top2[:, 1] - top2[:, 0]) > DECISIVE_MARGIN
-    agree = ref.argmax(axis=1) == out.argmax(axis=1)
-    return {
-        "max_abs_logit_diff": diff, "max_abs_logit_diff_relative": diff / max(float(np.abs(ref).max()), 1e-12),
-        "top1_agreement": float(agree.mean()), "decisive_images": int(decisive.sum()),
-        "top1_agreement_decisive": float(agree[decisive].mean()) if decisive.any() else None,
-        "max_abs_embedding_diff": {name: float(np.abs(reference[name] - got[name]).max()) for name in EMBEDDINGS},
-    }
-
-
-def check_parity(spec: ExportSpec, figures: dict) -> str | None:
-    """Why the export fails its parity check, or None."""
-    fp32, int8 = figures["fp32"], figures.get("int8")
-    if fp32["max_abs_logit_diff_relative"] > spec.fp32_tolerance:
-        return (f"fp32 ONNX logits differ from PyTorch by {fp32['max_abs_logit_diff']:.3g} "
-                f"({fp32['max_abs_logit_diff_relative']:.3g} of the largest logit; allowed {spec.fp32_tolerance})")
-    if fp32["top1_agreement_decisive"] not in (None, 1.0):
-        return f"fp32 ONNX top-1 agrees with PyTorch on only {fp32['top1_agreement_decisive']:.1%} of decisive images"
-    if int8 is not None and int8["top1_agreement_decisive"] is not None \
-            and int8["top1_agreement_decisive"] < spec.int8_min_agreement:
-        return (f"int8 top-1 agrees with PyTorch fp32 on {int8['top1_agreement_decisive']:.1%} of "
-                f"{int8['decisive_images']} decisive images; --int8-min-agreement is {spec.int8_min_agreement:.1%}")
-    return None
-
-
 # -- the job ---------------------------------------------------------------------------------
 def versions(family: str) -> dict[str, str]:
     import onnx
@@ -267,7 +141,7 @@ def model_config(model: LoadedModel, spec: ExportSpec, grid: tuple[int, int]) ->
         "preprocess": model.prep.to_json(), "cls_source": cls_source(model), "prefix_tokens": prefix_tokens(model),
         "class_token": has_class_token(model), "grid": list(grid),
         "inputs": {INPUT_NAME: ["batch", 3, *model.input_size]},
-        "outputs": {name: OUTPUT_NAMES[name] for name in _GRAPH_OUTPUTS},
+        "outputs": {name: OUTPUT_NAMES[name] for name in GRAPH_OUTPUTS},
     }
 
 
@@ -275,7 +149,7 @@ def output_shapes(reference: dict[str, np.ndarray]) -> list[dict]:
     meaning = {"logits": "class scores before softmax", "cls": "the `cls` embedding (see cls_source)",
                "mean": "mean of the patch tokens of the final hidden state", "patches": "every patch token"}
     return [{"name": OUTPUT_NAMES[name], "shape": ["batch", *reference[name].shape[1:]], "dtype": "float32",
-             "meaning": meaning[name]} for name in _GRAPH_OUTPUTS]
+             "meaning": meaning[name]} for name in GRAPH_OUTPUTS]
 
 
 def export(spec: ExportSpec, job_id: str, ctx, report: Callable[[dict], None] | None = None) -> dict:

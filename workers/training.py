@@ -8,35 +8,37 @@ to re-implement each of those; Trainer needed one fix instead (HF weights were n
 really restored on resume: see checkpoints.ResumableTrainer).
 
 Checkpoints and resume live in workers/checkpoints.py, the Dataset and transforms
-in workers/datasets.py.
+in workers/datasets.py, the train/val split in workers/splits.py, and what the run
+reports from Trainer's log (progress, divergence, metrics.json) in workers/trainlog.py.
 """
 
 from __future__ import annotations
 
 import inspect
-import io
-import json
 import math
 import tempfile
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
 from orchestrator.errors import SpecError
-from orchestrator.jobs import FinetuneSpec, normalize_model_ref
-from orchestrator.labels import check_val_labels, class_names, load_labeled, stratified_split
+from orchestrator.jobs import FinetuneSpec
+from orchestrator.modelrefs import normalize_model_ref
 from orchestrator.storage import ObjectStore, join
 from workers import models
 from workers.checkpoints import ResumableTrainer, UploadCheckpoints, all_finite, restore
+from workers.context import WorkerContext
 from workers.datasets import LabeledImages, screen, transforms
 from workers.errors import ModelLoadError, TrainingDiverged
-from workers.context import WorkerContext
+from workers.modelfiles import check_model_dir, local_model_dir
+from workers.preprocess import Preprocess
+from workers.splits import train_val
+from workers.trainlog import ReportProgress, StopOnDivergence, write_metrics
 
 
 class TimmForTraining(torch.nn.Module):
@@ -58,7 +60,7 @@ class TimmForTraining(torch.nn.Module):
 class Built:
     family: str
     model: torch.nn.Module  # what Trainer trains (timm models wrapped)
-    prep: models.Preprocess  # the inference preprocessing the saved model will get
+    prep: Preprocess  # the inference preprocessing the saved model will get
     processor: object | None = None  # HF image processor, saved next to the weights
 
 
@@ -83,11 +85,12 @@ def _from_config(config: dict, labels: dict) -> Built:
 
     label_keys = sorted({"num_labels", "id2label", "label2id"} & set(config))
     if label_keys:
-        raise ValueError(f"drop {', '.join(label_keys)}: the labels come from the data")
+        raise SpecError(f"--config may not set {', '.join(label_keys)}: the labels come from the data; drop it")
     # ViTConfig keeps unknown keys as attributes: a typo (hiden_size) would silently train the default.
     unknown = sorted(set(config) - set(inspect.signature(ViTConfig).parameters))
     if unknown:
-        raise ValueError(f"ViTConfig has no field {', '.join(unknown)}")
+        raise SpecError(f"--config: ViTConfig has no field {', '.join(unknown)}: check the spelling against "
+                        "transformers' ViTConfig")
     module = ViTForImageClassification(ViTConfig(**config, **labels))
     size = module.config.image_size
     return _hf(module, ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3,
@@ -95,9 +98,9 @@ def _from_config(config: dict, labels: dict) -> Built:
 
 
 def _from_pretrained(ref: str, labels: dict, ctx: WorkerContext) -> Built:
-    path = models.local_model_dir(ref, ctx.store, ctx.settings)
+    path = local_model_dir(ref, ctx.store, ctx.settings)
     if path is not None:  # the same rules as inference: no remote code, safetensors only
-        models.check_model_dir(path)
+        check_model_dir(path)
     name = str(path) if path is not None else ref.split(":", 1)[1]
     try:
         if models.model_family(ref, path) == "timm":
@@ -138,61 +141,6 @@ def _precision(precision: str, device: torch.device) -> dict:
     if precision == "fp16" and device.type != "cuda":
         raise SpecError("fp16 training needs a CUDA device: use --precision bf16 or fp32 on CPU workers")
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
-
-
-class StopOnDivergence(TrainerCallback):
-    """A NaN/inf loss stops the job before anything is saved from it."""
-
-    def on_step_end(self, args, state, control, **kwargs):
-        control.should_log = control.should_log or state.global_step >= state.max_steps
-        return control  # the final step is logged, so it is checked before the final save
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        keys = ("loss", "train_loss", "eval_loss") + (() if args.fp16 else ("grad_norm",))
-        for key in keys:  # fp16's loss scaler skips inf gradients by design
-            value = (logs or {}).get(key)
-            if value is not None and not math.isfinite(value):
-                raise TrainingDiverged(
-                    f"training diverged at step {state.global_step} (epoch {state.epoch or 0:.2f}): {key} is "
-                    f"{value}; lower --lr (now {args.learning_rate:g}) or train in fp32"
-                )
-
-
-class ReportProgress(TrainerCallback):
-    """`report` gets step progress on every log and the val accuracy on every evaluation."""
-
-    def __init__(self, report: Callable[[dict], None], n_train: int, total: int) -> None:
-        self.report, self.n_train, self.total = report, n_train, total
-        self.t0, self.step0 = time.perf_counter(), 0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.t0, self.step0 = time.perf_counter(), state.global_step
-
-    def images_per_s(self, args, state) -> float:
-        images = (state.global_step - self.step0) * args.per_device_train_batch_size
-        return round(images / max(time.perf_counter() - self.t0, 1e-9), 2)
-
-    def position(self, state) -> dict:
-        done = min(round((state.epoch or 0) * self.n_train), self.total)
-        return {"step": state.global_step, "epoch": round(state.epoch or 0, 3), "done": done, "total": self.total}
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.report({**self.position(state), "loss": logs["loss"], "images_per_s": self.images_per_s(args, state)})
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        self.report({**self.position(state), "val_accuracy": (metrics or {}).get("eval_accuracy")})
-
-
-def _split(spec: FinetuneSpec, store: ObjectStore):
-    items = load_labeled(spec.train, store)
-    if spec.val is not None:
-        train, val = items, load_labeled(spec.val, store)
-    else:
-        train, val = stratified_split(items, spec.val_split, spec.seed)
-    names = class_names(train)
-    check_val_labels(set(names), val)
-    return train, val, names
 
 
 def _arguments(spec: FinetuneSpec, out_dir: Path, device: torch.device, has_val: bool) -> TrainingArguments:
@@ -237,50 +185,6 @@ def upload_dir(store: ObjectStore, local: Path, output: str) -> None:
         store.write(join(output, path.relative_to(local).as_posix()), path.read_bytes())
 
 
-def epoch_metrics(log_history: list[dict]) -> list[dict]:
-    """Mean logged train loss and the val accuracy of each epoch, from Trainer's log (which survives resume)."""
-    losses, accuracy = defaultdict(list), {}
-    for entry in log_history:
-        epoch = max(1, math.ceil(entry.get("epoch", 0) - 1e-6))  # a step logged at epoch 1.4 is in epoch 2
-        if "loss" in entry:
-            losses[epoch].append(entry["loss"])
-        if "eval_accuracy" in entry:
-            accuracy[epoch] = entry["eval_accuracy"]
-    return [{"epoch": e, "train_loss": sum(losses[e]) / len(losses[e]) if losses[e] else None,
-             "val_accuracy": accuracy.get(e)} for e in sorted(set(losses) | set(accuracy))]
-
-
-def write_metrics(store: ObjectStore, output: str, log_history: list[dict], extra: dict) -> dict:
-    """metrics.json (per-epoch loss and accuracy, the final val accuracy, `extra`) and training_curve.png."""
-    epochs = epoch_metrics(log_history)
-    final = next((e["val_accuracy"] for e in reversed(epochs) if e["val_accuracy"] is not None), None)
-    metrics = {"val_accuracy": final, "epochs": epochs, **extra}
-    store.write(join(output, "metrics.json"), json.dumps(metrics, indent=2).encode())
-    store.write(join(output, "training_curve.png"), curve_png(log_history))
-    return metrics
-
-
-def curve_png(log_history: list[dict]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")  # workers have no display
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4), dpi=100)
-    loss_ax = fig.subplots()
-    steps = [(e["epoch"], e["loss"]) for e in log_history if "loss" in e]
-    evals = [(e["epoch"], e["eval_accuracy"]) for e in log_history if "eval_accuracy" in e]
-    loss_ax.plot(*zip(*steps) if steps else ([], []), color="tab:blue", label="train loss")
-    loss_ax.set(xlabel="epoch", ylabel="train loss")
-    acc_ax = loss_ax.twinx()
-    acc_ax.plot(*zip(*evals) if evals else ([], []), "o-", color="tab:orange", label="val accuracy")
-    acc_ax.set(ylabel="val accuracy", ylim=(0, 1))
-    fig.legend(loc="upper center", ncols=2)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
 def _trainer(spec: FinetuneSpec, built: Built, names: list[str], data: tuple[list, list], ctx: WorkerContext,
              out_dir: Path, callbacks: list) -> ResumableTrainer:
     train_items, val_items = data
@@ -299,7 +203,7 @@ def _trainer(spec: FinetuneSpec, built: Built, names: list[str], data: tuple[lis
 def finetune(spec: FinetuneSpec, job_id: str, ctx: WorkerContext, report: Callable[[dict], None]) -> dict:
     """Train, checkpoint and resume; save the model, metrics.json and training_curve.png at spec.output."""
     start = time.perf_counter()
-    train_items, val_items, names = _split(spec, ctx.store)
+    train_items, val_items, names = train_val(spec, ctx.store)
     torch.manual_seed(spec.seed)  # the from-scratch initialization is part of the seeded run
     built = build_model(spec, names, ctx)  # before the decode pass: a bad --config fails in seconds
     if spec.freeze_backbone:

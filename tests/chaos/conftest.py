@@ -33,7 +33,7 @@ class Digits:
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory, s3) -> Digits:
     """Real digit PNGs (32x32) in the moto bucket, shared read-only by every chaos test."""
-    from workers.demo import write_digits
+    from orchestrator.demo import write_digits
 
     local = tmp_path_factory.mktemp("chaos-digits")
     write_digits(local, limit=N_IMAGES)

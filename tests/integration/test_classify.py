@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from orchestrator.constants import JOB_SPEC_FILE, SUCCESS_FILE
+from orchestrator.demo import write_digits
 from orchestrator.processes import ALL_QUEUES
 from orchestrator.results import read_table
-from workers.demo import write_digits
 
 pytestmark = pytest.mark.integration
 N_IMAGES = 60

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from orchestrator.constants import SUCCESS_FILE
+from orchestrator.demo import write_digits
 from orchestrator.results import committed_parts, read_arrays, read_embeddings, read_index
 from orchestrator.storage import join
-from workers.demo import write_digits
 
 pytestmark = pytest.mark.integration
 N_IMAGES = 24

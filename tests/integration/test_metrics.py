@@ -15,13 +15,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.config import Settings
 from orchestrator.constants import QUEUE_DEFAULT, QUEUE_INTERACTIVE, QUEUE_TRAIN
+from orchestrator.demo import write_digits
 from orchestrator.embedded import EmbeddedStack
 from orchestrator.processes import free_port, settings_env
 from orchestrator.exporter import queue_keys
 from orchestrator.jobs import parse_spec
 from orchestrator.submit import Client
 from support import ROOT
-from workers.demo import write_digits
 
 pytestmark = pytest.mark.integration
 

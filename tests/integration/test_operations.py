@@ -10,11 +10,12 @@ import time
 import pytest
 from PIL import Image
 
+from orchestrator.demo import write_digits
 from orchestrator.jobs import parse_spec
 from orchestrator.results import read_table
 from orchestrator.errors import ObjectNotFound
 from orchestrator.storage import join
-from workers.demo import build_tiny_vit, write_digits
+from support import build_tiny_vit
 
 pytestmark = pytest.mark.integration
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from orchestrator.demo import write_digits
 from orchestrator.jobs import parse_spec
 from orchestrator.ledger import ShardState
 from orchestrator.reconcile import reconcile
-from workers.demo import write_digits
 
 pytestmark = pytest.mark.integration
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from support import build_tiny_vit
+
 LABELS = ["cat", "dog", "eel", "fox", "gnu"]
 
 # HF processor: ViTImageProcessor's defaults are 224, bilinear (2), mean = std = 0.5.
@@ -31,28 +33,8 @@ def build_hf_vit(directory: Path, seed: int = 2) -> Path:
     At random init the CLS token barely depends on the image; with seed 0 every test
     image gets the same class. Seed 2 tells the pipeline tests' images apart (3 classes).
     """
-    import torch
-    from PIL import Image
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
-    torch.manual_seed(seed)
-    config = ViTConfig(
-        image_size=HF_SIZE, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, num_labels=len(LABELS),
-        id2label=dict(enumerate(LABELS)), label2id={label: i for i, label in enumerate(LABELS)},
-    )
-    model = ViTForImageClassification(config)
-    # Random init gives near-uniform softmax; larger head weights spread the scores so
-    # argmax comparisons are not decided by rounding.
-    with torch.no_grad():
-        model.classifier.weight.mul_(50)
-    model.save_pretrained(directory)
-    processor = ViTImageProcessor(
-        size={"height": HF_SIZE, "width": HF_SIZE}, image_mean=list(HF_MEAN), image_std=list(HF_STD),
-        resample=Image.Resampling(HF_RESAMPLE),
-    )
-    processor.save_pretrained(directory)
-    return directory
+    return build_tiny_vit(directory, image_size=HF_SIZE, seed=seed, labels=LABELS, hidden_size=32, layers=2, heads=2,
+                          head_scale=50, mean=HF_MEAN, std=HF_STD, resample=HF_RESAMPLE)
 
 
 def build_timm_vit(directory: Path, seed: int = 0) -> Path:

@@ -23,10 +23,12 @@ from orchestrator.jobs import normalize_model_ref, parse_spec
 from orchestrator.outputs import success_record
 from orchestrator.results import committed_parts, read_arrays, read_embeddings, read_index
 from orchestrator.storage import ObjectStore, join
+from support import build_tiny_vit
 from workers import models
 from workers.attention import rollout
 from workers.errors import ModelLoadError
-from workers.imaging import decode_rgb, resize_uint8
+from workers.imaging import decode_rgb
+from workers.preprocess import resize_image
 from workers.local import run_local
 from workers.context import WorkerContext
 
@@ -54,14 +56,8 @@ EXPECT = {
 
 def build_wide_hf(directory: Path) -> Path:
     """An HF ViT on 32x48 (height x width) inputs: transformers takes image_size as a pair."""
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
-    torch.manual_seed(3)
-    config = ViTConfig(image_size=[32, 48], patch_size=4, hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=2, intermediate_size=64, num_labels=3)
-    ViTForImageClassification(config).save_pretrained(directory)
-    ViTImageProcessor(size={"height": 32, "width": 48}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(directory)
-    return directory
+    return build_tiny_vit(directory, image_size=(32, 48), seed=3, labels=[f"LABEL_{i}" for i in range(3)],
+                          hidden_size=32, layers=2, heads=2)
 
 
 def build_small_timm(directory: Path, img_size: tuple[int, int], seed: int) -> Path:
@@ -160,12 +156,10 @@ def attention_job(request, ctx, inputs, model_dirs, tmp_path_factory) -> tuple[s
 def reference_pixels(model_dir: Path, keys: list[str], input_dir: Path) -> torch.Tensor:
     """The pixels vitbatch feeds the model (its decode + resize), normalized in fp32."""
     prep = models.load(str(model_dir), device="cpu").prep
-    height, width = prep.crop or prep.size
     arrays = []
     for key in keys:
-        img = decode_rgb((input_dir / key).read_bytes(), draft_size=(width, height))
-        arrays.append(resize_uint8(img, size=prep.size, resample=prep.resample,
-                                   shortest_edge=prep.shortest_edge, crop=prep.crop, cover=prep.cover))
+        img = decode_rgb((input_dir / key).read_bytes(), draft_size=prep.draft_size)
+        arrays.append(resize_image(img, prep))
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
     return (pixels - torch.tensor(prep.mean).view(1, 3, 1, 1)) / torch.tensor(prep.std).view(1, 3, 1, 1)
 

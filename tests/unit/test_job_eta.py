@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from orchestrator.cli import _eta_text
 from orchestrator.ledger import JobState, JobStatus
+from orchestrator.terminal import eta_text
 
 
 def status(state: JobState, n_items: int, done: int, elapsed_s: float) -> JobStatus:
@@ -28,6 +28,6 @@ def test_no_eta_before_the_first_item_and_none_left_once_done_or_ended():
 
 
 def test_the_eta_prints_as_hours_minutes_seconds():
-    assert _eta_text(None) == "?"
-    assert _eta_text(3723.4) == "1:02:03"
-    assert _eta_text(59.6) == "0:01:00"
+    assert eta_text(None) == "?"
+    assert eta_text(3723.4) == "1:02:03"
+    assert eta_text(59.6) == "0:01:00"

@@ -13,16 +13,18 @@ import torch
 from PIL import Image
 
 from orchestrator.config import Settings
+from orchestrator.demo import write_digits
 from orchestrator.errors import SpecError
 from orchestrator.jobs import EvaluateSpec, FinetuneSpec, normalize_model_ref
 from orchestrator.planner import plan
 from orchestrator.storage import ObjectStore, normalize_uri
 from workers import models
-from workers.demo import write_digits
 from workers.errors import TrainingDiverged
 from workers.evaluation import evaluate
 from workers.heads import ClassifyHead
-from workers.pipeline import ShardPipeline
+from workers.pipeline import DecodePath
+from workers.preprocess import Decoder
+from workers.runner import run_with
 from workers.context import WorkerContext
 from workers.training import finetune
 
@@ -124,8 +126,8 @@ def test_classify_pipeline_predicts_what_transformers_predicts(trained, digits):
     items = items[::20]
     loaded = models.load(normalize_model_ref(str(output)), device="cpu")
     head = ClassifyHead(loaded, 0, top_k=1)
-    ShardPipeline(loaded, ObjectStore(), batch_size=8, read_concurrency=2, max_bytes=1 << 20,
-                  max_pixels=1 << 20).run(items, head)
+    run_with(loaded, ObjectStore(), items, head, DecodePath(Decoder(loaded.prep, 1 << 20)), batch_size=8,
+             read_concurrency=2, max_bytes=1 << 20)
     hf, processor = AutoModelForImageClassification.from_pretrained(output), AutoImageProcessor.from_pretrained(output)
     images = [Image.open(digits / item.key).convert("RGB") for item in items]
     with torch.no_grad():
@@ -240,3 +242,11 @@ def test_evaluate_refuses_labels_the_model_does_not_know(trained, tmp_path, ctx)
     spec = EvaluateSpec(input=str(tmp_path / "data"), output=str(tmp_path / "eval"), model=str(trained[2]))
     with pytest.raises(SpecError, match="not known to the model.*zebra"):
         evaluate(spec, "job-eval", ctx, ignore)
+
+
+def test_a_config_that_sets_the_labels_is_a_spec_error_saying_to_drop_them(tmp_path):
+    from workers.training import build_model
+
+    spec = FinetuneSpec(train=str(tmp_path), output=str(tmp_path / "out"), config={**TINY_VIT, "num_labels": 3})
+    with pytest.raises(SpecError, match="--config may not set num_labels: the labels come from the data; drop it"):
+        build_model(spec, ["a", "b"], ctx=None)

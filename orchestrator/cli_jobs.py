@@ -1,0 +1,182 @@
+"""The CLI's job commands: `submit`/`run` (one per job kind, options from the spec), and
+`status`, `wait`, `cancel`, `retry`, `reconcile`, `jobs`, `schema`."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import time
+import types
+import typing
+from contextlib import ExitStack
+
+import typer
+
+from orchestrator.config import Settings
+from orchestrator.errors import VitbatchError
+from orchestrator.finalize import stage_seconds
+from orchestrator.jobs import JOB_KINDS, SPEC_CLASSES, parse_spec
+from orchestrator.terminal import console, err, exit_code, report, watch
+
+
+def client_for(settings: Settings | None = None):
+    """The control plane for these settings (default: the environment's)."""
+    from orchestrator.submit import Client
+
+    return Client.from_settings(settings)
+
+
+def _submit(spec, wait: bool, workers: int, overwrite: bool, show_rows: int = 5) -> None:
+    settings = Settings()
+    embedded = wait and not settings.broker_url
+    with ExitStack() as stack:
+        if embedded:
+            from orchestrator.embedded import EmbeddedStack
+
+            err.print(f"no VITBATCH_BROKER_URL: starting the embedded stack with {workers} worker(s)")
+            embedded_stack = stack.enter_context(EmbeddedStack(workers=workers, settings=settings))
+            settings = embedded_stack.settings
+            for url in embedded_stack.metrics_urls:
+                err.print(f"worker metrics: {url}")
+        client = client_for(settings)
+        job_id, summary = client.submit(spec, overwrite=overwrite)
+        err.print(f"job {job_id}: {summary['items']} images"
+                  + (f" in {summary['shards']} shard(s)" if "shards" in summary else "")
+                  + (f", {len(summary['classes'])} classes" if "classes" in summary else "")
+                  + (f", {summary['ignored_non_images']} non-image files ignored" if summary.get("ignored_non_images") else "")
+                  + (f", {summary['duplicate_keys']} duplicate keys dropped" if summary.get("duplicate_keys") else "")
+                  + (f", {summary['skipped']} entries skipped (e.g. {summary['skipped_examples'][0]})"
+                     if summary.get("skipped") else ""))
+        if not wait:
+            console.print(job_id)
+            return
+        status = watch(client, job_id, summary["items"])
+        report(status, show_rows, client)
+    raise typer.Exit(exit_code(status))
+
+
+def _cli_type(annotation, default):
+    """The type typer parses for a spec field: lists, literals and JSON objects arrive as text."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal or origin is list or annotation is dict or origin is dict:
+        return str
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return typing.Optional[_cli_type(inner[0], default)]
+    return annotation
+
+
+def _json_argument(value: str) -> str:
+    """A JSON option as typed, or the text of FILE for `@FILE` (a long --config is easier in a file)."""
+    if not value.startswith("@"):
+        return value
+    try:
+        with open(os.path.expanduser(value[1:]), encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise VitbatchError(f"cannot read {value[1:]!r} for --config ({e.strerror}): give a JSON object or @file.json")
+
+
+def _job_command(group: typer.Typer, kind: str, wait: bool) -> None:
+    """One command per job kind, its options generated from the spec's fields and descriptions."""
+    spec_cls = SPEC_CLASSES[kind]
+    params = []
+    for name, field in spec_cls.model_fields.items():
+        if name == "kind":
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = ",".join(str(v) for v in default)
+        flag = "--" + name.replace("_", "-")
+        option = typer.Option(... if field.is_required() else default, flag, help=field.description)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=_cli_type(field.annotation, default)))
+    params.append(inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                                    default=typer.Option(False, help="Replace a finished job's output.")))
+    params.append(inspect.Parameter("workers", inspect.Parameter.KEYWORD_ONLY, annotation=int,
+                                    default=typer.Option(1, help="Embedded stack only: local worker processes.")))
+
+    def command(**kwargs) -> None:
+        overwrite, workers = kwargs.pop("overwrite"), kwargs.pop("workers")
+        if isinstance(kwargs.get("config"), str):
+            kwargs["config"] = _json_argument(kwargs["config"])
+        spec = parse_spec({"kind": kind, **{k: v for k, v in kwargs.items() if v is not None}})
+        _submit(spec, wait, workers, overwrite, show_rows=5 if kind == "classify" else 0)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = spec_cls.__doc__
+    group.command(kind)(command)
+
+
+def add_job_commands(group: typer.Typer, wait: bool) -> None:
+    """`submit <kind>` (wait=False) or `run <kind>` (wait=True) for every job kind."""
+    for kind in JOB_KINDS:
+        _job_command(group, kind, wait)
+
+
+def status(job_id: str, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Show a job's state and totals."""
+    client = client_for()
+    job = client.status(job_id)
+    stages = stage_seconds(client.ledger.shard_stats(job_id))
+    if as_json:
+        console.print_json(json.dumps({**job.to_json(), "stage_seconds": stages}))
+    else:
+        report(job)
+        console.print(f"shards: {job.shards}")
+        if stages:
+            console.print("seconds per stage (summed over committed shards): "
+                          + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in stages.items()))
+
+
+def wait(job_id: str) -> None:
+    """Wait with a progress bar; exit 0 when the job succeeded, 1 otherwise."""
+    client = client_for()
+    final = watch(client, job_id, client.status(job_id).n_items)
+    report(final)
+    raise typer.Exit(exit_code(final))
+
+
+def cancel(job_id: str) -> None:
+    """Cancel a job: queued shards are skipped, running shards stop at their next batch."""
+    report(client_for().cancel(job_id))
+
+
+def retry(job_id: str) -> None:
+    """Re-enqueue only the shards that failed or never committed."""
+    shards = client_for().retry(job_id)
+    console.print(f"re-enqueued {len(shards)} shard(s): {shards}")
+
+
+def reconcile(loop: bool = typer.Option(False, help="Keep reconciling until Ctrl-C."),
+              stale_after_s: float = typer.Option(None, help="Override VITBATCH_STALE_AFTER_S.")) -> None:
+    """Re-enqueue shards whose worker went silent; finalize jobs whose last worker died."""
+    from orchestrator.reconcile import reconcile as reconcile_once
+
+    client = client_for()
+    stale = stale_after_s or client.settings.stale_after_s
+    while True:
+        result = reconcile_once(client, stale)
+        for job_id, shards in result.requeued.items():
+            console.print(f"{job_id}: re-enqueued silent shards {shards}")
+        for job_id in result.finalized:
+            console.print(f"{job_id}: finalized")
+        if not loop:
+            return
+        time.sleep(client.settings.heartbeat_s)
+
+
+def jobs(limit: int = 20) -> None:
+    """List recent jobs."""
+    client = client_for()
+    for job_id in client.ledger.recent_jobs(limit):
+        job = client.status(job_id)
+        console.print(f"{job_id}  {job.kind:9} {job.state.value:22} {job.done}/{job.n_items}  {job.output}")
+
+
+def schema() -> None:
+    """Print the JSON schema of job specs."""
+    from orchestrator.jobs import _ADAPTER
+
+    console.print_json(json.dumps(_ADAPTER.json_schema()))

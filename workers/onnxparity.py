@@ -1,0 +1,133 @@
+"""The export's parity check: sample images through the job's own decode and resize, the
+PyTorch and ONNX Runtime outputs on them, the figures that compare the two, and the verdict."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+from orchestrator.jobs import ExportSpec
+from orchestrator.manifest import Item
+from orchestrator.planner import plan
+from workers.errors import ExportFailed
+from workers.models import LoadedModel
+from workers.onnxmodel import INPUT_NAME, OUTPUT_NAMES
+from workers.compute import DeviceStage
+from workers.pipeline import DecodePath, Failed, ShardPipeline
+from workers.preprocess import Decoder
+
+DECISIVE_MARGIN = 0.05  # top-1 minus top-2 probability: below it, argmax is decided by rounding
+PARITY_BATCH = 16
+SYNTHETIC_SIZE = (500, 375)
+EMBEDDINGS = ("cls", "mean", "patches")
+GRAPH_OUTPUTS = ("logits", *EMBEDDINGS)  # what GraphOutputs returns, in order
+
+
+# -- sample images --------------------------------------------------------------------------
+def synthetic_jpegs(n: int, size: tuple[int, int] = SYNTHETIC_SIZE, seed: int = 0) -> dict[str, bytes]:
+    """n deterministic photo-like JPEGs: smooth colour fields, edges, shapes and sensor-like noise.
+
+    Used when the job names no --input: they cover the whole pixel range and the decode path
+    real photos take (JPEG, resize, crop), so they check the graph; they are not your data.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(n):
+        coarse = rng.integers(0, 256, (rng.integers(2, 7), rng.integers(2, 7), 3), dtype=np.uint8)
+        img = Image.fromarray(coarse).resize(size, Image.BICUBIC)
+        draw = ImageDraw.Draw(img)
+        for _ in range(rng.integers(2, 8)):
+            x0, y0 = int(rng.integers(0, size[0])), int(rng.integers(0, size[1]))
+            x1, y1 = x0 + int(rng.integers(20, 200)), y0 + int(rng.integers(20, 200))
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
+        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0, 2))))
+        noisy = np.asarray(img, np.int16) + rng.normal(0, 6, (size[1], size[0], 3)).astype(np.int16)
+        buffer = io.BytesIO()
+        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+        out[f"synthetic-{i:04d}.jpg"] = buffer.getvalue()
+    return out
+
+
+def sample_pixels(spec: ExportSpec, model: LoadedModel, ctx) -> tuple[torch.Tensor, dict]:
+    """The sample images through the job pipeline's decode and resize; returns [N, 3, H, W] and what they were."""
+    blobs: dict[str, bytes | str] = {}
+    if spec.input is not None:
+        images = [item for item in plan(spec.input, 1_000_000, ctx.store).items if not item.tar]
+        step = max(len(images) / spec.samples, 1.0)
+        items = [images[int(k * step)] for k in range(min(spec.samples, len(images)))]  # spread over the input
+    else:
+        blobs = {f"synthetic:{key}": data for key, data in synthetic_jpegs(spec.samples).items()}
+        items = [Item(key=uri.split(":", 1)[1], uri=uri) for uri in blobs]
+    path = DecodePath(Decoder(model.prep, ctx.settings.max_pixels))  # threads: every pixel on the host
+    pipeline = ShardPipeline(ctx.store, path, batch_size=PARITY_BATCH, read_concurrency=8,
+                             max_bytes=ctx.settings.max_object_bytes, blobs=blobs)
+    device = DeviceStage(model, path.decoder, PARITY_BATCH)
+    batches, errors = [], {}
+    for event in pipeline.batches(items):  # in manifest order; failed items are left out
+        if isinstance(event, Failed):
+            errors[event.item.key] = event.reason
+        else:
+            batches.append(device.to_device(event.decoded))
+    if not batches:
+        raise ExportFailed(f"no sample image could be decoded for the parity check: {dict(list(errors.items())[:3])}")
+    pixels = torch.cat(batches)
+    about = {"kind": "input" if spec.input else "synthetic", "images": len(pixels), "errors": errors,
+             "source": spec.input or f"{spec.samples} synthetic {SYNTHETIC_SIZE[0]}x{SYNTHETIC_SIZE[1]} JPEGs"}
+    return pixels, about
+
+
+# -- parity ----------------------------------------------------------------------------------
+def torch_outputs(wrapper: torch.nn.Module, pixels: torch.Tensor) -> dict[str, np.ndarray]:
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in GRAPH_OUTPUTS}
+    with torch.inference_mode():
+        for start in range(0, len(pixels), PARITY_BATCH):
+            for name, value in zip(GRAPH_OUTPUTS, wrapper(pixels[start:start + PARITY_BATCH])):
+                parts[name].append(value.float().numpy())
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def ort_outputs(ort_session, pixels: torch.Tensor) -> dict[str, np.ndarray]:
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in GRAPH_OUTPUTS}
+    for start in range(0, len(pixels), PARITY_BATCH):
+        batch = np.ascontiguousarray(pixels[start:start + PARITY_BATCH].numpy())
+        for name, value in zip(GRAPH_OUTPUTS, ort_session.run([OUTPUT_NAMES[n] for n in GRAPH_OUTPUTS],
+                                                               {INPUT_NAME: batch})):
+            parts[name].append(value)
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def parity(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict:
+    """Max |logit| difference (absolute and relative to the sample's largest |logit|), top-1 agreement
+    (all images, and decisive ones: PyTorch's top-2 probability margin > DECISIVE_MARGIN), embeddings' max difference."""
+    ref, out = reference["logits"].astype(np.float64), got["logits"].astype(np.float64)
+    diff = float(np.abs(ref - out).max())
+    probs = np.exp(ref - ref.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    top2 = np.sort(probs, axis=1)[:, -2:] if probs.shape[1] > 1 else np.concatenate([np.zeros_like(probs), probs], 1)
+    decisive = (top2[:, 1] - top2[:, 0]) > DECISIVE_MARGIN
+    agree = ref.argmax(axis=1) == out.argmax(axis=1)
+    return {
+        "max_abs_logit_diff": diff, "max_abs_logit_diff_relative": diff / max(float(np.abs(ref).max()), 1e-12),
+        "top1_agreement": float(agree.mean()), "decisive_images": int(decisive.sum()),
+        "top1_agreement_decisive": float(agree[decisive].mean()) if decisive.any() else None,
+        "max_abs_embedding_diff": {name: float(np.abs(reference[name] - got[name]).max()) for name in EMBEDDINGS},
+    }
+
+
+def check_parity(spec: ExportSpec, figures: dict) -> str | None:
+    """Why the export fails its parity check, or None."""
+    fp32, int8 = figures["fp32"], figures.get("int8")
+    if fp32["max_abs_logit_diff_relative"] > spec.fp32_tolerance:
+        return (f"fp32 ONNX logits differ from PyTorch by {fp32['max_abs_logit_diff']:.3g} "
+                f"({fp32['max_abs_logit_diff_relative']:.3g} of the largest logit; allowed {spec.fp32_tolerance})")
+    if fp32["top1_agreement_decisive"] not in (None, 1.0):
+        return f"fp32 ONNX top-1 agrees with PyTorch on only {fp32['top1_agreement_decisive']:.1%} of decisive images"
+    if int8 is not None and int8["top1_agreement_decisive"] is not None \
+            and int8["top1_agreement_decisive"] < spec.int8_min_agreement:
+        return (f"int8 top-1 agrees with PyTorch fp32 on {int8['top1_agreement_decisive']:.1%} of "
+                f"{int8['decisive_images']} decisive images; --int8-min-agreement is {spec.int8_min_agreement:.1%}")
+    return None
