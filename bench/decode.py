@@ -40,10 +40,10 @@ def main() -> None:
         rates["threads_img_s"] = args.n / (time.perf_counter() - start)
 
         pool = DecodePool()
-        with pool.lane(args.threads * 2, (224, 224, 3), recipe) as lane:
+        with pool.slot_block(args.threads * 2, (224, 224, 3), recipe) as block:
             def one(blob):
-                slot, error, _ = lane.decode(blob)
-                lane.release(slot)
+                slot, error, _ = block.decode(blob)
+                block.release(slot)
             list(threads.map(one, blobs[:200]))  # start the processes before the clock
             start = time.perf_counter()
             list(threads.map(one, blobs))

@@ -17,6 +17,10 @@ JOBS_DIR = "_jobs"  # <output>/_jobs/<job id>/: everything one job writes
 MANIFEST_DIR = "_manifests"
 COMMIT_DIR = "_commits"
 ERRORS_FILE_PREFIX = "errors"
+CARRIED_MARKER = f"{COMMIT_DIR}/carried-00000.json"  # rows an incremental run carried over from the last job
+CHECKPOINT_COMMITTED = "_COMMITTED.json"  # a fine-tune checkpoint step is whole once this is written
+ONNX_MODEL_FILE = "model.onnx"
+EXPORT_REPORT_FILE = "export_report.json"
 
 
 def job_key(job_id: str) -> str:

@@ -11,13 +11,12 @@ import json
 import time
 
 from orchestrator import __version__
-from orchestrator.constants import COMMIT_DIR, FAILURES_FILE, SUCCESS_FILE, commit_name
+from orchestrator.constants import CARRIED_MARKER, FAILURES_FILE, SUCCESS_FILE, commit_name
 from orchestrator.errors import StorageError
 from orchestrator.ledger import JobState, Ledger, ShardState
 from orchestrator.outputs import job_dir, read_json, remove_superseded, spec_digest
 from orchestrator.storage import ObjectStore, join, relative_key
 
-CARRIED_MARKER = f"{COMMIT_DIR}/carried-00000.json"
 
 
 def stage_seconds(shard_stats: dict[int, dict]) -> dict[str, float]:

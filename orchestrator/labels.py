@@ -17,7 +17,7 @@ from orchestrator.errors import ObjectNotFound, SpecError, UnsafeKey
 from orchestrator.planner import is_image_key
 from orchestrator.storage import ObjectStore, join, relative_key
 
-MANIFEST_SUFFIXES = (".csv", ".jsonl")
+LABEL_LIST_SUFFIXES = (".csv", ".jsonl")
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,8 @@ class LabeledItem:
 def load_labeled(uri: str, store: ObjectStore) -> list[LabeledItem]:
     """Items of an ImageFolder prefix or a .csv/.jsonl manifest, sorted by key; SpecError when unusable."""
     suffix = posixpath.splitext(uri.rstrip("/").lower())[1]
-    if suffix in MANIFEST_SUFFIXES:
-        items = _from_manifest(uri, store, suffix)
+    if suffix in LABEL_LIST_SUFFIXES:
+        items = _from_label_list(uri, store, suffix)
     else:
         items = _from_folders(uri, store)
     if not items:
@@ -70,7 +70,7 @@ def _from_folders(prefix: str, store: ObjectStore) -> list[LabeledItem]:
     return items
 
 
-def _from_manifest(uri: str, store: ObjectStore, suffix: str) -> list[LabeledItem]:
+def _from_label_list(uri: str, store: ObjectStore, suffix: str) -> list[LabeledItem]:
     if not store.exists(uri):
         raise SpecError(f"labels file {uri} does not exist")
     text = store.read(uri).decode("utf-8-sig")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.errors import ObjectNotFound, SpecError, UnsafeKey
 from orchestrator.manifest import Item
-from orchestrator.scope import MANIFEST_SUFFIXES, input_root, outside_input
+from orchestrator.scope import INPUT_LIST_SUFFIXES, input_root, outside_input
 from orchestrator.storage import ObjectInfo, ObjectStore, join, relative_key
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
@@ -59,8 +59,8 @@ def plan(input_uri: str, shard_size: int, store: ObjectStore) -> Plan:
     """List the inputs (prefix or manifest file), keep the images, cut them into shards."""
     suffix = posixpath.splitext(input_uri.rstrip("/").lower())[1]
     skipped: list[str] = []
-    if suffix in MANIFEST_SUFFIXES and store.exists(input_uri):
-        candidates = _from_manifest(input_uri, store)
+    if suffix in INPUT_LIST_SUFFIXES and store.exists(input_uri):
+        candidates = _from_input_list(input_uri, store)
     else:
         candidates = _from_prefix(input_uri, store, skipped)
     root = input_root(input_uri)
@@ -99,7 +99,7 @@ def _from_prefix(prefix: str, store: ObjectStore, skipped: list[str]) -> Iterato
         raise SpecError(f"input {prefix} is unreadable: {e}") from e
 
 
-def _from_manifest(manifest_uri: str, store: ObjectStore) -> Iterator[Item]:
+def _from_input_list(manifest_uri: str, store: ObjectStore) -> Iterator[Item]:
     """One key per line, or JSON lines with a 'key' field; keys are relative to the manifest's folder.
 
     Keys are taken exactly as written (`#`, `?`, `%`, unicode), except that a plain line is

@@ -13,13 +13,13 @@ import os
 import posixpath
 from urllib.parse import unquote
 
-MANIFEST_SUFFIXES = frozenset({".txt", ".jsonl", ".lst"})
+INPUT_LIST_SUFFIXES = frozenset({".txt", ".jsonl", ".lst"})
 
 
 def input_root(input_uri: str) -> str:
     """The prefix every item of a job must lie under: the input prefix, or a manifest file's folder."""
     stripped = input_uri.rstrip("/")
-    if posixpath.splitext(stripped.lower())[1] in MANIFEST_SUFFIXES:
+    if posixpath.splitext(stripped.lower())[1] in INPUT_LIST_SUFFIXES:
         return stripped.rsplit("/", 1)[0]
     return stripped
 

@@ -23,13 +23,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
+from orchestrator.constants import CHECKPOINT_COMMITTED
 from orchestrator.errors import ObjectNotFound, SpecError
 from orchestrator.jobs import FinetuneSpec
 from orchestrator.storage import ObjectStore, join, relative_key
 from workers.errors import TrainingDiverged
 
-_COMMITTED = "_COMMITTED.json"
-_STEP_DIR = re.compile(r"step-(\d{8})/" + re.escape(_COMMITTED))
+_STEP_DIR = re.compile(r"step-(\d{8})/" + re.escape(CHECKPOINT_COMMITTED))
 
 
 def all_finite(module: torch.nn.Module) -> bool:
@@ -69,7 +69,7 @@ class UploadCheckpoints(TrainerCallback):
         for rel in files:
             self.store.write(join(prefix, rel), (local / rel).read_bytes())
         marker = {"step": state.global_step, "files": files, "spec": self.spec_json, "committed_at": time.time()}
-        self.store.write(join(prefix, _COMMITTED), json.dumps(marker, indent=2).encode())
+        self.store.write(join(prefix, CHECKPOINT_COMMITTED), json.dumps(marker, indent=2).encode())
 
 
 def latest_checkpoint(store: ObjectStore, output: str) -> tuple[int, dict] | None:
@@ -83,7 +83,7 @@ def latest_checkpoint(store: ObjectStore, output: str) -> tuple[int, dict] | Non
     if not steps:
         return None
     step = max(steps)
-    return step, json.loads(store.read(join(prefix, f"step-{step:08d}", _COMMITTED)))
+    return step, json.loads(store.read(join(prefix, f"step-{step:08d}", CHECKPOINT_COMMITTED)))
 
 
 def download_checkpoint(store: ObjectStore, output: str, step: int, marker: dict, dest: Path) -> Path:

@@ -3,7 +3,7 @@
 Reads stay in threads (they wait on the network, which releases the GIL). The
 bytes go to a decode process, which decodes, resizes and writes the HxWx3 uint8
 result into a slot of a shared-memory block; only the slot's status comes
-back, so no pixels are pickled. A lane is one shard's block of slots: two
+back, so no pixels are pickled. A SlotBlock is one shard's block of slots: two
 shards in flight never wait on each other's slots.
 
 The processes come from a forkserver, not fork: a worker holding CUDA state
@@ -27,7 +27,7 @@ import numpy as np
 from workers.errors import BadImage, NoSharedMemory
 from workers.preprocess import Decoder
 
-# A decode process keeps this many blocks mapped (one per recent lane).
+# A decode process keeps this many blocks mapped (the most recent shards').
 _ATTACHED_LIMIT = 4
 # A decode that takes longer is reported as an error row instead of holding the shard forever
 # (a 50-megapixel JPEG decodes in about a second).
@@ -36,7 +36,7 @@ _attached: OrderedDict[str, tuple[SharedMemory, np.ndarray]] = OrderedDict()
 
 
 def _block(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """The lane's slots, mapped once per process. The parent owns the block and unlinks it;
+    """The block's slots, mapped once per process. The parent owns the block and unlinks it;
     children of a forkserver share its resource tracker, so attaching here leaks nothing."""
     if name not in _attached:
         shm = SharedMemory(name=name)
@@ -110,8 +110,8 @@ class DecodePool:
                     self._in_flight -= 1
         return "a decode process died twice while decoding this image", 0.0
 
-    def lane(self, slots: int, shape: tuple[int, int, int], decoder: Decoder) -> Lane:
-        return Lane(self, slots, shape, decoder)
+    def slot_block(self, slots: int, shape: tuple[int, int, int], decoder: Decoder) -> SlotBlock:
+        return SlotBlock(self, slots, shape, decoder)
 
     def close(self) -> None:
         with self._lock:
@@ -120,7 +120,7 @@ class DecodePool:
             executor.shutdown(wait=True, cancel_futures=True)
 
 
-class Lane:
+class SlotBlock:
     """One shard's slots in shared memory. decode() blocks its (reader) thread until a slot is
     free and the pixels are in it; the consumer calls release() once the batch is on the device."""
 
@@ -164,7 +164,7 @@ class Lane:
             pass
         self._shm.unlink()
 
-    def __enter__(self) -> Lane:
+    def __enter__(self) -> SlotBlock:
         return self
 
     def __exit__(self, *exc) -> None:

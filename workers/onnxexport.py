@@ -29,18 +29,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from orchestrator.constants import EXPORT_REPORT_FILE, ONNX_MODEL_FILE
 from orchestrator.jobs import ExportSpec
 from orchestrator.modelinfo import ONNX_FORMAT
 from orchestrator.storage import join
 from workers.errors import ExportFailed
 from workers.heads import cls_source, has_class_token, hf_cls, prefix_tokens
 from workers.models import LoadedModel, load
-from workers.onnxmodel import INPUT_NAME, MODEL_FILE, OUTPUT_NAMES, session
+from workers.onnxmodel import INPUT_NAME, OUTPUT_NAMES, session
 from workers.onnxparity import (
     DECISIVE_MARGIN, GRAPH_OUTPUTS, check_parity, ort_outputs, parity, sample_pixels, torch_outputs,
 )
 
-REPORT_FILE = "export_report.json"
 _TWO_GB = 2 * 1024 ** 3  # protobuf's limit: larger models keep their weights beside the graph
 
 
@@ -134,7 +134,7 @@ def model_config(model: LoadedModel, spec: ExportSpec, grid: tuple[int, int]) ->
     """config.json of the exported directory: what load_onnx and the control plane read (no torch needed)."""
     source = model.module.config.to_dict() if model.family == "hf" else model.module.pretrained_cfg
     return {
-        "format": ONNX_FORMAT, "model_file": MODEL_FILE, "quantize": spec.quantize, "opset": spec.opset,
+        "format": ONNX_FORMAT, "model_file": ONNX_MODEL_FILE, "quantize": spec.quantize, "opset": spec.opset,
         "source": {"ref": model.ref, "family": model.family, "fingerprint": model.fingerprint,
                    "architecture": source.get("model_type") or source.get("architecture")},
         "id2label": {str(i): name for i, name in model.id2label.items()},
@@ -161,7 +161,7 @@ def export(spec: ExportSpec, job_id: str, ctx, report: Callable[[dict], None] | 
     stats: dict[str, float] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="vitbatch-export-") as tmp:
-            fp32_path, final = Path(tmp) / MODEL_FILE, Path(tmp) / MODEL_FILE
+            fp32_path, final = Path(tmp) / ONNX_MODEL_FILE, Path(tmp) / ONNX_MODEL_FILE
             export_graph(wrapper, fp32_path, spec.opset)
             stats["export_s"] = round(time.perf_counter() - t0, 3)
             reference = torch_outputs(wrapper, pixels)
@@ -188,11 +188,11 @@ def export(spec: ExportSpec, job_id: str, ctx, report: Callable[[dict], None] | 
                                "decisive_margin": DECISIVE_MARGIN},
                 "passed": failure is None, "failure": failure, "seconds": stats,
             }
-            ctx.store.write(join(spec.output, REPORT_FILE), json.dumps(record, indent=2).encode())
+            ctx.store.write(join(spec.output, EXPORT_REPORT_FILE), json.dumps(record, indent=2).encode())
             if failure is not None:
-                raise ExportFailed(f"parity check failed: {failure} (report: {join(spec.output, REPORT_FILE)})")
+                raise ExportFailed(f"parity check failed: {failure} (report: {join(spec.output, EXPORT_REPORT_FILE)})")
             data = final.read_bytes()
-            ctx.store.write(join(spec.output, MODEL_FILE), data)
+            ctx.store.write(join(spec.output, ONNX_MODEL_FILE), data)
             config = model_config(model, spec, grid)
             ctx.store.write(join(spec.output, "config.json"), json.dumps(config, indent=2).encode())
     finally:

@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from orchestrator.constants import ONNX_MODEL_FILE
 from workers.errors import ModelLoadError
 
 INPUT_NAME = "pixel_values"
 # Embedding -> graph output name. Plain "mean" or "cls" can collide with a value the exporter
 # names inside the graph (Dinov2 with registers has a "mean"): ORT then refuses the model.
 OUTPUT_NAMES = {"logits": "logits", "cls": "cls_embedding", "mean": "mean_embedding", "patches": "patch_embeddings"}
-MODEL_FILE = "model.onnx"
 
 
 def worker_cores() -> int:
@@ -103,9 +103,9 @@ def load_onnx(ref: str, path: Path, device: str = "auto"):
     from workers.preprocess import Preprocess
 
     config = json.loads((path / "config.json").read_text())
-    model_path = path / config.get("model_file", MODEL_FILE)
-    if not model_path.is_file() or model_path.name != config.get("model_file", MODEL_FILE):
-        raise ModelLoadError(f"ONNX model directory {path} has no {config.get('model_file', MODEL_FILE)}")
+    model_path = path / config.get("model_file", ONNX_MODEL_FILE)
+    if not model_path.is_file() or model_path.name != config.get("model_file", ONNX_MODEL_FILE):
+        raise ModelLoadError(f"ONNX model directory {path} has no {config.get('model_file', ONNX_MODEL_FILE)}")
     check_external_data(model_path)
     try:
         prep = Preprocess.from_json(config["preprocess"])

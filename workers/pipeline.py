@@ -3,7 +3,7 @@
 Reads run in a thread pool ahead of the model (boto3 waits off the GIL). Where an
 image is decoded is the shard's `DecodePath`, chosen and sized in `decode_path` and
 nowhere else: in the reader threads, in decode processes writing into shared memory
-(a `Lane`), or, for plain JPEGs while every process is busy, later on the model's
+(a `SlotBlock`), or, for plain JPEGs while every process is busy, later on the model's
 device (nvJPEG, in workers.compute). A bad item becomes a `Failed` event with its
 reason; everything else arrives in `Batch`es. Events come in manifest order within
 the read-ahead window, so a shard's rows never depend on arrival order.
@@ -27,7 +27,7 @@ from orchestrator.errors import ObjectNotFound, ObjectTooLarge, ObjectUnreadable
 from orchestrator.manifest import Item
 from orchestrator.scope import outside_input
 from orchestrator.storage import ObjectStore
-from workers.decodepool import DecodePool, Lane
+from workers.decodepool import DecodePool, SlotBlock
 from workers.devicedecode import device_decodable
 from workers.errors import BadImage, NoSharedMemory
 from workers.models import LoadedModel
@@ -46,7 +46,7 @@ class Decoded:
     raw: bytes | None = None
     tensor: torch.Tensor | None = None  # decoded and resized on the device (CHW float, 0..255)
     image: Image.Image | None = None  # the decoded image, kept only where the head asks (overlays)
-    slot: int | None = None  # the lane slot `pixels` views; released once the batch is on the device
+    slot: int | None = None  # the block slot `pixels` views; released once the batch is on the device
 
 
 @dataclass
@@ -100,46 +100,46 @@ def read_ahead(read_concurrency: int, batch_size: int) -> int:
 
 @dataclass
 class DecodePath:
-    """Where a shard decodes: threads (no lane), decode processes (a lane), and maybe the device."""
+    """Where a shard decodes: threads (no block), decode processes (a block), and maybe the device."""
 
     decoder: Decoder
-    lane: Lane | None = None
+    block: SlotBlock | None = None
     device_jpegs: bool = False  # JPEGs go to nvJPEG while every decode process is busy
 
     @property
     def extra_threads(self) -> int:
         """Reader threads blocked on a decode process must not starve the reads."""
-        return self.lane.pool.processes if self.lane else 0
+        return self.block.pool.processes if self.block else 0
 
     def decode(self, index: int, item: Item, data: bytes, keep_image: bool) -> Decoded | Failed:
-        if keep_image or self.lane is None:
+        if keep_image or self.block is None:
             try:
                 image = self.decoder.image(data)
                 return Decoded(index, item, pixels=self.decoder.resize(image), image=image if keep_image else None)
             except BadImage as e:
                 return Failed(index, item, e.reason)
-        if (self.device_jpegs and not self.lane.pool.has_idle_process()
+        if (self.device_jpegs and not self.block.pool.has_idle_process()
                 and device_decodable(data, self.decoder.max_pixels)):
             return Decoded(index, item, raw=data)
-        slot, error = self.lane.decode(data)[:2]
+        slot, error = self.block.decode(data)[:2]
         if error is not None:
             return Failed(index, item, error)
-        return Decoded(index, item, pixels=self.lane.pixels[slot], slot=slot)
+        return Decoded(index, item, pixels=self.block.pixels[slot], slot=slot)
 
     def release(self, batch: Batch) -> None:
         for d in batch.decoded:
             if d.slot is not None:
-                self.lane.release(d.slot)
+                self.block.release(d.slot)
                 d.slot, d.pixels = None, None
 
 
 @contextmanager
 def decode_path(decode: str, model: LoadedModel, pool: DecodePool, max_pixels: int, *,
                 batch_size: int, read_concurrency: int, n_items: int) -> Iterator[DecodePath]:
-    """The one place that picks the decode path and sizes its lane.
+    """The one place that picks the decode path and sizes its block.
 
     auto: nvJPEG plus processes on CUDA; threads on a CPU, whose cores the model needs.
-    A lane holds the read-ahead window plus one batch, or the shard if it is smaller;
+    A block holds the read-ahead window plus one batch, or the shard if it is smaller;
     without room in /dev/shm the shard decodes in threads.
     """
     decoder = Decoder(model.prep, max_pixels)
@@ -149,13 +149,13 @@ def decode_path(decode: str, model: LoadedModel, pool: DecodePool, max_pixels: i
         return
     slots = min(read_ahead(read_concurrency, batch_size) + batch_size, n_items + 1)
     try:
-        lane = pool.lane(slots, (*model.input_size, 3), decoder)
+        block = pool.slot_block(slots, (*model.input_size, 3), decoder)
     except NoSharedMemory as e:
         log.warning("decoding in threads: %s", e)
         yield DecodePath(decoder)
         return
-    with lane:
-        yield DecodePath(decoder, lane, device_jpegs=mode == "device")
+    with block:
+        yield DecodePath(decoder, block, device_jpegs=mode == "device")
 
 
 class ShardPipeline:

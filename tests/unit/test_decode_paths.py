@@ -75,67 +75,67 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def run(model, items, *, lane=None, device_jpegs=False, batch_size=2, read_concurrency=1):
-    path = DecodePath(Decoder(model.prep, MAX_PIXELS), lane, device_jpegs)
+def run(model, items, *, block=None, device_jpegs=False, batch_size=2, read_concurrency=1):
+    path = DecodePath(Decoder(model.prep, MAX_PIXELS), block, device_jpegs)
     head = ClassifyHead(model, 0, 3)
     times, _ = run_with(model, ObjectStore(), items, head, path, batch_size=batch_size,
                         read_concurrency=read_concurrency, max_bytes=1 << 24)
     return head.ordered_rows(), times
 
 
-def lane_for(pool, model, batch_size=2, read_concurrency=1):
+def slots_for(pool, model, batch_size=2, read_concurrency=1):
     slots = read_ahead(read_concurrency, batch_size) + batch_size
-    return pool.lane(slots, (*model.input_size, 3), Decoder(model.prep, MAX_PIXELS))
+    return pool.slot_block(slots, (*model.input_size, 3), Decoder(model.prep, MAX_PIXELS))
 
 
 def test_process_decode_gives_exactly_the_rows_of_thread_decode(model, items, pool):
     threads, _ = run(model, items)
-    with lane_for(pool, model) as lane:
-        processes, times = run(model, items, lane=lane)
+    with slots_for(pool, model) as block:
+        processes, times = run(model, items, block=block)
     assert processes == threads  # same labels, scores and error reasons, bit for bit
     assert sum(row["error"] is not None for row in processes) == 3
     assert times.decode_s > 0
 
 
 def test_a_shard_longer_than_the_lane_reuses_its_slots_and_frees_them_all(model, items, pool):
-    with lane_for(pool, model) as lane:
-        assert lane.shape[0] < len(items)
-        rows, _ = run(model, items, lane=lane)
-        assert lane._free.qsize() == lane.shape[0]
+    with slots_for(pool, model) as block:
+        assert block.shape[0] < len(items)
+        rows, _ = run(model, items, block=block)
+        assert block._free.qsize() == block.shape[0]
     assert [row["key"] for row in rows] == [item.key for item in items]
 
 
 def test_the_shared_memory_block_is_removed_when_the_lane_closes(model, pool):
-    with lane_for(pool, model) as lane:
-        path = Path("/dev/shm") / lane._shm.name
+    with slots_for(pool, model) as block:
+        path = Path("/dev/shm") / block._shm.name
         assert path.exists()
     assert not path.exists()
 
 
 def test_a_killed_decode_process_is_replaced_and_the_image_still_decodes(model, photos, pool):
     decoder = Decoder(model.prep, MAX_PIXELS)
-    with lane_for(pool, model) as lane:
-        assert lane.decode(jpeg(photos[0]))[1] is None  # the pool is up
+    with slots_for(pool, model) as block:
+        assert block.decode(jpeg(photos[0]))[1] is None  # the pool is up
         for pid in list(pool._current()._processes):
             os.kill(pid, signal.SIGKILL)
         time.sleep(0.5)
-        slot, error, _ = lane.decode(jpeg(photos[1]))
+        slot, error, _ = block.decode(jpeg(photos[1]))
         assert error is None
-        assert np.array_equal(lane.pixels[slot], decoder.decode(jpeg(photos[1])))
+        assert np.array_equal(block.pixels[slot], decoder.decode(jpeg(photos[1])))
 
 
 def test_a_decode_past_its_time_limit_is_an_error_and_the_pool_recovers(model, photos, pool, monkeypatch):
     import workers.decodepool as decodepool
 
     big = photos[0].resize((3000, 2250))
-    with lane_for(pool, model) as lane:
+    with slots_for(pool, model) as block:
         monkeypatch.setattr(decodepool, "DECODE_TIMEOUT_S", 0.005)
-        slot, error, _ = lane.decode(_png(big))  # a PNG has no reduced-scale decode: slow
+        slot, error, _ = block.decode(_png(big))  # a PNG has no reduced-scale decode: slow
         assert slot is None and "longer than" in error
         monkeypatch.setattr(decodepool, "DECODE_TIMEOUT_S", 120.0)
-        slot, error, _ = lane.decode(jpeg(photos[1]))
+        slot, error, _ = block.decode(jpeg(photos[1]))
         assert error is None
-        assert np.array_equal(lane.pixels[slot], lane.decoder.decode(jpeg(photos[1])))
+        assert np.array_equal(block.pixels[slot], block.decoder.decode(jpeg(photos[1])))
 
 
 @pytest.mark.parametrize("prep", [
@@ -173,8 +173,8 @@ def test_rows_decoded_on_the_device_match_the_cpu_rows_and_bad_files_keep_their_
     threads, _ = run(model, items)
     busy = DecodePool(1)
     busy.has_idle_process = lambda: False  # every plain JPEG goes to the device
-    with lane_for(busy, model) as lane:
-        device, times = run(model, items, lane=lane, device_jpegs=True)
+    with slots_for(busy, model) as block:
+        device, times = run(model, items, block=block, device_jpegs=True)
     busy.close()
     assert times.device_decode_s > 0
     assert [row["key"] for row in device] == [row["key"] for row in threads]
@@ -209,7 +209,7 @@ def test_a_shard_decodes_in_threads_when_dev_shm_has_no_room(hf_model_dir, items
     from workers.context import WorkerContext
 
     class NoRoom(DecodePool):
-        def lane(self, *args, **kwargs):
+        def slot_block(self, *args, **kwargs):
             raise NoSharedMemory("/dev/shm has no room (shm_size)")
 
     ctx = WorkerContext(Settings())
@@ -227,5 +227,5 @@ def test_a_lane_larger_than_dev_shm_is_refused_clearly_and_leaves_nothing_behind
     slots = stat.f_blocks * stat.f_frsize // slot_bytes + 16  # more than the whole of /dev/shm
     before = set(os.listdir("/dev/shm"))
     with pytest.raises(NoSharedMemory, match="shm_size"):
-        pool.lane(slots, (224, 224, 3), Decoder(model.prep, MAX_PIXELS))
+        pool.slot_block(slots, (224, 224, 3), Decoder(model.prep, MAX_PIXELS))
     assert set(os.listdir("/dev/shm")) == before

@@ -28,7 +28,8 @@ from workers import models
 from workers.attention import AttentionHead
 from workers.errors import ExportFailed, ModelLoadError
 from workers.local import run_local
-from workers.onnxexport import REPORT_FILE, export
+from orchestrator.constants import EXPORT_REPORT_FILE
+from workers.onnxexport import export
 from workers.onnxmodel import OUTPUT_NAMES
 from workers.context import WorkerContext
 
@@ -67,7 +68,7 @@ def exported(tmp_path_factory, images, ctx):
             spec = parse_spec({"kind": "export", "model": str(source), "output": str(out), "input": str(images),
                                "quantize": quantize, "int8_min_agreement": 0.0, "device": "cpu"})
             export(spec, "job-test", ctx)
-            cache[(name, quantize)] = (source, out, json.loads((out / REPORT_FILE).read_text()))
+            cache[(name, quantize)] = (source, out, json.loads((out / EXPORT_REPORT_FILE).read_text()))
         return cache[(name, quantize)]
 
     return get
@@ -76,7 +77,7 @@ def exported(tmp_path_factory, images, ctx):
 @pytest.mark.parametrize("name", ["hf-vit", "timm-no-class-token", "hf-dinov2-registers"])
 def test_export_parity_and_report(name, exported):
     _, out, report = exported(name)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", REPORT_FILE, "model.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", EXPORT_REPORT_FILE, "model.onnx"]
     fp32 = report["parity"]["fp32"]
     assert report["passed"] and report["opset"] == 18 and report["exporter"] == "torch.onnx.export(dynamo=True)"
     assert fp32["max_abs_logit_diff_relative"] < 1e-4 and fp32["top1_agreement"] == 1.0
@@ -141,7 +142,7 @@ def test_parity_failure_fails_the_job(exported, images, tmp_path, ctx):
                        "fp32_tolerance": 1e-12, "device": "cpu"})
     with pytest.raises(ExportFailed, match="parity check failed: fp32 ONNX logits differ"):
         export(spec, "job-test", ctx)
-    report = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
+    report = json.loads((tmp_path / "out" / EXPORT_REPORT_FILE).read_text())
     assert report["passed"] is False and report["sample"]["kind"] == "synthetic"
     assert not (tmp_path / "out" / "model.onnx").exists()  # no model is written for a failed check
 
