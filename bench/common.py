@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import random
 import time
 from contextlib import contextmanager
@@ -70,9 +71,26 @@ def timed(label: str, results: dict):
     results[label] = time.perf_counter() - start
 
 
+def cpu_info() -> dict:
+    """The CPU model, the flags that decide bf16 and int8 speed, and which kind of CPU this is."""
+    model, flags = platform.processor(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", platform.processor()):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    fast_bf16 = bool({"amx_bf16", "avx512_bf16"} & flags)
+    return {"cpu": model, "flags": sorted(f for f in wanted if f in flags), "amx_or_avx512_bf16": fast_bf16,
+            "cpu_kind": "AMX/AVX512-BF16" if fast_bf16 else "AVX2-only (bf16 emulated)"}
+
+
 def report(name: str, figures: dict) -> None:
-    """Print one JSON line per benchmark so RESULTS.md can quote it verbatim."""
-    print(json.dumps({"bench": name, "cpus": os.cpu_count(), **figures}, default=float))
+    """Print one JSON line per benchmark so RESULTS.md can quote it verbatim (with the CPU it ran on)."""
+    print(json.dumps({"bench": name, "cpus": os.cpu_count(), **cpu_info(), **figures}, default=float))
 
 
 def bench_dir() -> Path:

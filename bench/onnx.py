@@ -15,27 +15,12 @@ from __future__ import annotations
 
 import argparse
 import io
-import platform
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from bench.common import VIT_BASE, VIT_TINY, bench_dir, build_hf_vit, report, run_in_process, write_photo_jpegs
-
-
-def cpu_info() -> dict:
-    model, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", platform.processor()):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    return {"cpu": model, "flags": sorted(f for f in wanted if f in flags),
-            "amx_or_avx512_bf16": bool({"amx_bf16", "avx512_bf16"} & flags)}
+from bench.common import (VIT_BASE, VIT_TINY, bench_dir, build_hf_vit, cpu_info, report, run_in_process,
+                          write_photo_jpegs)
 
 
 def export_dir(model_dir: Path, quantize: str, ctx) -> Path:
@@ -51,15 +36,19 @@ def export_dir(model_dir: Path, quantize: str, ctx) -> Path:
     return dest
 
 
-def classify(model: Path, image_dir: Path, out: Path, n: int, precision: str, ctx) -> tuple[float, dict]:
-    """(images/s, key -> (label_id, top-2 margin)) of one classify shard run as a warm worker runs it."""
+def classify(model: Path, image_dir: Path, out: Path, n: int, precision: str, ctx, with_labels: bool = False):
+    """(images/s, key -> (label_id, top-2 margin)) of one classify shard run as a warm worker runs it;
+    with_labels adds key -> label name."""
     from orchestrator.jobs import parse_spec
 
     spec = parse_spec({"kind": "classify", "input": str(image_dir), "output": str(out), "model": str(model),
                        "shard_size": n, "precision": precision, "top_k": 2})
     seconds, _ = run_in_process(ctx, spec)
-    table = pq.read_table(io.BytesIO((out / "part-00000.parquet").read_bytes())).to_pylist()
-    rows = {r["key"]: (r["label_id"], r["topk_scores"][0] - r["topk_scores"][1]) for r in table if r["error"] is None}
+    table = [r for r in pq.read_table(io.BytesIO((out / "part-00000.parquet").read_bytes())).to_pylist()
+             if r["error"] is None]
+    rows = {r["key"]: (r["label_id"], r["topk_scores"][0] - r["topk_scores"][1]) for r in table}
+    if with_labels:
+        return n / seconds, rows, {r["key"]: r["label"] for r in table}
     return n / seconds, rows
 
 

@@ -32,8 +32,9 @@ def _submit(spec, wait: bool, workers: int, overwrite: bool, show_rows: int = 5)
     embedded = wait and not settings.broker_url
     with ExitStack() as stack:
         if embedded:
-            from orchestrator.embedded import EmbeddedStack
+            from orchestrator.embedded import EmbeddedStack, auto_workers
 
+            workers = workers or auto_workers()
             err.print(f"no VITBATCH_BROKER_URL: starting the embedded stack with {workers} worker(s)")
             embedded_stack = stack.enter_context(EmbeddedStack(workers=workers, settings=settings))
             settings = embedded_stack.settings
@@ -95,7 +96,8 @@ def _job_command(group: typer.Typer, kind: str, wait: bool) -> None:
     params.append(inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
                                     default=typer.Option(False, help="Replace a finished job's output.")))
     params.append(inspect.Parameter("workers", inspect.Parameter.KEYWORD_ONLY, annotation=int,
-                                    default=typer.Option(1, help="Embedded stack only: local worker processes.")))
+                                    default=typer.Option(0, help="Embedded stack only: local worker processes (0: one "
+                                                        "per CPU core up to 4, or 1 on a GPU host).")))
 
     def command(**kwargs) -> None:
         overwrite, workers = kwargs.pop("overwrite"), kwargs.pop("workers")

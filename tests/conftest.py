@@ -4,15 +4,13 @@ an S3-compatible HTTP server (moto), and real Celery worker processes."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from orchestrator.config import Settings
 from orchestrator.processes import RedisServer, free_port, settings_env
-from support import ROOT, WorkerPool, build_tiny_vit
+from support import ROOT, WorkerPool, build_tiny_vit, run_cli
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
@@ -97,12 +95,6 @@ def workers(env, client, tmp_path_factory):
     pool = WorkerPool(env, tmp_path_factory.mktemp("worker-logs"), client.app)
     yield pool
     pool.stop_all()
-
-
-def run_cli(args: list[str], env: dict[str, str], timeout_s: float = 240) -> subprocess.CompletedProcess:
-    """`vitbatch ARGS` in its own process, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -44,6 +45,12 @@ def build_tiny_vit(dest: Path, num_labels: int = 10, image_size: int | tuple[int
     ViTImageProcessor(size={"height": height, "width": width}, image_mean=list(mean), image_std=list(std),
                       **extra).save_pretrained(dest)
     return dest
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout_s: float = 240) -> subprocess.CompletedProcess:
+    """`vitbatch ARGS` in its own process, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
 
 
 class WorkerPool:

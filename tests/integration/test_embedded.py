@@ -83,3 +83,38 @@ def test_sigterm_to_vitbatch_up_stops_its_redis_and_workers(env, tmp_path):
     for p in alive:
         p.kill()
     assert not alive, f"left running after SIGTERM: {left}"
+
+
+def test_vitbatch_run_without_a_broker_starts_one_worker_per_core_and_a_rerun_needs_overwrite(tiny_model, tmp_path):
+    """The README's one-off command: no VITBATCH_BROKER_URL, so a private stack for the job."""
+    import json
+    import os
+
+    from orchestrator.demo import write_digits
+    from orchestrator.embedded import auto_workers
+    from support import run_cli
+
+    write_digits(tmp_path / "in", limit=40)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VITBATCH_")}
+    env["VITBATCH_MODEL_CACHE_DIR"] = str(tmp_path / "cache")
+    args = ["run", "classify", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+            "--model", str(tiny_model), "--shard-size", "20"]
+    first = run_cli(args, env)
+    assert first.returncode == 0, first.stderr
+    assert f"starting the embedded stack with {auto_workers()} worker(s)" in first.stderr
+    record = json.loads((tmp_path / "out" / "_SUCCESS.json").read_text())
+    assert record["processed"] == 40 and record["errors"] == 0 and len(record["parts"]) == 2
+    again = run_cli(args, env)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert json.loads((tmp_path / "out" / "_SUCCESS.json").read_text()) == record  # nothing was touched
+
+
+def test_auto_workers_is_one_per_core_up_to_four_and_one_on_a_gpu_host(monkeypatch):
+    import orchestrator.embedded as embedded
+
+    monkeypatch.setattr(embedded, "listed_gpus", lambda: [])
+    for cores, expected in ((1, 1), (2, 2), (16, 4)):
+        monkeypatch.setattr(embedded.os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert embedded.auto_workers() == expected
+    monkeypatch.setattr(embedded, "listed_gpus", lambda: ["0", "1"])
+    assert embedded.auto_workers() == 1
