@@ -97,7 +97,29 @@ def main() -> None:
         figures[f"{name}_vs_plain"] = round(rate / figures["plain_loop_img_s"], 2)
         figures[f"{name}_vs_model_only"] = round(rate / figures["model_only_img_s"], 3)
         print(name, round(rate, 1), flush=True)  # partial results survive a timeout
+    onnx_run(ctx, figures, model_dir, image_dir, args, labels["threads"])
     report("gpu", figures)
+
+
+def onnx_run(ctx, figures: dict, model_dir, image_dir, args, reference: dict[str, int]) -> None:
+    """The same job on the fp32 ONNX export, on ONNX Runtime's CUDA execution provider (the
+    onnxruntime-gpu wheel); a host without it reports why instead of a figure."""
+    try:
+        import onnxruntime
+
+        from bench.onnx import export_dir
+
+        figures["onnxruntime_providers"] = onnxruntime.get_available_providers()
+        onnx_dir = export_dir(model_dir, "none", ctx)
+        rate, stats, labels = end_to_end(ctx, "onnx_cuda", onnx_dir, image_dir, args.n, args.batch_size,
+                                         decode="device")
+    except Exception as e:  # a lent GPU is rare: keep every other figure of the run
+        figures["onnx_cuda_error"] = f"{type(e).__name__}: {e}"
+        return
+    figures["onnx_cuda_img_s"], figures["onnx_cuda_stages"] = round(rate, 1), stats
+    same = sum(labels.get(key) == label for key, label in reference.items())
+    figures["onnx_cuda_top1_same_as_threads"] = round(same / len(reference), 4)
+    figures["onnx_cuda_vs_plain"] = round(rate / figures["plain_loop_img_s"], 2)
 
 
 if __name__ == "__main__":
