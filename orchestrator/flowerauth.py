@@ -5,11 +5,18 @@ handler has none: with FLOWER_BASIC_AUTH set, every page answers 401 without cre
 except /metrics, which shows every worker's name and task counts to anyone who can reach the
 port. This entry point adds the same check to /metrics before Flower starts, so Prometheus
 scrapes it with basic_auth like a browser. /healthcheck stays open for container probes.
+
+The task list shows the Result and Started columns unless FLOWER_TASKS_COLUMNS says
+otherwise: Flower's default columns have neither, so a running shard's row showed no
+start time and no progress.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+
+TASK_COLUMNS = "name,uuid,state,result,received,started,runtime,worker"
 
 
 def protect_metrics() -> None:
@@ -27,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     from celery.bin.celery import main as celery_main
 
     protect_metrics()
+    os.environ.setdefault("FLOWER_TASKS_COLUMNS", TASK_COLUMNS)
     sys.argv = ["celery", "flower", *(sys.argv[1:] if argv is None else argv)]
     celery_main()
 

@@ -81,7 +81,8 @@ def test_flower_shows_a_running_shard_started_and_a_quarantined_one_failed(stack
             raise AssertionError(f"{e}; {len(seen)} polls, (running, Flower state) seen: {states}") from e
         assert running["received"] and running["started"] and running["worker"] == f"w@{running['worker'].split('@')[1]}"
         if running["state"] == "PROGRESS":
-            assert f"job {job_id} shard 0: " in running["result"] and "/150 images" in running["result"], running
+            assert "images, " in running["result"] and f": job {job_id} shard 0" in running["result"] \
+                and "/150 images" in running["result"], running
         status = stack.wait(job_id)
     assert status.state is JobState.FINISHED_WITH_FAILURES, explain(status)
     failed = _wait_for(lambda: (t := _tasks(flower).get(f"{job_id}-00001")) and t.get("state") == "FAILURE" and t,
