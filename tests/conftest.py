@@ -8,9 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import Settings
-from orchestrator.processes import RedisServer, free_port, settings_env
-from support import ROOT, WorkerPool, build_tiny_vit, run_cli
+# Two test processes (-n 2) share two cores with the worker processes they start: one compute
+# thread each, or OpenMP pools of every process spin against each other (set before torch loads;
+# children inherit it through settings_env). An explicit OMP_NUM_THREADS wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from orchestrator.config import Settings  # noqa: E402
+from orchestrator.processes import RedisServer, free_port, settings_env  # noqa: E402
+from support import ROOT, WorkerPool, build_tiny_vit, run_cli  # noqa: E402
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
