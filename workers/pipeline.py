@@ -198,13 +198,18 @@ class ShardPipeline:
         with ThreadPoolExecutor(threads, thread_name_prefix="vitbatch-read") as pool:
             for index, item in enumerate(items):
                 window.append(pool.submit(self._load, index, item, keep_image(index)))
-                while len(window) >= limit or (window and index == len(items) - 1):
-                    t0 = time.perf_counter()
-                    loaded, read_s, decode_s = window.popleft().result()
-                    self.times.wait_s += time.perf_counter() - t0
-                    self.times.read_s += read_s
-                    self.times.decode_s += decode_s
-                    yield loaded
+                if len(window) >= limit:
+                    yield self._next(window)
+            while window:
+                yield self._next(window)
+
+    def _next(self, window: deque[Future]) -> Decoded | Failed:
+        t0 = time.perf_counter()
+        loaded, read_s, decode_s = window.popleft().result()
+        self.times.wait_s += time.perf_counter() - t0
+        self.times.read_s += read_s
+        self.times.decode_s += decode_s
+        return loaded
 
     def batches(self, items: list[Item], keep_image: Callable[[int], bool] = lambda _: False
                 ) -> Iterator[Batch | Failed]:
