@@ -53,6 +53,8 @@ def _submit(spec, wait: bool, workers: int, overwrite: bool, show_rows: int = 5)
             console.print(job_id)
             return
         status = watch(client, job_id, summary["items"])
+        if embedded:
+            embedded_stack.begin_shutdown()  # the job has ended: the workers leave while the results print
         report(status, show_rows, client)
     raise typer.Exit(exit_code(status))
 

@@ -51,6 +51,7 @@ class EmbeddedStack:
     processes: list[subprocess.Popen] = field(default_factory=list)
     flower_url: str = ""
     metrics_urls: list[str] = field(default_factory=list)  # one per worker when settings.metrics_port is set
+    _signalled: set[int] = field(default_factory=set)
 
     def __enter__(self) -> EmbeddedStack:
         if threading.current_thread() is threading.main_thread():
@@ -100,13 +101,19 @@ class EmbeddedStack:
         self.metrics_urls.append(f"http://127.0.0.1:{port}/metrics")
         return {"VITBATCH_METRICS_PORT": str(port), "VITBATCH_METRICS_ADDRESS": "127.0.0.1"}
 
+    def begin_shutdown(self) -> None:
+        """SIGTERM every process now (a warm shutdown); __exit__ then only waits. A caller whose
+        job has ended sends it before printing the results, so the workers leave meanwhile."""
+        for proc in self.processes:
+            if proc.poll() is None and proc.pid not in self._signalled:
+                proc.send_signal(signal.SIGTERM)  # warm shutdown: the running shard finishes or is returned
+                self._signalled.add(proc.pid)  # once: a second SIGTERM is not sent on exit
+
     def dead_workers(self) -> list[int]:
         return [p.pid for p in self.processes if p.poll() is not None]
 
     def __exit__(self, *exc) -> None:
-        for proc in self.processes:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)  # warm shutdown: the running shard finishes or is returned
+        self.begin_shutdown()
         deadline = time.monotonic() + 15
         for proc in self.processes:
             try:

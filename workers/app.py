@@ -3,8 +3,10 @@
 from celery.signals import worker_init
 
 from orchestrator.celery_app import make_app
+from workers.lifecycle import keep_freed_memory
 from workers.metrics import on_worker_init
 
 app = make_app()
 app.conf.imports = ["workers.tasks"]
 worker_init.connect(on_worker_init)  # VITBATCH_METRICS_PORT: the Prometheus endpoint, once per process
+worker_init.connect(lambda **_: keep_freed_memory(), weak=False)  # before the first forward pass
