@@ -118,10 +118,14 @@ def run_in_process(ctx, spec) -> tuple[float, dict]:
     """Plan the spec's single shard and run it on this process's pipeline, as a warm worker would.
 
     The model is loaded (and cached in ctx) before the clock starts; returns (seconds, commit marker).
+    Like a worker process, this one keeps freed activations (workers/lifecycle.py) from here on.
     """
     from orchestrator.manifest import write_manifests
     from orchestrator.planner import plan
+    from workers.lifecycle import keep_freed_memory
     from workers.runner import make_head, run_shard
+
+    keep_freed_memory()
 
     write_manifests(plan(spec.input, spec.shard_size, ctx.store), spec.output, ctx.store)
     make_head(spec, 0, ctx)
@@ -137,7 +141,10 @@ def run_shards_in_process(ctx, spec, in_flight: int) -> tuple[float, list[dict]]
 
     from orchestrator.manifest import write_manifests
     from orchestrator.planner import plan
+    from workers.lifecycle import keep_freed_memory
     from workers.runner import make_head, run_shard
+
+    keep_freed_memory()
 
     shards = len(write_manifests(plan(spec.input, spec.shard_size, ctx.store), spec.output, ctx.store))
     make_head(spec, 0, ctx)
