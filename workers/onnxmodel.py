@@ -38,6 +38,13 @@ def worker_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def compute_threads() -> int:
+    """The compute threads this worker was given: torch's (OMP_NUM_THREADS, which the embedded stack
+    sets to cores / workers) within the process's cores. ORT has its own pool and does not read
+    OMP_NUM_THREADS: given every core, two workers on two cores would run four threads."""
+    return max(1, min(worker_cores(), torch.get_num_threads()))
+
+
 def providers(device: str) -> list[str]:
     """CUDAExecutionProvider where a GPU is visible and onnxruntime has it (the onnxruntime-gpu wheel)."""
     import onnxruntime as ort
@@ -52,12 +59,12 @@ def providers(device: str) -> list[str]:
 
 
 def session(path: Path, device: str = "cpu"):
-    """An ORT session: every graph optimization, intra-op threads = the worker's cores."""
+    """An ORT session: every graph optimization, intra-op threads = the worker's compute threads."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = worker_cores()
+    options.intra_op_num_threads = compute_threads()
     options.inter_op_num_threads = 1  # one graph runs at a time (the model's lock): no parallel branches to fill
     options.log_severity_level = 3
     try:

@@ -8,6 +8,9 @@ same jobs on the PyTorch model. Refusals are the submit-time checks Client.submi
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +183,14 @@ def test_external_data_outside_the_folder_is_refused(exported, tmp_path):
     (bad / "config.json").write_text((onnx_dir / "config.json").read_text())
     with pytest.raises(ModelLoadError, match="outside its folder"):
         models.load(normalize_model_ref(str(bad)), device="cpu")
+
+
+def test_ort_runs_the_compute_threads_the_worker_was_given(exported):
+    """The embedded stack gives each of N workers cores/N threads through OMP_NUM_THREADS, which ORT does not
+    read: its session must take the same number, or two workers on two cores run four threads."""
+    _, out, _ = exported("hf-vit")
+    code = ("import sys; from pathlib import Path; from workers.onnxmodel import session; "
+            "print(session(Path(sys.argv[1])).get_session_options().intra_op_num_threads)")
+    run = subprocess.run([sys.executable, "-c", code, str(out / "model.onnx")], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).parents[2], check=True)
+    assert run.stdout.split()[-1] == "1"
