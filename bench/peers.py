@@ -1,7 +1,10 @@
 """Benchmark 9: the same classify job through peer systems, each timed as a whole, in one run.
 
     python -m bench.peers [--n 2000] [--systems plain,pipeline,ray,daft,vitbatch] [--bf16 auto|on|off]
-                          [--batch-size 32] [--daft-path ~/.cache/vitbatch/daft-target]
+                          [--batch-size 32] [--daft-path ~/.cache/vitbatch/daft-target] [--device cpu|cuda]
+
+`--device cuda` (a lent GPU) puts every peer's model on the GPU with fp32 and fp16 variants
+(Ray's actor and Daft's class UDF ask for one GPU); vitbatch's defaults pick the GPU themselves.
 
 The same 500x375 JPEGs (cut from scikit-learn's sample photos) and HF ViT-Tiny/16 at 224
 (random weights, classifier scaled so that top-1 is decisive), classified by:
@@ -17,7 +20,7 @@ The same 500x375 JPEGs (cut from scikit-learn's sample photos) and HF ViT-Tiny/1
             @daft.cls batch method (batch 32) for the model; bf16 by autocast;
 - vitbatch: the CLI exactly as a user types it,
             `vitbatch run classify --input DIR --output OUT --model MODEL_DIR --overwrite`
-            (its defaults: embedded Redis, one worker, --precision auto), start-up included.
+            (its defaults: embedded Redis, one worker per core, --precision auto), start-up included.
 
 Each system runs in a fresh subprocess (its imports, start-up and model load count, as a user
 sees them), one after the other, while this script holds an exclusive flock on
@@ -79,15 +82,18 @@ def _normalizer(model_dir: str):
     return mean, std, float(processor.rescale_factor)
 
 
-def _autocast(bf16: bool):
+def _autocast(precision: str, device: str):
+    """bf16 autocast on the CPU, fp16 on CUDA, or nothing for fp32."""
     import contextlib
 
     import torch
 
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
 
-def child_plain(image_dir: str, model_dir: str, batch_size: int, bf16: bool, phases: dict) -> dict:
+def child_plain(image_dir: str, model_dir: str, batch_size: int, precision: str, device: str, phases: dict) -> dict:
     import numpy as np
     import torch
     from PIL import Image
@@ -95,28 +101,29 @@ def child_plain(image_dir: str, model_dir: str, batch_size: int, bf16: bool, pha
 
     phases["imported"] = time.time()
     processor = ViTImageProcessor.from_pretrained(model_dir)
-    model = ViTForImageClassification.from_pretrained(model_dir).eval()
+    model = ViTForImageClassification.from_pretrained(model_dir).eval().to(device)
     phases["model_loaded"] = time.time()
     paths = sorted(Path(image_dir).glob("*.jpg"))
     labels, margins = {}, {}
-    with torch.no_grad():
+    with torch.no_grad(), _autocast(precision, device):
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
             images = [Image.open(p).convert("RGB") for p in chunk]
-            probs = model(**processor(images, return_tensors="pt")).logits.softmax(-1).numpy()
+            pixels = processor(images, return_tensors="pt")["pixel_values"].to(device)
+            probs = model(pixel_values=pixels).logits.float().softmax(-1).cpu().numpy()
             top = np.sort(probs, axis=-1)[:, -2:]
             for p, label, margin in zip(chunk, probs.argmax(-1), top[:, 1] - top[:, 0]):
                 labels[p.name], margins[p.name] = int(label), float(margin)
     return {"labels": labels, "margins": margins, "torch_threads": torch.get_num_threads()}
 
 
-def child_pipeline(image_dir: str, model_dir: str, batch_size: int, bf16: bool, phases: dict) -> dict:
+def child_pipeline(image_dir: str, model_dir: str, batch_size: int, precision: str, device: str, phases: dict) -> dict:
     import torch
     from transformers import pipeline
 
     phases["imported"] = time.time()
-    kwargs = {"dtype": torch.bfloat16} if bf16 else {}
-    classifier = pipeline("image-classification", model=model_dir, batch_size=batch_size, **kwargs)
+    kwargs = {} if precision == "fp32" else {"dtype": torch.float16 if precision == "fp16" else torch.bfloat16}
+    classifier = pipeline("image-classification", model=model_dir, batch_size=batch_size, device=device, **kwargs)
     phases["model_loaded"] = time.time()
     paths = [str(p) for p in sorted(Path(image_dir).glob("*.jpg"))]
     label2id = classifier.model.config.label2id
@@ -130,28 +137,29 @@ def child_pipeline(image_dir: str, model_dir: str, batch_size: int, bf16: bool, 
 class _Classifier:
     """The model as a callable over {"image": uint8 NHWC} batches (Ray's and Daft's class UDF body)."""
 
-    def __init__(self, model_dir: str, bf16: bool):
+    def __init__(self, model_dir: str, precision: str, device: str):
         import torch
         from transformers import ViTForImageClassification
 
         # Ray sets OMP_NUM_THREADS to the actor's reserved CPUs (1); the model is the bottleneck,
         # so give it every core as the plain loop has (decode tasks share them).
         torch.set_num_threads(os.cpu_count() or 1)
-        self.model = ViTForImageClassification.from_pretrained(model_dir).eval()
-        self.mean, self.std, self.scale = _normalizer(model_dir)
-        self.bf16 = bf16
+        self.model = ViTForImageClassification.from_pretrained(model_dir).eval().to(device)
+        mean, std, self.scale = _normalizer(model_dir)
+        self.mean, self.std = mean.to(device), std.to(device)
+        self.precision, self.device = precision, device
 
     def predict(self, images):
         import torch
 
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float().mul_(self.scale)
+        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().mul_(self.scale)
         x = (x - self.mean) / self.std
-        with torch.inference_mode(), _autocast(self.bf16):
+        with torch.inference_mode(), _autocast(self.precision, self.device):
             logits = self.model(pixel_values=x).logits
-        return logits.float().argmax(-1).numpy()
+        return logits.float().argmax(-1).cpu().numpy()
 
 
-def child_ray(image_dir: str, model_dir: str, batch_size: int, bf16: bool, phases: dict) -> dict:
+def child_ray(image_dir: str, model_dir: str, batch_size: int, precision: str, device: str, phases: dict) -> dict:
     import ray
 
     phases["imported"] = time.time()
@@ -163,15 +171,16 @@ def child_ray(image_dir: str, model_dir: str, batch_size: int, bf16: bool, phase
             return {"path": batch["path"], "label_id": self.predict(batch["image"])}
 
     ds = ray.data.read_images(image_dir, size=(224, 224), mode="RGB", include_paths=True)
-    preds = ds.map_batches(RayClassifier, fn_constructor_args=(model_dir, bf16), batch_size=batch_size,
-                           batch_format="numpy", num_cpus=1, compute=ray.data.ActorPoolStrategy(size=1))
+    preds = ds.map_batches(RayClassifier, fn_constructor_args=(model_dir, precision, device), batch_size=batch_size,
+                           batch_format="numpy", num_cpus=1, num_gpus=1 if device == "cuda" else 0,
+                           compute=ray.data.ActorPoolStrategy(size=1))
     rows = preds.take_all()
     labels = {Path(r["path"]).name: int(r["label_id"]) for r in rows}
     ray.shutdown()
     return {"labels": labels, "ray": ray.__version__}
 
 
-def child_daft(image_dir: str, model_dir: str, batch_size: int, bf16: bool, phases: dict) -> dict:
+def child_daft(image_dir: str, model_dir: str, batch_size: int, precision: str, device: str, phases: dict) -> dict:
     import daft
     import numpy as np
     from daft import DataType, col
@@ -179,13 +188,13 @@ def child_daft(image_dir: str, model_dir: str, batch_size: int, bf16: bool, phas
 
     phases["imported"] = time.time()
 
-    @daft.cls(max_concurrency=1)
+    @daft.cls(max_concurrency=1, gpus=1 if device == "cuda" else 0)
     class DaftClassifier(_Classifier):
         @daft.method.batch(return_dtype=DataType.int64(), batch_size=batch_size)
         def classify(self, images: daft.Series):
             return self.predict(np.stack(images.to_pylist()))
 
-    classifier = DaftClassifier(model_dir, bf16)
+    classifier = DaftClassifier(model_dir, precision, device)
     df = daft.from_glob_path(f"{image_dir}/*.jpg")
     df = df.with_column("image", resize(decode_image(download(col("path")), mode="RGB"), 224, 224))
     df = df.with_column("label_id", classifier.classify(col("image")))
@@ -199,7 +208,7 @@ CHILDREN = {"plain": child_plain, "pipeline": child_pipeline, "ray": child_ray, 
 
 def run_child(args) -> None:
     phases = {"started": time.time()}
-    result = CHILDREN[args.child](args.images, args.model, args.batch_size, args.precision == "bf16", phases)
+    result = CHILDREN[args.child](args.images, args.model, args.batch_size, args.precision, args.device, phases)
     phases["done"] = time.time()
     Path(args.result).write_text(json.dumps({**result, "phases": phases}))
 
@@ -261,7 +270,7 @@ def peer_env(system: str, daft_path: Path) -> dict:
 def run_peer(system: str, precision: str, image_dir: Path, model_dir: Path, args, work: Path) -> dict:
     result_path = work / f"{system}-{precision}.json"
     result_path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "bench.peers", "--child", system, "--precision", precision,
+    cmd = [sys.executable, "-m", "bench.peers", "--child", system, "--precision", precision, "--device", args.device,
            "--images", str(image_dir), "--model", str(model_dir), "--batch-size", str(args.batch_size),
            "--result", str(result_path)]
     timing = timed_subprocess(cmd, peer_env(system, args.daft_path), work / f"{system}-{precision}.log")
@@ -339,6 +348,9 @@ def main() -> None:
     parser.add_argument("--daft-path", type=Path, default=DEFAULT_DAFT_PATH,
                         help="pip --target folder holding daft 0.7.26 (+ pyarrow<26, tqdm<4.68)")
     parser.add_argument("--lock", default=LOCK, help="flock file held exclusively while measuring")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the peers run their model; cuda adds fp16 variants (a lent GPU; vitbatch's "
+                             "defaults pick the GPU themselves)")
     # child mode (internal)
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
@@ -362,12 +374,14 @@ def main() -> None:
         parser.error(f"no daft in {args.daft_path}: pip install --target {args.daft_path} daft==0.7.26 'pyarrow<26' "
                      "'tqdm<4.68' (or leave daft out of --systems)")
     cpu = cpu_info()
-    bf16 = {"auto": cpu["amx_or_avx512_bf16"], "on": True, "off": False}[args.bf16]
+    bf16 = {"auto": cpu["amx_or_avx512_bf16"], "on": True, "off": False}[args.bf16] and args.device == "cpu"
     import torch
 
     print(f"CPU: {cpu['cpu']}, {os.cpu_count()} cores, flags {' '.join(cpu['flags']) or '-'}: {cpu['cpu_kind']}")
     print(f"torch {torch.__version__}, python {platform.python_version()}, batch {args.batch_size}, {args.n} images")
-    if not bf16:
+    if args.device == "cuda":
+        print("peers run their model on CUDA, fp32 and fp16 (autocast; the pipeline with dtype=float16)")
+    elif not bf16:
         print("peers run fp32 only: " + ("--bf16 off" if args.bf16 == "off" else
                                          "this CPU has no amx_bf16/avx512_bf16, bf16 is emulated and slower than fp32"
                                          " (--bf16 on forces the bf16 variants)"))
@@ -388,8 +402,8 @@ def main() -> None:
             runs.append((system, "fp32" if system == "plain" else "auto"))
         else:
             runs.append((system, "fp32"))
-            if bf16:
-                runs.append((system, "bf16"))
+            if bf16 or args.device == "cuda":
+                runs.append((system, "bf16" if args.device == "cpu" else "fp16"))
     results: dict[str, dict] = {}
     print(f"waiting for an exclusive lock on {args.lock} (held shared while tests run) ...", flush=True)
     lock = CpuLock(args.lock).__enter__()  # held for the whole series: every system measured in the same quiet window
@@ -432,8 +446,8 @@ def main() -> None:
         job_wall, shard_wall = vb["success_wall_s"] or 0.0, (vb["stage_seconds"] or {}).get("wall_s", 0.0)
         print(f"vitbatch process {vb['wall_s']:.1f} s = {vb['wall_s'] - job_wall:.1f} s before submit and after the "
               f"job (CLI imports, embedded Redis + worker spawn, preview, shutdown) + job {job_wall:.1f} s "
-              f"(submit to finish) = {job_wall - shard_wall:.1f} s worker start-up, model load and queueing "
-              f"+ {shard_wall:.1f} s of shard wall")
+              f"(submit to finish: worker start-up, model load, shards); shard wall summed over shards "
+              f"(they run side by side, one per worker) {shard_wall:.1f} s")
     print(f"decisive images (plain fp32 top-2 margin > 0.05): {rows[0]['decisive']} of {args.n}\n")
     summary = {"images": args.n, "batch_size": args.batch_size, "bf16_peers": bf16, **cpu, "torch": torch.__version__,
                "lock_wait_s": round(lock.waited_s, 1), "systems": rows}

@@ -1,14 +1,9 @@
-"""What a worker process does once at its start and once at its end, outside any task."""
+"""What a worker process sets up once at its start, outside any task."""
 
 from __future__ import annotations
 
-import atexit
 import ctypes
-import logging
 import os
-import sys
-
-log = logging.getLogger(__name__)
 
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
@@ -36,18 +31,3 @@ def keep_freed_memory() -> bool:
         return False
     return all(mallopt(param, value) == 1 for param, value in (
         (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD)))
-
-
-def end_process(exitcode: int) -> None:
-    """Exit without the interpreter's teardown, whose final garbage collection over the objects
-    torch and transformers create took 1.5-3 s per worker here after Celery's warm shutdown.
-    The exit handlers still run first: kombu returns the messages this worker had prefetched but
-    not started (a multiprocessing finalizer), and logs are flushed."""
-    atexit._run_exitfuncs()
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(exitcode)

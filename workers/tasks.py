@@ -15,8 +15,6 @@ from functools import cache
 
 import redis
 from celery import Task
-from celery.bootsteps import TERMINATE
-from celery.signals import worker_shutdown
 
 from orchestrator.config import Settings
 from orchestrator.constants import (
@@ -29,7 +27,6 @@ from orchestrator.ledger import JobState, ShardState
 from orchestrator.outputs import job_dir, spec_digest
 from workers.app import app
 from workers.errors import JobCancelled, ShardFailed
-from workers.lifecycle import end_process
 from workers.progress import Heartbeat, progress_reporter, training_reporter
 from workers.context import WorkerContext
 from workers.runner import run_shard as run_shard_fn
@@ -52,19 +49,6 @@ def _context() -> WorkerContext:
 def context() -> WorkerContext:
     with _context_lock:
         return _context()
-
-
-@worker_shutdown.connect
-def _end_after_warm_shutdown(sender=None, **_) -> None:
-    """Celery sends worker_shutdown after its warm shutdown has stopped the pool (no shard is held,
-    every message is acked or back on the queue); what is left is the interpreter's teardown."""
-    blueprint = getattr(sender, "blueprint", None)
-    if blueprint is not None and blueprint.state != TERMINATE:
-        return  # not stopped after all: let Celery carry on
-    if _context.cache_info().currsize:
-        _context().decode_pool.close()  # its processes and their shared memory go first
-    exitcode = getattr(sender, "exitcode", 0)
-    end_process(exitcode if isinstance(exitcode, int) else 1)
 
 
 def _settle(ctx: WorkerContext, job_id: str, all_settled: bool) -> None:

@@ -168,35 +168,3 @@ def test_small_jobs_take_the_interactive_lane_ahead_of_bulk(client, images, tiny
     assert client.queue_for(big, 60) == QUEUE_DEFAULT
     assert client.queue_for(small.model_copy(update={"lane": "bulk"}), 1) == QUEUE_DEFAULT
 
-
-def test_a_worker_leaves_right_after_its_warm_shutdown_with_its_log_complete(workers, client, images, keys, tiny_model,
-                                                                           tmp_path):
-    """After Celery's warm shutdown the worker runs its exit handlers and leaves without the
-    interpreter's teardown (1.5-3 s of garbage collection over torch's objects): an exit handler
-    runs, an object that only the teardown would collect is not, the exit code is still 0 and the
-    log holds the shard's end."""
-    site, handled, collected = tmp_path / "site", tmp_path / "exit-handler-ran", tmp_path / "teardown-ran"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        "import atexit, os\n"
-        f"atexit.register(lambda: open({str(handled)!r}, 'w').close())\n"
-        "class _Collected:\n"
-        "    def __init__(self, path):\n"
-        "        self.fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC)\n"
-        "    def __del__(self, write=os.write):\n"
-        "        write(self.fd, b'collected')\n"
-        f"_kept_until_teardown = _Collected({str(collected)!r})\n")
-    path = os.pathsep.join(p for p in (str(site), workers.env.get("PYTHONPATH", "")) if p)
-    leaver = workers.start("leaver", env={"PYTHONPATH": path})
-    spec = parse_spec({"kind": "classify", "input": str(images), "output": str(tmp_path / "out"),
-                       "model": str(tiny_model), "batch_size": 8})
-    job_id, _ = client.submit(spec)
-    assert client.wait(job_id, timeout_s=300).state.value == "succeeded"
-    _assert_exactly_once(client, spec.output, keys)
-    workers.stop("leaver")
-
-    assert leaver.returncode == 0
-    assert handled.exists(), "the exit handlers ran (kombu returns prefetched messages in one)"
-    assert collected.read_bytes() == b"", "the interpreter's teardown ran after the warm shutdown"
-    log = workers.log("leaver")
-    assert "Warm shutdown" in log and f"vitbatch.run_shard[{job_id}-00000] succeeded" in log

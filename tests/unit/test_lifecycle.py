@@ -1,4 +1,4 @@
-"""A worker process's start and end: glibc keeps freed activations; the exit skips the teardown."""
+"""A worker process's start: glibc keeps the activations a forward pass frees."""
 
 import os
 import subprocess
