@@ -17,11 +17,11 @@ def keep_freed_memory() -> bool:
     """Make glibc keep a forward pass's freed activations for the next one.
 
     By default glibc hands large freed buffers back to the kernel (munmap, or trimming the heap),
-    so every forward pass faults its activations in again, page by page, zero-filled: ViT-Tiny at
-    batch 16 on one core took 980,000 page faults in 15 s this way and 143,000 with these settings,
-    and ran 13% faster (same numbers: the arithmetic is unchanged). False where the C library is
-    not glibc or the user set glibc's own MALLOC_*_ variables (their choice stands).
-    """
+    so every forward pass faults its activations in again, page by page, zero-filled: a worker
+    classifying 500 JPEGs with ViT-Tiny took 4.6 million page faults this way and 182,000 with
+    these settings, and the model ran 1.14x faster on one thread (bench/RESULTS.md; the same
+    numbers come out: the arithmetic is unchanged). False where the C library is not glibc or
+    the user set glibc's own MALLOC_*_ variables (their choice stands)."""
     if any(name in os.environ for name in USER_MALLOC_ENV):
         return False
     try:

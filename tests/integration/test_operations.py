@@ -167,4 +167,3 @@ def test_small_jobs_take_the_interactive_lane_ahead_of_bulk(client, images, tiny
     assert client.queue_for(small, 1) == QUEUE_INTERACTIVE
     assert client.queue_for(big, 60) == QUEUE_DEFAULT
     assert client.queue_for(small.model_copy(update={"lane": "bulk"}), 1) == QUEUE_DEFAULT
-
