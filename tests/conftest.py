@@ -3,6 +3,7 @@ an S3-compatible HTTP server (moto), and real Celery worker processes."""
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -33,6 +34,14 @@ def _offline_env():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
+def _nothing_stays_frozen():
+    """Worker code run in the test process freezes what a model load built (workers/lifecycle.py);
+    in this process that would keep every earlier test's dropped models. Unfrozen after each test."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,14 @@
 """`celery -A workers worker` entry: the shared app with the tasks registered."""
 
-from celery.signals import worker_init
+from celery.signals import celeryd_init, worker_init, worker_ready
 
 from orchestrator.celery_app import make_app
-from workers.lifecycle import keep_freed_memory
+from workers.lifecycle import keep_freed_memory, pause_collector, settle_heap
 from workers.metrics import on_worker_init
 
 app = make_app()
 app.conf.imports = ["workers.tasks"]
 worker_init.connect(on_worker_init)  # VITBATCH_METRICS_PORT: the Prometheus endpoint, once per process
 worker_init.connect(lambda **_: keep_freed_memory(), weak=False)  # before the first forward pass
+celeryd_init.connect(pause_collector)  # worker processes only: not tests or tools that import the app
+worker_ready.connect(settle_heap)

@@ -21,6 +21,7 @@ from orchestrator.config import Settings
 from orchestrator.modelinfo import is_onnx
 from orchestrator.storage import ObjectStore
 from workers.errors import ModelLoadError
+from workers.lifecycle import long_lived, release_frozen
 from workers.modelfiles import check_model_dir, local_model_dir, read_config
 from workers.preprocess import Preprocess
 
@@ -219,9 +220,12 @@ class ModelCache:
         key = (ref, device, precision, attn, compile)
         with self._lock:
             if key not in self._models:
-                self._models[key] = load(ref, device, precision, attn=attn, compile=compile,
-                                         settings=self.settings, store=self.store)
-                while len(self._models) > self.capacity:
-                    self._models.popitem(last=False)
+                with long_lived():  # lives as long as it stays cached: no collections while it is built
+                    self._models[key] = load(ref, device, precision, attn=attn, compile=compile,
+                                             settings=self.settings, store=self.store)
+                if len(self._models) > self.capacity:
+                    while len(self._models) > self.capacity:
+                        self._models.popitem(last=False)
+                    release_frozen()  # the evicted model's cycles were frozen with it
             self._models.move_to_end(key)
             return self._models[key]
