@@ -17,6 +17,7 @@ from orchestrator.config import Settings
 from orchestrator.errors import VitbatchError
 from orchestrator.finalize import stage_seconds
 from orchestrator.jobs import JOB_KINDS, SPEC_CLASSES, parse_spec
+from orchestrator.ledger import JobState
 from orchestrator.terminal import console, err, exit_code, report, watch
 
 
@@ -53,8 +54,10 @@ def _submit(spec, wait: bool, workers: int, overwrite: bool, show_rows: int = 5)
             console.print(job_id)
             return
         status = watch(client, job_id, summary["items"])
-        if embedded:
-            embedded_stack.begin_shutdown()  # the job has ended: the workers leave while the results print
+        if embedded and status.state is JobState.SUCCEEDED:
+            embedded_stack.discard()  # nothing the stack holds is needed any more
+        elif embedded:
+            embedded_stack.begin_shutdown()  # warm: a cancelled job may have a shard still running
         report(status, show_rows, client)
     raise typer.Exit(exit_code(status))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import urllib.error
 import urllib.request
@@ -104,9 +105,40 @@ def test_vitbatch_run_without_a_broker_starts_one_worker_per_core_and_a_rerun_ne
     assert f"starting the embedded stack with {auto_workers()} worker(s)" in first.stderr
     record = json.loads((tmp_path / "out" / "_SUCCESS.json").read_text())
     assert record["processed"] == 40 and record["errors"] == 0 and len(record["parts"]) == 2
+    assert not _processes_with(env["VITBATCH_MODEL_CACHE_DIR"])  # the stack's workers left with the command
     again = run_cli(args, env)
     assert again.returncode == 2 and "--overwrite" in again.stderr
     assert json.loads((tmp_path / "out" / "_SUCCESS.json").read_text()) == record  # nothing was touched
+
+
+def _processes_with(cache_dir: str) -> list[list[str]]:
+    """Command lines of processes whose environment names this model cache (the stack's children)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("VITBATCH_MODEL_CACHE_DIR") == cache_dir:
+                found.append(proc.cmdline()[:4])
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def test_a_succeeded_run_leaves_no_process_behind_not_even_decode_processes(tiny_model, tmp_path):
+    """After a succeeded job `vitbatch run` kills its stack instead of waiting for a warm
+    shutdown: nothing of it may outlive the command, the workers' decode processes included."""
+    from orchestrator.demo import write_digits
+    from support import run_cli
+
+    write_digits(tmp_path / "in", limit=12)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VITBATCH_")}
+    env["VITBATCH_MODEL_CACHE_DIR"] = str(tmp_path / "cache")
+    result = run_cli(["run", "classify", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                      "--model", str(tiny_model), "--decode", "processes", "--workers", "1"], env)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "_SUCCESS.json").exists()
+    assert not _processes_with(env["VITBATCH_MODEL_CACHE_DIR"])
 
 
 def test_auto_workers_is_one_per_core_up_to_four_and_one_on_a_gpu_host(monkeypatch):
