@@ -90,6 +90,11 @@ def output_lease_key(output: str) -> str:
     return f"vitbatch:output:{hashlib.sha256(output.rstrip('/').encode()).hexdigest()[:40]}"
 
 
+def job_state_channel(job_id: str) -> str:
+    """Pub/sub channel (not a key): the job's new state, published as it is recorded."""
+    return f"vitbatch:job:{job_id}:state-changes"
+
+
 def job_keys(job_id: str) -> list[str]:
     """Every key one job owns: they expire together once the job ends."""
     return [job_key(job_id), shard_state_key(job_id), shard_done_key(job_id), shard_errors_key(job_id),

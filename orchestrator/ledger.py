@@ -10,6 +10,8 @@ from __future__ import annotations
 import calendar
 import json
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import redis
 from redis.backoff import NoBackoff
@@ -84,6 +86,26 @@ class Ledger:
             for key in k.job_keys(job_id):
                 pipe.expire(key, self.job_ttl_s)
             pipe.execute()
+        self.r.publish(k.job_state_channel(job_id), state.value)  # last: waiters then read a settled job
+
+    @contextmanager
+    def state_changes(self, job_id: str) -> Iterator[Callable[[float], None]]:
+        """A `pause(seconds)` that returns early when the job's state is recorded. Subscribed
+        before the caller reads the job, so no change between the read and the pause is missed."""
+        pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(k.job_state_channel(job_id))
+        pubsub.get_message(timeout=5)  # the subscription's own reply: the first pause is then a real one
+
+        def pause(seconds: float) -> None:
+            try:
+                pubsub.get_message(timeout=seconds)
+            except redis.RedisError:  # Redis is restarting: pause as a poll would; the caller's next read tells
+                time.sleep(seconds)
+
+        try:
+            yield pause
+        finally:
+            pubsub.close()
 
     # -- worker side -----------------------------------------------------------------------
     def spec_json(self, job_id: str) -> str:

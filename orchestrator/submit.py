@@ -201,18 +201,19 @@ class Client:
 
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         next_reconcile = time.monotonic() + self.settings.heartbeat_s
-        while True:
-            if time.monotonic() >= next_reconcile:  # waiting clients double as reconcilers
-                reconcile(self, self.settings.stale_after_s, [job_id])
-                next_reconcile = time.monotonic() + self.settings.heartbeat_s
-            status = self.status(job_id)
-            if on_update:
-                on_update(status)
-            if status.state.terminal:
-                return status
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {status.state.value} after {timeout_s} s")
-            time.sleep(poll_s)
+        with self.ledger.state_changes(job_id) as pause:  # the end is seen when it is recorded, not a poll later
+            while True:
+                if time.monotonic() >= next_reconcile:  # waiting clients double as reconcilers
+                    reconcile(self, self.settings.stale_after_s, [job_id])
+                    next_reconcile = time.monotonic() + self.settings.heartbeat_s
+                status = self.status(job_id)
+                if on_update:
+                    on_update(status)
+                if status.state.terminal:
+                    return status
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job_id} still {status.state.value} after {timeout_s} s")
+                pause(poll_s)
 
     def cancel(self, job_id: str) -> JobStatus:
         status = self.status(job_id)

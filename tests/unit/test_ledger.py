@@ -151,3 +151,32 @@ def test_an_ended_jobs_keys_expire_and_its_status_then_says_so(ctx, job):
         Ledger(ctx.ledger.r, job_ttl_s=TTL_S).status("20200101-000000-abcdef")
     with pytest.raises(JobNotFound, match="check the id"):
         ctx.ledger.status("no-such-job")
+
+
+def test_a_waiting_client_sees_the_end_when_it_is_recorded_not_a_poll_later(ctx, job, redis_server):
+    """Client.wait pauses on the job's state channel: with a poll of an hour it still returns
+    as soon as another process records the end (here: another connection, cancelling)."""
+    import threading
+
+    from orchestrator.submit import Client
+
+    job_id, _ = job
+    client = Client.from_settings(Settings(broker_url=redis_server.url()))
+    pausing, seen = threading.Event(), []
+    # on_update runs after each read: the waiter pauses next, and what is published from then on ends the pause
+    waiter = threading.Thread(target=lambda: seen.append(client.wait(job_id, on_update=lambda _: pausing.set(),
+                                                                     poll_s=3600)), daemon=True)
+    waiter.start()
+    assert pausing.wait(timeout=60)
+    Ledger.from_url(redis_server.url()).set_state(job_id, JobState.CANCELLED, "cancelled by user")
+    waiter.join(timeout=60)  # far below the poll: only the state channel can end the wait in time
+    assert seen and seen[0].state is JobState.CANCELLED
+
+
+def test_a_state_recorded_before_the_wait_starts_ends_it_at_once(ctx, job, redis_server):
+    from orchestrator.submit import Client
+
+    job_id, _ = job
+    ctx.ledger.set_state(job_id, JobState.CANCELLED, "cancelled by user")
+    client = Client.from_settings(Settings(broker_url=redis_server.url()))
+    assert client.wait(job_id, poll_s=3600).state is JobState.CANCELLED
