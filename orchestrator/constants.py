@@ -90,6 +90,16 @@ def output_lease_key(output: str) -> str:
     return f"vitbatch:output:{hashlib.sha256(output.rstrip('/').encode()).hexdigest()[:40]}"
 
 
+KOMBU_UNACKED_KEY = "unacked"
+"""Hash kombu's Redis transport keeps delivered, unacknowledged messages in (its Channel.unacked_key):
+delivery tag -> JSON [message, exchange, routing key]."""
+
+
+def shard_task_id(job_id: str, shard: int) -> str:
+    """The Celery task id of a shard's message: Flower and the logs name shards by it."""
+    return f"{job_id}-{shard:05d}"
+
+
 def job_state_channel(job_id: str) -> str:
     """Pub/sub channel (not a key): the job's new state, published as it is recorded."""
     return f"vitbatch:job:{job_id}:state-changes"

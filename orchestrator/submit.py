@@ -15,7 +15,7 @@ from orchestrator.celery_app import make_app
 from orchestrator.config import Settings
 from orchestrator.constants import (
     JOB_SPEC_FILE, QUEUE_DEFAULT, QUEUE_INTERACTIVE, QUEUE_TRAIN, SUCCESS_FILE, TASK_EVALUATE, TASK_EXPORT,
-    TASK_FINETUNE, TASK_RUN_SHARD,
+    TASK_FINETUNE, TASK_RUN_SHARD, shard_task_id,
 )
 from orchestrator.errors import BrokerUnavailable, ObjectExists, OutputBusy, SpecError
 from orchestrator.finalize import finalize
@@ -181,7 +181,7 @@ class Client:
                 if kind in SINGLE_TASK_KINDS:
                     args = [job_id]
                 self.app.send_task(
-                    name, args=args, task_id=f"{job_id}-{shard:05d}", producer=producer, retry=True, queue=queue,
+                    name, args=args, task_id=shard_task_id(job_id, shard), producer=producer, retry=True, queue=queue,
                     retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
                 )
 

@@ -81,3 +81,19 @@ def test_a_job_the_reconciler_finalizes_records_the_model_its_shards_ran(client,
     record = read_json(client.store, join(spec.output, SUCCESS_FILE))
     assert record["job_id"] == job_id and len(fingerprints) == 1
     assert record["model_fingerprint"] == fingerprints.pop() and record["model_fingerprint"].startswith("sha256:")
+
+
+def test_a_pending_shard_a_worker_has_taken_but_not_started_is_left_alone(client, queued_job):
+    """Between taking a message (kombu moves it into its unacked hash) and marking the shard
+    running, a worker reads the job and loads its model, seconds under load. A reconciler pass
+    then sees the shard pending and its queue empty: the message is not lost, a worker holds it."""
+    job_id, queue = queued_job
+    messages = [json.loads(m) for m in client.ledger.r.lrange(queue, 0, -1)]
+    client.ledger.r.delete(queue)
+    taken = next(m for m in messages if m["headers"]["id"].endswith("-00001"))
+    client.ledger.r.hset("unacked", "tag-of-a-worker", json.dumps([taken, "vitbatch", "vitbatch"]))
+    try:
+        result = reconcile(client, stale_after_s=0, job_ids=[job_id])
+    finally:
+        client.ledger.r.hdel("unacked", "tag-of-a-worker")
+    assert result.requeued == {job_id: [0, 2]}  # the two really lost, not the one held
