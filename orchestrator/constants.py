@@ -93,6 +93,8 @@ def output_lease_key(output: str) -> str:
 KOMBU_UNACKED_KEY = "unacked"
 """Hash kombu's Redis transport keeps delivered, unacknowledged messages in (its Channel.unacked_key):
 delivery tag -> JSON [message, exchange, routing key]."""
+KOMBU_UNACKED_INDEX_KEY = "unacked_index"
+"""Sorted set beside it (Channel.unacked_index_key): delivery tag scored by the time it was delivered."""
 
 
 def shard_task_id(job_id: str, shard: int) -> str:

@@ -182,11 +182,11 @@ class Ledger:
             self.r.hset(k.shard_enqueued_key(job_id), mapping={str(s): now for s in shards})
 
     def lost_pending(self, job_id: str, older_than: float) -> list[int]:
-        """Pending shards sent before `older_than` while their queue is now empty and no worker holds
-        their message: it was lost (kombu moves a message from the queue to its unacked set in two
-        steps; a crash between them drops it). A message in the unacked set is a worker's that has
-        not started the shard yet (it is still reading the job or loading the model) or died
-        before starting it; kombu itself gives that one back after the visibility timeout."""
+        """Pending shards sent before `older_than` whose message is neither queued nor freshly
+        taken: it was lost (kombu moves a message from the queue to its unacked set in two steps;
+        a crash between them drops it), or the worker that took it before `older_than` died
+        before starting the shard. A message taken since is a worker's that is still starting
+        the shard (reading the job, creating its clients): left to it."""
         if self.r.llen(self.queue(job_id)):
             return []
         sent = {int(i): float(t) for i, t in self.r.hgetall(k.shard_enqueued_key(job_id)).items()}
@@ -194,16 +194,18 @@ class Ledger:
                    if s is ShardState.PENDING and sent.get(i, 0) < older_than]
         if not pending:
             return []
-        held = self._delivered_task_ids()
+        held = self._task_ids_taken_since(older_than)
         return [i for i in pending if k.shard_task_id(job_id, i) not in held]
 
-    def _delivered_task_ids(self) -> set[str]:
+    def _task_ids_taken_since(self, since: float) -> set[str]:
+        """Task ids of the messages workers took (kombu's unacked set) at `since` or later."""
+        tags = self.r.zrangebyscore(k.KOMBU_UNACKED_INDEX_KEY, since, "+inf")
         ids = set()
-        for raw in self.r.hvals(k.KOMBU_UNACKED_KEY):
+        for raw in self.r.hmget(k.KOMBU_UNACKED_KEY, tags) if tags else []:
             try:
                 ids.add(json.loads(raw)[0]["headers"]["id"])
             except (ValueError, KeyError, IndexError, TypeError):
-                continue  # not a Celery task message: it holds no shard
+                continue  # gone meanwhile, or not a Celery task message: it holds no shard
         return ids
 
     def count_requeues(self, job_id: str, n: int) -> None:

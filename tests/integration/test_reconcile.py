@@ -83,17 +83,50 @@ def test_a_job_the_reconciler_finalizes_records_the_model_its_shards_ran(client,
     assert record["model_fingerprint"] == fingerprints.pop() and record["model_fingerprint"].startswith("sha256:")
 
 
-def test_a_pending_shard_a_worker_has_taken_but_not_started_is_left_alone(client, queued_job):
-    """Between taking a message (kombu moves it into its unacked hash) and marking the shard
-    running, a worker reads the job and loads its model, seconds under load. A reconciler pass
-    then sees the shard pending and its queue empty: the message is not lost, a worker holds it."""
-    job_id, queue = queued_job
+def _taken(client, queue: str, shard: int, at: float) -> str:
+    """Move shard's message from the queue into kombu's unacked set as a worker's take does."""
     messages = [json.loads(m) for m in client.ledger.r.lrange(queue, 0, -1)]
+    message = next(m for m in messages if m["headers"]["id"].endswith(f"-{shard:05d}"))
+    tag = f"tag-{message['headers']['id']}"
+    client.ledger.r.hset("unacked", tag, json.dumps([message, "vitbatch", "vitbatch"]))
+    client.ledger.r.zadd("unacked_index", {tag: at})
+    return tag
+
+
+def _sent_two_minutes_ago(client, job_id: str) -> None:
+    import time
+
+    client.ledger.r.hset(f"vitbatch:job:{job_id}:enqueued", mapping={str(i): time.time() - 120 for i in range(3)})
+
+
+def test_a_pending_shard_a_worker_has_just_taken_is_left_to_it(client, queued_job):
+    """Between taking a message (kombu moves it into its unacked set) and marking the shard
+    running, a worker reads the job and creates its clients: seconds on a slow S3. A reconciler
+    pass then sees the shard pending and its queue empty: the message is not lost, a worker holds it."""
+    import time
+
+    job_id, queue = queued_job
+    _sent_two_minutes_ago(client, job_id)
+    tag = _taken(client, queue, 1, at=time.time() - 30)
     client.ledger.r.delete(queue)
-    taken = next(m for m in messages if m["headers"]["id"].endswith("-00001"))
-    client.ledger.r.hset("unacked", "tag-of-a-worker", json.dumps([taken, "vitbatch", "vitbatch"]))
     try:
-        result = reconcile(client, stale_after_s=0, job_ids=[job_id])
+        result = reconcile(client, stale_after_s=60, job_ids=[job_id])
     finally:
-        client.ledger.r.hdel("unacked", "tag-of-a-worker")
-    assert result.requeued == {job_id: [0, 2]}  # the two really lost, not the one held
+        client.ledger.r.hdel("unacked", tag)
+        client.ledger.r.zrem("unacked_index", tag)
+    assert result.requeued == {job_id: [0, 2]}  # gone for good; shard 1 was taken 30 s ago
+
+
+def test_a_shard_taken_by_a_worker_that_died_before_starting_it_is_re_enqueued(client, queued_job):
+    import time
+
+    job_id, queue = queued_job
+    _sent_two_minutes_ago(client, job_id)
+    tag = _taken(client, queue, 1, at=time.time() - 90)  # taken 90 s ago, never started
+    client.ledger.r.delete(queue)
+    try:
+        result = reconcile(client, stale_after_s=60, job_ids=[job_id])
+    finally:
+        client.ledger.r.hdel("unacked", tag)
+        client.ledger.r.zrem("unacked_index", tag)
+    assert result.requeued == {job_id: [0, 1, 2]}
