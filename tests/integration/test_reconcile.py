@@ -83,50 +83,34 @@ def test_a_job_the_reconciler_finalizes_records_the_model_its_shards_ran(client,
     assert record["model_fingerprint"] == fingerprints.pop() and record["model_fingerprint"].startswith("sha256:")
 
 
-def _taken(client, queue: str, shard: int, at: float) -> str:
-    """Move shard's message from the queue into kombu's unacked set as a worker's take does."""
-    messages = [json.loads(m) for m in client.ledger.r.lrange(queue, 0, -1)]
-    message = next(m for m in messages if m["headers"]["id"].endswith(f"-{shard:05d}"))
-    tag = f"tag-{message['headers']['id']}"
-    client.ledger.r.hset("unacked", tag, json.dumps([message, "vitbatch", "vitbatch"]))
-    client.ledger.r.zadd("unacked_index", {tag: at})
-    return tag
-
-
-def _sent_two_minutes_ago(client, job_id: str) -> None:
+def _reconcile_with_shard_1_taken(client, queued_job, taken_s_ago: float) -> dict:
+    """Every shard sent two minutes ago and gone from the queue; shard 1's message moved into
+    kombu's unacked set `taken_s_ago`, as a worker's take does; one reconciler pass (stale 60 s)."""
     import time
 
+    job_id, queue = queued_job
     client.ledger.r.hset(f"vitbatch:job:{job_id}:enqueued", mapping={str(i): time.time() - 120 for i in range(3)})
+    messages = [json.loads(m) for m in client.ledger.r.lrange(queue, 0, -1)]
+    message = next(m for m in messages if m["headers"]["id"].endswith("-00001"))
+    tag = f"tag-{message['headers']['id']}"
+    client.ledger.r.hset("unacked", tag, json.dumps([message, "vitbatch", "vitbatch"]))
+    client.ledger.r.zadd("unacked_index", {tag: time.time() - taken_s_ago})
+    client.ledger.r.delete(queue)
+    try:
+        return reconcile(client, stale_after_s=60, job_ids=[job_id]).requeued
+    finally:
+        client.ledger.r.hdel("unacked", tag)
+        client.ledger.r.zrem("unacked_index", tag)
 
 
 def test_a_pending_shard_a_worker_has_just_taken_is_left_to_it(client, queued_job):
     """Between taking a message (kombu moves it into its unacked set) and marking the shard
     running, a worker reads the job and creates its clients: seconds on a slow S3. A reconciler
     pass then sees the shard pending and its queue empty: the message is not lost, a worker holds it."""
-    import time
-
-    job_id, queue = queued_job
-    _sent_two_minutes_ago(client, job_id)
-    tag = _taken(client, queue, 1, at=time.time() - 30)
-    client.ledger.r.delete(queue)
-    try:
-        result = reconcile(client, stale_after_s=60, job_ids=[job_id])
-    finally:
-        client.ledger.r.hdel("unacked", tag)
-        client.ledger.r.zrem("unacked_index", tag)
-    assert result.requeued == {job_id: [0, 2]}  # gone for good; shard 1 was taken 30 s ago
+    job_id, _ = queued_job
+    assert _reconcile_with_shard_1_taken(client, queued_job, taken_s_ago=30) == {job_id: [0, 2]}
 
 
 def test_a_shard_taken_by_a_worker_that_died_before_starting_it_is_re_enqueued(client, queued_job):
-    import time
-
-    job_id, queue = queued_job
-    _sent_two_minutes_ago(client, job_id)
-    tag = _taken(client, queue, 1, at=time.time() - 90)  # taken 90 s ago, never started
-    client.ledger.r.delete(queue)
-    try:
-        result = reconcile(client, stale_after_s=60, job_ids=[job_id])
-    finally:
-        client.ledger.r.hdel("unacked", tag)
-        client.ledger.r.zrem("unacked_index", tag)
-    assert result.requeued == {job_id: [0, 1, 2]}
+    job_id, _ = queued_job
+    assert _reconcile_with_shard_1_taken(client, queued_job, taken_s_ago=90) == {job_id: [0, 1, 2]}
