@@ -200,8 +200,10 @@ class Ledger:
     def _task_ids_taken_since(self, since: float) -> set[str]:
         """Task ids of the messages workers took (kombu's unacked set) at `since` or later."""
         tags = self.r.zrangebyscore(k.KOMBU_UNACKED_INDEX_KEY, since, "+inf")
+        if not tags:
+            return set()
         ids = set()
-        for raw in self.r.hmget(k.KOMBU_UNACKED_KEY, tags) if tags else []:
+        for raw in self.r.hmget(k.KOMBU_UNACKED_KEY, tags):
             try:
                 ids.add(json.loads(raw)[0]["headers"]["id"])
             except (ValueError, KeyError, IndexError, TypeError):

@@ -6,7 +6,7 @@ import ctypes
 import gc
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
@@ -44,24 +44,6 @@ def keep_freed_memory() -> bool:
 # 7.0 s without it; the exit after it, 2.6 s and 0.1 s once the heap was frozen (bench/RESULTS.md).
 # Reference counting still frees everything as before: only cycles wait for the collector.
 
-def pause_collector(**_) -> None:
-    """At the worker's start (celeryd_init, before the task modules and torch are imported)."""
-    global _resume
-    _resume = gc.isenabled()
-    gc.disable()
-
-
-def settle_heap(**_) -> None:
-    """When the worker is ready: what its start built lives as long as the process, so the
-    collector stops looking at it (gc.freeze), then runs again as before."""
-    gc.freeze()
-    if _resume:
-        gc.enable()
-
-
-_resume = False
-
-
 @contextmanager
 def long_lived() -> Iterator[None]:
     """Build objects that live as long as the process (a cached model) without collections,
@@ -75,6 +57,19 @@ def long_lived() -> Iterator[None]:
         gc.freeze()
         if enabled:
             gc.enable()
+
+
+_start = ExitStack()  # the collector's pause over a worker's start, between two Celery signals
+
+
+def pause_collector(**_) -> None:
+    """At the worker's start (celeryd_init, before the task modules and torch are imported)."""
+    _start.enter_context(long_lived())
+
+
+def settle_heap(**_) -> None:
+    """When the worker is ready: what its start built lives as long as the process (frozen)."""
+    _start.close()
 
 
 def release_frozen() -> None:

@@ -223,9 +223,8 @@ class ModelCache:
                 with long_lived():  # lives as long as it stays cached: no collections while it is built
                     self._models[key] = load(ref, device, precision, attn=attn, compile=compile,
                                              settings=self.settings, store=self.store)
-                if len(self._models) > self.capacity:
-                    while len(self._models) > self.capacity:
-                        self._models.popitem(last=False)
+                if len(self._models) > self.capacity:  # one in, one out
+                    self._models.popitem(last=False)
                     release_frozen()  # the evicted model's cycles were frozen with it
             self._models.move_to_end(key)
             return self._models[key]
