@@ -1,6 +1,6 @@
 """Benchmark 9: the same classify job through peer systems, each timed as a whole, in one run.
 
-    python -m bench.peers [--n 2000] [--systems plain,pipeline,ray,daft,vitbatch] [--bf16 auto|on|off]
+    python -m bench.peers [--n 2000] [--systems plain,pipeline,ray,daft,vitbatch] [--bf16 auto|on|off] [--rounds 1]
                           [--batch-size 32] [--daft-path ~/.cache/vitbatch/daft-target] [--device cpu|cuda]
 
 `--device cuda` (a lent GPU) puts every peer's model on the GPU with fp32 and fp16 variants
@@ -45,6 +45,11 @@ Peers are not worker dependencies. Setup (once; PyPI or this machine's wheel mir
         daft==0.7.26 'pyarrow<26' 'tqdm<4.68'
     ~/.cache/vitbatch/peers-venv/bin/python -m bench.peers --n 2000
 
+`--rounds N` runs the whole series N times, each round starting one system later (a machine
+whose speed drifts over minutes, as a shared one does, then favours no system), prints each
+round's table with vitbatch's speed-up over that round's fastest peer, and ends with each
+system's median wall and the median of those per-round speed-ups.
+
 Data and model are cached under ~/.cache/vitbatch/bench (VITBATCH_BENCH_DIR).
 """
 
@@ -55,6 +60,7 @@ import fcntl
 import json
 import os
 import platform
+import statistics
 import shutil
 import subprocess
 import sys
@@ -338,6 +344,88 @@ def _run_all(runs, results: dict, image_dir: Path, model_dir: Path, args, work: 
         print(f"  {results[name]['wall_s']:.1f} s ({args.n / results[name]['wall_s']:.1f} img/s)", flush=True)
 
 
+def _round_rows(results: dict[str, dict], n: int) -> list[dict]:
+    """One round's table, printed: wall, img/s, ratio to the plain loop, agreement with it; and
+    vitbatch's speed-up over the best peer of the same round."""
+    base = results.get("plain fp32", {})
+    if "labels" not in base:
+        raise SystemExit("the plain fp32 loop failed: no baseline")
+    rows = []
+    print()
+    print(f"{'system':<16} {'wall s':>8} {'img/s':>7} {'ratio':>6} {'top-1 agree':>11}  start/import/work s")
+    for name, r in sorted(results.items(), key=lambda item: SYSTEMS.index(item[0].split()[0])):
+        if "error" in r:
+            print(f"{name:<16} FAILED ({r['error'].splitlines()[0][:80]})")
+            rows.append({"system": name, "error": r["error"]})
+            continue
+        agree, decisive, missing = agreement(base["labels"], base["margins"], r["labels"])
+        row = {"system": name, "wall_s": round(r["wall_s"], 2), "img_s": round(n / r["wall_s"], 1),
+               "ratio": round(base["wall_s"] / r["wall_s"], 2), "top1_agreement": agree, "decisive": decisive,
+               "missing_rows": missing, "load_1min_before": round(r["load_1min_before"], 2)}
+        for key in ("startup_s", "import_s", "engine_start_s", "model_load_s", "work_s"):
+            if key in r:
+                row[key] = round(r[key], 2)
+        for key in ("torch_threads", "image_processor", "model_dtype", "ray", "daft", "success_wall_s",
+                    "success_images_per_s", "stage_seconds"):
+            if r.get(key) is not None:
+                row[key] = r[key]
+        rows.append(row)
+        split = "/".join(f"{row[k]:.1f}" for k in ("startup_s", "import_s", "work_s") if k in row) or "-"
+        print(f"{name:<16} {row['wall_s']:>8.1f} {row['img_s']:>7.1f} {row['ratio']:>6.2f} {agree:>11.2%}  {split}"
+              + (f"  (missing {missing})" if missing else ""))
+    vb = results.get("vitbatch auto", {})
+    if "stage_seconds" in vb:
+        print(f"\nvitbatch _SUCCESS.json: wall_s {vb['success_wall_s']}, images_per_s {vb['success_images_per_s']}, "
+              f"stage_seconds {json.dumps(vb['stage_seconds'])}")
+        job_wall, shard_wall = vb["success_wall_s"] or 0.0, (vb["stage_seconds"] or {}).get("wall_s", 0.0)
+        print(f"vitbatch process {vb['wall_s']:.1f} s = {vb['wall_s'] - job_wall:.1f} s before submit and after the "
+              f"job (CLI imports, embedded Redis + worker spawn, preview, shutdown) + job {job_wall:.1f} s "
+              f"(submit to finish: worker start-up, model load, shards); shard wall summed over shards "
+              f"(they run side by side, one per worker) {shard_wall:.1f} s")
+    best = best_peer(rows)
+    if best is not None:
+        print(f"vitbatch vs the best peer of this round ({best[0]}): {best[1]:.2f}x")
+    print(f"decisive images (plain fp32 top-2 margin > 0.05): {rows[0]['decisive']} of {n}\n")
+    return rows
+
+
+def best_peer(rows: list[dict]) -> tuple[str, float] | None:
+    """(the fastest other system, vitbatch's speed-up over it), from one round's rows."""
+    walls = {row["system"]: row["wall_s"] for row in rows if "wall_s" in row}
+    ours = walls.pop("vitbatch auto", None)
+    if ours is None or not walls:
+        return None
+    name = min(walls, key=walls.get)
+    return name, round(walls[name] / ours, 3)
+
+
+def _median_rows(per_round: list[list[dict]]) -> list[dict]:
+    """Across rounds: each system's median wall (and its ratio to the median plain loop), and the
+    median of vitbatch's per-round speed-up over that round's best peer."""
+    names = [row["system"] for row in per_round[0]]
+    walls = {name: [row["wall_s"] for rows in per_round for row in rows if row["system"] == name and "wall_s" in row]
+             for name in names}
+    plain = statistics.median(walls["plain fp32"])
+    rows = []
+    print(f"medians over {len(per_round)} rounds")
+    print(f"{'system':<16} {'wall s':>8} {'ratio':>6}  walls per round")
+    for name in names:
+        if not walls[name]:
+            continue
+        wall = statistics.median(walls[name])
+        rows.append({"system": name, "wall_s": round(wall, 2), "ratio": round(plain / wall, 2), "walls": walls[name],
+                     "top1_agreement": min(row["top1_agreement"] for rows_ in per_round for row in rows_
+                                           if row["system"] == name and "top1_agreement" in row)})
+        print(f"{name:<16} {wall:>8.1f} {plain / wall:>6.2f}  {' '.join(f'{w:.1f}' for w in walls[name])}")
+    speedups = [best[1] for best in map(best_peer, per_round) if best is not None]
+    if speedups:
+        print(f"vitbatch vs the best peer, per round: {' '.join(f'{x:.2f}x' for x in speedups)}; "
+              f"median {statistics.median(speedups):.2f}x\n")
+        rows.append({"system": "vitbatch vs best peer", "per_round": speedups,
+                     "median": statistics.median(speedups)})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=2000)
@@ -347,6 +435,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--daft-path", type=Path, default=DEFAULT_DAFT_PATH,
                         help="pip --target folder holding daft 0.7.26 (+ pyarrow<26, tqdm<4.68)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the series this many times, each round starting one system later; "
+                             "prints each round and the medians")
     parser.add_argument("--lock", default=LOCK, help="flock file held exclusively while measuring")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the peers run their model; cuda adds fp16 variants (a lent GPU; vitbatch's "
@@ -404,53 +495,23 @@ def main() -> None:
             runs.append((system, "fp32"))
             if bf16 or args.device == "cuda":
                 runs.append((system, "bf16" if args.device == "cpu" else "fp16"))
-    results: dict[str, dict] = {}
+    rounds: list[dict[str, dict]] = [{} for _ in range(args.rounds)]
     print(f"waiting for an exclusive lock on {args.lock} (held shared while tests run) ...", flush=True)
     lock = CpuLock(args.lock).__enter__()  # held for the whole series: every system measured in the same quiet window
     print(f"  got it after {lock.waited_s:.0f} s", flush=True)
     try:
-        _run_all(runs, results, image_dir, model_dir, args, work)
+        for i, results in enumerate(rounds):
+            if args.rounds > 1:  # each round starts one system later: a drifting machine favours no one
+                print(f"round {i + 1} of {args.rounds}", flush=True)
+            _run_all(runs[i % len(runs):] + runs[:i % len(runs)], results, image_dir, model_dir, args, work)
     finally:
         lock.__exit__()
 
-    base = results.get("plain fp32", {})
-    if "labels" not in base:
-        raise SystemExit("the plain fp32 loop failed: no baseline")
-    rows = []
-    print()
-    print(f"{'system':<16} {'wall s':>8} {'img/s':>7} {'ratio':>6} {'top-1 agree':>11}  start/import/work s")
-    for name, r in results.items():
-        if "error" in r:
-            print(f"{name:<16} FAILED ({r['error'].splitlines()[0][:80]})")
-            rows.append({"system": name, "error": r["error"]})
-            continue
-        agree, decisive, missing = agreement(base["labels"], base["margins"], r["labels"])
-        row = {"system": name, "wall_s": round(r["wall_s"], 2), "img_s": round(args.n / r["wall_s"], 1),
-               "ratio": round(base["wall_s"] / r["wall_s"], 2), "top1_agreement": agree, "decisive": decisive,
-               "missing_rows": missing, "load_1min_before": round(r["load_1min_before"], 2)}
-        for key in ("startup_s", "import_s", "engine_start_s", "model_load_s", "work_s"):
-            if key in r:
-                row[key] = round(r[key], 2)
-        for key in ("torch_threads", "image_processor", "model_dtype", "ray", "daft", "success_wall_s",
-                    "success_images_per_s", "stage_seconds"):
-            if r.get(key) is not None:
-                row[key] = r[key]
-        rows.append(row)
-        split = "/".join(f"{row[k]:.1f}" for k in ("startup_s", "import_s", "work_s") if k in row) or "-"
-        print(f"{name:<16} {row['wall_s']:>8.1f} {row['img_s']:>7.1f} {row['ratio']:>6.2f} {agree:>11.2%}  {split}"
-              + (f"  (missing {missing})" if missing else ""))
-    vb = results.get("vitbatch auto", {})
-    if "stage_seconds" in vb:
-        print(f"\nvitbatch _SUCCESS.json: wall_s {vb['success_wall_s']}, images_per_s {vb['success_images_per_s']}, "
-              f"stage_seconds {json.dumps(vb['stage_seconds'])}")
-        job_wall, shard_wall = vb["success_wall_s"] or 0.0, (vb["stage_seconds"] or {}).get("wall_s", 0.0)
-        print(f"vitbatch process {vb['wall_s']:.1f} s = {vb['wall_s'] - job_wall:.1f} s before submit and after the "
-              f"job (CLI imports, embedded Redis + worker spawn, preview, shutdown) + job {job_wall:.1f} s "
-              f"(submit to finish: worker start-up, model load, shards); shard wall summed over shards "
-              f"(they run side by side, one per worker) {shard_wall:.1f} s")
-    print(f"decisive images (plain fp32 top-2 margin > 0.05): {rows[0]['decisive']} of {args.n}\n")
+    per_round = [_round_rows(results, args.n) for results in rounds]
+    rows = per_round[0] if args.rounds == 1 else _median_rows(per_round)
     summary = {"images": args.n, "batch_size": args.batch_size, "bf16_peers": bf16, **cpu, "torch": torch.__version__,
-               "lock_wait_s": round(lock.waited_s, 1), "systems": rows}
+               "lock_wait_s": round(lock.waited_s, 1), "rounds": args.rounds, "systems": rows,
+               **({"per_round": per_round} if args.rounds > 1 else {})}
     (work / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     report("peers", summary)
 
