@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 import typer
 
@@ -111,9 +110,8 @@ def up(workers: int = typer.Option(1, help="Local worker processes."),
 
         client = client_for(s)
         try:
-            while not stack.dead_workers():
-                reconcile_once(client, s.stale_after_s)
-                time.sleep(s.heartbeat_s)
-            err.print(f"worker(s) exited: {stack.dead_workers()}; see {stack.log_dir}")
+            dead = stack.serve(lambda: reconcile_once(client, s.stale_after_s), s.heartbeat_s)
+            if dead:
+                err.print(f"worker(s) exited: {dead}; see {stack.log_dir}")
         except KeyboardInterrupt:
             pass

@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +24,6 @@ from orchestrator.gpupool import listed_gpus
 from orchestrator.processes import (
     ALL_QUEUES, RedisServer, flower_command, flower_env, free_port, settings_env, worker_command,
 )
-
-def _raise_keyboard_interrupt(_signum, _frame) -> None:
-    raise KeyboardInterrupt
-
 
 MAX_AUTO_WORKERS = 4
 
@@ -52,13 +49,14 @@ class EmbeddedStack:
     processes: list[subprocess.Popen] = field(default_factory=list)
     flower_url: str = ""
     metrics_urls: list[str] = field(default_factory=list)  # one per worker when settings.metrics_port is set
+    stop_requested: threading.Event = field(default_factory=threading.Event)  # set by SIGTERM
     _signalled: set[int] = field(default_factory=set)
 
     def __enter__(self) -> EmbeddedStack:
         if threading.current_thread() is threading.main_thread():
             # SIGTERM (docker stop, systemd, kill) unwinds like Ctrl-C, so __exit__ stops the
             # workers and Redis instead of leaving them behind.
-            self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         self._tmp = tempfile.TemporaryDirectory(prefix="vitbatch-") if self.data_dir is None else None
         root = Path(self._tmp.name) if self._tmp else Path(self.data_dir)
         self.log_dir = root / "logs"
@@ -77,6 +75,22 @@ class EmbeddedStack:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def _on_sigterm(self, _signum, _frame) -> None:
+        # Python runs a handler between any two bytecodes, a finalizer's (`__del__`) among them,
+        # and only prints an exception raised there: an interrupt can be lost, the event is not.
+        # The stack's loops (`serve`, `Client.wait(stop=...)`) check it.
+        self.stop_requested.set()
+        raise KeyboardInterrupt
+
+    def serve(self, tick: Callable[[], None], every_s: float) -> list[int]:
+        """Call tick every every_s seconds until a worker exits (their pids are returned) or
+        SIGTERM asks the stack to stop ([])."""
+        while not self.dead_workers():
+            tick()
+            if self.stop_requested.wait(every_s):
+                return []
+        return self.dead_workers()
 
     def _spawn(self, cmd: list[str], log_name: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{log_name}.log", "ab")

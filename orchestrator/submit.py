@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -196,13 +197,17 @@ class Client:
         return self.ledger.status(job_id)
 
     def wait(self, job_id: str, on_update: Callable[[JobStatus], None] | None = None,
-             poll_s: float = 0.5, timeout_s: float | None = None) -> JobStatus:
+             poll_s: float = 0.5, timeout_s: float | None = None, stop: threading.Event | None = None) -> JobStatus:
+        """The job's status once it is terminal. KeyboardInterrupt within a poll once `stop` is set
+        (the embedded stack's SIGTERM, should its own interrupt have been lost)."""
         from orchestrator.reconcile import reconcile
 
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         next_reconcile = time.monotonic() + self.settings.heartbeat_s
         with self.ledger.state_changes(job_id) as pause:  # the end is seen when it is recorded, not a poll later
             while True:
+                if stop is not None and stop.is_set():
+                    raise KeyboardInterrupt
                 if time.monotonic() >= next_reconcile:  # waiting clients double as reconcilers
                     reconcile(self, self.settings.stale_after_s, [job_id])
                     next_reconcile = time.monotonic() + self.settings.heartbeat_s

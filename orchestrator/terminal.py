@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
@@ -26,8 +28,8 @@ def _progress_bar() -> Progress:
                     TextColumn("{task.fields[rate]} img/s, ETA {task.fields[eta]}"), console=err)
 
 
-def watch(client, job_id: str, n_items: int) -> JobStatus:
-    """Wait for the job with a progress bar on stderr; its final status."""
+def watch(client, job_id: str, n_items: int, stop: threading.Event | None = None) -> JobStatus:
+    """Wait for the job with a progress bar on stderr; its final status (`stop`: as Client.wait's)."""
     with _progress_bar() as bar:
         task = bar.add_task(job_id, total=n_items, rate="0", eta="?")
 
@@ -35,7 +37,7 @@ def watch(client, job_id: str, n_items: int) -> JobStatus:
             bar.update(task, completed=status.done, description=f"{job_id} {status.state.value}",
                        rate=f"{status.images_per_s:.1f}", eta=eta_text(status.eta_s))
 
-        return client.wait(job_id, on_update=update)
+        return client.wait(job_id, on_update=update, stop=stop)
 
 
 def report(status: JobStatus, show_rows: int = 0, client=None) -> None:

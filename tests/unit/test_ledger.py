@@ -180,3 +180,28 @@ def test_a_state_recorded_before_the_wait_starts_ends_it_at_once(ctx, job, redis
     ctx.ledger.set_state(job_id, JobState.CANCELLED, "cancelled by user")
     client = Client.from_settings(Settings(broker_url=redis_server.url()))
     assert client.wait(job_id, poll_s=3600).state is JobState.CANCELLED
+
+
+def test_a_wait_told_to_stop_raises_keyboard_interrupt_within_a_poll(ctx, job, redis_server):
+    """`vitbatch run` passes the embedded stack's SIGTERM event: a wait whose interrupt was lost
+    (raised inside a finalizer) still ends."""
+    import threading
+
+    from orchestrator.submit import Client
+
+    job_id, _ = job
+    client = Client.from_settings(Settings(broker_url=redis_server.url()))
+    stop, pausing, raised = threading.Event(), threading.Event(), []
+
+    def wait() -> None:
+        try:
+            client.wait(job_id, on_update=lambda _: pausing.set(), poll_s=0.2, stop=stop)
+        except KeyboardInterrupt:
+            raised.append(True)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    assert pausing.wait(timeout=60)
+    stop.set()
+    waiter.join(timeout=60)
+    assert raised == [True] and not ctx.ledger.status(job_id).state.terminal  # it stopped waiting, not the job
