@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import urllib.error
@@ -78,12 +79,16 @@ def test_sigterm_to_vitbatch_up_stops_its_redis_and_workers(env, tmp_path):
     children = psutil.Process(proc.pid).children(recursive=True)
     assert len(children) >= 3, log.read_text()  # Redis, a worker, Flower
     proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
-    gone, alive = psutil.wait_procs(children, timeout=30)
-    left = [p.cmdline()[:3] for p in alive]
-    for p in alive:
-        p.kill()
-    assert not alive, f"left running after SIGTERM: {left}"
+    try:
+        proc.wait(timeout=60)
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        left = [p.cmdline()[:3] for p in alive]
+        assert not alive, f"left running after SIGTERM: {left}"
+    finally:  # a failure must not leave the stack running under later tests
+        proc.kill()  # a no-op once it has exited
+        for p in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
 
 
 def test_vitbatch_run_without_a_broker_starts_one_worker_per_core_and_a_rerun_needs_overwrite(tiny_model, tmp_path):
