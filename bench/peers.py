@@ -60,8 +60,8 @@ import fcntl
 import json
 import os
 import platform
-import statistics
 import shutil
+import statistics
 import subprocess
 import sys
 import time
