@@ -402,21 +402,24 @@ def best_peer(rows: list[dict]) -> tuple[str, float] | None:
 def _median_rows(per_round: list[list[dict]]) -> list[dict]:
     """Across rounds: each system's median wall (and its ratio to the median plain loop), and the
     median of vitbatch's per-round speed-up over that round's best peer."""
-    names = [row["system"] for row in per_round[0]]
-    walls = {name: [row["wall_s"] for rows in per_round for row in rows if row["system"] == name and "wall_s" in row]
-             for name in names}
-    plain = statistics.median(walls["plain fp32"])
+    measured: dict[str, list[dict]] = {}  # system -> its rows that ran, round by round
+    for rows in per_round:
+        for row in rows:
+            measured.setdefault(row["system"], [])
+            if "wall_s" in row:
+                measured[row["system"]].append(row)
+    plain = statistics.median(row["wall_s"] for row in measured["plain fp32"])
     rows = []
     print(f"medians over {len(per_round)} rounds")
     print(f"{'system':<16} {'wall s':>8} {'ratio':>6}  walls per round")
-    for name in names:
-        if not walls[name]:
+    for name, ran in measured.items():
+        if not ran:
             continue
-        wall = statistics.median(walls[name])
-        rows.append({"system": name, "wall_s": round(wall, 2), "ratio": round(plain / wall, 2), "walls": walls[name],
-                     "top1_agreement": min(row["top1_agreement"] for rows_ in per_round for row in rows_
-                                           if row["system"] == name and "top1_agreement" in row)})
-        print(f"{name:<16} {wall:>8.1f} {plain / wall:>6.2f}  {' '.join(f'{w:.1f}' for w in walls[name])}")
+        walls = [row["wall_s"] for row in ran]
+        wall = statistics.median(walls)
+        rows.append({"system": name, "wall_s": round(wall, 2), "ratio": round(plain / wall, 2), "walls": walls,
+                     "top1_agreement": min(row["top1_agreement"] for row in ran)})
+        print(f"{name:<16} {wall:>8.1f} {plain / wall:>6.2f}  {' '.join(f'{w:.1f}' for w in walls)}")
     speedups = [best[1] for best in map(best_peer, per_round) if best is not None]
     if speedups:
         print(f"vitbatch vs the best peer, per round: {' '.join(f'{x:.2f}x' for x in speedups)}; "
@@ -459,6 +462,8 @@ def main() -> None:
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
         parser.error(f"unknown systems {sorted(unknown)}; choose from {','.join(SYSTEMS)}")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if "plain" not in systems:
         systems.insert(0, "plain")  # the baseline of every ratio and agreement
     if "daft" in systems and not (args.daft_path / "daft").is_dir():
