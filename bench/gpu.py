@@ -3,15 +3,24 @@ the local store, with the plain "image processor + model" loop as the baseline, 
 End to end runs once per decode path (threads, processes, device = nvJPEG + processes), then
 the device path with torch.compile and two shards in flight.
 
-    python -m bench.gpu [--n 8192] [--batch-size 256]
+    python -m bench.gpu [--n 8192] [--batch-size 256] [--peers 2000]
 
 Goal: end to end at least 7,000 img/s. Prints one JSON line; copy it to bench/RESULTS.md
 with the card, the date and the command.
+
+`--peers N` then runs benchmark 9's peers on the GPU, each a fresh process timed whole, on N
+of the same JPEGs with ViT-Tiny/16: `python -m bench.peers --device cuda --n N` (the plain
+loop, the HF pipeline, Ray Data and, where its folder is installed, Daft, each fp32 and fp16,
+against `vitbatch run classify` with its defaults). Its table and JSON line follow this
+script's; about 5 minutes for N = 2000 on an H100, so on a lent machine with little time run
+it as its own call.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import time
 
 import torch
@@ -75,6 +84,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--peers", type=int, default=0, metavar="N",
+                        help="then the peers of bench.peers on the GPU, on N images (0: not run)")
     args = parser.parse_args()
     image_dir, paths, model_dir = photos_and_vit(args.n, VIT_BASE)
     figures = {"device": torch.cuda.get_device_name(0), "images": args.n, "batch_size": args.batch_size}
@@ -99,6 +110,18 @@ def main() -> None:
         print(name, round(rate, 1), flush=True)  # partial results survive a timeout
     onnx_run(ctx, figures, model_dir, image_dir, args, labels["threads"])
     report("gpu", figures)
+    if args.peers:
+        peers_on_gpu(args.peers)
+
+
+def peers_on_gpu(n: int) -> None:
+    """Benchmark 9 with every peer's model on CUDA; Daft only where its --target folder exists."""
+    from bench.peers import DEFAULT_DAFT_PATH, ROOT
+
+    systems = "plain,pipeline,ray" + (",daft" if (DEFAULT_DAFT_PATH / "daft").is_dir() else "") + ",vitbatch"
+    cmd = [sys.executable, "-m", "bench.peers", "--device", "cuda", "--n", str(n), "--systems", systems]
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
 
 
 def onnx_run(ctx, figures: dict, model_dir, image_dir, args, reference: dict[str, int]) -> None:
