@@ -62,6 +62,16 @@ def model_fields(markers: list[dict]) -> dict:
     return fields
 
 
+def compute_fields(markers: list[dict]) -> dict:
+    """Shards per way of computing them ("cpu fp32", "cuda fp16", "onnxruntime ..."): `auto`
+    precision resolves on each worker, so a mixed fleet says so here instead of silently."""
+    counts: dict[str, int] = {}
+    for marker in markers:
+        if marker.get("compute"):
+            counts[marker["compute"]] = counts.get(marker["compute"], 0) + 1
+    return {"computed_with": dict(sorted(counts.items()))} if counts else {}
+
+
 def finalize(job_id: str, ledger: Ledger, store: ObjectStore) -> JobState:
     """Idempotent: whoever finalizes (the last worker, the reconciler, both at once) writes the
     same record, built only from the ledger and this job's markers."""
@@ -79,6 +89,7 @@ def finalize(job_id: str, ledger: Ledger, store: ObjectStore) -> JobState:
         "errors": status.errors, "shards": status.n_shards, "failed_shards": status.failed_shards,
         "wall_s": round(wall_s, 3), "images_per_s": round(status.done / max(wall_s, 1e-9), 2),
         "stage_seconds": stage_seconds(ledger.shard_stats(job_id)), **model_fields(markers),
+        **compute_fields(markers),
         "vitbatch_version": __version__, "finished_at": finished,
         "parts": [part for marker in markers for part in marker_parts(status.output, folder, marker)],
     }

@@ -45,6 +45,17 @@ class LoadedModel:
     def input_size(self) -> tuple[int, int]:
         return self.prep.input_size
 
+    @property
+    def compute(self) -> str:
+        """How this worker computes the outputs, for the shard's marker and the job's record:
+        `auto` resolves per host, so one job's shards can differ (bf16 on an AMX host, fp32 on
+        an AVX2 one, fp16 on a GPU)."""
+        if self.family == "onnx":
+            return f"onnxruntime {self.module.execution_provider}"
+        precision = PRECISION_NAMES[self.dtype]
+        # On a CPU, fp16 and bf16 run under autocast over fp32 weights (workers.compute).
+        return f"{self.device.type} {precision}" + (" autocast" if self.device.type == "cpu" and precision != "fp32" else "")
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
@@ -77,7 +88,10 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.float16
         return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    return {name: dtype for dtype, name in PRECISION_NAMES.items()}[precision]
+
+
+PRECISION_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def model_family(ref: str, path: Path | None) -> str:

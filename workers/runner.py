@@ -133,6 +133,6 @@ def run_shard(spec: JobSpec, shard: int, ctx: WorkerContext, on_progress: Progre
     written = upload_parts(ctx.store, spec.output, head.parts())
     times.write_s = time.perf_counter() - t0  # serialising and uploading
     summary = {**(marker_fields or {"job_id": job_id}), "rows": len(head.rows), "errors": head.errors,
-               "model_fingerprint": head.model.fingerprint, "worker": ctx.hostname,
+               "model_fingerprint": head.model.fingerprint, "compute": head.model.compute, "worker": ctx.hostname,
                "batch_size": batch_size}  # after any out-of-memory halving
     return commit_shard(ctx.store, spec.output, shard, {}, {**summary, "stats": times.to_json()}, written=written)

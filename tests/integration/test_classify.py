@@ -135,6 +135,9 @@ def test_outputs_hold_job_spec_manifests_markers_and_success(finished_job, clien
     assert success["items"] == success["processed"] == N_IMAGES + len(BAD_FILES)
     assert success["errors"] == len(BAD_FILES)
     assert success["model_fingerprint"].startswith("sha256:")
+    # precision auto on these CPU workers: fp32, or bf16 where AMX/AVX512-BF16 make it fast
+    assert marker["compute"] in ("cpu fp32", "cpu bf16 autocast")
+    assert success["computed_with"] == {marker["compute"]: n_shards}
     assert success["images_per_s"] > 0
     spec = json.loads(s3.get_object(Bucket=bucket, Key=prefix + JOB_SPEC_FILE)["Body"].read())
     assert spec["plan"]["ignored_non_images"] == 1

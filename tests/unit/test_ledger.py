@@ -45,15 +45,16 @@ def job(ctx, tmp_path):
 class Work:
     """A shard's work: commits two rows into the job's folder and counts its calls."""
 
-    def __init__(self, shard: int | None = None) -> None:
-        self.calls, self.shard = 0, shard
+    def __init__(self, shard: int | None = None, compute: str = "") -> None:
+        self.calls, self.shard, self.compute = 0, shard, compute
 
     def __call__(self, spec, ctx, fields: dict) -> dict:
         self.calls += 1
         shard = self.calls - 1 if self.shard is None else self.shard  # shards 0, 1, ... in call order
         rows = json.dumps([{"key": f"k{shard}"}]).encode()
         return commit_shard(ctx.store, spec.output, shard, {f"part-{shard:05d}.json": rows},
-                            {**fields, "rows": 2, "errors": 0, "stats": {"compute_s": 0.1}})
+                            {**fields, "rows": 2, "errors": 0, "stats": {"compute_s": 0.1},
+                             **({"compute": self.compute} if self.compute else {})})
 
 
 def test_a_first_delivery_runs_the_work_commits_and_the_last_shard_publishes_the_job(ctx, job):
@@ -68,6 +69,14 @@ def test_a_first_delivery_runs_the_work_commits_and_the_last_shard_publishes_the
     record = success_record(spec.output, ctx.store)
     assert record["job_id"] == job_id and record["job_dir"] == f"_jobs/{job_id}"
     assert [p["name"] for p in record["parts"]] == [f"_jobs/{job_id}/part-00000.json", f"_jobs/{job_id}/part-00001.json"]
+
+
+def test_the_record_counts_the_shards_of_each_way_they_were_computed(ctx, job):
+    """`auto` precision resolves on each worker: a job whose shards ran on a GPU and on a CPU says so."""
+    job_id, spec = job
+    lifecycle(ctx, job_id, 0, Work(0, "cuda fp16"))
+    lifecycle(ctx, job_id, 1, Work(1, "cpu fp32"))
+    assert success_record(spec.output, ctx.store)["computed_with"] == {"cpu fp32": 1, "cuda fp16": 1}
 
 
 def test_a_redelivery_after_commit_only_records_the_marker(ctx, job):

@@ -43,6 +43,14 @@ def test_an_hf_dir_gets_its_labels_from_config(hf_model_dir):
     assert model.device == torch.device("cpu") and model.dtype == expected
 
 
+def test_compute_names_the_device_and_precision_the_outputs_come_from(hf_model_dir):
+    ref = normalize_model_ref(str(hf_model_dir))
+    assert models.load(ref, device="cpu", precision="fp32").compute == "cpu fp32"
+    assert models.load(ref, device="cpu", precision="bf16").compute == "cpu bf16 autocast"
+    auto = "cpu bf16 autocast" if models.cpu_has_fast_bf16() else "cpu fp32"
+    assert models.load(ref, device="cpu").compute == auto
+
+
 def test_a_timm_dir_gets_its_preprocessing_from_timms_data_config(timm_model_dir):
     model = load(timm_model_dir)
     assert model.family == "timm"

@@ -183,6 +183,11 @@ def test_external_data_outside_the_folder_is_refused(exported, tmp_path):
         models.load(normalize_model_ref(str(bad)), device="cpu")
 
 
+def test_an_onnx_model_names_onnxruntime_and_its_provider_as_its_compute(exported):
+    _, out, _ = exported("hf-vit")
+    assert models.load(normalize_model_ref(str(out)), device="cpu").compute == "onnxruntime CPUExecutionProvider"
+
+
 def test_ort_runs_the_compute_threads_the_worker_was_given(exported):
     """The embedded stack gives each of N workers cores/N threads through OMP_NUM_THREADS, which ORT does not
     read: its session must take torch's number, or two workers on two cores run four threads. The tests run
