@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 
 from orchestrator import __version__
 from orchestrator.constants import CARRIED_MARKER, FAILURES_FILE, SUCCESS_FILE, commit_name
@@ -65,10 +66,7 @@ def model_fields(markers: list[dict]) -> dict:
 def compute_fields(markers: list[dict]) -> dict:
     """Shards per way of computing them ("cpu fp32", "cuda fp16", "onnxruntime ..."): `auto`
     precision resolves on each worker, so a mixed fleet says so here instead of silently."""
-    counts: dict[str, int] = {}
-    for marker in markers:
-        if marker.get("compute"):
-            counts[marker["compute"]] = counts.get(marker["compute"], 0) + 1
+    counts = Counter(marker["compute"] for marker in markers if marker.get("compute"))
     return {"computed_with": dict(sorted(counts.items()))} if counts else {}
 
 
