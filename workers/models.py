@@ -53,8 +53,8 @@ class LoadedModel:
         if self.family == "onnx":
             return f"onnxruntime {self.module.execution_provider}"
         precision = PRECISION_NAMES[self.dtype]
-        # On a CPU, fp16 and bf16 run under autocast over fp32 weights (workers.compute).
-        return f"{self.device.type} {precision}" + (" autocast" if self.device.type == "cpu" and precision != "fp32" else "")
+        autocast = self.device.type == "cpu" and precision != "fp32"  # over fp32 weights (workers.compute)
+        return f"{self.device.type} {precision}" + (" autocast" if autocast else "")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -88,10 +88,11 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.float16
         return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    return {name: dtype for dtype, name in PRECISION_NAMES.items()}[precision]
+    return DTYPES[precision]
 
 
-PRECISION_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+PRECISION_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def model_family(ref: str, path: Path | None) -> str:
