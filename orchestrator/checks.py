@@ -15,11 +15,13 @@ from pathlib import Path
 
 from orchestrator.errors import SpecError
 from orchestrator.modelinfo import is_onnx, label_count, read_config
+from orchestrator.modelkinds import Checkpoint, Kind, checkpoint_kind, classifier_refusal
 
 
 def check_model_options(spec, config: dict | None) -> None:
     """SpecError when the spec asks the model (config.json of a directory; None for hub names) for
-    what it does not have: remote code, an unknown architecture, more labels or layers."""
+    what it does not have: remote code, an unknown architecture, a classifier it lacks, more labels
+    or layers. A hub name is checked once by the worker that loads it (the job fails once)."""
     if config is None:
         return
     _check_no_remote_code(spec.model, config)
@@ -27,8 +29,26 @@ def check_model_options(spec, config: dict | None) -> None:
         _check_onnx_kind(spec, config)
     else:
         _check_architecture(spec.model, config)
-    _check_top_k(spec, config)
+    check_job_fits(spec, checkpoint_kind(spec.model, config))
+    if getattr(spec, "labels", None) is None:
+        _check_top_k(spec, config)
     _check_layers(spec, config)
+
+
+def check_job_fits(spec, checkpoint: Checkpoint) -> None:
+    """What the job needs of the checkpoint: a trained classifier (classify, evaluate), an image-text
+    model (zero-shot --labels), a pooled output apart from `cls` (embed --pooling pooled)."""
+    kind = spec.kind
+    zero_shot = getattr(spec, "labels", None) is not None
+    if kind == "classify" and zero_shot and not checkpoint.zero_shot:
+        raise SpecError(f"model {spec.model!r} is a {checkpoint.kind.value} ({checkpoint.architecture}): zero-shot "
+                        "--labels needs an image-text model (CLIPModel, SiglipModel); drop --labels to use its own "
+                        "classifier")
+    if kind in ("classify", "evaluate") and not zero_shot and not checkpoint.classifier:
+        raise SpecError(classifier_refusal(spec.model, checkpoint))
+    if kind == "embed" and "pooled" in spec.pooling and checkpoint.kind not in (Kind.DUAL, Kind.VISION_TOWER, Kind.TIMM):
+        raise SpecError(f"model {spec.model!r} ({checkpoint.kind.value}) has no pooled output apart from its `cls` "
+                        "embedding: drop `pooled` from --pooling")
 
 
 def _check_onnx_kind(spec, config: dict) -> None:
@@ -72,12 +92,10 @@ def _check_architecture(ref: str, config: dict) -> None:
         if not isinstance(config["architecture"], str) or not config["architecture"]:
             raise SpecError(f"model {ref!r}: config.json 'architecture' must name a timm model")
         return
-    model_type = config.get("model_type")
-    if not isinstance(model_type, str) or not model_type:
-        raise SpecError(f"model {ref!r}: config.json has no model_type (nor a timm 'architecture'): "
-                        "pass a save_pretrained or timm save_for_hf directory")
+    checkpoint = checkpoint_kind(ref, config)  # SpecError for what vitbatch cannot load
+    model_type = checkpoint.model_type
     known = image_model_types()
-    if known is not None and model_type not in known:
+    if checkpoint.kind is Kind.CLASSIFIER and known is not None and model_type not in known:
         raise SpecError(f"model {ref!r}: model_type {model_type!r} is not an image classifier transformers "
                         f"knows (it has {', '.join(sorted(known)[:8])}, ...)")
 

@@ -30,6 +30,19 @@ def _field_value(check, value: str | None) -> str | None:
         raise ValueError(str(e)) from e
 
 
+def read_labels(value: str) -> list[str]:
+    """`a,b,c`, or `@file.txt` with one label per line (blank lines skipped)."""
+    if value.startswith("@"):
+        from pathlib import Path
+
+        try:
+            text = Path(value[1:]).expanduser().read_text()
+        except OSError as e:
+            raise SpecError(f"--labels {value}: cannot read the file ({e.strerror or e})") from e
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    return [label.strip() for label in value.split(",")]
+
+
 def _output_uri(value: str) -> str:
     return storable_output(normalize_uri(value))
 
@@ -90,10 +103,47 @@ class ClassifySpec(JobBase):
     """Top-k labels for every image."""
 
     kind: Literal["classify"] = Field("classify", description="Job kind: classify.")
-    top_k: int = Field(5, gt=0, le=1000, description="Labels and scores kept per image.")
+    top_k: int = Field(5, gt=0, le=1000, description="Labels and scores kept per image (at most the labels there are).")
+    labels: list[str] | None = Field(
+        None, min_length=1, max_length=10_000,
+        description="Zero-shot classify with an image-text model (CLIP, SigLIP): the candidate labels, comma-separated "
+        "(\"cat,dog,car\") or @file.txt (one per line); images are ranked by the model's own image-text scores.",
+    )
+    prompt: str = Field(
+        "a photo of a {}.", description="Zero-shot prompt template; {} is replaced by each label.",
+    )
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_list(cls, value):
+        return _field_value(read_labels, value) if isinstance(value, str) else value
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        labels = [label.strip() for label in value]
+        if any(not label for label in labels) or len(set(labels)) != len(labels):
+            raise ValueError("--labels must be distinct and non-empty")
+        return labels
+
+    @field_validator("prompt")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        if value.count("{}") != 1 or "{" in value.replace("{}", "") or "}" in value.replace("{}", ""):
+            raise ValueError("--prompt must hold exactly one {} (where the label goes) and no other braces")
+        return value
+
+    @model_validator(mode="after")
+    def _top_k_within_labels(self):
+        if self.labels is not None and self.top_k > len(self.labels):
+            raise ValueError(f"top_k={self.top_k} is larger than the {len(self.labels)} --labels: "
+                             f"pass --top-k {len(self.labels)} or less")
+        return self
 
 
-Pooling = Literal["cls", "mean", "patches"]
+Pooling = Literal["cls", "pooled", "mean", "patches"]
 
 
 class EmbedSpec(JobBase):
@@ -102,8 +152,11 @@ class EmbedSpec(JobBase):
     kind: Literal["embed"] = Field("embed", description="Job kind: embed.")
     pooling: list[Pooling] = Field(
         default_factory=lambda: ["cls"], min_length=1,
-        description="Any of cls, mean, patches (patches stores [N, grid*grid, hidden] per shard: large).",
+        description="Any of cls (the model's image embedding: CLS token, or CLIP's projected / SigLIP's pooled "
+        "output), pooled (the unprojected pooled output of CLIP-like models), mean (of the patch tokens), "
+        "patches ([N, grid*grid, hidden] per shard: large).",
     )
+    normalize: bool = Field(False, description="Store unit-length cls, pooled and mean vectors (patches unchanged).")
 
     @field_validator("pooling", mode="before")
     @classmethod

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from orchestrator.jobs import EvaluateSpec, FinetuneSpec
+from orchestrator.checks import check_job_fits
 from orchestrator.labels import check_val_labels, class_names, load_labeled
 from orchestrator.errors import SpecError
 from orchestrator.modelinfo import is_onnx, read_config
+from orchestrator.modelkinds import checkpoint_kind
 from orchestrator.storage import ObjectStore
 
 
@@ -13,6 +15,8 @@ def check_labeled(spec: FinetuneSpec | EvaluateSpec, store: ObjectStore) -> dict
     """Every check that needs no GPU; returns the plan summary written to _job.json."""
     if spec.model is not None:
         config = read_config(spec.model, store)  # a local/s3 model without config.json is refused now
+        if isinstance(spec, EvaluateSpec) and config is not None:
+            check_job_fits(spec, checkpoint_kind(spec.model, config))  # a trained classifier to evaluate
         if isinstance(spec, FinetuneSpec) and is_onnx(config):
             raise SpecError(f"model {spec.model!r} is an ONNX export: fine-tuning starts from a PyTorch model only; "
                             f"pass the model it was exported from ({config.get('source', {}).get('ref', 'its source')})")

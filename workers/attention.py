@@ -23,9 +23,10 @@ import torch
 from PIL import Image
 
 from orchestrator.manifest import Item
+from orchestrator.modelkinds import Kind
 from workers.errors import ModelLoadError
-from workers.heads import INDEX_SCHEMA, ArrayHead, has_class_token, prefix_tokens
-from workers.models import LoadedModel
+from workers.heads import INDEX_SCHEMA, ArrayHead
+from workers.loaded import LoadedModel
 from workers.preprocess import seen_box
 
 OVERLAY_MAX_SIDE = 512
@@ -57,53 +58,25 @@ def cls_to_patches(rows: torch.Tensor, prefix: int) -> torch.Tensor:
 
 
 def grid_shape(model: LoadedModel, n_patches: int) -> tuple[int, int]:
-    height, width = model.input_size
-    if model.family == "timm":
-        gh, gw = model.module.patch_embed.grid_size
-    else:
-        patch = model.module.config.patch_size
-        gh, gw = height // patch, width // patch
+    gh, gw = model.family.grid(model.input_size)
     if gh * gw != n_patches:
         raise ModelLoadError(f"model {model.ref}: {n_patches} patch tokens do not fill its {gh}x{gw} patch grid")
     return gh, gw
-
-
-class _TimmAttentionTap:
-    """Captures timm's post-softmax attention (fused attention is switched off at load).
-
-    The hooks live for one forward pass only: the module is cached and shared by every
-    shard's head, and a hook left behind would keep every later map alive.
-    """
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-
-    def __call__(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        maps: list[torch.Tensor] = []
-        handles = [block.attn.attn_drop.register_forward_hook(lambda _m, _i, out: maps.append(out))
-                   for block in self.module.blocks]
-        try:
-            self.module.forward_features(pixels)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return maps
 
 
 class AttentionHead(ArrayHead):
     def __init__(self, model: LoadedModel, shard: int, *, layers: list[int], heads: str, with_rollout: bool,
                  overlay_indices: set[int], overlay_prefix: str = "") -> None:
         super().__init__(model, shard)
-        if model.family == "onnx":  # submit refuses it; a spec run in-process gets the same reason
+        if model.family.kind is Kind.ONNX:  # submit refuses it; a spec run in-process gets the same reason
             raise ModelLoadError(f"model {model.ref} is an ONNX export: attention maps need the PyTorch model")
-        self.class_token = has_class_token(model)
+        self.class_token = model.family.class_token
         self.overlay_prefix = overlay_prefix  # the job's folder under the output: the column reads from the prefix
         self.layers, self.heads, self.with_rollout = layers, heads, with_rollout
         self.overlay_indices = overlay_indices
-        self.prefix = prefix_tokens(model)
+        self.prefix = model.family.prefix_tokens
         self.overlays: dict[int, bytes] = {}
-        self._tap = _TimmAttentionTap(model.module) if model.family == "timm" else None
-        n_layers = len(model.module.blocks) if model.family == "timm" else model.module.config.num_hidden_layers
+        n_layers = model.family.depth
         missing = [layer for layer in layers if not -n_layers <= layer < n_layers]
         if missing:  # layer % n_layers would silently store another layer's map
             raise ModelLoadError(f"layers {missing} do not exist: the model has {n_layers} layers "
@@ -112,13 +85,8 @@ class AttentionHead(ArrayHead):
     def wants_image(self, index: int) -> bool:
         return index in self.overlay_indices
 
-    def attentions(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        if self._tap is None:
-            return list(self.model.module.base_model(pixel_values=pixels, output_attentions=True).attentions)
-        return self._tap(pixels)
-
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        attentions = self.attentions(pixels)
+        attentions = self.model.family.attentions(pixels)
         n_layers = len(attentions)
         gh, gw = grid_shape(self.model, attentions[0].shape[-1] - self.prefix)
         out = {}

@@ -20,7 +20,7 @@ from PIL import Image
 from orchestrator.manifest import Item
 from workers.devicedecode import decode_batch, resize_batch
 from workers.errors import BadImage
-from workers.models import LoadedModel
+from workers.loaded import LoadedModel
 from workers.pipeline import Batch, Decoded, Failed
 from workers.preprocess import Decoder
 

@@ -22,7 +22,7 @@ from orchestrator.labels import load_labeled
 from orchestrator.manifest import Item
 from orchestrator.storage import join
 from workers.heads import top_k
-from workers.models import LoadedModel
+from workers.loaded import LoadedModel
 from workers.pipeline import DecodePath
 from workers.preprocess import Decoder
 from workers.runner import run_with

@@ -9,6 +9,7 @@ everything by the item's index in the shard and sorts when the shard ends.
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -16,8 +17,9 @@ import torch
 
 from orchestrator.constants import part_name
 from orchestrator.manifest import Item
+from orchestrator.modelkinds import Kind
 from workers.errors import ModelLoadError
-from workers.models import LoadedModel
+from workers.loaded import LoadedModel
 from workers.writers import parquet_bytes
 
 CLASSIFY_SCHEMA = pa.schema([
@@ -32,69 +34,8 @@ INDEX_SCHEMA = pa.schema([
 
 def top_k(model: LoadedModel, pixels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax scores and class ids of the k best classes, on the CPU ([B, k] each)."""
-    scores, ids = logits(model, pixels).float().softmax(dim=-1).topk(k, dim=-1)
+    scores, ids = model.family.logits(pixels).float().softmax(dim=-1).topk(k, dim=-1)
     return scores.cpu(), ids.cpu()  # .cpu() waits for the device
-
-
-def logits(model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
-    if model.family == "onnx":
-        return model.module(pixels, ["logits"])["logits"]
-    if model.family == "hf":
-        return model.module(pixel_values=pixels).logits
-    return model.module(pixels)
-
-
-def prefix_tokens(model: LoadedModel) -> int:
-    """Tokens before the patches: CLS (+ distillation or register tokens); 0 for timm models without a class token.
-
-    Dinov2 with registers keeps its register tokens right after CLS (config.num_register_tokens).
-    """
-    if model.family == "onnx":
-        return int(model.module.meta["prefix_tokens"])
-    if model.family == "timm":
-        return int(getattr(model.module, "num_prefix_tokens", 1))
-    config = model.module.config
-    return 1 + (config.model_type == "deit") + int(getattr(config, "num_register_tokens", 0) or 0)
-
-
-def has_class_token(model: LoadedModel) -> bool:
-    """Whether token 0 is a CLS token (timm's class_token=False models start with the patches or registers)."""
-    if model.family == "onnx":
-        return bool(model.module.meta.get("class_token", True))
-    if model.family == "timm":
-        return getattr(model.module, "cls_token", None) is not None
-    return True
-
-
-def cls_source(model: LoadedModel) -> str:
-    """What the `cls` embedding is: "cls_token" (token 0 of the final normalized state) or "pooled"
-    (the features the classifier reads, where that is not the CLS token: timm avg/map pooling and
-    models without a class token, timm's distilled DeiT (mean of CLS and distillation tokens), BEiT
-    with mean pooling (its final state is not normalized and its CLS token is not what it classifies)."""
-    if model.family == "onnx":
-        return str(model.module.meta["cls_source"])
-    if model.family == "timm":
-        module = model.module
-        token = (getattr(module, "global_pool", "token") == "token" and has_class_token(model)
-                 and getattr(module, "dist_token", None) is None)
-        return "cls_token" if token else "pooled"
-    return "pooled" if getattr(model.module.config, "use_mean_pooling", False) else "cls_token"
-
-
-def hf_cls(model: LoadedModel, outputs) -> torch.Tensor:
-    """The `cls` embedding from an HF base model's outputs (see cls_source)."""
-    if cls_source(model) == "pooled":
-        return outputs.pooler_output
-    return outputs.last_hidden_state[:, 0]
-
-
-def final_tokens(model: LoadedModel, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every token of the final hidden state [B, T, hidden] and the `cls` embedding [B, hidden] (PyTorch)."""
-    if model.family == "hf":
-        outputs = model.module.base_model(pixel_values=pixels)
-        return outputs.last_hidden_state, hf_cls(model, outputs)
-    tokens = model.module.forward_features(pixels)
-    return tokens, model.module.forward_head(tokens, pre_logits=True)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -139,16 +80,24 @@ class ClassifyHead(Head):
 
     def __init__(self, model: LoadedModel, shard: int, top_k: int) -> None:
         super().__init__(model, shard)
+        if not model.family.has_classifier:
+            raise ModelLoadError(f"model {model.ref} is a {model.family.name} without a trained classifier: "
+                                 "classify would write a random head's labels; run embed, zero-shot classify "
+                                 "with --labels (CLIP, SigLIP), or finetune it first")
         if top_k > len(model.id2label):
             raise ModelLoadError(f"top_k={top_k} is larger than the model's {len(model.id2label)} labels")
         self.top_k = top_k
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return self.model.id2label
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return top_k(self.model, pixels, self.top_k)
 
     def collect(self, indices: list[int], items: list[Item], output, images=None) -> None:
         scores, ids = output
-        labels = self.model.id2label
+        labels = self.id2label
         for index, item, row_scores, row_ids in zip(indices, items, scores.tolist(), ids.tolist()):
             self.rows[index] = {
                 "key": item.key, "etag": item.etag, "label": labels[row_ids[0]], "label_id": row_ids[0],
@@ -162,6 +111,43 @@ class ClassifyHead(Head):
 
     def parts(self) -> dict[str, bytes]:
         return {part_name(self.shard, "parquet"): parquet_bytes(self.ordered_rows(), CLASSIFY_SCHEMA)}
+
+
+class ZeroShotHead(ClassifyHead):
+    """Classify rows from an image-text model: the labels' prompts are encoded once per loaded model,
+    and each image's labels are ranked by the model's own image-text scores (families.HFDualEncoder)."""
+
+    def __init__(self, model: LoadedModel, shard: int, top_k: int, labels: list[str], prompt: str) -> None:
+        family = model.family
+        if not family.zero_shot:
+            raise ModelLoadError(f"model {model.ref} is a {family.name}: zero-shot --labels needs an image-text "
+                                 "model (CLIPModel, SiglipModel) with its text tower and tokenizer")
+        self.labels = dict(enumerate(labels))
+        Head.__init__(self, model, shard)
+        if top_k > len(labels):
+            raise ModelLoadError(f"top_k={top_k} is larger than the {len(labels)} --labels")
+        self.top_k = top_k
+        self.text = text_embeddings(model, tuple(prompt.format(label) for label in labels))
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return self.labels
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        family = self.model.family
+        scores = family.image_text_scores(family.embed(pixels).image, self.text.to(pixels.device))
+        scores, ids = scores.float().topk(self.top_k, dim=-1)
+        return scores.cpu(), ids.cpu()
+
+
+def text_embeddings(model: LoadedModel, prompts: tuple[str, ...]) -> torch.Tensor:
+    """The prompts' text embeddings, computed once per loaded model and prompt set (every shard's head
+    on this worker shares them), in fp32 outside autocast."""
+    cache = model.text_cache
+    if prompts not in cache:
+        with model.lock, torch.inference_mode():
+            cache[prompts] = model.family.text_embeddings(list(prompts)).float()
+    return cache[prompts]
 
 
 class ArrayHead(Head):
@@ -200,29 +186,50 @@ class ArrayHead(Head):
         return out
 
 
-class EmbedHead(ArrayHead):
-    """CLS token, mean of patch tokens, and optionally every patch token, of the final normalized state."""
+def unit_length(values: torch.Tensor) -> torch.Tensor:
+    values = values.float()
+    return values / values.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
-    def __init__(self, model: LoadedModel, shard: int, pooling: list[str]) -> None:
+
+class EmbedHead(ArrayHead):
+    """The model's image embedding (`cls`), its unprojected pooled output (`pooled`), the mean of the
+    final normalized patch tokens (`mean`) and every patch token (`patches`); see workers/families.py."""
+
+    def __init__(self, model: LoadedModel, shard: int, pooling: list[str], normalize: bool = False) -> None:
         super().__init__(model, shard)
-        self.pooling = pooling
-        self.prefix = prefix_tokens(model)
-        # Readers tell a CLS token from a pooled output (and count prefix tokens) by the index's metadata.
-        self.index_schema = INDEX_SCHEMA.with_metadata({"vitbatch.cls_source": cls_source(model),
-                                                         "vitbatch.prefix_tokens": str(self.prefix)})
+        self.pooling, self.normalize = pooling, normalize
+        family = model.family
+        self.prefix = family.prefix_tokens
+        if "pooled" in pooling and not family.has_pooled:
+            raise ModelLoadError(f"model {model.ref} ({family.name}) has no pooled output apart from its `cls` "
+                                 "embedding: drop `pooled` from --pooling")
+        # Readers tell a CLS token from a pooled or projected output (and count prefix tokens) by the metadata.
+        self.index_schema = INDEX_SCHEMA.with_metadata({
+            "vitbatch.cls_source": family.cls_source, "vitbatch.prefix_tokens": str(self.prefix),
+            "vitbatch.arrays": json.dumps({name: self.describe(name) for name in pooling}, sort_keys=True),
+        })
+
+    def describe(self, name: str) -> dict:
+        """What one stored array is, for downstream tools (written into the index's metadata)."""
+        source = {"cls": self.model.family.cls_source, "pooled": "pooled", "mean": "mean_of_patch_tokens",
+                  "patches": "patch_tokens"}[name]
+        return {"source": source, "projected": name == "cls" and source == "projected",
+                "normalized": self.normalize and name != "patches", "dtype": "float16",
+                "family": self.model.family.name, "model_fingerprint": self.model.fingerprint}
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.model.family == "onnx":
-            return self.model.module(pixels, self.pooling)
-        tokens, cls = final_tokens(self.model, pixels)
-        patches = tokens[:, self.prefix:]
-        out = {"cls": cls}
-        if "mean" in self.pooling:
-            out["mean"] = patches.float().mean(dim=1)
-        if "patches" in self.pooling:
-            out["patches"] = patches
-        return {name: out[name] for name in self.pooling}
-
+        family = self.model.family
+        if family.kind is Kind.ONNX:
+            out = family.outputs(pixels, self.pooling)
+        else:
+            embedded = family.embed(pixels)
+            patches = embedded.tokens[:, self.prefix:]
+            every = {"cls": lambda: embedded.image, "pooled": lambda: embedded.pooled,
+                     "mean": lambda: patches.float().mean(dim=1), "patches": lambda: patches}
+            out = {name: every[name]() for name in self.pooling}
+        if self.normalize:  # unit length in fp32, before the fp16 cast (patch tokens are left as they are)
+            out = {name: unit_length(v) if name != "patches" else v for name, v in out.items()}
+        return out
     def collect(self, indices: list[int], items: list[Item], output: dict[str, torch.Tensor], images=None) -> None:
         self.add_ok(indices, items)
         for name, values in output.items():

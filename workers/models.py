@@ -11,50 +11,25 @@ import json
 import math
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from orchestrator.config import Settings
+from orchestrator.errors import SpecError
 from orchestrator.modelinfo import is_onnx
+from orchestrator.modelkinds import Checkpoint, Kind, checkpoint_kind
 from orchestrator.storage import ObjectStore
 from workers.errors import ModelLoadError
+from workers.families import Family, HFBackbone, HFClassifier, HFDualEncoder, Timm
 from workers.lifecycle import long_lived, release_frozen
 from workers.modelfiles import check_model_dir, local_model_dir, read_config
+from workers.loaded import DTYPES, LoadedModel
 from workers.preprocess import Preprocess
 
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
              "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
-
-
-@dataclass
-class LoadedModel:
-    ref: str
-    family: str  # "hf", "timm", or "onnx" (module is then a workers.onnxmodel.OrtModule)
-    module: torch.nn.Module
-    prep: Preprocess
-    id2label: dict[int, str]
-    device: torch.device
-    dtype: torch.dtype
-    fingerprint: str
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)  # one forward at a time
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self.prep.input_size
-
-    @property
-    def compute(self) -> str:
-        """How this worker computes the outputs, for the shard's marker and the job's record:
-        `auto` resolves per host, so one job's shards can differ (bf16 on an AMX host, fp32 on
-        an AVX2 one, fp16 on a GPU)."""
-        if self.family == "onnx":
-            return f"onnxruntime {self.module.execution_provider}"
-        precision = PRECISION_NAMES[self.dtype]
-        autocast = self.device.type == "cpu" and precision != "fp32"  # over fp32 weights (workers.compute)
-        return f"{self.device.type} {precision}" + (" autocast" if autocast else "")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -91,12 +66,8 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return DTYPES[precision]
 
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-PRECISION_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-
-
 def model_family(ref: str, path: Path | None) -> str:
-    """The family, hf or timm: from the reference's scheme, else from the directory's config.json."""
+    """The library, hf or timm: from the reference's scheme, else from the directory's config.json."""
     if ref.startswith("timm:"):
         return "timm"
     if ref.startswith("hf:"):
@@ -104,16 +75,44 @@ def model_family(ref: str, path: Path | None) -> str:
     return "timm" if "architecture" in check_model_dir(path, allow_pickle=True) else "hf"
 
 
-def _load_hf(name: str, dtype: torch.dtype, attn: str, allow_pickle: bool = False
-             ) -> tuple[torch.nn.Module, Preprocess, dict[int, str]]:
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+def hf_checkpoint(ref: str, name: str, config: dict | None) -> Checkpoint:
+    """What an HF checkpoint is: from its directory's config.json, or the hub's (cache) config."""
+    if config is None:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(name, trust_remote_code=False).to_dict()
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"model 'hf:{name}' not found locally and the hub is unreachable or has no such "
+                                 f"repo ({_first_line(e)}): pass a local directory or s3:// URI") from e
+    try:
+        return checkpoint_kind(ref, config)
+    except SpecError as e:
+        raise ModelLoadError(str(e)) from e
+
+
+def _hf_class(checkpoint: Checkpoint):
+    import transformers
+
+    if checkpoint.kind is Kind.CLASSIFIER:
+        return transformers.AutoModelForImageClassification
+    if checkpoint.kind is Kind.VISION_TOWER:  # one of modelkinds.TOWER_ARCHITECTURES, never a free name
+        return getattr(transformers, checkpoint.architecture)
+    return transformers.AutoModel  # backbones (ViTMAEForPreTraining -> ViTMAEModel) and dual encoders
+
+
+def _load_hf(name: str, checkpoint: Checkpoint, attn: str, allow_pickle: bool = False
+             ) -> tuple[torch.nn.Module, Preprocess, dict[int, str], Family]:
+    from transformers import AutoImageProcessor
 
     # trust_remote_code=False said out loud: otherwise transformers asks on a terminal. Without
     # allow_pickle only safetensors are read, even where a pytorch_model.bin sits next to them.
     options = {"trust_remote_code": False, "use_safetensors": None if allow_pickle else True}
+    if checkpoint.model_type == "vit_mae":
+        options["mask_ratio"] = 0.0  # every patch, in order (see families.HFBackbone)
     try:
-        module = AutoModelForImageClassification.from_pretrained(name, dtype=dtype, attn_implementation=attn,
-                                                                 **options)
+        module, info = _hf_class(checkpoint).from_pretrained(name, dtype=torch.float32, attn_implementation=attn,
+                                                             output_loading_info=True, **options)
         processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=False)
     except OSError as e:
         if Path(name).is_dir():
@@ -125,7 +124,32 @@ def _load_hf(name: str, dtype: torch.dtype, attn: str, allow_pickle: bool = Fals
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
         # Unknown model_type, remote code, a config that names no image model, mismatched weights.
         raise ModelLoadError(f"model 'hf:{name}' cannot be loaded ({type(e).__name__}: {_first_line(e)})") from e
-    return module, hf_preprocess(processor), {int(i): str(v) for i, v in module.config.id2label.items()}
+    family = _hf_family(module, checkpoint, name, info)
+    id2label = {int(i): str(v) for i, v in module.config.id2label.items()} if family.has_classifier else {}
+    return module, hf_preprocess(processor), id2label, family
+
+
+def _hf_family(module: torch.nn.Module, checkpoint: Checkpoint, name: str, info: dict) -> Family:
+    if checkpoint.kind in (Kind.DUAL, Kind.VISION_TOWER):
+        return HFDualEncoder(module, _tokenizer(name) if checkpoint.kind is Kind.DUAL else None, checkpoint.kind)
+    if checkpoint.kind is Kind.BACKBONE:
+        return HFBackbone(module)
+    family = HFClassifier(module)
+    # Weights the checkpoint lacks were initialised at random: a head among them classifies nothing.
+    prefix = module.base_model_prefix + "."
+    if any(not key.startswith(prefix) for key in info.get("missing_keys", ())):
+        family.has_classifier = False
+    return family
+
+
+def _tokenizer(name: str):
+    """The text side's tokenizer, where the checkpoint ships one (zero-shot needs it; embed does not)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _first_line(error: Exception) -> str:
@@ -147,7 +171,8 @@ def hf_preprocess(processor) -> Preprocess:
     return Preprocess((int(size["height"]), int(size["width"])), resample, mean, std, crop=crop)
 
 
-def _load_timm(name: str, allow_pickle: bool) -> tuple[torch.nn.Module, Preprocess, dict[int, str]]:
+def _load_timm(name: str, config: dict | None, allow_pickle: bool
+               ) -> tuple[torch.nn.Module, Preprocess, dict[int, str], Family]:
     import timm
 
     try:
@@ -156,11 +181,17 @@ def _load_timm(name: str, allow_pickle: bool) -> tuple[torch.nn.Module, Preproce
         raise ModelLoadError(f"model 'timm:{name}' cannot be loaded ({type(e).__name__}: {_first_line(e)}): "
                              "pass a local directory or s3:// URI") from e
     prep = timm_preprocess(module)
-    names = module.pretrained_cfg.get("label_names")
+    if config is None:  # a hub name: what the directory's config.json would have said
+        config = {"architecture": module.default_cfg.get("architecture", name.split(".")[0]),
+                  "num_classes": module.num_classes, "pretrained_cfg": module.pretrained_cfg}
+    family = Timm(module, checkpoint_kind(f"timm:{name}", config).classifier)
+    if not family.has_classifier:
+        return module, prep, {}, family
+    names = module.pretrained_cfg.get("label_names") or config.get("label_names")
     if not names and module.num_classes == 1000:
         names = timm.data.ImageNetInfo().label_names()
     id2label = {i: (names[i] if names else str(i)) for i in range(module.num_classes)}
-    return module, prep, id2label
+    return module, prep, id2label, family
 
 
 def timm_preprocess(module: torch.nn.Module) -> Preprocess:
@@ -193,6 +224,7 @@ def fingerprint(module: torch.nn.Module, prep: Preprocess) -> str:
 def load(ref: str, device: str = "auto", precision: str = "auto", *, attn: str = "sdpa", compile: bool = False,
          settings: Settings | None = None, store: ObjectStore | None = None,
          allow_pickle: bool = False) -> LoadedModel:
+    """The model a reference names, loaded as what its checkpoint is (orchestrator.modelkinds)."""
     settings = settings or Settings()
     store = store or ObjectStore(settings)
     torch_device = resolve_device(device)
@@ -202,14 +234,13 @@ def load(ref: str, device: str = "auto", precision: str = "auto", *, attn: str =
         from workers.onnxmodel import load_onnx
 
         return load_onnx(ref, path, device)
-    if path is not None:
-        check_model_dir(path, allow_pickle)
-    family = model_family(ref, path)
+    config = check_model_dir(path, allow_pickle) if path is not None else None
     name = str(path) if path is not None else ref.split(":", 1)[1]
-    if family == "hf":
-        module, prep, id2label = _load_hf(name, torch.float32, attn, allow_pickle)
+    if model_family(ref, path) == "hf":
+        module, prep, id2label, family = _load_hf(name, hf_checkpoint(ref, name, config), attn, allow_pickle)
     else:
-        module, prep, id2label = _load_timm(f"local-dir:{name}" if path is not None else name, allow_pickle)
+        module, prep, id2label, family = _load_timm(f"local-dir:{name}" if path is not None else name, config,
+                                                    allow_pickle)
     module.eval().requires_grad_(False)
     if attn == "eager":  # timm: the unfused path computes the softmax that attention maps read
         for sub in module.modules():
@@ -220,6 +251,7 @@ def load(ref: str, device: str = "auto", precision: str = "auto", *, attn: str =
     module = module.to(torch_device, dtype=dtype if torch_device.type == "cuda" else torch.float32)
     if compile:
         module = torch.compile(module, dynamic=False)  # one graph per batch shape; the last batch adds one
+        family.module = module
     return LoadedModel(ref, family, module, prep, id2label, torch_device, dtype, fp)
 
 

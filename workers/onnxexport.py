@@ -32,10 +32,11 @@ import torch
 from orchestrator.constants import EXPORT_REPORT_FILE, ONNX_MODEL_FILE
 from orchestrator.jobs import ExportSpec
 from orchestrator.modelinfo import ONNX_FORMAT
+from orchestrator.modelkinds import Kind
 from orchestrator.storage import join
 from workers.errors import ExportFailed
-from workers.heads import cls_source, has_class_token, hf_cls, prefix_tokens
-from workers.models import LoadedModel, load
+from workers.loaded import LoadedModel
+from workers.models import load
 from workers.onnxmodel import INPUT_NAME, OUTPUT_NAMES, session
 from workers.onnxparity import (
     DECISIVE_MARGIN, GRAPH_OUTPUTS, check_parity, ort_outputs, parity, sample_pixels, torch_outputs,
@@ -45,36 +46,20 @@ _TWO_GB = 2 * 1024 ** 3  # protobuf's limit: larger models keep their weights be
 
 
 class GraphOutputs(torch.nn.Module):
-    """logits, cls, mean, patches from one forward pass of the source model, as the heads define them.
-
-    HF: the classifier's forward runs once and a hook on its base model keeps the hidden
-    state it saw (removed by `close`); timm: forward_features, then the head twice (cheap).
-    """
+    """logits, cls, mean, patches from one forward pass of the source model, as the heads define them
+    (workers/families.py: `logits_and_embed`)."""
 
     def __init__(self, model: LoadedModel) -> None:
         super().__init__()
-        self.model, self.module, self.prefix = model, model.module, prefix_tokens(model)
-        self._outputs = None
-        self._hook = (model.module.base_model.register_forward_hook(self._keep) if model.family == "hf" else None)
-
-    def _keep(self, _module, _inputs, outputs) -> None:
-        self._outputs = outputs
+        self.model, self.module, self.prefix = model, model.module, model.family.prefix_tokens
 
     def forward(self, pixel_values: torch.Tensor):
-        if self.model.family == "hf":
-            logits = self.module(pixel_values=pixel_values).logits
-            outputs, self._outputs = self._outputs, None
-            tokens, cls = outputs.last_hidden_state, hf_cls(self.model, outputs)
-        else:
-            tokens = self.module.forward_features(pixel_values)
-            cls = self.module.forward_head(tokens, pre_logits=True)
-            logits = self.module.forward_head(tokens)
-        patches = tokens[:, self.prefix:]
-        return logits, cls, patches.float().mean(dim=1), patches
+        logits, embedded = self.model.family.logits_and_embed(pixel_values)
+        patches = embedded.tokens[:, self.prefix:]
+        return logits, embedded.image, patches.float().mean(dim=1), patches
 
     def close(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
+        """Nothing is left on the model (kept for callers that close what they open)."""
 
 
 def export_graph(wrapper: GraphOutputs, path: Path, opset: int) -> None:
@@ -118,28 +103,28 @@ def quantize_int8(source: Path, dest: Path) -> None:
 
 
 # -- the job ---------------------------------------------------------------------------------
-def versions(family: str) -> dict[str, str]:
+def versions(model: LoadedModel) -> dict[str, str]:
     import onnx
     import onnxruntime
     import onnxscript
 
     out = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
            "onnxruntime": onnxruntime.__version__}
-    library = "transformers" if family == "hf" else "timm"
+    library = "timm" if model.family.kind is Kind.TIMM else "transformers"
     out[library] = __import__(library).__version__
     return out
 
 
 def model_config(model: LoadedModel, spec: ExportSpec, grid: tuple[int, int]) -> dict:
     """config.json of the exported directory: what load_onnx and the control plane read (no torch needed)."""
-    source = model.module.config.to_dict() if model.family == "hf" else model.module.pretrained_cfg
+    source = model.module.pretrained_cfg if model.family.kind is Kind.TIMM else model.module.config.to_dict()
     return {
         "format": ONNX_FORMAT, "model_file": ONNX_MODEL_FILE, "quantize": spec.quantize, "opset": spec.opset,
-        "source": {"ref": model.ref, "family": model.family, "fingerprint": model.fingerprint,
+        "source": {"ref": model.ref, "family": model.family.name, "fingerprint": model.fingerprint,
                    "architecture": source.get("model_type") or source.get("architecture")},
         "id2label": {str(i): name for i, name in model.id2label.items()},
-        "preprocess": model.prep.to_json(), "cls_source": cls_source(model), "prefix_tokens": prefix_tokens(model),
-        "class_token": has_class_token(model), "grid": list(grid),
+        "preprocess": model.prep.to_json(), "cls_source": model.family.cls_source, "prefix_tokens": model.family.prefix_tokens,
+        "class_token": model.family.class_token, "grid": list(grid),
         "inputs": {INPUT_NAME: ["batch", 3, *model.input_size]},
         "outputs": {name: OUTPUT_NAMES[name] for name in GRAPH_OUTPUTS},
     }
@@ -180,8 +165,8 @@ def export(spec: ExportSpec, job_id: str, ctx, report: Callable[[dict], None] | 
             failure = check_parity(spec, figures)
             record = {
                 "exporter": "torch.onnx.export(dynamo=True)", "opset": spec.opset, "quantize": spec.quantize,
-                "versions": versions(model.family), "execution_provider": provider,
-                "source": {"ref": model.ref, "family": model.family, "fingerprint": model.fingerprint},
+                "versions": versions(model), "execution_provider": provider,
+                "source": {"ref": model.ref, "family": model.family.name, "fingerprint": model.fingerprint},
                 "inputs": [{"name": INPUT_NAME, "shape": ["batch", 3, *model.input_size], "dtype": "float32"}],
                 "outputs": output_shapes(reference), "sample": sample, "parity": figures,
                 "thresholds": {"fp32_tolerance": spec.fp32_tolerance, "int8_min_agreement": spec.int8_min_agreement,

@@ -106,7 +106,8 @@ def check_external_data(path: Path) -> None:
 
 def load_onnx(ref: str, path: Path, device: str = "auto"):
     """A LoadedModel that runs the export in `path` on ONNX Runtime (fp32 inputs on the CPU side)."""
-    from workers.models import LoadedModel
+    from workers.families import Onnx
+    from workers.loaded import LoadedModel
     from workers.preprocess import Preprocess
 
     config = json.loads((path / "config.json").read_text())
@@ -126,5 +127,5 @@ def load_onnx(ref: str, path: Path, device: str = "auto"):
             digest.update(block)
     module = OrtModule(session(model_path, device), config)
     # Pixels stay on the CPU: ORT copies them to its own device (CUDA EP) itself.
-    return LoadedModel(ref, "onnx", module, prep, id2label, torch.device("cpu"), torch.float32,
+    return LoadedModel(ref, Onnx(module), module, prep, id2label, torch.device("cpu"), torch.float32,
                        "sha256:" + digest.hexdigest())

@@ -13,7 +13,7 @@ from orchestrator.jobs import ExportSpec
 from orchestrator.manifest import Item
 from orchestrator.planner import plan
 from workers.errors import ExportFailed
-from workers.models import LoadedModel
+from workers.loaded import LoadedModel
 from workers.onnxmodel import INPUT_NAME, OUTPUT_NAMES
 from workers.compute import DeviceStage
 from workers.pipeline import DecodePath, Failed, ShardPipeline

@@ -30,7 +30,7 @@ from orchestrator.storage import ObjectStore
 from workers.decodepool import DecodePool, SlotBlock
 from workers.devicedecode import device_decodable
 from workers.errors import BadImage, NoSharedMemory
-from workers.models import LoadedModel
+from workers.loaded import LoadedModel
 from workers.preprocess import Decoder
 
 log = logging.getLogger(__name__)

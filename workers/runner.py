@@ -18,9 +18,10 @@ from orchestrator.storage import ObjectStore
 from workers.attention import AttentionHead
 from workers.compute import DeviceStage
 from workers.context import WorkerContext
-from workers.heads import ClassifyHead, EmbedHead, Head
+from workers.heads import ClassifyHead, EmbedHead, Head, ZeroShotHead
 from workers.metrics import instrumented_shard, timed_model
-from workers.models import LoadedModel, default_batch_size
+from workers.loaded import LoadedModel
+from workers.models import default_batch_size
 from workers.pipeline import DecodePath, Failed, ShardPipeline, StageTimes, decode_path
 from workers.tarshards import expand
 from workers.writers import commit_shard, upload_parts
@@ -41,7 +42,9 @@ def make_head(spec: JobSpec, shard: int, ctx: WorkerContext, job_id: str = ""):
                              overlay_indices=overlays, overlay_prefix=f"{JOBS_DIR}/{job_id}/" if job_id else "")
     model = timed_model(ctx.models.get, spec.model, spec.device, spec.precision, compile=spec.compile)
     if spec.kind == "embed":
-        return EmbedHead(model, shard, spec.pooling)
+        return EmbedHead(model, shard, spec.pooling, spec.normalize)
+    if spec.labels is not None:
+        return ZeroShotHead(model, shard, spec.top_k, spec.labels, spec.prompt)
     return ClassifyHead(model, shard, spec.top_k)
 
 

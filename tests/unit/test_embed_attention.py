@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from helpers_models import LABELS, TIMM_CROP_PCT, TIMM_MEAN, TIMM_STD
+from orchestrator.modelkinds import Kind
 from orchestrator.config import Settings
 from orchestrator.jobs import normalize_model_ref, parse_spec
 from orchestrator.outputs import success_record
@@ -347,7 +348,7 @@ def test_timm_shards_leave_no_attention_hooks_on_the_cached_model(inputs, model_
     out = run_job(ctx, tmp_path / "out", "attention", inputs, model_dirs["timm"], max_overlays=0)
     assert len(read_index(out)) == len(IMAGES)  # three shards ran on one cached model
     loaded = ctx.models.get(normalize_model_ref(str(model_dirs["timm"])), "cpu", "auto", attn="eager")
-    assert loaded.family == "timm" and len(loaded.module.blocks) == EXPECT["timm"].layers
+    assert loaded.family.kind is Kind.TIMM and len(loaded.module.blocks) == EXPECT["timm"].layers
     assert all(not block.attn.attn_drop._forward_hooks for block in loaded.module.blocks)
 
 

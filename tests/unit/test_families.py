@@ -26,7 +26,6 @@ from orchestrator.results import read_arrays, read_embeddings, read_table
 from orchestrator.storage import ObjectStore, join
 from workers import models
 from workers.attention import AttentionHead, cls_to_patches
-from workers.heads import cls_source, has_class_token, prefix_tokens
 from workers.local import run_local
 from workers.context import WorkerContext
 
@@ -72,7 +71,7 @@ def test_family_tokens(name, family_dirs):
     """The prefix count, CLS token and cls embedding each family has (Dinov2 with registers: 1 + 4)."""
     family = FAMILIES[name]
     model = models.load(normalize_model_ref(str(family_dirs(name))), device="cpu")
-    assert (prefix_tokens(model), has_class_token(model), cls_source(model)) == \
+    assert (model.family.prefix_tokens, model.family.class_token, model.family.cls_source) == \
         (family.prefix, family.class_token, family.cls_source)
 
 
@@ -123,7 +122,7 @@ def test_attention_map_semantics(name, family_dirs):
     pixels = torch.randn(2, 3, *model.input_size)
     with torch.inference_mode():
         got = head.forward(pixels)["layer1"]
-        last = head.attentions(pixels)[-1]  # [B, heads, T, T]
+        last = head.model.family.attentions(pixels)[-1]  # [B, heads, T, T]
     queries = last[:, :, family.prefix:, :].mean(dim=2) if not family.class_token else last[:, :, 0, :]
     expected = cls_to_patches(queries, family.prefix).mean(dim=1).reshape(2, *family.grid)
     torch.testing.assert_close(got, expected)

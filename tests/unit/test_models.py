@@ -12,6 +12,7 @@ from PIL import Image
 
 from helpers_models import (HF_MEAN, HF_RESAMPLE, HF_SIZE, HF_STD, LABELS, TIMM_MEAN, TIMM_RESAMPLE,
                             TIMM_SHORTEST_EDGE, TIMM_SIZE, TIMM_STD)
+from orchestrator.modelkinds import Kind
 from orchestrator.errors import SpecError
 from orchestrator.jobs import normalize_model_ref
 from orchestrator.modelinfo import label_count, read_config
@@ -28,7 +29,7 @@ def load(directory, prefix: str = "") -> models.LoadedModel:
 
 def test_an_hf_dir_gets_its_preprocessing_from_the_image_processor(hf_model_dir):
     model = load(hf_model_dir)
-    assert model.family == "hf"
+    assert model.family.kind is Kind.CLASSIFIER
     assert model.prep.size == (HF_SIZE, HF_SIZE) and model.input_size == (HF_SIZE, HF_SIZE)
     assert model.prep.mean == pytest.approx(HF_MEAN) and model.prep.std == pytest.approx(HF_STD)
     assert model.prep.resample == HF_RESAMPLE
@@ -53,7 +54,7 @@ def test_compute_names_the_device_and_precision_the_outputs_come_from(hf_model_d
 
 def test_a_timm_dir_gets_its_preprocessing_from_timms_data_config(timm_model_dir):
     model = load(timm_model_dir)
-    assert model.family == "timm"
+    assert model.family.kind is Kind.TIMM
     assert model.prep.crop == (TIMM_SIZE, TIMM_SIZE) and model.input_size == (TIMM_SIZE, TIMM_SIZE)
     assert model.prep.shortest_edge == TIMM_SHORTEST_EDGE  # from crop_pct 0.875, not timm's default 0.9
     assert model.prep.mean == pytest.approx(TIMM_MEAN) and model.prep.std == pytest.approx(TIMM_STD)
@@ -62,7 +63,7 @@ def test_a_timm_dir_gets_its_preprocessing_from_timms_data_config(timm_model_dir
 
 def test_a_timm_dir_gets_its_labels_from_label_names(timm_model_dir):
     model = load(timm_model_dir, prefix="timm:")
-    assert model.family == "timm"
+    assert model.family.kind is Kind.TIMM
     assert model.id2label == dict(enumerate(LABELS))
 
 

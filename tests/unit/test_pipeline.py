@@ -83,7 +83,7 @@ def reference_label_ids(model: models.LoadedModel, module: torch.nn.Module, item
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
     pixels = (pixels - torch.tensor(prep.mean).view(1, 3, 1, 1)) / torch.tensor(prep.std).view(1, 3, 1, 1)
     with torch.inference_mode():
-        output = module(pixel_values=pixels).logits if model.family == "hf" else module(pixels)
+        output = model.family.logits(pixels)
     return output.argmax(dim=-1).tolist()
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from orchestrator.modelkinds import Kind
 from orchestrator.config import Settings
 from orchestrator.demo import write_digits
 from orchestrator.errors import SpecError
@@ -196,7 +197,7 @@ def test_a_timm_vit_trains_and_saves_what_workers_load_again(digits, ctx, tmp_pa
     spec = make_spec(digits, tmp_path / "out", config=TINY_TIMM, epochs=1, augment="randaugment")
     result = finetune(spec, "job-timm", ctx, ignore)
     loaded = models.load(normalize_model_ref(str(tmp_path / "out")), device="cpu")
-    assert loaded.family == "timm" and loaded.id2label == dict(enumerate(DIGITS))
+    assert loaded.family.kind is Kind.TIMM and loaded.id2label == dict(enumerate(DIGITS))
     assert loaded.input_size == (32, 32) and loaded.fingerprint == result["model_fingerprint"]
 
 
