@@ -217,7 +217,7 @@ def fingerprint(module: torch.nn.Module, prep: Preprocess) -> str:
     digest = hashlib.sha256(json.dumps(prep.to_json(), sort_keys=True).encode())
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return "sha256:" + digest.hexdigest()
 
 
