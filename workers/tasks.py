@@ -1,8 +1,11 @@
 """Thin Celery tasks: decode the message, call a plain function, map errors to job state.
 
 Every task has the same life: skip if the job is over; if the unit's commit marker
-exists, only record it (a crash lost the ack); count the delivery and quarantine the
-unit after too many; run the work with a heartbeat; commit; settle the job.
+exists, only record it (a crash lost the ack); take the unit's lease, counting the
+delivery, and quarantine the unit after too many; run the work with a heartbeat;
+commit; settle the job. Every ledger write after the lease is fenced by it
+(orchestrator/fencing.py): a delivery that was handed on, or whose job ended, stops at
+its next progress report and writes nothing more.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from orchestrator.config import Settings
 from orchestrator.constants import (
     QUEUE_TRAIN, TASK_EVALUATE, TASK_EXPORT, TASK_FINETUNE, TASK_RUN_SHARD, TASK_SCHEDULED_RUN,
 )
-from orchestrator.errors import JobNotFound, NotRetryable
+from orchestrator.errors import JobNotFound, NotRetryable, StaleDelivery
+from orchestrator.fencing import Lease
 from orchestrator.finalize import finalize
 from orchestrator.jobs import parse_spec
 from orchestrator.ledger import JobState, ShardState
 from orchestrator.outputs import job_dir, spec_digest
-from workers.app import app
+from workers.celery import app
 from workers.errors import JobCancelled, ShardFailed
 from workers.progress import Heartbeat, progress_reporter, training_reporter
 from workers.context import WorkerContext
@@ -56,23 +60,28 @@ def _settle(ctx: WorkerContext, job_id: str, all_settled: bool) -> None:
         finalize(job_id, ctx.ledger, ctx.store)
 
 
-def _execute(task: Task, job_id: str, shard: int, work: Callable[[object, WorkerContext, dict], dict]) -> dict:
+def _execute(task: Task, job_id: str, shard: int, work: Callable[..., dict]) -> dict:
     ctx = context()
     ctx.hostname = task.request.hostname or ""
     _announce(task)
+    backoff_s = min(2 ** task.request.retries, 30)
     try:
-        return lifecycle(ctx, job_id, shard, work)
+        return lifecycle(ctx, job_id, shard, work, backoff_s)
     except ShardFailed:
         raise  # Flower shows FAILURE with the reason; the message is acknowledged
-    except NotRetryable as e:
+    except StaleDelivery as e:
+        # Another delivery holds the shard now, or the job has ended: this one wrote nothing
+        # after it found out, and its message is acknowledged (the shard's owner has its own).
+        log.warning("job %s shard %s stands aside: %s", job_id, shard, e)
+        return {"shard": shard, "skipped": str(e)}
+    except NotRetryable as e:  # before the delivery held a lease (a spec that no longer parses)
         log.error("job %s failed: %s", job_id, e)
         ctx.ledger.set_state(job_id, JobState.FAILED, str(e))
         raise ShardFailed(f"job {job_id} failed: {e}") from None
     except JobNotFound:
         return {"shard": shard, "skipped": "job unknown to this Redis"}
     except JobCancelled:
-        ctx.ledger.stand_down(job_id, shard)  # `vitbatch retry` runs it again
-        return {"shard": shard, "cancelled": True}
+        return {"shard": shard, "cancelled": True}  # stood down: `vitbatch retry` runs it again
     except redis.RedisError as e:
         # The ledger cannot record what happened (Redis down or full). Acking now would lose the
         # shard, and requeueing needs a Redis write too (kombu's restore fails on a full Redis and
@@ -86,11 +95,7 @@ def _execute(task: Task, job_id: str, shard: int, work: Callable[[object, Worker
         # Transient (S3, OOM...): back off and go again; start_shard counts the deliveries
         # and quarantines the shard once they run out.
         log.exception("job %s shard %s failed; retrying", job_id, shard)
-        countdown = min(2 ** task.request.retries, 30)
-        ctx.ledger.note_shard_error(job_id, shard, f"{type(e).__name__}: {e}")
-        # Not held by anyone during the backoff, but not silent either: the reconciler waits it out.
-        ctx.ledger.hold_until(job_id, shard, time.time() + countdown)
-        raise task.retry(exc=e, countdown=countdown, max_retries=None)
+        raise task.retry(exc=e, countdown=backoff_s, max_retries=None)
 
 
 REDIS_PROBE_KEY = "vitbatch:probe"
@@ -127,8 +132,9 @@ def _announce(task: Task) -> None:
         log.warning("could not announce task %s to monitors", task.request.id, exc_info=True)
 
 
-def lifecycle(ctx: WorkerContext, job_id: str, shard: int, work) -> dict:
-    """Skip an ended job; honour this job's own marker; count the delivery; work; commit; settle."""
+def lifecycle(ctx: WorkerContext, job_id: str, shard: int, work, backoff_s: float = 0.0) -> dict:
+    """Skip an ended job; honour this job's own marker; take the shard's lease (counting the
+    delivery); work; commit under the lease; settle. `work(spec, ctx, marker_fields, lease)`."""
     if ctx.ledger.state(job_id).terminal:
         return {"shard": shard, "skipped": "job is no longer running"}
     spec_json = ctx.ledger.spec_json(job_id)
@@ -142,14 +148,39 @@ def lifecycle(ctx: WorkerContext, job_id: str, shard: int, work) -> dict:
         # timeout): two trainers on one output would fight; the reconciler covers a real death.
         return {"shard": shard, "skipped": "another worker is training this job"}
     if marker is None:
-        attempts = ctx.ledger.start_shard(job_id, shard)
-        if attempts > ctx.settings.max_attempts:
-            _quarantine(ctx, job_id, shard, attempts)
-        with Heartbeat(ctx, job_id, shard):
-            marker = work(local, ctx, fields)
-    settled = ctx.ledger.record_commit(job_id, shard, marker["rows"], marker["errors"], marker["stats"])
+        lease = ctx.ledger.start_shard(job_id, shard)
+        if lease.attempts > ctx.settings.max_attempts:
+            _quarantine(ctx, lease)
+        marker = _fenced_work(ctx, lease, lambda: work(local, ctx, fields, lease), backoff_s)
+    else:  # a crash lost the ack: the marker only needs recording, under a lease of its own
+        lease = ctx.ledger.start_shard(job_id, shard, count=False)
+    settled = ctx.ledger.record_commit(lease, marker["rows"], marker["errors"], marker["stats"])
     _settle(ctx, job_id, settled)
     return {"shard": shard, "rows": marker["rows"], "errors": marker["errors"]}
+
+
+def _fenced_work(ctx: WorkerContext, lease: Lease, run: Callable[[], dict], backoff_s: float) -> dict:
+    """The work, heartbeating; whatever stops it is recorded under the delivery's lease, so a
+    delivery that was handed on (StaleDelivery) records nothing."""
+    job_id, shard = lease.job_id, lease.shard
+    try:
+        with Heartbeat(ctx, lease):
+            return run()
+    except JobCancelled:
+        ctx.ledger.stand_down(lease)  # pending again: `vitbatch retry` runs it
+        raise
+    except NotRetryable as e:
+        log.error("job %s failed: %s", job_id, e)
+        if not ctx.ledger.set_state(job_id, JobState.FAILED, str(e), lease=lease):
+            raise StaleDelivery(f"job {job_id} shard {shard}: not this delivery's to fail ({e})") from None
+        raise ShardFailed(f"job {job_id} failed: {e}") from None
+    except (StaleDelivery, ShardFailed, redis.RedisError):
+        raise
+    except Exception as e:
+        ctx.ledger.note_shard_error(job_id, shard, f"{type(e).__name__}: {e}")
+        # Not held by anyone during the backoff, but not silent either: the reconciler waits it out.
+        ctx.ledger.hold_until(lease, time.time() + backoff_s)  # StaleDelivery: no retry, the shard is elsewhere
+        raise
 
 
 def _held_elsewhere(ctx: WorkerContext, job_id: str, shard: int) -> bool:
@@ -159,12 +190,13 @@ def _held_elsewhere(ctx: WorkerContext, job_id: str, shard: int) -> bool:
     return states.get(shard) is ShardState.RUNNING and fresh
 
 
-def _quarantine(ctx: WorkerContext, job_id: str, shard: int, attempts: int) -> None:
-    reason = f"quarantined after {attempts - 1} deliveries that did not commit"
+def _quarantine(ctx: WorkerContext, lease: Lease) -> None:
+    job_id, shard = lease.job_id, lease.shard
+    reason = f"quarantined after {lease.attempts - 1} deliveries that did not commit"
     last = ctx.ledger.last_shard_error(job_id, shard)
     reason += f"; last error: {last}" if last else ""
     log.error("job %s shard %s %s", job_id, shard, reason)
-    _settle(ctx, job_id, ctx.ledger.fail_shard(job_id, shard, reason))
+    _settle(ctx, job_id, ctx.ledger.fail_shard(lease, reason))
     raise ShardFailed(f"job {job_id} shard {shard} {reason}")
 
 
@@ -173,14 +205,14 @@ TASK_OPTIONS = {"bind": True, "acks_late": True, "reject_on_worker_lost": True, 
 
 @app.task(name=TASK_RUN_SHARD, **TASK_OPTIONS)
 def run_shard(self: Task, job_id: str, shard: int) -> dict:
-    return _execute(self, job_id, shard, lambda spec, ctx, fields: run_shard_fn(
-        spec, shard, ctx, progress_reporter(self, ctx, job_id, shard), job_id=job_id, marker_fields=fields))
+    return _execute(self, job_id, shard, lambda spec, ctx, fields, lease: run_shard_fn(
+        spec, shard, ctx, progress_reporter(self, ctx, lease), job_id=job_id, marker_fields=fields))
 
 
 def _single_task(task: Task, job_id: str, run: Callable) -> dict:
     """finetune, evaluate, export: one unit of work whose files, all of them, are the job's output."""
-    def work(spec, ctx: WorkerContext, fields: dict) -> dict:
-        summary = run(spec, job_id, ctx, training_reporter(task, ctx, job_id))
+    def work(spec, ctx: WorkerContext, fields: dict, lease: Lease) -> dict:
+        summary = run(spec, job_id, ctx, training_reporter(task, ctx, lease))
         return commit_shard(ctx.store, spec.output, 0, {}, {**fields, **summary},
                             written=written_files(ctx.store, spec.output))
 

@@ -54,3 +54,27 @@ def test_the_import_scan_sees_imports_inside_functions(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text("def f():\n    from workers.models import load\n    import torch.nn\n")
     assert imported_modules(sample) == {"workers.models", "torch.nn"}
+
+
+IMPORT_SHARD_PATH = """
+import sys
+import workers.runner, workers.local, workers.models, workers.families
+print("celery" in sys.modules, "workers.celery" in sys.modules)
+"""
+
+
+def test_importing_the_shard_path_builds_no_celery_app():
+    """Tests, bench and the in-process path import the shard function without a broker or Celery's signals."""
+    result = subprocess.run([sys.executable, "-c", IMPORT_SHARD_PATH], capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", "VITBATCH_VISIBILITY_TIMEOUT_S": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False"]
+
+
+def test_celery_finds_the_app_under_the_workers_package():
+    """`celery -A workers worker` (README, docker) still finds the app, by Celery's own lookup."""
+    result = subprocess.run([sys.executable, "-c", "from celery.app.utils import find_app; app = find_app('workers'); "
+                             "print(type(app).__name__, app.conf.imports)"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["Celery", "['workers.tasks']"]

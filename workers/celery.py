@@ -1,4 +1,4 @@
-"""`celery -A workers worker` entry: the shared app with the tasks registered."""
+"""The Celery app (`celery -A workers worker` finds it here, by Celery's rule for a package) with the tasks registered."""
 
 from celery.signals import celeryd_init, worker_init, worker_ready
 
