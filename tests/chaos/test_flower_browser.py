@@ -51,7 +51,7 @@ BUCKET = "vitbatch-chaos"  # the chaos conftest's bucket, which holds the digits
 DELAY_S = 0.04  # per object read: shard 0's 150 images take 6 s or more, however idle the CPU
 ARTIFACTS = Path(os.environ.get("VITBATCH_ARTIFACTS") or ROOT / "tests" / "artifacts") / "flower-browser"
 INSTALL = ("install Debian's chromium (as root: DEBIAN_FRONTEND=noninteractive apt-get install -y "
-           "--no-install-recommends chromium; ./.ci/setup does this when it runs as root) and Playwright "
+           "--no-install-recommends chromium; ./.ci/test-tools does this when it runs as root) and Playwright "
            "(the dev extra; ./.ci/setup), or point VITBATCH_CHROMIUM at a Chromium binary "
            "(on a machine that can have neither: --deselect tests/chaos/test_flower_browser.py)")
 
