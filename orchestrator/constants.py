@@ -58,6 +58,16 @@ def shard_last_error_key(job_id: str) -> str:
     return f"vitbatch:job:{job_id}:last_error"
 
 
+def shard_lease_key(job_id: str) -> str:
+    """Hash: shard index -> the lease token of its latest delivery (only grows; see fencing.py)."""
+    return f"vitbatch:job:{job_id}:lease"
+
+
+def shard_advanced_key(job_id: str) -> str:
+    """Hash: shard index -> unix time its done count last grew (or its delivery started)."""
+    return f"vitbatch:job:{job_id}:advanced"
+
+
 def shard_heartbeat_key(job_id: str) -> str:
     """Hash: shard index -> unix time a worker last said it was working on the shard."""
     return f"vitbatch:job:{job_id}:heartbeat"
@@ -112,10 +122,13 @@ def job_keys(job_id: str) -> list[str]:
     return [job_key(job_id), shard_state_key(job_id), shard_done_key(job_id), shard_errors_key(job_id),
             shard_attempts_key(job_id), shard_reason_key(job_id), shard_last_error_key(job_id),
             shard_heartbeat_key(job_id), shard_items_key(job_id), shard_enqueued_key(job_id),
-            shard_stats_key(job_id)]
+            shard_stats_key(job_id), shard_lease_key(job_id), shard_advanced_key(job_id)]
 
 
 SCHEDULE_RUNS_KEPT = 1000  # run records per schedule; older ones are trimmed
+
+RECONCILE_ERRORS_KEY = "vitbatch:reconcile:errors"
+"""Counter: reconciler passes over one job that raised (the fleet exporter shows it)."""
 
 JOBS_INDEX_KEY = "vitbatch:jobs"
 """Sorted set: job id scored by submit time."""

@@ -58,6 +58,16 @@ class JobNotFound(VitbatchError):
     """No job with that id is recorded in Redis."""
 
 
+class StaleDelivery(VitbatchError):
+    """A delivery's lease token is no longer its shard's, or its job has ended: it writes nothing more.
+
+    `state` is the job's state when it has ended ("" when another delivery holds the shard)."""
+
+    def __init__(self, message: str, state: str = "") -> None:
+        super().__init__(message)
+        self.state = state
+
+
 class OutputBusy(SpecError):
     """Another live job holds the output prefix; nothing was written."""
 

@@ -1,20 +1,22 @@
 """Close a job once every shard has settled: publish its record (_SUCCESS.json or _FAILURES.json).
 
 The record lists every committed part of this job (name, sha256, rows), read from this
-job's own commit markers. Writing it at the prefix is the job's one atomic commit; only a
-succeeded job replaces `_SUCCESS.json`, and only then are earlier jobs' folders removed.
+job's own commit markers. Writing it at the prefix is the job's one atomic commit, made once
+(a claim in the ledger); only a succeeded job replaces `_SUCCESS.json`, and only then are the
+folders of the ended, earlier jobs it replaced removed.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
+from collections.abc import Callable
 
 from orchestrator import __version__
 from orchestrator.constants import CARRIED_MARKER, FAILURES_FILE, SUCCESS_FILE, commit_name
-from orchestrator.errors import StorageError
-from orchestrator.ledger import JobState, Ledger, ShardState
+from orchestrator.errors import JobNotFound, StorageError
+from orchestrator.fencing import Publication
+from orchestrator.ledger import JobState, JobStatus, Ledger, ShardState
 from orchestrator.outputs import job_dir, read_json, remove_superseded, spec_digest
 from orchestrator.storage import ObjectStore, join, relative_key
 
@@ -71,37 +73,76 @@ def compute_fields(markers: list[dict]) -> dict:
 
 
 def finalize(job_id: str, ledger: Ledger, store: ObjectStore) -> JobState:
-    """Idempotent: whoever finalizes (the last worker, the reconciler, both at once) writes the
-    same record, built only from the ledger and this job's markers."""
+    """Publish the job's record once and end it; the job's state afterwards.
+
+    Whoever finalizes (the last worker, the reconciler, both at once) reads the same ledger and
+    markers, but only the one that claims the publication writes (fencing.py): a job that has
+    ended is never published again, and a second publisher taking over a dead one writes the
+    same bytes (the finish time is fixed at the first claim)."""
     status = ledger.status(job_id)
-    if status.state in (JobState.CANCELLED, JobState.FAILED):
+    if status.state.terminal:
         return status.state
     folder = job_dir(status.output, job_id)
     markers = committed_markers(job_id, status.output, ledger, store, status.carried)
-    finished = time.time()
-    wall_s = finished - status.created_at
+    spec_json = ledger.spec_json(job_id)
+    claim = ledger.claim_publication(job_id)
+    if claim is None:  # ended meanwhile, reopened, or another publisher is at it
+        return ledger.state(job_id)
+    try:
+        return _publish_claimed(claim, status, folder, markers, spec_json, ledger, store)
+    except BaseException:
+        ledger.release_publication(claim)  # nothing was recorded: the next finalize goes again
+        raise
+
+
+def _publish_claimed(claim: Publication, status: JobStatus, folder: str, markers: list[dict], spec_json: str,
+                     ledger: Ledger, store: ObjectStore) -> JobState:
+    job_id = status.job_id
+    wall_s = claim.finished_at - status.created_at
     summary = {
-        "job_id": job_id, "spec_sha256": spec_digest(ledger.spec_json(job_id)), "kind": status.kind,
+        "job_id": job_id, "spec_sha256": spec_digest(spec_json), "kind": status.kind,
         "job_dir": relative_key(status.output, folder), "items": status.n_items, "processed": status.done,
         "carried_over": status.carried,
         "errors": status.errors, "shards": status.n_shards, "failed_shards": status.failed_shards,
         "wall_s": round(wall_s, 3), "images_per_s": round(status.done / max(wall_s, 1e-9), 2),
         "stage_seconds": stage_seconds(ledger.shard_stats(job_id)), **model_fields(markers),
         **compute_fields(markers),
-        "vitbatch_version": __version__, "finished_at": finished,
+        "vitbatch_version": __version__, "finished_at": claim.finished_at,
         "parts": [part for marker in markers for part in marker_parts(status.output, folder, marker)],
     }
+    if claim.prefix_holder not in ("", job_id):  # another job took the prefix: it is not this job's to write
+        store.write(join(folder, FAILURES_FILE), json.dumps(summary, indent=2).encode())
+        ledger.set_state(job_id, JobState.FAILED, f"job {claim.prefix_holder} took {status.output} before this "
+                         f"job could publish; its record is in {folder}", publication=claim)
+        return ledger.state(job_id)
     state = JobState.SUCCEEDED if not status.failed_shards else JobState.FINISHED_WITH_FAILURES
-    publish(store, status.output, summary, state is JobState.SUCCEEDED, json.loads(ledger.spec_json(job_id)))
-    ledger.set_state(job_id, state, "" if state is JobState.SUCCEEDED else f"{len(status.failed_shards)} shard(s) failed")
-    return state
+    succeeded = state is JobState.SUCCEEDED
+    publish(store, status.output, summary, succeeded, json.loads(spec_json))
+    reason = "" if succeeded else f"{len(status.failed_shards)} shard(s) failed"
+    if ledger.set_state(job_id, state, reason, publication=claim) and succeeded:
+        remove_superseded(status.output, job_id, store, replaced_by(job_id, status.created_at, ledger))
+    return ledger.state(job_id)
+
+
+def replaced_by(job_id: str, created_at: float, ledger: Ledger) -> Callable[[str], bool]:
+    """Which other jobs' folders a success of `job_id` may remove: jobs that have ended and began
+    before it. Never a live job (an --overwrite run under way), never a newer one; a job Redis no
+    longer knows (expired, or a submit that broke) only when its id says it began in an earlier second."""
+    def removable(other: str) -> bool:
+        try:
+            status = ledger.status(other)
+        except JobNotFound:
+            return other[:15] < job_id[:15]  # ids begin with their submit time, to the second
+        return status.state.terminal and status.created_at < created_at
+
+    return removable
 
 
 def publish(store: ObjectStore, output: str, summary: dict, succeeded: bool, spec: dict) -> None:
     """Write the job's record in its folder, then at the prefix (the commit point readers follow).
 
-    Only a success replaces `_SUCCESS.json`; it then removes earlier jobs' folders and
-    moves the spec's alias (if any) to this output.
+    Only a success replaces `_SUCCESS.json` (and clears `_FAILURES.json`) and moves the spec's
+    alias (if any) to this output; finalize then removes the folders of the jobs it replaced.
     """
     if summary["kind"] in ("finetune", "export"):
         summary = {**summary, "model": summary["job_dir"]}  # `--model <output>` loads this job's model
@@ -111,6 +152,5 @@ def publish(store: ObjectStore, output: str, summary: dict, succeeded: bool, spe
     store.write(join(output, name), data)
     if succeeded:
         store.delete(join(output, FAILURES_FILE))  # a retry fixed what an earlier pass reported
-        remove_superseded(output, summary["job_id"], store)
         if spec.get("alias"):  # nightly jobs that name this alias pick the new model up by themselves
             store.write(spec["alias"], output.encode())

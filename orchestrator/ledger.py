@@ -1,14 +1,16 @@
 """Job state and counters in Redis.
 
 Counters are *set* per shard, never incremented, so a redelivered shard that
-reports again leaves the totals right. Shard state moves pending -> running ->
-committed | failed; a committed shard never goes back.
+reports again leaves the totals right; progress only moves forward. Shard state
+moves pending -> running -> committed | failed; a committed shard never goes back.
+Every write a delivery makes is fenced by its lease token (fencing.py).
 """
 
 from __future__ import annotations
 
 import calendar
 import json
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,8 +20,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from orchestrator import constants as k
-from orchestrator import leases
-from orchestrator.errors import BrokerUnavailable, JobNotFound
+from orchestrator import fencing, leases
+from orchestrator.errors import BrokerUnavailable, JobNotFound, StaleDelivery
+from orchestrator.fencing import Lease, Publication
 from orchestrator.states import JobState, JobStatus, ShardState  # noqa: F401  (the ledger's vocabulary)
 
 
@@ -72,29 +75,45 @@ class Ledger:
         pipe.zremrangebyscore(k.JOBS_INDEX_KEY, 0, time.time() - self.job_ttl_s)  # their keys have expired
         pipe.execute()
 
-    def set_state(self, job_id: str, state: JobState, reason: str = "") -> None:
-        """Record the job's state; an ended job frees its output prefix and its keys start to expire."""
-        fields: dict = {"state": state.value}
-        if reason:
-            fields["reason"] = reason
-        if state.terminal:
-            fields["finished_at"] = time.time()
-        self.r.hset(k.job_key(job_id), mapping=fields)
-        if state.terminal:
-            self.release_output(self.r.hget(k.job_key(job_id), "output") or "", job_id)
-            pipe = self.r.pipeline(transaction=False)
-            for key in k.job_keys(job_id):
-                pipe.expire(key, self.job_ttl_s)
-            pipe.execute()
-        self.r.publish(k.job_state_channel(job_id), state.value)  # last: waiters then read a settled job
+    def set_state(self, job_id: str, state: JobState, reason: str = "", lease: Lease | None = None,
+                  publication: Publication | None = None) -> bool:
+        """Record the job's state unless it has ended (only `retry` reopens a job), a `lease` is stale,
+        or someone else is publishing the job; False when refused. An ended job frees its output
+        prefix and its keys start to expire."""
+        output = self.r.hget(k.job_key(job_id), "output") or ""
+        reply = self.r.eval(
+            fencing.SET_STATE, 3 + len(k.job_keys(job_id)), k.job_key(job_id), k.shard_lease_key(job_id),
+            k.output_lease_key(output), *k.job_keys(job_id),
+            state.value, reason, time.time(), "1" if state.terminal else "", self.job_ttl_s,
+            "" if lease is None else str(lease.shard), "" if lease is None else str(lease.token),
+            "" if publication is None else publication.claimer, job_id, k.job_state_channel(job_id),
+            fencing.PUBLISH_CLAIM_S)
+        return reply == "ok"  # waiters are told in the same script: they then read a settled job
+
+    def claim_publication(self, job_id: str) -> Publication | None:
+        """Claim the right to publish the job's record; None when it has ended, has unsettled shards,
+        or another publisher is at it (see fencing.py)."""
+        output = self.r.hget(k.job_key(job_id), "output") or ""
+        claimer = secrets.token_hex(8)
+        reply = self.r.eval(fencing.CLAIM_PUBLICATION, 3, k.job_key(job_id), k.shard_state_key(job_id),
+                            k.output_lease_key(output), claimer, time.time(), fencing.PUBLISH_CLAIM_S)
+        if reply[0] != "ok":
+            return None
+        return Publication(job_id, claimer, float(reply[1]), reply[2])
+
+    def release_publication(self, publication: Publication) -> None:
+        self.r.eval(fencing.RELEASE_PUBLICATION, 1, k.job_key(publication.job_id), publication.claimer)
 
     @contextmanager
     def state_changes(self, job_id: str) -> Iterator[Callable[[float], None]]:
         """A `pause(seconds)` that returns early when the job's state is recorded. Subscribed
         before the caller reads the job, so no change between the read and the pause is missed."""
         pubsub = self.r.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(k.job_state_channel(job_id))
-        pubsub.get_message(timeout=5)  # the subscription's own reply: the first pause is then a real one
+        try:
+            pubsub.subscribe(k.job_state_channel(job_id))
+            pubsub.get_message(timeout=5)  # the subscription's own reply: the first pause is then a real one
+        except redis.RedisError:
+            pass  # Redis is restarting: pauses poll until it is back (the client resubscribes on reconnect)
 
         def pause(seconds: float) -> None:
             try:
@@ -120,29 +139,36 @@ class Ledger:
             raise JobNotFound(self._missing(job_id))
         return JobState(value)
 
-    def start_shard(self, job_id: str, shard: int) -> int:
-        """Mark a delivery of the shard; returns how many deliveries it has had."""
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hincrby(k.shard_attempts_key(job_id), str(shard), 1)
-        pipe.hget(k.shard_state_key(job_id), str(shard))
-        attempts, state = pipe.execute()
-        if state != ShardState.COMMITTED.value:
-            self.r.hset(k.shard_state_key(job_id), str(shard), ShardState.RUNNING.value)
-            self.heartbeat(job_id, shard)
-            self.r.hsetnx(k.job_key(job_id), "started_at", time.time())
-            self._promote(job_id)
-        return int(attempts)
+    def start_shard(self, job_id: str, shard: int, count: bool = True) -> Lease:
+        """Grant a delivery of the shard its lease (fencing off any earlier one); with `count`, the
+        delivery counts towards quarantine and the shard becomes running. StaleDelivery when the
+        job has ended."""
+        token, attempts = self.r.eval(
+            fencing.GRANT, 6, k.job_key(job_id), k.shard_state_key(job_id), k.shard_attempts_key(job_id),
+            k.shard_lease_key(job_id), k.shard_heartbeat_key(job_id), k.shard_advanced_key(job_id),
+            str(shard), time.time(), "1" if count else "")
+        if not token:
+            state = self.r.hget(k.job_key(job_id), "state") or ""
+            raise StaleDelivery(f"job {job_id} has ended ({state}): shard {shard} is not run", state)
+        return Lease(job_id, shard, int(token), int(attempts))
 
-    def _promote(self, job_id: str) -> None:
-        # Only a queued job becomes running; a cancelled or failed one stays as it is.
-        self.r.eval(
-            "if redis.call('HGET', KEYS[1], 'state') == 'queued' then "
-            "redis.call('HSET', KEYS[1], 'state', 'running') end",
-            1, k.job_key(job_id),
-        )
+    def _fenced(self, script: str, lease: Lease, keys: list[str], *args) -> str:
+        """Run a fenced write; StaleDelivery (with the job's state when it has ended) when refused."""
+        job_id = lease.job_id
+        reply = self.r.eval(script, 2 + len(keys), k.job_key(job_id), k.shard_lease_key(job_id), *keys,
+                            str(lease.shard), str(lease.token), *args)
+        if reply == "stale":
+            raise StaleDelivery(f"job {job_id} shard {lease.shard}: lease {lease.token} was handed to a later "
+                                "delivery; this one writes nothing more")
+        if reply.startswith("ended:"):
+            state = reply.split(":", 1)[1]
+            raise StaleDelivery(f"job {job_id} has ended ({state}); shard {lease.shard} writes nothing more", state)
+        return reply
 
-    def progress(self, job_id: str, shard: int, done: int) -> None:
-        self.r.hset(k.shard_done_key(job_id), str(shard), done)
+    def progress(self, lease: Lease, done: int) -> None:
+        """Items the delivery has done so far: the count only grows (a late write cannot lower it)."""
+        self._fenced(fencing.PROGRESS, lease, [k.shard_state_key(lease.job_id), k.shard_done_key(lease.job_id),
+                                               k.shard_advanced_key(lease.job_id)], done, time.time())
 
     def set_queue(self, job_id: str, queue: str) -> None:
         self.r.hset(k.job_key(job_id), "queue", queue)
@@ -157,21 +183,17 @@ class Ledger:
     def set_total(self, job_id: str, n_items: int) -> None:
         self.r.hset(k.job_key(job_id), "n_items", n_items)
 
-    def heartbeat(self, job_id: str, shard: int) -> None:
-        self.r.hset(k.shard_heartbeat_key(job_id), str(shard), time.time())
+    def heartbeat(self, lease: Lease) -> None:
+        self._fenced(fencing.HEARTBEAT, lease, [k.shard_state_key(lease.job_id), k.shard_heartbeat_key(lease.job_id)],
+                     time.time())
 
-    def hold_until(self, job_id: str, shard: int, until: float) -> None:
+    def hold_until(self, lease: Lease, until: float) -> None:
         """A failed delivery waits out its retry backoff: the reconciler leaves the shard alone until then."""
-        self.r.hset(k.shard_heartbeat_key(job_id), str(shard), until)
+        self._fenced(fencing.HOLD, lease, [k.shard_heartbeat_key(lease.job_id)], until)
 
-    def stand_down(self, job_id: str, shard: int) -> None:
+    def stand_down(self, lease: Lease) -> None:
         """A delivery stopped without committing (the job was cancelled): the shard is pending again."""
-        self.r.eval(
-            "if redis.call('HGET', KEYS[1], ARGV[1]) == 'running' then "
-            "redis.call('HSET', KEYS[1], ARGV[1], 'pending') end "
-            "redis.call('HSET', KEYS[2], ARGV[1], 0)",
-            2, k.shard_state_key(job_id), k.shard_heartbeat_key(job_id), str(shard),
-        )
+        self._fenced(fencing.STAND_DOWN, lease, [k.shard_state_key(lease.job_id), k.shard_heartbeat_key(lease.job_id)])
 
     def heartbeats(self, job_id: str) -> dict[int, float]:
         return {int(i): float(t) for i, t in self.r.hgetall(k.shard_heartbeat_key(job_id)).items()}
@@ -213,36 +235,40 @@ class Ledger:
     def count_requeues(self, job_id: str, n: int) -> None:
         self.r.hincrby(k.job_key(job_id), "requeued", n)
 
-    def requeue_if_stale(self, job_id: str, shard: int, older_than: float) -> bool:
-        """Atomically move a running shard whose heartbeat is older than `older_than` back to pending."""
-        return bool(self.r.eval(
-            "if redis.call('HGET', KEYS[1], ARGV[1]) ~= 'running' then return 0 end "
-            "local beat = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0') "
-            "if beat >= tonumber(ARGV[2]) then return 0 end "
-            "redis.call('HSET', KEYS[1], ARGV[1], 'pending') "
-            "redis.call('HSET', KEYS[2], ARGV[1], ARGV[3]) return 1",
-            2, k.shard_state_key(job_id), k.shard_heartbeat_key(job_id), str(shard), older_than, time.time(),
-        ))
-
-    def record_commit(self, job_id: str, shard: int, done: int, errors: int, stats: dict) -> bool:
-        """Record a committed shard; True when every shard is now committed or failed."""
+    def count_reconcile_error(self, job_id: str) -> int:
+        """A reconciler pass over the job raised: counted fleet-wide (the exporter shows it); returns
+        how many passes over this job have raised in a row."""
         pipe = self.r.pipeline(transaction=True)
-        pipe.hset(k.shard_state_key(job_id), str(shard), ShardState.COMMITTED.value)
-        pipe.hdel(k.shard_heartbeat_key(job_id), str(shard))
-        pipe.hset(k.shard_done_key(job_id), str(shard), done)
-        pipe.hset(k.shard_errors_key(job_id), str(shard), errors)
-        pipe.hset(k.shard_stats_key(job_id), str(shard), json.dumps(stats))
-        pipe.hdel(k.shard_reason_key(job_id), str(shard))
-        pipe.execute()
-        return self.all_settled(job_id)
+        pipe.incr(k.RECONCILE_ERRORS_KEY)
+        pipe.hincrby(k.job_key(job_id), "reconcile_errors", 1)
+        return int(pipe.execute()[1])
 
-    def fail_shard(self, job_id: str, shard: int, reason: str) -> bool:
-        """Quarantine a shard with its reason; True when every shard is now settled."""
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(k.shard_state_key(job_id), str(shard), ShardState.FAILED.value)
-        pipe.hset(k.shard_reason_key(job_id), str(shard), reason)
-        pipe.execute()
-        return self.all_settled(job_id)
+    def clear_reconcile_errors(self, job_id: str) -> None:
+        self.r.hdel(k.job_key(job_id), "reconcile_errors")
+
+    def reconcile_errors_total(self) -> int:
+        return int(self.r.get(k.RECONCILE_ERRORS_KEY) or 0)
+
+    def requeue_if_stale(self, job_id: str, shard: int, older_than: float, stalled_before: float = 0.0) -> str:
+        """Atomically move a running shard back to pending, fencing off its holder: "silent" when its
+        heartbeat is older than `older_than`, "stalled" when (`stalled_before` > 0) it heartbeats but
+        has not advanced since `stalled_before`; "" when neither."""
+        return self.r.eval(fencing.REQUEUE, 4, k.shard_state_key(job_id), k.shard_heartbeat_key(job_id),
+                           k.shard_advanced_key(job_id), k.shard_lease_key(job_id),
+                           str(shard), older_than, time.time(), stalled_before) or ""
+
+    def record_commit(self, lease: Lease, done: int, errors: int, stats: dict) -> bool:
+        """Record the delivery's committed shard; True when every shard is now committed or failed.
+        StaleDelivery when another delivery holds the shard or the job has ended."""
+        job_id = lease.job_id
+        keys = [k.shard_state_key(job_id), k.shard_heartbeat_key(job_id), k.shard_done_key(job_id),
+                k.shard_errors_key(job_id), k.shard_stats_key(job_id), k.shard_reason_key(job_id)]
+        return self._fenced(fencing.COMMIT, lease, keys, done, errors, json.dumps(stats)) == "ok:1"
+
+    def fail_shard(self, lease: Lease, reason: str) -> bool:
+        """Quarantine the delivery's shard with its reason; True when every shard is now settled."""
+        keys = [k.shard_state_key(lease.job_id), k.shard_reason_key(lease.job_id)]
+        return self._fenced(fencing.FAIL_SHARD, lease, keys, reason) == "ok:1"
 
     def note_shard_error(self, job_id: str, shard: int, reason: str) -> None:
         self.r.hset(k.shard_last_error_key(job_id), str(shard), reason[:2000])
@@ -269,7 +295,9 @@ class Ledger:
             pipe.hset(k.shard_state_key(job_id), str(shard), ShardState.PENDING.value)
             pipe.hdel(k.shard_attempts_key(job_id), str(shard))
             pipe.hdel(k.shard_reason_key(job_id), str(shard))
+            pipe.hincrby(k.shard_lease_key(job_id), str(shard), 1)  # deliveries from before the retry are stale
         pipe.hset(k.job_key(job_id), mapping={"state": JobState.QUEUED.value, "reason": "", "finished_at": 0})
+        pipe.hdel(k.job_key(job_id), "publisher", "publish_claimed_at", "publish_finished_at")  # published anew
         for key in k.job_keys(job_id):
             pipe.persist(key)  # running again: no longer expiring
         pipe.execute()

@@ -21,6 +21,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Callable
 from urllib.parse import unquote
 
 from orchestrator.constants import FAILURES_FILE, JOB_SPEC_FILE, JOBS_DIR, SUCCESS_FILE
@@ -131,26 +132,32 @@ def read_part(output: str, part: dict, store: ObjectStore) -> bytes:
 
 
 def model_folder(output: str, store: ObjectStore) -> str:
-    """The folder a finetune output's model lives in: its latest succeeded job's folder.
+    """The folder a finetune or export output's model lives in: its latest succeeded job's folder.
 
-    A prefix that holds no vitbatch record is taken as a plain model directory.
+    The job folder itself (`<output>/_jobs/<id>`) holds a copy of that record, whose `model`
+    names the folder relative to the prefix: it is its own model folder. A directory that
+    holds no vitbatch record is taken as a plain model directory.
     """
     record = read_json(store, join(output, SUCCESS_FILE))
-    if record and record.get("model"):
-        return join(output, record["model"])
-    return output
+    model = record.get("model") if record else None
+    if not model or output.rstrip("/").endswith("/" + model.strip("/")):
+        return output
+    return join(output, model)
 
 
-def remove_superseded(output: str, job_id: str, store: ObjectStore) -> list[str]:
-    """Delete every other job's folder once `job_id` is published; returns the job ids removed."""
+def remove_superseded(output: str, job_id: str, store: ObjectStore, removable: Callable[[str], bool]) -> list[str]:
+    """Delete the folders of other jobs that `removable` allows (finalize.replaced_by: ended and
+    older) once `job_id` is published; returns the job ids removed."""
     try:
         infos = list(store.list(join(output, JOBS_DIR)))
     except ObjectNotFound:
         return []
     others = sorted({relative_key(join(output, JOBS_DIR), info.uri).split("/", 1)[0] for info in infos} - {job_id})
-    for other in others:
+    removed = []
+    for other in filter(removable, others):
         try:
             store.delete_prefix(job_dir(output, other))
+            removed.append(other)
         except StorageError as e:  # e.g. no s3:DeleteObject: the leftovers are invisible to readers anyway
             log.warning("could not remove replaced job %s at %s: %s", other, output, e)
-    return others
+    return removed

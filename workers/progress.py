@@ -2,6 +2,9 @@
 
 Progress goes two ways: the job ledger (totals for `vitbatch status`) and a
 `task-progress` event, which Flower shows as the task's PROGRESS result text.
+Both ledger writes carry the delivery's lease (orchestrator/fencing.py): once the
+shard is handed to another delivery or the job ends, the next progress report
+raises StaleDelivery (JobCancelled for a cancel) and the shard stops at that batch.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import time
 
 from celery import Task
 
+from orchestrator.errors import StaleDelivery
+from orchestrator.fencing import Lease
 from orchestrator.ledger import JobState
 from workers.errors import JobCancelled
 from workers.context import WorkerContext
@@ -23,17 +28,19 @@ REPORT_EVERY_S = 1.0
 class Heartbeat:
     """Tells the ledger every few seconds that this worker still holds the shard (see reconcile.py)."""
 
-    def __init__(self, ctx: WorkerContext, job_id: str, shard: int) -> None:
-        self.ctx, self.job_id, self.shard = ctx, job_id, shard
+    def __init__(self, ctx: WorkerContext, lease: Lease) -> None:
+        self.ctx, self.lease = ctx, lease
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="vitbatch-heartbeat", daemon=True)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.ctx.settings.heartbeat_s):
             try:
-                self.ctx.ledger.heartbeat(self.job_id, self.shard)
+                self.ctx.ledger.heartbeat(self.lease)
+            except StaleDelivery:  # the shard is another delivery's now: its progress report stops the work
+                return
             except Exception:  # Redis blip: the next beat will do; the shard goes on
-                log.warning("heartbeat for job %s shard %s failed", self.job_id, self.shard, exc_info=True)
+                log.warning("heartbeat for job %s shard %s failed", self.lease.job_id, self.lease.shard, exc_info=True)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -44,7 +51,18 @@ class Heartbeat:
         self._thread.join()
 
 
-def _throttled(task: Task, ctx: WorkerContext, job_id: str, shard: int):
+def fenced_progress(ctx: WorkerContext, lease: Lease, done: int) -> None:
+    """Record progress under the delivery's lease; JobCancelled when the job was cancelled (the
+    delivery stands down), StaleDelivery when the shard or the job is no longer this delivery's."""
+    try:
+        ctx.ledger.progress(lease, done)
+    except StaleDelivery as e:
+        if e.state == JobState.CANCELLED.value:
+            raise JobCancelled(lease.job_id) from None
+        raise
+
+
+def _throttled(task: Task, ctx: WorkerContext, lease: Lease):
     """(publish(done, total, text)): at most once a second, and always for the last update."""
     last = {"t": 0.0}
 
@@ -53,16 +71,15 @@ def _throttled(task: Task, ctx: WorkerContext, job_id: str, shard: int):
         if now - last["t"] < REPORT_EVERY_S and done < total:
             return
         last["t"] = now
-        ctx.ledger.progress(job_id, shard, done)
+        fenced_progress(ctx, lease, done)
         task.send_event("task-progress", result=text)
-        if ctx.ledger.state(job_id) is JobState.CANCELLED:
-            raise JobCancelled(job_id)
 
     return publish
 
 
-def progress_reporter(task: Task, ctx: WorkerContext, job_id: str, shard: int):
-    publish = _throttled(task, ctx, job_id, shard)
+def progress_reporter(task: Task, ctx: WorkerContext, lease: Lease):
+    job_id, shard = lease.job_id, lease.shard
+    publish = _throttled(task, ctx, lease)
     start = time.monotonic()
 
     def report(done: int, total: int) -> None:
@@ -73,9 +90,10 @@ def progress_reporter(task: Task, ctx: WorkerContext, job_id: str, shard: int):
     return report
 
 
-def training_reporter(task: Task, ctx: WorkerContext, job_id: str):
+def training_reporter(task: Task, ctx: WorkerContext, lease: Lease):
     """report(dict) for training and evaluation: step, epoch, loss, images/s, done, total."""
-    publish = _throttled(task, ctx, job_id, 0)
+    job_id = lease.job_id
+    publish = _throttled(task, ctx, lease)
     known_total = {"n": None}
 
     def report(info: dict) -> None:

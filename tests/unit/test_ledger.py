@@ -48,7 +48,7 @@ class Work:
     def __init__(self, shard: int | None = None, compute: str = "") -> None:
         self.calls, self.shard, self.compute = 0, shard, compute
 
-    def __call__(self, spec, ctx, fields: dict) -> dict:
+    def __call__(self, spec, ctx, fields: dict, lease=None) -> dict:
         self.calls += 1
         shard = self.calls - 1 if self.shard is None else self.shard  # shards 0, 1, ... in call order
         rows = json.dumps([{"key": f"k{shard}"}]).encode()
@@ -113,10 +113,10 @@ def test_a_shard_delivered_too_often_is_quarantined_and_the_job_finishes_with_fa
 
 def test_a_cancelled_job_skips_its_shards_frees_its_prefix_and_retry_makes_them_pending(ctx, job):
     job_id, spec = job
-    ctx.ledger.start_shard(job_id, 0)
+    lease = ctx.ledger.start_shard(job_id, 0)
     ctx.ledger.set_state(job_id, JobState.CANCELLED, "cancelled by user")
     assert lifecycle(ctx, job_id, 1, Work(1))["skipped"] == "job is no longer running"
-    ctx.ledger.stand_down(job_id, 0)  # what a running delivery does when it sees the cancel
+    ctx.ledger.stand_down(lease)  # what a running delivery does when it sees the cancel
     assert ctx.ledger.shard_states(job_id) == {0: ShardState.PENDING, 1: ShardState.PENDING}
     ctx.ledger.hold_output(spec.output, "another-job")  # the prefix is free again
 
@@ -145,8 +145,8 @@ def test_a_lease_whose_job_never_reached_redis_lapses_after_the_grace_period(ctx
 
 def test_the_reconciler_leaves_a_shard_alone_while_it_waits_out_its_retry_backoff(ctx, job):
     job_id, _ = job
-    ctx.ledger.start_shard(job_id, 0)
-    ctx.ledger.hold_until(job_id, 0, time.time() + 30)  # a failed delivery, retrying in 30 s
+    lease = ctx.ledger.start_shard(job_id, 0)
+    ctx.ledger.hold_until(lease, time.time() + 30)  # a failed delivery, retrying in 30 s
     assert not ctx.ledger.requeue_if_stale(job_id, 0, older_than=time.time() - 5)
     assert ctx.ledger.requeue_if_stale(job_id, 0, older_than=time.time() + 60)  # silent past its backoff
 
