@@ -124,9 +124,11 @@ def add_job_commands(group: typer.Typer, wait: bool) -> None:
 
 def status(job_id: str, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Show a job's state and totals."""
+    from orchestrator.redisretry import ride_out
+
     client = client_for()
-    job = client.status(job_id)
-    stages = stage_seconds(client.ledger.shard_stats(job_id))
+    job, stages = ride_out(lambda: (client.status(job_id), stage_seconds(client.ledger.shard_stats(job_id))),
+                           client.settings.redis_retry_s)
     if as_json:
         console.print_json(json.dumps({**job.to_json(), "stage_seconds": stages}))
     else:
@@ -139,8 +141,10 @@ def status(job_id: str, as_json: bool = typer.Option(False, "--json", help="Mach
 
 def wait(job_id: str) -> None:
     """Wait with a progress bar; exit 0 when the job succeeded, 1 otherwise."""
+    from orchestrator.redisretry import ride_out
+
     client = client_for()
-    final = watch(client, job_id, client.status(job_id).n_items)
+    final = watch(client, job_id, ride_out(lambda: client.status(job_id).n_items, client.settings.redis_retry_s))
     report(final)
     raise typer.Exit(exit_code(final))
 
@@ -158,17 +162,25 @@ def retry(job_id: str) -> None:
 
 def reconcile(loop: bool = typer.Option(False, help="Keep reconciling until Ctrl-C."),
               stale_after_s: float = typer.Option(None, help="Override VITBATCH_STALE_AFTER_S.")) -> None:
-    """Re-enqueue shards whose worker went silent; finalize jobs whose last worker died."""
+    """Re-enqueue shards whose worker went silent or stalled; finalize jobs whose last worker died.
+
+    Safe to run several at once. With --loop, a job that cannot be reconciled is reported and
+    passed over, and a Redis restart is ridden out for VITBATCH_REDIS_RETRY_S."""
     from orchestrator.reconcile import reconcile as reconcile_once
+    from orchestrator.redisretry import ride_out
 
     client = client_for()
     stale = stale_after_s or client.settings.stale_after_s
     while True:
-        result = reconcile_once(client, stale)
+        result = ride_out(lambda: reconcile_once(client, stale), client.settings.redis_retry_s)
         for job_id, shards in result.requeued.items():
             console.print(f"{job_id}: re-enqueued silent shards {shards}")
         for job_id in result.finalized:
             console.print(f"{job_id}: finalized")
+        for job_id, error in result.errors.items():
+            err.print(f"{job_id}: could not reconcile ({error})", markup=False, highlight=False, soft_wrap=True)
+        for job_id in result.failed:
+            console.print(f"{job_id}: marked failed after {client.settings.reconcile_max_errors} failed passes")
         if not loop:
             return
         time.sleep(client.settings.heartbeat_s)

@@ -38,6 +38,17 @@ class Settings(BaseSettings):
     stale_after_s: float = Field(
         120.0, description="A running shard silent this long is re-enqueued by the reconciler."
     )
+    stall_after_s: float = Field(
+        300.0, gt=0, description="A shard that heartbeats but has not advanced this long is handed to another "
+        "worker by the reconciler (classify, embed, attention).",
+    )
+    redis_retry_s: float = Field(
+        60.0, ge=0, description="How long `wait`, `status`, `reconcile --loop` and the fleet exporter ride out "
+        "an unreachable Redis (a restart) before giving up.",
+    )
+    reconcile_max_errors: int = Field(
+        5, gt=0, description="Reconciler passes over one job that may fail in a row before the job is marked failed.",
+    )
     job_ttl_s: int = Field(
         30 * 24 * 3600, gt=0, description="Seconds a finished job's state stays in Redis (its output keeps its record)."
     )

@@ -12,15 +12,17 @@ import time
 import redis
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from orchestrator.constants import QUEUE_DEFAULT, QUEUE_INTERACTIVE, QUEUE_TRAIN, job_key
 from orchestrator.errors import JobNotFound
 from orchestrator.ledger import JobState, Ledger, ShardState
+from orchestrator.redisretry import ride_out
 
 QUEUES = (QUEUE_INTERACTIVE, QUEUE_DEFAULT, QUEUE_TRAIN)
 JOB_LABELS = ["job", "kind"]
 JOBS_COUNTED = 1000  # the newest jobs in the index that vitbatch_jobs counts by state
+SCRAPE_RETRY_S = 5.0  # a scrape rides out a Redis restart this long (Prometheus times out at 10 s)
 
 
 def queue_keys(queue: str) -> list[str]:
@@ -59,11 +61,11 @@ def heartbeat_age(ledger: Ledger, job_id: str) -> float:
 class FleetCollector:
     """Queue length per lane, jobs per state, and per active job: progress, errors, rate, ETA."""
 
-    def __init__(self, ledger: Ledger) -> None:
-        self.ledger = ledger
+    def __init__(self, ledger: Ledger, retry_s: float = SCRAPE_RETRY_S) -> None:
+        self.ledger, self.retry_s = ledger, retry_s
 
     @staticmethod
-    def families() -> dict[str, GaugeMetricFamily]:
+    def families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
         def job(name: str, doc: str) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc + " (active jobs only; the series ends with the job).", labels=JOB_LABELS)
 
@@ -83,6 +85,8 @@ class FleetCollector:
             job("vitbatch_job_eta_seconds", "Seconds until a job is done at its rate so far"),
             job("vitbatch_job_heartbeat_age_seconds", "Seconds since the most silent running shard of a job "
                 "last heartbeat (0 with none running); past VITBATCH_STALE_AFTER_S the reconciler re-enqueues it"),
+            CounterMetricFamily("vitbatch_reconcile_errors", "Reconciler passes over one job that raised (the job "
+                                "is passed over; after VITBATCH_RECONCILE_MAX_ERRORS in a row it is marked failed)."),
         )}
 
     def describe(self):
@@ -90,19 +94,24 @@ class FleetCollector:
         return list(self.families().values())
 
     def collect(self):
-        families = self.families()
         try:
-            self._fill(families)
+            families = ride_out(self._filled, self.retry_s, "Redis (fleet exporter)")
             families["vitbatch_up"].add_metric([], 1)
         except redis.RedisError:
             families = {"vitbatch_up": self.families()["vitbatch_up"]}
             families["vitbatch_up"].add_metric([], 0)
         return list(families.values())
 
-    def _fill(self, families: dict[str, GaugeMetricFamily]) -> None:
+    def _filled(self) -> dict:
+        families = self.families()
+        self._fill(families)
+        return families
+
+    def _fill(self, families: dict) -> None:
         for queue, length in queue_lengths(self.ledger.r).items():
             families["vitbatch_queue_length"].add_metric([queue], length)
         families["vitbatch_unacked_messages"].add_metric([], self.ledger.r.hlen(Channel.unacked_key))
+        families["vitbatch_reconcile_errors"].add_metric([], self.ledger.reconcile_errors_total())
         for state, count in job_state_counts(self.ledger).items():
             families["vitbatch_jobs"].add_metric([state], count)
         for job_id in self.ledger.active_jobs():

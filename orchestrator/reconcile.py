@@ -1,10 +1,16 @@
-"""The reconciler: shards whose worker went silent are put back on the queue.
+"""The reconciler: shards whose worker went silent or stalled are put back on the queue.
 
 A worker heartbeats every few seconds while it holds a shard. With the solo pool a
 SIGKILLed worker's message only comes back after Redis's visibility timeout (an
 hour by default); the reconciler notices the silence within `stale_after_s` and
-re-enqueues the shard. Running a shard twice is safe: output keys are deterministic
-and a commit marker makes the second run a no-op.
+re-enqueues the shard. A shard that heartbeats but has not advanced for `stall_after_s`
+(a hung read, a wedged device) is handed on the same way. Either way the holder's lease
+moves on (fencing.py), so if it comes back it writes nothing; running a shard twice is
+safe anyway: output keys are deterministic and a commit marker makes the second run a no-op.
+
+One job the reconciler cannot handle (a missing commit marker, a corrupt record) is logged,
+counted (`vitbatch_reconcile_errors_total`) and passed over; after `max_errors` passes in a
+row that fail, the job is marked failed with the reason, which frees its output prefix.
 """
 
 from __future__ import annotations
@@ -14,32 +20,65 @@ import time
 from dataclasses import dataclass, field
 
 from orchestrator.finalize import finalize
-from orchestrator.ledger import ShardState
+from orchestrator.ledger import JobState, ShardState
+from orchestrator.redisretry import REDIS_DOWN  # the whole pass fails: callers ride it out
 
 log = logging.getLogger(__name__)
+SLOW_UNIT_KINDS = frozenset({"finetune", "evaluate", "export"})  # one long unit, progress reported sparsely
 
 
 @dataclass
 class Reconciled:
     requeued: dict[str, list[int]] = field(default_factory=dict)
     finalized: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)  # job -> what its pass raised
+    failed: list[str] = field(default_factory=list)  # jobs marked failed after too many such passes
 
 
 def reconcile(client, stale_after_s: float, job_ids: list[str] | None = None) -> Reconciled:
-    """One pass over active jobs; safe to run from several places at once."""
+    """One pass over active jobs; safe to run from several places at once. A job whose pass
+    raises does not stop the others; Redis being unreachable does (the caller rides it out)."""
     result = Reconciled()
-    now = time.time()
     for job_id in job_ids if job_ids is not None else client.ledger.active_jobs():
-        states = client.ledger.shard_states(job_id)
-        stale = [i for i, s in states.items() if s is ShardState.RUNNING
-                 and client.ledger.requeue_if_stale(job_id, i, now - stale_after_s)]
-        stale = sorted(set(stale + client.ledger.lost_pending(job_id, now - stale_after_s)))
-        if stale:
-            log.warning("job %s: shards %s went silent for %.0f s; re-enqueueing", job_id, stale, stale_after_s)
-            client.enqueue(job_id, stale)
-            client.ledger.count_requeues(job_id, len(stale))
-            result.requeued[job_id] = stale
-        elif states and client.ledger.all_settled(job_id) and not client.ledger.state(job_id).terminal:
-            finalize(job_id, client.ledger, client.store)  # the last worker died before finalizing
-            result.finalized.append(job_id)
+        try:
+            _reconcile_job(client, job_id, stale_after_s, result)
+            client.ledger.clear_reconcile_errors(job_id)
+        except REDIS_DOWN:
+            raise
+        except Exception as e:
+            _count_error(client, job_id, e, result)
     return result
+
+
+def _reconcile_job(client, job_id: str, stale_after_s: float, result: Reconciled) -> None:
+    ledger, now = client.ledger, time.time()
+    status = ledger.status(job_id)
+    if status.state.terminal:
+        return
+    stalled_before = 0.0 if status.kind in SLOW_UNIT_KINDS else now - client.settings.stall_after_s
+    states = ledger.shard_states(job_id)
+    why = {i: ledger.requeue_if_stale(job_id, i, now - stale_after_s, stalled_before)
+           for i, s in states.items() if s is ShardState.RUNNING}
+    stale = sorted({i for i, w in why.items() if w} | set(ledger.lost_pending(job_id, now - stale_after_s)))
+    if stale:
+        stalled = sorted(i for i, w in why.items() if w == "stalled")
+        log.warning("job %s: shards %s went silent for %.0f s%s; re-enqueueing", job_id, stale, stale_after_s,
+                    f" (shards {stalled} heartbeat but did not advance)" if stalled else "")
+        client.enqueue(job_id, stale)
+        ledger.count_requeues(job_id, len(stale))
+        result.requeued[job_id] = stale
+    elif states and ledger.all_settled(job_id):
+        if finalize(job_id, ledger, client.store).terminal:  # the last worker died before finalizing
+            result.finalized.append(job_id)
+
+
+def _count_error(client, job_id: str, error: Exception, result: Reconciled) -> None:
+    passes = client.ledger.count_reconcile_error(job_id)
+    reason = f"{type(error).__name__}: {error}"
+    log.error("reconciling job %s failed (%d in a row): %s", job_id, passes, reason, exc_info=error)
+    result.errors[job_id] = reason
+    if passes >= client.settings.reconcile_max_errors:
+        why = f"the reconciler could not close the job ({passes} passes failed): {reason}"
+        if client.ledger.set_state(job_id, JobState.FAILED, why):
+            log.error("job %s marked failed: %s", job_id, why)
+            result.failed.append(job_id)

@@ -28,6 +28,7 @@ from orchestrator.modelinfo import read_config
 from orchestrator.outputs import job_dir, new_job_id, prefix_holder, read_json, spec_digest
 from orchestrator.manifest import write_manifests
 from orchestrator.planner import Plan, plan
+from orchestrator.redisretry import ride_out
 from orchestrator.storage import ObjectStore, join
 
 
@@ -199,19 +200,25 @@ class Client:
     def wait(self, job_id: str, on_update: Callable[[JobStatus], None] | None = None,
              poll_s: float = 0.5, timeout_s: float | None = None, stop: threading.Event | None = None) -> JobStatus:
         """The job's status once it is terminal. KeyboardInterrupt within a poll once `stop` is set
-        (the embedded stack's SIGTERM, should its own interrupt have been lost)."""
+        (the embedded stack's SIGTERM, should its own interrupt have been lost). A Redis restart is
+        ridden out for up to `VITBATCH_REDIS_RETRY_S` per outage (redisretry.py)."""
         from orchestrator.reconcile import reconcile
 
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         next_reconcile = time.monotonic() + self.settings.heartbeat_s
+
+        def read() -> JobStatus:
+            nonlocal next_reconcile
+            if time.monotonic() >= next_reconcile:  # waiting clients double as reconcilers
+                reconcile(self, self.settings.stale_after_s, [job_id])
+                next_reconcile = time.monotonic() + self.settings.heartbeat_s
+            return self.status(job_id)
+
         with self.ledger.state_changes(job_id) as pause:  # the end is seen when it is recorded, not a poll later
             while True:
                 if stop is not None and stop.is_set():
                     raise KeyboardInterrupt
-                if time.monotonic() >= next_reconcile:  # waiting clients double as reconcilers
-                    reconcile(self, self.settings.stale_after_s, [job_id])
-                    next_reconcile = time.monotonic() + self.settings.heartbeat_s
-                status = self.status(job_id)
+                status = ride_out(read, self.settings.redis_retry_s)
                 if on_update:
                     on_update(status)
                 if status.state.terminal:
@@ -221,9 +228,8 @@ class Client:
                 pause(poll_s)
 
     def cancel(self, job_id: str) -> JobStatus:
-        status = self.status(job_id)
-        if not status.state.terminal:
-            self.ledger.set_state(job_id, JobState.CANCELLED, "cancelled by user")
+        """Cancel a live job (an ended one, or one being published, stays as it is)."""
+        self.ledger.set_state(job_id, JobState.CANCELLED, "cancelled by user")
         return self.status(job_id)
 
     def retry(self, job_id: str) -> list[int]:
