@@ -100,6 +100,16 @@ def test_compose_renders_the_stack_with_secrets_from_the_environment(config):
     assert "127.0.0.1:5555:5555/tcp" in services["flower"]["ports"]
 
 
+def test_compose_runs_a_reconciler_with_the_workers_settings(config):
+    """docs/deployment.md: a deployment needs a reconciler; it shares the workers' Redis and S3."""
+    services = config["services"]
+    assert services["reconciler"]["command"] == ["reconcile", "--loop"]
+    assert services["reconciler"]["restart"] == "unless-stopped"
+    worker_env, reconciler_env = services["worker"]["environment"], services["reconciler"]["environment"]
+    assert reconciler_env["VITBATCH_BROKER_URL"] == worker_env["VITBATCH_BROKER_URL"]
+    assert reconciler_env["VITBATCH_S3_ENDPOINT_URL"] == worker_env["VITBATCH_S3_ENDPOINT_URL"]
+
+
 def test_compose_refuses_to_render_without_the_redis_password(tmp_path):
     result = render_compose(tmp_path, {k: v for k, v in SECRETS.items() if k != "REDIS_PASSWORD"})
     assert result.returncode != 0
@@ -271,7 +281,7 @@ def test_flower_in_compose_serves_metrics_behind_its_basic_auth(config):
 def test_promtool_accepts_the_prometheus_config_and_its_alert_rules():
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.fail("promtool not found: apt-get install -y --no-install-recommends prometheus (.ci/setup does)")
+        pytest.fail("promtool not found: apt-get install -y --no-install-recommends prometheus (.ci/test-tools does)")
     result = subprocess.run([promtool, "check", "config", str(PROMETHEUS / "prometheus.yml")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
