@@ -1,0 +1,121 @@
+"""Workers on three hosts (network namespaces on a bridge) against one hub: partitions, a host
+joining, S3 unreachable from one host, and Redis killed -9 and restarted. Every scenario ends
+with the exactly-once check: _SUCCESS.json names the job and lists exactly its parts, each the
+bytes its record and marker name, and every input key is in them once."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from orchestrator.ledger import JobState
+
+pytestmark = [pytest.mark.hosts, pytest.mark.chaos]
+
+
+def explain(status) -> str:
+    return f"job {status.job_id} {status.state.value}: failed shards {status.failed_shards}, reason {status.reason!r}"
+
+
+def some_holder(world, job_id: str, hosts=("w1", "w2", "w3")):
+    for host in hosts:
+        shard = world.held_by(host, job_id)
+        if shard is not None:
+            return host, shard
+    return None
+
+
+def test_a_host_cut_off_mid_shard_loses_the_shard_to_another_host(world):
+    output = world.output("cut-mid-shard")
+    job_id = world.submit(output)
+    host, shard = world.wait_until(f"a host is working on a shard of {job_id}", lambda: some_holder(world, job_id))
+    world.lab.cut(host, "link")
+    try:
+        world.wait_until(f"the reconciler gives shard {shard} up", lambda: world.status(job_id).requeued)
+    finally:
+        world.lab.heal(host)
+    status = world.wait_ended(job_id)
+    assert status.state is JobState.SUCCEEDED, explain(status)
+    world.wait_until(f"{host} is done with its old delivery", lambda: world.idle(host), timeout_s=240)
+    world.exactly_once(output, job_id)
+    assert world.status(job_id).state is JobState.SUCCEEDED
+
+
+def test_a_host_returning_during_an_overwrite_rerun_does_not_republish_the_replaced_job(world):
+    output = world.output("overwrite")
+    job_a = world.submit(output)
+    shard = world.wait_until(f"w2 is working on a shard of {job_a}", lambda: world.held_by("w2", job_a) is not None)
+    world.lab.cut("w2", "drop")
+    try:
+        status_a = world.wait_ended(job_a)
+        assert status_a.state is JobState.SUCCEEDED, explain(status_a)
+        job_b = world.submit(output, "--overwrite")
+        world.wait_until(f"{job_b} is running", lambda: world.status(job_b).done > 0 or world.status(job_b).state.terminal)
+    finally:
+        world.lab.heal("w2")
+    status_b = world.wait_ended(job_b)
+    assert status_b.state is JobState.SUCCEEDED, explain(status_b)
+    world.wait_until(f"w2 is done with its delivery of {job_a} shard {shard}", lambda: world.idle("w2"), timeout_s=240)
+    record = world.exactly_once(output, job_b)  # B's record is the one published, and its folder is whole
+    assert record["job_id"] == job_b
+    assert world.status(job_a).state is JobState.SUCCEEDED
+    assert world.status(job_b).state is JobState.SUCCEEDED
+
+
+def test_a_host_that_joins_mid_job_takes_shards(world):
+    for host in ("w1", "w2", "w3"):
+        world.lab.slow_s3(host, "8kbit")  # the hosts there are slow: that is why one is added
+    try:
+        output = world.output("join")
+        job_id = world.submit(output)
+        world.wait_until(f"{job_id} is under way", lambda: world.status(job_id).done > 0)
+        world.fleet.start_worker("w4")
+        status = world.wait_ended(job_id)
+    finally:
+        for host in ("w1", "w2", "w3"):
+            world.lab.slow_s3(host)
+    assert status.state is JobState.SUCCEEDED, explain(status)
+    assert world.shards_committed_by("w4") >= 1, world.fleet.log("w4").read_text()[-3000:]
+    world.exactly_once(output, job_id)
+    world.fleet.stop_worker("w4")
+
+
+def test_redis_killed_and_restarted_mid_job_loses_nothing_and_clients_ride_it_out(world):
+    output = world.output("redis-restart")
+    job_id = world.submit(output)
+    waiter = world.fleet.cli_background(f"wait-{job_id}", "wait", job_id)
+    try:
+        world.wait_until(f"{job_id} is under way", lambda: world.status(job_id).done > 0)
+        world.fleet.kill_redis()  # kill -9: the append-only file (fsync always) keeps what was acknowledged
+        time.sleep(3)  # down long enough for every client to notice
+        world.fleet.start_redis()
+        rc = waiter.wait(timeout=300)
+    finally:
+        if waiter.poll() is None:
+            waiter.send_signal(signal.SIGKILL)
+    log = world.fleet.log(f"wait-{job_id}").read_text(errors="replace")
+    assert rc == 0, f"`vitbatch wait` exited {rc}: {log[-3000:]}"
+    reconciler = world.fleet.procs["reconciler"]
+    assert reconciler.poll() is None, (f"`vitbatch reconcile --loop` exited {reconciler.returncode}: "
+                                       + world.fleet.log("reconciler").read_text(errors="replace")[-3000:])
+    status = world.wait_ended(job_id)
+    assert status.state is JobState.SUCCEEDED, explain(status)
+    world.exactly_once(output, job_id)
+
+
+def test_a_host_that_cannot_reach_s3_gives_its_shard_up(world):
+    received_before = world.received("w3")
+    world.lab.drop_s3("w3")
+    try:
+        output = world.output("s3-dropped")
+        job_id = world.submit(output)
+        world.wait_until("w3 takes a shard", lambda: world.received("w3") > received_before)
+        status = world.wait_ended(job_id)
+    finally:
+        world.lab.drop_s3("w3", False)
+    assert status.state is JobState.SUCCEEDED, explain(status)
+    world.wait_until("w3 is done with its delivery", lambda: world.idle("w3"), timeout_s=240)
+    world.exactly_once(output, job_id)
+    assert world.status(job_id).state is JobState.SUCCEEDED
