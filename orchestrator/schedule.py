@@ -8,7 +8,7 @@
     [schedule.job]
     kind = "classify"
     input = "s3://bucket/products/"
-    output = "s3://bucket/nightly/products/"   # each run writes <output>/<run id>/
+    output = "s3://bucket/nightly/products/"   # each run writes <output>/<run id>/ (see new_run_id)
     model = "alias:s3://bucket/models/latest"  # a pointer a finetune job (--alias) updates
 
 Beat only sends `vitbatch.scheduled_run(name, entry)` on time; a worker runs it, which
@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import time
 import tomllib
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -119,10 +120,19 @@ def beat_schedule(entries: list[ScheduleEntry]) -> dict:
                      "options": {"queue": QUEUE_DEFAULT}} for e in entries}
 
 
+def new_run_id(now: float) -> str:
+    """A run's folder name, e.g. `20261126T010000.123456Z-3f9a1c`: the start time in UTC to the
+    microsecond, then 24 random bits. Two runs of one schedule (beat and `schedule run`, or two
+    manual runs) may start within the same second, and must never share an output prefix; the
+    names still sort by start time, across DST changes too (UTC, fixed width)."""
+    started = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    return f"{started}-{secrets.token_hex(3)}"
+
+
 def start_run(client, entry: ScheduleEntry, now: float | None = None) -> dict:
     """Submit one run of a schedule (incremental from the last succeeded run) and record it."""
     now = now or time.time()
-    run_id = datetime.fromtimestamp(now, ZoneInfo(entry.timezone)).strftime("%Y%m%dT%H%M%S%z")
+    run_id = new_run_id(now)
     spec = parse_spec({**entry.job, "output": join(parse_spec(entry.job).output, run_id), "lane": "bulk"})
     previous = last_succeeded(client, entry.name) if entry.incremental else None
     job_id, summary = client.submit(spec, previous_output=previous["output"] if previous else None)

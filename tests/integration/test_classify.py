@@ -16,6 +16,7 @@ from orchestrator.constants import JOB_SPEC_FILE, SUCCESS_FILE
 from orchestrator.demo import write_digits
 from orchestrator.processes import ALL_QUEUES
 from orchestrator.results import read_table
+from orchestrator.storage import join
 
 pytestmark = pytest.mark.integration
 N_IMAGES = 60
@@ -107,7 +108,11 @@ def test_labels_equal_a_direct_fp32_computation(finished_job, client, tiny_model
     _, out, _ = finished_job
     rows = {r["key"]: r for r in read_table(out, client.store).to_pylist()}
     direct = _direct_labels(tiny_model, dataset)
-    decisive = {k: label for k, (label, margin) in direct.items() if margin > 1e-4}
+    # `auto` is bf16 on AMX / AVX512-BF16 workers, which moves this random model's near-uniform
+    # probabilities by up to ~3e-4: a label is decisive only beyond what that rounding can flip.
+    computed = json.loads(client.store.read(join(out, SUCCESS_FILE)))["computed_with"]
+    min_margin = 1e-4 if set(computed) == {"cpu fp32"} else 2e-3
+    decisive = {k: label for k, (label, margin) in direct.items() if margin > min_margin}
     assert len(decisive) >= 0.9 * N_IMAGES  # random weights still separate almost every image
     assert {k: rows[k]["label_id"] for k in decisive} == decisive
 

@@ -48,10 +48,12 @@ def test_export_then_classify(tmp_path, s3, bucket, upload, tiny_model, workers,
     assert refused.returncode != 0 and "attention maps need the PyTorch model" in refused.stderr
 
     outputs = {}
+    # The ONNX graph runs in fp32 (--precision does not apply to it): so must its PyTorch reference,
+    # not `auto`, which is bf16 on AMX / AVX512-BF16 CPUs.
     for label, model in (("torch", source), ("onnx", exported)):
         out = f"s3://{bucket}/onnx/out/classify-{label}/"
         job = _job_id(cli(["submit", "classify", "--input", images, "--output", out, "--model", model,
-                           "--shard-size", "12"]))
+                           "--shard-size", "12", "--precision", "fp32"]))
         assert cli(["wait", job]).returncode == 0
         outputs[label] = {row["key"]: row for row in read_table(out, client.store).to_pylist()}
     assert outputs["onnx"].keys() == outputs["torch"].keys() and len(outputs["onnx"]) == N_IMAGES

@@ -112,8 +112,10 @@ def _rows(out: str) -> dict[str, dict]:
 def test_ort_classify_and_embed_match_pytorch(name, exported, images, tmp_path, ctx):
     source, onnx_dir, _ = exported(name)
     results = {}
+    # The ONNX graph runs in fp32 (--precision does not apply to it): so must its PyTorch reference,
+    # not `auto`, which is bf16 on AMX / AVX512-BF16 CPUs.
     for label, model in (("torch", source), ("onnx", onnx_dir)):
-        common = {"input": str(images), "model": str(model), "device": "cpu"}
+        common = {"input": str(images), "model": str(model), "device": "cpu", "precision": "fp32"}
         classify = parse_spec({"kind": "classify", "output": str(tmp_path / f"c-{label}"), "top_k": 2, **common})
         embed = parse_spec({"kind": "embed", "output": str(tmp_path / f"e-{label}"), "pooling": "cls,mean,patches",
                             **common})

@@ -9,7 +9,7 @@ import pytest
 
 from orchestrator.errors import SpecError, VitbatchError
 from orchestrator.gpupool import visible_gpus
-from orchestrator.schedule import ZonedCrontab, load_schedules
+from orchestrator.schedule import ScheduleEntry, ZonedCrontab, load_schedules, start_run
 
 ENTRY = """
 [[schedule]]
@@ -59,6 +59,35 @@ def test_the_cron_expression_is_read_in_the_entrys_timezone():
     last_run = datetime(2026, 11, 25, 2, 0, tzinfo=ZoneInfo("Europe/Berlin"))
     berlin.nowfun = lambda: datetime(2026, 11, 26, 0, 30, tzinfo=timezone.utc)
     assert 29 * 60 <= berlin.remaining_estimate(last_run).total_seconds() <= 31 * 60
+
+
+class _Recorder:
+    """Just what start_run touches of a Client: submit, and the ledger's Redis pipeline."""
+
+    def __init__(self) -> None:
+        self.outputs: list[str] = []
+        self.ledger, self.r = self, self
+
+    def submit(self, spec, previous_output=None):
+        self.outputs.append(spec.output)
+        return f"job-{len(self.outputs)}", {"items": 1}
+
+    def pipeline(self, transaction=True):
+        return self
+
+    lpush = ltrim = execute = staticmethod(lambda *_: None)  # the run history is not under test here
+
+
+def test_two_runs_in_the_same_second_get_their_own_output_prefixes():
+    entry = ScheduleEntry(name="nightly", cron="0 2 * * *", timezone="Europe/Berlin", incremental=False,
+                          job={"kind": "classify", "input": "s3://b/in/", "output": "s3://b/out/", "model": "hf:org/m"})
+    client, second = _Recorder(), 1_790_000_000.0
+    runs = [start_run(client, entry, now=second + 0.25), start_run(client, entry, now=second + 0.25),
+            start_run(client, entry, now=second + 0.75)]
+    assert len(set(client.outputs)) == 3 and all(o.startswith("s3://b/out/") for o in client.outputs)
+    assert [r["output"] for r in runs] == client.outputs
+    assert runs[0]["run_id"] < runs[2]["run_id"] and runs[1]["run_id"] < runs[2]["run_id"]  # sorted by start
+    assert runs[0]["run_id"].startswith("20260921T141320.250000Z-")  # the start time in UTC, not Berlin's
 
 
 def test_gpu_pools_follow_cuda_visible_devices(monkeypatch):
