@@ -15,7 +15,7 @@ import typer
 
 from orchestrator.config import Settings
 from orchestrator.errors import VitbatchError
-from orchestrator.finalize import stage_seconds
+from orchestrator.commits import stage_seconds
 from orchestrator.jobs import JOB_KINDS, SPEC_CLASSES, parse_spec
 from orchestrator.ledger import JobState
 from orchestrator.terminal import console, err, exit_code, report, watch
@@ -127,7 +127,7 @@ def status(job_id: str, as_json: bool = typer.Option(False, "--json", help="Mach
     from orchestrator.redisretry import ride_out
 
     client = client_for()
-    job, stages = ride_out(lambda: (client.status(job_id), stage_seconds(client.ledger.shard_stats(job_id))),
+    job, stages = ride_out(lambda: (client.status(job_id), stage_seconds(client.ledger.shard_stats(job_id).values())),
                            client.settings.redis_retry_s)
     if as_json:
         console.print_json(json.dumps({**job.to_json(), "stage_seconds": stages}))

@@ -9,39 +9,21 @@ folders of the ended, earlier jobs it replaced removed.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Callable
 
 from orchestrator import __version__
+from orchestrator.commits import JobRecord, ShardMarker, read_marker
 from orchestrator.constants import CARRIED_MARKER, FAILURES_FILE, SUCCESS_FILE, commit_name
 from orchestrator.errors import JobNotFound, StorageError
 from orchestrator.fencing import Publication
 from orchestrator.ledger import JobState, JobStatus, Ledger, ShardState
-from orchestrator.outputs import job_dir, read_json, remove_superseded, spec_digest
+from orchestrator.outputs import job_dir, remove_superseded, spec_digest
 from orchestrator.storage import ObjectStore, join, relative_key
 
 
 
-def stage_seconds(shard_stats: dict[int, dict]) -> dict[str, float]:
-    """read/decode/compute/write seconds summed over shards (read and decode are thread-seconds)."""
-    totals: dict[str, float] = {}
-    for stats in shard_stats.values():
-        for name, value in stats.items():
-            if name.endswith("_s") and name != "images_per_s" and isinstance(value, (int, float)):
-                totals[name] = round(totals.get(name, 0.0) + value, 4)
-    return totals
-
-
-def marker_parts(output: str, folder: str, marker: dict) -> list[dict]:
-    """A marker's parts as record entries: names relative to the output prefix."""
-    base = relative_key(output, folder)
-    good_rows = marker.get("rows", 0) - marker.get("errors", 0)
-    return [{"name": f"{base}/{name}", "sha256": part["sha256"], "bytes": part["bytes"],
-             "shard": marker["shard"], "rows": marker.get("rows", 0) if name.endswith(".parquet") else good_rows}
-            for name, part in sorted(marker["parts"].items())]
-
-
-def committed_markers(job_id: str, output: str, ledger: Ledger, store: ObjectStore, carried: int) -> list[dict]:
+def committed_markers(job_id: str, output: str, ledger: Ledger, store: ObjectStore,
+                      carried: int) -> list[ShardMarker]:
     """This job's own commit markers, in shard order (carried-over rows first)."""
     folder = job_dir(output, job_id)
     names = [CARRIED_MARKER] if carried else []
@@ -49,27 +31,11 @@ def committed_markers(job_id: str, output: str, ledger: Ledger, store: ObjectSto
     names += [commit_name(i) for i in sorted(states) if states[i] is ShardState.COMMITTED]
     markers = []
     for name in names:
-        marker = read_json(store, join(folder, name))
-        if marker is None or marker.get("job_id") != job_id:
+        marker = read_marker(store, folder, name, job_id)
+        if marker is None:
             raise StorageError(f"job {job_id}: commit marker {name} is missing from {folder}")
         markers.append(marker)
     return markers
-
-
-def model_fields(markers: list[dict]) -> dict:
-    """The model the shards ran, from their markers: one fingerprint, or every one if they differ."""
-    seen = sorted({m["model_fingerprint"] for m in markers if m.get("model_fingerprint")})
-    fields = {"model_fingerprint": seen[0] if len(seen) == 1 else ""}
-    if len(seen) > 1:
-        fields["model_fingerprints"] = seen
-    return fields
-
-
-def compute_fields(markers: list[dict]) -> dict:
-    """Shards per way of computing them ("cpu fp32", "cuda fp16", "onnxruntime ..."): `auto`
-    precision resolves on each worker, so a mixed fleet says so here instead of silently."""
-    counts = Counter(marker["compute"] for marker in markers if marker.get("compute"))
-    return {"computed_with": dict(sorted(counts.items()))} if counts else {}
 
 
 def finalize(job_id: str, ledger: Ledger, store: ObjectStore) -> JobState:
@@ -95,21 +61,17 @@ def finalize(job_id: str, ledger: Ledger, store: ObjectStore) -> JobState:
         raise
 
 
-def _publish_claimed(claim: Publication, status: JobStatus, folder: str, markers: list[dict], spec_json: str,
+def _publish_claimed(claim: Publication, status: JobStatus, folder: str, markers: list[ShardMarker], spec_json: str,
                      ledger: Ledger, store: ObjectStore) -> JobState:
     job_id = status.job_id
     wall_s = claim.finished_at - status.created_at
-    summary = {
-        "job_id": job_id, "spec_sha256": spec_digest(spec_json), "kind": status.kind,
-        "job_dir": relative_key(status.output, folder), "items": status.n_items, "processed": status.done,
-        "carried_over": status.carried,
-        "errors": status.errors, "shards": status.n_shards, "failed_shards": status.failed_shards,
-        "wall_s": round(wall_s, 3), "images_per_s": round(status.done / max(wall_s, 1e-9), 2),
-        "stage_seconds": stage_seconds(ledger.shard_stats(job_id)), **model_fields(markers),
-        **compute_fields(markers),
-        "vitbatch_version": __version__, "finished_at": claim.finished_at,
-        "parts": [part for marker in markers for part in marker_parts(status.output, folder, marker)],
-    }
+    summary = JobRecord.build(
+        job_id=job_id, spec_sha256=spec_digest(spec_json), kind=status.kind,
+        job_dir=relative_key(status.output, folder), markers=markers, items=status.n_items, processed=status.done,
+        errors=status.errors, shards=status.n_shards, failed_shards=status.failed_shards, carried=status.carried,
+        wall_s=wall_s, finished_at=claim.finished_at, version=__version__,
+        shard_stats=list(ledger.shard_stats(job_id).values()),
+    ).to_json()
     if claim.prefix_holder not in ("", job_id):  # another job took the prefix: it is not this job's to write
         store.write(join(folder, FAILURES_FILE), json.dumps(summary, indent=2).encode())
         ledger.set_state(job_id, JobState.FAILED, f"job {claim.prefix_holder} took {status.output} before this "
@@ -144,8 +106,6 @@ def publish(store: ObjectStore, output: str, summary: dict, succeeded: bool, spe
     Only a success replaces `_SUCCESS.json` (and clears `_FAILURES.json`) and moves the spec's
     alias (if any) to this output; finalize then removes the folders of the jobs it replaced.
     """
-    if summary["kind"] in ("finetune", "export"):
-        summary = {**summary, "model": summary["job_dir"]}  # `--model <output>` loads this job's model
     name = SUCCESS_FILE if succeeded else FAILURES_FILE
     data = json.dumps(summary, indent=2).encode()
     store.write(join(output, summary["job_dir"], name), data)

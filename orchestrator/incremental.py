@@ -10,14 +10,12 @@ Carried rows are copied from the previous run's committed parts into
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from orchestrator.constants import COMMIT_DIR, JOB_SPEC_FILE
+from orchestrator.commits import ShardMarker, table_bytes, upload_parts, write_marker
+from orchestrator.constants import CARRIED_MARKER, JOB_SPEC_FILE
 from orchestrator.errors import OutputNotFound, SpecError, StorageError
 from orchestrator.modelinfo import model_dir, model_files
 from orchestrator.outputs import model_folder, read_json, success_record
@@ -79,13 +77,9 @@ def carry_over(job_plan: Plan, previous_output: str, folder: str, identity: str,
         return 0
     carried = previous.filter(pc.is_in(previous.column("key"), pa.array(sorted(unchanged))))
     job_plan.items = [item for item in job_plan.items if item.key not in unchanged]
-    buffer = io.BytesIO()
-    pq.write_table(carried, buffer, compression="zstd")
-    data = buffer.getvalue()
-    store.write(join(folder, CARRIED_PART), data)
+    written = upload_parts(store, folder, {CARRIED_PART: table_bytes(carried)})
     n_errors = carried.num_rows - carried.column("error").null_count
-    marker = {"job_id": job_id, "shard": "carried",
-              "parts": {CARRIED_PART: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}},
-              "rows": carried.num_rows, "errors": n_errors, "carried_from": previous_output}
-    store.write(join(folder, COMMIT_DIR, "carried-00000.json"), json.dumps(marker, indent=2).encode())
+    write_marker(store, folder, ShardMarker.build("carried", written, {
+        "job_id": job_id, "rows": carried.num_rows, "errors": n_errors, "carried_from": previous_output}),
+        name=CARRIED_MARKER)
     return carried.num_rows

@@ -1,7 +1,9 @@
 """A whole job in one process, without Redis or Celery: plan, run every shard, publish.
 
 Unit tests and bench/ use it to drive the real shard path; the distributed path
-(submit -> Celery -> tasks -> finalize) writes the same job folder and the same record.
+(submit -> Celery -> tasks -> finalize) writes the same job folder and the same records:
+`_job.json` in the job's folder and at the prefix, the shards' markers, and the job's
+record built by the same `JobRecord` (orchestrator/commits.py) that finalize builds.
 """
 
 from __future__ import annotations
@@ -10,33 +12,40 @@ import json
 import time
 
 from orchestrator import __version__
-from orchestrator.finalize import marker_parts, model_fields, publish
+from orchestrator.commits import JobRecord
+from orchestrator.constants import JOB_SPEC_FILE
+from orchestrator.finalize import publish
 from orchestrator.jobs import JobSpec
-from orchestrator.outputs import job_dir, new_job_id, spec_digest
 from orchestrator.manifest import write_manifests
+from orchestrator.outputs import job_dir, new_job_id, spec_digest
+from orchestrator.parquetinputs import columns_of
 from orchestrator.planner import plan
-from orchestrator.storage import relative_key
+from orchestrator.storage import join, relative_key
 from workers.context import WorkerContext
 from workers.runner import run_shard
 
 
-def run_local(spec: JobSpec, ctx: WorkerContext, job_id: str | None = None) -> tuple[str, list[dict]]:
+def run_local(spec: JobSpec, ctx: WorkerContext, job_id: str | None = None) -> tuple[str, list]:
     """Run every shard of `spec` here and publish the job; returns its id and commit markers."""
     job_id = job_id or new_job_id()
     started = time.time()
     folder = job_dir(spec.output, job_id)
-    job_plan = plan(spec.input, spec.shard_size, ctx.store)
-    write_manifests(job_plan, folder, ctx.store)
+    job_plan = plan(spec.input, spec.shard_size, ctx.store, columns_of(spec))
     spec_json = spec.model_dump_json()
     fields = {"job_id": job_id, "spec_sha256": spec_digest(spec_json)}
+    job_record = json.dumps({**fields, "spec": json.loads(spec_json), "plan": {**job_plan.summary(), "carried": 0},
+                             "vitbatch_version": __version__, "submitted_at": started}, indent=2).encode()
+    ctx.store.write(join(folder, JOB_SPEC_FILE), job_record)
+    ctx.store.write(join(spec.output, JOB_SPEC_FILE), job_record)
+    write_manifests(job_plan, folder, ctx.store)
     local = spec.model_copy(update={"output": folder})
     markers = [run_shard(local, shard, ctx, marker_fields=fields) for shard in range(job_plan.n_shards)]
-    summary = {
-        **fields, "kind": spec.kind, "job_dir": relative_key(spec.output, folder),
-        "items": sum(m["rows"] for m in markers), "processed": sum(m["rows"] for m in markers),
-        "errors": sum(m["errors"] for m in markers), "shards": len(markers), "failed_shards": {},
-        "wall_s": round(time.time() - started, 3), **model_fields(markers), "vitbatch_version": __version__, "finished_at": time.time(),
-        "parts": [part for marker in markers for part in marker_parts(spec.output, folder, marker)],
-    }
-    publish(ctx.store, spec.output, summary, True, json.loads(spec_json))
+    rows = sum(m.rows for m in markers)
+    finished = time.time()
+    record = JobRecord.build(
+        job_id=job_id, spec_sha256=fields["spec_sha256"], kind=spec.kind, job_dir=relative_key(spec.output, folder),
+        markers=markers, items=rows, processed=rows, errors=sum(m.errors for m in markers), shards=len(markers),
+        failed_shards={}, carried=0, wall_s=finished - started, finished_at=finished, version=__version__,
+    )
+    publish(ctx.store, spec.output, record.to_json(), True, json.loads(spec_json))
     return job_id, markers

@@ -18,6 +18,7 @@ import weakref
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from orchestrator.commits import ShardMarker
 from orchestrator.config import Settings
 from orchestrator.gpupool import listed_gpus
 
@@ -80,18 +81,16 @@ class DeviceMemoryCollector:
 REGISTRY.register(DeviceMemoryCollector())
 
 
-def record_shard(kind: str, marker: dict, duration_s: float) -> None:
+def record_shard(kind: str, marker: ShardMarker, duration_s: float) -> None:
     """Count one committed shard from its commit marker (rows, errors, stats, batch_size)."""
-    errors = int(marker.get("errors", 0))
-    IMAGES.labels(kind, "ok").inc(max(0, int(marker.get("rows", 0)) - errors))
-    IMAGES.labels(kind, "error").inc(errors)
-    stats = marker.get("stats") or {}
+    IMAGES.labels(kind, "ok").inc(max(0, marker.good_rows))
+    IMAGES.labels(kind, "error").inc(marker.errors)
     for stage in STAGES:
-        STAGE_SECONDS.labels(kind, stage).inc(max(0.0, float(stats.get(f"{stage}_s") or 0.0)))
+        STAGE_SECONDS.labels(kind, stage).inc(max(0.0, float(marker.stats.get(f"{stage}_s") or 0.0)))
     SHARD_DURATION.labels(kind).observe(duration_s)
     SHARDS.labels(kind, "committed").inc()
-    if marker.get("batch_size"):
-        BATCH_SIZE.labels(kind).set(marker["batch_size"])
+    if marker.batch_size:
+        BATCH_SIZE.labels(kind).set(marker.batch_size)
 
 
 def instrumented_shard(run):

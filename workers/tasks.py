@@ -154,9 +154,9 @@ def lifecycle(ctx: WorkerContext, job_id: str, shard: int, work, backoff_s: floa
         marker = _fenced_work(ctx, lease, lambda: work(local, ctx, fields, lease), backoff_s)
     else:  # a crash lost the ack: the marker only needs recording, under a lease of its own
         lease = ctx.ledger.start_shard(job_id, shard, count=False)
-    settled = ctx.ledger.record_commit(lease, marker["rows"], marker["errors"], marker["stats"])
+    settled = ctx.ledger.record_commit(lease, marker.rows, marker.errors, marker.stats)
     _settle(ctx, job_id, settled)
-    return {"shard": shard, "rows": marker["rows"], "errors": marker["errors"]}
+    return {"shard": shard, "rows": marker.rows, "errors": marker.errors}
 
 
 def _fenced_work(ctx: WorkerContext, lease: Lease, run: Callable[[], dict], backoff_s: float) -> dict:

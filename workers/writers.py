@@ -3,68 +3,39 @@
 The marker is written last, so a marker's presence means the parts are whole. A
 redelivered shard rewrites the same keys with the same rows: exactly-once output
 on top of at-least-once delivery. A marker names its job; one of another job is
-never honoured (its folder is another job's anyway).
+never honoured (its folder is another job's anyway). The records themselves are
+typed in orchestrator/commits.py, which the control plane reads with the same code.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import time
-
-import pyarrow as pa
-import pyarrow.parquet as pq
-
+from orchestrator.commits import PartEntry, ShardMarker, parquet_bytes, read_marker, upload_parts, write_marker
 from orchestrator.constants import commit_name
-from orchestrator.errors import ObjectNotFound
-from orchestrator.storage import ObjectStore, join
+from orchestrator.storage import ObjectStore
 
-
-def parquet_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer, compression="zstd")
-    return buffer.getvalue()
-
-
-def part_entry(data: bytes) -> dict:
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def upload_parts(store: ObjectStore, folder: str, parts: dict[str, bytes]) -> dict[str, dict]:
-    """Write each part into the job's folder; name -> part_entry for the marker."""
-    written = {}
-    for name, data in parts.items():
-        store.write(join(folder, name), data)
-        written[name] = part_entry(data)
-    return written
+__all__ = ["commit_shard", "parquet_bytes", "read_commit", "upload_parts", "written_files"]
 
 
 def commit_shard(store: ObjectStore, folder: str, shard: int, parts: dict[str, bytes], summary: dict,
-                 written: dict[str, dict] | None = None) -> dict:
+                 written: dict[str, PartEntry] | None = None) -> ShardMarker:
     """Write each part (name -> bytes) into the job's folder, then the marker naming them with their sha256.
 
-    `summary` carries job_id and spec_sha256; `written`: parts already uploaded (name -> part_entry).
+    `summary` carries job_id, spec_sha256, rows, errors and what else the work reports;
+    `written`: parts already uploaded (name -> PartEntry).
     """
     written = {**(written or {}), **upload_parts(store, folder, parts)}
-    marker = {"shard": shard, "parts": written, "committed_at": time.time(), **summary}
-    store.write(join(folder, commit_name(shard)), json.dumps(marker, indent=2).encode())
-    return marker
+    return write_marker(store, folder, ShardMarker.build(shard, written, summary))
 
 
-def read_commit(store: ObjectStore, folder: str, shard: int, job_id: str) -> dict | None:
+def read_commit(store: ObjectStore, folder: str, shard: int, job_id: str) -> ShardMarker | None:
     """The shard's marker when this job wrote it; None when missing or another job's (stale)."""
-    try:
-        marker = json.loads(store.read(join(folder, commit_name(shard))))
-    except ObjectNotFound:
-        return None
-    return marker if marker.get("job_id") == job_id else None
+    return read_marker(store, folder, commit_name(shard), job_id)
 
 
-def written_files(store: ObjectStore, folder: str) -> dict[str, dict]:
+def written_files(store: ObjectStore, folder: str) -> dict[str, PartEntry]:
     """What a single-task job (finetune, evaluate) wrote into its folder, for its marker:
     not its own records (`_*`) nor resumable checkpoints."""
     from orchestrator.modelinfo import model_files
     from orchestrator.storage import relative_key
 
-    return {relative_key(folder, info.uri): part_entry(store.read(info.uri)) for info in model_files(folder, store)}
+    return {relative_key(folder, info.uri): PartEntry.of(store.read(info.uri)) for info in model_files(folder, store)}

@@ -74,8 +74,8 @@ def test_a_job_the_reconciler_finalizes_records_the_model_its_shards_ran(client,
     for shard in range(3):
         lease = client.ledger.start_shard(job_id, shard)
         marker = run_shard(local, shard, ctx, job_id=job_id, marker_fields=fields)
-        fingerprints.add(marker["model_fingerprint"])
-        client.ledger.record_commit(lease, marker["rows"], marker["errors"], marker["stats"])
+        fingerprints.add(marker.model_fingerprint)
+        client.ledger.record_commit(lease, marker.rows, marker.errors, marker.stats)
     # ...and the worker died before finalizing: the reconciler closes the job.
     assert reconcile(client, stale_after_s=3600, job_ids=[job_id]).finalized == [job_id]
     record = read_json(client.store, join(spec.output, SUCCESS_FILE))

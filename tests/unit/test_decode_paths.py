@@ -200,7 +200,7 @@ def _run_shard(model_dir, items, tmp_path, ctx=None, **options) -> dict:
 
 def test_an_unset_batch_size_runs_cache_sized_batches_on_a_cpu(hf_model_dir, items, tmp_path):
     marker = _run_shard(hf_model_dir, items, tmp_path)
-    assert marker["batch_size"] == 16 and marker["rows"] == len(items)
+    assert marker.batch_size == 16 and marker.rows == len(items)
 
 
 def test_a_shard_decodes_in_threads_when_dev_shm_has_no_room(hf_model_dir, items, tmp_path, caplog):
@@ -215,7 +215,7 @@ def test_a_shard_decodes_in_threads_when_dev_shm_has_no_room(hf_model_dir, items
     ctx = WorkerContext(Settings())
     ctx.decode_pool = NoRoom(1)
     marker = _run_shard(hf_model_dir, items, tmp_path, ctx, decode="processes")
-    assert marker["rows"] == len(items) and marker["errors"] == 3
+    assert marker.rows == len(items) and marker.errors == 3
     assert "decoding in threads" in caplog.text
 
 

@@ -62,5 +62,5 @@ def test_tar_members_become_rows_in_member_order_and_bad_members_become_error_ro
     assert rows[0]["error"] is None and rows[2]["error"] is None
     assert rows[1]["error"] and rows[1]["label"] is None
     assert "unsafe member name" in rows[3]["error"]
-    assert marker["rows"] == 4 and marker["errors"] == 2
+    assert marker.rows == 4 and marker.errors == 2
     assert not (tmp_path / "evil.png").exists()

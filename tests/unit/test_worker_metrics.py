@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from orchestrator.commits import ShardMarker
 from orchestrator.gpupool import metrics_port
 from workers import metrics
 
@@ -20,7 +21,8 @@ def test_a_committed_shard_adds_its_rows_errors_and_stage_seconds():
     before_err = sample("vitbatch_images_total", kind="embed", outcome="error")
     before_read = sample("vitbatch_stage_seconds_total", kind="embed", stage="read")
     before_shards = sample("vitbatch_shard_duration_seconds_count", kind="embed")
-    marker = {"rows": 10, "errors": 3, "batch_size": 8, "stats": {"read_s": 1.5, "decode_s": 0.5, "compute_s": 2.0}}
+    marker = ShardMarker(job_id="j", shard=0, parts={}, rows=10, errors=3, batch_size=8,
+                         stats={"read_s": 1.5, "decode_s": 0.5, "compute_s": 2.0})
     metrics.record_shard("embed", marker, 4.2)
     assert sample("vitbatch_images_total", kind="embed", outcome="ok") - before_ok == 7
     assert sample("vitbatch_images_total", kind="embed", outcome="error") - before_err == 3
