@@ -1,25 +1,24 @@
 """Fine-tuning: labeled images in, a save_pretrained classifier at the output prefix out.
 
-Both families train through transformers' Trainer. A timm model is wrapped in
+Both libraries train through transformers' Trainer. A timm model is wrapped in
 `TimmForTraining` (forward(pixel_values, labels) -> {"loss", "logits"}), so HF and
 timm share one path for mixed precision, the LR schedule, checkpoints and resume
 (optimizer, scheduler, RNG and the data position). A hand-written loop would have
 to re-implement each of those; Trainer needed one fix instead (HF weights were not
 really restored on resume: see checkpoints.ResumableTrainer).
 
-Checkpoints and resume live in workers/checkpoints.py, the Dataset and transforms
+What is trained (a --config, or a checkpoint of any kind with a head sized from the labels) is
+built in workers/trainable.py; checkpoints and resume live in workers/checkpoints.py, the Dataset and transforms
 in workers/datasets.py, the train/val split in workers/splits.py, and what the run
 reports from Trainer's log (progress, divergence, metrics.json) in workers/trainlog.py.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,101 +33,10 @@ from workers import models
 from workers.checkpoints import ResumableTrainer, UploadCheckpoints, all_finite, restore
 from workers.context import WorkerContext
 from workers.datasets import LabeledImages, screen, transforms
-from workers.errors import ModelLoadError, TrainingDiverged
-from workers.modelfiles import check_model_dir, local_model_dir
-from workers.preprocess import Preprocess
+from workers.errors import TrainingDiverged
 from workers.splits import train_val
+from workers.trainable import Built, build_model
 from workers.trainlog import ReportProgress, StopOnDivergence, write_metrics
-
-
-class TimmForTraining(torch.nn.Module):
-    """A timm classifier behind the interface Trainer calls."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
-        logits = self.model(pixel_values)
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = torch.nn.functional.cross_entropy(logits.float(), labels)
-        return out
-
-
-@dataclass
-class Built:
-    family: str
-    model: torch.nn.Module  # what Trainer trains (timm models wrapped)
-    prep: Preprocess  # the inference preprocessing the saved model will get
-    processor: object | None = None  # HF image processor, saved next to the weights
-
-
-def build_model(spec: FinetuneSpec, names: list[str], ctx: WorkerContext) -> Built:
-    # num_labels follows from id2label; passing both warns when a checkpoint had other labels.
-    labels = {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
-    if spec.config is None:
-        return _from_pretrained(spec.model, labels, ctx)
-    try:
-        return _from_config(dict(spec.config), labels)
-    except (TypeError, ValueError, RuntimeError, AssertionError) as e:  # unknown arch, bad sizes...
-        raise SpecError(f"--config does not build a model: {type(e).__name__}: {e}") from e
-
-
-def _from_config(config: dict, labels: dict) -> Built:
-    if "architecture" in config:
-        import timm
-
-        return _timm(timm.create_model(config.pop("architecture"), pretrained=False,
-                                       num_classes=len(labels["id2label"]), **config))
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
-    label_keys = sorted({"num_labels", "id2label", "label2id"} & set(config))
-    if label_keys:
-        raise SpecError(f"--config may not set {', '.join(label_keys)}: the labels come from the data; drop it")
-    # ViTConfig keeps unknown keys as attributes: a typo (hiden_size) would silently train the default.
-    unknown = sorted(set(config) - set(inspect.signature(ViTConfig).parameters))
-    if unknown:
-        raise SpecError(f"--config: ViTConfig has no field {', '.join(unknown)}: check the spelling against "
-                        "transformers' ViTConfig")
-    module = ViTForImageClassification(ViTConfig(**config, **labels))
-    size = module.config.image_size
-    return _hf(module, ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3,
-                                         image_std=[0.5] * 3))
-
-
-def _from_pretrained(ref: str, labels: dict, ctx: WorkerContext) -> Built:
-    path = local_model_dir(ref, ctx.store, ctx.settings)
-    if path is not None:  # the same rules as inference: no remote code, safetensors only
-        check_model_dir(path)
-    name = str(path) if path is not None else ref.split(":", 1)[1]
-    try:
-        if models.model_family(ref, path) == "timm":
-            import timm
-
-            source = f"local-dir:{name}" if path is not None else name
-            return _timm(timm.create_model(source, pretrained=True, num_classes=len(labels["id2label"])))
-        from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-        module = AutoModelForImageClassification.from_pretrained(name, ignore_mismatched_sizes=True, use_safetensors=True,
-                                                                 trust_remote_code=False, **labels)
-        return _hf(module, AutoImageProcessor.from_pretrained(name, trust_remote_code=False))
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise ModelLoadError(f"model {ref!r} cannot be loaded ({e}): pass a local directory or s3:// URI") from e
-
-
-def _hf(module, processor) -> Built:
-    return Built("hf", module, models.hf_preprocess(processor), processor)
-
-
-def _timm(module) -> Built:
-    return Built("timm", TimmForTraining(module), models.timm_preprocess(module))
-
-
-def freeze_backbone(built: Built) -> None:
-    head = built.model.classifier if built.family == "hf" else built.model.model.get_classifier()
-    built.model.requires_grad_(False)
-    head.requires_grad_(True)
 
 
 def _precision(precision: str, device: torch.device) -> dict:
@@ -163,19 +71,11 @@ def _accuracy(prediction) -> dict:
     return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
 
 
-def save_model(built: Built, names: list[str], dest: Path) -> Path:
+def save_model(built: Built, dest: Path) -> Path:
     built.model.to("cpu")
     if not all_finite(built.model):
         raise TrainingDiverged("the trained weights hold NaN or inf; lower --lr")
-    if built.family == "hf":
-        built.model.save_pretrained(dest)
-        built.processor.save_pretrained(dest)
-    else:
-        import timm
-
-        timm.models.save_for_hf(built.model.model, dest, model_config={"label_names": names},
-                                safe_serialization=True)
-    return dest
+    return built.save(dest)
 
 
 def upload_dir(store: ObjectStore, local: Path, output: str) -> None:
@@ -207,7 +107,7 @@ def finetune(spec: FinetuneSpec, job_id: str, ctx: WorkerContext, report: Callab
     torch.manual_seed(spec.seed)  # the from-scratch initialization is part of the seeded run
     built = build_model(spec, names, ctx)  # before the decode pass: a bad --config fails in seconds
     if spec.freeze_backbone:
-        freeze_backbone(built)
+        built.freeze_backbone()
     train_items, train_skipped = screen(train_items, ctx)
     val_items, val_skipped = screen(val_items, ctx)
     if not train_items:
@@ -222,7 +122,7 @@ def finetune(spec: FinetuneSpec, job_id: str, ctx: WorkerContext, report: Callab
         evals = [e for e in trainer.state.log_history if "eval_accuracy" in e]
         if val_items and (not evals or evals[-1]["step"] != trainer.state.global_step):
             trainer.evaluate()  # fractional epochs, or a resume that had nothing left to train
-        saved = save_model(built, names, Path(tmp) / "model")
+        saved = save_model(built, Path(tmp) / "model")
         fingerprint = models.load(normalize_model_ref(str(saved)), device="cpu").fingerprint
         upload_dir(ctx.store, saved, spec.output)
     stats = {"wall_s": round(time.perf_counter() - start, 2), "images_per_s": progress.images_per_s(
