@@ -2,24 +2,39 @@
 
 from __future__ import annotations
 
-from orchestrator.jobs import EvaluateSpec, FinetuneSpec
+from collections import Counter
+
 from orchestrator.checks import check_job_fits
-from orchestrator.labels import check_val_labels, class_names, load_labeled
 from orchestrator.errors import SpecError
+from orchestrator.jobs import EvaluateSpec, FinetuneSpec
+from orchestrator.labels import LabeledItem, check_val_labels, class_names, load_labeled
 from orchestrator.modelinfo import is_onnx, read_config
 from orchestrator.modelkinds import checkpoint_kind
 from orchestrator.storage import ObjectStore
+
+
+def trained_images(n_train: int, epochs: float) -> int:
+    """A finetune job's progress unit and total: every training image once per epoch. Submit's
+    total and the worker's progress and commit all count in it (the worker corrects the total
+    when some images turn out undecodable)."""
+    return round(n_train * epochs)
+
+
+def held_out(class_size: int, val_split: float) -> int:
+    """How many images of one class --val-split keeps for validation (workers.splits.stratified_split):
+    the share, rounded, and at least one of a class of two or more, never all of it."""
+    n_val = round(class_size * val_split)
+    if val_split > 0 and class_size >= 2:
+        n_val = min(max(n_val, 1), class_size - 1)
+    return n_val
 
 
 def check_labeled(spec: FinetuneSpec | EvaluateSpec, store: ObjectStore) -> dict:
     """Every check that needs no GPU; returns the plan summary written to _job.json."""
     if spec.model is not None:
         config = read_config(spec.model, store)  # a local/s3 model without config.json is refused now
-        if isinstance(spec, EvaluateSpec) and config is not None:
-            check_job_fits(spec, checkpoint_kind(spec.model, config))  # a trained classifier to evaluate
-        if isinstance(spec, FinetuneSpec) and is_onnx(config):
-            raise SpecError(f"model {spec.model!r} is an ONNX export: fine-tuning starts from a PyTorch model only; "
-                            f"pass the model it was exported from ({config.get('source', {}).get('ref', 'its source')})")
+        if config is not None:
+            _check_model(spec, config)
     if isinstance(spec, EvaluateSpec):
         items = load_labeled(spec.input, store)
         return {"items": len(items), "classes": class_names(items)}
@@ -30,5 +45,21 @@ def check_labeled(spec: FinetuneSpec | EvaluateSpec, store: ObjectStore) -> dict
         val = load_labeled(spec.val, store)
         check_val_labels(set(names), val)
         summary["val_images"] = len(val)
-    summary["items"] = int(len(train) * spec.epochs)
+    summary["items"] = trained_images(_n_train(train, spec), spec.epochs)
     return summary
+
+
+def _n_train(train: list[LabeledItem], spec: FinetuneSpec) -> int:
+    """The images the worker trains on: --train less the --val-split it holds out (when --val is unset)."""
+    if spec.val is not None:
+        return len(train)
+    return len(train) - sum(held_out(n, spec.val_split) for n in Counter(item.label for item in train).values())
+
+
+def _check_model(spec: FinetuneSpec | EvaluateSpec, config: dict) -> None:
+    if isinstance(spec, FinetuneSpec) and is_onnx(config):
+        raise SpecError(f"model {spec.model!r} is an ONNX export: fine-tuning starts from a PyTorch model only; "
+                        f"pass the model it was exported from ({config.get('source', {}).get('ref', 'its source')})")
+    checkpoint = checkpoint_kind(spec.model, config)  # SpecError for a checkpoint vitbatch cannot load
+    if isinstance(spec, EvaluateSpec):
+        check_job_fits(spec, checkpoint)  # a trained classifier to evaluate

@@ -112,7 +112,7 @@ def finetune(spec: FinetuneSpec, job_id: str, ctx: WorkerContext, report: Callab
     val_items, val_skipped = screen(val_items, ctx)
     if not train_items:
         raise SpecError(f"none of the training images in {spec.train} could be decoded")
-    progress = ReportProgress(report, len(train_items), round(spec.epochs * len(train_items)))
+    progress = ReportProgress(report, len(train_items), spec.epochs)
     with tempfile.TemporaryDirectory(prefix=f"vitbatch-finetune-{job_id}-") as tmp:
         resumed_from, checkpoint = restore(spec, ctx.store, Path(tmp) / "trainer")
         callbacks = [StopOnDivergence(), UploadCheckpoints(ctx.store, spec.output, spec.model_dump(mode="json")),
@@ -131,5 +131,6 @@ def finetune(spec: FinetuneSpec, job_id: str, ctx: WorkerContext, report: Callab
     metrics = write_metrics(ctx.store, spec.output, trainer.state.log_history,
                             {"labels": names, "skipped": train_skipped + val_skipped,
                              "resumed_from_step": resumed_from, **stats})
-    return {"rows": len(train_items), "errors": len(metrics["skipped"]), "model_fingerprint": fingerprint,
+    # rows: the job's done count, in the unit of its progress total (trained images, see ReportProgress).
+    return {"rows": progress.total, "errors": len(metrics["skipped"]), "model_fingerprint": fingerprint,
             "stats": stats, "val_accuracy": metrics["val_accuracy"], "resumed_from_step": resumed_from}

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from transformers import TrainerCallback
 
 from orchestrator.storage import ObjectStore, join
+from orchestrator.training_checks import trained_images
 from workers.errors import TrainingDiverged
 
 
@@ -35,10 +36,17 @@ class StopOnDivergence(TrainerCallback):
 
 
 class ReportProgress(TrainerCallback):
-    """`report` gets step progress on every log and the val accuracy on every evaluation."""
+    """`report` gets step progress on every log, the val accuracy on every evaluation, and the
+    end of training.
 
-    def __init__(self, report: Callable[[dict], None], n_train: int, total: int) -> None:
-        self.report, self.n_train, self.total = report, n_train, total
+    done and total count trained images (orchestrator.training_checks.trained_images): each
+    training image once per epoch, so a run's total is its training images x epochs and its
+    rate is the images/s the device trains at. The job's commit reports the same total, so a
+    finished run shows done == total.
+    """
+
+    def __init__(self, report: Callable[[dict], None], n_train: int, epochs: float) -> None:
+        self.report, self.n_train, self.total = report, n_train, trained_images(n_train, epochs)
         self.t0, self.step0 = time.perf_counter(), 0
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -58,6 +66,10 @@ class ReportProgress(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         self.report({**self.position(state), "val_accuracy": (metrics or {}).get("eval_accuracy")})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # Trainer rounds fractional epochs up to whole steps; a resume may have had no step left to log.
+        self.report({**self.position(state), "done": self.total})
 
 
 def epoch_metrics(log_history: list[dict]) -> list[dict]:
