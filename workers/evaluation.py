@@ -16,17 +16,19 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from orchestrator.checks import check_job_fits
 from orchestrator.errors import SpecError
 from orchestrator.jobs import EvaluateSpec
 from orchestrator.labels import load_labeled
 from orchestrator.manifest import Item
+from orchestrator.modelkinds import Checkpoint
 from orchestrator.storage import join
+from workers.context import WorkerContext
 from workers.heads import top_k
 from workers.loaded import LoadedModel
 from workers.pipeline import DecodePath
 from workers.preprocess import Decoder
 from workers.runner import run_with
-from workers.context import WorkerContext
 from workers.writers import parquet_bytes
 
 READ_CONCURRENCY = 16  # EvaluateSpec has no knob for it; the classify default
@@ -62,6 +64,16 @@ class EvalHead:
 
     def error(self, index: int, item: Item, reason: str) -> None:
         self.errors[index] = reason
+
+
+def loaded_checkpoint(model: LoadedModel) -> Checkpoint:
+    """What submit's checks know of a checkpoint, as its loaded model says it: its kind, the class it was
+    saved as, and whether it has a trained classifier (a classifier checkpoint may lack the head's weights)."""
+    module = model.family.module
+    architectures = getattr(getattr(module, "config", None), "architectures", None) or []
+    architecture = architectures[0] if architectures else getattr(module, "pretrained_cfg", {}).get(
+        "architecture", type(module).__name__)
+    return Checkpoint(model.family.kind, architecture, classifier=model.family.has_classifier)
 
 
 def label_ids(model: LoadedModel, labels: set[str]) -> dict[str, int]:
@@ -160,6 +172,7 @@ def evaluate(spec: EvaluateSpec, job_id: str, ctx: WorkerContext, report: Callab
     """Write metrics.json, confusion_matrix.png and predictions.parquet under spec.output."""
     items = load_labeled(spec.input, ctx.store)
     model = ctx.models.get(spec.model, spec.device, spec.precision)
+    check_job_fits(spec, loaded_checkpoint(model))  # submit checks directories; hub names are seen here first
     ids = label_ids(model, {item.label for item in items})
     head = EvalHead(model, top_k=min(5, len(model.id2label)))
     path = DecodePath(Decoder(model.prep, ctx.settings.max_pixels))  # decoded in threads
