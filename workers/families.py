@@ -320,7 +320,12 @@ class Timm(Family):
 
 
 class Onnx(Family):
-    """An export job's graph on ONNX Runtime: the answers were written into its config.json."""
+    """An export job's graph on ONNX Runtime: the answers were written into its config.json.
+
+    A headless export (backbone, CLIP, SigLIP) says `"classifier": false` and has no logits
+    output; exports made before that key existed were all of classifiers. `pooled` is there
+    where the source family had one apart from `cls` (config.json `outputs` lists it).
+    """
 
     kind = Kind.ONNX
 
@@ -329,8 +334,16 @@ class Onnx(Family):
         return self.module.meta
 
     @property
+    def outputs_listed(self) -> dict:
+        return self.meta.get("outputs") or {}
+
+    @property
     def has_classifier(self) -> bool:
-        return bool(self.meta.get("classifier", True))
+        return bool(self.meta.get("classifier", True)) and "logits" in self.outputs_listed
+
+    @property
+    def has_pooled(self) -> bool:
+        return "pooled" in self.outputs_listed
 
     @property
     def cls_source(self) -> str:

@@ -2,11 +2,13 @@
 
 The directory an export job writes (workers/onnxexport.py) holds `model.onnx` and a
 config.json with `"format": "onnx"`, the source model's preprocessing and labels, and
-what the graph's outputs mean (`cls_source`, `prefix_tokens`). Its graph has one input
-(`pixel_values`, normalized like the source model's, any batch size) and four outputs:
-logits, the `cls` and `mean` embeddings and the patch tokens, so classify, evaluate and
-embed (cls, mean, patches) read their results from one ORT run and the pipeline stays
-the one PyTorch models use. Attention maps and fine-tuning need the PyTorch modules:
+what the graph's outputs mean (`cls_source`, `prefix_tokens`, `outputs`). Its graph has one
+input (`pixel_values`, normalized like the source model's, any batch size) and the outputs
+config.json lists: logits (only where the source had a trained classifier; a headless
+export says `"classifier": false`), the `cls` embedding, `pooled` (where the source has one
+apart from `cls`: CLIP, timm image projections), `mean` and the patch tokens, so classify,
+evaluate and embed read their results from one ORT run and the pipeline stays the one
+PyTorch models use. Attention maps and fine-tuning need the PyTorch modules:
 refused at submit (orchestrator/checks.py) and here.
 """
 
@@ -27,7 +29,8 @@ from workers.errors import ModelLoadError
 INPUT_NAME = "pixel_values"
 # Embedding -> graph output name. Plain "mean" or "cls" can collide with a value the exporter
 # names inside the graph (Dinov2 with registers has a "mean"): ORT then refuses the model.
-OUTPUT_NAMES = {"logits": "logits", "cls": "cls_embedding", "mean": "mean_embedding", "patches": "patch_embeddings"}
+OUTPUT_NAMES = {"logits": "logits", "cls": "cls_embedding", "pooled": "pooled_embedding", "mean": "mean_embedding",
+                "patches": "patch_embeddings"}
 
 
 def worker_cores() -> int:
@@ -84,7 +87,8 @@ class OrtModule:
 
     def __call__(self, pixels: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
         feed = {INPUT_NAME: np.ascontiguousarray(pixels.detach().float().cpu().numpy())}
-        arrays = self.session.run([OUTPUT_NAMES[name] for name in names], feed)
+        graph_names = self.meta.get("outputs") or OUTPUT_NAMES  # what this export's config.json says it has
+        arrays = self.session.run([graph_names[name] for name in names], feed)
         return {name: torch.from_numpy(array) for name, array in zip(names, arrays)}
 
     @property
