@@ -60,6 +60,9 @@ def _check_onnx_kind(spec, config: dict) -> None:
     if spec.kind in ("finetune", "export"):
         raise SpecError(f"model {spec.model!r} is an ONNX export: {spec.kind} starts from a PyTorch model only; pass "
                         f"the model it was exported from ({config.get('source', {}).get('ref', 'its source')})")
+    if spec.kind == "embed" and "pooled" in spec.pooling and "pooled" not in (config.get("outputs") or {}):
+        raise SpecError(f"model {spec.model!r} is an ONNX export without a pooled output apart from its `cls` "
+                        "embedding (only CLIP, SigLIP and timm image projections have one): drop `pooled` from --pooling")
 
 
 def check_export(spec, store) -> dict:
