@@ -118,11 +118,11 @@ def run_in_process(ctx, spec) -> tuple[float, dict]:
     """Plan the spec's single shard and run it on this process's pipeline, as a warm worker would.
 
     The model is loaded (and cached in ctx) before the clock starts; returns (seconds, commit marker).
-    Like a worker process, this one keeps freed activations (workers/lifecycle.py) from here on.
+    Like a worker process, this one keeps freed activations (workers/memory.py) from here on.
     """
     from orchestrator.manifest import write_manifests
     from orchestrator.planner import plan
-    from workers.lifecycle import keep_freed_memory
+    from workers.memory import keep_freed_memory
     from workers.runner import make_head, run_shard
 
     keep_freed_memory()
@@ -141,7 +141,7 @@ def run_shards_in_process(ctx, spec, in_flight: int) -> tuple[float, list[dict]]
 
     from orchestrator.manifest import write_manifests
     from orchestrator.planner import plan
-    from workers.lifecycle import keep_freed_memory
+    from workers.memory import keep_freed_memory
     from workers.runner import make_head, run_shard
 
     keep_freed_memory()

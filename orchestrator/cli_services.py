@@ -66,7 +66,7 @@ def metrics(port: int = typer.Option(9808, help="HTTP port of /metrics."),
 
     One per deployment; each worker serves its own on VITBATCH_METRICS_PORT.
     """
-    from orchestrator.exporter import serve
+    from orchestrator.fleetmetrics import serve
     from orchestrator.ledger import Ledger
 
     settings = Settings()
@@ -98,7 +98,7 @@ def up(workers: int = typer.Option(1, help="Local worker processes."),
         for url in stack.metrics_urls:
             console.print(f"worker metrics: {url}")
         if s.metrics_port:
-            from orchestrator.exporter import registry
+            from orchestrator.fleetmetrics import registry
             from orchestrator.ledger import Ledger
             from prometheus_client import start_http_server
 

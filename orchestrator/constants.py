@@ -133,6 +133,9 @@ RECONCILE_ERRORS_KEY = "vitbatch:reconcile:errors"
 JOBS_INDEX_KEY = "vitbatch:jobs"
 """Sorted set: job id scored by submit time."""
 
+REDIS_PROBE_KEY = "vitbatch:probe"
+"""String: what a worker holding a shard writes to learn whether Redis accepts writes again."""
+
 
 def part_name(shard: int, ext: str) -> str:
     return f"part-{shard:05d}.{ext}"

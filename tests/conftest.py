@@ -38,7 +38,7 @@ def _offline_env():
 
 @pytest.fixture(autouse=True)
 def _nothing_stays_frozen():
-    """Worker code run in the test process freezes what a model load built (workers/lifecycle.py);
+    """Worker code run in the test process freezes what a model load built (workers/memory.py);
     in this process that would keep every earlier test's dropped models. Unfrozen after each test."""
     yield
     gc.unfreeze()

@@ -3,7 +3,7 @@
 from celery.signals import celeryd_init, worker_init, worker_ready
 
 from orchestrator.celery_app import make_app
-from workers.lifecycle import keep_freed_memory, pause_collector, settle_heap
+from workers.memory import keep_freed_memory, pause_collector, settle_heap
 from workers.metrics import on_worker_init
 
 app = make_app()

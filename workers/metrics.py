@@ -2,7 +2,7 @@
 
 Labels stay low-cardinality (job kind, stage, outcome, device): a worker serves many jobs over
 its life and Prometheus keeps one series per label set, so job ids and keys never appear here.
-Per-job numbers come from the fleet exporter (orchestrator/exporter.py), which reads the ledger.
+Per-job numbers come from the fleet exporter (orchestrator/fleetmetrics.py), which reads the ledger.
 One process is one GPU (`vitbatch worker --gpus` gives each its own port), so a scrape target
 is a GPU and Prometheus's `instance` label tells GPUs apart.
 """

@@ -23,7 +23,7 @@ from orchestrator.modelkinds import Checkpoint, Kind, checkpoint_kind
 from orchestrator.storage import ObjectStore
 from workers.errors import ModelLoadError
 from workers.families import Family, HFBackbone, HFClassifier, HFDualEncoder, Timm
-from workers.lifecycle import long_lived, release_frozen
+from workers.memory import long_lived, release_frozen
 from workers.modelfiles import check_model_dir, local_model_dir, read_config
 from workers.loaded import DTYPES, LoadedModel
 from workers.preprocess import Preprocess

@@ -21,7 +21,7 @@ from celery import Task
 
 from orchestrator.config import Settings
 from orchestrator.constants import (
-    QUEUE_TRAIN, TASK_EVALUATE, TASK_EXPORT, TASK_FINETUNE, TASK_RUN_SHARD, TASK_SCHEDULED_RUN,
+    QUEUE_TRAIN, REDIS_PROBE_KEY, TASK_EVALUATE, TASK_EXPORT, TASK_FINETUNE, TASK_RUN_SHARD, TASK_SCHEDULED_RUN,
 )
 from orchestrator.errors import JobNotFound, NotRetryable, StaleDelivery
 from orchestrator.fencing import Lease
@@ -96,9 +96,6 @@ def _execute(task: Task, job_id: str, shard: int, work: Callable[..., dict]) -> 
         # and quarantines the shard once they run out.
         log.exception("job %s shard %s failed; retrying", job_id, shard)
         raise task.retry(exc=e, countdown=backoff_s, max_retries=None)
-
-
-REDIS_PROBE_KEY = "vitbatch:probe"
 
 
 def _wait_for_redis_writes(ctx: WorkerContext, poll_s: float = 2.0) -> None:

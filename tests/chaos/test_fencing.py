@@ -17,7 +17,7 @@ import pytest
 
 from orchestrator.constants import SUCCESS_FILE, commit_name
 from orchestrator.errors import StaleDelivery, StorageError
-from orchestrator.exporter import FleetCollector
+from orchestrator.fleetmetrics import FleetCollector
 from orchestrator.finalize import finalize
 from orchestrator.ledger import JobState
 from orchestrator.outputs import success_record

@@ -18,7 +18,7 @@ from orchestrator.constants import QUEUE_DEFAULT, QUEUE_INTERACTIVE, QUEUE_TRAIN
 from orchestrator.demo import write_digits
 from orchestrator.embedded import EmbeddedStack
 from orchestrator.processes import free_port, settings_env
-from orchestrator.exporter import queue_keys
+from orchestrator.fleetmetrics import queue_keys
 from orchestrator.jobs import parse_spec
 from orchestrator.submit import Client
 from support import ROOT
@@ -169,7 +169,7 @@ def test_the_fleet_exporter_follows_the_queues_as_jobs_wait_and_a_worker_drains_
 
     # Redis is gone with the stack: a scrape still answers, and says so.
     # (The exporter was stopped above; this checks the collector directly, the way a scrape calls it.)
-    from orchestrator.exporter import FleetCollector
+    from orchestrator.fleetmetrics import FleetCollector
     from orchestrator.ledger import Ledger
 
     families = {f.name: f for f in FleetCollector(Ledger.from_url(stack.settings.broker_url)).collect()}

@@ -220,7 +220,7 @@ def test_the_example_schedules_file_that_compose_mounts_for_beat_is_valid():
 def exported_metric_names() -> set[str]:
     """Every series name the code can expose: the worker registry's (as registered, with the
     _total/_bucket/... suffixes prometheus_client adds) and the fleet exporter's gauges."""
-    from orchestrator.exporter import FleetCollector
+    from orchestrator.fleetmetrics import FleetCollector
     from workers.metrics import REGISTRY
 
     worker = {name for name in REGISTRY._names_to_collectors if name.startswith("vitbatch_")}

@@ -11,7 +11,7 @@ import pytest
 
 from orchestrator.config import Settings
 from orchestrator.storage import ObjectStore
-from workers.lifecycle import pause_collector, settle_heap
+from workers.memory import pause_collector, settle_heap
 from workers.models import ModelCache
 
 # Four 8 MiB buffers alive at once, then all freed, fifty times: the shape of a forward pass's
@@ -20,7 +20,7 @@ from workers.models import ModelCache
 ROUNDS = """
 import resource, sys
 import numpy as np
-from workers.lifecycle import keep_freed_memory
+from workers.memory import keep_freed_memory
 tuned = keep_freed_memory() if sys.argv[1] == "tune" else False
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(50):
