@@ -46,7 +46,8 @@ def check_job_fits(spec, checkpoint: Checkpoint) -> None:
                         "classifier")
     if kind in ("classify", "evaluate") and not zero_shot and not checkpoint.classifier:
         raise SpecError(classifier_refusal(spec.model, checkpoint))
-    if kind == "embed" and "pooled" in spec.pooling and checkpoint.kind not in (Kind.DUAL, Kind.VISION_TOWER, Kind.TIMM):
+    pooled_kinds = (Kind.DUAL, Kind.VISION_TOWER, Kind.TIMM, Kind.ONNX)  # ONNX: _check_onnx_kind looks closer
+    if kind == "embed" and "pooled" in spec.pooling and checkpoint.kind not in pooled_kinds:
         raise SpecError(f"model {spec.model!r} ({checkpoint.kind.value}) has no pooled output apart from its `cls` "
                         "embedding: drop `pooled` from --pooling")
 

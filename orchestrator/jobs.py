@@ -280,11 +280,13 @@ class ExportSpec(_Spec):
                            "onnxruntime-gpu and a GPU); the PyTorch reference always runs in fp32 on the CPU.")
     fp32_tolerance: float = Field(
         1e-3, gt=0, lt=1, description="Largest allowed max |ONNX - PyTorch| logit difference of the fp32 export, "
-        "as a fraction of the sample's largest |logit|; the job fails above it.",
+        "as a fraction of the sample's largest |logit| (models without a classifier: the cls embedding's, as a "
+        "fraction of its largest |value|); the job fails above it.",
     )
     int8_min_agreement: float = Field(
         0.95, ge=0, le=1, description="Least top-1 agreement of the int8 model with PyTorch fp32 on decisive "
-        "sample images (top-2 probability margin > 0.05); the job fails below it.",
+        "sample images (top-2 probability margin > 0.05; models without a classifier: the share of images whose "
+        "int8 cls embedding has cosine >= 0.99 with PyTorch fp32); the job fails below it.",
     )
 
 
