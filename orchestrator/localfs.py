@@ -131,6 +131,27 @@ def read_local(uri: str, max_bytes: int | None, within: str | None) -> bytes:
     return data
 
 
+def read_local_range(uri: str, start: int, length: int, within: str | None) -> bytes:
+    """Bytes [start, start + length) of a regular file, with `read_local`'s checks (no FIFO, inside `within`)."""
+    path = local_path(uri)
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            _refuse_non_regular(uri, os.stat(path).st_mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise ObjectNotFound(f"{uri} does not exist") from e
+    except OSError as e:
+        raise ObjectUnreadable(f"{uri} cannot be read: {_os_reason(e)}") from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            _refuse_non_regular(uri, os.fstat(fd).st_mode)
+        if within is not None and not local_path_inside(_opened_path(fd, path), str(local_path(within))):
+            raise OutsideInput(f"{uri} resolves to a file outside the job's input {within}: not read")
+        return os.pread(fd, max(length, 0), start)
+    finally:
+        os.close(fd)
+
+
 def _refuse_non_regular(uri: str, mode: int) -> None:
     if stat.S_ISDIR(mode):
         raise ObjectNotFound(f"{uri} does not exist (it is a folder)")

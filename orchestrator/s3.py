@@ -117,6 +117,38 @@ class S3Objects:
         finally:
             body.close()
 
+    def read_range(self, uri: str, start: int, length: int) -> bytes:
+        """Bytes [start, start + length) of the object: one ranged GET (HTTP Range), retried like `read`."""
+        from botocore.exceptions import HTTPClientError, IncompleteReadError
+
+        if length <= 0:
+            return b""
+        bucket, key = s3_split(uri)
+        attempt = 1
+        while True:
+            try:
+                response = self.client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}")
+                with response["Body"] as body:
+                    return body.read()
+            except (HTTPClientError, IncompleteReadError) as e:
+                if attempt >= self.settings.s3_max_attempts:
+                    raise StorageError(f"cannot read {uri}: the body broke off {attempt} times ({e})") from e
+            except self.client.exceptions.NoSuchKey as e:
+                raise ObjectNotFound(f"{uri} does not exist") from e
+            except self.client.exceptions.ClientError as e:
+                raise _read_error(uri, e) from e
+            time.sleep(min(0.1 * 2 ** attempt, 2.0))
+            attempt += 1
+
+    def head(self, uri: str) -> tuple[int, str]:
+        """(size, etag) of one object (HEAD)."""
+        bucket, key = s3_split(uri)
+        try:
+            response = self.client.head_object(Bucket=bucket, Key=key)
+        except self.client.exceptions.ClientError as e:
+            raise _read_error(uri, e) from e
+        return int(response["ContentLength"]), response["ETag"].strip('"')
+
     def write(self, uri: str, data: bytes, if_absent: bool) -> None:
         bucket, key = s3_split(uri)
         extra = {"IfNoneMatch": "*"} if if_absent else {}
