@@ -73,11 +73,24 @@ class JobBase(_Spec):
 
     input: str = Field(
         description="Images: a local directory, file:// or s3:// prefix, or a manifest file "
-        "(.txt one key per line, .jsonl with a 'key' field)."
+        "(.txt one key per line, .jsonl with a 'key' field); .tar and .parquet objects there are read too."
     )
     output: str = Field(description="Output prefix (local directory, file:// or s3://).")
     model: str = Field(
         description="hf:<repo id or dir>, timm:<name or dir>, a local save_pretrained directory, or s3:// directory."
+    )
+    image_column: str | None = Field(
+        None, description="Parquet inputs: the image column (binary, or a struct with bytes and path); unset = the "
+        "column the file's huggingface metadata types as Image, else its only binary or struct{bytes, path} column.",
+    )
+    id_column: str | None = Field(
+        None, description="Parquet inputs: key each row by this column (img2dataset's key) instead of "
+        "<file key>/<row index>.",
+    )
+    keep_columns: list[str] = Field(
+        default_factory=list, description="Parquet inputs: columns copied into the output rows (classify parquet, "
+        "embed and attention index), comma-separated, e.g. url,caption; one named like an output column is "
+        "written as input_<name>.",
     )
     batch_size: int | None = Field(
         None, gt=0, le=4096, description="Images per forward pass; unset = 256 on CUDA (halved on out-of-memory), "
@@ -97,6 +110,16 @@ class JobBase(_Spec):
     lane: Literal["auto", "interactive", "bulk"] = Field(
         "auto", description="Queue lane; auto = interactive for small jobs, bulk otherwise (nightly runs use bulk)."
     )
+
+    @field_validator("keep_columns", mode="before")
+    @classmethod
+    def _column_list(cls, value):
+        return [c.strip() for c in value.split(",") if c.strip()] if isinstance(value, str) else value
+
+    @field_validator("keep_columns")
+    @classmethod
+    def _distinct_columns(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
 
 
 class ClassifySpec(JobBase):

@@ -22,15 +22,27 @@ class Item:
     size: int = -1
     etag: str = ""
     tar: bool = False  # a webdataset-style .tar whose image members the worker expands
+    # A parquet row group (row_group >= 0) whose rows the worker expands: rows first_row ..
+    # first_row + rows - 1 of the file (parquetinputs.py).
+    row_group: int = -1
+    first_row: int = 0
+    rows: int = 0
 
     def to_line(self) -> str:
         line = {"key": self.key, "uri": self.uri, "size": self.size, "etag": self.etag}
+        if self.row_group >= 0:
+            line.update(row_group=self.row_group, first_row=self.first_row, rows=self.rows)
         return json.dumps({**line, "tar": True} if self.tar else line)
 
     @classmethod
     def from_line(cls, line: str) -> Item:
         return cls(**json.loads(line))
 
+
+
+# The arrow schema of the parquet columns a job keeps (--keep-columns), as the planner unified it from
+# the files' footers: every shard writes those columns with these types (null where a row has none).
+KEPT_COLUMNS_FILE = "_manifests/kept-columns.arrow"
 
 
 def write_manifests(plan_, output: str, store: ObjectStore) -> list[str]:
@@ -40,7 +52,16 @@ def write_manifests(plan_, output: str, store: ObjectStore) -> list[str]:
         uri = join(output, manifest_name(index))
         store.write(uri, ("\n".join(item.to_line() for item in items) + "\n").encode())
         uris.append(uri)
+    if getattr(plan_, "kept_columns", None) is not None:
+        store.write(join(output, KEPT_COLUMNS_FILE), plan_.kept_columns.serialize().to_pybytes())
     return uris
+
+
+def read_kept_columns(output: str, store: ObjectStore):
+    """The kept columns' pyarrow schema the planner wrote into the job's folder."""
+    import pyarrow as pa
+
+    return pa.ipc.read_schema(pa.py_buffer(store.read(join(output, KEPT_COLUMNS_FILE))))
 
 
 def read_manifest(output: str, shard: int, store: ObjectStore) -> list[Item]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.errors import ObjectNotFound, SpecError, UnsafeKey
 from orchestrator.manifest import Item
+from orchestrator.parquetinputs import ParquetColumns, is_parquet_key, plan_parquet, shard_runs
 from orchestrator.scope import INPUT_LIST_SUFFIXES, input_root, outside_input
 from orchestrator.storage import ObjectInfo, ObjectStore, join, relative_key
 
@@ -29,22 +30,33 @@ class Plan:
     duplicates: list[str] = field(default_factory=list)
     tars: list[Item] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # "key: why": links out, loops, FIFOs, unlistable
+    row_groups: list[Item] = field(default_factory=list)  # parquet row groups (parquetinputs.py)
+    kept_columns: object | None = None  # pyarrow.Schema of --keep-columns, from the parquet footers
 
     @property
     def n_shards(self) -> int:
-        return -(-len(self.items) // self.shard_size) + len(self.tars)
+        return -(-len(self.items) // self.shard_size) + len(self.tars) + len(self._parquet_runs())
+
+    def _parquet_runs(self) -> list[list[Item]]:
+        return list(shard_runs(self.row_groups, self.shard_size))
 
     def shards(self) -> Iterator[tuple[int, list[Item]]]:
-        """Image shards of shard_size, then one shard per .tar (one object read for all its images)."""
+        """Image shards of shard_size, then one shard per .tar (one object read for all its images), then
+        parquet shards of whole row groups (up to shard_size rows)."""
         n_image_shards = -(-len(self.items) // self.shard_size)
         for index in range(n_image_shards):
             yield index, self.items[index * self.shard_size:(index + 1) * self.shard_size]
         for offset, tar in enumerate(self.tars):
             yield n_image_shards + offset, [tar]
+        for offset, run in enumerate(self._parquet_runs()):
+            yield n_image_shards + len(self.tars) + offset, run
 
     def summary(self) -> dict:
+        parquet_rows = sum(group.rows for group in self.row_groups)
         return {
-            "items": len(self.items), "shards": self.n_shards, "tar_shards": len(self.tars),
+            "items": len(self.items) + parquet_rows, "shards": self.n_shards, "tar_shards": len(self.tars),
+            "parquet_files": len({group.uri for group in self.row_groups}), "parquet_rows": parquet_rows,
+            "parquet_row_groups": len(self.row_groups),
             "ignored_non_images": len(self.ignored), "ignored_examples": self.ignored[:10],
             "duplicate_keys": len(self.duplicates), "duplicate_examples": self.duplicates[:10],
             "skipped": len(self.skipped), "skipped_examples": self.skipped[:10],
@@ -55,16 +67,22 @@ def is_image_key(key: str) -> bool:
     return posixpath.splitext(key.lower())[1] in IMAGE_SUFFIXES
 
 
-def plan(input_uri: str, shard_size: int, store: ObjectStore) -> Plan:
-    """List the inputs (prefix or manifest file), keep the images, cut them into shards."""
+def plan(input_uri: str, shard_size: int, store: ObjectStore, columns: ParquetColumns | None = None) -> Plan:
+    """List the inputs (prefix or manifest file), keep the images, cut them into shards.
+
+    `columns`: what the job asks of parquet inputs (parquetinputs.columns_of(spec)); their
+    footers are read here (ranged reads, never a data page) and checked against it.
+    """
     suffix = posixpath.splitext(input_uri.rstrip("/").lower())[1]
     skipped: list[str] = []
     if suffix in INPUT_LIST_SUFFIXES and store.exists(input_uri):
         candidates = _from_input_list(input_uri, store)
+    elif is_parquet_key(input_uri) and store.exists(input_uri):
+        candidates = iter([_one_object(input_uri, store)])
     else:
         candidates = _from_prefix(input_uri, store, skipped)
     root = input_root(input_uri)
-    items, ignored, duplicates, tars, seen = [], [], [], [], set()
+    items, ignored, duplicates, tars, parquet, seen = [], [], [], [], [], set()
     for item in candidates:
         if item.key in seen:
             duplicates.append(item.key)  # first occurrence wins: deterministic
@@ -73,18 +91,25 @@ def plan(input_uri: str, shard_size: int, store: ObjectStore) -> Plan:
         elif item.key.lower().endswith(TAR_SUFFIXES):
             seen.add(item.key)
             tars.append(Item(item.key, item.uri, item.size, item.etag, tar=True))
+        elif is_parquet_key(item.key):
+            seen.add(item.key)
+            parquet.append(item)
         elif not is_image_key(item.key):
             ignored.append(item.key)
         else:
             seen.add(item.key)
             items.append(item)
-    if not items and not tars:
+    columns = columns or ParquetColumns()
+    if columns.asked and not parquet:
+        raise SpecError(f"{', '.join(columns.asked)} apply to parquet inputs, and {input_uri} has no .parquet files")
+    parquet_plan = plan_parquet(parquet, store, columns, root)
+    if not items and not tars and not parquet_plan.row_groups:
         raise SpecError(
-            f"no image files under {input_uri} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} and .tar;"
+            f"no image files under {input_uri} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, .tar and .parquet;"
             f" {len(ignored)} other files ignored, {len(skipped)} entries skipped{': ' + skipped[0] if skipped else ''})"
         )
     return Plan(items=items, shard_size=shard_size, ignored=ignored, duplicates=duplicates, tars=tars,
-                skipped=skipped)
+                skipped=skipped, row_groups=parquet_plan.row_groups, kept_columns=parquet_plan.kept_columns)
 
 
 def _from_prefix(prefix: str, store: ObjectStore, skipped: list[str]) -> Iterator[Item]:
@@ -97,6 +122,12 @@ def _from_prefix(prefix: str, store: ObjectStore, skipped: list[str]) -> Iterato
             yield Item(key=key, uri=info.uri, size=info.size, etag=info.etag)
     except ObjectNotFound as e:
         raise SpecError(f"input {prefix} is unreadable: {e}") from e
+
+
+def _one_object(uri: str, store: ObjectStore) -> Item:
+    """A single object given as the input (a .parquet file): keyed by its name, as under its folder."""
+    info = store.info(uri)
+    return Item(key=relative_key(input_root(uri), uri), uri=uri, size=info.size, etag=info.etag)
 
 
 def _from_input_list(manifest_uri: str, store: ObjectStore) -> Iterator[Item]:

@@ -17,9 +17,10 @@ INPUT_LIST_SUFFIXES = frozenset({".txt", ".jsonl", ".lst"})
 
 
 def input_root(input_uri: str) -> str:
-    """The prefix every item of a job must lie under: the input prefix, or a manifest file's folder."""
+    """The prefix every item of a job must lie under: the input prefix, or a manifest file's folder, or a
+    single .parquet object's folder (where the images its `path` cells name lie)."""
     stripped = input_uri.rstrip("/")
-    if posixpath.splitext(stripped.lower())[1] in INPUT_LIST_SUFFIXES:
+    if posixpath.splitext(stripped.lower())[1] in INPUT_LIST_SUFFIXES | {".parquet"}:
         return stripped.rsplit("/", 1)[0]
     return stripped
 

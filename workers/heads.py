@@ -47,6 +47,8 @@ def npy_bytes(array: np.ndarray) -> bytes:
 class Head:
     """forward (pure) + collect/error (rows by manifest index); `parts()`: file name -> bytes."""
 
+    passthrough = None  # parquetshards.Passthrough: input columns copied into the rows (--keep-columns)
+
     def __init__(self, model: LoadedModel, shard: int) -> None:
         self.model, self.shard = model, shard
         self.rows: dict[int, dict] = {}
@@ -69,6 +71,13 @@ class Head:
 
     def ordered_rows(self) -> list[dict]:
         return [self.rows[i] for i in sorted(self.rows)]
+
+    def table_bytes(self, schema: pa.Schema) -> bytes:
+        """The shard's rows as parquet, with the kept input columns where the job asked for them."""
+        rows = self.ordered_rows()
+        if self.passthrough is not None:
+            rows, schema = self.passthrough.merge(rows, schema)
+        return parquet_bytes(rows, schema)
 
     @property
     def errors(self) -> int:
@@ -110,7 +119,7 @@ class ClassifyHead(Head):
                 "topk_labels": None, "topk_ids": None, "topk_scores": None, "error": reason}
 
     def parts(self) -> dict[str, bytes]:
-        return {part_name(self.shard, "parquet"): parquet_bytes(self.ordered_rows(), CLASSIFY_SCHEMA)}
+        return {part_name(self.shard, "parquet"): self.table_bytes(CLASSIFY_SCHEMA)}
 
 
 class ZeroShotHead(ClassifyHead):
@@ -179,7 +188,7 @@ class ArrayHead(Head):
         for row, index in enumerate(good):
             self.rows[index]["row"] = row
         out = self.extra_parts()
-        out[part_name(self.shard, "parquet")] = parquet_bytes(self.ordered_rows(), self.index_schema)
+        out[part_name(self.shard, "parquet")] = self.table_bytes(self.index_schema)
         for name, values in self.arrays.items():
             stacked = np.stack([values[i] for i in good]) if good else np.zeros((0,), np.float16)
             out[f"{name}/{part_name(self.shard, 'npy')}"] = npy_bytes(stacked)

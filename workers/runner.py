@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 from orchestrator.constants import JOBS_DIR
 from orchestrator.jobs import JobSpec
-from orchestrator.manifest import Item, read_manifest
+from orchestrator.manifest import Item, read_kept_columns, read_manifest
+from orchestrator.parquetinputs import columns_of
 from orchestrator.scope import input_root, outside_input
 from orchestrator.storage import ObjectStore
 from workers.attention import AttentionHead
@@ -22,6 +23,7 @@ from workers.heads import ClassifyHead, EmbedHead, Head, ZeroShotHead
 from workers.metrics import instrumented_shard, timed_model
 from workers.loaded import LoadedModel
 from workers.models import default_batch_size
+from workers.parquetshards import Passthrough, expand_row_groups
 from workers.pipeline import DecodePath, Failed, ShardPipeline, StageTimes, decode_path
 from workers.tarshards import expand
 from workers.writers import commit_shard, upload_parts
@@ -71,6 +73,22 @@ def expand_tars(items: list[Item], ctx: WorkerContext, scope: str | None = None
         out += members
         blobs.update(member_blobs)
     return out, blobs
+
+
+def expand_parquet(items: list[Item], blobs: dict, spec: JobSpec, ctx: WorkerContext, scope: str | None):
+    """Replace parquet row groups by their rows; (items, blobs, pass-through columns or None).
+
+    A parquet shard holds row groups only (the planner never mixes them with files), so its
+    blobs are the row groups' cells, read one row group at a time as the pipeline asks. With
+    --keep-columns every shard writes the planned columns (null in rows that are not parquet rows).
+    """
+    kept = read_kept_columns(spec.output, ctx.store) if getattr(spec, "keep_columns", None) else None
+    groups = [item for item in items if item.row_group >= 0]
+    if not groups:
+        return items, blobs, Passthrough(list(kept), []) if kept is not None else None
+    expanded = expand_row_groups(groups, ctx.store, columns_of(spec), max_bytes=ctx.settings.max_object_bytes,
+                                 max_group_bytes=ctx.settings.max_tar_bytes, scope=scope, kept=kept)
+    return expanded.items, expanded.cells, expanded.passthrough
 
 
 def run_items(items: list[Item], head: Head, pipeline: ShardPipeline, device: DeviceStage,
@@ -125,7 +143,9 @@ def run_shard(spec: JobSpec, shard: int, ctx: WorkerContext, on_progress: Progre
     items, blobs = expand_tars(read_manifest(spec.output, shard, ctx.store), ctx, scope=scope)
     if blobs and job_id:  # the job's total grows by what the tars hold
         ctx.ledger.shard_items(job_id, shard, len(items))
+    items, blobs, passthrough = expand_parquet(items, blobs, spec, ctx, scope)  # counted when planned
     head = make_head(spec, shard, ctx, (marker_fields or {}).get("job_id", job_id))
+    head.passthrough = passthrough
     batch_size = spec.batch_size or default_batch_size(head.model.device)
     with decode_path(spec.decode, head.model, ctx.decode_pool, ctx.settings.max_pixels, batch_size=batch_size,
                      read_concurrency=spec.read_concurrency, n_items=len(items)) as path:
