@@ -5,6 +5,7 @@ TASK_FINETUNE = "vitbatch.finetune"
 TASK_EVALUATE = "vitbatch.evaluate"
 TASK_EXPORT = "vitbatch.export"
 TASK_SCHEDULED_RUN = "vitbatch.scheduled_run"
+TASK_VECTOR_SHARD = "vitbatch.vector_shard"  # dedup and neighbors: shards of an embed job's vectors
 
 QUEUE_DEFAULT = "vitbatch"  # the bulk lane
 QUEUE_INTERACTIVE = "vitbatch-interactive"  # small jobs: workers drain it before the bulk lane
@@ -21,6 +22,8 @@ CARRIED_MARKER = f"{COMMIT_DIR}/carried-00000.json"  # rows an incremental run c
 CHECKPOINT_COMMITTED = "_COMMITTED.json"  # a fine-tune checkpoint step is whole once this is written
 ONNX_MODEL_FILE = "model.onnx"
 EXPORT_REPORT_FILE = "export_report.json"
+VECTOR_PLAN_FILE = "_vector_plan.json"  # in a dedup/neighbors job's folder: its source parts and phases
+KEPT_MANIFEST = "kept.jsonl"  # in a dedup job's folder: the kept keys, in the embed job's input
 
 
 def job_key(job_id: str) -> str:

@@ -313,13 +313,72 @@ class ExportSpec(_Spec):
     )
 
 
+class VectorJob(_Spec):
+    """Options of the jobs that read an embed job's vectors instead of images."""
+
+    embeddings: str = Field(description="An embed job's output prefix (its latest succeeded job) or one job's "
+                            "folder (<output>/_jobs/<job id>/); only the parts its _SUCCESS.json lists are read.")
+    output: str = Field(description="Output prefix (local directory, file:// or s3://).")
+    pooling: Pooling = Field("cls", description="Which stored array to compare: cls, pooled or mean (one vector "
+                             "per image; patches are refused).")
+    lane: Literal["auto", "interactive", "bulk"] = Field(
+        "auto", description="Queue lane; auto = interactive for small jobs, bulk otherwise.")
+
+    @field_validator("embeddings", "queries", check_fields=False)
+    @classmethod
+    def _vectors(cls, value: str | None) -> str | None:
+        return _field_value(normalize_uri, value)
+
+    @field_validator("pooling")
+    @classmethod
+    def _one_vector(cls, value: str) -> str:
+        if value == "patches":
+            raise ValueError("patches are [tokens, hidden] per image, not one vector: compare cls, pooled or mean")
+        return value
+
+
+class DedupSpec(VectorJob):
+    """Semantic deduplication (SemDeDup, as NeMo Curator runs it) of an embed job's vectors: k-means, then
+    pairwise cosine inside each cluster; a row whose best earlier match is >= 1 - eps is a duplicate."""
+
+    kind: Literal["dedup"] = Field("dedup", description="Job kind: dedup.")
+    eps: float = Field(0.01, gt=0, lt=1, description="Duplicates have cosine >= 1 - eps with a row kept before them.")
+    clusters: int | None = Field(None, gt=0, le=1_000_000, description="k-means clusters; unset = sqrt(vectors), "
+                                 "at most 50,000.")
+    keep: Literal["hard", "easy", "random"] = Field(
+        "hard", description="Which row of a near-duplicate group is kept: hard = farthest from its centroid (NeMo's "
+        "default), easy = nearest, random = seeded.")
+    sample_fraction: float | None = Field(None, gt=0, le=1, description="Share of the vectors k-means is fitted on "
+                                          "(seeded); unset = 64 per cluster, at most all of them.")
+    seed: int = Field(0, description="Seed of the k-means sample, its initialization and --keep random.")
+    vectors_per_task: int = Field(200_000, gt=0, description="Vectors per pairwise task: clusters are grouped into "
+                                  "about vectors / this many tasks.")
+    max_cluster_size: int = Field(100_000, ge=100, description="A cluster larger than this is split by a second "
+                                  "k-means level before its pairwise step (compute grows with its square).")
+
+
+class NeighborsSpec(VectorJob):
+    """The k nearest rows of --embeddings by cosine for every row of --queries (exact, or a faiss index above a size)."""
+
+    kind: Literal["neighbors"] = Field("neighbors", description="Job kind: neighbors.")
+    queries: str = Field(description="Another embed job's output prefix or job folder: one result row per vector.")
+    k: int = Field(10, gt=0, le=1000, description="Neighbours kept per query.")
+    mode: Literal["auto", "exact", "approximate"] = Field(
+        "auto", description="exact = blocked matrix products; approximate = a faiss IVF index, its recall against "
+        "exact measured on a sample and recorded; auto = approximate above 2,000,000 indexed vectors.")
+    queries_per_task: int = Field(20_000, gt=0, description="Query vectors per task.")
+
+
 JobSpec = Annotated[
-    ClassifySpec | EmbedSpec | AttentionSpec | FinetuneSpec | EvaluateSpec | ExportSpec, Field(discriminator="kind")
+    ClassifySpec | EmbedSpec | AttentionSpec | FinetuneSpec | EvaluateSpec | ExportSpec | DedupSpec | NeighborsSpec,
+    Field(discriminator="kind")
 ]
 _ADAPTER = TypeAdapter(JobSpec)
-JOB_KINDS = ("classify", "embed", "attention", "finetune", "evaluate", "export")
+JOB_KINDS = ("classify", "embed", "attention", "finetune", "evaluate", "export", "dedup", "neighbors")
 SPEC_CLASSES = {"classify": ClassifySpec, "embed": EmbedSpec, "attention": AttentionSpec,
-                "finetune": FinetuneSpec, "evaluate": EvaluateSpec, "export": ExportSpec}
+                "finetune": FinetuneSpec, "evaluate": EvaluateSpec, "export": ExportSpec,
+                "dedup": DedupSpec, "neighbors": NeighborsSpec}
+VECTOR_KINDS = frozenset({"dedup", "neighbors"})  # read an embed job's vectors, not images
 
 
 def parse_spec(data: dict | str) -> JobSpec:

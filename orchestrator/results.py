@@ -53,29 +53,60 @@ def read_arrays(output: str, name: str, store: ObjectStore | None = None,
     """
     store, output = store or ObjectStore(), normalize_uri(output)
     record = success_record(output, store, job_id)
-    listed = {part["name"]: part for part in record["parts"]}
     keys: list[str] = []
     arrays = []
-    for index_part in _index_parts(record):
-        good = [row for row in pq.read_table(io.BytesIO(read_part(output, index_part, store))).to_pylist()
-                if row["error"] is None]
-        if not good:
-            continue
-        folder, part = index_part["name"].rsplit("/", 1)
-        array_part = listed.get(f"{folder}/{name}/{part.replace('.parquet', '.npy')}")
-        if array_part is None:
-            raise OutputNotFound(f"job {record['job_id']} at {output} stored no {name!r} array for {part}")
-        array = np.load(io.BytesIO(read_part(output, array_part, store)), allow_pickle=False)
-        if len(array) != len(good):
-            raise CorruptOutput(f"{part}: {len(array)} rows of {name} for {len(good)} index rows")
-        keys += [row["key"] for row in sorted(good, key=lambda r: r["row"])]
-        arrays.append(array)
+    for index_part, array_part in array_parts(record, name):
+        part_keys, array = read_array_part(output, index_part, array_part, store)
+        if part_keys:
+            keys += part_keys
+            arrays.append(array)
     if not arrays:
         raise OutputNotFound(f"no committed {name!r} arrays under {output}")
     return keys, np.concatenate(arrays)
+
+
+def array_parts(record: dict, name: str) -> list[tuple[dict, dict | None]]:
+    """(index part, its `name` array part or None when the shard had no good row) per shard, in shard order."""
+    listed = {part["name"]: part for part in record["parts"]}
+    pairs = []
+    for index_part in _index_parts(record):
+        folder, part = index_part["name"].rsplit("/", 1)
+        pairs.append((index_part, listed.get(f"{folder}/{name}/{part.replace('.parquet', '.npy')}")))
+    return pairs
+
+
+def read_array_part(output: str, index_part: dict, array_part: dict | None,
+                    store: ObjectStore) -> tuple[list[str], np.ndarray | None]:
+    """(keys, array rows) of one shard's good rows, both parts checked against their sha256."""
+    good = [row for row in pq.read_table(io.BytesIO(read_part(output, index_part, store))).to_pylist()
+            if row["error"] is None]
+    if not good:
+        return [], None
+    name = index_part["name"]
+    if array_part is None:
+        raise OutputNotFound(f"{output}: the job stored no such array beside {name}: read an array its "
+                             "embed job computed (its --pooling)")
+    array = np.load(io.BytesIO(read_part(output, array_part, store)), allow_pickle=False)
+    if len(array) != len(good):
+        raise CorruptOutput(f"{name}: {len(array)} rows of {array_part['name']} for {len(good)} index rows")
+    return [row["key"] for row in sorted(good, key=lambda r: r["row"])], array
 
 
 def read_embeddings(output: str, pooling: str = "cls", store: ObjectStore | None = None,
                     job_id: str | None = None) -> tuple[list[str], np.ndarray]:
     """(keys, float16 [N, hidden] or [N, tokens, hidden]) for a whole embed job, in one call."""
     return read_arrays(output, pooling, store, job_id)
+
+
+def read_kept_keys(output: str, store: ObjectStore | None = None, job_id: str | None = None) -> list[str]:
+    """The keys a dedup job kept (one per near-duplicate group, and every unique image), in its row order."""
+    table = read_table(output, store, job_id=job_id).select(["key", "kept"]).to_pydict()
+    return [key for key, kept in zip(table["key"], table["kept"]) if kept]
+
+
+def read_duplicate_pairs(output: str, store: ObjectStore | None = None,
+                         job_id: str | None = None) -> list[tuple[str, str, float]]:
+    """(removed key, the earlier key it duplicates, their cosine) for every row a dedup job removed."""
+    table = read_table(output, store, job_id=job_id).select(["key", "duplicate_of", "cosine", "kept"]).to_pydict()
+    return [(key, of, cosine) for key, of, cosine, kept in
+            zip(table["key"], table["duplicate_of"], table["cosine"], table["kept"]) if not kept]
