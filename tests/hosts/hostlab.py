@@ -459,10 +459,11 @@ class World:
                 return shard
         return None
 
-    def idle(self, host: str) -> bool:
-        """Whether every shard delivery `host`'s worker took has ended (its log says how)."""
+    def idle(self, host: str, job_id: str = "") -> bool:
+        """Whether every shard delivery (of `job_id`, or of any job) that `host`'s worker took has
+        ended, as its log says (a task's id starts with its job's)."""
         log = self.fleet.log(host).read_text(errors="replace")
-        return not received_tasks(log) - ended_tasks(log)
+        return not [task for task in received_tasks(log) - ended_tasks(log) if task.startswith(job_id)]
 
     def received(self, host: str) -> int:
         """Shard deliveries `host`'s worker has received so far."""
