@@ -93,23 +93,38 @@ class Family:
 
 
 class HFClassifier(Family):
-    """`...ForImageClassification`: logits from the trained head, tokens from its base model."""
+    """`...ForImageClassification`: logits from the trained head, tokens from its base model.
+
+    CLIP and SigLIP classifiers (a fine-tune's linear probe) keep their tower as `vision_model`
+    and classify the mean of its final tokens (CLIP's patch tokens, SigLIP's all): that mean
+    is their `cls`, as the classifier reads it.
+    """
 
     kind = Kind.CLASSIFIER
     has_classifier = True
 
     @property
+    def _tower(self) -> torch.nn.Module:
+        return getattr(self.module, "vision_model", None) or self.module.base_model
+
+    @property
+    def _mean_pooled(self) -> bool:
+        return hasattr(self.module, "vision_model")
+
+    @property
     def cls_source(self) -> str:  # BEiT with mean pooling classifies its pooler's mean, not the CLS token
-        return "pooled" if getattr(self.config, "use_mean_pooling", False) else "cls_token"
+        return "pooled" if self._mean_pooled or getattr(self.config, "use_mean_pooling", False) else "cls_token"
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.module(pixel_values=pixels).logits
 
     def embed(self, pixels: torch.Tensor) -> Embedded:
-        return self._embedded(self.module.base_model(pixel_values=pixels))
+        return self._embedded(self._tower(pixel_values=pixels))
 
     def _embedded(self, outputs) -> Embedded:
         tokens = outputs.last_hidden_state
+        if self._mean_pooled:
+            return Embedded(tokens, tokens[:, self.prefix_tokens:].mean(dim=1))
         image = outputs.pooler_output if self.cls_source == "pooled" else tokens[:, 0]
         return Embedded(tokens, image)
 
@@ -118,7 +133,7 @@ class HFClassifier(Family):
         if not self.has_classifier:
             return None, self.embed(pixels)
         seen = []
-        hook = self.module.base_model.register_forward_hook(lambda _m, _i, outputs: seen.append(outputs))
+        hook = self._tower.register_forward_hook(lambda _m, _i, outputs: seen.append(outputs))
         try:
             logits = self.module(pixel_values=pixels).logits
         finally:
@@ -126,11 +141,21 @@ class HFClassifier(Family):
         return logits, self._embedded(seen[-1])
 
     @property
+    def config(self):
+        return self._tower.config if self._mean_pooled else self.module.config
+
+    @property
     def prefix_tokens(self) -> int:
+        if self.config.model_type.startswith("siglip"):
+            return 0
         return 1 + (self.config.model_type == "deit") + int(getattr(self.config, "num_register_tokens", 0) or 0)
 
+    @property
+    def class_token(self) -> bool:
+        return not self.config.model_type.startswith("siglip")
+
     def attentions(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.module.base_model(pixel_values=pixels, output_attentions=True).attentions)
+        return list(self._tower(pixel_values=pixels, output_attentions=True).attentions)
 
     @property
     def classifier(self) -> torch.nn.Module:

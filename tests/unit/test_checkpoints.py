@@ -269,3 +269,30 @@ def test_timm_clip_projection_is_not_a_classifier(tmp_path, images, ctx):
     _, cls = read_embeddings(embed.output, "cls", ObjectStore())
     _, pooled = read_embeddings(embed.output, "pooled", ObjectStore())
     assert cls.shape == (N_IMAGES, 24) and pooled.shape == (N_IMAGES, 32)  # projected, and the features before it
+
+
+@pytest.mark.parametrize("name", DUAL)
+def test_a_clip_or_siglip_classifier_embeds_what_its_classifier_reads(name, checkpoint_dirs, images, tmp_path, ctx):
+    """A linear probe of CLIP/SigLIP (CLIPForImageClassification) keeps its tower as `vision_model` and
+    classifies the mean of its final tokens: embed, attention and classify all run on it."""
+    import transformers as tf
+
+    source = tf.AutoConfig.from_pretrained(checkpoint_dirs(name))
+    classes = {"clip-model": tf.CLIPForImageClassification, "siglip-model": tf.SiglipForImageClassification}
+    torch.manual_seed(0)
+    model = classes[name](source.__class__(text_config=source.text_config.to_dict(),
+                                           vision_config=source.vision_config.to_dict(), num_labels=3))
+    model.save_pretrained(tmp_path / "probe")
+    tf.AutoImageProcessor.from_pretrained(checkpoint_dirs(name)).save_pretrained(tmp_path / "probe")
+    store = ObjectStore()
+    spec = spec_for("embed", images, tmp_path / "probe", tmp_path / "emb", pooling="cls")
+    run_local(spec, ctx)
+    keys, cls = read_embeddings(spec.output, "cls", store)
+    with torch.inference_mode():
+        hidden = model.vision_model(pixel_values=pixels_of(images, tmp_path / "probe", keys)).last_hidden_state
+    expected = hidden[:, 1:].mean(1) if name == "clip-model" else hidden.mean(1)
+    assert cosines(cls, expected.numpy()).min() >= 0.9999
+    run_local(spec_for("attention", images, tmp_path / "probe", tmp_path / "attn", max_overlays=0), ctx)
+    assert read_embeddings(str(tmp_path / "attn"), "rollout", store)[1].shape == (N_IMAGES, 8, 8)
+    run_local(spec_for("classify", images, tmp_path / "probe", tmp_path / "cls", top_k=1), ctx)
+    assert len(read_table(str(tmp_path / "cls"), store)) == N_IMAGES
