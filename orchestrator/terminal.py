@@ -34,7 +34,10 @@ def watch(client, job_id: str, n_items: int, stop: threading.Event | None = None
         task = bar.add_task(job_id, total=n_items, rate="0", eta="?")
 
         def update(status: JobStatus) -> None:
-            bar.update(task, completed=status.done, description=f"{job_id} {status.state.value}",
+            # The total moves after submit (tars expand into their members, skipped training images):
+            # the ledger's is the truth.
+            bar.update(task, completed=status.done, total=status.n_items or n_items,
+                       description=f"{job_id} {status.state.value}",
                        rate=f"{status.images_per_s:.1f}", eta=eta_text(status.eta_s))
 
         return client.wait(job_id, on_update=update, stop=stop)
