@@ -16,12 +16,12 @@ from orchestrator.celery_app import make_app
 from orchestrator.config import Settings
 from orchestrator.constants import (
     JOB_SPEC_FILE, QUEUE_DEFAULT, QUEUE_INTERACTIVE, QUEUE_TRAIN, SUCCESS_FILE, TASK_EVALUATE, TASK_EXPORT,
-    TASK_FINETUNE, TASK_RUN_SHARD, shard_task_id,
+    TASK_FINETUNE, TASK_RUN_SHARD, TASK_VECTOR_SHARD, shard_task_id,
 )
 from orchestrator.errors import BrokerUnavailable, ObjectExists, OutputBusy, SpecError
 from orchestrator.finalize import finalize
 from orchestrator.incremental import carry_over, model_identity, resolve_alias
-from orchestrator.jobs import JobSpec, normalize_model_ref
+from orchestrator.jobs import VECTOR_KINDS, JobSpec, normalize_model_ref
 from orchestrator.ledger import JobState, JobStatus, Ledger, ShardState
 from orchestrator.checks import check_export, check_model_options
 from orchestrator.modelinfo import read_config
@@ -31,6 +31,7 @@ from orchestrator.parquetinputs import columns_of
 from orchestrator.planner import Plan, plan
 from orchestrator.redisretry import ride_out
 from orchestrator.storage import ObjectStore, join
+from orchestrator.vectorplan import plan_vectors
 
 
 log = logging.getLogger(__name__)
@@ -91,11 +92,15 @@ class Client:
         """
         self.ledger.ping()
         extra: dict = {}
-        if spec.model and spec.model.startswith("alias:"):
+        if getattr(spec, "model", None) and spec.model.startswith("alias:"):
             extra["model_alias"] = spec.model
             spec = spec.model_copy(update={"model": normalize_model_ref(resolve_alias(spec.model, self.store))})
-        job_plan = None
-        if spec.kind in SINGLE_TASK_KINDS:
+        job_plan, vector_plan = None, None
+        if spec.kind in VECTOR_KINDS:  # dedup, neighbors: an embed job's vectors, in phases
+            check_prefix_free(spec, self.store, overwrite)
+            vector_plan = plan_vectors(spec, self.store)
+            summary, n_units = vector_plan.summary(), vector_plan.n_shards
+        elif spec.kind in SINGLE_TASK_KINDS:
             from orchestrator.training_checks import check_labeled
 
             check_prefix_free(spec, self.store, overwrite)
@@ -108,6 +113,8 @@ class Client:
         job_id = new_job_id()
         self.ledger.hold_output(spec.output, job_id)
         try:
+            if vector_plan is not None:
+                vector_plan.write(job_dir(spec.output, job_id), self.store)
             summary, n_units = self._record(job_id, spec, job_plan, summary, n_units, extra, previous_output)
         except BaseException:
             self._abandon(job_id, spec.output)
@@ -116,7 +123,8 @@ class Client:
             finalize(job_id, self.ledger, self.store)
             return job_id, summary
         try:
-            self.enqueue(job_id, range(n_units), spec.kind, lane or self.queue_for(spec, n_units))
+            first = vector_plan.first() if vector_plan is not None else range(n_units)  # later phases follow
+            self.enqueue(job_id, first, spec.kind, lane or self.queue_for(spec, n_units))
         except Exception as e:
             # Shards already sent see a cancelled job and do nothing: no half-run job.
             self._safe_cancel(job_id, f"enqueue failed: {e}")
@@ -181,6 +189,7 @@ class Client:
             for shard in shards:
                 # A deterministic task id per (job, shard) makes duplicates easy to spot in Flower.
                 name, args = SINGLE_TASK_KINDS.get(kind, TASK_RUN_SHARD), [job_id, shard]
+                name = TASK_VECTOR_SHARD if kind in VECTOR_KINDS else name
                 if kind in SINGLE_TASK_KINDS:
                     args = [job_id]
                 self.app.send_task(

@@ -7,7 +7,7 @@ from workers.memory import keep_freed_memory, pause_collector, settle_heap
 from workers.metrics import on_worker_init
 
 app = make_app()
-app.conf.imports = ["workers.tasks"]
+app.conf.imports = ["workers.tasks", "workers.vectortasks"]
 worker_init.connect(on_worker_init)  # VITBATCH_METRICS_PORT: the Prometheus endpoint, once per process
 worker_init.connect(lambda **_: keep_freed_memory(), weak=False)  # before the first forward pass
 celeryd_init.connect(pause_collector)  # worker processes only: not tests or tools that import the app

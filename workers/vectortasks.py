@@ -1,0 +1,66 @@
+"""The Celery task of dedup and neighbors shards: the image shards' life (workers/tasks.py), plus phases.
+
+A shard runs only once the phase before it has committed (orchestrator/vectorplan.py); one
+delivered early does nothing and stays pending. The delivery that commits the last shard of
+a phase sends the next phase. Two such deliveries at once both send it; the duplicate
+message finds the shard running (its heartbeat is fresh) or committed, and does nothing.
+"""
+
+from __future__ import annotations
+
+from celery import Task
+
+from orchestrator.constants import TASK_VECTOR_SHARD, shard_task_id
+from orchestrator.errors import JobNotFound
+from orchestrator.jobs import parse_spec
+from orchestrator.ledger import ShardState
+from orchestrator.outputs import job_dir
+from orchestrator.vectorplan import VectorPlan
+from workers.celery import app
+from workers.context import WorkerContext
+from workers.progress import progress_reporter
+from workers.tasks import TASK_OPTIONS, _execute, _held_elsewhere, context
+from workers.vectorshards import run_vector_shard
+
+
+def job_plan(ctx: WorkerContext, job_id: str) -> VectorPlan:
+    spec = parse_spec(ctx.ledger.spec_json(job_id))
+    return VectorPlan.read(job_dir(spec.output, job_id), ctx.store)
+
+
+def waiting_for(plan: VectorPlan, states: dict[int, ShardState], shard: int) -> list[int]:
+    """The shards of the previous phase that have not committed yet."""
+    return [s for s in plan.needs(shard) if states.get(s) is not ShardState.COMMITTED]
+
+
+def send_next_phase(ctx: WorkerContext, plan: VectorPlan, job_id: str, shard: int) -> list[int]:
+    """Send the next phase's uncommitted shards once `shard`'s whole phase has committed."""
+    states = ctx.ledger.shard_states(job_id)
+    phase = plan.phase_range(plan.phase(shard)[0])
+    if any(states.get(s) is not ShardState.COMMITTED for s in phase):
+        return []
+    todo = [s for s in plan.follows(shard) if states.get(s) is not ShardState.COMMITTED]
+    queue = ctx.ledger.queue(job_id)
+    ctx.ledger.mark_enqueued(job_id, todo)
+    for s in todo:
+        app.send_task(TASK_VECTOR_SHARD, args=[job_id, s], task_id=shard_task_id(job_id, s), queue=queue)
+    return todo
+
+
+@app.task(name=TASK_VECTOR_SHARD, **TASK_OPTIONS)
+def vector_shard(self: Task, job_id: str, shard: int) -> dict:
+    ctx = context()
+    try:
+        plan = job_plan(ctx, job_id)
+        waiting = waiting_for(plan, ctx.ledger.shard_states(job_id), shard)
+    except JobNotFound:
+        return {"shard": shard, "skipped": "job unknown to this Redis"}
+    if waiting:
+        return {"shard": shard, "waiting_for": waiting}  # sent again when they have committed
+    if _held_elsewhere(ctx, job_id, shard):
+        return {"shard": shard, "skipped": "another delivery is running this shard"}
+    result = _execute(self, job_id, shard, lambda spec, ctx, fields, lease: run_vector_shard(
+        spec, shard, ctx.store, fields, lease.token, progress_reporter(self, ctx, lease)))
+    if "rows" in result:  # committed (or found committed): the next phase may be due
+        send_next_phase(ctx, plan, job_id, shard)
+    return result
