@@ -28,7 +28,6 @@ from orchestrator.vectorsource import VectorSource, resolve_vectors
 
 MAX_DEFAULT_CLUSTERS = 50_000
 SAMPLE_PER_CLUSTER = 64  # k-means sample: faiss warns below 39 per centroid
-APPROXIMATE_ABOVE = 2_000_000  # neighbors --mode auto: a faiss index above this many indexed vectors
 
 
 @dataclass(frozen=True)
@@ -143,9 +142,10 @@ def plan_neighbors(spec: NeighborsSpec, store: ObjectStore) -> VectorPlan:
                         "nothing; embed both with one model")
     total = queries.rows
     blocks = tuple((start, min(total, start + spec.queries_per_task)) for start in range(0, total, spec.queries_per_task))
-    approximate = spec.mode == "approximate" or (spec.mode == "auto" and source.rows > APPROXIMATE_ABOVE)
-    phases = (("index", 1), ("search", len(blocks))) if approximate else (("search", len(blocks)),)
-    return VectorPlan("neighbors", source, phases, queries=queries, query_blocks=blocks, approximate=approximate)
+    if spec.mode == "approximate":
+        raise SpecError("neighbors --mode approximate (a faiss index) is not available yet: use --mode exact")
+    phases = (("search", len(blocks)),)
+    return VectorPlan("neighbors", source, phases, queries=queries, query_blocks=blocks, approximate=False)
 
 
 def plan_vectors(spec: DedupSpec | NeighborsSpec, store: ObjectStore) -> VectorPlan:

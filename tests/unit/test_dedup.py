@@ -181,3 +181,17 @@ def test_a_job_folder_reads_that_job(embedded, tmp_path):
                        "output": str(tmp_path / "o")})
     assert plan_dedup(spec, ObjectStore()).source.job_id == record["job_id"]
     assert read_json(ObjectStore(), join(embedded["emb"], "_SUCCESS.json"))["job_id"] == record["job_id"]
+
+
+def test_exact_neighbors_equal_brute_force_cosine_top_k(embedded):
+    spec = parse_spec({"kind": "neighbors", "embeddings": embedded["emb"], "queries": embedded["emb"],
+                       "output": str(embedded["root"] / "nn"), "k": 5, "queries_per_task": 90})
+    run_vectors_local(spec, ObjectStore())
+    rows = read_table(spec.output).to_pylist()
+    cosine = embedded["cosine"]
+    assert [r["key"] for r in rows] == embedded["keys"]
+    index = {key: i for i, key in enumerate(embedded["keys"])}
+    for i, row in enumerate(rows):
+        expected = np.sort(cosine[i])[::-1][:5]
+        assert np.allclose(row["cosines"], expected, atol=1e-5)
+        assert np.allclose([cosine[i, index[key]] for key in row["neighbors"]], row["cosines"], atol=1e-5)
