@@ -364,8 +364,8 @@ class NeighborsSpec(VectorJob):
     queries: str = Field(description="Another embed job's output prefix or job folder: one result row per vector.")
     k: int = Field(10, gt=0, le=1000, description="Neighbours kept per query.")
     mode: Literal["auto", "exact", "approximate"] = Field(
-        "auto", description="exact = blocked matrix products; approximate = a faiss IVF index, its recall against "
-        "exact measured on a sample and recorded; auto = approximate above 2,000,000 indexed vectors.")
+        "auto", description="exact = blocked matrix products (one task per block of queries); approximate (a faiss "
+        "index) is not available yet; auto = exact.")
     queries_per_task: int = Field(20_000, gt=0, description="Query vectors per task.")
 
 
