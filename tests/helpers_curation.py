@@ -19,7 +19,7 @@ PHOTOS = ["astronaut", "brick", "camera", "cell", "chelsea", "coffee", "coins", 
 
 
 def distinct_images(n_faces: int = 60, n_digits: int = 60) -> dict[str, Image.Image]:
-    import skimage.data as data
+    from skimage import data
     from sklearn.datasets import load_digits
 
     images = {}

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import pytest
-
 from helpers_curation import write_set
+
 from orchestrator.outputs import success_record
 from orchestrator.results import read_duplicate_pairs, read_kept_keys, read_table
 from orchestrator.storage import ObjectStore

@@ -10,13 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers_curation import write_set
+
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
 from orchestrator.jobs import parse_spec
 from orchestrator.outputs import read_json, success_record
-from orchestrator.results import read_duplicate_pairs, read_embeddings, read_kept_keys, read_table
+from orchestrator.results import (
+    read_duplicate_pairs,
+    read_embeddings,
+    read_kept_keys,
+    read_table,
+)
 from orchestrator.storage import ObjectStore, join
 from orchestrator.vectorplan import plan_dedup
 from orchestrator.vectorsource import comparable
