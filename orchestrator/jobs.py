@@ -220,13 +220,26 @@ class TrainBase(_Spec):
     precision: Precision = Field("auto", description="bf16 on CPUs/GPUs that support it, fp16, or fp32.")
     device: Device = Field("auto", description="auto picks CUDA when the worker has it.")
     seed: int = Field(0, description="Seed for splits, initialization, augmentation and data order.")
+    image_column: str | None = Field(
+        None, description="Parquet data: the image column; unset = the huggingface Image column, else the only "
+        "binary or struct{bytes, path} column.",
+    )
+    label_column: str | None = Field(
+        None, description="Parquet data: the label column (ClassLabel ids get their names from the huggingface "
+        "metadata, strings are names); unset = the file's only ClassLabel column.",
+    )
+    label_key: str = Field(
+        "cls", description="Webdataset tars: cls = the text of each image's .cls member; any other name = that "
+        "field of its .json member.",
+    )
 
 
 class FinetuneSpec(TrainBase):
     """Fine-tune (or train from a config) an image classifier on labeled images."""
 
     kind: Literal["finetune"] = Field("finetune", description="Job kind: finetune.")
-    train: str = Field(description="Labeled images: an ImageFolder prefix (one folder per class) or a CSV/JSONL manifest (key,label).")
+    train: str = Field(description="Labeled images: an ImageFolder prefix (one folder per class), a CSV/JSONL manifest "
+                       "(key,label), or parquet files / webdataset tars that carry their labels (a prefix or one object).")
     val: str | None = Field(None, description="Labeled validation images (same layouts); unset = --val-split of train.")
     val_split: float = Field(0.1, ge=0.0, lt=0.9, description="Stratified, seeded share of train used for validation when --val is unset.")
     model: str | None = Field(None, description="Pretrained starting point (hf:, timm:, local or s3:// dir); or use --config.")
@@ -277,7 +290,8 @@ class EvaluateSpec(TrainBase):
     """Accuracy, top-5, per-class report and confusion matrix of a model on labeled images."""
 
     kind: Literal["evaluate"] = Field("evaluate", description="Job kind: evaluate.")
-    input: str = Field(description="Labeled images: an ImageFolder prefix or a CSV/JSONL manifest (key,label).")
+    input: str = Field(description="Labeled images: an ImageFolder prefix, a CSV/JSONL manifest (key,label), or "
+                       "parquet files / webdataset tars that carry their labels.")
     model: str = Field(description="hf:, timm:, a local save_pretrained directory, or s3:// directory.")
     batch_size: int = Field(64, gt=0, le=4096, description="Images per forward pass.")
 

@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from orchestrator.errors import ObjectNotFound, SpecError, UnsafeKey
+from orchestrator.labeledsources import LabelOptions, is_container_key, parquet_rows, tar_members
 from orchestrator.planner import is_image_key
-from orchestrator.storage import ObjectStore, join, relative_key
+from orchestrator.storage import ObjectInfo, ObjectStore, join, relative_key
 
 LABEL_LIST_SUFFIXES = (".csv", ".jsonl")
 
@@ -29,19 +30,38 @@ class LabeledItem:
     label: str
 
 
-def load_labeled(uri: str, store: ObjectStore) -> list[LabeledItem]:
-    """Items of an ImageFolder prefix or a .csv/.jsonl manifest, sorted by key; SpecError when unusable."""
+def load_labeled(uri: str, store: ObjectStore, options: LabelOptions | None = None) -> list[LabeledItem]:
+    """Items of an ImageFolder prefix or a .csv/.jsonl manifest, sorted by key, then the rows of the parquet
+    files and tars there (or of the one given), in file and row order; SpecError when unusable."""
     suffix = posixpath.splitext(uri.rstrip("/").lower())[1]
+    options = options or LabelOptions()
     if suffix in LABEL_LIST_SUFFIXES:
-        items = _from_label_list(uri, store, suffix)
+        items = sorted(_from_label_list(uri, store, suffix), key=lambda item: item.key)
+    elif is_container_key(uri.rstrip("/")) and store.exists(uri):
+        info = store.info(uri)
+        items = _from_containers([(posixpath.basename(uri), info)], store, options)
     else:
-        items = _from_folders(uri, store)
+        containers: list[tuple[str, ObjectInfo]] = []
+        items = sorted(_from_folders(uri, store, containers), key=lambda item: item.key)
+        items += _from_containers(containers, store, options)
     if not items:
         raise SpecError(f"no labeled images in {uri}")
     labels = class_names(items)
     if len(labels) < 2:
         raise SpecError(f"{uri} has {len(labels)} class ({', '.join(labels)}): a classifier needs at least 2")
-    return sorted(items, key=lambda item: item.key)
+    return items
+
+
+def _from_containers(containers: list[tuple[str, ObjectInfo]], store: ObjectStore,
+                     options: LabelOptions) -> list[LabeledItem]:
+    """The labeled rows of parquet files and members of tars (orchestrator/labeledsources.py)."""
+    items: list[LabeledItem] = []
+    for key, info in containers:
+        if key.lower().endswith(".parquet"):
+            items += parquet_rows(key, info, store, options)
+        else:
+            items += tar_members(key, info, store, options, store.settings.max_tar_bytes)
+    return items
 
 
 def class_names(items: list[LabeledItem]) -> list[str]:
@@ -49,12 +69,16 @@ def class_names(items: list[LabeledItem]) -> list[str]:
     return sorted({item.label for item in items})
 
 
-def _from_folders(prefix: str, store: ObjectStore) -> list[LabeledItem]:
-    """One folder per class directly under the prefix; images nested deeper keep their class."""
+def _from_folders(prefix: str, store: ObjectStore, containers: list[tuple[str, ObjectInfo]]) -> list[LabeledItem]:
+    """One folder per class directly under the prefix; images nested deeper keep their class. Parquet
+    files and tars anywhere under it are appended to `containers` (their rows carry their own labels)."""
     items, folders = [], set()
     try:
         for info in store.list(prefix):
             key = relative_key(prefix, info.uri)
+            if is_container_key(key) and not posixpath.basename(key).startswith("."):
+                containers.append((key, info))
+                continue
             if "/" not in key or posixpath.basename(key).startswith("."):
                 continue  # files at the root are not in a class; dot files are temporaries
             label = key.split("/", 1)[0]

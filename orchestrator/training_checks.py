@@ -7,6 +7,7 @@ from collections import Counter
 from orchestrator.checks import check_job_fits
 from orchestrator.errors import SpecError
 from orchestrator.jobs import EvaluateSpec, FinetuneSpec
+from orchestrator.labeledsources import label_options
 from orchestrator.labels import LabeledItem, check_val_labels, class_names, load_labeled
 from orchestrator.modelinfo import is_onnx, read_config
 from orchestrator.modelkinds import checkpoint_kind
@@ -36,13 +37,13 @@ def check_labeled(spec: FinetuneSpec | EvaluateSpec, store: ObjectStore) -> dict
         if config is not None:
             _check_model(spec, config)
     if isinstance(spec, EvaluateSpec):
-        items = load_labeled(spec.input, store)
+        items = load_labeled(spec.input, store, label_options(spec))
         return {"items": len(items), "classes": class_names(items)}
-    train = load_labeled(spec.train, store)
+    train = load_labeled(spec.train, store, label_options(spec))
     names = class_names(train)
     summary = {"train_images": len(train), "classes": names}
     if spec.val is not None:
-        val = load_labeled(spec.val, store)
+        val = load_labeled(spec.val, store, label_options(spec))
         check_val_labels(set(names), val)
         summary["val_images"] = len(val)
     summary["items"] = trained_images(_n_train(train, spec), spec.epochs)

@@ -15,6 +15,7 @@ from orchestrator.labels import LabeledItem
 from workers.errors import BadImage
 from workers.context import WorkerContext
 from workers.imaging import decode_rgb
+from workers.labeledcells import ContainerReader, addressed
 from workers.preprocess import Preprocess, resize_image
 
 
@@ -23,26 +24,35 @@ class LabeledImages(torch.utils.data.Dataset):
 
     def __init__(self, items: list[LabeledItem], label_ids: dict[str, int], ctx: WorkerContext, transform) -> None:
         self.items, self.label_ids, self.ctx, self.transform = items, label_ids, ctx, transform
+        self.reader = ContainerReader(ctx.store, ctx.settings)  # rows of parquet files, members of tars
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
         item = self.items[index]
-        return {"pixel_values": self.transform(_decode(item, self.ctx)), "labels": self.label_ids[item.label]}
+        return {"pixel_values": self.transform(_decode(item, self.ctx, self.reader)),
+                "labels": self.label_ids[item.label]}
 
 
-def _decode(item: LabeledItem, ctx: WorkerContext):
-    data = ctx.store.read(item.uri, max_bytes=ctx.settings.max_object_bytes)
+def _decode(item: LabeledItem, ctx: WorkerContext, reader: ContainerReader | None = None):
+    if addressed(item.uri):  # an image inside a parquet file or a tar
+        data = (reader or ContainerReader(ctx.store, ctx.settings)).read(item.uri)
+        if isinstance(data, str):
+            raise BadImage(data)
+    else:
+        data = ctx.store.read(item.uri, max_bytes=ctx.settings.max_object_bytes)
     return decode_rgb(data, max_pixels=ctx.settings.max_pixels)
 
 
 def screen(items: list[LabeledItem], ctx: WorkerContext) -> tuple[list[LabeledItem], list[dict]]:
     """(decodable items, [{key, reason}] of the rest): one decode pass, so training never meets a bad image."""
 
+    reader = ContainerReader(ctx.store, ctx.settings)
+
     def check(item: LabeledItem) -> str | None:
         try:
-            _decode(item, ctx)
+            _decode(item, ctx, reader)
         except (BadImage, ObjectNotFound, ObjectTooLarge) as e:
             return getattr(e, "reason", None) or str(e)
         return None

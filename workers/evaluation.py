@@ -19,12 +19,14 @@ import torch
 from orchestrator.checks import check_job_fits
 from orchestrator.errors import SpecError
 from orchestrator.jobs import EvaluateSpec
+from orchestrator.labeledsources import label_options
 from orchestrator.labels import load_labeled
 from orchestrator.manifest import Item
 from orchestrator.modelkinds import Checkpoint
 from orchestrator.storage import join
 from workers.context import WorkerContext
 from workers.heads import top_k
+from workers.labeledcells import ContainerReader
 from workers.loaded import LoadedModel
 from workers.pipeline import DecodePath
 from workers.preprocess import Decoder
@@ -170,7 +172,7 @@ def _metrics(items, head: EvalHead, ids: dict[str, int], names: dict[int, str]) 
 
 def evaluate(spec: EvaluateSpec, job_id: str, ctx: WorkerContext, report: Callable[[dict], None]) -> dict:
     """Write metrics.json, confusion_matrix.png and predictions.parquet under spec.output."""
-    items = load_labeled(spec.input, ctx.store)
+    items = load_labeled(spec.input, ctx.store, label_options(spec))
     model = ctx.models.get(spec.model, spec.device, spec.precision)
     check_job_fits(spec, loaded_checkpoint(model))  # submit checks directories; hub names are seen here first
     ids = label_ids(model, {item.label for item in items})
@@ -178,7 +180,7 @@ def evaluate(spec: EvaluateSpec, job_id: str, ctx: WorkerContext, report: Callab
     path = DecodePath(Decoder(model.prep, ctx.settings.max_pixels))  # decoded in threads
     times, _ = run_with(model, ctx.store, [Item(key=i.key, uri=i.uri) for i in items], head, path,
                         batch_size=spec.batch_size, read_concurrency=READ_CONCURRENCY,
-                        max_bytes=ctx.settings.max_object_bytes,
+                        max_bytes=ctx.settings.max_object_bytes, blobs=ContainerReader(ctx.store, ctx.settings),
                         on_progress=lambda done, total: report({"done": done, "total": total}))
     metrics, y_true, y_pred = _metrics(items, head, ids, model.id2label)
     metrics["images_per_s"] = round(len(items) / times.wall_s, 2) if times.wall_s else 0.0

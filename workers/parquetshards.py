@@ -60,7 +60,8 @@ class Passthrough:
             schema = schema.append(out_field)
         if len(self.rows) != len(rows):  # a shard without parquet rows: the columns are there, null
             self.rows = [{}] * len(rows)
-        merged = [{**row, **{out.name: kept.get(name) for name, out in renamed}} for row, kept in zip(rows, self.rows, strict=True)]
+        merged = [{**row, **{out.name: kept.get(name) for name, out in renamed}}
+                  for row, kept in zip(rows, self.rows, strict=True)]
         return merged, schema
 
 
@@ -113,11 +114,12 @@ class RowGroupCells:
             return self.reasons.pop(uri)
         group, offset = self.owner.pop(uri)
         try:
-            return self._cell(group, offset)
+            return self.cell(group, offset)
         finally:
             self._done(group)
 
-    def _cell(self, group: RowGroup, offset: int) -> bytes | str:
+    def cell(self, group: RowGroup, offset: int) -> bytes | str:
+        """The group's cell at `offset` (its image column is read on first use), or why there is no image."""
         with group.lock:
             if group.column is None and group.failure is None:
                 group.failure = self._load(group)  # read once; a row group that cannot be read is not retried
@@ -151,10 +153,11 @@ class RowGroupCells:
             uri = join(posixpath.dirname(parquet_uri), path)
         except UnsafeKey:
             return f"image path {path!r} leaves the parquet file's folder: outside the job's input, not read"
-        if self.scope is not None and (why := outside_input(uri, self.scope)) is not None:
+        scope = self.scope or posixpath.dirname(parquet_uri)  # training data: the parquet file's own folder
+        if (why := outside_input(uri, scope)) is not None:
             return why
         try:
-            return self.store.read(uri, max_bytes=self.max_bytes, within=self.scope)
+            return self.store.read(uri, max_bytes=self.max_bytes, within=scope)
         except (ObjectNotFound, ObjectTooLarge, ObjectUnreadable, OutsideInput) as e:
             return f"image path {path!r}: {e}"
 

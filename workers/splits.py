@@ -6,6 +6,7 @@ import random
 from collections import defaultdict
 
 from orchestrator.jobs import FinetuneSpec
+from orchestrator.labeledsources import label_options
 from orchestrator.labels import LabeledItem, check_val_labels, class_names, load_labeled
 from orchestrator.storage import ObjectStore
 
@@ -35,9 +36,9 @@ def stratified_split(items: list[LabeledItem], val_split: float,
 def train_val(spec: FinetuneSpec, store: ObjectStore) -> tuple[list[LabeledItem], list[LabeledItem], list[str]]:
     """(train, val, class names): --val as given, else a stratified --val-split of --train; SpecError
     when validation holds classes training does not."""
-    items = load_labeled(spec.train, store)
+    items = load_labeled(spec.train, store, label_options(spec))
     if spec.val is not None:
-        train, val = items, load_labeled(spec.val, store)
+        train, val = items, load_labeled(spec.val, store, label_options(spec))
     else:
         train, val = stratified_split(items, spec.val_split, spec.seed)
     names = class_names(train)
