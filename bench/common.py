@@ -85,7 +85,16 @@ def cpu_info() -> dict:
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
     fast_bf16 = bool({"amx_bf16", "avx512_bf16"} & flags)
     return {"cpu": model, "flags": sorted(f for f in wanted if f in flags), "amx_or_avx512_bf16": fast_bf16,
-            "cpu_kind": "AMX/AVX512-BF16" if fast_bf16 else "AVX2-only (bf16 emulated)"}
+            "cpu_kind": cpu_kind(flags)}
+
+
+def cpu_kind(flags: set[str]) -> str:
+    """Which of the three CPU kinds this project meets: they decide what `--precision auto` does."""
+    if "amx_bf16" in flags:
+        return "Intel AMX (auto = bf16)"
+    if "avx512_bf16" in flags:
+        return "AVX-512 BF16 without AMX (auto = bf16)"
+    return "AVX2-only (bf16 emulated; auto = fp32)"
 
 
 def report(name: str, figures: dict) -> None:

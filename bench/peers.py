@@ -442,6 +442,8 @@ def main() -> None:
                         help="run the series this many times, each round starting one system later; "
                              "prints each round and the medians")
     parser.add_argument("--lock", default=LOCK, help="flock file held exclusively while measuring")
+    parser.add_argument("--no-model-rate", action="store_true",
+                        help="skip the model-only rate (ready tensors, best batch, the workers' threads)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the peers run their model; cuda adds fp16 variants (a lent GPU; vitbatch's "
                              "defaults pick the GPU themselves)")
@@ -505,6 +507,15 @@ def main() -> None:
     lock = CpuLock(args.lock).__enter__()  # held for the whole series: every system measured in the same quiet window
     print(f"  got it after {lock.waited_s:.0f} s", flush=True)
     try:
+        rate = None
+        if args.device == "cpu" and not args.no_model_rate:  # the ceiling every system is a share of
+            from bench.model_rate import model_rate
+            from orchestrator.embedded import auto_workers
+
+            rate = model_rate(str(model_dir), auto_workers(), [8, 16, 32, 64], seconds=6.0)
+            print(f"model only ({rate['precision']}, {rate['workers']} process(es) x {rate['threads']} thread(s), ready "
+                  f"tensors): {rate['images_per_s']:.1f} img/s at batch {rate['best_batch']} {rate['per_batch']}",
+                  flush=True)
         for i, results in enumerate(rounds):
             if args.rounds > 1:  # each round starts one system later: a drifting machine favours no one
                 print(f"round {i + 1} of {args.rounds}", flush=True)
@@ -514,8 +525,19 @@ def main() -> None:
 
     per_round = [_round_rows(results, args.n) for results in rounds]
     rows = per_round[0] if args.rounds == 1 else _median_rows(per_round)
+    if rate is not None:  # each system's share of what the model alone does on these cores
+        for row in rows:
+            if row.get("img_s"):  # whole command, start-up included
+                row["share_of_model_rate"] = round(row["img_s"] / rate["images_per_s"], 3)
+            if row.get("success_images_per_s"):  # vitbatch's job alone (submit to finish)
+                row["job_share_of_model_rate"] = round(row["success_images_per_s"] / rate["images_per_s"], 3)
+            shares = [f"{row[k]:.0%} {what}" for k, what in (("share_of_model_rate", "end to end"),
+                                                              ("job_share_of_model_rate", "as the job's images/s"))
+                      if k in row]
+            if shares:
+                print(f"{row['system']:<16} {', '.join(shares)} of the model-only rate")
     summary = {"images": args.n, "batch_size": args.batch_size, "bf16_peers": bf16, **cpu, "torch": torch.__version__,
-               "lock_wait_s": round(lock.waited_s, 1), "rounds": args.rounds, "systems": rows,
+               "lock_wait_s": round(lock.waited_s, 1), "rounds": args.rounds, "systems": rows, "model_rate": rate,
                **({"per_round": per_round} if args.rounds > 1 else {})}
     (work / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     report("peers", summary)
