@@ -429,18 +429,19 @@ class World:
                     raise
                 time.sleep(0.5)
 
-    def wait_until(self, what: str, condition, timeout_s: float = 180, poll_s: float = 0.3):
-        """condition()'s first true value; AssertionError naming `what` after a generous deadline."""
+    def wait_until(self, what: str, condition, timeout_s: float = 120, poll_s: float = 0.3, detail=None):
+        """condition()'s first true value; AssertionError naming `what` (and `detail()`) after a
+        generous deadline (jobs here take seconds; the deadlines stay under pytest's timeout)."""
         deadline = time.monotonic() + timeout_s
         while True:
             value = condition()
             if value:
                 return value
             if time.monotonic() > deadline:
-                raise AssertionError(f"not within {timeout_s} s: {what}")
+                raise AssertionError(f"not within {timeout_s} s: {what}" + (f" ({detail()})" if detail else ""))
             time.sleep(poll_s)
 
-    def wait_ended(self, job_id: str, timeout_s: float = 240):
+    def wait_ended(self, job_id: str, timeout_s: float = 150):
         return self.wait_until(f"job {job_id} ends", lambda: (s := self.status(job_id)).state.terminal and s,
                                timeout_s)
 

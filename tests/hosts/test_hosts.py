@@ -38,7 +38,7 @@ def test_a_host_cut_off_mid_shard_loses_the_shard_to_another_host(world):
         world.lab.heal(host)
     status = world.wait_ended(job_id)
     assert status.state is JobState.SUCCEEDED, explain(status)
-    world.wait_until(f"{host} is done with its old delivery", lambda: world.idle(host), timeout_s=240)
+    world.wait_until(f"{host} is done with its old delivery", lambda: world.idle(host))
     world.exactly_once(output, job_id)
     assert world.status(job_id).state is JobState.SUCCEEDED
 
@@ -59,14 +59,15 @@ def test_a_host_returning_during_an_overwrite_rerun_does_not_republish_the_repla
         for host in ("w1", "w3"):
             world.lab.cut(host, "drop")
         world.lab.heal("w2")
-        world.wait_until(f"w2 is done with its delivery of {job_a}", lambda: world.idle("w2", job_a), timeout_s=240)
+        world.wait_until(f"w2 is done with its delivery of {job_a}", lambda: world.idle("w2", job_a),
+                         detail=lambda: "meanwhile " + explain(world.status(job_b)))
     finally:
         for host in ("w1", "w2", "w3"):
             world.lab.heal(host)
     status_b = world.wait_ended(job_b)
     assert status_b.state is JobState.SUCCEEDED, explain(status_b)
     for host in ("w1", "w2", "w3"):
-        world.wait_until(f"{host} is done with its deliveries", lambda: world.idle(host), timeout_s=240)
+        world.wait_until(f"{host} is done with its deliveries", lambda: world.idle(host))
     world.exactly_once(output, job_b)  # B's record is the one published, and its folder is whole
     assert world.status(job_a).state is JobState.SUCCEEDED
 
@@ -79,7 +80,7 @@ def test_a_host_that_joins_mid_job_takes_shards(world):
         for host in ("w1", "w2", "w3"):
             world.lab.slow_s3(host, "1kbit")  # the hosts there crawl: that is why one is added
         world.fleet.start_worker("w4")
-        world.wait_until("w4 commits a shard", lambda: world.shards_committed_by("w4") >= 1, timeout_s=240)
+        world.wait_until("w4 commits a shard", lambda: world.shards_committed_by("w4") >= 1)
     finally:
         for host in ("w1", "w2", "w3"):
             world.lab.slow_s3(host)
@@ -123,6 +124,6 @@ def test_a_host_that_cannot_reach_s3_gives_its_shard_up(world):
     finally:
         world.lab.drop_s3("w3", False)
     assert status.state is JobState.SUCCEEDED, explain(status)
-    world.wait_until("w3 is done with its delivery", lambda: world.idle("w3"), timeout_s=240)
+    world.wait_until("w3 is done with its delivery", lambda: world.idle("w3"))
     world.exactly_once(output, job_id)
     assert world.status(job_id).state is JobState.SUCCEEDED
