@@ -72,6 +72,17 @@ class RangedFile(io.RawIOBase):
         self.position = max(0, base + offset)
         return self.position
 
+    def read(self, size: int = -1) -> bytes:
+        """The store's bytes as they come: no bytearray and copy in between (a column chunk may be large)."""
+        length = self.size - self.position if size is None or size < 0 else min(size, self.size - self.position)
+        if length <= 0:
+            return b""
+        data = self.store.read_range(self.uri, self.position, length, within=self.within)
+        self.position += len(data)
+        if self.stats is not None:
+            self.stats.add(len(data))
+        return data
+
     def readinto(self, buffer) -> int:
         length = min(len(buffer), self.size - self.position)
         if length <= 0:
@@ -209,6 +220,7 @@ class ParquetPlan:
 
     row_groups: list[Item] = field(default_factory=list)
     kept_columns: pa.Schema | None = None
+    ignored: list[str] = field(default_factory=list)  # files without an image column (img2dataset's sidecars)
 
 
 def plan_parquet(files: list[Item], store: ObjectStore, columns: ParquetColumns, scope: str,
@@ -216,6 +228,7 @@ def plan_parquet(files: list[Item], store: ObjectStore, columns: ParquetColumns,
     """The row groups of every parquet file, in file then row-group order; SpecError on an unreadable footer."""
     groups: list[Item] = []
     kept: list[pa.Schema] = []
+    ignored: list[str] = []
     for item in files:
         try:
             size = item.size if item.size >= 0 else store.info(item.uri).size
@@ -225,10 +238,13 @@ def plan_parquet(files: list[Item], store: ObjectStore, columns: ParquetColumns,
         except (ObjectNotFound, ObjectUnreadable) as e:
             raise SpecError(f"{item.uri}: the footer cannot be read ({e})") from e
         schema = metadata.schema.to_arrow_schema()
+        if columns.image is None and not any(is_image_type(schema.field(n).type) for n in schema.names):
+            ignored.append(item.key)  # a table without images: img2dataset's sidecar of a .tar, say
+            continue
         check_columns(schema, item.uri, columns)
         kept.append(pa.schema([schema.field(name) for name in columns.keep]))
         groups += row_group_items(Item(item.key, item.uri, size, item.etag), metadata)
-    return ParquetPlan(groups, _unified(kept, files) if columns.keep and kept else None)
+    return ParquetPlan(groups, _unified(kept, files) if columns.keep and kept else None, ignored)
 
 
 def _unified(schemas: list[pa.Schema], files: list[Item]) -> pa.Schema:

@@ -103,6 +103,7 @@ def plan(input_uri: str, shard_size: int, store: ObjectStore, columns: ParquetCo
     if columns.asked and not parquet:
         raise SpecError(f"{', '.join(columns.asked)} apply to parquet inputs, and {input_uri} has no .parquet files")
     parquet_plan = plan_parquet(parquet, store, columns, root)
+    ignored += parquet_plan.ignored
     if not items and not tars and not parquet_plan.row_groups:
         raise SpecError(
             f"no image files under {input_uri} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, .tar and .parquet;"

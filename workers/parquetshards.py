@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import posixpath
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -102,6 +103,10 @@ class RowGroupCells:
         self.peak_groups = 0  # most row groups held at once (tests and benches)
         self._held: set[int] = set()
         self._lock = threading.Lock()
+        # Row groups are read on one thread: glibc gives each reader thread its own arena, and a large
+        # column chunk freed in one arena is not reused by the next thread's read, so reads spread over
+        # 16 reader threads kept up to one freed row group per thread.
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="vitbatch-rowgroup")
 
     def __bool__(self) -> bool:
         return bool(self.reasons or self.owner)
@@ -122,7 +127,8 @@ class RowGroupCells:
         """The group's cell at `offset` (its image column is read on first use), or why there is no image."""
         with group.lock:
             if group.column is None and group.failure is None:
-                group.failure = self._load(group)  # read once; a row group that cannot be read is not retried
+                # read once; a row group that cannot be read is not retried
+                group.failure = self._loader.submit(self._load, group).result()
         if group.failure is not None:
             return group.failure
         column = group.column
