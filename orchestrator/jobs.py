@@ -180,6 +180,10 @@ class EmbedSpec(JobBase):
         "patches ([N, grid*grid, hidden] per shard: large).",
     )
     normalize: bool = Field(False, description="Store unit-length cls, pooled and mean vectors (patches unchanged).")
+    parquet_vectors: Literal["off", "float16", "float32"] = Field(
+        "off", description="Also write each shard's vectors as parquet (vectors/part-NNNNN.parquet: key and one "
+        "fixed_size_list column per --pooling, of this dtype), beside the npy arrays.",
+    )
 
     @field_validator("pooling", mode="before")
     @classmethod

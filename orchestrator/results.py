@@ -93,9 +93,44 @@ def read_array_part(output: str, index_part: dict, array_part: dict | None,
 
 
 def read_embeddings(output: str, pooling: str = "cls", store: ObjectStore | None = None,
-                    job_id: str | None = None) -> tuple[list[str], np.ndarray]:
-    """(keys, float16 [N, hidden] or [N, tokens, hidden]) for a whole embed job, in one call."""
-    return read_arrays(output, pooling, store, job_id)
+                    job_id: str | None = None, source: str = "npy") -> tuple[list[str], np.ndarray]:
+    """(keys, float16 [N, hidden] or [N, tokens, hidden]) for a whole embed job, in one call.
+
+    source="parquet": from the job's `vectors/` parquet parts (embed --parquet-vectors), in their dtype.
+    """
+    if source == "npy":
+        return read_arrays(output, pooling, store, job_id)
+    if source != "parquet":
+        raise ValueError(f"source={source!r}: read 'npy' or 'parquet'")
+    store, output = store or ObjectStore(), normalize_uri(output)
+    record = success_record(output, store, job_id)
+    parts = [p for p in part_entries(record, ".parquet") if p["name"].split("/")[-2:-1] == ["vectors"]]
+    if not parts:
+        raise OutputNotFound(f"job {record['job_id']} at {output} wrote no parquet vectors: run embed with "
+                             "--parquet-vectors float16 (or float32), or read source='npy'")
+    keys: list[str] = []
+    arrays = []
+    for part in parts:
+        table = pq.read_table(io.BytesIO(read_part(output, part, store)))
+        if table.num_rows == 0:
+            continue
+        if pooling not in table.column_names:
+            raise OutputNotFound(f"{part['name']} holds no {pooling!r} vectors (it has {table.column_names[1:]})")
+        keys += table.column("key").to_pylist()
+        arrays.append(vector_array(table.column(pooling)))
+    if not arrays:
+        raise OutputNotFound(f"no committed {pooling!r} vectors under {output}")
+    return keys, np.concatenate(arrays)
+
+
+def vector_array(column: pa.ChunkedArray) -> np.ndarray:
+    """A fixed_size_list column (nested for patches) as one numpy array [N, ...] of its dtype."""
+    array = column.combine_chunks()
+    shape = [len(array)]
+    while pa.types.is_fixed_size_list(array.type):
+        shape.append(array.type.list_size)
+        array = array.flatten()
+    return array.to_numpy(zero_copy_only=False).reshape(shape)
 
 
 def read_kept_keys(output: str, store: ObjectStore | None = None, job_id: str | None = None) -> list[str]:

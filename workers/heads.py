@@ -18,6 +18,7 @@ import torch
 from orchestrator.constants import part_name
 from orchestrator.manifest import Item
 from orchestrator.modelkinds import Kind
+from workers.embedparquet import vectors_part
 from workers.errors import ModelLoadError
 from workers.loaded import LoadedModel
 from workers.writers import parquet_bytes
@@ -190,7 +191,8 @@ class ArrayHead(Head):
         out = self.extra_parts()
         out[part_name(self.shard, "parquet")] = self.table_bytes(self.index_schema)
         for name, values in self.arrays.items():
-            stacked = np.stack([values[i] for i in good]) if good else np.zeros((0,), np.float16)
+            stacked = np.stack([values[i] for i in good]).astype(np.float16, copy=False) if good else \
+                np.zeros((0,), np.float16)
             out[f"{name}/{part_name(self.shard, 'npy')}"] = npy_bytes(stacked)
         return out
 
@@ -204,9 +206,10 @@ class EmbedHead(ArrayHead):
     """The model's image embedding (`cls`), its unprojected pooled output (`pooled`), the mean of the
     final normalized patch tokens (`mean`) and every patch token (`patches`); see workers/families.py."""
 
-    def __init__(self, model: LoadedModel, shard: int, pooling: list[str], normalize: bool = False) -> None:
+    def __init__(self, model: LoadedModel, shard: int, pooling: list[str], normalize: bool = False,
+                 parquet_vectors: str = "off") -> None:
         super().__init__(model, shard)
-        self.pooling, self.normalize = pooling, normalize
+        self.pooling, self.normalize, self.parquet_vectors = pooling, normalize, parquet_vectors
         family = model.family
         self.prefix = family.prefix_tokens
         if "pooled" in pooling and not family.has_pooled:
@@ -243,3 +246,23 @@ class EmbedHead(ArrayHead):
         self.add_ok(indices, items)
         for name, values in output.items():
             self.keep(name, indices, values)
+
+    def keep(self, name: str, indices: list[int], values: torch.Tensor) -> None:
+        if self.parquet_vectors != "float32":
+            return super().keep(name, indices, values)
+        store = self.arrays.setdefault(name, {})  # float32 for the parquet vectors; the npy is cast to float16
+        for index, value in zip(indices, values.float().cpu().numpy(), strict=True):
+            store[index] = value
+        return None
+
+    def extra_parts(self) -> dict[str, bytes]:
+        """vectors/part-NNNNN.parquet (--parquet-vectors): key + one vector column per array, good rows in order."""
+        if self.parquet_vectors == "off":
+            return {}
+        good = [i for i in sorted(self.rows) if self.rows[i]["error"] is None]
+        arrays = {name: np.stack([values[i] for i in good]) if good else np.zeros((0, 0), np.float32)
+                  for name, values in self.arrays.items()}
+        if not good:  # no vectors to size the columns by: the file holds no rows
+            arrays = {}
+        return vectors_part(self.shard, [self.rows[i]["key"] for i in good], arrays, self.parquet_vectors,
+                            self.index_schema.metadata)

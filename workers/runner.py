@@ -44,7 +44,7 @@ def make_head(spec: JobSpec, shard: int, ctx: WorkerContext, job_id: str = ""):
                              overlay_indices=overlays, overlay_prefix=f"{JOBS_DIR}/{job_id}/" if job_id else "")
     model = timed_model(ctx.models.get, spec.model, spec.device, spec.precision, compile=spec.compile)
     if spec.kind == "embed":
-        return EmbedHead(model, shard, spec.pooling, spec.normalize)
+        return EmbedHead(model, shard, spec.pooling, spec.normalize, spec.parquet_vectors)
     if spec.labels is not None:
         return ZeroShotHead(model, shard, spec.top_k, spec.labels, spec.prompt)
     return ClassifyHead(model, shard, spec.top_k)

@@ -162,3 +162,30 @@ def test_column_options_are_checked_at_submit(tmp_path):
     summary = plan(root, 5, ObjectStore()).summary()
     assert (summary["items"], summary["shards"], summary["parquet_row_groups"]) == (N, 3, 3)
     assert json.loads(json.dumps(summary))["parquet_rows"] == N
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_embed_writes_parquet_vectors_that_read_back_like_the_npy_arrays(dtype, tmp_path, hf_model_dir, ctx):
+    dataset = hf_dataset(tmp_path / "ds", with_bad_rows=True)
+    out = run("embed", dataset, tmp_path / "o", hf_model_dir, ctx, pooling="cls,patches", parquet_vectors=dtype)
+    keys, npy = read_embeddings(out, "cls")
+    parquet_keys, vectors = read_embeddings(out, "cls", source="parquet")
+    assert parquet_keys == keys == [f"train.parquet/{i}" for i in range(N)]  # error rows have no vector
+    assert vectors.dtype == np.dtype(dtype) and vectors.shape == npy.shape
+    np.testing.assert_array_equal(vectors.astype(np.float16), npy)
+    _, patches = read_embeddings(out, "patches", source="parquet")
+    assert patches.shape == read_embeddings(out, "patches")[1].shape
+    part = next((Path(out[len("file://"):]) / "_jobs").glob("*/vectors/part-00000.parquet"))
+    column = pq.read_schema(part).field("cls").type
+    assert pa.types.is_fixed_size_list(column) and column.value_type == getattr(pa, dtype)()
+    from datasets import Dataset
+
+    rows = Dataset.from_parquet(str(part))
+    assert rows[0]["key"] == "train.parquet/0" and len(rows[0]["cls"]) == npy.shape[1]
+
+
+def test_a_parquet_file_without_an_image_column_is_ignored_like_a_sidecar(tmp_path):
+    img2dataset_shard(tmp_path / "in" / "00000.parquet")
+    pq.write_table(pa.table({"key": ["a"], "url": ["https://example.com/a.jpg"]}), tmp_path / "in" / "00001.parquet")
+    job_plan = plan(normalize_uri(str(tmp_path / "in")), 100, ObjectStore())
+    assert job_plan.ignored == ["00001.parquet"] and job_plan.summary()["items"] == N
