@@ -81,9 +81,10 @@ def _publish_claimed(claim: Publication, status: JobStatus, folder: str, markers
     state = JobState.SUCCEEDED if not status.failed_shards else JobState.FINISHED_WITH_FAILURES
     succeeded = state is JobState.SUCCEEDED
     publish(store, status.output, summary, succeeded, json.loads(spec_json))
-    reason = "" if succeeded else f"{len(status.failed_shards)} shard(s) failed"
-    if ledger.set_state(job_id, state, reason, publication=claim) and succeeded:
+    if succeeded:  # before the job is seen to end: `vitbatch wait` returning means the old folders are gone
         remove_superseded(status.output, job_id, store, replaced_by(job_id, status.created_at, ledger))
+    reason = "" if succeeded else f"{len(status.failed_shards)} shard(s) failed"
+    ledger.set_state(job_id, state, reason, publication=claim)
     return ledger.state(job_id)
 
 
