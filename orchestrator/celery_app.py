@@ -25,7 +25,8 @@ def make_app(settings: Settings | None = None) -> Celery:
             f"({settings.task_time_limit_s}), or Redis redelivers shards that are still running: raise the first "
             "or lower the second, the same on submitters and workers"
         )
-    app = Celery("vitbatch", broker=broker, backend=settings.backend_url or broker)
+    backend = settings.backend_url or broker
+    app = Celery("vitbatch", broker=broker, backend=backend)
     transport_options = {
         "visibility_timeout": settings.visibility_timeout_s,
         "socket_timeout": 30,
@@ -36,7 +37,9 @@ def make_app(settings: Settings | None = None) -> Celery:
     }
     # A worker consuming several queues always takes from the first non-empty one in the
     # order it was given (interactive before bulk), instead of round-robin.
-    broker_options = {**transport_options, "queue_order_strategy": "priority"}
+    broker_options = {**transport_options, "queue_order_strategy": "priority",
+                      **settings.redis_endpoint(broker).transport_options()}
+    backend_options = {**transport_options, **settings.redis_endpoint(backend).transport_options()}
     app.conf.update(
         # JSON only: a pickled or YAML message is refused before anything of it runs.
         task_serializer="json",
@@ -50,7 +53,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_time_limit=settings.task_time_limit_s,
         task_soft_time_limit=max(1, settings.task_time_limit_s - 60),
         broker_transport_options=broker_options,
-        result_backend_transport_options=transport_options,
+        result_backend_transport_options=backend_options,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,
         result_expires=7 * 24 * 3600,

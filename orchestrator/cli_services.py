@@ -73,7 +73,7 @@ def metrics(port: int = typer.Option(9808, help="HTTP port of /metrics."),
     _broker_url(settings, "the workers use")
     err.print(f"fleet metrics: http://{address}:{port}/metrics")
     try:
-        serve(Ledger.from_url(settings.backend_url), port, address)
+        serve(Ledger.from_settings(settings), port, address)
     except KeyboardInterrupt:
         pass
 
@@ -103,7 +103,7 @@ def up(workers: int = typer.Option(1, help="Local worker processes."),
             from prometheus_client import start_http_server
 
             fleet_port = s.metrics_port + workers
-            start_http_server(fleet_port, addr="127.0.0.1", registry=registry(Ledger.from_url(s.backend_url)))
+            start_http_server(fleet_port, addr="127.0.0.1", registry=registry(Ledger.from_settings(s)))
             console.print(f"fleet metrics: http://127.0.0.1:{fleet_port}/metrics")
         console.print("Ctrl-C stops the stack.")
         from orchestrator.reconcile import reconcile as reconcile_once

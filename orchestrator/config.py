@@ -3,6 +3,8 @@
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from orchestrator.redisendpoint import RedisEndpoint
+
 
 class Settings(BaseSettings):
     """Everything a deployment tunes. Build with `Settings()`; never read os.environ elsewhere."""
@@ -14,6 +16,14 @@ class Settings(BaseSettings):
     )
     result_backend: str | None = Field(
         None, description="Redis URL for job state and Celery results; defaults to broker_url."
+    )
+    sentinel_master: str = Field(
+        "mymaster", description="Redis Sentinel's name of the primary; used when the broker or backend URL is "
+        "sentinel://HOST:PORT;sentinel://... (kombu's format).",
+    )
+    sentinel_password: str | None = Field(
+        None, description="Password of the sentinels themselves (their requirepass); the Redis password goes in "
+        "the first sentinel:// entry of the URL.",
     )
     s3_endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint (MinIO, moto); unset means AWS."
@@ -61,7 +71,7 @@ class Settings(BaseSettings):
     )
     metrics_address: str = Field("0.0.0.0", description="Address the worker's metrics endpoint listens on.")
 
-    @field_validator("broker_url", "result_backend", "s3_endpoint_url", mode="before")
+    @field_validator("broker_url", "result_backend", "sentinel_password", "s3_endpoint_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         return value or None
@@ -69,3 +79,7 @@ class Settings(BaseSettings):
     @property
     def backend_url(self) -> str | None:
         return self.result_backend or self.broker_url
+
+    def redis_endpoint(self, url: str) -> RedisEndpoint:
+        """`url` (the broker's or the backend's) with the Sentinel settings it may need."""
+        return RedisEndpoint(url, self.sentinel_master, self.sentinel_password)

@@ -30,10 +30,24 @@ def protect_metrics() -> None:
         handler.get._vitbatch_authenticated = True
 
 
+def sentinel_options() -> None:
+    """A sentinel:// broker needs the primary's name and the sentinels' password, which Celery's
+    command line cannot pass: they go into the default app, the one `celery flower` uses when
+    given no `-A` (Flower's broker page and its event receiver read them there)."""
+    from celery import current_app
+
+    from orchestrator.config import Settings
+
+    endpoint = Settings().redis_endpoint(os.environ.get("CELERY_BROKER_URL", ""))
+    if endpoint.is_sentinel:
+        current_app.conf.broker_transport_options = endpoint.transport_options()
+
+
 def main(argv: list[str] | None = None) -> None:
     from celery.bin.celery import main as celery_main
 
     protect_metrics()
+    sentinel_options()
     os.environ.setdefault("FLOWER_TASKS_COLUMNS", TASK_COLUMNS)
     sys.argv = ["celery", "flower", *(sys.argv[1:] if argv is None else argv)]
     celery_main()

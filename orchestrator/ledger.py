@@ -21,31 +21,40 @@ from redis.retry import Retry
 
 from orchestrator import constants as k
 from orchestrator import fencing, leases
+from orchestrator.config import Settings
 from orchestrator.errors import BrokerUnavailable, JobNotFound, StaleDelivery
 from orchestrator.fencing import Lease, Publication
+from orchestrator.redisendpoint import RedisEndpoint
 from orchestrator.states import JobState, JobStatus, ShardState  # noqa: F401  (the ledger's vocabulary)
 
 
-def connect(url: str) -> redis.Redis:
-    return redis.Redis.from_url(
-        url, decode_responses=True, socket_connect_timeout=5, socket_timeout=30,
-        socket_keepalive=True, retry_on_timeout=True, health_check_interval=25,
-    )
+def connect(endpoint: RedisEndpoint | str) -> redis.Redis:
+    """A client of the primary: a redis:// URL's server, or the one the sentinels name now."""
+    endpoint = RedisEndpoint(endpoint) if isinstance(endpoint, str) else endpoint
+    return endpoint.client(decode_responses=True, socket_connect_timeout=5, socket_timeout=30,
+                           socket_keepalive=True, retry_on_timeout=True, health_check_interval=25)
 
 
 class Ledger:
-    def __init__(self, client: redis.Redis, url: str | None = None, job_ttl_s: int = 30 * 24 * 3600) -> None:
-        self.r, self.url, self.job_ttl_s = client, url, job_ttl_s
+    def __init__(self, client: redis.Redis, url: RedisEndpoint | str | None = None,
+                 job_ttl_s: int = 30 * 24 * 3600) -> None:
+        self.r, self.job_ttl_s = client, job_ttl_s
+        self.endpoint = RedisEndpoint(url) if isinstance(url, str) else url
 
     @classmethod
-    def from_url(cls, url: str, job_ttl_s: int = 30 * 24 * 3600) -> Ledger:
+    def from_url(cls, url: RedisEndpoint | str, job_ttl_s: int = 30 * 24 * 3600) -> Ledger:
         return cls(connect(url), url, job_ttl_s)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Ledger:
+        """The ledger at the settings' backend URL (a sentinel:// one with their master name and password)."""
+        return cls.from_url(settings.redis_endpoint(settings.backend_url), settings.job_ttl_s)
 
     def ping(self, timeout_s: float = 5.0) -> None:
         # A probe with a short timeout and no retries: the ledger's own client waits 30 s a try,
         # so a hung (not dead) Redis would make `submit` sit silent for a minute.
-        probe = self.r if self.url is None else redis.Redis.from_url(
-            self.url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
+        probe = self.r if self.endpoint is None else self.endpoint.client(
+            socket_connect_timeout=timeout_s, socket_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
         try:
             probe.ping()
         except redis.RedisError as e:

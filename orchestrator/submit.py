@@ -72,7 +72,7 @@ class Client:
         settings = settings or Settings()
         if not settings.broker_url:
             raise BrokerUnavailable("no broker configured: set VITBATCH_BROKER_URL or use `vitbatch run`")
-        return cls(settings, make_app(settings), Ledger.from_url(settings.backend_url, settings.job_ttl_s),
+        return cls(settings, make_app(settings), Ledger.from_settings(settings),
                    ObjectStore(settings))
 
     # -- submit ----------------------------------------------------------------------------

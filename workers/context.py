@@ -25,7 +25,7 @@ class WorkerContext:
 
     @cached_property
     def ledger(self) -> Ledger:
-        return Ledger.from_url(self.settings.backend_url, self.settings.job_ttl_s)
+        return Ledger.from_settings(self.settings)
 
     @cached_property
     def models(self) -> ModelCache:

@@ -1,0 +1,120 @@
+"""Where Redis is: one redis:// URL, or Redis Sentinel's sentinel:// URLs that lead to the current primary.
+
+The broker (kombu), Celery's result backend and the ledger (redis-py) read the same URL. A
+sentinel URL lists the sentinels, `;`-separated, in kombu's format:
+`sentinel://:PASSWORD@host1:26379/0;sentinel://host2:26379;sentinel://host3:26379`. The Redis
+password and database are the first entry's, because kombu reads only the first entry's; a later
+entry may repeat them but not differ. The primary's name and the sentinels' own password (their
+`requirepass`) are settings: VITBATCH_SENTINEL_MASTER and VITBATCH_SENTINEL_PASSWORD.
+
+A client built here asks the sentinels for the primary whenever it opens a connection, so after
+a failover its next connection goes to the promoted replica; a connection still open to a
+primary that was demoted is dropped at its first READONLY reply (redis-py's
+SentinelManagedConnection). Lua scripts therefore always run on the current primary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+import redis
+from redis.sentinel import Sentinel, SentinelManagedConnection
+
+from orchestrator.errors import ConfigError
+
+SCHEME = "sentinel"
+SENTINEL_PORT = 26379
+SENTINEL_TIMEOUT_S = 5.0  # a sentinel that does not answer within this is skipped for the next one
+
+
+@dataclass(frozen=True)
+class SentinelEntry:
+    """One `sentinel://` entry of a URL: where a sentinel listens, and the Redis credentials it names."""
+
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+    db: int | None
+
+    @classmethod
+    def parse(cls, text: str) -> SentinelEntry:
+        parts = urlsplit(text.strip())
+        if parts.scheme != SCHEME or not parts.hostname:
+            raise ConfigError(f"{text!r} in a Redis Sentinel URL is not sentinel://[:PASSWORD@]HOST:PORT[/DB]: "
+                              "separate the sentinels with ';', each with its own sentinel:// scheme")
+        path = parts.path.strip("/")
+        if path and not path.isdigit():
+            raise ConfigError(f"{text!r}: the database after the sentinel's address must be a number")
+        return cls(parts.hostname, parts.port or SENTINEL_PORT, unquote(parts.username) if parts.username else None,
+                   unquote(parts.password) if parts.password else None, int(path) if path else None)
+
+
+def parse_sentinels(url: str) -> tuple[list[SentinelEntry], dict]:
+    """The sentinels of a `sentinel://...;sentinel://...` URL and the Redis connection's credentials and db."""
+    entries = [SentinelEntry.parse(chunk) for chunk in url.split(";") if chunk.strip()]
+    first = entries[0]
+    for entry in entries[1:]:
+        for name in ("username", "password", "db"):
+            value = getattr(entry, name)
+            if value is not None and value != (getattr(first, name) if name != "db" else first.db or 0):
+                raise ConfigError(f"the sentinels in VITBATCH_BROKER_URL disagree on the Redis {name}: kombu reads "
+                                  "only the first entry's, so give it there (later entries may repeat it or leave it out)")
+    params: dict[str, int | str] = {"db": first.db or 0}
+    if first.username:
+        params["username"] = first.username
+    if first.password:
+        params["password"] = first.password
+    return entries, params
+
+
+class PrimaryConnection(SentinelManagedConnection):
+    """A connection to whichever server the sentinels name as primary, each time it connects.
+
+    redis-py 8.1 reconnects a dropped connection in `send_packed_command` through
+    `connect_check_health`, which dials the address the connection last had instead of asking
+    the sentinels: after a failover every pooled connection failed once more against the dead
+    primary (seen in tests/chaos/test_sentinel.py). Reconnecting through `connect` asks them.
+    """
+
+    def send_packed_command(self, command, check_health=True):
+        if not self._sock:
+            self.connect()
+        super().send_packed_command(command, check_health)
+
+
+@dataclass(frozen=True)
+class RedisEndpoint:
+    """A Redis URL plus what a sentinel:// one needs: the primary's name and the sentinels' password."""
+
+    url: str
+    master_name: str = "mymaster"
+    sentinel_password: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.is_sentinel:
+            parse_sentinels(self.url)  # refused here, with the reason, rather than at the first connection
+
+    @property
+    def is_sentinel(self) -> bool:
+        return self.url.startswith(f"{SCHEME}://")
+
+    def sentinel_kwargs(self) -> dict:
+        """How clients talk to the sentinels themselves (not to Redis)."""
+        kwargs = {"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S}
+        return kwargs | ({"password": self.sentinel_password} if self.sentinel_password else {})
+
+    def transport_options(self) -> dict:
+        """What kombu's and Celery's sentinel transports need besides the URL; {} for a plain Redis URL."""
+        if not self.is_sentinel:
+            return {}
+        return {"master_name": self.master_name, "sentinel_kwargs": self.sentinel_kwargs()}
+
+    def client(self, **options) -> redis.Redis:
+        """A redis-py client of the primary: `options` are redis-py connection options (timeouts, decoding)."""
+        if not self.is_sentinel:
+            return redis.Redis.from_url(self.url, **options)
+        entries, params = parse_sentinels(self.url)
+        sentinel = Sentinel([(e.host, e.port) for e in entries], sentinel_kwargs=self.sentinel_kwargs())
+        return sentinel.master_for(self.master_name, connection_class=PrimaryConnection, **params, **options)
