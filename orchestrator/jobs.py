@@ -52,7 +52,7 @@ class _Spec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    @field_validator("input", "train", "val", "alias", check_fields=False)
+    @field_validator("input", "train", "val", "alias", "kept_by", check_fields=False)
     @classmethod
     def _location(cls, value: str | None) -> str | None:
         return _field_value(normalize_uri, value)
@@ -86,6 +86,10 @@ class JobBase(_Spec):
     id_column: str | None = Field(
         None, description="Parquet inputs: key each row by this column (img2dataset's key) instead of "
         "<file key>/<row index>.",
+    )
+    kept_by: str | None = Field(
+        None, description="Only the images a dedup job kept: its output prefix or job folder (run it on the embed "
+        "output of this same --input); image files only, not tars or parquet rows.",
     )
     keep_columns: list[str] = Field(
         default_factory=list, description="Parquet inputs: columns copied into the output rows (classify parquet, "

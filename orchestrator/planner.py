@@ -12,7 +12,7 @@ import posixpath
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from orchestrator.errors import ObjectNotFound, SpecError, UnsafeKey
+from orchestrator.errors import ObjectNotFound, SpecError, UnsafeKey, VitbatchError
 from orchestrator.manifest import Item
 from orchestrator.parquetinputs import ParquetColumns, is_parquet_key, plan_parquet, shard_runs
 from orchestrator.scope import INPUT_LIST_SUFFIXES, input_root, outside_input
@@ -32,6 +32,7 @@ class Plan:
     skipped: list[str] = field(default_factory=list)  # "key: why": links out, loops, FIFOs, unlistable
     row_groups: list[Item] = field(default_factory=list)  # parquet row groups (parquetinputs.py)
     kept_columns: object | None = None  # pyarrow.Schema of --keep-columns, from the parquet footers
+    not_kept: int = 0  # images --kept-by left out (a dedup job removed them)
 
     @property
     def n_shards(self) -> int:
@@ -60,6 +61,7 @@ class Plan:
             "ignored_non_images": len(self.ignored), "ignored_examples": self.ignored[:10],
             "duplicate_keys": len(self.duplicates), "duplicate_examples": self.duplicates[:10],
             "skipped": len(self.skipped), "skipped_examples": self.skipped[:10],
+            **({"not_kept_by_dedup": self.not_kept} if self.not_kept else {}),
         }
 
 
@@ -162,3 +164,33 @@ def _manifest_key(line: str, manifest_uri: str, lineno: int) -> str:
     if not isinstance(key, str) or not key:
         raise SpecError(f"{manifest_uri} line {lineno}: 'key' must be a non-empty string")
     return key
+
+
+def plan_job(spec, store: ObjectStore) -> Plan:
+    """The plan of an inference job's spec: its input, its parquet columns, and, with `--kept-by`,
+    only the keys a dedup job kept (embed, dedup, then classify the kept images)."""
+    from orchestrator.parquetinputs import columns_of
+
+    job_plan = plan(spec.input, spec.shard_size, store, columns_of(spec))
+    if getattr(spec, "kept_by", None):
+        keep_only(job_plan, spec.kept_by, store)
+    return job_plan
+
+
+def keep_only(job_plan: Plan, dedup_output: str, store: ObjectStore) -> None:
+    """Drop every planned image the dedup job at `dedup_output` did not keep (SpecError when none is left)."""
+    from orchestrator.results import read_kept_keys
+
+    if job_plan.tars or job_plan.row_groups:
+        raise SpecError(f"--kept-by selects image files; the input also holds tars or parquet rows: point --input "
+                        "at the image files the embed job read")
+    try:
+        kept = set(read_kept_keys(dedup_output, store))
+    except VitbatchError as e:
+        raise SpecError(f"--kept-by {dedup_output}: no dedup result to read ({e}): run `vitbatch run dedup` first") from e
+    before = len(job_plan.items)
+    job_plan.items = [item for item in job_plan.items if item.key in kept]
+    job_plan.not_kept = before - len(job_plan.items)
+    if not job_plan.items:
+        raise SpecError(f"--kept-by {dedup_output}: none of the {before} images of --input is among the "
+                        f"{len(kept)} keys the dedup job kept: was its embed job run on this --input?")

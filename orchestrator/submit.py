@@ -27,8 +27,7 @@ from orchestrator.checks import check_export, check_model_options
 from orchestrator.modelinfo import read_config
 from orchestrator.outputs import job_dir, new_job_id, prefix_holder, read_json, spec_digest
 from orchestrator.manifest import write_manifests
-from orchestrator.parquetinputs import columns_of
-from orchestrator.planner import Plan, plan
+from orchestrator.planner import Plan, plan_job
 from orchestrator.redisretry import ride_out
 from orchestrator.storage import ObjectStore, join
 from orchestrator.vectorplan import plan_vectors
@@ -81,7 +80,7 @@ class Client:
         config = read_config(spec.model, self.store)
         check_model_options(spec, config)  # layers, top_k, architecture, remote code
         check_prefix_free(spec, self.store, overwrite)
-        return plan(spec.input, spec.shard_size, self.store, columns_of(spec))
+        return plan_job(spec, self.store)
 
     def submit(self, spec: JobSpec, overwrite: bool = False, previous_output: str | None = None,
                lane: str | None = None) -> tuple[str, dict]:

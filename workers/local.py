@@ -18,8 +18,7 @@ from orchestrator.finalize import publish
 from orchestrator.jobs import JobSpec
 from orchestrator.manifest import write_manifests
 from orchestrator.outputs import job_dir, new_job_id, spec_digest
-from orchestrator.parquetinputs import columns_of
-from orchestrator.planner import plan
+from orchestrator.planner import plan_job
 from orchestrator.storage import join, relative_key
 from workers.context import WorkerContext
 from workers.runner import run_shard
@@ -30,7 +29,7 @@ def run_local(spec: JobSpec, ctx: WorkerContext, job_id: str | None = None) -> t
     job_id = job_id or new_job_id()
     started = time.time()
     folder = job_dir(spec.output, job_id)
-    job_plan = plan(spec.input, spec.shard_size, ctx.store, columns_of(spec))
+    job_plan = plan_job(spec, ctx.store)
     spec_json = spec.model_dump_json()
     fields = {"job_id": job_id, "spec_sha256": spec_digest(spec_json)}
     job_record = json.dumps({**fields, "spec": json.loads(spec_json), "plan": {**job_plan.summary(), "carried": 0},

@@ -200,3 +200,24 @@ def test_exact_neighbors_equal_brute_force_cosine_top_k(embedded):
         expected = np.sort(cosine[i])[::-1][:5]
         assert np.allclose(row["cosines"], expected, atol=1e-5)
         assert np.allclose([cosine[i, index[key]] for key in row["neighbors"]], row["cosines"], atol=1e-5)
+
+
+def test_classify_with_kept_by_reads_only_the_images_dedup_kept(embedded, deduped, hf_model_dir, tmp_path):
+    """Curating in three commands: embed, dedup, then classify --kept-by the dedup output."""
+    from orchestrator.results import read_kept_keys, read_table
+
+    spec = parse_spec({"kind": "classify", "input": str(embedded["root"] / "images"), "output": str(tmp_path / "cls"),
+                       "model": str(hf_model_dir), "device": "cpu", "top_k": 1, "kept_by": deduped})
+    run_local(spec, WorkerContext(Settings()))
+    kept = read_kept_keys(deduped)
+    assert sorted(read_table(spec.output).column("key").to_pylist()) == sorted(kept)
+    assert len(kept) < len(embedded["keys"])  # the planted copies were left out
+    record = json.loads((tmp_path / "cls" / "_jobs").glob("*/_job.json").__next__().read_text())
+    assert record["plan"]["not_kept_by_dedup"] == len(embedded["keys"]) - len(kept)
+
+
+def test_kept_by_an_output_without_a_dedup_result_is_refused(embedded, hf_model_dir, tmp_path):
+    spec = parse_spec({"kind": "classify", "input": str(embedded["root"] / "images"), "output": str(tmp_path / "c"),
+                       "model": str(hf_model_dir), "device": "cpu", "top_k": 1, "kept_by": str(tmp_path / "none")})
+    with pytest.raises(SpecError, match="run `vitbatch run dedup` first"):
+        run_local(spec, WorkerContext(Settings()))
