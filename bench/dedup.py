@@ -1,5 +1,5 @@
 """dedup at scale, in one process: N random unit vectors plus planted near-duplicates, through
-vitbatch's own algorithm (workers/semdedup.py: seeded-sample k-means, assignment, blocked pairwise
+vitbatch's own algorithm (workers/curation/semdedup.py: seeded-sample k-means, assignment, blocked pairwise
 per cluster) and through NeMo Curator's (full triu(X Xᵀ) per cluster, numpy) on the same clusters;
 seconds per stage, peak RSS, and whether the kept sets are equal.
 
@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from bench.common import report
-from workers import semdedup
+from workers.curation import semdedup
 
 
 def planted_vectors(n: int, dim: int, dup_share: float, seed: int) -> np.ndarray:

@@ -26,7 +26,7 @@ from bench.common import (VIT_BASE, VIT_TINY, bench_dir, build_hf_vit, cpu_info,
 def export_dir(model_dir: Path, quantize: str, ctx) -> Path:
     """The model exported once (cached next to it); parity on 32 synthetic images, int8 threshold off."""
     from orchestrator.jobs import parse_spec
-    from workers.onnxexport import export
+    from workers.onnx.export import export
 
     dest = model_dir.parent / f"{model_dir.name}-onnx-{quantize}"
     if not (dest / "config.json").exists():

@@ -29,7 +29,7 @@ def main() -> None:
     from orchestrator.demo import DEMO_CONFIG, DEMO_TRAINING, write_digits
     from orchestrator.jobs import parse_spec
     from workers.context import WorkerContext
-    from workers.training import finetune
+    from workers.training.finetune import finetune
 
     ctx = WorkerContext(Settings())
     root = bench_dir() / "digits"

@@ -3,7 +3,7 @@
 Planning reads footers only, through ranged reads (`RangedFile`): the schema says which
 column holds the image, the row groups say how many rows there are, and a shard is a run
 of whole row groups. Nothing here reads a data page; the worker reads one row group's
-image column at a time (workers/parquetshards.py).
+image column at a time (workers/decode/parquetshards.py).
 
 The image column is the one the `huggingface` schema metadata types as `Image`, or the
 file's only binary or `struct{bytes, path}` column, or the one `--image-column` names.

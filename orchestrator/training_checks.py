@@ -22,7 +22,7 @@ def trained_images(n_train: int, epochs: float) -> int:
 
 
 def held_out(class_size: int, val_split: float) -> int:
-    """How many images of one class --val-split keeps for validation (workers.splits.stratified_split):
+    """How many images of one class --val-split keeps for validation (workers.training.splits.stratified_split):
     the share, rounded, and at least one of a class of two or more, never all of it."""
     n_val = round(class_size * val_split)
     if val_split > 0 and class_size >= 2:

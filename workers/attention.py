@@ -27,7 +27,7 @@ from orchestrator.modelkinds import Kind
 from workers.errors import ModelLoadError
 from workers.heads import INDEX_SCHEMA, ArrayHead
 from workers.loaded import LoadedModel
-from workers.preprocess import seen_box
+from workers.decode.preprocess import seen_box
 
 OVERLAY_MAX_SIDE = 512
 

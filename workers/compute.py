@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 
 from orchestrator.manifest import Item
-from workers.devicedecode import decode_batch, resize_batch
+from workers.decode.device import decode_batch, resize_batch
 from workers.errors import BadImage
 from workers.loaded import LoadedModel
 from workers.pipeline import Batch, Decoded, Failed
-from workers.preprocess import Decoder
+from workers.decode.preprocess import Decoder
 
 log = logging.getLogger(__name__)
 

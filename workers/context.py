@@ -8,7 +8,7 @@ from functools import cached_property
 from orchestrator.config import Settings
 from orchestrator.ledger import Ledger
 from orchestrator.storage import ObjectStore
-from workers.decodepool import DecodePool
+from workers.decode.pool import DecodePool
 from workers.models import ModelCache
 
 

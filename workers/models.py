@@ -26,7 +26,7 @@ from workers.families import Family, HFBackbone, HFClassifier, HFDualEncoder, Ti
 from workers.memory import long_lived, release_frozen
 from workers.modelfiles import check_model_dir, local_model_dir, read_config
 from workers.loaded import DTYPES, LoadedModel
-from workers.preprocess import Preprocess
+from workers.decode.preprocess import Preprocess
 
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
              "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
@@ -231,7 +231,7 @@ def load(ref: str, device: str = "auto", precision: str = "auto", *, attn: str =
     dtype = resolve_dtype(precision, torch_device)
     path = local_model_dir(ref, store, settings)
     if path is not None and is_onnx(read_config(path)):
-        from workers.onnxmodel import load_onnx
+        from workers.onnx.runtime import load_onnx
 
         return load_onnx(ref, path, device)
     config = check_model_dir(path, allow_pickle) if path is not None else None

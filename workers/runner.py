@@ -23,9 +23,9 @@ from workers.heads import ClassifyHead, EmbedHead, Head, ZeroShotHead
 from workers.metrics import instrumented_shard, timed_model
 from workers.loaded import LoadedModel
 from workers.models import default_batch_size
-from workers.parquetshards import Passthrough, expand_row_groups
+from workers.decode.parquetshards import Passthrough, expand_row_groups
 from workers.pipeline import DecodePath, Failed, ShardPipeline, StageTimes, decode_path
-from workers.tarshards import expand
+from workers.decode.tarshards import expand
 from workers.writers import commit_shard, upload_parts
 
 ProgressFn = Callable[[int, int], None]

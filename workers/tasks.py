@@ -218,21 +218,21 @@ def _single_task(task: Task, job_id: str, run: Callable) -> dict:
 
 @app.task(name=TASK_FINETUNE, queue=QUEUE_TRAIN, **TASK_OPTIONS)
 def finetune(self: Task, job_id: str) -> dict:
-    from workers.training import finetune as finetune_fn
+    from workers.training.finetune import finetune as finetune_fn
 
     return _single_task(self, job_id, finetune_fn)
 
 
 @app.task(name=TASK_EVALUATE, **TASK_OPTIONS)
 def evaluate(self: Task, job_id: str) -> dict:
-    from workers.evaluation import evaluate as evaluate_fn
+    from workers.training.evaluation import evaluate as evaluate_fn
 
     return _single_task(self, job_id, evaluate_fn)
 
 
 @app.task(name=TASK_EXPORT, **TASK_OPTIONS)
 def export(self: Task, job_id: str) -> dict:
-    from workers.onnxexport import export as export_fn
+    from workers.onnx.export import export as export_fn
 
     return _single_task(self, job_id, export_fn)
 

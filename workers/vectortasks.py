@@ -20,7 +20,7 @@ from workers.celery import app
 from workers.context import WorkerContext
 from workers.progress import progress_reporter
 from workers.tasks import TASK_OPTIONS, _execute, _held_elsewhere, context
-from workers.vectorshards import run_vector_shard
+from workers.curation.vectorshards import run_vector_shard
 
 
 def job_plan(ctx: WorkerContext, job_id: str) -> VectorPlan:

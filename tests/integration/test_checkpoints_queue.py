@@ -74,9 +74,9 @@ def test_clip_embed_and_zero_shot_through_the_queue(uploaded, worker, cli, bucke
     assert set(rows) == set(keys) and all(r["error"] is None for r in rows.values())
 
     local_images, models = uploaded
-    from workers.imaging import decode_rgb
+    from workers.decode.imaging import decode_rgb
     from workers.models import hf_preprocess
-    from workers.preprocess import resize_image
+    from workers.decode.preprocess import resize_image
 
     reference = tf.CLIPModel.from_pretrained(models / "clip-model")
     tokenizer = tf.AutoTokenizer.from_pretrained(models / "clip-model")

@@ -27,8 +27,8 @@ from workers import models
 from workers.context import WorkerContext
 from workers.errors import ModelLoadError
 from workers.local import run_local
-from workers.preprocess import resize_image
-from workers.imaging import decode_rgb
+from workers.decode.preprocess import resize_image
+from workers.decode.imaging import decode_rgb
 
 N_IMAGES = 6
 

@@ -20,12 +20,12 @@ from orchestrator.manifest import Item
 from orchestrator.planner import plan
 from orchestrator.storage import ObjectStore, normalize_uri
 from workers import models
-from workers.decodepool import DecodePool
-from workers.devicedecode import decode_batch, device_decodable, resize_batch
+from workers.decode.pool import DecodePool
+from workers.decode.device import decode_batch, device_decodable, resize_batch
 from workers.heads import ClassifyHead
-from workers.imaging import decode_rgb
+from workers.decode.imaging import decode_rgb
 from workers.pipeline import DecodePath, read_ahead
-from workers.preprocess import Decoder, Preprocess, resize_image
+from workers.decode.preprocess import Decoder, Preprocess, resize_image
 from workers.runner import run_with
 
 MAX_PIXELS = 10_000_000
@@ -125,7 +125,7 @@ def test_a_killed_decode_process_is_replaced_and_the_image_still_decodes(model, 
 
 
 def test_a_decode_past_its_time_limit_is_an_error_and_the_pool_recovers(model, photos, pool, monkeypatch):
-    import workers.decodepool as decodepool
+    import workers.decode.pool as decodepool
 
     big = photos[0].resize((3000, 2250))
     with slots_for(pool, model) as block:

@@ -28,8 +28,8 @@ from support import build_tiny_vit
 from workers import models
 from workers.attention import rollout
 from workers.errors import ModelLoadError
-from workers.imaging import decode_rgb
-from workers.preprocess import resize_image
+from workers.decode.imaging import decode_rgb
+from workers.decode.preprocess import resize_image
 from workers.local import run_local
 from workers.context import WorkerContext
 

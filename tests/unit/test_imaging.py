@@ -11,7 +11,7 @@ import pytest
 from PIL import EpsImagePlugin, Image, ImageFile
 
 from workers.errors import BadImage
-from workers.imaging import MAX_ASPECT_RATIO, decode_rgb
+from workers.decode.imaging import MAX_ASPECT_RATIO, decode_rgb
 
 
 def encode(img: Image.Image, fmt: str, **params) -> bytes:

@@ -19,8 +19,8 @@ from orchestrator.modelinfo import label_count, read_config
 from orchestrator.storage import ObjectStore
 from workers import models
 from workers.errors import ModelLoadError, UnsafeCheckpoint
-from workers.imaging import decode_rgb
-from workers.preprocess import resize_image
+from workers.decode.imaging import decode_rgb
+from workers.decode.preprocess import resize_image
 
 
 def load(directory, prefix: str = "") -> models.LoadedModel:

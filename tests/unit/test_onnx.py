@@ -30,8 +30,8 @@ from workers.attention import AttentionHead
 from workers.errors import ExportFailed, ModelLoadError
 from workers.local import run_local
 from orchestrator.constants import EXPORT_REPORT_FILE
-from workers.onnxexport import export
-from workers.onnxmodel import session, worker_cores
+from workers.onnx.export import export
+from workers.onnx.runtime import session, worker_cores
 from workers.context import WorkerContext
 
 N_GOOD = 12

@@ -31,9 +31,9 @@ from workers.errors import ExportFailed, ModelLoadError
 from workers.families import HFBackbone
 from workers.heads import ClassifyHead
 from workers.local import run_local
-from workers.onnxexport import RANDOM_OPS, export
-from workers.onnxmodel import session
-from workers.onnxparity import AGREE_COSINE, check_parity
+from workers.onnx.export import RANDOM_OPS, export
+from workers.onnx.runtime import session
+from workers.onnx.parity import AGREE_COSINE, check_parity
 
 N_IMAGES = 6
 HEADLESS = ["vit-model", "clip-model", "siglip-model"]

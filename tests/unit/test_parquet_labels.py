@@ -21,9 +21,9 @@ from orchestrator.labeledsources import LabelOptions
 from orchestrator.labels import load_labeled
 from orchestrator.storage import ObjectStore, normalize_uri
 from workers.context import WorkerContext
-from workers.evaluation import evaluate
-from workers.labeledcells import ContainerReader
-from workers.training import finetune
+from workers.training.evaluation import evaluate
+from workers.decode.labeledcells import ContainerReader
+from workers.training.finetune import finetune
 
 from parquet_datasets import N, hf_dataset, png
 

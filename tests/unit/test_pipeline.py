@@ -18,10 +18,10 @@ from orchestrator.storage import ObjectStore, normalize_uri
 from workers import models
 from workers.errors import ModelLoadError
 from workers.heads import ClassifyHead
-from workers.imaging import decode_rgb
-from workers.preprocess import resize_image
+from workers.decode.imaging import decode_rgb
+from workers.decode.preprocess import resize_image
 from workers.pipeline import DecodePath
-from workers.preprocess import Decoder
+from workers.decode.preprocess import Decoder
 from workers.runner import run_with
 
 TOP_K = 3

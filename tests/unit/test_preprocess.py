@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from workers.errors import BadImage
-from workers.preprocess import Preprocess, resize_image, resize_plan, resize_tensor, seen_box
+from workers.decode.preprocess import Preprocess, resize_image, resize_plan, resize_tensor, seen_box
 
 
 def prep(size, resample, **kwargs) -> Preprocess:

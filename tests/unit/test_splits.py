@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from orchestrator.labels import LabeledItem
-from workers.splits import stratified_split
+from workers.training.splits import stratified_split
 
 
 def items_of(counts: dict[str, int]) -> list[LabeledItem]:

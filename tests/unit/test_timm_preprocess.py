@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from timm.models import save_for_hf
 
-from workers.preprocess import resize_image
+from workers.decode.preprocess import resize_image
 from workers.models import load
 
 

@@ -21,13 +21,13 @@ from orchestrator.planner import plan
 from orchestrator.storage import ObjectStore, normalize_uri
 from workers import models
 from workers.errors import TrainingDiverged
-from workers.evaluation import evaluate
+from workers.training.evaluation import evaluate
 from workers.heads import ClassifyHead
 from workers.pipeline import DecodePath
-from workers.preprocess import Decoder
+from workers.decode.preprocess import Decoder
 from workers.runner import run_with
 from workers.context import WorkerContext
-from workers.training import finetune
+from workers.training.finetune import finetune
 
 # Two layers learn 400 digits faster than four: 62-70% val accuracy over seeds 0-2 after 20 epochs.
 TINY_VIT = {"image_size": 32, "patch_size": 8, "hidden_size": 64, "num_hidden_layers": 2,
@@ -246,7 +246,7 @@ def test_evaluate_refuses_labels_the_model_does_not_know(trained, tmp_path, ctx)
 
 
 def test_a_config_that_sets_the_labels_is_a_spec_error_saying_to_drop_them(tmp_path):
-    from workers.training import build_model
+    from workers.training.finetune import build_model
 
     spec = FinetuneSpec(train=str(tmp_path), output=str(tmp_path / "out"), config={**TINY_VIT, "num_labels": 3})
     with pytest.raises(SpecError, match="--config may not set num_labels: the labels come from the data; drop it"):

@@ -27,9 +27,9 @@ from workers import models
 from workers.errors import ModelLoadError, UnsafeCheckpoint
 from workers.heads import ClassifyHead
 from workers.pipeline import DecodePath
-from workers.preprocess import Decoder
+from workers.decode.preprocess import Decoder
 from workers.runner import run_with
-from workers.tarshards import expand
+from workers.decode.tarshards import expand
 
 
 def png(value: int = 40, size: int = 32) -> bytes:
@@ -349,7 +349,7 @@ def test_finetunings_starting_model_obeys_the_safetensors_rule(hf_model_dir, tmp
 
     from orchestrator.config import Settings
     from workers.context import WorkerContext
-    from workers.training import build_model
+    from workers.training.finetune import build_model
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()

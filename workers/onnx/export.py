@@ -20,7 +20,7 @@ tests build (HF ViT, DeiT, BEiT, Dinov2 with and without registers; timm ViT wit
 registers, without a class token, distilled DeiT, non-square) with a dynamic batch axis
 and LayerNormalization kept as one op from opset 17.
 
-Parity (workers/onnxparity.py): the export's outputs are compared with PyTorch fp32 on
+Parity (workers/onnx/parity.py): the export's outputs are compared with PyTorch fp32 on
 the CPU over sample images decoded by the job's own pipeline (`--input`, else synthetic
 images), and the job fails with the figures when they differ by more than the spec allows.
 """
@@ -45,8 +45,8 @@ from orchestrator.storage import join
 from workers.errors import ExportFailed, ModelLoadError
 from workers.loaded import LoadedModel
 from workers.models import load
-from workers.onnxmodel import INPUT_NAME, OUTPUT_NAMES, session
-from workers.onnxparity import (
+from workers.onnx.runtime import INPUT_NAME, OUTPUT_NAMES, session
+from workers.onnx.parity import (
     check_parity, graph_outputs, ort_outputs, parity, sample_pixels, thresholds, torch_outputs,
 )
 

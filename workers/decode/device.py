@@ -15,8 +15,8 @@ import warnings
 import torch
 from PIL import Image
 
-from workers.imaging import check_size
-from workers.preprocess import Preprocess, resize_tensor
+from workers.decode.imaging import check_size
+from workers.decode.preprocess import Preprocess, resize_tensor
 
 _EXIF_ORIENTATION = 0x0112
 _END_OF_IMAGE = b"\xff\xd9"

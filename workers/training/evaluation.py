@@ -26,10 +26,10 @@ from orchestrator.modelkinds import Checkpoint
 from orchestrator.storage import join
 from workers.context import WorkerContext
 from workers.heads import top_k
-from workers.labeledcells import ContainerReader
+from workers.decode.labeledcells import ContainerReader
 from workers.loaded import LoadedModel
 from workers.pipeline import DecodePath
-from workers.preprocess import Decoder
+from workers.decode.preprocess import Decoder
 from workers.runner import run_with
 from workers.writers import parquet_bytes
 

@@ -30,11 +30,11 @@ def run_vector_shard(spec: VectorSpec, shard: int, store: ObjectStore, marker_fi
     job_id = marker_fields["job_id"]
     start = time.perf_counter()
     if spec.kind == "dedup":
-        from workers.dedupshards import run_dedup_shard
+        from workers.curation.dedupshards import run_dedup_shard
 
         parts, fields = run_dedup_shard(spec, plan, shard, store, job_id, token, on_progress)
     else:
-        from workers.neighborshards import run_neighbors_shard
+        from workers.curation.neighborshards import run_neighbors_shard
 
         parts, fields = run_neighbors_shard(spec, plan, shard, store, job_id, token, on_progress)
     compute_s = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""Turn untrusted object bytes into RGB images (workers.preprocess sizes them for a model).
+"""Turn untrusted object bytes into RGB images (workers.decode.preprocess sizes them for a model).
 
 `decode_rgb` turns every failure into `BadImage` with a reason a user can
 act on; it never returns None or lets a PIL exception escape.

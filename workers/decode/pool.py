@@ -25,7 +25,7 @@ from queue import SimpleQueue
 import numpy as np
 
 from workers.errors import BadImage, NoSharedMemory
-from workers.preprocess import Decoder
+from workers.decode.preprocess import Decoder
 
 # A decode process keeps this many blocks mapped (the most recent shards').
 _ATTACHED_LIMIT = 4
@@ -74,7 +74,7 @@ class DecodePool:
         with self._lock:
             if self._executor is None:
                 context = multiprocessing.get_context("forkserver")
-                context.set_forkserver_preload(["workers.decodepool"])
+                context.set_forkserver_preload(["workers.decode.pool"])
                 self._executor = ProcessPoolExecutor(self.processes, mp_context=context)
             return self._executor
 

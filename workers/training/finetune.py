@@ -8,9 +8,9 @@ to re-implement each of those; Trainer needed one fix instead (HF weights were n
 really restored on resume: see checkpoints.ResumableTrainer).
 
 What is trained (a --config, or a checkpoint of any kind with a head sized from the labels) is
-built in workers/trainable.py; checkpoints and resume live in workers/checkpoints.py, the Dataset and transforms
-in workers/datasets.py, the train/val split in workers/splits.py, and what the run
-reports from Trainer's log (progress, divergence, metrics.json) in workers/trainlog.py.
+built in workers/training/trainable.py; checkpoints and resume live in workers/training/checkpoints.py, the Dataset and transforms
+in workers/training/datasets.py, the train/val split in workers/training/splits.py, and what the run
+reports from Trainer's log (progress, divergence, metrics.json) in workers/training/trainlog.py.
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ from orchestrator.jobs import FinetuneSpec
 from orchestrator.modelrefs import normalize_model_ref
 from orchestrator.storage import ObjectStore, join
 from workers import models
-from workers.checkpoints import ResumableTrainer, UploadCheckpoints, all_finite, restore
+from workers.training.checkpoints import ResumableTrainer, UploadCheckpoints, all_finite, restore
 from workers.context import WorkerContext
-from workers.datasets import LabeledImages, screen, transforms
+from workers.training.datasets import LabeledImages, screen, transforms
 from workers.errors import TrainingDiverged
-from workers.splits import train_val
-from workers.trainable import Built, build_model
-from workers.trainlog import ReportProgress, StopOnDivergence, write_metrics
+from workers.training.splits import train_val
+from workers.training.trainable import Built, build_model
+from workers.training.trainlog import ReportProgress, StopOnDivergence, write_metrics
 
 
 def _precision(precision: str, device: torch.device) -> dict:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from workers.errors import BadImage
-from workers.imaging import decode_rgb
+from workers.decode.imaging import decode_rgb
 
 Size = tuple[int, int]  # (height, width), as torch and the model config say it
 

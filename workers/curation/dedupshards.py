@@ -31,7 +31,7 @@ from orchestrator.jobs import DedupSpec
 from orchestrator.storage import ObjectStore, join
 from orchestrator.vectorplan import VectorPlan
 from orchestrator.vectorsource import read_vectors
-from workers import semdedup
+from workers.curation import semdedup
 from workers.writers import read_commit
 
 ProgressFn = Callable[[int, int], None]

@@ -1,6 +1,6 @@
 """Exported ONNX model directories, run on ONNX Runtime behind the LoadedModel that every head takes.
 
-The directory an export job writes (workers/onnxexport.py) holds `model.onnx` and a
+The directory an export job writes (workers/onnx/export.py) holds `model.onnx` and a
 config.json with `"format": "onnx"`, the source model's preprocessing and labels, and
 what the graph's outputs mean (`cls_source`, `prefix_tokens`, `outputs`). Its graph has one
 input (`pixel_values`, normalized like the source model's, any batch size) and the outputs
@@ -112,7 +112,7 @@ def load_onnx(ref: str, path: Path, device: str = "auto"):
     """A LoadedModel that runs the export in `path` on ONNX Runtime (fp32 inputs on the CPU side)."""
     from workers.families import Onnx
     from workers.loaded import LoadedModel
-    from workers.preprocess import Preprocess
+    from workers.decode.preprocess import Preprocess
 
     config = json.loads((path / "config.json").read_text())
     model_path = path / config.get("model_file", ONNX_MODEL_FILE)

@@ -14,9 +14,9 @@ from orchestrator.errors import ObjectNotFound, ObjectTooLarge
 from orchestrator.labels import LabeledItem
 from workers.errors import BadImage
 from workers.context import WorkerContext
-from workers.imaging import decode_rgb
-from workers.labeledcells import ContainerReader, addressed
-from workers.preprocess import Preprocess, resize_image
+from workers.decode.imaging import decode_rgb
+from workers.decode.labeledcells import ContainerReader, addressed
+from workers.decode.preprocess import Preprocess, resize_image
 
 
 class LabeledImages(torch.utils.data.Dataset):

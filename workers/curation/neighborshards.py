@@ -18,7 +18,7 @@ from orchestrator.jobs import NeighborsSpec
 from orchestrator.storage import ObjectStore
 from orchestrator.vectorplan import VectorPlan
 from orchestrator.vectorsource import VectorSource, read_vectors
-from workers.semdedup import unit_rows
+from workers.curation.semdedup import unit_rows
 
 ProgressFn = Callable[[int, int], None]
 RESULT_SCHEMA = pa.schema([("key", pa.string()), ("neighbors", pa.list_(pa.string())),

@@ -20,8 +20,8 @@ from orchestrator.labeledsources import split_address
 from orchestrator.manifest import Item
 from orchestrator.parquetinputs import image_column, read_footer
 from orchestrator.storage import ObjectStore
-from workers.parquetshards import RowGroup, RowGroupCells
-from workers.tarshards import expand
+from workers.decode.parquetshards import RowGroup, RowGroupCells
+from workers.decode.tarshards import expand
 
 CACHE_BYTES = 1 << 30  # row groups and tars kept in memory while a job reads them
 

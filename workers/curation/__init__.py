@@ -1,0 +1,1 @@
+"""Jobs over an embed job's vectors: semantic dedup and nearest neighbours."""

@@ -1,0 +1,1 @@
+"""Decoding untrusted bytes into model inputs: images, webdataset tars, parquet cells."""

@@ -1,0 +1,1 @@
+"""ONNX export, its parity check, and running an export on ONNX Runtime."""

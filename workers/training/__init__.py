@@ -1,0 +1,1 @@
+"""Fine-tuning and evaluation: the model to train, its data, checkpoints and what a run reports."""
