@@ -21,8 +21,8 @@ from bench.common import bench_dir, report, write_photo_jpegs
 
 
 def main() -> None:
-    from workers.decode.pool import DecodePool, DecodeRecipe
     from workers.decode.device import decode_batch, resize_batch
+    from workers.decode.pool import DecodePool, DecodeRecipe
     from workers.models import Preprocess
 
     parser = argparse.ArgumentParser()

@@ -25,8 +25,8 @@ def main() -> None:
 
     from orchestrator.config import Settings
     from orchestrator.embedded import EmbeddedStack
-    from orchestrator.processes import free_port
     from orchestrator.jobs import parse_spec
+    from orchestrator.processes import free_port
     from orchestrator.submit import Client
     from workers.context import WorkerContext
 

@@ -43,9 +43,9 @@ def _one_process(model_dir: str, batch: int, threads: int, seconds: float, start
 
 def model_rate(model_dir: str, workers: int, batches: list[int], seconds: float) -> dict:
     """{"best_batch", "images_per_s", "per_batch": {batch: img/s}, "precision", "workers", "threads"}."""
-    from workers.models import resolve_dtype
-
     import torch
+
+    from workers.models import resolve_dtype
 
     cores = len(os.sched_getaffinity(0))
     threads = max(1, cores // workers)

@@ -19,8 +19,16 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from bench.common import (VIT_BASE, VIT_TINY, bench_dir, build_hf_vit, cpu_info, report, run_in_process,
-                          write_photo_jpegs)
+from bench.common import (
+    VIT_BASE,
+    VIT_TINY,
+    bench_dir,
+    build_hf_vit,
+    cpu_info,
+    report,
+    run_in_process,
+    write_photo_jpegs,
+)
 
 
 def export_dir(model_dir: Path, quantize: str, ctx) -> Path:

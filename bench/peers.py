@@ -240,7 +240,7 @@ class CpuLock:
             except BlockingIOError:
                 if time.monotonic() - start > self.timeout_s:
                     os.close(self.fd)
-                    raise TimeoutError(f"{self.path} still held by others after {self.timeout_s:.0f} s")
+                    raise TimeoutError(f"{self.path} still held by others after {self.timeout_s:.0f} s") from None
                 time.sleep(0.5)
         self.waited_s = time.monotonic() - start
         return self

@@ -13,9 +13,9 @@ from contextlib import ExitStack
 
 import typer
 
+from orchestrator.commits import stage_seconds
 from orchestrator.config import Settings
 from orchestrator.errors import VitbatchError
-from orchestrator.commits import stage_seconds
 from orchestrator.jobs import JOB_KINDS, SPEC_CLASSES, parse_spec
 from orchestrator.ledger import JobState
 from orchestrator.terminal import console, err, exit_code, report, watch
@@ -69,7 +69,7 @@ def _cli_type(annotation, default):
         return str
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return typing.Optional[_cli_type(inner[0], default)]
+        return typing.Optional[_cli_type(inner[0], default)]  # noqa: UP045 (typer reads typing.Optional)
     return annotation
 
 
@@ -81,7 +81,7 @@ def _json_argument(value: str) -> str:
         with open(os.path.expanduser(value[1:]), encoding="utf-8") as f:
             return f.read()
     except OSError as e:
-        raise VitbatchError(f"cannot read {value[1:]!r} for --config ({e.strerror}): give a JSON object or @file.json")
+        raise VitbatchError(f"cannot read {value[1:]!r} for --config ({e.strerror}): give a JSON object or @file.json") from e
 
 
 def _job_command(group: typer.Typer, kind: str, wait: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC
 
 import typer
 from rich.table import Table
@@ -17,12 +18,12 @@ _FILE = typer.Option(..., "--file", "-f", help="Schedules TOML file.")
 
 def schedule_check(file: str = _FILE) -> None:
     """Validate a schedules file and show when each entry runs next."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from orchestrator.schedule import load_schedules
 
     for entry in load_schedules(file):
-        wait_s = entry.crontab().remaining_estimate(datetime.now(timezone.utc)).total_seconds()
+        wait_s = entry.crontab().remaining_estimate(datetime.now(UTC)).total_seconds()
         console.print(f"{entry.name}: '{entry.cron}' {entry.timezone}, {entry.job['kind']} -> "
                       f"{entry.job['output']}, next run in {max(wait_s, 0) / 3600:.1f} h")
 

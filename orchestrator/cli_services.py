@@ -98,9 +98,10 @@ def up(workers: int = typer.Option(1, help="Local worker processes."),
         for url in stack.metrics_urls:
             console.print(f"worker metrics: {url}")
         if s.metrics_port:
+            from prometheus_client import start_http_server
+
             from orchestrator.fleetmetrics import registry
             from orchestrator.ledger import Ledger
-            from prometheus_client import start_http_server
 
             fleet_port = s.metrics_port + workers
             start_http_server(fleet_port, addr="127.0.0.1", registry=registry(Ledger.from_settings(s)))

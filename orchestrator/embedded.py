@@ -22,7 +22,13 @@ from pathlib import Path
 from orchestrator.config import Settings
 from orchestrator.gpupool import listed_gpus
 from orchestrator.processes import (
-    ALL_QUEUES, RedisServer, flower_command, flower_env, free_port, settings_env, worker_command,
+    ALL_QUEUES,
+    RedisServer,
+    flower_command,
+    flower_env,
+    free_port,
+    settings_env,
+    worker_command,
 )
 
 MAX_AUTO_WORKERS = 4

@@ -22,7 +22,6 @@ from orchestrator.storage import ObjectStore, join, relative_key
 from orchestrator.vectorplan import job_fields
 
 
-
 def committed_markers(job_id: str, output: str, ledger: Ledger, store: ObjectStore,
                       carried: int) -> list[ShardMarker]:
     """This job's own commit markers, in shard order (carried-over rows first)."""

@@ -182,7 +182,7 @@ def keep_only(job_plan: Plan, dedup_output: str, store: ObjectStore) -> None:
     from orchestrator.results import read_kept_keys
 
     if job_plan.tars or job_plan.row_groups:
-        raise SpecError(f"--kept-by selects image files; the input also holds tars or parquet rows: point --input "
+        raise SpecError("--kept-by selects image files; the input also holds tars or parquet rows: point --input "
                         "at the image files the embed job read")
     try:
         kept = set(read_kept_keys(dedup_output, store))

@@ -22,7 +22,7 @@ import re
 import secrets
 import time
 import tomllib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -30,7 +30,11 @@ from celery.schedules import crontab
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orchestrator.constants import (
-    QUEUE_DEFAULT, SCHEDULE_RUNS_KEPT, SUCCESS_FILE, TASK_SCHEDULED_RUN, schedule_runs_key,
+    QUEUE_DEFAULT,
+    SCHEDULE_RUNS_KEPT,
+    SUCCESS_FILE,
+    TASK_SCHEDULED_RUN,
+    schedule_runs_key,
 )
 from orchestrator.errors import JobNotFound, SpecError, StorageError
 from orchestrator.jobs import parse_spec
@@ -125,7 +129,7 @@ def new_run_id(now: float) -> str:
     microsecond, then 24 random bits. Two runs of one schedule (beat and `schedule run`, or two
     manual runs) may start within the same second, and must never share an output prefix; the
     names still sort by start time, across DST changes too (UTC, fixed width)."""
-    started = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    started = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     return f"{started}-{secrets.token_hex(3)}"
 
 

@@ -18,8 +18,15 @@ from urllib.parse import quote, unquote
 from orchestrator.config import Settings
 from orchestrator.errors import ObjectExists, ObjectNotFound, StorageError, UnsafeKey
 from orchestrator.localfs import (
-    PARTIAL_SUFFIX, fsync_dir, is_partial_write, read_local, relative_path, current_umask, walk_sorted, local_path,
+    PARTIAL_SUFFIX,
+    current_umask,
+    fsync_dir,
+    is_partial_write,
+    local_path,
+    read_local,
     read_local_range,
+    relative_path,
+    walk_sorted,
 )
 from orchestrator.s3 import S3Objects
 

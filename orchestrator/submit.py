@@ -13,25 +13,33 @@ from celery import Celery
 
 from orchestrator import __version__
 from orchestrator.celery_app import make_app
+from orchestrator.checks import check_export, check_model_options
 from orchestrator.config import Settings
 from orchestrator.constants import (
-    JOB_SPEC_FILE, QUEUE_DEFAULT, QUEUE_INTERACTIVE, QUEUE_TRAIN, SUCCESS_FILE, TASK_EVALUATE, TASK_EXPORT,
-    TASK_FINETUNE, TASK_RUN_SHARD, TASK_VECTOR_SHARD, shard_task_id,
+    JOB_SPEC_FILE,
+    QUEUE_DEFAULT,
+    QUEUE_INTERACTIVE,
+    QUEUE_TRAIN,
+    SUCCESS_FILE,
+    TASK_EVALUATE,
+    TASK_EXPORT,
+    TASK_FINETUNE,
+    TASK_RUN_SHARD,
+    TASK_VECTOR_SHARD,
+    shard_task_id,
 )
 from orchestrator.errors import BrokerUnavailable, ObjectExists, OutputBusy, SpecError
 from orchestrator.finalize import finalize
 from orchestrator.incremental import carry_over, model_identity, resolve_alias
 from orchestrator.jobs import VECTOR_KINDS, JobSpec, normalize_model_ref
 from orchestrator.ledger import JobState, JobStatus, Ledger, ShardState
-from orchestrator.checks import check_export, check_model_options
+from orchestrator.manifest import write_manifests
 from orchestrator.modelinfo import read_config
 from orchestrator.outputs import job_dir, new_job_id, prefix_holder, read_json, spec_digest
-from orchestrator.manifest import write_manifests
 from orchestrator.planner import Plan, plan_job
 from orchestrator.redisretry import ride_out
 from orchestrator.storage import ObjectStore, join
 from orchestrator.vectorplan import plan_vectors
-
 
 log = logging.getLogger(__name__)
 SINGLE_TASK_KINDS = {"finetune": TASK_FINETUNE, "evaluate": TASK_EVALUATE, "export": TASK_EXPORT}

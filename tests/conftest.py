@@ -14,9 +14,10 @@ import pytest
 # children inherit it through settings_env). An explicit OMP_NUM_THREADS wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from support import ROOT, WorkerPool, build_tiny_vit, run_cli  # noqa: E402
+
 from orchestrator.config import Settings  # noqa: E402
 from orchestrator.processes import RedisServer, free_port, settings_env  # noqa: E402
-from support import ROOT, WorkerPool, build_tiny_vit, run_cli  # noqa: E402
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",

@@ -24,10 +24,10 @@ from PIL import Image
 
 from orchestrator.manifest import Item
 from orchestrator.modelkinds import Kind
+from workers.decode.preprocess import seen_box
 from workers.errors import ModelLoadError
 from workers.heads import INDEX_SCHEMA, ArrayHead
 from workers.loaded import LoadedModel
-from workers.decode.preprocess import seen_box
 
 OVERLAY_MAX_SIDE = 512
 

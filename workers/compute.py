@@ -19,10 +19,10 @@ from PIL import Image
 
 from orchestrator.manifest import Item
 from workers.decode.device import decode_batch, resize_batch
+from workers.decode.preprocess import Decoder
 from workers.errors import BadImage
 from workers.loaded import LoadedModel
 from workers.pipeline import Batch, Decoded, Failed
-from workers.decode.preprocess import Decoder
 
 log = logging.getLogger(__name__)
 

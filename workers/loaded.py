@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workers.families import Family
 from workers.decode.preprocess import Preprocess
+from workers.families import Family
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PRECISION_NAMES = {dtype: name for name, dtype in DTYPES.items()}

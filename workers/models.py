@@ -21,12 +21,12 @@ from orchestrator.errors import SpecError
 from orchestrator.modelinfo import is_onnx
 from orchestrator.modelkinds import Checkpoint, Kind, checkpoint_kind
 from orchestrator.storage import ObjectStore
+from workers.decode.preprocess import Preprocess
 from workers.errors import ModelLoadError
 from workers.families import Family, HFBackbone, HFClassifier, HFDualEncoder, Timm
+from workers.loaded import DTYPES, LoadedModel
 from workers.memory import long_lived, release_frozen
 from workers.modelfiles import check_model_dir, local_model_dir, read_config
-from workers.loaded import DTYPES, LoadedModel
-from workers.decode.preprocess import Preprocess
 
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
              "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}

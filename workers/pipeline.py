@@ -27,11 +27,11 @@ from orchestrator.errors import ObjectNotFound, ObjectTooLarge, ObjectUnreadable
 from orchestrator.manifest import Item
 from orchestrator.scope import outside_input
 from orchestrator.storage import ObjectStore
-from workers.decode.pool import DecodePool, SlotBlock
 from workers.decode.device import device_decodable
+from workers.decode.pool import DecodePool, SlotBlock
+from workers.decode.preprocess import Decoder
 from workers.errors import BadImage, NoSharedMemory
 from workers.loaded import LoadedModel
-from workers.decode.preprocess import Decoder
 
 log = logging.getLogger(__name__)
 

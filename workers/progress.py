@@ -18,8 +18,8 @@ from celery import Task
 from orchestrator.errors import StaleDelivery
 from orchestrator.fencing import Lease
 from orchestrator.ledger import JobState
-from workers.errors import JobCancelled
 from workers.context import WorkerContext
+from workers.errors import JobCancelled
 
 log = logging.getLogger(__name__)
 REPORT_EVERY_S = 1.0

@@ -19,13 +19,13 @@ from orchestrator.storage import ObjectStore
 from workers.attention import AttentionHead
 from workers.compute import DeviceStage
 from workers.context import WorkerContext
-from workers.heads import ClassifyHead, EmbedHead, Head, ZeroShotHead
-from workers.metrics import instrumented_shard, timed_model
-from workers.loaded import LoadedModel
-from workers.models import default_batch_size
 from workers.decode.parquetshards import Passthrough, expand_row_groups
-from workers.pipeline import DecodePath, Failed, ShardPipeline, StageTimes, decode_path
 from workers.decode.tarshards import expand
+from workers.heads import ClassifyHead, EmbedHead, Head, ZeroShotHead
+from workers.loaded import LoadedModel
+from workers.metrics import instrumented_shard, timed_model
+from workers.models import default_batch_size
+from workers.pipeline import DecodePath, Failed, ShardPipeline, StageTimes, decode_path
 from workers.writers import commit_shard, upload_parts
 
 ProgressFn = Callable[[int, int], None]

@@ -21,7 +21,13 @@ from celery import Task
 
 from orchestrator.config import Settings
 from orchestrator.constants import (
-    QUEUE_TRAIN, REDIS_PROBE_KEY, TASK_EVALUATE, TASK_EXPORT, TASK_FINETUNE, TASK_RUN_SHARD, TASK_SCHEDULED_RUN,
+    QUEUE_TRAIN,
+    REDIS_PROBE_KEY,
+    TASK_EVALUATE,
+    TASK_EXPORT,
+    TASK_FINETUNE,
+    TASK_RUN_SHARD,
+    TASK_SCHEDULED_RUN,
 )
 from orchestrator.errors import JobNotFound, NotRetryable, StaleDelivery
 from orchestrator.fencing import Lease
@@ -30,9 +36,9 @@ from orchestrator.jobs import parse_spec
 from orchestrator.ledger import JobState, ShardState
 from orchestrator.outputs import job_dir, spec_digest
 from workers.celery import app
+from workers.context import WorkerContext
 from workers.errors import JobCancelled, ShardFailed
 from workers.progress import Heartbeat, progress_reporter, training_reporter
-from workers.context import WorkerContext
 from workers.runner import run_shard as run_shard_fn
 from workers.writers import commit_shard, read_commit, written_files
 
@@ -90,12 +96,12 @@ def _execute(task: Task, job_id: str, shard: int, work: Callable[..., dict]) -> 
         # the message to Redis's visibility timeout.
         log.warning("job %s shard %s: Redis failed (%s); the shard's message is not acknowledged", job_id, shard, e)
         _wait_for_redis_writes(ctx)
-        raise task.retry(exc=e, countdown=1, max_retries=None)
+        raise task.retry(exc=e, countdown=1, max_retries=None) from e
     except Exception as e:
         # Transient (S3, OOM...): back off and go again; start_shard counts the deliveries
         # and quarantines the shard once they run out.
         log.exception("job %s shard %s failed; retrying", job_id, shard)
-        raise task.retry(exc=e, countdown=backoff_s, max_retries=None)
+        raise task.retry(exc=e, countdown=backoff_s, max_retries=None) from e
 
 
 def _wait_for_redis_writes(ctx: WorkerContext, poll_s: float = 2.0) -> None:

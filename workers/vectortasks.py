@@ -18,9 +18,9 @@ from orchestrator.outputs import job_dir
 from orchestrator.vectorplan import VectorPlan
 from workers.celery import app
 from workers.context import WorkerContext
+from workers.curation.vectorshards import run_vector_shard
 from workers.progress import progress_reporter
 from workers.tasks import TASK_OPTIONS, _execute, _held_elsewhere, context
-from workers.curation.vectorshards import run_vector_shard
 
 
 def job_plan(ctx: WorkerContext, job_id: str) -> VectorPlan:

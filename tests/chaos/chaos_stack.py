@@ -19,17 +19,17 @@ import psutil
 import pyarrow.parquet as pq
 import redis
 from kombu.exceptions import OperationalError
+from support import ROOT, WorkerPool  # noqa: F401  (ROOT is re-exported to the chaos tests)
 
 from orchestrator.config import Settings
-from orchestrator.outputs import job_dir
 from orchestrator.constants import commit_name, shard_attempts_key, shard_done_key
-from orchestrator.processes import RedisServer
 from orchestrator.jobs import parse_spec
 from orchestrator.ledger import JobStatus, ShardState
+from orchestrator.outputs import job_dir
+from orchestrator.processes import RedisServer
 from orchestrator.results import committed_parts, read_table
 from orchestrator.storage import ObjectStore, join
 from orchestrator.submit import Client
-from support import ROOT, WorkerPool  # noqa: F401  (ROOT is re-exported to the chaos tests)
 
 REDIS_DOWN = (redis.RedisError, OperationalError, ConnectionError)
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.chaos
 
 
 def _finished_deliveries(stack, shard: int) -> int:
-    pattern = re.compile(r"Task vitbatch\.run_shard\[\S+\] succeeded in .*'shard': %d," % shard)
+    pattern = re.compile(r"Task vitbatch\.run_shard\[\S+\] succeeded in .*'shard': " + str(shard) + ",")
     return len(pattern.findall(stack.workers.logs()))
 
 

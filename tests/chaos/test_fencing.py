@@ -17,8 +17,8 @@ import pytest
 
 from orchestrator.constants import SUCCESS_FILE, commit_name
 from orchestrator.errors import StaleDelivery, StorageError
-from orchestrator.fleetmetrics import FleetCollector
 from orchestrator.finalize import finalize
+from orchestrator.fleetmetrics import FleetCollector
 from orchestrator.ledger import JobState
 from orchestrator.outputs import success_record
 from orchestrator.reconcile import reconcile

@@ -200,7 +200,7 @@ def test_a_worker_whose_redis_fills_up_mid_shard_does_not_ack_and_the_shard_come
     try:
         status = stack.wait(job_id)
     except TimeoutError:
-        raise AssertionError(stack.workers.log("slow")[-6000:])
+        raise AssertionError(stack.workers.log("slow")[-6000:]) from None
     assert status.state is JobState.SUCCEEDED, explain(status)
     assert_exactly_once(stack.output, digits.keys, stack.store)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 
 import pytest
-from hostlab import HUB_IP, REDIS_PORT, S3_PORT, AWS_ENV, Fleet, Lab, World, sweep_stale_labs
+from hostlab import AWS_ENV, HUB_IP, REDIS_PORT, S3_PORT, Fleet, Lab, World, sweep_stale_labs
 
 from orchestrator.config import Settings
 

@@ -253,7 +253,7 @@ class Fleet:
                     return r.close()
             except redis.exceptions.ConnectionError:  # BusyLoadingError too: replaying the AOF
                 if time.monotonic() > deadline or self.procs["redis"].poll() is not None:
-                    raise RuntimeError(f"Redis did not come up: {self.log('redis').read_text()[-2000:]}")
+                    raise RuntimeError(f"Redis did not come up: {self.log('redis').read_text()[-2000:]}") from None
             time.sleep(0.1)
 
     def kill_redis(self) -> None:
@@ -274,7 +274,7 @@ class Fleet:
                 return
             except OSError:
                 if time.monotonic() > deadline or self.procs["s3"].poll() is not None:
-                    raise RuntimeError(f"S3 did not come up: {self.log('s3').read_text()[-2000:]}")
+                    raise RuntimeError(f"S3 did not come up: {self.log('s3').read_text()[-2000:]}") from None
             time.sleep(0.2)
 
     def start_reconciler(self) -> None:

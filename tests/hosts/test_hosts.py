@@ -67,7 +67,7 @@ def test_a_host_returning_during_an_overwrite_rerun_does_not_republish_the_repla
     status_b = world.wait_ended(job_b)
     assert status_b.state is JobState.SUCCEEDED, explain(status_b)
     for host in ("w1", "w2", "w3"):
-        world.wait_until(f"{host} is done with its deliveries", lambda: world.idle(host))
+        world.wait_until(f"{host} is done with its deliveries", lambda host=host: world.idle(host))
     world.exactly_once(output, job_b)  # B's record is the one published, and its folder is whole
     assert world.status(job_a).state is JobState.SUCCEEDED
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from orchestrator.processes import free_port
 from orchestrator.jobs import parse_spec
 from orchestrator.ledger import JobState
+from orchestrator.processes import free_port
 from orchestrator.results import read_table
 
 pytestmark = pytest.mark.integration

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from helpers_checkpoints import build_checkpoint
+
 from orchestrator.demo import write_digits
 from orchestrator.results import read_embeddings, read_table
 from orchestrator.storage import ObjectStore
@@ -75,8 +75,8 @@ def test_clip_embed_and_zero_shot_through_the_queue(uploaded, worker, cli, bucke
 
     local_images, models = uploaded
     from workers.decode.imaging import decode_rgb
-    from workers.models import hf_preprocess
     from workers.decode.preprocess import resize_image
+    from workers.models import hf_preprocess
 
     reference = tf.CLIPModel.from_pretrained(models / "clip-model")
     tokenizer = tf.AutoTokenizer.from_pretrained(models / "clip-model")

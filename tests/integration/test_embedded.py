@@ -65,7 +65,6 @@ def test_sigterm_to_vitbatch_up_stops_its_redis_and_workers(env, tmp_path):
     import sys
 
     import psutil
-
     from support import ROOT
 
     up_env = {k: v for k, v in env.items() if k != "VITBATCH_BROKER_URL"}
@@ -96,9 +95,10 @@ def test_vitbatch_run_without_a_broker_starts_one_worker_per_core_and_a_rerun_ne
     import json
     import os
 
+    from support import run_cli
+
     from orchestrator.demo import write_digits
     from orchestrator.embedded import auto_workers
-    from support import run_cli
 
     write_digits(tmp_path / "in", limit=40)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VITBATCH_")}
@@ -133,8 +133,9 @@ def _processes_with(cache_dir: str) -> list[list[str]]:
 def test_a_succeeded_run_leaves_no_process_behind_not_even_decode_processes(tiny_model, tmp_path):
     """After a succeeded job `vitbatch run` kills its stack instead of waiting for a warm
     shutdown: nothing of it may outlive the command, the workers' decode processes included."""
-    from orchestrator.demo import write_digits
     from support import run_cli
+
+    from orchestrator.demo import write_digits
 
     write_digits(tmp_path / "in", limit=12)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VITBATCH_")}

@@ -12,16 +12,16 @@ from base64 import b64encode
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support import ROOT
 
 from orchestrator.config import Settings
 from orchestrator.constants import QUEUE_DEFAULT, QUEUE_INTERACTIVE, QUEUE_TRAIN
 from orchestrator.demo import write_digits
 from orchestrator.embedded import EmbeddedStack
-from orchestrator.processes import free_port, settings_env
 from orchestrator.fleetmetrics import queue_keys
 from orchestrator.jobs import parse_spec
+from orchestrator.processes import free_port, settings_env
 from orchestrator.submit import Client
-from support import ROOT
 
 pytestmark = pytest.mark.integration
 

@@ -9,13 +9,13 @@ import time
 
 import pytest
 from PIL import Image
+from support import build_tiny_vit
 
 from orchestrator.demo import write_digits
+from orchestrator.errors import ObjectNotFound
 from orchestrator.jobs import parse_spec
 from orchestrator.results import read_table
-from orchestrator.errors import ObjectNotFound
 from orchestrator.storage import join
-from support import build_tiny_vit
 
 pytestmark = pytest.mark.integration
 

@@ -8,13 +8,12 @@ download failed) is embedded with its own `key` column as row keys and its url a
 from __future__ import annotations
 
 import pytest
+from parquet_datasets import N, hf_dataset, image_files, img2dataset_shard
 
 from orchestrator.manifest import Item
 from orchestrator.parquetinputs import ParquetColumns, ReadStats, plan_parquet
 from orchestrator.results import read_embeddings, read_table
 from orchestrator.storage import ObjectStore
-
-from parquet_datasets import N, hf_dataset, image_files, img2dataset_shard
 
 pytestmark = pytest.mark.integration
 

@@ -57,8 +57,8 @@ def test_a_running_shard_that_stopped_heartbeating_goes_back_to_pending_and_the_
 def test_a_job_the_reconciler_finalizes_records_the_model_its_shards_ran(client, queued_job, settings):
     """The reconciler and the last worker race to finalize; either way the record names the model
     (it once came only from the last worker's call, so a reconciler's record had an empty one)."""
-    from orchestrator.outputs import job_dir, read_json, spec_digest
     from orchestrator.constants import SUCCESS_FILE
+    from orchestrator.outputs import job_dir, read_json, spec_digest
     from orchestrator.storage import join
     from workers.context import WorkerContext
     from workers.runner import run_shard

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from helpers_models import build_hf_vit, build_timm_vit
 
 

@@ -53,9 +53,17 @@ def _scale_head(model, head_name: str) -> None:
 def build_hf(name: str, directory: Path, seed: int = 0) -> Path:
     import torch
     from transformers import (
-        BeitConfig, BeitForImageClassification, DeiTConfig, DeiTForImageClassification, Dinov2Config,
-        Dinov2ForImageClassification, Dinov2WithRegistersConfig, Dinov2WithRegistersForImageClassification,
-        ViTConfig, ViTForImageClassification, ViTImageProcessor,
+        BeitConfig,
+        BeitForImageClassification,
+        DeiTConfig,
+        DeiTForImageClassification,
+        Dinov2Config,
+        Dinov2ForImageClassification,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersForImageClassification,
+        ViTConfig,
+        ViTForImageClassification,
+        ViTImageProcessor,
     )
 
     torch.manual_seed(seed)

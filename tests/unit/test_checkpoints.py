@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers_checkpoints import CHECKPOINTS, DUAL, build_checkpoint
 from PIL import Image
 
-from helpers_checkpoints import CHECKPOINTS, DUAL, build_checkpoint
 from orchestrator.checks import check_model_options
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
@@ -25,10 +25,10 @@ from orchestrator.results import read_embeddings, read_table
 from orchestrator.storage import ObjectStore
 from workers import models
 from workers.context import WorkerContext
+from workers.decode.imaging import decode_rgb
+from workers.decode.preprocess import resize_image
 from workers.errors import ModelLoadError
 from workers.local import run_local
-from workers.decode.preprocess import resize_image
-from workers.decode.imaging import decode_rgb
 
 N_IMAGES = 6
 

@@ -20,12 +20,12 @@ from orchestrator.manifest import Item
 from orchestrator.planner import plan
 from orchestrator.storage import ObjectStore, normalize_uri
 from workers import models
-from workers.decode.pool import DecodePool
 from workers.decode.device import decode_batch, device_decodable, resize_batch
-from workers.heads import ClassifyHead
 from workers.decode.imaging import decode_rgb
-from workers.pipeline import DecodePath, read_ahead
+from workers.decode.pool import DecodePool
 from workers.decode.preprocess import Decoder, Preprocess, resize_image
+from workers.heads import ClassifyHead
+from workers.pipeline import DecodePath, read_ahead
 from workers.runner import run_with
 
 MAX_PIXELS = 10_000_000
@@ -205,8 +205,8 @@ def test_an_unset_batch_size_runs_cache_sized_batches_on_a_cpu(hf_model_dir, ite
 
 def test_a_shard_decodes_in_threads_when_dev_shm_has_no_room(hf_model_dir, items, tmp_path, caplog):
     from orchestrator.config import Settings
-    from workers.errors import NoSharedMemory
     from workers.context import WorkerContext
+    from workers.errors import NoSharedMemory
 
     class NoRoom(DecodePool):
         def slot_block(self, *args, **kwargs):

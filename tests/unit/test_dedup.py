@@ -25,10 +25,10 @@ from orchestrator.results import (
 from orchestrator.storage import ObjectStore, join
 from orchestrator.vectorplan import plan_dedup
 from orchestrator.vectorsource import comparable
-from workers.curation import semdedup
 from workers.context import WorkerContext
-from workers.local import run_local
+from workers.curation import semdedup
 from workers.curation.vectorshards import run_vectors_local
+from workers.local import run_local
 
 EPS = 0.01
 

@@ -15,23 +15,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from helpers_models import LABELS, TIMM_CROP_PCT, TIMM_MEAN, TIMM_STD
-from orchestrator.modelkinds import Kind
+from PIL import Image
+from support import build_tiny_vit
+
 from orchestrator.config import Settings
 from orchestrator.jobs import normalize_model_ref, parse_spec
+from orchestrator.modelkinds import Kind
 from orchestrator.outputs import success_record
 from orchestrator.results import committed_parts, read_arrays, read_embeddings, read_index
 from orchestrator.storage import ObjectStore, join
-from support import build_tiny_vit
 from workers import models
 from workers.attention import rollout
-from workers.errors import ModelLoadError
+from workers.context import WorkerContext
 from workers.decode.imaging import decode_rgb
 from workers.decode.preprocess import resize_image
+from workers.errors import ModelLoadError
 from workers.local import run_local
-from workers.context import WorkerContext
 
 EMPTY = "c-empty.jpg"
 

@@ -15,10 +15,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
-
 from helpers_families import FAMILIES, build_family
 from helpers_models import LABELS
+from PIL import Image
+
 from orchestrator.config import Settings
 from orchestrator.jobs import normalize_model_ref, parse_spec
 from orchestrator.outputs import success_record
@@ -26,8 +26,8 @@ from orchestrator.results import read_arrays, read_embeddings, read_table
 from orchestrator.storage import ObjectStore, join
 from workers import models
 from workers.attention import AttentionHead, cls_to_patches
-from workers.local import run_local
 from workers.context import WorkerContext
+from workers.local import run_local
 
 N_GOOD = 5
 

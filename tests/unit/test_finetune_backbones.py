@@ -33,11 +33,11 @@ from orchestrator.storage import ObjectStore, join
 from orchestrator.training_checks import check_labeled, held_out
 from workers import models
 from workers.context import WorkerContext
-from workers.training.evaluation import evaluate
 from workers.local import run_local
 from workers.modelfiles import local_model_dir
-from workers.training.splits import stratified_split
+from workers.training.evaluation import evaluate
 from workers.training.finetune import build_model, finetune
+from workers.training.splits import stratified_split
 
 DIGITS = [str(d) for d in range(10)]
 EPOCHS = 3

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import EpsImagePlugin, Image, ImageFile
 
-from workers.errors import BadImage
 from workers.decode.imaging import MAX_ASPECT_RATIO, decode_rgb
+from workers.errors import BadImage
 
 
 def encode(img: Image.Image, fmt: str, **params) -> bytes:

@@ -16,8 +16,8 @@ from orchestrator.jobs import parse_spec
 from orchestrator.ledger import JobState, Ledger, ShardState
 from orchestrator.outputs import job_dir, success_record
 from orchestrator.storage import join, normalize_uri
-from workers.errors import ShardFailed
 from workers.context import WorkerContext
+from workers.errors import ShardFailed
 from workers.tasks import lifecycle
 from workers.writers import commit_shard
 

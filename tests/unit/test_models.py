@@ -8,19 +8,29 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers_models import (
+    HF_MEAN,
+    HF_RESAMPLE,
+    HF_SIZE,
+    HF_STD,
+    LABELS,
+    TIMM_MEAN,
+    TIMM_RESAMPLE,
+    TIMM_SHORTEST_EDGE,
+    TIMM_SIZE,
+    TIMM_STD,
+)
 from PIL import Image
 
-from helpers_models import (HF_MEAN, HF_RESAMPLE, HF_SIZE, HF_STD, LABELS, TIMM_MEAN, TIMM_RESAMPLE,
-                            TIMM_SHORTEST_EDGE, TIMM_SIZE, TIMM_STD)
-from orchestrator.modelkinds import Kind
 from orchestrator.errors import SpecError
 from orchestrator.jobs import normalize_model_ref
 from orchestrator.modelinfo import label_count, read_config
+from orchestrator.modelkinds import Kind
 from orchestrator.storage import ObjectStore
 from workers import models
-from workers.errors import ModelLoadError, UnsafeCheckpoint
 from workers.decode.imaging import decode_rgb
 from workers.decode.preprocess import resize_image
+from workers.errors import ModelLoadError, UnsafeCheckpoint
 
 
 def load(directory, prefix: str = "") -> models.LoadedModel:

@@ -14,11 +14,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers_families import build_family
 from PIL import Image
 
-from helpers_families import build_family
 from orchestrator.checks import check_export, check_model_options
 from orchestrator.config import Settings
+from orchestrator.constants import EXPORT_REPORT_FILE
 from orchestrator.errors import SpecError
 from orchestrator.jobs import normalize_model_ref, parse_spec
 from orchestrator.modelinfo import read_config
@@ -27,12 +28,11 @@ from orchestrator.storage import ObjectStore
 from orchestrator.training_checks import check_labeled
 from workers import models
 from workers.attention import AttentionHead
+from workers.context import WorkerContext
 from workers.errors import ExportFailed, ModelLoadError
 from workers.local import run_local
-from orchestrator.constants import EXPORT_REPORT_FILE
 from workers.onnx.export import export
 from workers.onnx.runtime import session, worker_cores
-from workers.context import WorkerContext
 
 N_GOOD = 12
 DECISIVE = 0.05

@@ -32,8 +32,8 @@ from workers.families import HFBackbone
 from workers.heads import ClassifyHead
 from workers.local import run_local
 from workers.onnx.export import RANDOM_OPS, export
-from workers.onnx.runtime import session
 from workers.onnx.parity import AGREE_COSINE, check_parity
+from workers.onnx.runtime import session
 
 N_IMAGES = 6
 HEADLESS = ["vit-model", "clip-model", "siglip-model"]

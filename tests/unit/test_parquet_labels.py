@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from parquet_datasets import N, hf_dataset, png
 
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
@@ -21,11 +22,9 @@ from orchestrator.labeledsources import LabelOptions
 from orchestrator.labels import load_labeled
 from orchestrator.storage import ObjectStore, normalize_uri
 from workers.context import WorkerContext
-from workers.training.evaluation import evaluate
 from workers.decode.labeledcells import ContainerReader
+from workers.training.evaluation import evaluate
 from workers.training.finetune import finetune
-
-from parquet_datasets import N, hf_dataset, png
 
 TINY_VIT = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1,
             "num_attention_heads": 2, "intermediate_size": 64}

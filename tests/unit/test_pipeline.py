@@ -8,20 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers_models import LABELS
 from PIL import Image
 
-from helpers_models import LABELS
 from orchestrator.jobs import normalize_model_ref
 from orchestrator.manifest import Item
 from orchestrator.planner import plan
 from orchestrator.storage import ObjectStore, normalize_uri
 from workers import models
+from workers.decode.imaging import decode_rgb
+from workers.decode.preprocess import Decoder, resize_image
 from workers.errors import ModelLoadError
 from workers.heads import ClassifyHead
-from workers.decode.imaging import decode_rgb
-from workers.decode.preprocess import resize_image
 from workers.pipeline import DecodePath
-from workers.decode.preprocess import Decoder
 from workers.runner import run_with
 
 TOP_K = 3

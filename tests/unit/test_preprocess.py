@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from workers.errors import BadImage
 from workers.decode.preprocess import Preprocess, resize_image, resize_plan, resize_tensor, seen_box
+from workers.errors import BadImage
 
 
 def prep(size, resample, **kwargs) -> Preprocess:

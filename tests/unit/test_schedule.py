@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -57,7 +57,7 @@ def test_the_cron_expression_is_read_in_the_entrys_timezone():
     berlin = ZonedCrontab("0 2 * * *", "Europe/Berlin")
     # 00:30 UTC on a winter night is 01:30 in Berlin: the 02:00 Berlin run is 30 minutes away.
     last_run = datetime(2026, 11, 25, 2, 0, tzinfo=ZoneInfo("Europe/Berlin"))
-    berlin.nowfun = lambda: datetime(2026, 11, 26, 0, 30, tzinfo=timezone.utc)
+    berlin.nowfun = lambda: datetime(2026, 11, 26, 0, 30, tzinfo=UTC)
     assert 29 * 60 <= berlin.remaining_estimate(last_run).total_seconds() <= 31 * 60
 
 

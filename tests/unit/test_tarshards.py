@@ -7,12 +7,12 @@ import tarfile
 
 import pyarrow.parquet as pq
 from PIL import Image
+from support import build_tiny_vit
 
 from orchestrator.config import Settings
 from orchestrator.jobs import parse_spec
 from orchestrator.manifest import write_manifests
 from orchestrator.planner import plan
-from support import build_tiny_vit
 from workers.context import WorkerContext
 from workers.runner import run_shard
 

@@ -24,12 +24,12 @@ from orchestrator.planner import plan
 from orchestrator.scope import input_root, outside_input
 from orchestrator.storage import ObjectStore, normalize_uri
 from workers import models
+from workers.decode.preprocess import Decoder
+from workers.decode.tarshards import expand
 from workers.errors import ModelLoadError, UnsafeCheckpoint
 from workers.heads import ClassifyHead
 from workers.pipeline import DecodePath
-from workers.decode.preprocess import Decoder
 from workers.runner import run_with
-from workers.decode.tarshards import expand
 
 
 def png(value: int = 40, size: int = 32) -> bytes:

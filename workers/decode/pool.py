@@ -24,8 +24,8 @@ from queue import SimpleQueue
 
 import numpy as np
 
-from workers.errors import BadImage, NoSharedMemory
 from workers.decode.preprocess import Decoder
+from workers.errors import BadImage, NoSharedMemory
 
 # A decode process keeps this many blocks mapped (the most recent shards').
 _ATTACHED_LIMIT = 4

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from workers.errors import BadImage
 from workers.decode.imaging import decode_rgb
+from workers.errors import BadImage
 
 Size = tuple[int, int]  # (height, width), as torch and the model config say it
 

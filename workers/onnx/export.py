@@ -45,10 +45,16 @@ from orchestrator.storage import join
 from workers.errors import ExportFailed, ModelLoadError
 from workers.loaded import LoadedModel
 from workers.models import load
-from workers.onnx.runtime import INPUT_NAME, OUTPUT_NAMES, session
 from workers.onnx.parity import (
-    check_parity, graph_outputs, ort_outputs, parity, sample_pixels, thresholds, torch_outputs,
+    check_parity,
+    graph_outputs,
+    ort_outputs,
+    parity,
+    sample_pixels,
+    thresholds,
+    torch_outputs,
 )
+from workers.onnx.runtime import INPUT_NAME, OUTPUT_NAMES, session
 
 _TWO_GB = 2 * 1024 ** 3  # protobuf's limit: larger models keep their weights beside the graph
 RANDOM_OPS = frozenset({"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Multinomial",

@@ -23,11 +23,11 @@ from orchestrator.jobs import ExportSpec
 from orchestrator.manifest import Item
 from orchestrator.planner import plan
 from workers.compute import DeviceStage
+from workers.decode.preprocess import Decoder
 from workers.errors import ExportFailed
 from workers.loaded import LoadedModel
 from workers.onnx.runtime import INPUT_NAME, OUTPUT_NAMES
 from workers.pipeline import DecodePath, Failed, ShardPipeline
-from workers.decode.preprocess import Decoder
 
 DECISIVE_MARGIN = 0.05  # top-1 minus top-2 probability: below it, argmax is decided by rounding
 PARITY_BATCH = 16

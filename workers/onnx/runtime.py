@@ -110,9 +110,9 @@ def check_external_data(path: Path) -> None:
 
 def load_onnx(ref: str, path: Path, device: str = "auto"):
     """A LoadedModel that runs the export in `path` on ONNX Runtime (fp32 inputs on the CPU side)."""
+    from workers.decode.preprocess import Preprocess
     from workers.families import Onnx
     from workers.loaded import LoadedModel
-    from workers.decode.preprocess import Preprocess
 
     config = json.loads((path / "config.json").read_text())
     model_path = path / config.get("model_file", ONNX_MODEL_FILE)

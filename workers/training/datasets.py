@@ -12,11 +12,11 @@ import torch
 
 from orchestrator.errors import ObjectNotFound, ObjectTooLarge
 from orchestrator.labels import LabeledItem
-from workers.errors import BadImage
 from workers.context import WorkerContext
 from workers.decode.imaging import decode_rgb
 from workers.decode.labeledcells import ContainerReader, addressed
 from workers.decode.preprocess import Preprocess, resize_image
+from workers.errors import BadImage
 
 
 class LabeledImages(torch.utils.data.Dataset):

@@ -25,11 +25,11 @@ from orchestrator.manifest import Item
 from orchestrator.modelkinds import Checkpoint
 from orchestrator.storage import join
 from workers.context import WorkerContext
-from workers.heads import top_k
 from workers.decode.labeledcells import ContainerReader
+from workers.decode.preprocess import Decoder
+from workers.heads import top_k
 from workers.loaded import LoadedModel
 from workers.pipeline import DecodePath
-from workers.decode.preprocess import Decoder
 from workers.runner import run_with
 from workers.writers import parquet_bytes
 

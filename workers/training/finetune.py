@@ -30,10 +30,10 @@ from orchestrator.jobs import FinetuneSpec
 from orchestrator.modelrefs import normalize_model_ref
 from orchestrator.storage import ObjectStore, join
 from workers import models
-from workers.training.checkpoints import ResumableTrainer, UploadCheckpoints, all_finite, restore
 from workers.context import WorkerContext
-from workers.training.datasets import LabeledImages, screen, transforms
 from workers.errors import TrainingDiverged
+from workers.training.checkpoints import ResumableTrainer, UploadCheckpoints, all_finite, restore
+from workers.training.datasets import LabeledImages, screen, transforms
 from workers.training.splits import train_val
 from workers.training.trainable import Built, build_model
 from workers.training.trainlog import ReportProgress, StopOnDivergence, write_metrics

@@ -26,9 +26,9 @@ from orchestrator.errors import SpecError
 from orchestrator.modelkinds import Checkpoint, Kind
 from workers import models
 from workers.context import WorkerContext
+from workers.decode.preprocess import Preprocess
 from workers.errors import ModelLoadError
 from workers.modelfiles import check_model_dir, local_model_dir
-from workers.decode.preprocess import Preprocess
 
 # ViTConfig fields ViTMAEConfig shares: the encoder both build from them is the same module tree.
 _MAE_ENCODER_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
