@@ -111,7 +111,8 @@ def _job_command(group: typer.Typer, kind: str, wait: bool) -> None:
         spec = parse_spec({"kind": kind, **{k: v for k, v in kwargs.items() if v is not None}})
         _submit(spec, wait, workers, overwrite, show_rows=5 if kind == "classify" else 0)
 
-    command.__signature__ = inspect.Signature(params)
+    # typer reads the options from the signature: this one is built from the spec's fields at runtime
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__doc__ = spec_cls.__doc__
     group.command(kind)(command)
 

@@ -10,6 +10,7 @@ incremental carry-over build these same types, so the files they write cannot dr
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import io
 import json
@@ -34,7 +35,7 @@ class PartEntry:
     sha256: str
 
     @classmethod
-    def of(cls, data: bytes) -> PartEntry:
+    def of(cls, data: builtins.bytes) -> PartEntry:
         return cls(len(data), hashlib.sha256(data).hexdigest())
 
 
@@ -168,7 +169,7 @@ class JobRecord:
     carried_over: int
     errors: int
     shards: int
-    failed_shards: dict[str, str]
+    failed_shards: dict[int, str]  # shard -> why it failed (JSON writes the shard as a string key)
     wall_s: float
     finished_at: float
     parts: list[dict]
@@ -191,7 +192,7 @@ class JobRecord:
 
     @classmethod
     def build(cls, *, job_id: str, spec_sha256: str, kind: str, job_dir: str, markers: list[ShardMarker],
-              items: int, processed: int, errors: int, shards: int, failed_shards: dict[str, str], carried: int,
+              items: int, processed: int, errors: int, shards: int, failed_shards: dict[int, str], carried: int,
               wall_s: float, finished_at: float, version: str, shard_stats: list[dict] | None = None) -> JobRecord:
         """The record of a job from its markers and counts (the ledger's for a queued job)."""
         return cls(

@@ -55,7 +55,7 @@ def write_digits(dest: Path, limit: int | None = None, holdout: Path | None = No
         folder = root / str(int(target))
         folder.mkdir(parents=True, exist_ok=True)
         gray = (pixels * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-        Image.fromarray(gray, mode="L").resize((32, 32), Image.NEAREST).save(folder / f"digit-{index:04d}.png")
+        Image.fromarray(gray, mode="L").resize((32, 32), Image.Resampling.NEAREST).save(folder / f"digit-{index:04d}.png")
     return len(images)
 
 

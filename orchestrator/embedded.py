@@ -63,8 +63,12 @@ class EmbeddedStack:
             # SIGTERM (docker stop, systemd, kill) unwinds like Ctrl-C, so __exit__ stops the
             # workers and Redis instead of leaving them behind.
             self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
-        self._tmp = tempfile.TemporaryDirectory(prefix="vitbatch-") if self.data_dir is None else None
-        root = Path(self._tmp.name) if self._tmp else Path(self.data_dir)
+        if self.data_dir is None:
+            self._tmp: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(prefix="vitbatch-")
+            root = Path(self._tmp.name)
+        else:
+            self._tmp = None
+            root = Path(self.data_dir)
         self.log_dir = root / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.redis = RedisServer(root / "redis", password=secrets.token_hex(8)).start()
@@ -89,7 +93,7 @@ class EmbeddedStack:
         self.stop_requested.set()
         raise KeyboardInterrupt
 
-    def serve(self, tick: Callable[[], None], every_s: float) -> list[int]:
+    def serve(self, tick: Callable[[], object], every_s: float) -> list[int]:
         """Call tick every every_s seconds until a worker exits (their pids are returned) or
         SIGTERM asks the stack to stop ([])."""
         while not self.dead_workers():

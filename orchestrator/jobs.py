@@ -6,7 +6,8 @@ One pydantic model per job kind. Every field has a description: it becomes the
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Callable
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
@@ -18,16 +19,21 @@ from orchestrator.storage import normalize_uri
 Precision = Literal["auto", "fp16", "bf16", "fp32"]
 Decode = Literal["auto", "threads", "processes", "device"]
 Device = Literal["auto", "cpu", "cuda"]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
-def _field_value(check, value: str | None) -> str | None:
-    """`check(value)` for a validator (None passes): pydantic reports a ValueError as a field error."""
-    if value is None:
-        return None
+def _checked(check: Callable[[T], R], value: T) -> R:
+    """`check(value)` for a validator: pydantic reports a ValueError as a field error."""
     try:
         return check(value)
     except VitbatchError as e:
         raise ValueError(str(e)) from e
+
+
+def _field_value(check: Callable[[T], R], value: T | None) -> R | None:
+    """`_checked` for a field that may be unset (None passes)."""
+    return None if value is None else _checked(check, value)
 
 
 def read_labels(value: str) -> list[str]:
@@ -60,7 +66,7 @@ class _Spec(BaseModel):
     @field_validator("output", check_fields=False)
     @classmethod
     def _output(cls, value: str) -> str:
-        return _field_value(_output_uri, value)
+        return _checked(_output_uri, value)
 
     @field_validator("model", check_fields=False)
     @classmethod
@@ -173,12 +179,16 @@ class ClassifySpec(JobBase):
 Pooling = Literal["cls", "pooled", "mean", "patches"]
 
 
+def _cls_pooling() -> list[Pooling]:
+    return ["cls"]
+
+
 class EmbedSpec(JobBase):
     """Embeddings of the final normalized hidden state: CLS, mean of patches, or every patch token."""
 
     kind: Literal["embed"] = Field("embed", description="Job kind: embed.")
     pooling: list[Pooling] = Field(
-        default_factory=lambda: ["cls"], min_length=1,
+        default_factory=_cls_pooling, min_length=1,
         description="Any of cls (the model's image embedding: CLS token, or CLIP's projected / SigLIP's pooled "
         "output), pooled (the unprojected pooled output of CLIP-like models), mean (of the patch tokens), "
         "patches ([N, grid*grid, hidden] per shard: large).",
@@ -396,8 +406,9 @@ JobSpec = Annotated[
     Field(discriminator="kind")
 ]
 _ADAPTER = TypeAdapter(JobSpec)
+InferenceSpec = ClassifySpec | EmbedSpec | AttentionSpec  # the kinds planned into image shards (planner.plan_job)
 JOB_KINDS = ("classify", "embed", "attention", "finetune", "evaluate", "export", "dedup", "neighbors")
-SPEC_CLASSES = {"classify": ClassifySpec, "embed": EmbedSpec, "attention": AttentionSpec,
+SPEC_CLASSES: dict[str, type[_Spec]] = {"classify": ClassifySpec, "embed": EmbedSpec, "attention": AttentionSpec,
                 "finetune": FinetuneSpec, "evaluate": EvaluateSpec, "export": ExportSpec,
                 "dedup": DedupSpec, "neighbors": NeighborsSpec}
 VECTOR_KINDS = frozenset({"dedup", "neighbors"})  # read an embed job's vectors, not images

@@ -98,7 +98,10 @@ def tar_members(key: str, info: ObjectInfo, store: ObjectStore, options: LabelOp
                 if is_image_key(member.name):
                     images.append(member.name)
                 elif member.name.lower().endswith(wanted):
-                    labels[_stem(member.name)] = _label(archive.extractfile(member).read(), member.name, options)
+                    stream = archive.extractfile(member)
+                    if stream is None:  # only a regular file has a stream, and only those reach here
+                        raise SpecError(f"{info.uri}: the member {member.name} has no contents to read")
+                    labels[_stem(member.name)] = _label(stream.read(), member.name, options)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise SpecError(f"{info.uri} is not a readable tar ({type(e).__name__}: {e})") from e
     missing = [name for name in images if _stem(name) not in labels]

@@ -100,7 +100,8 @@ def _from_label_list(uri: str, store: ObjectStore, suffix: str) -> list[LabeledI
     text = store.read(uri).decode("utf-8-sig")
     base = uri.rsplit("/", 1)[0]
     rows = _csv_rows(text, uri) if suffix == ".csv" else _jsonl_rows(text, uri)
-    items, seen = [], {}
+    items: list[LabeledItem] = []
+    seen: dict[str, int] = {}  # key -> the line it first appeared on
     for line, key, label in rows:
         if not key:
             raise SpecError(f"{uri} line {line}: the row has no key")

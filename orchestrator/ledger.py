@@ -14,6 +14,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -22,7 +23,7 @@ from redis.retry import Retry
 from orchestrator import constants as k
 from orchestrator import fencing, leases
 from orchestrator.config import Settings
-from orchestrator.errors import BrokerUnavailable, JobNotFound, StaleDelivery
+from orchestrator.errors import BrokerUnavailable, ConfigError, JobNotFound, StaleDelivery
 from orchestrator.fencing import Lease, Publication
 from orchestrator.redisendpoint import RedisEndpoint
 from orchestrator.states import JobState, JobStatus, ShardState  # noqa: F401  (the ledger's vocabulary)
@@ -33,6 +34,17 @@ def connect(endpoint: RedisEndpoint | str) -> redis.Redis:
     endpoint = RedisEndpoint(endpoint) if isinstance(endpoint, str) else endpoint
     return endpoint.client(decode_responses=True, socket_connect_timeout=5, socket_timeout=30,
                            socket_keepalive=True, retry_on_timeout=True, health_check_interval=25)
+
+
+def _text(reply: bytes | str) -> str:
+    """A reply as the str it is: the ledger's clients decode replies (decode_responses=True in
+    `connect`), though redis-py's types also allow bytes."""
+    return cast(str, reply)
+
+
+def _texts(reply: object) -> list[str]:
+    """A list reply (members, or keys without scores) as the strs it holds; see `_text`."""
+    return cast(list[str], reply)
 
 
 class Ledger:
@@ -48,7 +60,10 @@ class Ledger:
     @classmethod
     def from_settings(cls, settings: Settings) -> Ledger:
         """The ledger at the settings' backend URL (a sentinel:// one with their master name and password)."""
-        return cls.from_url(settings.redis_endpoint(settings.backend_url), settings.job_ttl_s)
+        url = settings.backend_url
+        if url is None:
+            raise ConfigError("no Redis to keep job state in: set VITBATCH_BROKER_URL (or VITBATCH_RESULT_BACKEND)")
+        return cls.from_url(settings.redis_endpoint(url), settings.job_ttl_s)
 
     def ping(self, timeout_s: float = 5.0) -> None:
         # A probe with a short timeout and no retries: the ledger's own client waits 30 s a try,
@@ -89,7 +104,7 @@ class Ledger:
         """Record the job's state unless it has ended (only `retry` reopens a job), a `lease` is stale,
         or someone else is publishing the job; False when refused. An ended job frees its output
         prefix and its keys start to expire."""
-        output = self.r.hget(k.job_key(job_id), "output") or ""
+        output = _text(self.r.hget(k.job_key(job_id), "output") or "")
         reply = self.r.eval(
             fencing.SET_STATE, 3 + len(k.job_keys(job_id)), k.job_key(job_id), k.shard_lease_key(job_id),
             k.output_lease_key(output), *k.job_keys(job_id),
@@ -102,7 +117,7 @@ class Ledger:
     def claim_publication(self, job_id: str) -> Publication | None:
         """Claim the right to publish the job's record; None when it has ended, has unsettled shards,
         or another publisher is at it (see fencing.py)."""
-        output = self.r.hget(k.job_key(job_id), "output") or ""
+        output = _text(self.r.hget(k.job_key(job_id), "output") or "")
         claimer = secrets.token_hex(8)
         reply = self.r.eval(fencing.CLAIM_PUBLICATION, 3, k.job_key(job_id), k.shard_state_key(job_id),
                             k.output_lease_key(output), claimer, time.time(), fencing.PUBLISH_CLAIM_S)
@@ -140,7 +155,7 @@ class Ledger:
         spec = self.r.hget(k.job_key(job_id), "spec")
         if spec is None:
             raise JobNotFound(self._missing(job_id))
-        return spec
+        return _text(spec)
 
     def state(self, job_id: str) -> JobState:
         value = self.r.hget(k.job_key(job_id), "state")
@@ -157,7 +172,7 @@ class Ledger:
             k.shard_lease_key(job_id), k.shard_heartbeat_key(job_id), k.shard_advanced_key(job_id),
             str(shard), time.time(), "1" if count else "")
         if not token:
-            state = self.r.hget(k.job_key(job_id), "state") or ""
+            state = _text(self.r.hget(k.job_key(job_id), "state") or "")
             raise StaleDelivery(f"job {job_id} has ended ({state}): shard {shard} is not run", state)
         return Lease(job_id, shard, int(token), int(attempts))
 
@@ -183,7 +198,7 @@ class Ledger:
         self.r.hset(k.job_key(job_id), "queue", queue)
 
     def queue(self, job_id: str) -> str:
-        return self.r.hget(k.job_key(job_id), "queue") or k.QUEUE_DEFAULT
+        return _text(self.r.hget(k.job_key(job_id), "queue") or k.QUEUE_DEFAULT)
 
     def shard_items(self, job_id: str, shard: int, n_items: int) -> None:
         """Items found inside a .tar shard (unknown when the job was planned)."""
@@ -230,11 +245,13 @@ class Ledger:
 
     def _task_ids_taken_since(self, since: float) -> set[str]:
         """Task ids of the messages workers took (kombu's unacked set) at `since` or later."""
-        tags = self.r.zrangebyscore(k.KOMBU_UNACKED_INDEX_KEY, since, "+inf")
+        tags = _texts(self.r.zrangebyscore(k.KOMBU_UNACKED_INDEX_KEY, since, "+inf"))
         if not tags:
             return set()
         ids = set()
         for raw in self.r.hmget(k.KOMBU_UNACKED_KEY, tags):
+            if raw is None:
+                continue  # gone meanwhile: it holds no shard
             try:
                 ids.add(json.loads(raw)[0]["headers"]["id"])
             except (ValueError, KeyError, IndexError, TypeError):
@@ -283,7 +300,7 @@ class Ledger:
         self.r.hset(k.shard_last_error_key(job_id), str(shard), reason[:2000])
 
     def last_shard_error(self, job_id: str, shard: int) -> str:
-        return self.r.hget(k.shard_last_error_key(job_id), str(shard)) or ""
+        return _text(self.r.hget(k.shard_last_error_key(job_id), str(shard)) or "")
 
     def all_settled(self, job_id: str) -> bool:
         states = self.r.hvals(k.shard_state_key(job_id))
@@ -354,4 +371,4 @@ class Ledger:
         return [j for j, s in zip(jobs, pipe.execute()) if s in (JobState.QUEUED.value, JobState.RUNNING.value)]
 
     def recent_jobs(self, limit: int = 20) -> list[str]:
-        return list(self.r.zrevrange(k.JOBS_INDEX_KEY, 0, limit - 1))
+        return list(_texts(self.r.zrevrange(k.JOBS_INDEX_KEY, 0, limit - 1)))

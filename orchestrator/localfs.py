@@ -62,14 +62,15 @@ def walk_sorted(directory: Path, root: str, skipped: list[tuple[Path, str]],
         return
     named = []
     for entry in entries:
-        kind, detail = _examine(entry, root)
-        if kind == "skip":
-            if detail:
-                skipped.append((Path(entry.path), detail))
+        examined = _examine(entry, root)
+        if not isinstance(examined, os.stat_result):
+            if examined:
+                skipped.append((Path(entry.path), examined))
             continue
-        named.append((entry.name + "/" if kind == "dir" else entry.name, kind, Path(entry.path), detail))
-    for _, kind, path, info in sorted(named, key=lambda row: row[0]):
-        if kind == "file":
+        is_dir = stat.S_ISDIR(examined.st_mode)
+        named.append((entry.name + "/" if is_dir else entry.name, is_dir, Path(entry.path), examined))
+    for _, is_dir, path, info in sorted(named, key=lambda row: row[0]):
+        if not is_dir:
             yield path, info
         elif (info.st_dev, info.st_ino) in ancestors:
             skipped.append((path, "a symlink loop (links to a folder above it): not followed"))
@@ -77,21 +78,20 @@ def walk_sorted(directory: Path, root: str, skipped: list[tuple[Path, str]],
             yield from walk_sorted(path, root, skipped, ancestors | {(info.st_dev, info.st_ino)})
 
 
-def _examine(entry: os.DirEntry, root: str) -> tuple[str, os.stat_result | str | None]:
-    """("file" | "dir", stat) for what the listing keeps, else ("skip", why; None: say nothing)."""
+def _examine(entry: os.DirEntry, root: str) -> os.stat_result | str | None:
+    """The stat of a folder or regular file the listing keeps, else why it is skipped
+    (None: skipped without a word)."""
     try:
         info = os.stat(entry.path)  # follows symlinks
     except FileNotFoundError:  # a broken link, or removed (renamed into place) since the scan
-        return "skip", "a broken symlink" if entry.is_symlink() else None
+        return "a broken symlink" if entry.is_symlink() else None
     except OSError as e:
-        return "skip", _os_reason(e)
+        return _os_reason(e)
     if entry.is_symlink() and not local_path_inside(entry.path, root):
-        return "skip", "a symlink to a path outside the input: not followed"
-    if stat.S_ISDIR(info.st_mode):
-        return "dir", info
-    if stat.S_ISREG(info.st_mode):
-        return "file", info
-    return "skip", "not a regular file (a FIFO, socket or device): never opened"
+        return "a symlink to a path outside the input: not followed"
+    if stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode):
+        return info
+    return "not a regular file (a FIFO, socket or device): never opened"
 
 
 def relative_path(root: Path, path: Path) -> str:
@@ -102,7 +102,8 @@ def _os_reason(error: OSError) -> str:
     """An OSError as the words an error row or a plan summary shows."""
     words = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
              errno.ELOOP: "a symlink loop", errno.ENAMETOOLONG: "name too long"}
-    return words.get(error.errno, error.strerror or type(error).__name__)
+    fallback = error.strerror or type(error).__name__
+    return words.get(error.errno, fallback) if error.errno is not None else fallback
 
 
 def read_local(uri: str, max_bytes: int | None, within: str | None) -> bytes:

@@ -86,6 +86,8 @@ class RedisServer:
 
     @property
     def pid(self) -> int:
+        if self.process is None:
+            raise ServerNotReady("the Redis server (valkey) has no process id: it was never started (call start())")
         return self.process.pid
 
     def url(self, db: int = 0) -> str:

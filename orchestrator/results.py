@@ -54,10 +54,10 @@ def read_arrays(output: str, name: str, store: ObjectStore | None = None,
     store, output = store or ObjectStore(), normalize_uri(output)
     record = success_record(output, store, job_id)
     keys: list[str] = []
-    arrays = []
+    arrays: list[np.ndarray] = []
     for index_part, array_part in array_parts(record, name):
         part_keys, array = read_array_part(output, index_part, array_part, store)
-        if part_keys:
+        if array is not None:  # None exactly when the shard had no good row (no keys)
             keys += part_keys
             arrays.append(array)
     if not arrays:

@@ -7,6 +7,7 @@ side's details live in localfs.py, the S3 side in s3.py.
 
 from __future__ import annotations
 
+import builtins
 import os
 import shutil
 import tempfile
@@ -104,12 +105,12 @@ class ObjectStore:
         else:
             yield from self._list_local(prefix, [] if skipped is None else skipped)
 
-    def _list_local(self, prefix: str, skipped: list[str]) -> Iterator[ObjectInfo]:
+    def _list_local(self, prefix: str, skipped: builtins.list[str]) -> Iterator[ObjectInfo]:
         root = local_path(prefix)
         if not root.is_dir():
             raise ObjectNotFound(f"input directory {root} does not exist")
         top = root.stat()
-        passed: list[tuple[Path, str]] = []
+        passed: builtins.list[tuple[Path, str]] = []
         for path, info in walk_sorted(root, str(root), passed, frozenset({(top.st_dev, top.st_ino)})):
             if is_partial_write(path.name):
                 continue  # another writer's object, not there until its os.replace

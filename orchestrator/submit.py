@@ -31,7 +31,17 @@ from orchestrator.constants import (
 from orchestrator.errors import BrokerUnavailable, ObjectExists, OutputBusy, SpecError
 from orchestrator.finalize import finalize
 from orchestrator.incremental import carry_over, model_identity, resolve_alias
-from orchestrator.jobs import VECTOR_KINDS, JobSpec, normalize_model_ref
+from orchestrator.jobs import (
+    VECTOR_KINDS,
+    DedupSpec,
+    EvaluateSpec,
+    ExportSpec,
+    FinetuneSpec,
+    InferenceSpec,
+    JobSpec,
+    NeighborsSpec,
+    normalize_model_ref,
+)
 from orchestrator.ledger import JobState, JobStatus, Ledger, ShardState
 from orchestrator.manifest import write_manifests
 from orchestrator.modelinfo import read_config
@@ -83,7 +93,7 @@ class Client:
                    ObjectStore(settings))
 
     # -- submit ----------------------------------------------------------------------------
-    def check(self, spec: JobSpec, overwrite: bool = False) -> Plan:
+    def check(self, spec: InferenceSpec, overwrite: bool = False) -> Plan:
         """Every check that does not need a GPU; SpecError on the first problem."""
         config = read_config(spec.model, self.store)
         check_model_options(spec, config)  # layers, top_k, architecture, remote code
@@ -99,20 +109,23 @@ class Client:
         """
         self.ledger.ping()
         extra: dict = {}
-        if getattr(spec, "model", None) and spec.model.startswith("alias:"):
-            extra["model_alias"] = spec.model
-            spec = spec.model_copy(update={"model": normalize_model_ref(resolve_alias(spec.model, self.store))})
+        model = getattr(spec, "model", None)  # vector jobs have none; a job from scratch leaves it unset
+        if model and model.startswith("alias:"):
+            extra["model_alias"] = model
+            spec = spec.model_copy(update={"model": normalize_model_ref(resolve_alias(model, self.store))})
         job_plan, vector_plan = None, None
-        if spec.kind in VECTOR_KINDS:  # dedup, neighbors: an embed job's vectors, in phases
+        if isinstance(spec, DedupSpec | NeighborsSpec):  # an embed job's vectors, in phases
             check_prefix_free(spec, self.store, overwrite)
             vector_plan = plan_vectors(spec, self.store)
             summary, n_units = vector_plan.summary(), vector_plan.n_shards
-        elif spec.kind in SINGLE_TASK_KINDS:
+        elif isinstance(spec, ExportSpec):  # a single task, as are finetune and evaluate
+            check_prefix_free(spec, self.store, overwrite)
+            summary, n_units = check_export(spec, self.store), 1
+        elif isinstance(spec, FinetuneSpec | EvaluateSpec):
             from orchestrator.training_checks import check_labeled
 
             check_prefix_free(spec, self.store, overwrite)
-            check = check_export if spec.kind == "export" else check_labeled
-            summary, n_units = check(spec, self.store), 1
+            summary, n_units = check_labeled(spec, self.store), 1
         else:
             job_plan = self.check(spec, overwrite)
             extra["model_identity"] = model_identity(spec.model, self.store)

@@ -35,7 +35,7 @@ def check_labeled(spec: FinetuneSpec | EvaluateSpec, store: ObjectStore) -> dict
     if spec.model is not None:
         config = read_config(spec.model, store)  # a local/s3 model without config.json is refused now
         if config is not None:
-            _check_model(spec, config)
+            _check_model(spec, spec.model, config)
     if isinstance(spec, EvaluateSpec):
         items = load_labeled(spec.input, store, label_options(spec))
         return {"items": len(items), "classes": class_names(items)}
@@ -57,10 +57,11 @@ def _n_train(train: list[LabeledItem], spec: FinetuneSpec) -> int:
     return len(train) - sum(held_out(n, spec.val_split) for n in Counter(item.label for item in train).values())
 
 
-def _check_model(spec: FinetuneSpec | EvaluateSpec, config: dict) -> None:
+def _check_model(spec: FinetuneSpec | EvaluateSpec, model: str, config: dict) -> None:
+    """`model` is the spec's (set: a job from scratch has no checkpoint to check)."""
     if isinstance(spec, FinetuneSpec) and is_onnx(config):
-        raise SpecError(f"model {spec.model!r} is an ONNX export: fine-tuning starts from a PyTorch model only; "
+        raise SpecError(f"model {model!r} is an ONNX export: fine-tuning starts from a PyTorch model only; "
                         f"pass the model it was exported from ({config.get('source', {}).get('ref', 'its source')})")
-    checkpoint = checkpoint_kind(spec.model, config)  # SpecError for a checkpoint vitbatch cannot load
+    checkpoint = checkpoint_kind(model, config)  # SpecError for a checkpoint vitbatch cannot load
     if isinstance(spec, EvaluateSpec):
         check_job_fits(spec, checkpoint)  # a trained classifier to evaluate

@@ -90,6 +90,8 @@ class VectorPlan:
                "embeddings_job": self.source.job_id, "phases": dict(self.phases)}
         if self.kind == "dedup":
             out |= {"clusters": self.clusters, "sample_rows": self.sample_rows}
+        elif self.queries is None:
+            raise ValueError(f"a {self.kind} plan has no query vectors: only a dedup plan may leave them out")
         else:
             out |= {"queries_job": self.queries.job_id, "approximate": self.approximate}
         return out
