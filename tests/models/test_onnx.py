@@ -86,7 +86,7 @@ def test_export_parity_and_report(name, exported):
     assert report["sample"]["kind"] == "input" and report["sample"]["images"] == N_GOOD
     assert list(report["sample"]["errors"]) == ["zz-broken.jpg"]
     assert {"torch", "onnx", "onnxruntime", "onnxscript"} <= set(report["versions"])
-    # A classifier's graph has the outputs it always had (a headless one's: tests/unit/test_onnx_families.py)
+    # A classifier's graph has the outputs it always had (a headless one's: tests/models/test_onnx_families.py)
     assert [o["name"] for o in report["outputs"]] == ["logits", "cls_embedding", "mean_embedding", "patch_embeddings"]
     graph = onnx.load(str(out / "model.onnx")).graph
     assert [i.name for i in graph.input] == ["pixel_values"]

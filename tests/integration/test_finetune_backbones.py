@@ -1,7 +1,7 @@
 """Fine-tuning from the checkpoints people start from (ViT, DINOv2 and MAE backbones, CLIP and SigLIP
 as linear probes), what the job's progress counts, and a fine-tune's job folder as the next job's model.
 
-The starting checkpoints are the hub's classes in miniature (tests/unit/helpers_checkpoints.py),
+The starting checkpoints are the hub's classes in miniature (tests/helpers_checkpoints.py),
 loaded by the real loading code; everything trains in fp32 on the CPU, on real digits.
 """
 

@@ -1,6 +1,6 @@
 """The checkpoints people actually use, as the hub publishes them: backbones, CLIP, SigLIP, MAE.
 
-Each tiny model (tests/unit/helpers_checkpoints.py) is built from the real class, saved with
+Each tiny model (tests/helpers_checkpoints.py) is built from the real class, saved with
 save_pretrained beside its own image processor, and run through the in-process shard path
 (run_local: the real loading code, pipeline and heads) in fp32. References come from the
 model's own API: `get_image_features`, `pooler_output`, `last_hidden_state`, `logits_per_image`.

@@ -1,6 +1,6 @@
 """The family matrix: classify, embed and attention for every ViT family, through the real loading code.
 
-Each tiny model (tests/unit/helpers_families.py) is saved as users save real ones and loaded
+Each tiny model (tests/helpers_families.py) is saved as users save real ones and loaded
 by workers.models.load inside run_local, the in-process shard path. What is checked is the
 semantics that differ between families: how many prefix (CLS, distillation, register) tokens
 come before the patches, whether token 0 is a CLS token, and what the `cls` embedding is.
