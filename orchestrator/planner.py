@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from orchestrator.errors import ObjectNotFound, SpecError, UnsafeKey, VitbatchError
 from orchestrator.manifest import Item
 from orchestrator.parquetinputs import ParquetColumns, is_parquet_key, plan_parquet, shard_runs
-from orchestrator.scope import INPUT_LIST_SUFFIXES, input_root, outside_input
+from orchestrator.scope import INPUT_LIST_SUFFIXES, brace_range, input_root, outside_input
 from orchestrator.storage import ObjectInfo, ObjectStore, join, relative_key
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
@@ -77,7 +77,9 @@ def plan(input_uri: str, shard_size: int, store: ObjectStore, columns: ParquetCo
     """
     suffix = posixpath.splitext(input_uri.rstrip("/").lower())[1]
     skipped: list[str] = []
-    if suffix in INPUT_LIST_SUFFIXES and store.exists(input_uri):
+    if brace_range(input_uri) is not None:
+        candidates = _from_brace_range(input_uri)
+    elif suffix in INPUT_LIST_SUFFIXES and store.exists(input_uri):
         candidates = _from_input_list(input_uri, store)
     elif is_parquet_key(input_uri) and store.exists(input_uri):
         candidates = iter([_one_object(input_uri, store)])
@@ -113,6 +115,26 @@ def plan(input_uri: str, shard_size: int, store: ObjectStore, columns: ParquetCo
         )
     return Plan(items=items, shard_size=shard_size, ignored=ignored, duplicates=duplicates, tars=tars,
                 skipped=skipped, row_groups=parquet_plan.row_groups, kept_columns=parquet_plan.kept_columns)
+
+
+MAX_BRACE_OBJECTS = 1_000_000
+
+
+def _from_brace_range(input_uri: str) -> Iterator[Item]:
+    """`.../{00000..00099}.tar` (img2dataset's shard sets): one tar item per number, never listed.
+
+    Numbers keep the width of the range's first bound; a tar the range names but the store lacks
+    becomes an error row when its shard runs (tarshards: "tar not read")."""
+    start, end, width, head, tail = brace_range(input_uri) or (0, -1, 0, "", "")
+    if not tail.lower().endswith(TAR_SUFFIXES):
+        raise SpecError(f"{input_uri}: a brace range names webdataset tar shards ({', '.join(TAR_SUFFIXES)}); "
+                        "for other files pass the folder or a manifest")
+    if end < start or end - start + 1 > MAX_BRACE_OBJECTS:
+        raise SpecError(f"{input_uri}: the range must run upwards and name at most {MAX_BRACE_OBJECTS:,} objects")
+    folder = head.rsplit("/", 1)[0]
+    for number in range(start, end + 1):
+        uri = f"{head}{number:0{width}d}{tail}"
+        yield Item(key=relative_key(folder, uri), uri=uri)
 
 
 def _from_prefix(prefix: str, store: ObjectStore, skipped: list[str]) -> Iterator[Item]:

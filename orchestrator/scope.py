@@ -11,14 +11,31 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 from urllib.parse import unquote
 
 INPUT_LIST_SUFFIXES = frozenset({".txt", ".jsonl", ".lst"})
 
 
+_BRACE = re.compile(r"(?:\{|%7[bB])(\d+)\.\.(\d+)(?:\}|%7[dD])")  # as typed, or in a file:// URI
+
+
+def brace_range(input_uri: str) -> tuple[int, int, int, str, str] | None:
+    """(start, end, width, text before, text after) of a `{00000..00099}` range in the input's last
+    path component (img2dataset's tar shard sets); None without one."""
+    match = _BRACE.search(input_uri)
+    if match is None or "/" in input_uri[match.end():]:
+        return None
+    first, last = match.groups()
+    return int(first), int(last), len(first), input_uri[:match.start()], input_uri[match.end():]
+
+
 def input_root(input_uri: str) -> str:
-    """The prefix every item of a job must lie under: the input prefix, or a manifest file's folder, or a
-    single .parquet object's folder (where the images its `path` cells name lie)."""
+    """The prefix every item of a job must lie under: the input prefix, or a manifest file's folder, a
+    single .parquet object's folder (where the images its `path` cells name lie), or the folder of a
+    `{00000..00099}.tar` range."""
+    if brace_range(input_uri) is not None:
+        return input_uri.rsplit("/", 1)[0]
     stripped = input_uri.rstrip("/")
     if posixpath.splitext(stripped.lower())[1] in INPUT_LIST_SUFFIXES | {".parquet"}:
         return stripped.rsplit("/", 1)[0]

@@ -130,3 +130,18 @@ def upload_dir(s3, local: Path, bucket: str, prefix: str) -> list[str]:
 @pytest.fixture(scope="session")
 def upload(s3):
     return lambda local, bucket, prefix: upload_dir(s3, Path(local), bucket, prefix)
+
+
+@pytest.fixture(scope="session")
+def hf_model_dir(tmp_path_factory) -> Path:
+    """A tiny HF ViT classifier (tests/helpers_models.py), built once per test process, read-only."""
+    from helpers_models import build_hf_vit
+
+    return build_hf_vit(tmp_path_factory.mktemp("hf-vit"))
+
+
+@pytest.fixture(scope="session")
+def timm_model_dir(tmp_path_factory) -> Path:
+    from helpers_models import build_timm_vit
+
+    return build_timm_vit(tmp_path_factory.mktemp("timm-vit"))
