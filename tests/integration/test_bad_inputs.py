@@ -129,9 +129,23 @@ def test_a_config_naming_a_checkpoint_file_is_refused_by_the_cli(cli, labeled, t
 
 @pytest.mark.parametrize("args", [["status", "JOB"], ["wait", "JOB"], ["cancel", "JOB"], ["retry", "JOB"], ["jobs"]])
 def test_every_command_prints_one_line_and_exits_2_when_redis_is_down(cli, args):
-    down = {"VITBATCH_BROKER_URL": f"redis://:secret-pw@127.0.0.1:{free_port()}/0", "VITBATCH_RESULT_BACKEND": ""}
+    """With no outage to ride out (VITBATCH_REDIS_RETRY_S=0): one line, exit 2."""
+    down = {"VITBATCH_BROKER_URL": f"redis://:secret-pw@127.0.0.1:{free_port()}/0", "VITBATCH_RESULT_BACKEND": "",
+            "VITBATCH_REDIS_RETRY_S": "0"}
     line = _one_error_line(cli(args, extra_env=down, timeout_s=120), "Redis")
     assert "secret-pw" not in line
+
+
+@pytest.mark.parametrize("args", [["status", "JOB"], ["wait", "JOB"]])
+def test_status_and_wait_ride_out_an_outage_then_say_why_they_stopped(cli, args):
+    """They retry for VITBATCH_REDIS_RETRY_S, saying so on stderr, then end with the one error line."""
+    down = {"VITBATCH_BROKER_URL": f"redis://:secret-pw@127.0.0.1:{free_port()}/0", "VITBATCH_RESULT_BACKEND": "",
+            "VITBATCH_REDIS_RETRY_S": "2"}
+    result = cli(args, extra_env=down, timeout_s=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "retrying for up to 2 s (VITBATCH_REDIS_RETRY_S)" in lines[0]
+    assert lines[-1].startswith("error:") and "Redis" in lines[-1] and "secret-pw" not in result.stderr
 
 
 def test_submit_prints_one_line_and_exits_2_when_s3_is_down(cli, tiny_model, tmp_path):
