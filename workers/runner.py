@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from orchestrator.commits import ShardMarker
 from orchestrator.constants import JOBS_DIR
 from orchestrator.jobs import JobSpec
 from orchestrator.manifest import Item, read_kept_columns, read_manifest
@@ -134,15 +135,19 @@ def run_with(model: LoadedModel, store: ObjectStore, items: list[Item], head: He
 
 @instrumented_shard  # the worker's Prometheus metrics: images, stage seconds, shard duration
 def run_shard(spec: JobSpec, shard: int, ctx: WorkerContext, on_progress: ProgressFn | None = None,
-              job_id: str = "", marker_fields: dict | None = None) -> dict:
+              job_id: str = "", marker_fields: dict | None = None,
+              on_found: Callable[[int], None] | None = None) -> ShardMarker:
     """Compute one shard and commit it into `spec.output` (the job's folder); returns the commit marker.
 
+    A plain function: it reads and writes the object store only. Its caller hears of progress
+    through `on_progress(done, total)` and of the images found inside the shard's tars (unknown
+    when the job was planned) through `on_found(n_items)`; the task turns both into ledger writes.
     `marker_fields`: what names the job in the marker (job_id, spec_sha256).
     """
     scope = input_root(spec.input)
     items, blobs = expand_tars(read_manifest(spec.output, shard, ctx.store), ctx, scope=scope)
-    if blobs and job_id:  # the job's total grows by what the tars hold
-        ctx.ledger.shard_items(job_id, shard, len(items))
+    if blobs and on_found is not None:  # the job's total grows by what the tars hold
+        on_found(len(items))
     items, blobs, passthrough = expand_parquet(items, blobs, spec, ctx, scope)  # counted when planned
     head = make_head(spec, shard, ctx, (marker_fields or {}).get("job_id", job_id))
     head.passthrough = passthrough
