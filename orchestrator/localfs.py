@@ -106,18 +106,24 @@ def _os_reason(error: OSError) -> str:
     return words.get(error.errno, fallback) if error.errno is not None else fallback
 
 
-def read_local(uri: str, max_bytes: int | None, within: str | None) -> bytes:
-    """Open without blocking (a FIFO named .png would hang a reader thread for ever), then read
-    only a regular file, at most `max_bytes` + 1 bytes of it (a file growing meanwhile)."""
-    path = local_path(uri)
+def _open_regular(uri: str, path: Path) -> int:
+    """A read-only descriptor of the regular file at `path`, opened without blocking (a FIFO named
+    .png would hang a reader thread for ever); ObjectNotFound or ObjectUnreadable with the reason."""
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             _refuse_non_regular(uri, os.stat(path).st_mode)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError) as e:
         raise ObjectNotFound(f"{uri} does not exist") from e
     except OSError as e:
         raise ObjectUnreadable(f"{uri} cannot be read: {_os_reason(e)}") from e
+
+
+def read_local(uri: str, max_bytes: int | None, within: str | None) -> bytes:
+    """Open without blocking (a FIFO named .png would hang a reader thread for ever), then read
+    only a regular file, at most `max_bytes` + 1 bytes of it (a file growing meanwhile)."""
+    path = local_path(uri)
+    fd = _open_regular(uri, path)
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(f.fileno())
         if not stat.S_ISREG(info.st_mode):  # swapped for a FIFO between the stat and the open
@@ -135,14 +141,7 @@ def read_local(uri: str, max_bytes: int | None, within: str | None) -> bytes:
 def read_local_range(uri: str, start: int, length: int, within: str | None) -> bytes:
     """Bytes [start, start + length) of a regular file, with `read_local`'s checks (no FIFO, inside `within`)."""
     path = local_path(uri)
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            _refuse_non_regular(uri, os.stat(path).st_mode)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError) as e:
-        raise ObjectNotFound(f"{uri} does not exist") from e
-    except OSError as e:
-        raise ObjectUnreadable(f"{uri} cannot be read: {_os_reason(e)}") from e
+    fd = _open_regular(uri, path)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             _refuse_non_regular(uri, os.fstat(fd).st_mode)

@@ -145,3 +145,19 @@ def timm_model_dir(tmp_path_factory) -> Path:
     from helpers_models import build_timm_vit
 
     return build_timm_vit(tmp_path_factory.mktemp("timm-vit"))
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dirs(tmp_path_factory):
+    """`get(name)`: a tiny model of a class the hub publishes (tests/helpers_checkpoints.py), built once
+    per test process, read-only."""
+    from helpers_checkpoints import build_checkpoint
+
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = build_checkpoint(name, tmp_path_factory.mktemp(name))
+        return built[name]
+
+    return get

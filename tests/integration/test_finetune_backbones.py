@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_checkpoints import build_checkpoint
 from PIL import Image
 
 from orchestrator.config import Settings
@@ -74,18 +73,6 @@ def few_digits(digits, tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    built: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in built:
-            built[name] = build_checkpoint(name, tmp_path_factory.mktemp(name))
-        return built[name]
-
-    return get
-
-
 def spec_for(train: Path, output: Path | str, start: Path, **overrides) -> FinetuneSpec:
     options = {"epochs": 1, "lr": 3e-3, "batch_size": 16, "augment": "none", "precision": "fp32", "device": "cpu",
                "checkpoint_every_steps": 1000, **overrides}
@@ -126,9 +113,9 @@ def transformers_labels(folder: Path, images: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tuned(digits, checkpoint, ctx, tmp_path_factory) -> tuple[FinetuneSpec, dict, list[dict], Path]:
+def tuned(digits, checkpoint_dirs, ctx, tmp_path_factory) -> tuple[FinetuneSpec, dict, list[dict], Path]:
     """A ViTModel backbone (google/vit-base-patch16-224-in21k's class) fine-tuned on the digits."""
-    spec = spec_for(digits, tmp_path_factory.mktemp("tuned"), checkpoint("vit-model"), epochs=EPOCHS)
+    spec = spec_for(digits, tmp_path_factory.mktemp("tuned"), checkpoint_dirs("vit-model"), epochs=EPOCHS)
     reports: list[dict] = []
     result, folder = finetune_job(spec, ctx, reports)
     return spec, result, reports, local_path(folder)
@@ -145,8 +132,8 @@ def _reference(name: str, path: Path) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("name", ["vit-model", "dinov2-model", "clip-model", "siglip-model", "clip-vision-projection"])
-def test_a_new_head_sits_on_the_checkpoints_own_backbone_weights(name, checkpoint, ctx, tmp_path):
-    start = checkpoint(name)
+def test_a_new_head_sits_on_the_checkpoints_own_backbone_weights(name, checkpoint_dirs, ctx, tmp_path):
+    start = checkpoint_dirs(name)
     built = build_model(spec_for(tmp_path, tmp_path / "out", start), DIGITS, ctx)
     backbone = getattr(built.model, "vision_model", None) or built.model.base_model
     expected, got = _reference(name, start).state_dict(), backbone.state_dict()
@@ -155,8 +142,8 @@ def test_a_new_head_sits_on_the_checkpoints_own_backbone_weights(name, checkpoin
     assert built.classifier.out_features == 10 and built.model.config.id2label == dict(enumerate(DIGITS))
 
 
-def test_mae_fine_tunes_as_a_vit_that_computes_the_mae_encoders_tokens(checkpoint, ctx, tmp_path):
-    start = checkpoint("vit-mae-model")
+def test_mae_fine_tunes_as_a_vit_that_computes_the_mae_encoders_tokens(checkpoint_dirs, ctx, tmp_path):
+    start = checkpoint_dirs("vit-mae-model")
     built = build_model(spec_for(tmp_path, tmp_path / "out", start), DIGITS, ctx)
     assert type(built.model).__name__ == "ViTForImageClassification"
     mae = models.load(normalize_model_ref(str(start)), device="cpu", precision="fp32")  # every patch, in order
@@ -168,14 +155,14 @@ def test_mae_fine_tunes_as_a_vit_that_computes_the_mae_encoders_tokens(checkpoin
 
 
 # -- fine-tune from a backbone -----------------------------------------------------------------------
-def test_a_vit_backbone_fine_tuned_on_digits_reloads_with_transformers_and_classifies(tuned, checkpoint,
+def test_a_vit_backbone_fine_tuned_on_digits_reloads_with_transformers_and_classifies(tuned, checkpoint_dirs,
                                                                                        few_digits, ctx, tmp_path):
     from transformers import AutoModelForImageClassification
 
     _, result, _, folder = tuned
     model = AutoModelForImageClassification.from_pretrained(folder)
     assert type(model).__name__ == "ViTForImageClassification" and model.config.id2label == dict(enumerate(DIGITS))
-    start, trained = _reference("vit-model", checkpoint("vit-model")).state_dict(), model.vit.state_dict()
+    start, trained = _reference("vit-model", checkpoint_dirs("vit-model")).state_dict(), model.vit.state_dict()
     changed = [key for key in trained if not torch.equal(trained[key], start[key])]
     assert len(changed) > len(trained) // 2  # the backbone trained too, not only the head
     loaded = models.load(normalize_model_ref(str(folder)), device="cpu", precision="fp32")
@@ -185,11 +172,11 @@ def test_a_vit_backbone_fine_tuned_on_digits_reloads_with_transformers_and_class
 
 
 @pytest.mark.parametrize("name", ["clip-model", "siglip-model", "dinov2-model"])
-def test_freeze_backbone_trains_only_the_new_head_and_the_probe_classifies(name, checkpoint, digits, few_digits,
+def test_freeze_backbone_trains_only_the_new_head_and_the_probe_classifies(name, checkpoint_dirs, digits, few_digits,
                                                                             ctx, tmp_path):
     from transformers import AutoModelForImageClassification
 
-    start = checkpoint(name)
+    start = checkpoint_dirs(name)
     _, folder = finetune_job(spec_for(digits, tmp_path / "out", start, freeze_backbone=True, val_split=0.0), ctx)
     model = AutoModelForImageClassification.from_pretrained(local_path(folder))
     backbone = getattr(model, "vision_model", None) or model.base_model
@@ -210,10 +197,10 @@ def test_a_finished_finetune_reports_done_equal_to_total_in_trained_images(tuned
 
 
 @pytest.mark.parametrize("val_split", [0.0, 0.1, 0.25, 0.5])
-def test_submit_holds_out_what_the_workers_split_holds_out(digits, checkpoint, val_split, ctx):
+def test_submit_holds_out_what_the_workers_split_holds_out(digits, checkpoint_dirs, val_split, ctx):
     from orchestrator.labels import load_labeled
 
-    spec = spec_for(digits, "/unused", checkpoint("vit-model"), val_split=val_split, epochs=2.5)
+    spec = spec_for(digits, "/unused", checkpoint_dirs("vit-model"), val_split=val_split, epochs=2.5)
     train, _ = stratified_split(load_labeled(spec.train, ctx.store), val_split, spec.seed)
     assert check_labeled(spec, ctx.store)["items"] == round(2.5 * len(train))
     assert held_out(1, 0.5) == 0 and held_out(2, 0.01) == 1 and held_out(3, 0.99) == 2
@@ -248,8 +235,8 @@ def test_an_s3_finetune_job_folder_is_its_own_model_folder(tuned, s3, s3_endpoin
 
 
 # -- evaluate needs a trained classifier ------------------------------------------------------------
-def test_the_evaluate_worker_refuses_a_backbone_with_the_reason(checkpoint, digits, ctx, tmp_path):
-    spec = EvaluateSpec(input=str(digits), output=str(tmp_path / "eval"), model=str(checkpoint("vit-model")),
+def test_the_evaluate_worker_refuses_a_backbone_with_the_reason(checkpoint_dirs, digits, ctx, tmp_path):
+    spec = EvaluateSpec(input=str(digits), output=str(tmp_path / "eval"), model=str(checkpoint_dirs("vit-model")),
                         device="cpu", precision="fp32")
     with pytest.raises(SpecError, match="ViTModel backbone without a trained classifier.*finetune"):
         evaluate(spec, "job-backbone", ctx, lambda _: None)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_checkpoints import CHECKPOINTS, DUAL, build_checkpoint
+from helpers_checkpoints import CHECKPOINTS, DUAL
 from PIL import Image
 
 from orchestrator.checks import check_model_options
@@ -42,18 +42,6 @@ def images(tmp_path_factory) -> Path:
         coarse = rng.integers(0, 256, (3 + i % 3, 4, 3), dtype=np.uint8)
         Image.fromarray(coarse).resize((48 + 8 * i, 40), Image.BICUBIC).save(root / f"img{i}.png")
     return root
-
-
-@pytest.fixture(scope="module")
-def checkpoint_dirs(tmp_path_factory):
-    built: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in built:
-            built[name] = build_checkpoint(name, tmp_path_factory.mktemp(name))
-        return built[name]
-
-    return get
 
 
 @pytest.fixture(scope="module")
