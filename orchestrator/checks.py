@@ -14,8 +14,8 @@ from functools import cache
 from pathlib import Path
 
 from orchestrator.errors import SpecError
-from orchestrator.modelinfo import is_onnx, label_count, read_config
 from orchestrator.modelkinds import Checkpoint, Kind, checkpoint_kind, classifier_refusal
+from orchestrator.modelrefs import is_onnx, label_count, model_depth, read_config
 
 
 def check_model_options(spec, config: dict | None) -> None:
@@ -120,14 +120,6 @@ def _check_layers(spec, config: dict) -> None:
     if missing:
         raise SpecError(f"--layers {','.join(map(str, missing))}: the model has {depth} layers "
                         f"(0 to {depth - 1}, or -1 to -{depth} counting from the last)")
-
-
-def model_depth(config: dict) -> int | None:
-    """Transformer blocks in an HF (num_hidden_layers) or timm (model_args.depth) config, when it says."""
-    for value in (config.get("num_hidden_layers"), (config.get("model_args") or {}).get("depth"), config.get("depth")):
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 @cache

@@ -1,55 +1,26 @@
 """Incremental runs: recompute only what changed since the previous committed run.
 
 An item is carried over when its object is unchanged (same key and ETag; for file://
-the ETag is mtime+size) and the model is unchanged (same model identity: the files
-of the model directory and their ETags, which cover weights and preprocessing).
+the ETag is mtime+size) and the model is unchanged (same `modelrefs.model_identity`: the
+files of the model directory and their ETags, which cover weights and preprocessing).
 Carried rows are copied from the previous run's committed parts into
 `carried-00000.parquet`, committed with its own marker, so readers see one job.
 """
 
 from __future__ import annotations
 
-import hashlib
-
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from orchestrator.commits import ShardMarker, table_bytes, upload_parts, write_marker
 from orchestrator.constants import CARRIED_MARKER, JOB_SPEC_FILE
-from orchestrator.errors import OutputNotFound, SpecError, StorageError
-from orchestrator.modelinfo import model_dir, model_files
-from orchestrator.outputs import model_folder, read_json, success_record
+from orchestrator.errors import OutputNotFound
+from orchestrator.outputs import read_json, success_record
 from orchestrator.planner import Plan
 from orchestrator.results import read_table
-from orchestrator.storage import ObjectStore, join, relative_key
+from orchestrator.storage import ObjectStore, join
 
 CARRIED_PART = "carried-00000.parquet"
-
-
-def resolve_alias(ref: str, store: ObjectStore) -> str:
-    """`alias:URI` -> the model reference written in the pointer object at URI."""
-    if not ref.startswith("alias:"):
-        return ref
-    pointer = ref.split(":", 1)[1]
-    try:
-        target = store.read(pointer).decode().strip()
-    except StorageError as e:
-        raise SpecError(f"model alias {pointer} cannot be read ({e}); a finetune job with --alias writes it") from e
-    if not target or target.startswith("alias:"):
-        raise SpecError(f"model alias {pointer} holds {target!r}, not a model reference")
-    return target
-
-
-def model_identity(ref: str, store: ObjectStore) -> str:
-    """Changes exactly when the model directory's files change; hub names are taken at their word."""
-    directory = model_dir(ref)
-    if directory is None:
-        return "ref:" + ref
-    directory = model_folder(directory, store)  # a finetune output: its latest succeeded job's model
-    digest = hashlib.sha256(directory.encode() + b"\n")
-    for info in model_files(directory, store):
-        digest.update(f"{relative_key(directory, info.uri)}\t{info.etag}\n".encode())
-    return "sha256:" + digest.hexdigest()
 
 
 def previous_identity(previous_output: str, store: ObjectStore) -> str | None:

@@ -131,20 +131,6 @@ def read_part(output: str, part: dict, store: ObjectStore) -> bytes:
     return data
 
 
-def model_folder(output: str, store: ObjectStore) -> str:
-    """The folder a finetune or export output's model lives in: its latest succeeded job's folder.
-
-    The job folder itself (`<output>/_jobs/<id>`) holds a copy of that record, whose `model`
-    names the folder relative to the prefix: it is its own model folder. A directory that
-    holds no vitbatch record is taken as a plain model directory.
-    """
-    record = read_json(store, join(output, SUCCESS_FILE))
-    model = record.get("model") if record else None
-    if not model or output.rstrip("/").endswith("/" + model.strip("/")):
-        return output
-    return join(output, model)
-
-
 def remove_superseded(output: str, job_id: str, store: ObjectStore, removable: Callable[[str], bool]) -> list[str]:
     """Delete the folders of other jobs that `removable` allows (finalize.replaced_by: ended and
     older) once `job_id` is published; returns the job ids removed."""

@@ -30,7 +30,7 @@ from orchestrator.constants import (
 )
 from orchestrator.errors import BrokerUnavailable, ObjectExists, OutputBusy, SpecError
 from orchestrator.finalize import finalize
-from orchestrator.incremental import carry_over, model_identity, resolve_alias
+from orchestrator.incremental import carry_over
 from orchestrator.jobs import (
     VECTOR_KINDS,
     DedupSpec,
@@ -44,7 +44,7 @@ from orchestrator.jobs import (
 )
 from orchestrator.ledger import JobState, JobStatus, Ledger, ShardState
 from orchestrator.manifest import write_manifests
-from orchestrator.modelinfo import read_config
+from orchestrator.modelrefs import model_identity, read_config, resolve_alias
 from orchestrator.outputs import job_dir, new_job_id, prefix_holder, read_json, spec_digest
 from orchestrator.planner import Plan, plan_job
 from orchestrator.redisretry import ride_out

@@ -9,8 +9,8 @@ from orchestrator.errors import SpecError
 from orchestrator.jobs import EvaluateSpec, FinetuneSpec
 from orchestrator.labeledsources import label_options
 from orchestrator.labels import LabeledItem, check_val_labels, class_names, load_labeled
-from orchestrator.modelinfo import is_onnx, read_config
 from orchestrator.modelkinds import checkpoint_kind
+from orchestrator.modelrefs import is_onnx, read_config
 from orchestrator.storage import ObjectStore
 
 

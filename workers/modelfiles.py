@@ -13,8 +13,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from orchestrator.config import Settings
-from orchestrator.modelinfo import model_dir, model_files
-from orchestrator.outputs import model_folder
+from orchestrator.modelrefs import model_dir, model_files, model_folder
 from orchestrator.storage import ObjectStore, relative_key
 from workers.errors import ModelLoadError, UnsafeCheckpoint
 
@@ -102,7 +101,8 @@ def check_model_dir(path: Path, allow_pickle: bool = False) -> dict:
     return config
 
 
-def read_config(path: Path) -> dict | None:
+def read_local_config(path: Path) -> dict | None:
+    """config.json of a local model directory (not orchestrator.modelrefs.read_config, which takes a reference)."""
     try:
         return json.loads((path / "config.json").read_text())
     except (OSError, ValueError):

@@ -18,15 +18,15 @@ from PIL import Image
 
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
-from orchestrator.modelinfo import is_onnx
 from orchestrator.modelkinds import Checkpoint, Kind, checkpoint_kind
+from orchestrator.modelrefs import is_onnx
 from orchestrator.storage import ObjectStore
 from workers.decode.preprocess import Preprocess
 from workers.errors import ModelLoadError
 from workers.families import Family, HFBackbone, HFClassifier, HFDualEncoder, Timm
 from workers.loaded import DTYPES, LoadedModel
 from workers.memory import long_lived, release_frozen
-from workers.modelfiles import check_model_dir, local_model_dir, read_config
+from workers.modelfiles import check_model_dir, local_model_dir, read_local_config
 
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
              "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
@@ -230,7 +230,7 @@ def load(ref: str, device: str = "auto", precision: str = "auto", *, attn: str =
     torch_device = resolve_device(device)
     dtype = resolve_dtype(precision, torch_device)
     path = local_model_dir(ref, store, settings)
-    if path is not None and is_onnx(read_config(path)):
+    if path is not None and is_onnx(read_local_config(path)):
         from workers.onnx.runtime import load_onnx
 
         return load_onnx(ref, path, device)

@@ -35,7 +35,7 @@ def read_commit(store: ObjectStore, folder: str, shard: int, job_id: str) -> Sha
 def written_files(store: ObjectStore, folder: str) -> dict[str, PartEntry]:
     """What a single-task job (finetune, evaluate) wrote into its folder, for its marker:
     not its own records (`_*`) nor resumable checkpoints."""
-    from orchestrator.modelinfo import model_files
+    from orchestrator.modelrefs import model_files
     from orchestrator.storage import relative_key
 
     return {relative_key(folder, info.uri): PartEntry.of(store.read(info.uri)) for info in model_files(folder, store)}

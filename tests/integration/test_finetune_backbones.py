@@ -24,9 +24,9 @@ from orchestrator.jobs import (
     FinetuneSpec,
     normalize_model_ref,
 )
-from orchestrator.modelinfo import read_config
 from orchestrator.modelkinds import Kind
-from orchestrator.outputs import job_dir, model_folder
+from orchestrator.modelrefs import model_folder, read_config
+from orchestrator.outputs import job_dir
 from orchestrator.results import read_table
 from orchestrator.storage import ObjectStore, join
 from orchestrator.training_checks import check_labeled, held_out

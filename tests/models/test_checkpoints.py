@@ -20,7 +20,7 @@ from orchestrator.checks import check_model_options
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
 from orchestrator.jobs import normalize_model_ref, parse_spec
-from orchestrator.modelinfo import read_config
+from orchestrator.modelrefs import read_config
 from orchestrator.results import read_embeddings, read_table
 from orchestrator.storage import ObjectStore
 from workers import models

@@ -24,8 +24,8 @@ from PIL import Image
 
 from orchestrator.errors import SpecError
 from orchestrator.jobs import normalize_model_ref
-from orchestrator.modelinfo import label_count, read_config
 from orchestrator.modelkinds import Kind
+from orchestrator.modelrefs import label_count, read_config
 from orchestrator.storage import ObjectStore
 from workers import models
 from workers.decode.imaging import decode_rgb

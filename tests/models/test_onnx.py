@@ -22,7 +22,7 @@ from orchestrator.config import Settings
 from orchestrator.constants import EXPORT_REPORT_FILE
 from orchestrator.errors import SpecError
 from orchestrator.jobs import normalize_model_ref, parse_spec
-from orchestrator.modelinfo import read_config
+from orchestrator.modelrefs import read_config
 from orchestrator.results import read_embeddings, read_table
 from orchestrator.storage import ObjectStore
 from orchestrator.training_checks import check_labeled

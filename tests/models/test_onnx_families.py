@@ -21,8 +21,8 @@ from orchestrator.config import Settings
 from orchestrator.constants import EXPORT_REPORT_FILE
 from orchestrator.errors import SpecError
 from orchestrator.jobs import normalize_model_ref, parse_spec
-from orchestrator.modelinfo import read_config
 from orchestrator.modelkinds import checkpoint_kind
+from orchestrator.modelrefs import read_config
 from orchestrator.results import read_embeddings
 from orchestrator.storage import ObjectStore
 from workers import models

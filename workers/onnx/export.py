@@ -39,8 +39,8 @@ import torch
 
 from orchestrator.constants import EXPORT_REPORT_FILE, ONNX_MODEL_FILE
 from orchestrator.jobs import ExportSpec
-from orchestrator.modelinfo import ONNX_FORMAT
 from orchestrator.modelkinds import Kind
+from orchestrator.modelrefs import ONNX_FORMAT
 from orchestrator.storage import join
 from workers.errors import ExportFailed, ModelLoadError
 from workers.loaded import LoadedModel
