@@ -23,6 +23,7 @@ from workers.decode.preprocess import Decoder
 from workers.errors import BadImage
 from workers.loaded import LoadedModel
 from workers.pipeline import Batch, Decoded, Failed
+from workers.stagetimes import StageTimes
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,9 @@ class Computed:
 
 
 class DeviceStage:
-    def __init__(self, model: LoadedModel, decoder: Decoder, batch_size: int) -> None:
+    def __init__(self, model: LoadedModel, decoder: Decoder, batch_size: int, times: StageTimes) -> None:
         self.model, self.decoder, self.batch_size = model, decoder, batch_size
-        self.device_decode_s = 0.0
+        self.times = times  # the shard's timer (its owner's): device decode seconds go here
         prep = model.prep
         self._mean = torch.tensor(prep.mean, device=model.device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(prep.std, device=model.device).view(1, 3, 1, 1) * 255
@@ -72,7 +73,7 @@ class DeviceStage:
                     failed.append(Failed(d.index, d.item, e.reason))
                     continue
             ready.append(d)
-        self.device_decode_s += time.perf_counter() - t0
+        self.times.device_decode_s += time.perf_counter() - t0
         return ready, failed
 
     def to_device(self, decoded: list[Decoded]) -> torch.Tensor:

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from workers.decode.pool import DecodePool, SlotBlock
 from workers.decode.preprocess import Decoder
 from workers.errors import BadImage, NoSharedMemory
 from workers.loaded import LoadedModel
+from workers.stagetimes import StageTimes
 
 log = logging.getLogger(__name__)
 
@@ -69,28 +70,6 @@ class Failed:
     index: int
     item: Item
     reason: str
-
-
-@dataclass
-class StageTimes:
-    """Seconds per stage; read and decode are summed over threads, the rest are wall time.
-    write_s covers serialising and uploading the shard's files."""
-
-    read_s: float = 0.0
-    decode_s: float = 0.0
-    compute_s: float = 0.0
-    wait_s: float = 0.0
-    write_s: float = 0.0
-    wall_s: float = 0.0
-    device_decode_s: float = 0.0
-    items: int = 0
-    extra: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        out = {k: round(v, 4) for k, v in vars(self).items() if isinstance(v, float)}
-        out["items"] = self.items
-        out["images_per_s"] = round(self.items / self.wall_s, 2) if self.wall_s else 0.0
-        return out
 
 
 def read_ahead(read_concurrency: int, batch_size: int) -> int:
@@ -161,15 +140,16 @@ def decode_path(decode: str, model: LoadedModel, pool: DecodePool, max_pixels: i
 class ShardPipeline:
     """A shard's items -> `Batch`es of decoded pixels and `Failed` items, in manifest order."""
 
-    def __init__(self, store: ObjectStore, path: DecodePath, *, batch_size: int, read_concurrency: int,
-                 max_bytes: int, blobs: dict[str, bytes | str] | None = None, scope: str | None = None) -> None:
+    def __init__(self, store: ObjectStore, path: DecodePath, times: StageTimes, *, batch_size: int,
+                 read_concurrency: int, max_bytes: int, blobs: dict[str, bytes | str] | None = None,
+                 scope: str | None = None) -> None:
         self.store, self.path = store, path
+        self.times = times  # the shard's timer (its owner's): read, decode and wait seconds go here
         self.batch_size, self.read_concurrency, self.max_bytes = batch_size, read_concurrency, max_bytes
         # The job's input root (scope.input_root): an item outside it is an error row, never
         # opened. A shard's manifest lives in the output prefix, so it is checked, not trusted.
         self.scope = scope
         self.blobs = blobs or {}  # tar members already in memory: uri -> bytes, or why they were not read
-        self.times = StageTimes()
 
     def _read(self, item: Item) -> bytes | str:
         """The item's bytes, or why not (outside the job's input, missing, too large, unreadable)."""

@@ -26,7 +26,8 @@ from workers.heads import ClassifyHead, EmbedHead, Head, ZeroShotHead
 from workers.loaded import LoadedModel
 from workers.metrics import instrumented_shard, timed_model
 from workers.models import default_batch_size
-from workers.pipeline import DecodePath, Failed, ShardPipeline, StageTimes, decode_path
+from workers.pipeline import DecodePath, Failed, ShardPipeline, decode_path
+from workers.stagetimes import StageTimes
 from workers.writers import commit_shard, upload_parts
 
 ProgressFn = Callable[[int, int], None]
@@ -92,9 +93,11 @@ def expand_parquet(items: list[Item], blobs: dict, spec: JobSpec, ctx: WorkerCon
     return expanded.items, expanded.cells, expanded.passthrough
 
 
-def run_items(items: list[Item], head: Head, pipeline: ShardPipeline, device: DeviceStage,
-              on_progress: ProgressFn | None = None) -> StageTimes:
-    """One way through a shard: read -> decode -> batch (pipeline), compute (device), collect (head)."""
+def run_items(items: list[Item], head: Head, pipeline: ShardPipeline, device: DeviceStage, times: StageTimes,
+              on_progress: ProgressFn | None = None) -> None:
+    """One way through a shard: read -> decode -> batch (pipeline), compute (device), collect (head).
+
+    `times` is the timer the pipeline and the device stage add to; here compute, items and wall time."""
     start = time.perf_counter()
     done = 0
     for event in pipeline.batches(items, head.wants_image):
@@ -110,27 +113,26 @@ def run_items(items: list[Item], head: Head, pipeline: ShardPipeline, device: De
                 else:
                     head.collect(out.indices, out.items, out.output, out.images)
         pipeline.path.release(event)
-        pipeline.times.compute_s += time.perf_counter() - t0
+        times.compute_s += time.perf_counter() - t0
         done += len(event.decoded)
         if on_progress:
             on_progress(done, len(items))
     if on_progress:
         on_progress(done, len(items))
-    times = pipeline.times
-    times.items, times.device_decode_s = len(items), device.device_decode_s
+    times.items = len(items)
     times.wall_s = time.perf_counter() - start
-    return times
 
 
-def run_with(model: LoadedModel, store: ObjectStore, items: list[Item], head: Head, path: DecodePath, *,
-             batch_size: int, read_concurrency: int, max_bytes: int, blobs: dict | None = None,
-             scope: str | None = None, on_progress: ProgressFn | None = None) -> tuple[StageTimes, int]:
-    """run_items over a pipeline and device stage built here; returns the times and the batch
-    size the shard ended with (after any out-of-memory halving)."""
-    pipeline = ShardPipeline(store, path, batch_size=batch_size, read_concurrency=read_concurrency,
+def run_with(model: LoadedModel, store: ObjectStore, items: list[Item], head: Head, path: DecodePath,
+             times: StageTimes, *, batch_size: int, read_concurrency: int, max_bytes: int, blobs: dict | None = None,
+             scope: str | None = None, on_progress: ProgressFn | None = None) -> int:
+    """run_items over a pipeline and device stage built here, both timed into the caller's `times`;
+    returns the batch size the shard ended with (after any out-of-memory halving)."""
+    pipeline = ShardPipeline(store, path, times, batch_size=batch_size, read_concurrency=read_concurrency,
                              max_bytes=max_bytes, blobs=blobs, scope=scope)
-    device = DeviceStage(model, path.decoder, batch_size)
-    return run_items(items, head, pipeline, device, on_progress), device.batch_size
+    device = DeviceStage(model, path.decoder, batch_size, times)
+    run_items(items, head, pipeline, device, times, on_progress)
+    return device.batch_size
 
 
 @instrumented_shard  # the worker's Prometheus metrics: images, stage seconds, shard duration
@@ -152,11 +154,12 @@ def run_shard(spec: JobSpec, shard: int, ctx: WorkerContext, on_progress: Progre
     head = make_head(spec, shard, ctx, (marker_fields or {}).get("job_id", job_id))
     head.passthrough = passthrough
     batch_size = spec.batch_size or default_batch_size(head.model.device)
+    times = StageTimes()  # this shard's timer: the stages below add to it, the marker's stats report it
     with decode_path(spec.decode, head.model, ctx.decode_pool, ctx.settings.max_pixels, batch_size=batch_size,
                      read_concurrency=spec.read_concurrency, n_items=len(items)) as path:
-        times, batch_size = run_with(head.model, ctx.store, items, head, path, batch_size=batch_size,
-                                     read_concurrency=spec.read_concurrency, max_bytes=ctx.settings.max_object_bytes,
-                                     blobs=blobs, scope=scope, on_progress=on_progress)
+        batch_size = run_with(head.model, ctx.store, items, head, path, times, batch_size=batch_size,
+                              read_concurrency=spec.read_concurrency, max_bytes=ctx.settings.max_object_bytes,
+                              blobs=blobs, scope=scope, on_progress=on_progress)
     t0 = time.perf_counter()
     written = upload_parts(ctx.store, spec.output, head.parts())
     times.write_s = time.perf_counter() - t0  # serialising and uploading

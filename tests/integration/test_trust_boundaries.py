@@ -30,6 +30,7 @@ from workers.errors import ModelLoadError, UnsafeCheckpoint
 from workers.heads import ClassifyHead
 from workers.pipeline import DecodePath
 from workers.runner import run_with
+from workers.stagetimes import StageTimes
 
 
 def png(value: int = 40, size: int = 32) -> bytes:
@@ -49,8 +50,8 @@ def hf_model(hf_model_dir) -> models.LoadedModel:
 
 def run(model, items: list[Item], scope: str | None = None, blobs=None) -> list[dict]:
     head = ClassifyHead(model, 0, 3)
-    run_with(model, ObjectStore(), items, head, DecodePath(Decoder(model.prep, 1_000_000)), batch_size=4,
-             read_concurrency=2, max_bytes=1 << 20, scope=scope, blobs=blobs)
+    run_with(model, ObjectStore(), items, head, DecodePath(Decoder(model.prep, 1_000_000)), StageTimes(),
+             batch_size=4, read_concurrency=2, max_bytes=1 << 20, scope=scope, blobs=blobs)
     return head.ordered_rows()
 
 

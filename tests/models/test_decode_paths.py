@@ -27,6 +27,7 @@ from workers.decode.preprocess import Decoder, Preprocess, resize_image
 from workers.heads import ClassifyHead
 from workers.pipeline import DecodePath, read_ahead
 from workers.runner import run_with
+from workers.stagetimes import StageTimes
 
 MAX_PIXELS = 10_000_000
 
@@ -78,8 +79,9 @@ def _png(img: Image.Image) -> bytes:
 def run(model, items, *, block=None, device_jpegs=False, batch_size=2, read_concurrency=1):
     path = DecodePath(Decoder(model.prep, MAX_PIXELS), block, device_jpegs)
     head = ClassifyHead(model, 0, 3)
-    times, _ = run_with(model, ObjectStore(), items, head, path, batch_size=batch_size,
-                        read_concurrency=read_concurrency, max_bytes=1 << 24)
+    times = StageTimes()
+    run_with(model, ObjectStore(), items, head, path, times, batch_size=batch_size,
+             read_concurrency=read_concurrency, max_bytes=1 << 24)
     return head.ordered_rows(), times
 
 

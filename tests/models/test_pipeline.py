@@ -22,6 +22,7 @@ from workers.errors import ModelLoadError
 from workers.heads import ClassifyHead
 from workers.pipeline import DecodePath
 from workers.runner import run_with
+from workers.stagetimes import StageTimes
 
 TOP_K = 3
 BAD = {"g04-empty.jpg": b"", "g09-random.jpg": np.random.default_rng(1).bytes(500)}
@@ -72,8 +73,9 @@ def items(tmp_path) -> list[Item]:
 
 def run(model, items, *, batch_size=5, max_bytes=1 << 20, on_progress=None, top_k=TOP_K):
     head = ClassifyHead(model, 0, top_k)
-    times, _ = run_with(model, ObjectStore(), items, head, DecodePath(Decoder(model.prep, 1_000_000)),
-                        batch_size=batch_size, read_concurrency=4, max_bytes=max_bytes, on_progress=on_progress)
+    times = StageTimes()
+    run_with(model, ObjectStore(), items, head, DecodePath(Decoder(model.prep, 1_000_000)), times,
+             batch_size=batch_size, read_concurrency=4, max_bytes=max_bytes, on_progress=on_progress)
     return head.ordered_rows(), times
 
 

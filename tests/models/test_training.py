@@ -26,6 +26,7 @@ from workers.errors import TrainingDiverged
 from workers.heads import ClassifyHead
 from workers.pipeline import DecodePath
 from workers.runner import run_with
+from workers.stagetimes import StageTimes
 from workers.training.evaluation import evaluate
 from workers.training.finetune import finetune
 
@@ -127,8 +128,8 @@ def test_classify_pipeline_predicts_what_transformers_predicts(trained, digits):
     items = items[::20]
     loaded = models.load(normalize_model_ref(str(output)), device="cpu")
     head = ClassifyHead(loaded, 0, top_k=1)
-    run_with(loaded, ObjectStore(), items, head, DecodePath(Decoder(loaded.prep, 1 << 20)), batch_size=8,
-             read_concurrency=2, max_bytes=1 << 20)
+    run_with(loaded, ObjectStore(), items, head, DecodePath(Decoder(loaded.prep, 1 << 20)), StageTimes(),
+             batch_size=8, read_concurrency=2, max_bytes=1 << 20)
     hf, processor = AutoModelForImageClassification.from_pretrained(output), AutoImageProcessor.from_pretrained(output)
     images = [Image.open(digits / item.key).convert("RGB") for item in items]
     with torch.no_grad():

@@ -28,6 +28,7 @@ from workers.errors import ExportFailed
 from workers.loaded import LoadedModel
 from workers.onnx.runtime import INPUT_NAME, OUTPUT_NAMES
 from workers.pipeline import DecodePath, Failed, ShardPipeline
+from workers.stagetimes import StageTimes
 
 DECISIVE_MARGIN = 0.05  # top-1 minus top-2 probability: below it, argmax is decided by rounding
 PARITY_BATCH = 16
@@ -80,9 +81,10 @@ def sample_pixels(spec: ExportSpec, model: LoadedModel, ctx) -> tuple[torch.Tens
         blobs = {f"synthetic:{key}": data for key, data in synthetic_jpegs(spec.samples).items()}
         items = [Item(key=uri.split(":", 1)[1], uri=uri) for uri in blobs]
     path = DecodePath(Decoder(model.prep, ctx.settings.max_pixels))  # threads: every pixel on the host
-    pipeline = ShardPipeline(ctx.store, path, batch_size=PARITY_BATCH, read_concurrency=8,
+    times = StageTimes()  # not reported: the parity check has no stage stats
+    pipeline = ShardPipeline(ctx.store, path, times, batch_size=PARITY_BATCH, read_concurrency=8,
                              max_bytes=ctx.settings.max_object_bytes, blobs=blobs)
-    device = DeviceStage(model, path.decoder, PARITY_BATCH)
+    device = DeviceStage(model, path.decoder, PARITY_BATCH, times)
     batches, errors = [], {}
     for event in pipeline.batches(items):  # in manifest order; failed items are left out
         if isinstance(event, Failed):

@@ -31,6 +31,7 @@ from workers.heads import top_k
 from workers.loaded import LoadedModel
 from workers.pipeline import DecodePath
 from workers.runner import run_with
+from workers.stagetimes import StageTimes
 from workers.writers import parquet_bytes
 
 READ_CONCURRENCY = 16  # EvaluateSpec has no knob for it; the classify default
@@ -178,10 +179,11 @@ def evaluate(spec: EvaluateSpec, job_id: str, ctx: WorkerContext, report: Callab
     ids = label_ids(model, {item.label for item in items})
     head = EvalHead(model, top_k=min(5, len(model.id2label)))
     path = DecodePath(Decoder(model.prep, ctx.settings.max_pixels))  # decoded in threads
-    times, _ = run_with(model, ctx.store, [Item(key=i.key, uri=i.uri) for i in items], head, path,
-                        batch_size=spec.batch_size, read_concurrency=READ_CONCURRENCY,
-                        max_bytes=ctx.settings.max_object_bytes, blobs=ContainerReader(ctx.store, ctx.settings),
-                        on_progress=lambda done, total: report({"done": done, "total": total}))
+    times = StageTimes()  # the job's timer: its stats in the commit marker
+    run_with(model, ctx.store, [Item(key=i.key, uri=i.uri) for i in items], head, path, times,
+             batch_size=spec.batch_size, read_concurrency=READ_CONCURRENCY,
+             max_bytes=ctx.settings.max_object_bytes, blobs=ContainerReader(ctx.store, ctx.settings),
+             on_progress=lambda done, total: report({"done": done, "total": total}))
     metrics, y_true, y_pred = _metrics(items, head, ids, model.id2label)
     metrics["images_per_s"] = round(len(items) / times.wall_s, 2) if times.wall_s else 0.0
     classes = np.union1d(y_true, y_pred)
