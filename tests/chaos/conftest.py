@@ -77,3 +77,12 @@ def stack(chaos_redis, s3_endpoint, tiny_model, tmp_path, request) -> Stack:
     yield world
     world.workers.stop_all()
     client.app.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each test's call-phase report on its item (`item.rep_call`), for fixtures that act on a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call":
+        item.rep_call = report

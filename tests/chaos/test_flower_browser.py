@@ -3,14 +3,14 @@ by Playwright) logs in with basic auth and reads the rendered pages, as an opera
 
 One job of two shards: shard 0 (150 images) reads slowly through a proxy, so it is seen
 running; shard 1's manifest is broken, so every delivery raises and it is quarantined. The
-test reads, from the rendered DOM: the running shard's row on the first page of the task list
+tests read, one page each and in file order, from the rendered DOM: the running shard's row on the first page of the task list
 (sorted by Received, newest first) with its state, Received and Started times and its PROGRESS
 text (job id, done/total, img/s); its task page; the worker's page; the quarantined shard as
 FAILURE with the reason on its task page (and `vitbatch status` giving the same reason); and
 /metrics and the pages refused (401) without credentials. Screenshots of each page go to
 $VITBATCH_ARTIFACTS/flower-browser/ (default tests/artifacts/, git-ignored).
 
-Without a browser the test fails and says how to install one; it never passes without looking.
+Without a browser the tests fail and says how to install one; it never passes without looking.
 """
 
 from __future__ import annotations
@@ -139,9 +139,10 @@ class Up:
                 pass
 
 
-@pytest.fixture
-def up(s3_endpoint, tmp_path):
+@pytest.fixture(scope="module")
+def up(s3_endpoint, tmp_path_factory):
     """`vitbatch up --workers 1` as a user starts it, its workers reading S3 through a gated, slow proxy."""
+    tmp_path = tmp_path_factory.mktemp("flower-up")
     with GatedS3(s3_endpoint, delay_s=DELAY_S) as proxy:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VITBATCH_", "FLOWER_"))}  # as shipped
         env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TMPDIR=str(tmp_path),
@@ -255,7 +256,42 @@ def _shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
 
 
-def test_flower_in_a_browser_shows_the_running_and_the_quarantined_shard(up, digits, tiny_model, s3_endpoint):
+@dataclass
+class Scene:
+    """One job seen through one browser, page by page: the tests below read it in file order
+    (shard 0 running, then the job's end), each test one page."""
+
+    browser: object
+    page: object
+    flower: str
+    broker: str
+    client: Client
+    job_id: str
+    t0: float
+    worker: str = ""
+    reason: str = ""
+
+    @property
+    def running_id(self) -> str:
+        return f"{self.job_id}-00000"
+
+    @property
+    def failed_id(self) -> str:
+        return f"{self.job_id}-00001"
+
+    def running(self) -> bool:
+        return self.client.ledger.shard_states(self.job_id).get(0) is ShardState.RUNNING
+
+    def progress(self, text: str) -> int | None:
+        """Images done, if `text` is shard 0's progress: its job, done/total and images/s."""
+        done = re.search(r"\b(\d+)/150 images\b", text)
+        says_all = self.job_id in text and "shard 0" in text and re.search(r"\b\d+ img/s\b", text)
+        return int(done.group(1)) if done and says_all else None
+
+
+@pytest.fixture(scope="module")
+def scene(up, digits, tiny_model, s3_endpoint):
+    """Chromium logged in to Flower, and the job of two shards submitted with shard 1's manifest broken."""
     chromium = _chromium()
     from playwright.sync_api import sync_playwright
 
@@ -280,166 +316,172 @@ def test_flower_in_a_browser_shows_the_running_and_the_quarantined_shard(up, dig
             client.store.write(join(job_dir(spec.output, job_id), manifest_name(1)),
                                b'{"key": "0/digit-0000.png", "uri": \n')  # every delivery of shard 1 raises
             up.proxy.gate.set()
-            running_id, failed_id = f"{job_id}-00000", f"{job_id}-00001"
-
             context = browser.new_context(http_credentials={"username": USER, "password": PASSWORD},
                                           viewport={"width": 1920, "height": 1000})
-            page = context.new_page()
-
-            # 1. The running shard, on the first page of the task list, read while the ledger says it runs.
-            problems = []  # what Flower shows untruly or not at all; reported together at the end
-
-            def progress(text: str) -> int | None:
-                """Images done, if `text` is shard 0's progress: its job, done/total and images/s."""
-                done = re.search(r"\b(\d+)/150 images\b", text)
-                says_all = job_id in text and "shard 0" in text and re.search(r"\b\d+ img/s\b", text)
-                return int(done.group(1)) if done and says_all else None
-
-            def running() -> bool:
-                return client.ledger.shard_states(job_id).get(0) is ShardState.RUNNING
-
-            seen, deadline, columns = [], time.monotonic() + 90, None
-            while True:
-                rows = _task_rows(page, flower, running_id)
-                still_running = running()
-                columns = columns or page.evaluate(COLUMNS_JS)
-                row = next((r for r in rows if r["id"] == running_id), {})
-                seen.append((still_running, row.get("state"), row.get("result")))
-                if (still_running and row.get("state") in ("PROGRESS", "STARTED") and re.match(TIME, row["received"])
-                        and ("result" not in columns or progress(row["result"]))
-                        and ("started" not in columns or re.match(TIME, row["started"]))):
-                    break
-                assert time.monotonic() < deadline, f"shard 0 never seen running in Flower's task list: {seen[-8:]}"
-            _shot(page, "1-tasks-running-shard.png")
-            print(f"task list while shard 0 runs ({time.monotonic() - t0:.1f} s): {row}")
-            missing = [c for c in ("started", "result") if c not in columns]
-            if missing:
-                problems.append(
-                    f"Flower's task list, as `vitbatch up` starts Flower, has no {' or '.join(missing)} column "
-                    f"(columns {columns}; Flower's default tasks_columns): the running shard's row shows "
-                    f"{row['visible']}, without its Started time or PROGRESS text. "
-                    "orchestrator.flowerauth (which `up`, `vitbatch flower` and compose all run) could default "
-                    "FLOWER_TASKS_COLUMNS to name,uuid,state,result,received,started,runtime,worker")
-            shown = row["visible"]
-            assert job_id in shown["uuid"] and shown["state"] == row["state"], row
-            if "result" in columns and not (re.search(r"\d+/150 images", shown["result"])
-                                            and re.search(r"\d+ img/s", shown["result"])):
-                problems.append(
-                    f"the running shard's PROGRESS text is cut in the task list (Flower caps the Result column "
-                    f"at 400 px, with an ellipsis): the row shows {shown['result']!r}, of {row['result']!r}; "
-                    "with done/total and img/s first (workers/progress.py) they stay in view")
-            # Sorted by Received, newest first, and this is the first page.
-            sorted_by = page.locator('.dataTables_scrollHead th[data-column="received"]')
-            assert "sorting_desc" in (sorted_by.get_attribute("class") or ""), sorted_by.get_attribute("class")
-            assert re.match(r"Showing 1 to \d+ of \d+ tasks", page.inner_text("#tasks-table_info")), \
-                page.inner_text("#tasks-table_info")
-            worker = row["worker"]
-            assert worker.startswith("vitbatch-embedded-0@"), row
-
-            # Its task page, while it runs: PROGRESS, both times and the progress text.
-            seen, deadline = [], time.monotonic() + 60
-            while True:
-                page.goto(f"{flower}/task/{quote(running_id)}")
-                details = page.evaluate(DETAILS_JS)
-                still_running = running()
-                seen.append((still_running, details.get("Status"), details.get("Result")))
-                if (still_running and details.get("Status") == "PROGRESS" and progress(details.get("Result", ""))
-                        and re.match(TIME, details.get("Received", "")) and re.match(TIME, details.get("Started", ""))):
-                    break
-                assert still_running and time.monotonic() < deadline, \
-                    f"shard 0's task page never showed it running with its progress: {seen[-8:]}"
-                time.sleep(0.3)
-            _shot(page, "2-task-running-shard.png")
-            assert 0 < progress(details["Result"]) <= 150, details
-            print(f"task page while shard 0 runs ({time.monotonic() - t0:.1f} s): {details}")
-
-            # The dashboard and the worker's page while its solo pool runs the shard. A busy solo worker
-            # sends no heartbeats and answers no inspection (README): the dashboard keeps the Active count
-            # of its last heartbeat, and the worker's page may be refused. Whatever loads must not lie.
-            page.goto(flower + "/")
-            page.wait_for_selector(f'#workers-table tbody a:text("{worker}")', timeout=10000)
-            dashboard = {r["Worker"]: r for r in page.evaluate(WORKERS_JS)}
-            busy = running()
-            _shot(page, "3-dashboard-while-busy.png")
-            assert dashboard.get(worker, {}).get("Status") == "Online", dashboard
-            print(f"dashboard while shard 0 {'runs' if busy else 'has ended'}: {dashboard[worker]}")
-            response = page.goto(f"{flower}/worker/{quote(worker)}")
-            busy = running()
-            _shot(page, "3-worker-while-busy.png")
-            if response.status == 200:
-                page.click("#worker-tab-tasks")
-                active = page.inner_text("#tab-tasks table:has(caption:text('Active tasks'))")
-                assert not busy or running_id in active, f"shard 0 runs, but the worker's active tasks are {active!r}"
-                print(f"worker page while shard 0 {'runs' if busy else 'has ended'}: active tasks {active!r}")
-            else:
-                text = page.inner_text("body")
-                assert response.status == 404 and re.search(r"Unknown worker|Unable to get stats", text), \
-                    (response.status, text[:500])
-                print(f"worker page while shard 0 {'runs' if busy else 'has ended'}: HTTP 404, "
-                      f"{text.strip().splitlines()[-1]!r} (a busy solo worker answers no inspection)")
-
-            # 2. The job ends; shard 1 is quarantined.
-            status = client.wait(job_id, poll_s=0.25, timeout_s=120)
-            assert status.state is JobState.FINISHED_WITH_FAILURES, (status, up.explain())
-            reason = status.failed_shards.get(1, "")
-            assert reason.startswith("quarantined after 2 deliveries") and "JSONDecodeError" in reason, status
-
-            deadline = time.monotonic() + 30
-            while True:
-                rows = {r["id"]: r for r in _task_rows(page, flower, failed_id)}
-                states = {i: r.get("state") for i, r in rows.items()}
-                if states.get(failed_id) == "FAILURE" and states.get(running_id) == "SUCCESS":
-                    break
-                assert time.monotonic() < deadline, f"Flower's task list never showed the job's end: {rows}"
-                time.sleep(0.3)
-            _shot(page, "4-tasks-after-the-job.png")
-
-            page.goto(f"{flower}/task/{quote(failed_id)}")
-            failed = page.evaluate(DETAILS_JS)
-            _shot(page, "5-task-quarantined-shard.png")
-            assert failed.get("Status") == "FAILURE", failed
-            shown = failed.get("Exception", "") + "\n" + failed.get("Traceback", "")
-            assert reason in shown, f"the quarantine reason {reason!r} is not on shard 1's task page: {failed}"
-
-            # `vitbatch status` gives the same reason.
-            cli = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", job_id, "--json"],
-                                 env={**up.env, "VITBATCH_BROKER_URL": broker}, cwd=ROOT, capture_output=True,
-                                 text=True, timeout=60, stdin=subprocess.DEVNULL)
-            assert cli.returncode == 0, cli.stderr
-            told = json.loads(cli.stdout)
-            assert told["state"] == "finished_with_failures", told
-            assert told["failed_shards"] == {"1": reason}, told
-
-            # 3. The worker's page loads once the worker is idle again (Flower inspects it for 1 s a try).
-            deadline = time.monotonic() + 20
-            while (response := page.goto(f"{flower}/worker/{quote(worker)}")).status != 200:
-                assert time.monotonic() < deadline, (response.status, page.inner_text("body")[:500])
-                time.sleep(0.5)
-            _shot(page, "6-worker-idle.png")
-            assert worker in page.inner_text("body")
-
-            # 4. Without credentials, /metrics is refused like the pages; with them it is served.
-            anonymous = browser.new_context()
-            for path in ("/metrics", "/tasks"):  # a page each: a refused navigation ends in Chromium's error page
-                assert _status_without_credentials(anonymous.new_page(), flower + path) == 401, path
-            # Chromium leaves a refused navigation blank: for the screenshot, the same requests from a
-            # page of Flower's that is open to all (/healthcheck), their answers written into it.
-            refused = anonymous.new_page()
-            refused.goto(flower + "/healthcheck")
-            answers = refused.evaluate(FETCH_JS, ["/metrics", "/tasks", "/api/tasks"])
-            _shot(refused, "7-metrics-without-credentials.png")
-            assert [status for _, status, _ in answers] == [401, 401, 401], answers
-            response = page.goto(flower + "/metrics")
-            assert response.status == 200 and "flower_events_total" in page.inner_text("body"), response.status
-            anonymous.close()
-        except BaseException:
-            try:  # what the browser showed when the check failed
-                page.screenshot(path=str(ARTIFACTS / "failed-here.png"), full_page=True)
-            except Exception:  # no page yet, or the browser is gone: the error below says why
-                pass
-            raise
+            yield Scene(browser, context.new_page(), flower, broker, client, job_id, t0)
         finally:
             client.app.close()
             browser.close()
     print(f"browser check of Flower took {time.monotonic() - t0:.1f} s; screenshots in {ARTIFACTS}")
+
+
+@pytest.fixture(autouse=True)
+def _screenshot_on_failure(request, scene):
+    """What the browser showed when a test failed: failed-<test>.png (the report comes from tests/chaos/conftest.py)."""
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        try:
+            scene.page.screenshot(path=str(ARTIFACTS / f"failed-{request.node.name}.png"), full_page=True)
+        except Exception:  # the browser is gone: the failure itself says why
+            pass
+
+
+def test_task_list_shows_the_running_shard_with_its_progress(scene):
+    page, problems = scene.page, []  # problems: what Flower shows untruly or not at all, reported together
+    seen, deadline, columns = [], time.monotonic() + 90, None
+    while True:
+        rows = _task_rows(page, scene.flower, scene.running_id)
+        still_running = scene.running()
+        columns = columns or page.evaluate(COLUMNS_JS)
+        row = next((r for r in rows if r["id"] == scene.running_id), {})
+        seen.append((still_running, row.get("state"), row.get("result")))
+        if (still_running and row.get("state") in ("PROGRESS", "STARTED") and re.match(TIME, row["received"])
+                and ("result" not in columns or scene.progress(row["result"]))
+                and ("started" not in columns or re.match(TIME, row["started"]))):
+            break
+        assert time.monotonic() < deadline, f"shard 0 never seen running in Flower's task list: {seen[-8:]}"
+    _shot(page, "1-tasks-running-shard.png")
+    print(f"task list while shard 0 runs ({time.monotonic() - scene.t0:.1f} s): {row}")
+    scene.worker = row["worker"]
+    missing = [c for c in ("started", "result") if c not in columns]
+    if missing:
+        problems.append(
+            f"Flower's task list, as `vitbatch up` starts Flower, has no {' or '.join(missing)} column "
+            f"(columns {columns}; Flower's default tasks_columns): the running shard's row shows "
+            f"{row['visible']}, without its Started time or PROGRESS text. "
+            "orchestrator.flowerauth (which `up`, `vitbatch flower` and compose all run) could default "
+            "FLOWER_TASKS_COLUMNS to name,uuid,state,result,received,started,runtime,worker")
+    shown = row["visible"]
+    assert scene.job_id in shown["uuid"] and shown["state"] == row["state"], row
+    if "result" in columns and not (re.search(r"\d+/150 images", shown["result"])
+                                    and re.search(r"\d+ img/s", shown["result"])):
+        problems.append(
+            f"the running shard's PROGRESS text is cut in the task list (Flower caps the Result column "
+            f"at 400 px, with an ellipsis): the row shows {shown['result']!r}, of {row['result']!r}; "
+            "with done/total and img/s first (workers/progress.py) they stay in view")
+    # Sorted by Received, newest first, and this is the first page.
+    sorted_by = page.locator('.dataTables_scrollHead th[data-column="received"]')
+    assert "sorting_desc" in (sorted_by.get_attribute("class") or ""), sorted_by.get_attribute("class")
+    assert re.match(r"Showing 1 to \d+ of \d+ tasks", page.inner_text("#tasks-table_info")), \
+        page.inner_text("#tasks-table_info")
+    assert scene.worker.startswith("vitbatch-embedded-0@"), row
     assert not problems, "Flower does not show the truth:\n" + "\n".join(problems)
+
+
+def test_task_page_shows_the_running_shard_with_its_progress(scene):
+    page, seen, deadline = scene.page, [], time.monotonic() + 60
+    while True:
+        page.goto(f"{scene.flower}/task/{quote(scene.running_id)}")
+        details = page.evaluate(DETAILS_JS)
+        still_running = scene.running()
+        seen.append((still_running, details.get("Status"), details.get("Result")))
+        if (still_running and details.get("Status") == "PROGRESS" and scene.progress(details.get("Result", ""))
+                and re.match(TIME, details.get("Received", "")) and re.match(TIME, details.get("Started", ""))):
+            break
+        assert still_running and time.monotonic() < deadline, \
+            f"shard 0's task page never showed it running with its progress: {seen[-8:]}"
+        time.sleep(0.3)
+    _shot(page, "2-task-running-shard.png")
+    assert 0 < scene.progress(details["Result"]) <= 150, details
+    print(f"task page while shard 0 runs ({time.monotonic() - scene.t0:.1f} s): {details}")
+
+
+def test_dashboard_and_worker_page_while_the_worker_is_busy(scene):
+    # A busy solo worker sends no heartbeats and answers no inspection (README): the dashboard keeps the
+    # Active count of its last heartbeat, and the worker's page may be refused. Whatever loads must not lie.
+    page, worker = scene.page, scene.worker
+    assert worker, "the task list test did not see which worker runs shard 0"
+    page.goto(scene.flower + "/")
+    page.wait_for_selector(f'#workers-table tbody a:text("{worker}")', timeout=10000)
+    dashboard = {r["Worker"]: r for r in page.evaluate(WORKERS_JS)}
+    busy = scene.running()
+    _shot(page, "3-dashboard-while-busy.png")
+    assert dashboard.get(worker, {}).get("Status") == "Online", dashboard
+    print(f"dashboard while shard 0 {'runs' if busy else 'has ended'}: {dashboard[worker]}")
+    response = page.goto(f"{scene.flower}/worker/{quote(worker)}")
+    busy = scene.running()
+    _shot(page, "3-worker-while-busy.png")
+    if response.status == 200:
+        page.click("#worker-tab-tasks")
+        active = page.inner_text("#tab-tasks table:has(caption:text('Active tasks'))")
+        assert not busy or scene.running_id in active, f"shard 0 runs, but the worker's active tasks are {active!r}"
+        print(f"worker page while shard 0 {'runs' if busy else 'has ended'}: active tasks {active!r}")
+    else:
+        text = page.inner_text("body")
+        assert response.status == 404 and re.search(r"Unknown worker|Unable to get stats", text), \
+            (response.status, text[:500])
+        print(f"worker page while shard 0 {'runs' if busy else 'has ended'}: HTTP 404, "
+              f"{text.strip().splitlines()[-1]!r} (a busy solo worker answers no inspection)")
+
+
+def test_task_list_shows_the_jobs_end(up, scene):
+    status = scene.client.wait(scene.job_id, poll_s=0.25, timeout_s=120)
+    assert status.state is JobState.FINISHED_WITH_FAILURES, (status, up.explain())
+    scene.reason = status.failed_shards.get(1, "")
+    assert scene.reason.startswith("quarantined after 2 deliveries") and "JSONDecodeError" in scene.reason, status
+    deadline = time.monotonic() + 30
+    while True:
+        rows = {r["id"]: r for r in _task_rows(scene.page, scene.flower, scene.failed_id)}
+        states = {i: r.get("state") for i, r in rows.items()}
+        if states.get(scene.failed_id) == "FAILURE" and states.get(scene.running_id) == "SUCCESS":
+            break
+        assert time.monotonic() < deadline, f"Flower's task list never showed the job's end: {rows}"
+        time.sleep(0.3)
+    _shot(scene.page, "4-tasks-after-the-job.png")
+
+
+def test_task_page_and_status_give_the_quarantine_reason(up, scene):
+    assert scene.reason, "the job's end was not seen (the test before this one failed)"
+    page = scene.page
+    page.goto(f"{scene.flower}/task/{quote(scene.failed_id)}")
+    failed = page.evaluate(DETAILS_JS)
+    _shot(page, "5-task-quarantined-shard.png")
+    assert failed.get("Status") == "FAILURE", failed
+    shown = failed.get("Exception", "") + "\n" + failed.get("Traceback", "")
+    assert scene.reason in shown, f"the quarantine reason {scene.reason!r} is not on shard 1's task page: {failed}"
+    cli = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", scene.job_id, "--json"],
+                         env={**up.env, "VITBATCH_BROKER_URL": scene.broker}, cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert cli.returncode == 0, cli.stderr
+    told = json.loads(cli.stdout)
+    assert told["state"] == "finished_with_failures", told
+    assert told["failed_shards"] == {"1": scene.reason}, told
+
+
+def test_worker_page_loads_once_the_worker_is_idle(scene):
+    assert scene.reason, "the job's end was not seen (an earlier test failed)"
+    deadline = time.monotonic() + 20  # Flower inspects the worker for 1 s a try
+    while (response := scene.page.goto(f"{scene.flower}/worker/{quote(scene.worker)}")).status != 200:
+        assert time.monotonic() < deadline, (response.status, scene.page.inner_text("body")[:500])
+        time.sleep(0.5)
+    _shot(scene.page, "6-worker-idle.png")
+    assert scene.worker in scene.page.inner_text("body")
+
+
+def test_metrics_and_pages_are_refused_without_credentials(scene):
+    anonymous = scene.browser.new_context()
+    try:
+        for path in ("/metrics", "/tasks"):  # a page each: a refused navigation ends in Chromium's error page
+            assert _status_without_credentials(anonymous.new_page(), scene.flower + path) == 401, path
+        # Chromium leaves a refused navigation blank: for the screenshot, the same requests from a
+        # page of Flower's that is open to all (/healthcheck), their answers written into it.
+        refused = anonymous.new_page()
+        refused.goto(scene.flower + "/healthcheck")
+        answers = refused.evaluate(FETCH_JS, ["/metrics", "/tasks", "/api/tasks"])
+        _shot(refused, "7-metrics-without-credentials.png")
+        assert [status for _, status, _ in answers] == [401, 401, 401], answers
+        response = scene.page.goto(scene.flower + "/metrics")
+        assert response.status == 200 and "flower_events_total" in scene.page.inner_text("body"), response.status
+    finally:
+        anonymous.close()
