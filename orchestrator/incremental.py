@@ -15,9 +15,8 @@ import pyarrow.compute as pc
 from orchestrator.commits import ShardMarker, table_bytes, upload_parts, write_marker
 from orchestrator.constants import CARRIED_MARKER, JOB_SPEC_FILE
 from orchestrator.errors import OutputNotFound
-from orchestrator.outputs import read_json, success_record
 from orchestrator.planner import Plan
-from orchestrator.results import read_table
+from orchestrator.results import read_json, read_table, success_record
 from orchestrator.storage import ObjectStore, join
 
 CARRIED_PART = "carried-00000.parquet"

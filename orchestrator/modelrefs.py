@@ -21,7 +21,7 @@ import re
 
 from orchestrator.constants import SUCCESS_FILE
 from orchestrator.errors import SpecError, StorageError
-from orchestrator.outputs import read_json
+from orchestrator.results import read_json
 from orchestrator.storage import ObjectInfo, ObjectStore, join, normalize_uri, relative_key
 
 # -- references ------------------------------------------------------------------------------

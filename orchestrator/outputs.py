@@ -11,12 +11,14 @@ As in Delta's transaction log or Hadoop's job committer, a job writes only insid
 folder and becomes visible in one atomic object write (its `_SUCCESS.json`). Readers read
 exactly the parts that record lists, never a listing, so a rerun, a half-finished rerun or
 a concurrent writer never changes what they see of the previous succeeded job.
+
+This module is where outputs go (a job's id and folder, the spec digest its records carry,
+removing the folders a success replaced); reading them back is results.py's.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import secrets
@@ -24,8 +26,8 @@ import time
 from collections.abc import Callable
 from urllib.parse import unquote
 
-from orchestrator.constants import FAILURES_FILE, JOB_SPEC_FILE, JOBS_DIR, SUCCESS_FILE
-from orchestrator.errors import CorruptOutput, ObjectNotFound, OutputNotFound, SpecError, StorageError
+from orchestrator.constants import JOBS_DIR
+from orchestrator.errors import ObjectNotFound, SpecError, StorageError
 from orchestrator.storage import ObjectStore, join, relative_key
 
 log = logging.getLogger(__name__)
@@ -81,54 +83,6 @@ def job_dir(output: str, job_id: str) -> str:
 def spec_digest(spec_json: str) -> str:
     """Names the spec a job ran with, in its markers and records."""
     return "sha256:" + hashlib.sha256(spec_json.encode()).hexdigest()
-
-
-def read_json(store: ObjectStore, uri: str) -> dict | None:
-    """The object as JSON, or None when it does not exist."""
-    try:
-        return json.loads(store.read(uri))
-    except ObjectNotFound:
-        return None
-
-
-def prefix_holder(output: str, store: ObjectStore) -> dict | None:
-    """The record of the job that last took the prefix (`_job.json`), if any."""
-    return read_json(store, join(output, JOB_SPEC_FILE))
-
-
-def success_record(output: str, store: ObjectStore, job_id: str | None = None) -> dict:
-    """The record readers follow: the latest succeeded job, or the job named (succeeded or not)."""
-    if job_id is None:
-        record = read_json(store, join(output, SUCCESS_FILE))
-        if record is None:
-            failed = read_json(store, join(output, FAILURES_FILE))
-            hint = (f"; job {failed['job_id']} finished with failures: pass its id to read its committed parts"
-                    if failed and failed.get("job_id") else "")
-            raise OutputNotFound(f"no succeeded job at {output}{hint}")
-        if "job_id" not in record:
-            raise OutputNotFound(f"{output} was written by an older vitbatch (no job id in {SUCCESS_FILE}): rerun "
-                                 "the job with --overwrite")
-        return record
-    folder = job_dir(output, job_id)
-    record = read_json(store, join(folder, SUCCESS_FILE)) or read_json(store, join(folder, FAILURES_FILE))
-    if record is None:
-        raise OutputNotFound(f"job {job_id} has no finished output at {output} (still running, or its files were "
-                             "removed when a later job replaced it)")
-    return record
-
-
-def part_entries(record: dict, suffix: str = "") -> list[dict]:
-    """The record's parts (in shard order) whose name ends with `suffix`."""
-    return [part for part in record["parts"] if part["name"].endswith(suffix)]
-
-
-def read_part(output: str, part: dict, store: ObjectStore) -> bytes:
-    """A listed part's bytes, checked against the sha256 its job recorded."""
-    data = store.read(join(output, part["name"]))
-    if hashlib.sha256(data).hexdigest() != part["sha256"]:
-        raise CorruptOutput(f"{join(output, part['name'])} does not match the sha256 its job recorded: "
-                            "it was changed after the job committed it; rerun the job")
-    return data
 
 
 def remove_superseded(output: str, job_id: str, store: ObjectStore, removable: Callable[[str], bool]) -> list[str]:

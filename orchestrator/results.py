@@ -1,22 +1,78 @@
 """Read a job's committed output back (pyarrow only; no torch).
 
-Every reader reads exactly the parts one job's record lists (see outputs.py): the latest
-succeeded job at the prefix by default, or the job named by `job_id`. Each part is
-checked against its recorded sha256.
+Every reader reads exactly the parts one job's record lists (see outputs.py for the layout):
+the latest succeeded job at the prefix by default, or the job named by `job_id`. Each part
+is checked against its recorded sha256. The records first (`success_record`, the prefix's
+holder, a listed part's bytes), then the tables and arrays built from them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.errors import CorruptOutput, OutputNotFound
-from orchestrator.outputs import part_entries, read_part, success_record
+from orchestrator.constants import FAILURES_FILE, JOB_SPEC_FILE, SUCCESS_FILE
+from orchestrator.errors import CorruptOutput, ObjectNotFound, OutputNotFound
+from orchestrator.outputs import job_dir
 from orchestrator.storage import ObjectStore, join, normalize_uri
 
+# -- records ---------------------------------------------------------------------------------
+
+
+def read_json(store: ObjectStore, uri: str) -> dict | None:
+    """The object as JSON, or None when it does not exist."""
+    try:
+        return json.loads(store.read(uri))
+    except ObjectNotFound:
+        return None
+
+
+def prefix_holder(output: str, store: ObjectStore) -> dict | None:
+    """The record of the job that last took the prefix (`_job.json`), if any."""
+    return read_json(store, join(output, JOB_SPEC_FILE))
+
+
+def success_record(output: str, store: ObjectStore, job_id: str | None = None) -> dict:
+    """The record readers follow: the latest succeeded job, or the job named (succeeded or not)."""
+    if job_id is None:
+        record = read_json(store, join(output, SUCCESS_FILE))
+        if record is None:
+            failed = read_json(store, join(output, FAILURES_FILE))
+            hint = (f"; job {failed['job_id']} finished with failures: pass its id to read its committed parts"
+                    if failed and failed.get("job_id") else "")
+            raise OutputNotFound(f"no succeeded job at {output}{hint}")
+        if "job_id" not in record:
+            raise OutputNotFound(f"{output} was written by an older vitbatch (no job id in {SUCCESS_FILE}): rerun "
+                                 "the job with --overwrite")
+        return record
+    folder = job_dir(output, job_id)
+    record = read_json(store, join(folder, SUCCESS_FILE)) or read_json(store, join(folder, FAILURES_FILE))
+    if record is None:
+        raise OutputNotFound(f"job {job_id} has no finished output at {output} (still running, or its files were "
+                             "removed when a later job replaced it)")
+    return record
+
+
+def part_entries(record: dict, suffix: str = "") -> list[dict]:
+    """The record's parts (in shard order) whose name ends with `suffix`."""
+    return [part for part in record["parts"] if part["name"].endswith(suffix)]
+
+
+def read_part(output: str, part: dict, store: ObjectStore) -> bytes:
+    """A listed part's bytes, checked against the sha256 its job recorded."""
+    data = store.read(join(output, part["name"]))
+    if hashlib.sha256(data).hexdigest() != part["sha256"]:
+        raise CorruptOutput(f"{join(output, part['name'])} does not match the sha256 its job recorded: "
+                            "it was changed after the job committed it; rerun the job")
+    return data
+
+
+# -- tables and arrays -----------------------------------------------------------------------
 
 def committed_parts(output: str, store: ObjectStore, suffix: str = ".parquet", job_id: str | None = None) -> list[str]:
     """URIs of the parts the job's record lists, in shard order."""

@@ -45,9 +45,10 @@ from orchestrator.jobs import (
 from orchestrator.ledger import JobState, JobStatus, Ledger, ShardState
 from orchestrator.manifest import write_manifests
 from orchestrator.modelrefs import model_identity, read_config, resolve_alias
-from orchestrator.outputs import job_dir, new_job_id, prefix_holder, read_json, spec_digest
+from orchestrator.outputs import job_dir, new_job_id, spec_digest
 from orchestrator.planner import Plan, plan_job
 from orchestrator.redisretry import ride_out
+from orchestrator.results import prefix_holder, read_json
 from orchestrator.storage import ObjectStore, join
 from orchestrator.vectorplan import plan_vectors
 

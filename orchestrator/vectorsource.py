@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 
 from orchestrator.constants import JOB_SPEC_FILE, JOBS_DIR
 from orchestrator.errors import OutputNotFound, SpecError
-from orchestrator.outputs import job_dir, read_json, read_part, success_record
-from orchestrator.results import array_parts, read_array_part
+from orchestrator.outputs import job_dir
+from orchestrator.results import array_parts, read_array_part, read_json, read_part, success_record
 from orchestrator.storage import ObjectStore
 
 _JOB_FOLDER = re.compile(rf"^(?P<output>.+)/{JOBS_DIR}/(?P<job>[^/]+)/?$")

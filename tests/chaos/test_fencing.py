@@ -20,8 +20,8 @@ from orchestrator.errors import StaleDelivery, StorageError
 from orchestrator.finalize import finalize
 from orchestrator.fleetmetrics import FleetCollector
 from orchestrator.ledger import JobState
-from orchestrator.outputs import success_record
 from orchestrator.reconcile import reconcile
+from orchestrator.results import success_record
 from orchestrator.storage import join
 from workers.context import WorkerContext
 from workers.tasks import lifecycle

@@ -16,8 +16,7 @@ from orchestrator.constants import JOBS_DIR, SUCCESS_FILE
 from orchestrator.errors import OutputBusy, SpecError
 from orchestrator.jobs import EvaluateSpec, FinetuneSpec, parse_spec
 from orchestrator.ledger import JobState, ShardState
-from orchestrator.outputs import success_record
-from orchestrator.results import read_table
+from orchestrator.results import read_table, success_record
 from orchestrator.storage import join
 
 pytestmark = pytest.mark.chaos

@@ -58,7 +58,8 @@ def test_a_job_the_reconciler_finalizes_records_the_model_its_shards_ran(client,
     """The reconciler and the last worker race to finalize; either way the record names the model
     (it once came only from the last worker's call, so a reconciler's record had an empty one)."""
     from orchestrator.constants import SUCCESS_FILE
-    from orchestrator.outputs import job_dir, read_json, spec_digest
+    from orchestrator.outputs import job_dir, spec_digest
+    from orchestrator.results import read_json
     from orchestrator.storage import join
     from workers.context import WorkerContext
     from workers.runner import run_shard

@@ -122,7 +122,7 @@ def test_embed_normalize_writes_unit_vectors_that_say_so(checkpoint_dirs, images
 
     import pyarrow.parquet as pq
 
-    from orchestrator.outputs import success_record
+    from orchestrator.results import success_record
     from orchestrator.storage import join
 
     store = ObjectStore()

@@ -15,12 +15,13 @@ from helpers_curation import write_set
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
 from orchestrator.jobs import parse_spec
-from orchestrator.outputs import read_json, success_record
 from orchestrator.results import (
     read_duplicate_pairs,
     read_embeddings,
+    read_json,
     read_kept_keys,
     read_table,
+    success_record,
 )
 from orchestrator.storage import ObjectStore, join
 from orchestrator.vectorplan import plan_dedup

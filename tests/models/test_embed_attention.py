@@ -22,8 +22,7 @@ from support import build_tiny_vit
 from orchestrator.config import Settings
 from orchestrator.jobs import normalize_model_ref, parse_spec
 from orchestrator.modelkinds import Kind
-from orchestrator.outputs import success_record
-from orchestrator.results import committed_parts, read_arrays, read_embeddings, read_index
+from orchestrator.results import committed_parts, read_arrays, read_embeddings, read_index, success_record
 from orchestrator.storage import ObjectStore, join
 from workers import models
 from workers.attention import rollout

@@ -21,8 +21,7 @@ from PIL import Image
 
 from orchestrator.config import Settings
 from orchestrator.jobs import normalize_model_ref, parse_spec
-from orchestrator.outputs import success_record
-from orchestrator.results import read_arrays, read_embeddings, read_table
+from orchestrator.results import read_arrays, read_embeddings, read_table, success_record
 from orchestrator.storage import ObjectStore, join
 from workers import models
 from workers.attention import AttentionHead, cls_to_patches
