@@ -156,6 +156,15 @@ def compute_fields(markers: list[ShardMarker]) -> dict:
     return {"computed_with": dict(sorted(counts.items()))} if counts else {}
 
 
+def kind_fields(markers: list[ShardMarker]) -> dict[str, Any]:
+    """What a job's markers add to its record under `job_fields` (dedup's manifest shard: `dedup`, kept
+    and removed per cluster; a neighbors job: `neighbors`, its mode, k and, approximate, its recall@k)."""
+    out: dict[str, Any] = {}
+    for marker in markers:
+        out.update(marker.extra.get("job_fields") or {})
+    return out
+
+
 @dataclass(frozen=True)
 class JobRecord:
     """What `_SUCCESS.json` / `_FAILURES.json` say about one job (see README "Outputs")."""
@@ -176,16 +185,18 @@ class JobRecord:
     stage_seconds: dict[str, float]
     model_info: dict[str, Any]  # model_fingerprint(s) and computed_with, from the markers
     vitbatch_version: str
+    kind_fields: dict[str, Any] = field(default_factory=dict)  # `dedup` or `neighbors`: see kind_fields()
 
     @property
     def images_per_s(self) -> float:
         return round(self.processed / max(self.wall_s, 1e-9), 2)
 
     def to_json(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model_info"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model_info", "kind_fields")}
         out["wall_s"] = round(self.wall_s, 3)
         out["images_per_s"] = self.images_per_s
         out.update(self.model_info)
+        out.update(self.kind_fields)
         if self.kind in ("finetune", "export"):  # `--model <output>` loads this job's model
             out["model"] = self.job_dir
         return out
@@ -202,4 +213,5 @@ class JobRecord:
             parts=[part for marker in markers for part in marker_parts(job_dir, marker)],
             stage_seconds=stage_seconds(shard_stats if shard_stats is not None else [m.stats for m in markers]),
             model_info={**model_fields(markers), **compute_fields(markers)}, vitbatch_version=version,
+            kind_fields=kind_fields(markers),
         )

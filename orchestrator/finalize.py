@@ -19,7 +19,6 @@ from orchestrator.fencing import Publication
 from orchestrator.ledger import JobState, JobStatus, Ledger, ShardState
 from orchestrator.outputs import job_dir, remove_superseded, spec_digest
 from orchestrator.storage import ObjectStore, join, relative_key
-from orchestrator.vectorplan import job_fields
 
 
 def committed_markers(job_id: str, output: str, ledger: Ledger, store: ObjectStore,
@@ -65,13 +64,13 @@ def _publish_claimed(claim: Publication, status: JobStatus, folder: str, markers
                      ledger: Ledger, store: ObjectStore) -> JobState:
     job_id = status.job_id
     wall_s = claim.finished_at - status.created_at
-    summary = {**JobRecord.build(
+    summary = JobRecord.build(
         job_id=job_id, spec_sha256=spec_digest(spec_json), kind=status.kind,
         job_dir=relative_key(status.output, folder), markers=markers, items=status.n_items, processed=status.done,
         errors=status.errors, shards=status.n_shards, failed_shards=status.failed_shards, carried=status.carried,
         wall_s=wall_s, finished_at=claim.finished_at, version=__version__,
         shard_stats=list(ledger.shard_stats(job_id).values()),
-    ).to_json(), **job_fields(markers)}  # dedup: kept and removed per cluster
+    ).to_json()  # with what the kind adds (dedup: kept and removed per cluster; neighbors: mode, recall)
     if claim.prefix_holder not in ("", job_id):  # another job took the prefix: it is not this job's to write
         store.write(join(folder, FAILURES_FILE), json.dumps(summary, indent=2).encode())
         ledger.set_state(job_id, JobState.FAILED, f"job {claim.prefix_holder} took {status.output} before this "

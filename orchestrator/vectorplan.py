@@ -154,14 +154,6 @@ def plan_vectors(spec: DedupSpec | NeighborsSpec, store: ObjectStore) -> VectorP
     return plan_dedup(spec, store) if spec.kind == "dedup" else plan_neighbors(spec, store)
 
 
-def job_fields(markers: list) -> dict:
-    """What a vector job's markers add to its record (dedup: kept and removed, per cluster)."""
-    fields: dict = {}
-    for marker in markers:
-        fields.update(marker.extra.get("job_fields") or {})
-    return fields
-
-
 def refuse_own_prefix(output: str, source: VectorSource) -> None:
     """Writing a job into the embed output it reads would replace that output's _SUCCESS.json."""
     if output.rstrip("/") == source.output.rstrip("/"):

@@ -34,7 +34,8 @@ def test_the_in_process_path_writes_what_a_queued_job_writes(hf_model_dir, tmp_p
                        "model": str(hf_model_dir), "top_k": 1, "shard_size": 4, "device": "cpu"})
     job_id, markers = run_local(spec, WorkerContext(Settings()))
     record = json.loads((tmp_path / "out" / SUCCESS_FILE).read_text())
-    keys = {f for f in JobRecord.__dataclass_fields__ if f != "model_info"} | {"images_per_s", "computed_with",
+    merged = ("model_info", "kind_fields")  # their keys go to the top level (kind_fields: none for classify)
+    keys = {f for f in JobRecord.__dataclass_fields__ if f not in merged} | {"images_per_s", "computed_with",
                                                                             "model_fingerprint"}
     assert keys <= set(record)
     assert record["processed"] == 6 and record["carried_over"] == 0 and record["shards"] == 2

@@ -16,7 +16,7 @@ from orchestrator.finalize import publish
 from orchestrator.jobs import DedupSpec, NeighborsSpec
 from orchestrator.outputs import job_dir, new_job_id, spec_digest
 from orchestrator.storage import ObjectStore, relative_key
-from orchestrator.vectorplan import VectorPlan, job_fields, plan_vectors
+from orchestrator.vectorplan import VectorPlan, plan_vectors
 from workers.writers import commit_shard
 
 ProgressFn = Callable[[int, int], None]
@@ -62,5 +62,5 @@ def run_vectors_local(spec: VectorSpec, store: ObjectStore,
         markers=markers, items=rows, processed=rows, errors=0, shards=len(markers), failed_shards={}, carried=0,
         wall_s=finished - started, finished_at=finished, version=__version__,
     )
-    publish(store, spec.output, {**record.to_json(), **job_fields(markers)}, True, json.loads(spec_json))
+    publish(store, spec.output, record.to_json(), True, json.loads(spec_json))
     return job_id, markers
