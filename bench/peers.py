@@ -1,7 +1,8 @@
 """Benchmark 9: the same classify job through peer systems, each timed as a whole, in one run.
 
-    python -m bench.peers [--n 2000] [--systems plain,pipeline,ray,daft,vitbatch] [--bf16 auto|on|off] [--rounds 1]
-                          [--batch-size 32] [--daft-path ~/.cache/vitbatch/daft-target] [--device cpu|cuda]
+    python -m bench.peers [--n 2000] [--systems plain,pipeline,ray,daft,vitbatch] [--bf16 auto|on|only|off]
+                          [--no-baseline] [--rounds 1] [--batch-size 32] [--daft-path ~/.cache/vitbatch/daft-target]
+                          [--device cpu|cuda]
 
 `--device cuda` (a lent GPU) puts every peer's model on the GPU with fp32 and fp16 variants
 (Ray's actor and Daft's class UDF ask for one GPU); vitbatch's defaults pick the GPU themselves.
@@ -31,7 +32,9 @@ loop, and top-1 agreement with the plain fp32 loop on decisive images (its top-2
 margin > 0.05); for vitbatch also the `wall_s`, `images_per_s` and `stage_seconds` of its
 `_SUCCESS.json`. bf16 variants of the peers run only where the CPU has amx_bf16 or avx512_bf16
 (`--bf16 auto`); on AVX2-only CPUs bf16 is emulated and slower than fp32, so there the peers
-run fp32 only (the script says so); `--bf16 on` forces them, `--bf16 off` skips them.
+run fp32 only (the script says so); `--bf16 on` forces them, `--bf16 off` skips them, `--bf16 only`
+runs no fp32 variant of a peer. `--no-baseline` leaves the plain loop out (at 20,000 images it
+alone takes a quarter of an hour): walls and vitbatch's speed-up over the best peer, no agreement.
 
 Peers are not worker dependencies. Setup (once; PyPI or this machine's wheel mirror only):
 
@@ -347,8 +350,8 @@ def _run_all(runs, results: dict, image_dir: Path, model_dir: Path, args, work: 
 def _round_rows(results: dict[str, dict], n: int) -> list[dict]:
     """One round's table, printed: wall, img/s, ratio to the plain loop, agreement with it; and
     vitbatch's speed-up over the best peer of the same round."""
-    base = results.get("plain fp32", {})
-    if "labels" not in base:
+    base = results.get("plain fp32")
+    if base is not None and "labels" not in base:
         raise SystemExit("the plain fp32 loop failed: no baseline")
     rows = []
     print()
@@ -358,10 +361,11 @@ def _round_rows(results: dict[str, dict], n: int) -> list[dict]:
             print(f"{name:<16} FAILED ({r['error'].splitlines()[0][:80]})")
             rows.append({"system": name, "error": r["error"]})
             continue
-        agree, decisive, missing = agreement(base["labels"], base["margins"], r["labels"])
+        agree, decisive, missing = (agreement(base["labels"], base["margins"], r["labels"]) if base
+                                    else (float("nan"), 0, 0))
         row = {"system": name, "wall_s": round(r["wall_s"], 2), "img_s": round(n / r["wall_s"], 1),
-               "ratio": round(base["wall_s"] / r["wall_s"], 2), "top1_agreement": agree, "decisive": decisive,
-               "missing_rows": missing, "load_1min_before": round(r["load_1min_before"], 2)}
+               "ratio": round(base["wall_s"] / r["wall_s"], 2) if base else float("nan"), "top1_agreement": agree,
+               "decisive": decisive, "missing_rows": missing, "load_1min_before": round(r["load_1min_before"], 2)}
         for key in ("startup_s", "import_s", "engine_start_s", "model_load_s", "work_s"):
             if key in r:
                 row[key] = round(r[key], 2)
@@ -385,7 +389,8 @@ def _round_rows(results: dict[str, dict], n: int) -> list[dict]:
     best = best_peer(rows)
     if best is not None:
         print(f"vitbatch vs the best peer of this round ({best[0]}): {best[1]:.2f}x")
-    print(f"decisive images (plain fp32 top-2 margin > 0.05): {rows[0]['decisive']} of {n}\n")
+    print(f"decisive images (plain fp32 top-2 margin > 0.05): {rows[0]['decisive'] if base else '- (no baseline)'} "
+          f"of {n}\n")
     return rows
 
 
@@ -408,7 +413,7 @@ def _median_rows(per_round: list[list[dict]]) -> list[dict]:
             measured.setdefault(row["system"], [])
             if "wall_s" in row:
                 measured[row["system"]].append(row)
-    plain = statistics.median(row["wall_s"] for row in measured["plain fp32"])
+    plain = statistics.median(row["wall_s"] for row in measured.get("plain fp32") or [{"wall_s": float("nan")}])
     rows = []
     print(f"medians over {len(per_round)} rounds")
     print(f"{'system':<16} {'wall s':>8} {'ratio':>6}  walls per round")
@@ -433,8 +438,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
-    parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
-                        help="bf16 variants of the peers: auto = only on AMX/AVX512-BF16 CPUs")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="leave out the plain fp32 loop (long at 20,000 images): no ratios to it, no agreement")
+    parser.add_argument("--bf16", choices=("auto", "on", "only", "off"), default="auto",
+                        help="bf16 variants of the peers: auto = only on AMX/AVX512-BF16 CPUs; only = no fp32 variants")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--daft-path", type=Path, default=DEFAULT_DAFT_PATH,
                         help="pip --target folder holding daft 0.7.26 (+ pyarrow<26, tqdm<4.68)")
@@ -466,13 +473,13 @@ def main() -> None:
         parser.error(f"unknown systems {sorted(unknown)}; choose from {','.join(SYSTEMS)}")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    if "plain" not in systems:
+    if "plain" not in systems and not args.no_baseline:
         systems.insert(0, "plain")  # the baseline of every ratio and agreement
     if "daft" in systems and not (args.daft_path / "daft").is_dir():
         parser.error(f"no daft in {args.daft_path}: pip install --target {args.daft_path} daft==0.7.26 'pyarrow<26' "
                      "'tqdm<4.68' (or leave daft out of --systems)")
     cpu = cpu_info()
-    bf16 = {"auto": cpu["amx_or_avx512_bf16"], "on": True, "off": False}[args.bf16] and args.device == "cpu"
+    bf16 = {"auto": cpu["amx_or_avx512_bf16"], "on": True, "only": True, "off": False}[args.bf16] and args.device == "cpu"
     import torch
 
     print(f"CPU: {cpu['cpu']}, {os.cpu_count()} cores, flags {' '.join(cpu['flags']) or '-'}: {cpu['cpu_kind']}")
@@ -499,7 +506,8 @@ def main() -> None:
         if system in ("plain", "vitbatch"):
             runs.append((system, "fp32" if system == "plain" else "auto"))
         else:
-            runs.append((system, "fp32"))
+            if args.bf16 != "only":
+                runs.append((system, "fp32"))
             if bf16 or args.device == "cuda":
                 runs.append((system, "bf16" if args.device == "cpu" else "fp16"))
     rounds: list[dict[str, dict]] = [{} for _ in range(args.rounds)]
