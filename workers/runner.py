@@ -11,20 +11,19 @@ import time
 from collections.abc import Callable
 
 from orchestrator.commits import ShardMarker
-from orchestrator.constants import JOBS_DIR
 from orchestrator.jobs import JobSpec
 from orchestrator.manifest import Item, read_kept_columns, read_manifest
 from orchestrator.parquetinputs import columns_of
 from orchestrator.scope import input_root, outside_input
 from orchestrator.storage import ObjectStore
-from workers.attention import AttentionHead
+from workers import heads
 from workers.compute import DeviceStage
 from workers.context import WorkerContext
 from workers.decode.parquetshards import Passthrough, expand_row_groups
 from workers.decode.tarshards import expand
-from workers.heads import ClassifyHead, EmbedHead, Head, ZeroShotHead
+from workers.heads import Head
 from workers.loaded import LoadedModel
-from workers.metrics import instrumented_shard, timed_model
+from workers.metrics import instrumented_shard
 from workers.models import default_batch_size
 from workers.pipeline import DecodePath, Failed, ShardPipeline, decode_path
 from workers.stagetimes import StageTimes
@@ -32,24 +31,6 @@ from workers.writers import commit_shard, upload_parts
 
 ProgressFn = Callable[[int, int], None]
 log = logging.getLogger(__name__)
-
-
-def make_head(spec: JobSpec, shard: int, ctx: WorkerContext, job_id: str = ""):
-    """The model (eager attention for attention maps: SDPA returns no weights) and the head."""
-    if spec.kind == "attention":
-        model = timed_model(ctx.models.get, spec.model, spec.device, spec.precision, attn="eager",
-                            compile=spec.compile)
-        first = shard * spec.shard_size
-        limit = spec.max_overlays if spec.max_overlays is not None else first + spec.shard_size
-        overlays = set(range(max(0, min(spec.shard_size, limit - first))))
-        return AttentionHead(model, shard, layers=spec.layers, heads=spec.heads, with_rollout=spec.rollout,
-                             overlay_indices=overlays, overlay_prefix=f"{JOBS_DIR}/{job_id}/" if job_id else "")
-    model = timed_model(ctx.models.get, spec.model, spec.device, spec.precision, compile=spec.compile)
-    if spec.kind == "embed":
-        return EmbedHead(model, shard, spec.pooling, spec.normalize, spec.parquet_vectors)
-    if spec.labels is not None:
-        return ZeroShotHead(model, shard, spec.top_k, spec.labels, spec.prompt)
-    return ClassifyHead(model, shard, spec.top_k)
 
 
 def expand_tars(items: list[Item], ctx: WorkerContext, scope: str | None = None
@@ -151,7 +132,7 @@ def run_shard(spec: JobSpec, shard: int, ctx: WorkerContext, on_progress: Progre
     if blobs and on_found is not None:  # the job's total grows by what the tars hold
         on_found(len(items))
     items, blobs, passthrough = expand_parquet(items, blobs, spec, ctx, scope)  # counted when planned
-    head = make_head(spec, shard, ctx, (marker_fields or {}).get("job_id", job_id))
+    head = heads.for_job(spec, shard, ctx, (marker_fields or {}).get("job_id", job_id))
     head.passthrough = passthrough
     batch_size = spec.batch_size or default_batch_size(head.model.device)
     times = StageTimes()  # this shard's timer: the stages below add to it, the marker's stats report it
