@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import secrets
 import time
 from collections.abc import Callable
-from urllib.parse import unquote
 
 from orchestrator.constants import JOBS_DIR
-from orchestrator.errors import ObjectNotFound, SpecError, StorageError
+from orchestrator.errors import ObjectNotFound, StorageError
 from orchestrator.storage import ObjectStore, join, relative_key
 
 log = logging.getLogger(__name__)
@@ -36,43 +34,6 @@ log = logging.getLogger(__name__)
 def new_job_id() -> str:
     """Sortable and unique: the submit time (UTC) and 24 random bits."""
     return time.strftime("%Y%m%d-%H%M%S-", time.gmtime()) + secrets.token_hex(3)
-
-
-_S3_BUCKET = re.compile(r"^[A-Za-z0-9._-]{1,255}$")  # what any S3 store takes (AWS today: stricter)
-_S3_KEY_BYTES = 1024  # S3's limit on a whole key
-_OUTPUT_ROOM = 200  # what vitbatch appends under an output prefix (_jobs/<id>/_manifests/shard-NNNNN.jsonl, ...)
-_NAME_BYTES = 255  # one file name on Linux file systems
-_LOCAL_PATH_BYTES = 4096
-
-
-def storable_output(uri: str) -> str:
-    """A canonical output URI, or SpecError saying which character or length its store cannot hold.
-
-    `#`, `?`, `%`, spaces and unicode are fine (keys are kept as written); control characters
-    are not (S3 listings are XML, and a terminal would hide them), nor a key or file name
-    longer than the store allows once vitbatch's own names are appended.
-    """
-    text = unquote(uri[len("file://"):]) if uri.startswith("file://") else uri
-    bad = sorted({f"U+{ord(c):04X}" for c in text if ord(c) < 32 or ord(c) == 127})
-    if bad:
-        raise SpecError(f"output {uri!r} holds control characters ({', '.join(bad)}): choose a name without them")
-    if uri.startswith("s3://"):
-        bucket, _, key = uri[len("s3://"):].partition("/")
-        if not _S3_BUCKET.match(bucket):
-            raise SpecError(f"output bucket {bucket!r} is not a valid S3 bucket name (letters, digits, "
-                            "'.', '-' and '_' only)")
-        if len(key.encode()) > _S3_KEY_BYTES - _OUTPUT_ROOM:
-            raise SpecError(f"output prefix is {len(key.encode())} bytes: S3 keys hold {_S3_KEY_BYTES}, and vitbatch "
-                            f"needs {_OUTPUT_ROOM} of them for its own names; choose a shorter prefix")
-        return uri
-    path = text
-    longest = max(path.split("/"), key=lambda part: len(part.encode()))
-    if len(longest.encode()) > _NAME_BYTES:
-        raise SpecError(f"output folder name {longest[:40]!r}... is {len(longest.encode())} bytes: file names "
-                        f"hold at most {_NAME_BYTES}")
-    if len(path.encode()) > _LOCAL_PATH_BYTES - _OUTPUT_ROOM:
-        raise SpecError(f"output path is {len(path.encode())} bytes: too long for the files vitbatch writes under it")
-    return uri
 
 
 def job_dir(output: str, job_id: str) -> str:

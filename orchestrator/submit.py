@@ -13,7 +13,8 @@ from celery import Celery
 
 from orchestrator import __version__
 from orchestrator.celery_app import make_app
-from orchestrator.checks import check_export, check_model_options
+from orchestrator.checks.models import check_export, check_model_options
+from orchestrator.checks.outputs import check_prefix_free
 from orchestrator.config import Settings
 from orchestrator.constants import (
     JOB_SPEC_FILE,
@@ -48,32 +49,12 @@ from orchestrator.modelrefs import model_identity, read_config, resolve_alias
 from orchestrator.outputs import job_dir, new_job_id, spec_digest
 from orchestrator.planner import Plan, plan_job
 from orchestrator.redisretry import ride_out
-from orchestrator.results import prefix_holder, read_json
+from orchestrator.results import read_json
 from orchestrator.storage import ObjectStore, join
 from orchestrator.vectorplan import plan_vectors
 
 log = logging.getLogger(__name__)
 SINGLE_TASK_KINDS = {"finetune": TASK_FINETUNE, "evaluate": TASK_EVALUATE, "export": TASK_EXPORT}
-
-
-def check_prefix_free(spec: JobSpec, store: ObjectStore, overwrite: bool) -> None:
-    """A used prefix (any earlier job, finished or not, or a model saved there) needs --overwrite;
-    an output inside the job's input would become the next run's input."""
-    inputs = [getattr(spec, name, None) for name in ("input", "train", "val")]
-    for source in filter(None, inputs):
-        if spec.output.rstrip("/").startswith(source.rstrip("/") + "/") or spec.output.rstrip("/") == source.rstrip("/"):
-            raise SpecError(f"output {spec.output} lies inside the job's input {source}: its parts, overlays and "
-                            "models would be read as inputs by the next run; choose an output outside it")
-    if overwrite:
-        return
-    holder = prefix_holder(spec.output, store)
-    if holder is not None:
-        raise SpecError(f"{spec.output} already holds job {holder.get('job_id', '?')}: pass --overwrite to replace "
-                        f"it, `vitbatch retry {holder.get('job_id', 'JOB')}` to finish it, or choose a new output")
-    for name in (SUCCESS_FILE, "config.json"):
-        if store.exists(join(spec.output, name)):
-            raise SpecError(f"{spec.output} already holds a finished job or model ({name}); choose a new output "
-                            "or pass --overwrite")
 
 
 @dataclass
@@ -123,7 +104,7 @@ class Client:
             check_prefix_free(spec, self.store, overwrite)
             summary, n_units = check_export(spec, self.store), 1
         elif isinstance(spec, FinetuneSpec | EvaluateSpec):
-            from orchestrator.training_checks import check_labeled
+            from orchestrator.checks.training import check_labeled
 
             check_prefix_free(spec, self.store, overwrite)
             summary, n_units = check_labeled(spec, self.store), 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from orchestrator.checks import check_job_fits
+from orchestrator.checks.models import check_job_fits
 from orchestrator.errors import SpecError
 from orchestrator.jobs import EvaluateSpec, FinetuneSpec
 from orchestrator.labeledsources import label_options

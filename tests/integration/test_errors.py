@@ -8,11 +8,11 @@ import builtins
 import pytest
 
 from orchestrator.celery_app import make_app
+from orchestrator.checks.outputs import storable_output
 from orchestrator.cli import main
 from orchestrator.config import Settings
 from orchestrator.errors import ConfigError, OutputNotFound, ServerNotReady, SpecError, VitbatchError
 from orchestrator.modelrefs import normalize_model_ref, refuse_file_keys
-from orchestrator.outputs import storable_output
 from orchestrator.processes import RedisServer
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from orchestrator.checks.training import check_labeled, held_out
 from orchestrator.config import Settings
 from orchestrator.demo import write_digits
 from orchestrator.errors import SpecError
@@ -29,10 +30,9 @@ from orchestrator.modelrefs import model_folder, read_config
 from orchestrator.outputs import job_dir
 from orchestrator.results import read_table
 from orchestrator.storage import ObjectStore, join
-from orchestrator.training_checks import check_labeled, held_out
 from workers import models
 from workers.context import WorkerContext
-from workers.local import run_local
+from workers.inprocess import run_local
 from workers.modelfiles import local_model_dir
 from workers.training.evaluation import evaluate
 from workers.training.finetune import build_model, finetune

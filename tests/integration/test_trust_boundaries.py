@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from orchestrator.checks import check_model_options
+from orchestrator.checks.models import check_model_options
 from orchestrator.errors import ObjectUnreadable, OutsideInput, SpecError
 from orchestrator.jobs import normalize_model_ref, parse_spec
 from orchestrator.manifest import Item

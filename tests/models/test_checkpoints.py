@@ -16,7 +16,7 @@ import torch
 from helpers_checkpoints import CHECKPOINTS, DUAL
 from PIL import Image
 
-from orchestrator.checks import check_model_options
+from orchestrator.checks.models import check_model_options
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
 from orchestrator.jobs import normalize_model_ref, parse_spec
@@ -28,7 +28,7 @@ from workers.context import WorkerContext
 from workers.decode.imaging import decode_rgb
 from workers.decode.preprocess import resize_image
 from workers.errors import ModelLoadError
-from workers.local import run_local
+from workers.inprocess import run_local
 
 N_IMAGES = 6
 

@@ -17,7 +17,8 @@ import torch
 from helpers_families import build_family
 from PIL import Image
 
-from orchestrator.checks import check_export, check_model_options
+from orchestrator.checks.models import check_export, check_model_options
+from orchestrator.checks.training import check_labeled
 from orchestrator.config import Settings
 from orchestrator.constants import EXPORT_REPORT_FILE
 from orchestrator.errors import SpecError
@@ -25,12 +26,11 @@ from orchestrator.jobs import normalize_model_ref, parse_spec
 from orchestrator.modelrefs import read_config
 from orchestrator.results import read_embeddings, read_table
 from orchestrator.storage import ObjectStore
-from orchestrator.training_checks import check_labeled
 from workers import models
 from workers.attention import AttentionHead
 from workers.context import WorkerContext
 from workers.errors import ExportFailed, ModelLoadError
-from workers.local import run_local
+from workers.inprocess import run_local
 from workers.onnx.export import export
 from workers.onnx.runtime import session, worker_cores
 

@@ -16,7 +16,7 @@ import pytest
 from helpers_checkpoints import build_checkpoint
 from PIL import Image
 
-from orchestrator.checks import check_model_options
+from orchestrator.checks.models import check_model_options
 from orchestrator.config import Settings
 from orchestrator.constants import EXPORT_REPORT_FILE
 from orchestrator.errors import SpecError
@@ -30,7 +30,7 @@ from workers.context import WorkerContext
 from workers.errors import ExportFailed, ModelLoadError
 from workers.families import HFBackbone
 from workers.heads import ClassifyHead
-from workers.local import run_local
+from workers.inprocess import run_local
 from workers.onnx.export import RANDOM_OPS, export
 from workers.onnx.parity import AGREE_COSINE, check_parity
 from workers.onnx.runtime import session

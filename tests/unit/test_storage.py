@@ -194,9 +194,9 @@ def test_a_create_only_write_refuses_an_existing_object_and_keeps_it(tmp_path):
 
 
 def test_an_output_inside_the_jobs_input_is_refused_before_anything_is_written(tmp_path):
+    from orchestrator.checks.outputs import check_prefix_free
     from orchestrator.errors import SpecError
     from orchestrator.jobs import parse_spec
-    from orchestrator.submit import check_prefix_free
 
     spec = parse_spec({"kind": "classify", "input": str(tmp_path / "in"), "output": str(tmp_path / "in" / "out"),
                        "model": str(tmp_path / "m")})

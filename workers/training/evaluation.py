@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from orchestrator.checks import check_job_fits
+from orchestrator.checks.models import check_job_fits
 from orchestrator.errors import SpecError
 from orchestrator.jobs import EvaluateSpec
 from orchestrator.labeledsources import label_options
