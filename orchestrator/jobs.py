@@ -11,9 +11,9 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-from orchestrator.checks.outputs import storable_output
 from orchestrator.errors import SpecError, VitbatchError
 from orchestrator.modelrefs import normalize_model_ref, refuse_file_keys
+from orchestrator.outputs import storable_output
 from orchestrator.storage import normalize_uri
 
 Precision = Literal["auto", "fp16", "bf16", "fp32"]
@@ -396,9 +396,15 @@ class NeighborsSpec(VectorJob):
     queries: str = Field(description="Another embed job's output prefix or job folder: one result row per vector.")
     k: int = Field(10, gt=0, le=1000, description="Neighbours kept per query.")
     mode: Literal["auto", "exact", "approximate"] = Field(
-        "auto", description="exact = blocked matrix products (one task per block of queries); approximate (a faiss "
-        "index) is not available yet; auto = exact.")
+        "auto", description="exact = blocked matrix products (one task per block of queries); approximate = one "
+        "faiss IVF-Flat index of --embeddings, built once per job by its first task, searched by one task per block "
+        "of queries (its recall@k, measured on a seeded sample, is in _SUCCESS.json); auto = approximate from "
+        "2,000,000,000 query x vector pairs and 20,000 queries up (bench/neighbors.py), exact below.")
     queries_per_task: int = Field(20_000, gt=0, description="Query vectors per task.")
+    recall_target: float = Field(0.95, gt=0, le=1, description="approximate: the index scans the fewest lists "
+                                 "(a power of two) whose recall@k on a seeded sample of queries reaches this.")
+    seed: int = Field(0, description="approximate: seed of the index's k-means sample and of the query samples "
+                      "its nprobe is tuned and its recall measured on.")
 
 
 JobSpec = Annotated[

@@ -5,7 +5,9 @@ needs every shard of the phase before it committed:
 
     dedup      fit (1 shard: k-means on a seeded sample) -> assign (1 per embed part: nearest
                centroid, rows bucketed by cluster group) -> pairs (1 per cluster group)
-    neighbors  search (1 per block of queries: top-k against every indexed vector)
+    neighbors  exact: search (1 per block of queries: top-k against every indexed vector)
+               approximate: index (1 shard: a faiss IVF-Flat index of every indexed vector, its
+               nprobe tuned and its recall measured) -> search (1 per block of queries, on that index)
 
 Submit enqueues the first phase only; the worker that commits the last shard of a phase
 sends the next one (workers/vectortasks.py). A shard delivered before its phase is ready
@@ -27,6 +29,12 @@ from orchestrator.storage import ObjectStore, join
 from orchestrator.vectorsource import VectorSource, resolve_vectors
 
 MAX_DEFAULT_CLUSTERS = 50_000
+# neighbors --mode auto: approximate from this many query x indexed vector pairs and this many
+# queries up. Building the index costs about as much as exact search for a few thousand queries
+# at any index size; below 2e9 pairs exact takes a few minutes of one worker and is exact
+# (bench/neighbors.py; bench/RESULTS.md, "Tenth session").
+AUTO_APPROXIMATE_PAIRS = 2_000_000_000
+AUTO_APPROXIMATE_QUERIES = 20_000
 SAMPLE_PER_CLUSTER = 64  # k-means sample: faiss warns below 39 per centroid
 
 
@@ -144,10 +152,16 @@ def plan_neighbors(spec: NeighborsSpec, store: ObjectStore) -> VectorPlan:
                         "nothing; embed both with one model")
     total = queries.rows
     blocks = tuple((start, min(total, start + spec.queries_per_task)) for start in range(0, total, spec.queries_per_task))
-    if spec.mode == "approximate":
-        raise SpecError("neighbors --mode approximate (a faiss index) is not available yet: use --mode exact")
-    phases = (("search", len(blocks)),)
-    return VectorPlan("neighbors", source, phases, queries=queries, query_blocks=blocks, approximate=False)
+    approximate = approximate_mode(spec.mode, total, source.rows)
+    phases = (("index", 1), ("search", len(blocks))) if approximate else (("search", len(blocks)),)
+    return VectorPlan("neighbors", source, phases, queries=queries, query_blocks=blocks, approximate=approximate)
+
+
+def approximate_mode(mode: str, queries: int, vectors: int) -> bool:
+    """Whether a neighbors job searches a faiss index: --mode approximate, or auto above the threshold."""
+    if mode != "auto":
+        return mode == "approximate"
+    return queries >= AUTO_APPROXIMATE_QUERIES and queries * vectors >= AUTO_APPROXIMATE_PAIRS
 
 
 def plan_vectors(spec: DedupSpec | NeighborsSpec, store: ObjectStore) -> VectorPlan:
