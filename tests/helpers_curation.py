@@ -86,12 +86,13 @@ def write_vectors(output: str, vectors: np.ndarray, part_rows: int, name: str = 
 
     from orchestrator import __version__
     from orchestrator.commits import JobRecord
+    from orchestrator.config import Settings
     from orchestrator.finalize import publish
     from orchestrator.outputs import job_dir, new_job_id
     from orchestrator.storage import ObjectStore, normalize_uri, relative_key
     from workers.writers import commit_shard
 
-    store, output = store or ObjectStore(), normalize_uri(output)
+    store, output = store or ObjectStore(Settings()), normalize_uri(output)
     described = {"cls": {"source": "cls_token", "projected": False, "normalized": False, "dtype": "float16",
                          "family": "hf", "model_fingerprint": fingerprint}}
     schema = pa.schema([("key", pa.string()), ("etag", pa.string()), ("shard", pa.int32()), ("row", pa.int32()),

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from helpers_curation import clustered_vectors, write_vectors
 
+from orchestrator.config import Settings
 from orchestrator.jobs import parse_spec
 from orchestrator.results import read_table
 from orchestrator.storage import ObjectStore, join, normalize_uri
@@ -19,11 +20,12 @@ from workers.curation.neighborshards import recall_rows
 from workers.curation.vectorshards import run_vectors_local
 
 K = 10
+STORE = ObjectStore(Settings())
 INDEXED, QUERIES = 20_000, 1_000
 
 
 def record_of(output: str) -> dict:
-    return json.loads(ObjectStore().read(join(normalize_uri(output), "_SUCCESS.json")))
+    return json.loads(STORE.read(join(normalize_uri(output), "_SUCCESS.json")))
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +46,13 @@ def neighbors(vectors: dict, name: str, **options) -> str:
     spec = parse_spec({"kind": "neighbors", "embeddings": str(vectors["root"] / "emb"),
                        "queries": str(vectors["root"] / "queries"), "output": str(vectors["root"] / name),
                        "k": K, "queries_per_task": 400, **options})
-    run_vectors_local(spec, ObjectStore())
+    run_vectors_local(spec, STORE)
     return spec.output
 
 
 def found(vectors: dict, output: str) -> tuple[list[dict], np.ndarray]:
     """The output rows (in query order) and the brute-force cosine of every neighbour they name."""
-    rows = read_table(output).to_pylist()
+    rows = read_table(output, STORE).to_pylist()
     assert [r["key"] for r in rows] == vectors["query_keys"]
     at = {key: i for i, key in enumerate(vectors["index_keys"])}
     ids = np.array([[at[key] for key in r["neighbors"]] for r in rows])
@@ -92,9 +94,9 @@ def test_approximate_neighbors_find_the_exact_top_k_and_record_their_recall(vect
 def test_auto_is_exact_for_small_jobs_and_approximate_above_the_threshold(vectors, tmp_path):
     spec = parse_spec({"kind": "neighbors", "embeddings": str(vectors["root"] / "emb"),
                        "queries": str(vectors["root"] / "queries"), "output": str(tmp_path / "o")})
-    plan = plan_neighbors(spec, ObjectStore())
+    plan = plan_neighbors(spec, STORE)
     assert not plan.approximate and plan.phases == (("search", 1),)
-    forced = plan_neighbors(spec.model_copy(update={"mode": "approximate", "queries_per_task": 300}), ObjectStore())
+    forced = plan_neighbors(spec.model_copy(update={"mode": "approximate", "queries_per_task": 300}), STORE)
     assert forced.approximate and forced.phases == (("index", 1), ("search", 4))
     assert forced.needs(1) == range(1) and forced.summary()["approximate"]
     assert not approximate_mode("auto", 1_000, 1_000_000) and not approximate_mode("auto", 50_000, 20_000)
