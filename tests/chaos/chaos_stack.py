@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,8 +122,17 @@ def explain(status: JobStatus) -> str:
     return f"job {status.state.value}: failed shards {status.failed_shards}, reason {status.reason!r}"
 
 
-def assert_exactly_once(output_uri: str, expected_keys, store: ObjectStore) -> None:
-    """Every accepted input key is in the committed output exactly once, with a result or a reason.
+def classified(row: dict) -> bool:
+    """A classify row has a result (a label) or an error reason, never both nor neither."""
+    has_result = row["error"] is None and row["label"] is not None
+    has_reason = bool(row["error"]) and row["label"] is None
+    return has_result or has_reason
+
+
+def assert_exactly_once(output_uri: str, expected_keys, store: ObjectStore,
+                        row_ok: Callable[[dict], bool] = classified) -> None:
+    """Every accepted input key is in the committed output exactly once, with a result or a reason
+    (`row_ok`: a classify row's label or error by default).
 
     Each committed part must also be byte for byte the part its marker describes, so a duplicate
     delivery that rewrote a part after the marker was written cannot pass unnoticed.
@@ -144,6 +154,4 @@ def assert_exactly_once(output_uri: str, expected_keys, store: ObjectStore) -> N
     assert not unexpected, f"{len(unexpected)} output keys were never input, e.g. {unexpected[:5]}"
     assert not duplicated, f"{len(duplicated)} keys appear more than once, e.g. {list(duplicated.items())[:5]}"
     for row in table.to_pylist():
-        has_result = row["error"] is None and row["label"] is not None
-        has_reason = bool(row["error"]) and row["label"] is None
-        assert has_result or has_reason, f"row {row['key']} has neither a result nor an error reason: {row}"
+        assert row_ok(row), f"row {row['key']} has neither a result nor an error reason: {row}"
