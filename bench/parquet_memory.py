@@ -46,7 +46,7 @@ def child(path: str, model: str, out: str) -> None:
     from orchestrator.config import Settings
     from orchestrator.jobs import parse_spec
     from workers.context import WorkerContext
-    from workers.local import run_local
+    from workers.inprocess import run_local
     from workers.models import load
 
     ctx = WorkerContext(Settings())

@@ -4,7 +4,7 @@ job's published record, their JSON forms, and the one way each is written and re
 A shard writes its parts, then its marker (`_commits/part-NNNNN.json`) naming them with
 their sha256: a marker's presence means the parts are whole. A job's record (`_SUCCESS.json`
 or `_FAILURES.json`) lists every part of its markers; readers read exactly those parts. The
-queued path (orchestrator/finalize.py), the in-process path (workers/local.py) and
+queued path (orchestrator/finalize.py), the in-process path (workers/inprocess.py) and
 incremental carry-over build these same types, so the files they write cannot drift.
 """
 

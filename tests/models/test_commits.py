@@ -10,7 +10,7 @@ from orchestrator.constants import JOB_SPEC_FILE, SUCCESS_FILE, commit_name
 from orchestrator.jobs import parse_spec
 from orchestrator.storage import ObjectStore, normalize_uri
 from workers.context import WorkerContext
-from workers.local import run_local
+from workers.inprocess import run_local
 
 
 def test_a_marker_round_trips_through_json_keeping_what_a_job_kind_adds(tmp_path):
@@ -25,8 +25,9 @@ def test_a_marker_round_trips_through_json_keeping_what_a_job_kind_adds(tmp_path
 
 
 def test_the_in_process_path_writes_what_a_queued_job_writes(hf_model_dir, tmp_path):
-    """workers/local.py once wrote a record without carried_over, images_per_s, stage_seconds and
-    computed_with, and no _job.json: the same JobRecord now writes both paths' records."""
+    """The in-process path (workers/inprocess.py, then local.py) once wrote a record without carried_over,
+    images_per_s, stage_seconds and computed_with, and no _job.json: the same JobRecord now writes both
+    paths' records."""
     from orchestrator.demo import write_digits
 
     write_digits(tmp_path / "in", limit=6)

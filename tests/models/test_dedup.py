@@ -29,7 +29,7 @@ from orchestrator.vectorsource import comparable
 from workers.context import WorkerContext
 from workers.curation import semdedup
 from workers.curation.vectorshards import run_vectors_local
-from workers.local import run_local
+from workers.inprocess import run_local
 
 EPS = 0.01
 

@@ -30,7 +30,7 @@ from workers.context import WorkerContext
 from workers.decode.imaging import decode_rgb
 from workers.decode.preprocess import resize_image
 from workers.errors import ModelLoadError
-from workers.local import run_local
+from workers.inprocess import run_local
 
 EMPTY = "c-empty.jpg"
 

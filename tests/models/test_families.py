@@ -26,7 +26,7 @@ from orchestrator.storage import ObjectStore, join
 from workers import models
 from workers.attention import AttentionHead, cls_to_patches
 from workers.context import WorkerContext
-from workers.local import run_local
+from workers.inprocess import run_local
 
 N_GOOD = 5
 

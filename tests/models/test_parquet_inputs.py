@@ -24,7 +24,7 @@ from orchestrator.results import read_embeddings, read_table
 from orchestrator.storage import ObjectStore, normalize_uri
 from workers.context import WorkerContext
 from workers.decode.parquetshards import expand_row_groups
-from workers.local import run_local
+from workers.inprocess import run_local
 
 
 def planned_row_groups(path: Path) -> list[Item]:

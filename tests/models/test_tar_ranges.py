@@ -16,7 +16,7 @@ from orchestrator.planner import plan
 from orchestrator.results import read_table
 from orchestrator.storage import ObjectStore, normalize_uri
 from workers.context import WorkerContext
-from workers.local import run_local
+from workers.inprocess import run_local
 
 
 def write_tar(path, n: int, seed: int) -> None:

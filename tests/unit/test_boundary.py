@@ -58,7 +58,7 @@ def test_the_import_scan_sees_imports_inside_functions(tmp_path):
 
 IMPORT_SHARD_PATH = """
 import sys
-import workers.runner, workers.local, workers.models, workers.families
+import workers.runner, workers.inprocess, workers.models, workers.families
 print("celery" in sys.modules, "workers.celery" in sys.modules)
 """
 
