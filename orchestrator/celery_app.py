@@ -15,9 +15,8 @@ from orchestrator.constants import QUEUE_DEFAULT, QUEUE_INTERACTIVE, QUEUE_TRAIN
 from orchestrator.errors import ConfigError
 
 
-def make_app(settings: Settings | None = None) -> Celery:
+def make_app(settings: Settings) -> Celery:
     """The app for these settings; ConfigError when they would make Redis redeliver running shards."""
-    settings = settings or Settings()
     broker = settings.broker_url or "redis://127.0.0.1:6379/0"
     if settings.visibility_timeout_s <= settings.task_time_limit_s:
         raise ConfigError(

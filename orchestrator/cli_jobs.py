@@ -22,10 +22,10 @@ from orchestrator.terminal import console, err, exit_code, report, watch
 
 
 def client_for(settings: Settings | None = None):
-    """The control plane for these settings (default: the environment's)."""
+    """The control plane for these settings (default: the environment's, built here at the CLI's edge)."""
     from orchestrator.submit import Client
 
-    return Client.from_settings(settings)
+    return Client.from_settings(settings or Settings())
 
 
 def _submit(spec, wait: bool, workers: int, overwrite: bool, show_rows: int = 5) -> None:

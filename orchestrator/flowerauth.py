@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from orchestrator.config import Settings
 
 TASK_COLUMNS = "name,uuid,state,result,received,started,runtime,worker"
 
@@ -30,24 +34,25 @@ def protect_metrics() -> None:
         handler.get._vitbatch_authenticated = True
 
 
-def sentinel_options() -> None:
+def sentinel_options(settings: Settings) -> None:
     """A sentinel:// broker needs the primary's name and the sentinels' password, which Celery's
     command line cannot pass: they go into the default app, the one `celery flower` uses when
     given no `-A` (Flower's broker page and its event receiver read them there)."""
     from celery import current_app
 
-    from orchestrator.config import Settings
-
-    endpoint = Settings().redis_endpoint(os.environ.get("CELERY_BROKER_URL", ""))
+    endpoint = settings.redis_endpoint(os.environ.get("CELERY_BROKER_URL", ""))
     if endpoint.is_sentinel:
         current_app.conf.broker_transport_options = endpoint.transport_options()
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The entry point, and so the edge: the settings are built here, from the environment."""
     from celery.bin.celery import main as celery_main
 
+    from orchestrator.config import Settings
+
     protect_metrics()
-    sentinel_options()
+    sentinel_options(Settings())
     os.environ.setdefault("FLOWER_TASKS_COLUMNS", TASK_COLUMNS)
     sys.argv = ["celery", "flower", *(sys.argv[1:] if argv is None else argv)]
     celery_main()

@@ -4,6 +4,11 @@ Every reader reads exactly the parts one job's record lists (see outputs.py for 
 the latest succeeded job at the prefix by default, or the job named by `job_id`. Each part
 is checked against its recorded sha256. The records first (`success_record`, the prefix's
 holder, a listed part's bytes), then the tables and arrays built from them.
+
+The package passes its store everywhere. The public readers (`read_table`, `read_index`,
+`read_arrays`, `read_embeddings`, `read_kept_keys`, `read_duplicate_pairs`) are also called
+from notebooks and scripts as `read_table(output)` (README "Reading results"): for them alone
+`store` may be left out, and `open_store` builds one from the environment's Settings.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.config import Settings
 from orchestrator.constants import FAILURES_FILE, JOB_SPEC_FILE, SUCCESS_FILE
 from orchestrator.errors import CorruptOutput, ObjectNotFound, OutputNotFound
 from orchestrator.outputs import job_dir
@@ -74,6 +80,12 @@ def read_part(output: str, part: dict, store: ObjectStore) -> bytes:
 
 # -- tables and arrays -----------------------------------------------------------------------
 
+def open_store(store: ObjectStore | None = None) -> ObjectStore:
+    """The public readers' edge: the store given, or one built from the environment's Settings
+    for a caller outside the package (a notebook, a script) that passed none."""
+    return store if store is not None else ObjectStore(Settings())
+
+
 def committed_parts(output: str, store: ObjectStore, suffix: str = ".parquet", job_id: str | None = None) -> list[str]:
     """URIs of the parts the job's record lists, in shard order."""
     output = normalize_uri(output)
@@ -88,7 +100,7 @@ def _index_parts(record: dict) -> list[dict]:
 def read_table(output: str, store: ObjectStore | None = None, limit_parts: int | None = None,
                job_id: str | None = None) -> pa.Table:
     """Every committed row of a classify job (or the index of an embed/attention job) as one Arrow table."""
-    store, output = store or ObjectStore(), normalize_uri(output)  # a plain local path is fine too
+    store, output = open_store(store), normalize_uri(output)  # a plain local path is fine too
     record = success_record(output, store, job_id)
     parts = _index_parts(record)[:limit_parts]
     if not parts:
@@ -107,7 +119,7 @@ def read_arrays(output: str, name: str, store: ObjectStore | None = None,
 
     Rows follow the index in shard order; error rows have no array row and are left out.
     """
-    store, output = store or ObjectStore(), normalize_uri(output)
+    store, output = open_store(store), normalize_uri(output)
     record = success_record(output, store, job_id)
     keys: list[str] = []
     arrays: list[np.ndarray] = []
@@ -158,7 +170,7 @@ def read_embeddings(output: str, pooling: str = "cls", store: ObjectStore | None
         return read_arrays(output, pooling, store, job_id)
     if source != "parquet":
         raise ValueError(f"source={source!r}: read 'npy' or 'parquet'")
-    store, output = store or ObjectStore(), normalize_uri(output)
+    store, output = open_store(store), normalize_uri(output)
     record = success_record(output, store, job_id)
     parts = [p for p in part_entries(record, ".parquet") if p["name"].split("/")[-2:-1] == ["vectors"]]
     if not parts:

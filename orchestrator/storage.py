@@ -87,10 +87,11 @@ def relative_key(prefix: str, uri: str) -> str:
 
 
 class ObjectStore:
-    """Read, write and list objects by URI. Thread-safe; one per process is enough."""
+    """Read, write and list objects by URI. Thread-safe; one per process is enough, built at the
+    edge (a command, a task's context, a test) from the Settings it was given."""
 
-    def __init__(self, settings: Settings | None = None) -> None:
-        self.settings = settings or Settings()
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self._s3 = S3Objects(self.settings)
 
     # -- listing ---------------------------------------------------------------------------

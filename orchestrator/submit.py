@@ -67,8 +67,7 @@ class Client:
     store: ObjectStore
 
     @classmethod
-    def from_settings(cls, settings: Settings | None = None) -> Client:
-        settings = settings or Settings()
+    def from_settings(cls, settings: Settings) -> Client:
         if not settings.broker_url:
             raise BrokerUnavailable("no broker configured: set VITBATCH_BROKER_URL or use `vitbatch run`")
         return cls(settings, make_app(settings), Ledger.from_settings(settings),

@@ -3,10 +3,11 @@
 from celery.signals import celeryd_init, worker_init, worker_ready
 
 from orchestrator.celery_app import make_app
+from orchestrator.config import Settings
 from workers.memory import keep_freed_memory, pause_collector, settle_heap
 from workers.metrics import on_worker_init
 
-app = make_app()
+app = make_app(Settings())  # the worker process's edge: its settings come from the environment
 app.conf.imports = ["workers.tasks", "workers.vectortasks"]
 worker_init.connect(on_worker_init)  # VITBATCH_METRICS_PORT: the Prometheus endpoint, once per process
 worker_init.connect(lambda **_: keep_freed_memory(), weak=False)  # before the first forward pass

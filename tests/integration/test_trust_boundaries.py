@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from orchestrator.checks.models import check_model_options
+from orchestrator.config import Settings
 from orchestrator.errors import ObjectUnreadable, OutsideInput, SpecError
 from orchestrator.jobs import normalize_model_ref, parse_spec
 from orchestrator.manifest import Item
@@ -50,7 +51,7 @@ def hf_model(hf_model_dir) -> models.LoadedModel:
 
 def run(model, items: list[Item], scope: str | None = None, blobs=None) -> list[dict]:
     head = ClassifyHead(model, 0, 3)
-    run_with(model, ObjectStore(), items, head, DecodePath(Decoder(model.prep, 1_000_000)), StageTimes(),
+    run_with(model, ObjectStore(Settings()), items, head, DecodePath(Decoder(model.prep, 1_000_000)), StageTimes(),
              batch_size=4, read_concurrency=2, max_bytes=1 << 20, scope=scope, blobs=blobs)
     return head.ordered_rows()
 
@@ -65,7 +66,7 @@ def test_a_symlink_loop_in_the_input_is_skipped_and_counted_and_the_listing_goes
     os.symlink("loop-1.png", images / "loop-2.png")
     os.symlink("..", images / "sub" / "up")  # a folder link back to its own parent
 
-    job_plan = plan(uri(images), 10, ObjectStore())
+    job_plan = plan(uri(images), 10, ObjectStore(Settings()))
 
     assert [item.key for item in job_plan.items] == ["a.png", "sub/b.png"]
     summary = job_plan.summary()
@@ -86,7 +87,7 @@ def test_a_symlink_to_a_file_outside_the_input_is_not_listed_and_one_inside_is(t
     (images / "folder").mkdir()
     (images / "folder" / "c.png").write_bytes(png(3))
 
-    job_plan = plan(uri(images), 10, ObjectStore())
+    job_plan = plan(uri(images), 10, ObjectStore(Settings()))
 
     keys = [item.key for item in job_plan.items]
     assert keys == ["alias.png", "folder/c.png", "real.png", "shared/c.png"]
@@ -102,7 +103,7 @@ def test_a_fifo_named_png_is_never_opened_by_the_listing_or_the_reader(tmp_path,
     (images / "ok.png").write_bytes(png())
     os.mkfifo(images / "pipe.png")  # opening it for reading would block until a writer comes
 
-    job_plan = plan(uri(images), 10, ObjectStore())
+    job_plan = plan(uri(images), 10, ObjectStore(Settings()))
     assert [item.key for item in job_plan.items] == ["ok.png"]
     assert job_plan.summary()["skipped"] == 1 and "FIFO" in job_plan.skipped[0]
 
@@ -129,7 +130,7 @@ def test_an_unlistable_folder_does_not_abort_the_listing(tmp_path):
     finally:
         os.close(fd)
 
-    job_plan = plan(uri(images), 10, ObjectStore())
+    job_plan = plan(uri(images), 10, ObjectStore(Settings()))
 
     assert [item.key for item in job_plan.items] == ["a.png"]
     assert job_plan.skipped and "name too long" in job_plan.skipped[-1], job_plan.skipped
@@ -172,12 +173,12 @@ def test_a_symlink_swapped_in_after_planning_is_refused_on_the_opened_file(tmp_p
     outside.mkdir()
     (images / "a.png").write_bytes(png())
     (outside / "secret.png").write_bytes(png(9))
-    items = plan(uri(images), 10, ObjectStore()).items
+    items = plan(uri(images), 10, ObjectStore(Settings())).items
     (images / "a.png").unlink()
     os.symlink(outside / "secret.png", images / "a.png")
 
     with pytest.raises(OutsideInput):
-        ObjectStore().read(items[0].uri, within=uri(images))
+        ObjectStore(Settings()).read(items[0].uri, within=uri(images))
     rows = run(hf_model, items, scope=uri(images))
     assert "outside the job's input" in rows[0]["error"] and rows[0]["label"] is None
 
@@ -193,7 +194,7 @@ def test_local_read_errors_retrying_cannot_fix_are_error_rows_with_the_reason(tm
         Item(key="ok.png", uri=uri(images / "ok.png")),
     ]
     with pytest.raises(ObjectUnreadable, match="symlink loop"):
-        ObjectStore().read(items[0].uri)
+        ObjectStore(Settings()).read(items[0].uri)
     rows = run(hf_model, items, scope=uri(images))
     assert "symlink loop" in rows[0]["error"]
     assert "name too long" in rows[1]["error"]
@@ -225,9 +226,9 @@ def test_keys_with_hash_question_mark_percent_space_and_unicode_are_listed_and_r
     for i, name in enumerate(ODD_NAMES):
         (local / name).write_bytes(png(i))
     (local / "list.txt").write_text(_manifest_text())
-    local_plan = plan(uri(local / "list.txt"), 10, ObjectStore())
+    local_plan = plan(uri(local / "list.txt"), 10, ObjectStore(Settings()))
     assert [item.key for item in local_plan.items] == ODD_NAMES
-    assert [ObjectStore().read(item.uri) for item in local_plan.items] == [png(i) for i in range(len(ODD_NAMES))]
+    assert [ObjectStore(Settings()).read(item.uri) for item in local_plan.items] == [png(i) for i in range(len(ODD_NAMES))]
 
     store, bucket = s3_store
     for i, name in enumerate(ODD_NAMES):
@@ -274,7 +275,7 @@ def test_two_tar_members_of_one_name_never_share_a_key(tmp_path):
     (tmp_path / "s.tar").write_bytes(_tar_bytes([("x.png", png(1)), ("y.png", png(2)), ("x.png", png(3))]))
     tar = Item(key="s.tar", uri=uri(tmp_path / "s.tar"), tar=True)
 
-    items, blobs = expand(tar, ObjectStore(), 1 << 20, 1 << 20)
+    items, blobs = expand(tar, ObjectStore(Settings()), 1 << 20, 1 << 20)
 
     assert [item.key for item in items] == ["s.tar/x.png", "s.tar/y.png", "s.tar/x.png#2"]
     assert blobs[items[0].uri] == png(1)
@@ -288,12 +289,12 @@ def test_a_gzip_tar_is_planned_as_a_tar_and_its_uncompressed_size_is_capped(tmp_
     (tmp_path / "bomb.tar.gz").write_bytes(bomb)
     assert len(bomb) < 64 << 10  # well under the cap as stored
 
-    job_plan = plan(uri(tmp_path), 10, ObjectStore())
+    job_plan = plan(uri(tmp_path), 10, ObjectStore(Settings()))
     assert [(t.key, t.tar) for t in job_plan.tars] == [("bomb.tar.gz", True), ("small.tgz", True)]
 
-    items, blobs = expand(job_plan.tars[1], ObjectStore(), 1 << 20, 1 << 20)
+    items, blobs = expand(job_plan.tars[1], ObjectStore(Settings()), 1 << 20, 1 << 20)
     assert [i.key for i in items] == ["small.tgz/a.png"] and blobs[items[0].uri] == png(1)
-    items, blobs = expand(job_plan.tars[0], ObjectStore(), 1 << 20, 8 << 20)
+    items, blobs = expand(job_plan.tars[0], ObjectStore(Settings()), 1 << 20, 8 << 20)
     assert [i.key for i in items] == ["bomb.tar.gz"], "over the cap: one error row under the tar's key"
     assert "uncompressed" in blobs[items[0].uri] and "cap" in blobs[items[0].uri]
 
@@ -301,7 +302,7 @@ def test_a_gzip_tar_is_planned_as_a_tar_and_its_uncompressed_size_is_capped(tmp_
 def test_a_corrupt_or_missing_tar_is_one_error_row_not_a_failed_shard(tmp_path):
     (tmp_path / "bad.tar").write_bytes(b"this is not a tar archive at all" * 40)
     for name in ("bad.tar", "gone.tar"):
-        items, blobs = expand(Item(key=name, uri=uri(tmp_path / name), tar=True), ObjectStore(), 1 << 20, 1 << 20)
+        items, blobs = expand(Item(key=name, uri=uri(tmp_path / name), tar=True), ObjectStore(Settings()), 1 << 20, 1 << 20)
         assert [i.key for i in items] == [name]
         assert isinstance(blobs[items[0].uri], str) and blobs[items[0].uri]
 

@@ -100,7 +100,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("name", CHECKPOINTS)
 def test_embed_gives_each_models_own_image_embedding(name, checkpoint_dirs, images, tmp_path, ctx):
     model_dir = checkpoint_dirs(name)
-    store = ObjectStore()
+    store = ObjectStore(Settings())
     pooling = "cls,mean,pooled" if name in ("clip-model",) else "cls,mean"
     spec = spec_for("embed", images, model_dir, tmp_path / "embed", pooling=pooling)
     run_local(spec, ctx)
@@ -125,7 +125,7 @@ def test_embed_normalize_writes_unit_vectors_that_say_so(checkpoint_dirs, images
     from orchestrator.results import success_record
     from orchestrator.storage import join
 
-    store = ObjectStore()
+    store = ObjectStore(Settings())
     spec = spec_for("embed", images, checkpoint_dirs("clip-model"), tmp_path / "embed", pooling="cls,mean",
                     normalize=True)
     run_local(spec, ctx)
@@ -141,7 +141,7 @@ def test_embed_normalize_writes_unit_vectors_that_say_so(checkpoint_dirs, images
 
 def test_mae_embeddings_are_the_same_every_time(checkpoint_dirs, images, tmp_path, ctx):
     """ViTMAEModel masks 75% of the patches at random per call unless told otherwise."""
-    store = ObjectStore()
+    store = ObjectStore(Settings())
     vectors = []
     for attempt in range(2):
         spec = spec_for("embed", images, checkpoint_dirs("vit-mae-model"), tmp_path / f"mae{attempt}",
@@ -157,7 +157,7 @@ def test_classify_on_a_headless_checkpoint_is_refused_at_submit_with_what_to_do(
                                                                                  tmp_path):
     spec = spec_for("classify", images, checkpoint_dirs(name), tmp_path / "out", top_k=1)
     with pytest.raises(SpecError) as refused:
-        check_model_options(spec, read_config(spec.model, ObjectStore()))
+        check_model_options(spec, read_config(spec.model, ObjectStore(Settings())))
     message = str(refused.value)
     assert "random head" in message and "embed" in message and "finetune" in message
     assert ("--labels" in message) == (name in DUAL)
@@ -193,9 +193,9 @@ def test_zero_shot_top1_is_the_models_own_argmax(name, checkpoint_dirs, images, 
     labels = ["cat", "dog", "car", "red square", "blue circle"]
     model_dir = checkpoint_dirs(name)
     spec = spec_for("classify", images, model_dir, tmp_path / "zs", labels=",".join(labels), top_k=3)
-    check_model_options(spec, read_config(spec.model, ObjectStore()))  # accepted at submit
+    check_model_options(spec, read_config(spec.model, ObjectStore(Settings())))  # accepted at submit
     run_local(spec, ctx)
-    rows = sorted(read_table(spec.output, ObjectStore()).to_pylist(), key=lambda r: r["key"])
+    rows = sorted(read_table(spec.output, ObjectStore(Settings())).to_pylist(), key=lambda r: r["key"])
     assert all(r["error"] is None for r in rows) and len(rows) == N_IMAGES
 
     model = tf.AutoModel.from_pretrained(model_dir)
@@ -215,7 +215,7 @@ def test_zero_shot_top1_is_the_models_own_argmax(name, checkpoint_dirs, images, 
 def test_zero_shot_labels_are_refused_for_a_model_without_a_text_tower(checkpoint_dirs, images, tmp_path):
     spec = spec_for("classify", images, checkpoint_dirs("vit-model"), tmp_path / "out", labels="cat,dog", top_k=1)
     with pytest.raises(SpecError, match="image-text model"):
-        check_model_options(spec, read_config(spec.model, ObjectStore()))
+        check_model_options(spec, read_config(spec.model, ObjectStore(Settings())))
 
 
 def test_zero_shot_labels_from_a_file_and_their_rules(tmp_path):
@@ -233,7 +233,7 @@ def test_zero_shot_labels_from_a_file_and_their_rules(tmp_path):
 
 def test_attention_maps_for_dual_encoders(checkpoint_dirs, images, tmp_path, ctx):
     """CLIP has a CLS query; SigLIP has none, so its map is the mean over patch queries: both sum to 1."""
-    store = ObjectStore()
+    store = ObjectStore(Settings())
     for name in DUAL:
         spec = spec_for("attention", images, checkpoint_dirs(name), tmp_path / name, layers="-1", max_overlays=0)
         run_local(spec, ctx)
@@ -251,11 +251,11 @@ def test_timm_clip_projection_is_not_a_classifier(tmp_path, images, ctx):
     timm.models.save_for_hf(model, tmp_path / "clip", safe_serialization=True)
     spec = spec_for("classify", images, tmp_path / "clip", tmp_path / "out", top_k=1)
     with pytest.raises(SpecError, match="image projection"):
-        check_model_options(spec, read_config(spec.model, ObjectStore()))
+        check_model_options(spec, read_config(spec.model, ObjectStore(Settings())))
     embed = spec_for("embed", images, tmp_path / "clip", tmp_path / "emb", pooling="cls,pooled")
     run_local(embed, ctx)
-    _, cls = read_embeddings(embed.output, "cls", ObjectStore())
-    _, pooled = read_embeddings(embed.output, "pooled", ObjectStore())
+    _, cls = read_embeddings(embed.output, "cls", ObjectStore(Settings()))
+    _, pooled = read_embeddings(embed.output, "pooled", ObjectStore(Settings()))
     assert cls.shape == (N_IMAGES, 24) and pooled.shape == (N_IMAGES, 32)  # projected, and the features before it
 
 
@@ -272,7 +272,7 @@ def test_a_clip_or_siglip_classifier_embeds_what_its_classifier_reads(name, chec
                                            vision_config=source.vision_config.to_dict(), num_labels=3))
     model.save_pretrained(tmp_path / "probe")
     tf.AutoImageProcessor.from_pretrained(checkpoint_dirs(name)).save_pretrained(tmp_path / "probe")
-    store = ObjectStore()
+    store = ObjectStore(Settings())
     spec = spec_for("embed", images, tmp_path / "probe", tmp_path / "emb", pooling="cls")
     run_local(spec, ctx)
     keys, cls = read_embeddings(spec.output, "cls", store)

@@ -14,7 +14,7 @@ from workers.inprocess import run_local
 
 
 def test_a_marker_round_trips_through_json_keeping_what_a_job_kind_adds(tmp_path):
-    store, folder = ObjectStore(), normalize_uri(str(tmp_path))
+    store, folder = ObjectStore(Settings()), normalize_uri(str(tmp_path))
     marker = ShardMarker.build(3, {"part-00003.parquet": PartEntry.of(b"rows")},
                                {"job_id": "j1", "spec_sha256": "s", "rows": 5, "errors": 2, "val_accuracy": 0.9,
                                 "stats": {"compute_s": 1.5}, "compute": "cpu fp32"})

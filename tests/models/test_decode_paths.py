@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
+from orchestrator.config import Settings
 from orchestrator.jobs import normalize_model_ref
 from orchestrator.manifest import Item
 from orchestrator.planner import plan
@@ -67,7 +68,7 @@ def items(tmp_path, photos) -> list[Item]:
     root.mkdir()
     for name, data in files.items():
         (root / name).write_bytes(data)
-    return plan(normalize_uri(str(root)), 1000, ObjectStore()).items
+    return plan(normalize_uri(str(root)), 1000, ObjectStore(Settings())).items
 
 
 def _png(img: Image.Image) -> bytes:
@@ -80,7 +81,7 @@ def run(model, items, *, block=None, device_jpegs=False, batch_size=2, read_conc
     path = DecodePath(Decoder(model.prep, MAX_PIXELS), block, device_jpegs)
     head = ClassifyHead(model, 0, 3)
     times = StageTimes()
-    run_with(model, ObjectStore(), items, head, path, times, batch_size=batch_size,
+    run_with(model, ObjectStore(Settings()), items, head, path, times, batch_size=batch_size,
              read_concurrency=read_concurrency, max_bytes=1 << 24)
     return head.ordered_rows(), times
 
@@ -196,7 +197,7 @@ def _run_shard(model_dir, items, tmp_path, ctx=None, **options) -> dict:
     folder = Path(items[0].uri.removeprefix("file://")).parent
     spec = parse_spec({"kind": "classify", "input": str(folder), "output": str(tmp_path / "out"),
                        "model": str(model_dir), "device": "cpu", **options})
-    write_manifests(plan(spec.input, spec.shard_size, ObjectStore()), spec.output, ObjectStore())
+    write_manifests(plan(spec.input, spec.shard_size, ObjectStore(Settings())), spec.output, ObjectStore(Settings()))
     return run_shard(spec, 0, ctx or WorkerContext(Settings()))
 
 

@@ -49,7 +49,7 @@ def embedded(tmp_path_factory, hf_model_dir) -> dict:
 def dedup(embedded: dict, name: str, **options) -> str:
     spec = parse_spec({"kind": "dedup", "embeddings": embedded["emb"], "output": str(embedded["root"] / name),
                        "vectors_per_task": 100, **options})
-    run_vectors_local(spec, ObjectStore())
+    run_vectors_local(spec, ObjectStore(Settings()))
     return spec.output
 
 
@@ -109,7 +109,7 @@ def test_kept_rows_equal_nemo_curators_algorithm_on_the_same_clusters(embedded, 
     index = {key: i for i, key in enumerate(embedded["keys"])}
     _, vectors = read_embeddings(embedded["emb"], "cls")
     unit = semdedup.unit_rows(vectors)
-    folder = join(deduped, success_record(deduped, ObjectStore())["job_dir"])
+    folder = join(deduped, success_record(deduped, ObjectStore(Settings()))["job_dir"])
     centroids = np.load(next((Path(folder[len("file://"):]) / "kmeans").glob("centroids-*.npy")))
     for cluster in {r["cluster"] for r in rows}:
         members = [r for r in rows if r["cluster"] == cluster]
@@ -119,7 +119,7 @@ def test_kept_rows_equal_nemo_curators_algorithm_on_the_same_clusters(embedded, 
 
 
 def test_the_record_counts_kept_and_removed_per_cluster_and_lists_every_part(deduped):
-    record = success_record(deduped, ObjectStore())
+    record = success_record(deduped, ObjectStore(Settings()))
     rows = read_table(deduped).to_pylist()
     counts = record["dedup"]["clusters"]
     assert record["kind"] == "dedup" and record["items"] == len(rows)
@@ -134,9 +134,9 @@ def test_the_record_counts_kept_and_removed_per_cluster_and_lists_every_part(ded
 
 
 def test_the_kept_manifest_holds_the_kept_keys_as_keys_of_the_embed_input(embedded, deduped):
-    record = success_record(deduped, ObjectStore())
+    record = success_record(deduped, ObjectStore(Settings()))
     manifest = [p for p in record["parts"] if p["name"].endswith("/kept.jsonl")]
-    text = ObjectStore().read(join(deduped, manifest[0]["name"])).decode()
+    text = ObjectStore(Settings()).read(join(deduped, manifest[0]["name"])).decode()
     assert [json.loads(line)["key"] for line in text.splitlines()] == read_kept_keys(deduped)
     assert record["dedup"]["input"] == str(parse_spec({"kind": "embed", "input": str(embedded["root"] / "images"),
                                                        "output": "/x", "model": "/m"}).input)
@@ -161,13 +161,13 @@ def test_patches_a_missing_array_and_a_classify_output_are_refused(embedded, tmp
     spec = parse_spec({"kind": "dedup", "embeddings": embedded["emb"], "output": str(tmp_path / "o"),
                        "pooling": "pooled"})
     with pytest.raises(SpecError, match="stored cls, mean, not pooled"):
-        plan_dedup(spec, ObjectStore())
+        plan_dedup(spec, ObjectStore(Settings()))
     own = parse_spec({"kind": "dedup", "embeddings": embedded["emb"], "output": embedded["emb"]})
     with pytest.raises(SpecError, match="the embed output the job reads"):
-        plan_dedup(own, ObjectStore())
+        plan_dedup(own, ObjectStore(Settings()))
     with pytest.raises(SpecError, match="no succeeded job"):
         plan_dedup(parse_spec({"kind": "dedup", "embeddings": str(tmp_path), "output": str(tmp_path / "o")}),
-                   ObjectStore())
+                   ObjectStore(Settings()))
 
 
 def test_vectors_of_several_models_or_normalizations_are_not_comparable():
@@ -182,17 +182,17 @@ def test_vectors_of_several_models_or_normalizations_are_not_comparable():
 
 
 def test_a_job_folder_reads_that_job(embedded, tmp_path):
-    record = success_record(embedded["emb"], ObjectStore())
+    record = success_record(embedded["emb"], ObjectStore(Settings()))
     spec = parse_spec({"kind": "dedup", "embeddings": join(embedded["emb"], record["job_dir"]) + "/",
                        "output": str(tmp_path / "o")})
-    assert plan_dedup(spec, ObjectStore()).source.job_id == record["job_id"]
-    assert read_json(ObjectStore(), join(embedded["emb"], "_SUCCESS.json"))["job_id"] == record["job_id"]
+    assert plan_dedup(spec, ObjectStore(Settings())).source.job_id == record["job_id"]
+    assert read_json(ObjectStore(Settings()), join(embedded["emb"], "_SUCCESS.json"))["job_id"] == record["job_id"]
 
 
 def test_exact_neighbors_equal_brute_force_cosine_top_k(embedded):
     spec = parse_spec({"kind": "neighbors", "embeddings": embedded["emb"], "queries": embedded["emb"],
                        "output": str(embedded["root"] / "nn"), "k": 5, "queries_per_task": 90})
-    run_vectors_local(spec, ObjectStore())
+    run_vectors_local(spec, ObjectStore(Settings()))
     rows = read_table(spec.output).to_pylist()
     cosine = embedded["cosine"]
     assert [r["key"] for r in rows] == embedded["keys"]

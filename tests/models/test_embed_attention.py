@@ -272,7 +272,7 @@ def test_an_empty_file_is_an_error_row_with_no_array_row(embed_job, inputs):
 def test_each_index_row_addresses_its_own_vector_in_its_shards_npy(embed_job):
     _, out = embed_job
     keys, cls = read_embeddings(out, "cls")
-    store = ObjectStore()
+    store = ObjectStore(Settings())
     for row in (r for r in read_index(out).to_pylist() if r["error"] is None):
         folder = join(out, success_record(out, store)["job_dir"])
         part = np.load(io.BytesIO(store.read(join(folder, "cls", f"part-{row['shard']:05d}.npy"))))
@@ -327,9 +327,9 @@ def test_heads_all_keeps_one_map_per_head(ctx, inputs, model_dirs, tmp_path):
         _, mean = read_arrays(run_job(ctx, tmp_path / f"{name}-mean", "attention", inputs, model_dirs[name],
                                       layers="-1", rollout=False, max_overlays=0), f"layer{expect.layers - 1}")
         np.testing.assert_allclose(maps.astype(np.float64).mean(axis=1), mean, atol=2e-3)
-        stored = {uri.rsplit("/", 2)[1] for uri in committed_parts(out, ObjectStore(), ".npy")}
+        stored = {uri.rsplit("/", 2)[1] for uri in committed_parts(out, ObjectStore(Settings()), ".npy")}
         assert stored == {f"layer{expect.layers - 1}"}  # no rollout, no overlays
-        assert not committed_parts(out, ObjectStore(), ".png")
+        assert not committed_parts(out, ObjectStore(Settings()), ".png")
 
 
 def test_a_layer_the_model_does_not_have_is_refused(ctx, inputs, model_dirs, tmp_path):
@@ -372,7 +372,7 @@ def test_rollout_rows_sum_to_one_and_later_layers_multiply_on_the_left():
 
 def test_every_good_image_gets_an_overlay_png_at_its_own_aspect_ratio(attention_job, inputs):
     name, out = attention_job
-    store = ObjectStore()
+    store = ObjectStore(Settings())
     index = {row["key"]: row for row in read_index(out).to_pylist()}
     assert index[EMPTY]["overlay"] is None
     for key in GOOD:
@@ -397,15 +397,15 @@ def test_max_overlays_writes_only_the_first_n_images_of_the_job(ctx, model_dirs,
     out = run_job(ctx, tmp_path / "out", "attention", folder, model_dirs["hf"], max_overlays=2, shard_size=5)
     rows = read_index(out).to_pylist()
     assert [row["overlay"] is not None for row in rows] == [True, True, False, False, False]
-    assert committed_parts(out, ObjectStore(), ".png") == sorted(join(out, row["overlay"]) for row in rows[:2])
-    job_folder = join(out, success_record(out, ObjectStore())["job_dir"])
-    assert len(list(ObjectStore().list(join(job_folder, "overlays")))) == 2
+    assert committed_parts(out, ObjectStore(Settings()), ".png") == sorted(join(out, row["overlay"]) for row in rows[:2])
+    job_folder = join(out, success_record(out, ObjectStore(Settings()))["job_dir"])
+    assert len(list(ObjectStore(Settings()).list(join(job_folder, "overlays")))) == 2
 
     # Across shards the count is per job: 4 overlays over shards of 3 = 3 + 1.
     out = run_job(ctx, tmp_path / "out2", "attention", folder, model_dirs["hf"], max_overlays=4, shard_size=3)
     rows = read_index(out).to_pylist()
     assert [row["overlay"] is not None for row in rows] == [True, True, True, True, False]
-    assert len(committed_parts(out, ObjectStore(), ".png")) == 4
+    assert len(committed_parts(out, ObjectStore(Settings()), ".png")) == 4
 
 
 def test_an_empty_file_in_an_attention_job_has_no_map_and_no_overlay(attention_job):

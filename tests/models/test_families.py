@@ -78,7 +78,7 @@ def test_family_tokens(name, family_dirs):
 def test_family_jobs(name, family_dirs, images, tmp_path, ctx):
     family = FAMILIES[name]
     model_dir = family_dirs(name)
-    store = ObjectStore()
+    store = ObjectStore(Settings())
 
     out = run("classify", images, model_dir, tmp_path / "classify", ctx, top_k=2)
     rows = read_table(out, store).to_pylist()

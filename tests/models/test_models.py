@@ -22,6 +22,7 @@ from helpers_models import (
 )
 from PIL import Image
 
+from orchestrator.config import Settings
 from orchestrator.errors import SpecError
 from orchestrator.jobs import normalize_model_ref
 from orchestrator.modelkinds import Kind
@@ -130,7 +131,7 @@ def test_an_unreachable_hub_model_says_to_pass_a_local_dir_or_s3(monkeypatch):
 
 
 def test_model_info_reads_the_label_count_of_both_families(hf_model_dir, timm_model_dir):
-    store = ObjectStore()
+    store = ObjectStore(Settings())
     hf_config = read_config(normalize_model_ref(str(hf_model_dir)), store)
     timm_config = read_config(normalize_model_ref(f"timm:{timm_model_dir}"), store)
     assert hf_config["id2label"]["0"] == "cat" and label_count(hf_config) == len(LABELS)
@@ -138,13 +139,13 @@ def test_model_info_reads_the_label_count_of_both_families(hf_model_dir, timm_mo
 
 
 def test_model_info_leaves_hub_names_to_the_worker():
-    assert read_config("hf:org/name", ObjectStore()) is None
+    assert read_config("hf:org/name", ObjectStore(Settings())) is None
     assert label_count({"architecture": "x"}) is None
 
 
 def test_model_info_refuses_a_dir_without_config(tmp_path):
     with pytest.raises(SpecError, match="config.json"):
-        read_config(normalize_model_ref(str(tmp_path)), ObjectStore())
+        read_config(normalize_model_ref(str(tmp_path)), ObjectStore(Settings()))
 
 
 def png(rgb: np.ndarray) -> bytes:

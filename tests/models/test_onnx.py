@@ -106,7 +106,7 @@ def test_int8_report(exported):
 
 
 def _rows(out: str) -> dict[str, dict]:
-    return {row["key"]: row for row in read_table(out, ObjectStore()).to_pylist()}
+    return {row["key"]: row for row in read_table(out, ObjectStore(Settings())).to_pylist()}
 
 
 @pytest.mark.parametrize("name", ["hf-vit", "timm-no-class-token"])
@@ -134,8 +134,8 @@ def test_ort_classify_and_embed_match_pytorch(name, exported, images, tmp_path, 
     for key in decisive:
         np.testing.assert_allclose(onnx_rows[key]["topk_scores"], torch_rows[key]["topk_scores"], atol=1e-4)
     for pooling in ("cls", "mean", "patches"):
-        keys_t, torch_values = read_embeddings(results["torch"][1], pooling, ObjectStore())
-        keys_o, onnx_values = read_embeddings(results["onnx"][1], pooling, ObjectStore())
+        keys_t, torch_values = read_embeddings(results["torch"][1], pooling, ObjectStore(Settings()))
+        keys_o, onnx_values = read_embeddings(results["onnx"][1], pooling, ObjectStore(Settings()))
         assert keys_t == keys_o
         np.testing.assert_allclose(onnx_values.astype(np.float32), torch_values.astype(np.float32), atol=2e-3)
 
@@ -154,7 +154,7 @@ def test_parity_failure_fails_the_job(exported, images, tmp_path, ctx):
 def test_refusals_at_submit(exported, images, tmp_path):
     """Attention, fine-tuning and re-exporting an ONNX model are refused with the reason; embed patches is not."""
     _, onnx_dir, _ = exported("hf-vit")
-    store, ref = ObjectStore(), normalize_model_ref(str(onnx_dir))
+    store, ref = ObjectStore(Settings()), normalize_model_ref(str(onnx_dir))
     config = read_config(ref, store)
     common = {"input": str(images), "output": str(tmp_path / "x"), "model": ref}
     with pytest.raises(SpecError, match="ONNX export: attention maps need the PyTorch model"):

@@ -108,15 +108,15 @@ def test_ort_embeddings_match_pytorch_fp32(name, exported, images, tmp_path, ctx
         run_local(spec, ctx)
         outputs[label] = spec.output
     for array in pooling:
-        keys_t, torch_values = read_embeddings(outputs["torch"], array, ObjectStore())
-        keys_o, onnx_values = read_embeddings(outputs["onnx"], array, ObjectStore())
+        keys_t, torch_values = read_embeddings(outputs["torch"], array, ObjectStore(Settings()))
+        keys_o, onnx_values = read_embeddings(outputs["onnx"], array, ObjectStore(Settings()))
         assert keys_t == keys_o and len(keys_t) == N_IMAGES
         assert _cosines(onnx_values, torch_values).min() >= 0.9999, array
 
 
 def test_classify_on_a_headless_export_is_refused_at_submit_and_on_the_worker(exported, images, tmp_path):
     _, onnx_dir, _ = exported("vit-model")
-    store, ref = ObjectStore(), normalize_model_ref(str(onnx_dir))
+    store, ref = ObjectStore(Settings()), normalize_model_ref(str(onnx_dir))
     config = read_config(ref, store)
     common = {"input": str(images), "output": str(tmp_path / "x"), "model": ref}
     with pytest.raises(SpecError, match="classify would write a random head's labels"):

@@ -29,7 +29,7 @@ from workers.inprocess import run_local
 
 def planned_row_groups(path: Path) -> list[Item]:
     item = Item(path.name, normalize_uri(str(path)), path.stat().st_size)
-    return plan_parquet([item], ObjectStore(), ParquetColumns(), normalize_uri(str(path.parent))).row_groups
+    return plan_parquet([item], ObjectStore(Settings()), ParquetColumns(), normalize_uri(str(path.parent))).row_groups
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_planning_reads_only_footers(tmp_path):
     rng = np.random.default_rng(0)
     pq.write_table(pa.table({"jpg": [rng.bytes(20_000) for _ in range(200)], "key": [str(i) for i in range(200)]}),
                    path, row_group_size=10, compression="none")
-    store, stats = ObjectStore(), ReadStats()
+    store, stats = ObjectStore(Settings()), ReadStats()
     groups = plan_parquet([Item("00000.parquet", normalize_uri(str(path)), path.stat().st_size)], store,
                           ParquetColumns(), normalize_uri(str(path.parent)), stats).row_groups
     assert [g.rows for g in groups] == [10] * 20 and groups[-1].first_row == 190
@@ -123,7 +123,7 @@ def test_a_worker_holds_one_row_group_of_images_at_a_time(tmp_path, hf_model_dir
     path = img2dataset_shard(tmp_path / "laion" / "00000.parquet")
     root = normalize_uri(str(path.parent))
     groups = planned_row_groups(path)
-    expanded = expand_row_groups(groups, ObjectStore(), ParquetColumns(), max_bytes=1 << 20,
+    expanded = expand_row_groups(groups, ObjectStore(Settings()), ParquetColumns(), max_bytes=1 << 20,
                                  max_group_bytes=1 << 30, scope=root)
     cells = [expanded.cells.pop(item.uri) for item in expanded.items]
     assert [isinstance(c, bytes) for c in cells] == [i % 4 != 2 for i in range(N)]
@@ -135,7 +135,7 @@ def test_a_cell_over_the_byte_cap_is_refused_per_row(tmp_path):
     root = normalize_uri(str(path.parent))
     groups = planned_row_groups(path)
     cap = len(png(5)) - 1  # images 0..4 are smaller (they grow with the seed)
-    expanded = expand_row_groups(groups, ObjectStore(), ParquetColumns(), max_bytes=cap, max_group_bytes=1 << 30,
+    expanded = expand_row_groups(groups, ObjectStore(Settings()), ParquetColumns(), max_bytes=cap, max_group_bytes=1 << 30,
                                  scope=root)
     cells = {item.key: expanded.cells.pop(item.uri) for item in expanded.items}
     assert isinstance(cells["00000.parquet/4"], bytes)
@@ -146,20 +146,20 @@ def test_a_malformed_parquet_file_is_a_clear_submit_error(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "broken.parquet").write_bytes(b"PAR1 this is not really parquet")
     with pytest.raises(SpecError, match="broken.parquet.*not a readable parquet file"):
-        plan(normalize_uri(str(tmp_path / "in")), 100, ObjectStore())
+        plan(normalize_uri(str(tmp_path / "in")), 100, ObjectStore(Settings()))
 
 
 def test_column_options_are_checked_at_submit(tmp_path):
     img2dataset_shard(tmp_path / "in" / "00000.parquet")
     root = normalize_uri(str(tmp_path / "in"))
     with pytest.raises(SpecError, match="--keep-columns nope: not a column"):
-        plan(root, 100, ObjectStore(), ParquetColumns(keep=("nope",)))
+        plan(root, 100, ObjectStore(Settings()), ParquetColumns(keep=("nope",)))
     with pytest.raises(SpecError, match="--image-column 'url'.*expected binary"):
-        plan(root, 100, ObjectStore(), ParquetColumns(image="url"))
+        plan(root, 100, ObjectStore(Settings()), ParquetColumns(image="url"))
     image_files(tmp_path / "files")
     with pytest.raises(SpecError, match="--id-column apply to parquet inputs"):
-        plan(normalize_uri(str(tmp_path / "files")), 100, ObjectStore(), ParquetColumns(id="key"))
-    summary = plan(root, 5, ObjectStore()).summary()
+        plan(normalize_uri(str(tmp_path / "files")), 100, ObjectStore(Settings()), ParquetColumns(id="key"))
+    summary = plan(root, 5, ObjectStore(Settings())).summary()
     assert (summary["items"], summary["shards"], summary["parquet_row_groups"]) == (N, 3, 3)
     assert json.loads(json.dumps(summary))["parquet_rows"] == N
 
@@ -187,5 +187,5 @@ def test_embed_writes_parquet_vectors_that_read_back_like_the_npy_arrays(dtype, 
 def test_a_parquet_file_without_an_image_column_is_ignored_like_a_sidecar(tmp_path):
     img2dataset_shard(tmp_path / "in" / "00000.parquet")
     pq.write_table(pa.table({"key": ["a"], "url": ["https://example.com/a.jpg"]}), tmp_path / "in" / "00001.parquet")
-    job_plan = plan(normalize_uri(str(tmp_path / "in")), 100, ObjectStore())
+    job_plan = plan(normalize_uri(str(tmp_path / "in")), 100, ObjectStore(Settings()))
     assert job_plan.ignored == ["00001.parquet"] and job_plan.summary()["items"] == N

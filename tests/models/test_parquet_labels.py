@@ -51,7 +51,7 @@ def ctx() -> WorkerContext:
 
 
 def test_a_classlabel_column_gives_its_names_and_rows_keep_file_order(tmp_path):
-    items = load_labeled(normalize_uri(str(hf_dataset(tmp_path / "ds"))), ObjectStore())
+    items = load_labeled(normalize_uri(str(hf_dataset(tmp_path / "ds"))), ObjectStore(Settings()))
     assert [item.key for item in items] == [f"train.parquet/{i}" for i in range(N)]  # row order, not "1" < "10" < "2"
     assert [item.label for item in items] == [NAMES[i % 3] for i in range(N)]
 
@@ -60,7 +60,7 @@ def test_a_string_label_column_and_a_tar_with_json_or_cls_members(tmp_path):
     (tmp_path / "p").mkdir()
     pq.write_table(pa.table({"jpg": [png(i) for i in range(N)], "species": [NAMES[i % 3] for i in range(N)]}),
                    tmp_path / "p" / "x.parquet")
-    store = ObjectStore()
+    store = ObjectStore(Settings())
     by_column = load_labeled(normalize_uri(str(tmp_path / "p")), store, LabelOptions(label_column="species"))
     assert [i.label for i in by_column] == [NAMES[i % 3] for i in range(N)]
     with pytest.raises(SpecError, match="--label-column"):

@@ -11,6 +11,7 @@ import torch
 from helpers_models import LABELS
 from PIL import Image
 
+from orchestrator.config import Settings
 from orchestrator.jobs import normalize_model_ref
 from orchestrator.manifest import Item
 from orchestrator.planner import plan
@@ -56,7 +57,7 @@ def write_folder(root: Path, files: dict[str, bytes]) -> list[Item]:
     root.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         (root / name).write_bytes(data)
-    return plan(normalize_uri(str(root)), 1000, ObjectStore()).items
+    return plan(normalize_uri(str(root)), 1000, ObjectStore(Settings())).items
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +75,14 @@ def items(tmp_path) -> list[Item]:
 def run(model, items, *, batch_size=5, max_bytes=1 << 20, on_progress=None, top_k=TOP_K):
     head = ClassifyHead(model, 0, top_k)
     times = StageTimes()
-    run_with(model, ObjectStore(), items, head, DecodePath(Decoder(model.prep, 1_000_000)), times,
+    run_with(model, ObjectStore(Settings()), items, head, DecodePath(Decoder(model.prep, 1_000_000)), times,
              batch_size=batch_size, read_concurrency=4, max_bytes=max_bytes, on_progress=on_progress)
     return head.ordered_rows(), times
 
 
 def reference_label_ids(model: models.LoadedModel, module: torch.nn.Module, items: list[Item]) -> list[int]:
     """argmax of a plain fp32 forward pass over the same preprocessing, one batch."""
-    store, prep = ObjectStore(), model.prep
+    store, prep = ObjectStore(Settings()), model.prep
     arrays = [resize_image(decode_rgb(store.read(item.uri)), prep) for item in items]
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
     pixels = (pixels - torch.tensor(prep.mean).view(1, 3, 1, 1)) / torch.tensor(prep.std).view(1, 3, 1, 1)

@@ -37,7 +37,7 @@ def test_a_brace_range_plans_one_tar_shard_per_number_without_listing(tmp_path, 
         write_tar(shards / f"{number:05d}.tar", 3, number)
     (shards / "00099.tar").write_bytes(b"outside the range: never read")
     uri = normalize_uri(str(shards)) + "/{00000..00003}.tar"
-    job_plan = plan(uri, 1000, ObjectStore())
+    job_plan = plan(uri, 1000, ObjectStore(Settings()))
     assert [t.key for t in job_plan.tars] == ["00000.tar", "00001.tar", "00002.tar", "00003.tar"]
 
     spec = parse_spec({"kind": "classify", "input": uri, "output": str(tmp_path / "out"), "model": str(hf_model_dir),
@@ -53,4 +53,4 @@ def test_a_brace_range_plans_one_tar_shard_per_number_without_listing(tmp_path, 
 @pytest.mark.parametrize("pattern, why", [("{00000..00003}.jpg", "tar shards"), ("{00005..00001}.tar", "upwards")])
 def test_a_brace_range_that_names_no_tars_or_runs_backwards_is_refused(tmp_path, pattern, why):
     with pytest.raises(SpecError, match=why):
-        plan(normalize_uri(str(tmp_path)) + "/" + pattern, 1000, ObjectStore())
+        plan(normalize_uri(str(tmp_path)) + "/" + pattern, 1000, ObjectStore(Settings()))

@@ -124,11 +124,11 @@ def test_classify_pipeline_predicts_what_transformers_predicts(trained, digits):
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     _, _, output = trained
-    items = [i for i in plan(normalize_uri(str(digits)), 1000, ObjectStore()).items if "broken" not in i.key]
+    items = [i for i in plan(normalize_uri(str(digits)), 1000, ObjectStore(Settings())).items if "broken" not in i.key]
     items = items[::20]
     loaded = models.load(normalize_model_ref(str(output)), device="cpu")
     head = ClassifyHead(loaded, 0, top_k=1)
-    run_with(loaded, ObjectStore(), items, head, DecodePath(Decoder(loaded.prep, 1 << 20)), StageTimes(),
+    run_with(loaded, ObjectStore(Settings()), items, head, DecodePath(Decoder(loaded.prep, 1 << 20)), StageTimes(),
              batch_size=8, read_concurrency=2, max_bytes=1 << 20)
     hf, processor = AutoModelForImageClassification.from_pretrained(output), AutoImageProcessor.from_pretrained(output)
     images = [Image.open(digits / item.key).convert("RGB") for item in items]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.config import Settings
 from orchestrator.errors import SpecError
 from orchestrator.labels import LabeledItem, check_val_labels, class_names, load_labeled
 from orchestrator.storage import ObjectStore, join, normalize_uri
@@ -22,7 +23,7 @@ def touch(root: Path, *keys: str) -> Path:
 
 
 def labeled(uri: Path | str) -> list[LabeledItem]:
-    return load_labeled(normalize_uri(str(uri)), ObjectStore())
+    return load_labeled(normalize_uri(str(uri)), ObjectStore(Settings()))
 
 
 def test_an_image_folder_labels_each_image_by_its_class_folder(tmp_path):

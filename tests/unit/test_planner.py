@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.config import Settings
 from orchestrator.errors import SpecError
 from orchestrator.manifest import Item, read_manifest, write_manifests
 from orchestrator.planner import plan
@@ -15,7 +16,7 @@ from orchestrator.storage import ObjectStore, join, normalize_uri
 
 @pytest.fixture
 def store() -> ObjectStore:
-    return ObjectStore()
+    return ObjectStore(Settings())
 
 
 def touch(root: Path, *keys: str) -> None:

@@ -6,13 +6,14 @@ import os
 
 import pytest
 
+from orchestrator.config import Settings
 from orchestrator.errors import ObjectNotFound, ObjectTooLarge, StorageError, UnsafeKey
 from orchestrator.storage import ObjectStore, join, normalize_uri, relative_key
 
 
 @pytest.fixture
 def store() -> ObjectStore:
-    return ObjectStore()
+    return ObjectStore(Settings())
 
 
 @pytest.fixture
@@ -172,7 +173,7 @@ def test_normalize_uri_refuses_unusable_uris(uri):
 
 
 def test_local_writes_respect_the_umask_not_mkstemps_0600(tmp_path):
-    store = ObjectStore()
+    store = ObjectStore(Settings())
     uri = join(normalize_uri(str(tmp_path)), "out", "part-00000.parquet")
     store.write(uri, b"rows")
     mode = (tmp_path / "out" / "part-00000.parquet").stat().st_mode & 0o777
@@ -184,7 +185,7 @@ def test_local_writes_respect_the_umask_not_mkstemps_0600(tmp_path):
 def test_a_create_only_write_refuses_an_existing_object_and_keeps_it(tmp_path):
     from orchestrator.errors import ObjectExists
 
-    store = ObjectStore()
+    store = ObjectStore(Settings())
     uri = join(normalize_uri(str(tmp_path)), "_job.json")
     store.write(uri, b"first", if_absent=True)
     with pytest.raises(ObjectExists):
@@ -201,5 +202,5 @@ def test_an_output_inside_the_jobs_input_is_refused_before_anything_is_written(t
     spec = parse_spec({"kind": "classify", "input": str(tmp_path / "in"), "output": str(tmp_path / "in" / "out"),
                        "model": str(tmp_path / "m")})
     with pytest.raises(SpecError, match="inside the job's input"):
-        check_prefix_free(spec, ObjectStore(), overwrite=True)
+        check_prefix_free(spec, ObjectStore(Settings()), overwrite=True)
     assert not (tmp_path / "in").exists()
