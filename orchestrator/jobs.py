@@ -11,9 +11,9 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
+from orchestrator.checks.outputs import storable_output
 from orchestrator.errors import SpecError, VitbatchError
 from orchestrator.modelrefs import normalize_model_ref, refuse_file_keys
-from orchestrator.outputs import storable_output
 from orchestrator.storage import normalize_uri
 
 Precision = Literal["auto", "fp16", "bf16", "fp32"]
