@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from orchestrator.constants import OVERLAYS_DIR, SUCCESS_FILE
 from orchestrator.errors import VitbatchError
 
 # Found by search on this 2-core machine (see the closing notes of the fine-tuning issue).
@@ -74,12 +75,12 @@ def _step(client, title: str, spec: dict) -> dict:
 
 def _job_file(output: Path, name: str) -> dict:
     """A JSON file of the latest succeeded job at `output` (its folder is named in _SUCCESS.json)."""
-    record = json.loads((output / "_SUCCESS.json").read_text())
+    record = json.loads((output / SUCCESS_FILE).read_text())
     return json.loads((output / record["job_dir"] / name).read_text())
 
 
 def _job_folder(output: Path) -> Path:
-    return output / json.loads((output / "_SUCCESS.json").read_text())["job_dir"]
+    return output / json.loads((output / SUCCESS_FILE).read_text())["job_dir"]
 
 
 def _digits(work: Path) -> tuple[Path, Path]:
@@ -143,7 +144,7 @@ def full_story(work: Path, workers: int) -> None:
     table.add_row("held-out accuracy (classify rows)", f"{_accuracy(rows):.3f} over {len(rows)} images")
     table.add_row("classify throughput", f"{classified['status'].images_per_s:.0f} img/s")
     table.add_row("embeddings", f"cls {tuple(cls.shape)} {cls.dtype}")
-    table.add_row("attention rollout maps", f"{tuple(rollout.shape)}, overlays in {_job_folder(out / 'attention') / 'overlays'}")
+    table.add_row("attention rollout maps", f"{tuple(rollout.shape)}, overlays in {_job_folder(out / 'attention') / OVERLAYS_DIR}")
     table.add_row("whole demo", f"{time.time() - started:.0f} s")
     console.print(table)
     console.print(f"model: {model} (use it as --model; its files: {_job_folder(model)}); results under {out}")

@@ -13,13 +13,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from orchestrator.commits import ShardMarker, table_bytes, upload_parts, write_marker
-from orchestrator.constants import CARRIED_MARKER, JOB_SPEC_FILE
+from orchestrator.constants import CARRIED_MARKER, CARRIED_PART, JOB_SPEC_FILE
 from orchestrator.errors import OutputNotFound
 from orchestrator.planner import Plan
 from orchestrator.results import read_json, read_table, success_record
 from orchestrator.storage import ObjectStore, join
-
-CARRIED_PART = "carried-00000.parquet"
 
 
 def previous_identity(previous_output: str, store: ObjectStore) -> str | None:

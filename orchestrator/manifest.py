@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from orchestrator.constants import manifest_name
+from orchestrator.constants import KEPT_COLUMNS_FILE, manifest_name
 from orchestrator.storage import ObjectStore, join
 
 
@@ -38,11 +38,6 @@ class Item:
     def from_line(cls, line: str) -> Item:
         return cls(**json.loads(line))
 
-
-
-# The arrow schema of the parquet columns a job keeps (--keep-columns), as the planner unified it from
-# the files' footers: every shard writes those columns with these types (null where a row has none).
-KEPT_COLUMNS_FILE = "_manifests/kept-columns.arrow"
 
 
 def write_manifests(plan_, output: str, store: ObjectStore) -> list[str]:

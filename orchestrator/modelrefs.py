@@ -19,7 +19,7 @@ import hashlib
 import json
 import re
 
-from orchestrator.constants import SUCCESS_FILE
+from orchestrator.constants import CHECKPOINTS_DIR, MODEL_CONFIG_FILE, SUCCESS_FILE
 from orchestrator.errors import SpecError, StorageError
 from orchestrator.results import read_json
 from orchestrator.storage import ObjectInfo, ObjectStore, join, normalize_uri, relative_key
@@ -121,7 +121,7 @@ def model_files(directory: str, store: ObjectStore) -> list[ObjectInfo]:
     for info in store.list(directory):
         key = relative_key(directory, info.uri)
         own_record = any(part.startswith(("_", ".")) and part not in (".", "..") for part in key.split("/"))
-        if key.split("/", 1)[0] == "checkpoints" or own_record:
+        if key.split("/", 1)[0] == CHECKPOINTS_DIR or own_record:
             continue  # unsafe names ('', '.', '..') are kept, for the downloader to refuse
         files.append(info)
     return files
@@ -148,7 +148,7 @@ def read_config(ref: str, store: ObjectStore) -> dict | None:
         return None
     directory = model_folder(directory, store)
     try:
-        return json.loads(store.read(join(directory, "config.json")))
+        return json.loads(store.read(join(directory, MODEL_CONFIG_FILE)))
     except StorageError as e:
         raise SpecError(
             f"model {ref!r} has no readable config.json ({e}): pass a save_pretrained directory, "

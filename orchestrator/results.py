@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.config import Settings
-from orchestrator.constants import FAILURES_FILE, JOB_SPEC_FILE, SUCCESS_FILE
+from orchestrator.constants import FAILURES_FILE, JOB_SPEC_FILE, SUCCESS_FILE, VECTORS_DIR
 from orchestrator.errors import CorruptOutput, ObjectNotFound, OutputNotFound
 from orchestrator.outputs import job_dir
 from orchestrator.storage import ObjectStore, join, normalize_uri
@@ -172,7 +172,7 @@ def read_embeddings(output: str, pooling: str = "cls", store: ObjectStore | None
         raise ValueError(f"source={source!r}: read 'npy' or 'parquet'")
     store, output = open_store(store), normalize_uri(output)
     record = success_record(output, store, job_id)
-    parts = [p for p in part_entries(record, ".parquet") if p["name"].split("/")[-2:-1] == ["vectors"]]
+    parts = [p for p in part_entries(record, ".parquet") if p["name"].split("/")[-2:-1] == [VECTORS_DIR]]
     if not parts:
         raise OutputNotFound(f"job {record['job_id']} at {output} wrote no parquet vectors: run embed with "
                              "--parquet-vectors float16 (or float32), or read source='npy'")

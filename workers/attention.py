@@ -22,6 +22,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
+from orchestrator.constants import OVERLAYS_DIR
 from orchestrator.manifest import Item
 from orchestrator.modelkinds import Kind
 from workers.decode.preprocess import seen_box
@@ -116,7 +117,7 @@ class AttentionHead(ArrayHead):
     def extra_parts(self) -> dict[str, bytes]:
         out = {}
         for index, png in self.overlays.items():
-            name = f"overlays/part-{self.shard:05d}-{self.rows[index]['row']:06d}.png"
+            name = f"{OVERLAYS_DIR}/part-{self.shard:05d}-{self.rows[index]['row']:06d}.png"
             self.rows[index]["overlay"] = self.overlay_prefix + name
             out[name] = png
         return out

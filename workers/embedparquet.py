@@ -13,9 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.constants import part_name
+from orchestrator.constants import VECTORS_DIR, part_name
 
-VECTORS_DIR = "vectors"
 DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from orchestrator.config import Settings
+from orchestrator.constants import MODEL_CONFIG_FILE
 from orchestrator.modelrefs import model_dir, model_files, model_folder
 from orchestrator.storage import ObjectStore, relative_key
 from workers.errors import ModelLoadError, UnsafeCheckpoint
@@ -32,7 +33,7 @@ def local_model_dir(ref: str, store: ObjectStore, settings: Settings) -> Path | 
     if directory.startswith("s3://"):
         return download_model(directory, store, Path(settings.model_cache_dir).expanduser())
     path = Path(unquote(urlparse(directory).path))
-    if not (path / "config.json").is_file():
+    if not (path / MODEL_CONFIG_FILE).is_file():
         raise ModelLoadError(f"model directory {path} has no config.json: pass a save_pretrained directory")
     return path
 
@@ -87,7 +88,7 @@ def check_model_dir(path: Path, allow_pickle: bool = False) -> dict:
     fix what this refuses, so the job fails once with the reason.
     """
     try:
-        config = json.loads((path / "config.json").read_text())
+        config = json.loads((path / MODEL_CONFIG_FILE).read_text())
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"model directory {path}: config.json cannot be read ({e})") from e
     if not isinstance(config, dict):
@@ -104,7 +105,7 @@ def check_model_dir(path: Path, allow_pickle: bool = False) -> dict:
 def read_local_config(path: Path) -> dict | None:
     """config.json of a local model directory (not orchestrator.modelrefs.read_config, which takes a reference)."""
     try:
-        return json.loads((path / "config.json").read_text())
+        return json.loads((path / MODEL_CONFIG_FILE).read_text())
     except (OSError, ValueError):
         return None  # check_model_dir says why
 

@@ -10,7 +10,7 @@ import re
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
-from orchestrator.constants import SUCCESS_FILE
+from orchestrator.constants import MODEL_CONFIG_FILE, SUCCESS_FILE
 from orchestrator.errors import SpecError
 from orchestrator.results import prefix_holder
 from orchestrator.storage import ObjectStore, join
@@ -70,7 +70,7 @@ def check_prefix_free(spec: JobSpec, store: ObjectStore, overwrite: bool) -> Non
     if holder is not None:
         raise SpecError(f"{spec.output} already holds job {holder.get('job_id', '?')}: pass --overwrite to replace "
                         f"it, `vitbatch retry {holder.get('job_id', 'JOB')}` to finish it, or choose a new output")
-    for name in (SUCCESS_FILE, "config.json"):
+    for name in (SUCCESS_FILE, MODEL_CONFIG_FILE):
         if store.exists(join(spec.output, name)):
             raise SpecError(f"{spec.output} already holds a finished job or model ({name}); choose a new output "
                             "or pass --overwrite")

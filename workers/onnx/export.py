@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orchestrator.constants import EXPORT_REPORT_FILE, ONNX_MODEL_FILE
+from orchestrator.constants import EXPORT_REPORT_FILE, MODEL_CONFIG_FILE, ONNX_MODEL_FILE
 from orchestrator.jobs import ExportSpec
 from orchestrator.modelkinds import Kind
 from orchestrator.modelrefs import ONNX_FORMAT
@@ -218,7 +218,7 @@ def export(spec: ExportSpec, job_id: str, ctx, report: Callable[[dict], None] | 
             data = final.read_bytes()
             ctx.store.write(join(spec.output, ONNX_MODEL_FILE), data)
             config = model_config(model, spec, grid, wrapper.names)
-            ctx.store.write(join(spec.output, "config.json"), json.dumps(config, indent=2).encode())
+            ctx.store.write(join(spec.output, MODEL_CONFIG_FILE), json.dumps(config, indent=2).encode())
     finally:
         wrapper.close()
     fingerprint = "sha256:" + hashlib.sha256(json.dumps(model.prep.to_json(), sort_keys=True).encode() + data).hexdigest()

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orchestrator.constants import ONNX_MODEL_FILE
+from orchestrator.constants import MODEL_CONFIG_FILE, ONNX_MODEL_FILE
 from workers.errors import ModelLoadError
 
 INPUT_NAME = "pixel_values"
@@ -114,7 +114,7 @@ def load_onnx(ref: str, path: Path, device: str = "auto"):
     from workers.families import Onnx
     from workers.loaded import LoadedModel
 
-    config = json.loads((path / "config.json").read_text())
+    config = json.loads((path / MODEL_CONFIG_FILE).read_text())
     model_path = path / config.get("model_file", ONNX_MODEL_FILE)
     if not model_path.is_file() or model_path.name != config.get("model_file", ONNX_MODEL_FILE):
         raise ModelLoadError(f"ONNX model directory {path} has no {config.get('model_file', ONNX_MODEL_FILE)}")

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
-from orchestrator.constants import CHECKPOINT_COMMITTED
+from orchestrator.constants import CHECKPOINT_COMMITTED, CHECKPOINTS_DIR
 from orchestrator.errors import ObjectNotFound, SpecError
 from orchestrator.jobs import FinetuneSpec
 from orchestrator.storage import ObjectStore, join, relative_key
@@ -65,7 +65,7 @@ class UploadCheckpoints(TrainerCallback):
             raise TrainingDiverged(f"weights became NaN or inf by step {state.global_step}; lower --lr")
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
-        prefix = join(self.output, "checkpoints", f"step-{state.global_step:08d}")
+        prefix = join(self.output, CHECKPOINTS_DIR, f"step-{state.global_step:08d}")
         for rel in files:
             self.store.write(join(prefix, rel), (local / rel).read_bytes())
         marker = {"step": state.global_step, "files": files, "spec": self.spec_json, "committed_at": time.time()}
@@ -74,7 +74,7 @@ class UploadCheckpoints(TrainerCallback):
 
 def latest_checkpoint(store: ObjectStore, output: str) -> tuple[int, dict] | None:
     """(step, marker) of the newest committed checkpoint under <output>/checkpoints, or None."""
-    prefix = join(output, "checkpoints")
+    prefix = join(output, CHECKPOINTS_DIR)
     try:
         keys = [relative_key(prefix, info.uri) for info in store.list(prefix)]
     except ObjectNotFound:
@@ -87,7 +87,7 @@ def latest_checkpoint(store: ObjectStore, output: str) -> tuple[int, dict] | Non
 
 
 def download_checkpoint(store: ObjectStore, output: str, step: int, marker: dict, dest: Path) -> Path:
-    prefix = join(output, "checkpoints", f"step-{step:08d}")
+    prefix = join(output, CHECKPOINTS_DIR, f"step-{step:08d}")
     for rel in marker["files"]:
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ import torch
 from transformers import TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
+from orchestrator.constants import MODEL_CONFIG_FILE
 from orchestrator.errors import SpecError
 from orchestrator.jobs import FinetuneSpec
 from orchestrator.modelrefs import normalize_model_ref
@@ -80,7 +81,7 @@ def save_model(built: Built, dest: Path) -> Path:
 
 def upload_dir(store: ObjectStore, local: Path, output: str) -> None:
     """config.json goes last: loaders look for it, so they never see half a model."""
-    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name == "config.json", str(p)))
+    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name == MODEL_CONFIG_FILE, str(p)))
     for path in files:
         store.write(join(output, path.relative_to(local).as_posix()), path.read_bytes())
 
