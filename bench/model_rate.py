@@ -22,11 +22,15 @@ def _one_process(model_dir: str, batch: int, threads: int, seconds: float, start
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
+    from orchestrator.config import Settings
     from orchestrator.modelrefs import normalize_model_ref
+    from orchestrator.storage import ObjectStore
     from workers import models
 
     torch.set_num_threads(threads)
-    model = models.load(normalize_model_ref(model_dir), device="cpu", precision="auto")
+    settings = Settings()
+    model = models.load(normalize_model_ref(model_dir), device="cpu", precision="auto", settings=settings,
+                        store=ObjectStore(settings))
     pixels = torch.randn(batch, 3, *model.input_size)
     autocast = model.dtype != torch.float32  # as workers/compute.py runs it on a CPU
     with torch.inference_mode(), torch.autocast("cpu", dtype=model.dtype, enabled=autocast):

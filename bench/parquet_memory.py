@@ -52,7 +52,7 @@ def child(path: str, model: str, out: str) -> None:
     ctx = WorkerContext(Settings())
     spec = parse_spec({"kind": "classify", "input": path, "output": out, "model": model, "device": "cpu",
                        "shard_size": 1_000_000, "batch_size": 64, "decode": "threads", "id_column": "key"})
-    load(spec.model, device="cpu")  # imports and a model, as a warm worker has them
+    load(spec.model, device="cpu", settings=ctx.settings, store=ctx.store)  # imports and a model, as a warm worker has them
     before = current_rss_mb()
     peak = [before]
     stop = threading.Event()

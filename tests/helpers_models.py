@@ -7,8 +7,12 @@ tell "read from the model" apart from "hard-coded".
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from support import build_tiny_vit
+
+if TYPE_CHECKING:
+    from workers.loaded import LoadedModel
 
 LABELS = ["cat", "dog", "eel", "fox", "gnu"]
 
@@ -25,6 +29,16 @@ TIMM_STD = (0.2, 0.25, 0.3)
 TIMM_CROP_PCT = 0.875
 TIMM_RESAMPLE = 2  # PIL bilinear
 TIMM_SHORTEST_EDGE = 36  # floor(32 / 0.875), as timm's eval transform resizes
+
+
+def load_model(ref: str, **options) -> LoadedModel:
+    """workers.models.load as a test's edge calls it: Settings from the environment, a store built on them."""
+    from orchestrator.config import Settings
+    from orchestrator.storage import ObjectStore
+    from workers import models
+
+    settings = Settings()
+    return models.load(ref, settings=settings, store=ObjectStore(settings), **options)
 
 
 def build_hf_vit(directory: Path, seed: int = 2) -> Path:

@@ -221,12 +221,12 @@ def fingerprint(module: torch.nn.Module, prep: Preprocess) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def load(ref: str, device: str = "auto", precision: str = "auto", *, attn: str = "sdpa", compile: bool = False,
-         settings: Settings | None = None, store: ObjectStore | None = None,
-         allow_pickle: bool = False) -> LoadedModel:
-    """The model a reference names, loaded as what its checkpoint is (orchestrator.modelkinds)."""
-    settings = settings or Settings()
-    store = store or ObjectStore(settings)
+def load(ref: str, device: str = "auto", precision: str = "auto", *, settings: Settings, store: ObjectStore,
+         attn: str = "sdpa", compile: bool = False, allow_pickle: bool = False) -> LoadedModel:
+    """The model a reference names, loaded as what its checkpoint is (orchestrator.modelkinds).
+
+    `settings` and `store` come from the caller's edge (a worker's context, a bench script, a
+    test): an s3:// model is fetched through that store into that settings' model cache."""
     torch_device = resolve_device(device)
     dtype = resolve_dtype(precision, torch_device)
     path = local_model_dir(ref, store, settings)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_models import load_model
 from PIL import Image
 
 from orchestrator.checks.training import check_labeled, held_out
@@ -30,7 +31,6 @@ from orchestrator.modelrefs import model_folder, read_config
 from orchestrator.outputs import job_dir
 from orchestrator.results import read_table
 from orchestrator.storage import ObjectStore, join
-from workers import models
 from workers.context import WorkerContext
 from workers.inprocess import run_local
 from workers.modelfiles import local_model_dir
@@ -146,7 +146,7 @@ def test_mae_fine_tunes_as_a_vit_that_computes_the_mae_encoders_tokens(checkpoin
     start = checkpoint_dirs("vit-mae-model")
     built = build_model(spec_for(tmp_path, tmp_path / "out", start), DIGITS, ctx)
     assert type(built.model).__name__ == "ViTForImageClassification"
-    mae = models.load(normalize_model_ref(str(start)), device="cpu", precision="fp32")  # every patch, in order
+    mae = load_model(normalize_model_ref(str(start)), device="cpu", precision="fp32")  # every patch, in order
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = mae.family.embed(pixels).tokens
@@ -165,7 +165,7 @@ def test_a_vit_backbone_fine_tuned_on_digits_reloads_with_transformers_and_class
     start, trained = _reference("vit-model", checkpoint_dirs("vit-model")).state_dict(), model.vit.state_dict()
     changed = [key for key in trained if not torch.equal(trained[key], start[key])]
     assert len(changed) > len(trained) // 2  # the backbone trained too, not only the head
-    loaded = models.load(normalize_model_ref(str(folder)), device="cpu", precision="fp32")
+    loaded = load_model(normalize_model_ref(str(folder)), device="cpu", precision="fp32")
     assert loaded.family.kind is Kind.CLASSIFIER and loaded.fingerprint == result["model_fingerprint"]
     labels = classify_labels(str(folder), few_digits, tmp_path / "classified", ctx)
     assert labels == transformers_labels(folder, few_digits)

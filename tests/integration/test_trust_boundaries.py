@@ -14,6 +14,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from helpers_models import load_model
 from PIL import Image
 
 from orchestrator.checks.models import check_model_options
@@ -46,7 +47,7 @@ def uri(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def hf_model(hf_model_dir) -> models.LoadedModel:
-    return models.load(normalize_model_ref(str(hf_model_dir)), device="cpu")
+    return load_model(normalize_model_ref(str(hf_model_dir)), device="cpu")
 
 
 def run(model, items: list[Item], scope: str | None = None, blobs=None) -> list[dict]:
@@ -319,31 +320,31 @@ def _edited_copy(source: Path, dest: Path, **changes) -> Path:
 def test_an_unknown_model_type_fails_to_load_once_with_the_reason(hf_model_dir, tmp_path):
     broken = _edited_copy(hf_model_dir, tmp_path / "unknown", model_type="no-such-model")
     with pytest.raises(ModelLoadError, match="no-such-model"):
-        models.load(normalize_model_ref(str(broken)), device="cpu")
+        load_model(normalize_model_ref(str(broken)), device="cpu")
 
 
 def test_a_remote_code_config_is_refused_before_transformers_sees_it(hf_model_dir, tmp_path):
     remote = _edited_copy(hf_model_dir, tmp_path / "remote",
                           auto_map={"AutoModelForImageClassification": "modeling_evil.EvilModel"})
     with pytest.raises(ModelLoadError, match="auto_map"):
-        models.load(normalize_model_ref(str(remote)), device="cpu")
+        load_model(normalize_model_ref(str(remote)), device="cpu")
 
 
 def test_a_folder_with_safetensors_and_pickle_weights_loads_the_safetensors(hf_model_dir, timm_model_dir, tmp_path):
-    reference = models.load(normalize_model_ref(str(hf_model_dir)), device="cpu").fingerprint
+    reference = load_model(normalize_model_ref(str(hf_model_dir)), device="cpu").fingerprint
     both = tmp_path / "both-hf"
     shutil.copytree(hf_model_dir, both)
     (both / "pytorch_model.bin").write_bytes(b"not a pickle: loading it would fail")
-    assert models.load(normalize_model_ref(str(both)), device="cpu").fingerprint == reference
+    assert load_model(normalize_model_ref(str(both)), device="cpu").fingerprint == reference
 
     timm_both = tmp_path / "both-timm"
     shutil.copytree(timm_model_dir, timm_both)
     (timm_both / "pytorch_model.bin").write_bytes(b"not a pickle either")
-    models.load(normalize_model_ref(f"timm:{timm_both}"), device="cpu")
+    load_model(normalize_model_ref(f"timm:{timm_both}"), device="cpu")
     # timm would take pytorch_model.bin before a safetensors file of another name: refused.
     (timm_both / "model.safetensors").rename(timm_both / "weights.safetensors")
     with pytest.raises(UnsafeCheckpoint, match="model.safetensors"):
-        models.load(normalize_model_ref(f"timm:{timm_both}"), device="cpu")
+        load_model(normalize_model_ref(f"timm:{timm_both}"), device="cpu")
 
 
 def test_finetunings_starting_model_obeys_the_safetensors_rule(hf_model_dir, tmp_path):
@@ -357,7 +358,7 @@ def test_finetunings_starting_model_obeys_the_safetensors_rule(hf_model_dir, tmp
     pickled.mkdir()
     for name in ("config.json", "preprocessor_config.json"):
         shutil.copy(hf_model_dir / name, pickled)
-    torch.save(models.load(normalize_model_ref(str(hf_model_dir)), device="cpu").module.state_dict(),
+    torch.save(load_model(normalize_model_ref(str(hf_model_dir)), device="cpu").module.state_dict(),
                pickled / "pytorch_model.bin")
     spec = parse_spec({"kind": "finetune", "train": str(tmp_path), "output": str(tmp_path / "out"),
                        "model": str(pickled)})

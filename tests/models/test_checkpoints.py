@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from helpers_checkpoints import CHECKPOINTS, DUAL
+from helpers_models import load_model
 from PIL import Image
 
 from orchestrator.checks.models import check_model_options
@@ -23,7 +24,6 @@ from orchestrator.jobs import normalize_model_ref, parse_spec
 from orchestrator.modelrefs import read_config
 from orchestrator.results import read_embeddings, read_table
 from orchestrator.storage import ObjectStore
-from workers import models
 from workers.context import WorkerContext
 from workers.decode.imaging import decode_rgb
 from workers.decode.preprocess import resize_image
@@ -56,7 +56,7 @@ def spec_for(kind: str, images: Path, model: Path, out: Path, **options):
 
 def pixels_of(images: Path, model_dir: Path, keys: list[str]) -> torch.Tensor:
     """The images as the model's own preprocessing makes them (the job's resize, fp32 normalize)."""
-    prep = models.load(normalize_model_ref(str(model_dir)), device="cpu", precision="fp32").prep
+    prep = load_model(normalize_model_ref(str(model_dir)), device="cpu", precision="fp32").prep
     arrays = [resize_image(decode_rgb((images / key).read_bytes()), prep) for key in keys]
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
     return (pixels - torch.tensor(prep.mean).view(1, 3, 1, 1)) / torch.tensor(prep.std).view(1, 3, 1, 1)
@@ -182,7 +182,7 @@ def test_a_classifier_whose_head_weights_are_missing_is_not_a_classifier(checkpo
     config = json.loads((directory / "config.json").read_text())
     config["architectures"] = ["ViTForImageClassification"]
     (directory / "config.json").write_text(json.dumps(config))
-    model = models.load(normalize_model_ref(str(directory)), device="cpu", precision="fp32")
+    model = load_model(normalize_model_ref(str(directory)), device="cpu", precision="fp32")
     assert not model.family.has_classifier and model.id2label == {}
 
 

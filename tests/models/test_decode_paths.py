@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers_models import load_model
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
@@ -49,7 +50,7 @@ def photos() -> list[Image.Image]:
 
 @pytest.fixture(scope="module")
 def model(hf_model_dir) -> models.LoadedModel:
-    return models.load(normalize_model_ref(str(hf_model_dir)), device="cpu")
+    return load_model(normalize_model_ref(str(hf_model_dir)), device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_models import LABELS, TIMM_CROP_PCT, TIMM_MEAN, TIMM_STD
+from helpers_models import LABELS, TIMM_CROP_PCT, TIMM_MEAN, TIMM_STD, load_model
 from PIL import Image
 from support import build_tiny_vit
 
@@ -24,7 +24,6 @@ from orchestrator.jobs import normalize_model_ref, parse_spec
 from orchestrator.modelkinds import Kind
 from orchestrator.results import committed_parts, read_arrays, read_embeddings, read_index, success_record
 from orchestrator.storage import ObjectStore, join
-from workers import models
 from workers.attention import rollout
 from workers.context import WorkerContext
 from workers.decode.imaging import decode_rgb
@@ -155,7 +154,7 @@ def attention_job(request, ctx, inputs, model_dirs, tmp_path_factory) -> tuple[s
 
 def reference_pixels(model_dir: Path, keys: list[str], input_dir: Path) -> torch.Tensor:
     """The pixels vitbatch feeds the model (its decode + resize), normalized in fp32."""
-    prep = models.load(str(model_dir), device="cpu").prep
+    prep = load_model(str(model_dir), device="cpu").prep
     arrays = []
     for key in keys:
         img = decode_rgb((input_dir / key).read_bytes(), draft_size=prep.draft_size)

@@ -16,14 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers_families import FAMILIES, build_family
-from helpers_models import LABELS
+from helpers_models import LABELS, load_model
 from PIL import Image
 
 from orchestrator.config import Settings
 from orchestrator.jobs import normalize_model_ref, parse_spec
 from orchestrator.results import read_arrays, read_embeddings, read_table, success_record
 from orchestrator.storage import ObjectStore, join
-from workers import models
 from workers.attention import AttentionHead, cls_to_patches
 from workers.context import WorkerContext
 from workers.inprocess import run_local
@@ -69,7 +68,7 @@ def run(kind: str, images: Path, model: Path, out: Path, ctx: WorkerContext, **o
 def test_family_tokens(name, family_dirs):
     """The prefix count, CLS token and cls embedding each family has (Dinov2 with registers: 1 + 4)."""
     family = FAMILIES[name]
-    model = models.load(normalize_model_ref(str(family_dirs(name))), device="cpu")
+    model = load_model(normalize_model_ref(str(family_dirs(name))), device="cpu")
     assert (model.family.prefix_tokens, model.family.class_token, model.family.cls_source) == \
         (family.prefix, family.class_token, family.cls_source)
 
@@ -116,7 +115,7 @@ def test_attention_map_semantics(name, family_dirs):
     """With a CLS token: the CLS query's row; without one: the mean over the patch queries' rows.
     Either way only patch columns, renormalized (registers dropped)."""
     family = FAMILIES[name]
-    model = models.load(normalize_model_ref(str(family_dirs(name))), device="cpu", attn="eager")
+    model = load_model(normalize_model_ref(str(family_dirs(name))), device="cpu", attn="eager")
     head = AttentionHead(model, 0, layers=[-1], heads="mean", with_rollout=False, overlay_indices=set())
     pixels = torch.randn(2, 3, *model.input_size)
     with torch.inference_mode():

@@ -19,6 +19,7 @@ from helpers_models import (
     TIMM_SHORTEST_EDGE,
     TIMM_SIZE,
     TIMM_STD,
+    load_model,
 )
 from PIL import Image
 
@@ -35,7 +36,7 @@ from workers.errors import ModelLoadError, UnsafeCheckpoint
 
 
 def load(directory, prefix: str = "") -> models.LoadedModel:
-    return models.load(normalize_model_ref(prefix + str(directory)), device="cpu")
+    return load_model(normalize_model_ref(prefix + str(directory)), device="cpu")
 
 
 def test_an_hf_dir_gets_its_preprocessing_from_the_image_processor(hf_model_dir):
@@ -57,10 +58,10 @@ def test_an_hf_dir_gets_its_labels_from_config(hf_model_dir):
 
 def test_compute_names_the_device_and_precision_the_outputs_come_from(hf_model_dir):
     ref = normalize_model_ref(str(hf_model_dir))
-    assert models.load(ref, device="cpu", precision="fp32").compute == "cpu fp32"
-    assert models.load(ref, device="cpu", precision="bf16").compute == "cpu bf16 autocast"
+    assert load_model(ref, device="cpu", precision="fp32").compute == "cpu fp32"
+    assert load_model(ref, device="cpu", precision="bf16").compute == "cpu bf16 autocast"
     auto = "cpu bf16 autocast" if models.cpu_has_fast_bf16() else "cpu fp32"
-    assert models.load(ref, device="cpu").compute == auto
+    assert load_model(ref, device="cpu").compute == auto
 
 
 def test_a_timm_dir_gets_its_preprocessing_from_timms_data_config(timm_model_dir):
@@ -124,7 +125,7 @@ def test_an_unreachable_hub_model_says_to_pass_a_local_dir_or_s3(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError) as info:
-        models.load("hf:nonexistent-org/nonexistent-model", device="cpu")
+        load_model("hf:nonexistent-org/nonexistent-model", device="cpu")
     message = str(info.value)
     assert "hf:nonexistent-org/nonexistent-model" in message
     assert "pass a local directory or s3:// URI" in message

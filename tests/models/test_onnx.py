@@ -15,6 +15,7 @@ import onnx
 import pytest
 import torch
 from helpers_families import build_family
+from helpers_models import load_model
 from PIL import Image
 
 from orchestrator.checks.models import check_export, check_model_options
@@ -26,7 +27,6 @@ from orchestrator.jobs import normalize_model_ref, parse_spec
 from orchestrator.modelrefs import read_config
 from orchestrator.results import read_embeddings, read_table
 from orchestrator.storage import ObjectStore
-from workers import models
 from workers.attention import AttentionHead
 from workers.context import WorkerContext
 from workers.errors import ExportFailed, ModelLoadError
@@ -166,7 +166,7 @@ def test_refusals_at_submit(exported, images, tmp_path):
         check_labeled(finetune, store)
     with pytest.raises(SpecError, match="export starts from a PyTorch model only"):
         check_export(parse_spec({"kind": "export", "model": ref, "output": str(tmp_path / "e")}), store)
-    model = models.load(ref, device="cpu")
+    model = load_model(ref, device="cpu")
     with pytest.raises(ModelLoadError, match="ONNX export"):  # and on a worker, should a spec get there
         AttentionHead(model, 0, layers=[-1], heads="mean", with_rollout=True, overlay_indices=set())
 
@@ -183,12 +183,12 @@ def test_external_data_outside_the_folder_is_refused(exported, tmp_path):
     onnx.save(graph, str(bad / "model.onnx"))
     (bad / "config.json").write_text((onnx_dir / "config.json").read_text())
     with pytest.raises(ModelLoadError, match="outside its folder"):
-        models.load(normalize_model_ref(str(bad)), device="cpu")
+        load_model(normalize_model_ref(str(bad)), device="cpu")
 
 
 def test_an_onnx_model_names_onnxruntime_and_its_provider_as_its_compute(exported):
     _, out, _ = exported("hf-vit")
-    assert models.load(normalize_model_ref(str(out)), device="cpu").compute == "onnxruntime CPUExecutionProvider"
+    assert load_model(normalize_model_ref(str(out)), device="cpu").compute == "onnxruntime CPUExecutionProvider"
 
 
 def test_ort_runs_the_compute_threads_the_worker_was_given(exported):

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 from helpers_checkpoints import build_checkpoint
+from helpers_models import load_model
 from PIL import Image
 
 from orchestrator.checks.models import check_model_options
@@ -25,7 +26,6 @@ from orchestrator.modelkinds import checkpoint_kind
 from orchestrator.modelrefs import read_config
 from orchestrator.results import read_embeddings
 from orchestrator.storage import ObjectStore
-from workers import models
 from workers.context import WorkerContext
 from workers.errors import ExportFailed, ModelLoadError
 from workers.families import HFBackbone
@@ -124,7 +124,7 @@ def test_classify_on_a_headless_export_is_refused_at_submit_and_on_the_worker(ex
     with pytest.raises(SpecError, match="drop `pooled` from --pooling"):
         check_model_options(parse_spec({"kind": "embed", "pooling": "cls,pooled", **common}), config)
     check_model_options(parse_spec({"kind": "embed", "pooling": "cls,mean,patches", **common}), config)
-    model = models.load(ref, device="cpu")
+    model = load_model(ref, device="cpu")
     assert not model.family.has_classifier and not model.family.has_pooled
     with pytest.raises(ModelLoadError, match="without a trained classifier"):
         ClassifyHead(model, 0, top_k=1)
@@ -132,7 +132,7 @@ def test_classify_on_a_headless_export_is_refused_at_submit_and_on_the_worker(ex
 
 def test_a_clip_export_answers_it_has_a_projected_cls_and_a_pooled_output(exported):
     _, onnx_dir, _ = exported("clip-model")
-    family = models.load(normalize_model_ref(str(onnx_dir)), device="cpu").family
+    family = load_model(normalize_model_ref(str(onnx_dir)), device="cpu").family
     assert family.has_pooled and not family.has_classifier and not family.zero_shot
     assert family.cls_source == "projected" and family.prefix_tokens == 1
 

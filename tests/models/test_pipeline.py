@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_models import LABELS
+from helpers_models import LABELS, load_model
 from PIL import Image
 
 from orchestrator.config import Settings
@@ -64,7 +64,7 @@ def write_folder(root: Path, files: dict[str, bytes]) -> list[Item]:
 def hf_model(hf_model_dir) -> models.LoadedModel:
     """fp32, not `auto`: its labels are compared with a plain fp32 forward pass, and bf16 (auto on
     AMX / AVX512-BF16 CPUs) moves these near-uniform scores by more than their top-2 margins."""
-    return models.load(normalize_model_ref(str(hf_model_dir)), device="cpu", precision="fp32")
+    return load_model(normalize_model_ref(str(hf_model_dir)), device="cpu", precision="fp32")
 
 
 @pytest.fixture
@@ -135,7 +135,7 @@ def test_labels_match_a_direct_fp32_forward_pass_of_the_hf_model(hf_model, hf_mo
 def test_labels_match_a_direct_forward_pass_of_the_timm_model(timm_model_dir, items):
     import timm
 
-    model = models.load(normalize_model_ref(f"timm:{timm_model_dir}"), device="cpu", precision="fp32")
+    model = load_model(normalize_model_ref(f"timm:{timm_model_dir}"), device="cpu", precision="fp32")
     module = timm.create_model(f"local-dir:{timm_model_dir}", pretrained=True).eval()
     rows, _ = run(model, items)
     good = [item for item in items if item.key not in BAD]

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers_models import load_model
 from PIL import Image
 
 from orchestrator.config import Settings
@@ -19,7 +20,6 @@ from orchestrator.jobs import EvaluateSpec, FinetuneSpec, normalize_model_ref
 from orchestrator.modelkinds import Kind
 from orchestrator.planner import plan
 from orchestrator.storage import ObjectStore, normalize_uri
-from workers import models
 from workers.context import WorkerContext
 from workers.decode.preprocess import Decoder
 from workers.errors import TrainingDiverged
@@ -115,7 +115,7 @@ def test_the_output_loads_with_transformers_and_with_workers(trained):
     hf = AutoModelForImageClassification.from_pretrained(output)
     assert hf.config.id2label == dict(enumerate(DIGITS))
     assert AutoImageProcessor.from_pretrained(output).size == {"height": 32, "width": 32}
-    loaded = models.load(normalize_model_ref(str(output)), device="cpu")
+    loaded = load_model(normalize_model_ref(str(output)), device="cpu")
     assert loaded.id2label == dict(enumerate(DIGITS))
     assert loaded.fingerprint == result["model_fingerprint"]
 
@@ -126,7 +126,7 @@ def test_classify_pipeline_predicts_what_transformers_predicts(trained, digits):
     _, _, output = trained
     items = [i for i in plan(normalize_uri(str(digits)), 1000, ObjectStore(Settings())).items if "broken" not in i.key]
     items = items[::20]
-    loaded = models.load(normalize_model_ref(str(output)), device="cpu")
+    loaded = load_model(normalize_model_ref(str(output)), device="cpu")
     head = ClassifyHead(loaded, 0, top_k=1)
     run_with(loaded, ObjectStore(Settings()), items, head, DecodePath(Decoder(loaded.prep, 1 << 20)), StageTimes(),
              batch_size=8, read_concurrency=2, max_bytes=1 << 20)
@@ -197,7 +197,7 @@ def test_a_config_field_vitconfig_does_not_know_is_a_spec_error(digits, ctx, tmp
 def test_a_timm_vit_trains_and_saves_what_workers_load_again(digits, ctx, tmp_path):
     spec = make_spec(digits, tmp_path / "out", config=TINY_TIMM, epochs=1, augment="randaugment")
     result = finetune(spec, "job-timm", ctx, ignore)
-    loaded = models.load(normalize_model_ref(str(tmp_path / "out")), device="cpu")
+    loaded = load_model(normalize_model_ref(str(tmp_path / "out")), device="cpu")
     assert loaded.family.kind is Kind.TIMM and loaded.id2label == dict(enumerate(DIGITS))
     assert loaded.input_size == (32, 32) and loaded.fingerprint == result["model_fingerprint"]
 

@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 from timm.models import save_for_hf
 
+from orchestrator.config import Settings
+from orchestrator.storage import ObjectStore
 from workers.decode.preprocess import resize_image
 from workers.models import load
 
@@ -18,7 +20,8 @@ def test_preprocessing_matches_timms_eval_transform(tmp_path, img_size):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=img_size,
                               patch_size=4, depth=1, embed_dim=48, num_heads=2)
     save_for_hf(model, tmp_path, model_config={"label_names": ["a", "b", "c"]}, safe_serialization=True)
-    loaded = load(str(tmp_path), "cpu", "fp32")
+    settings = Settings()
+    loaded = load(str(tmp_path), "cpu", "fp32", settings=settings, store=ObjectStore(settings))
     transform = timm.data.create_transform(**timm.data.resolve_model_data_config(loaded.module))
     prep = loaded.prep
     for shape in [(90, 70), (70, 90), (40, 40)]:

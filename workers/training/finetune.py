@@ -124,7 +124,8 @@ def finetune(spec: FinetuneSpec, job_id: str, ctx: WorkerContext, report: Callab
         if val_items and (not evals or evals[-1]["step"] != trainer.state.global_step):
             trainer.evaluate()  # fractional epochs, or a resume that had nothing left to train
         saved = save_model(built, Path(tmp) / "model")
-        fingerprint = models.load(normalize_model_ref(str(saved)), device="cpu").fingerprint
+        fingerprint = models.load(normalize_model_ref(str(saved)), device="cpu", settings=ctx.settings,
+                                  store=ctx.store).fingerprint
         upload_dir(ctx.store, saved, spec.output)
     stats = {"wall_s": round(time.perf_counter() - start, 2), "images_per_s": progress.images_per_s(
         trainer.args, trainer.state), "steps": trainer.state.global_step, "n_train": len(train_items),
