@@ -399,7 +399,8 @@ class NeighborsSpec(VectorJob):
         "auto", description="exact = blocked matrix products (one task per block of queries); approximate = one "
         "faiss IVF-Flat index of --embeddings, built once per job by its first task, searched by one task per block "
         "of queries (its recall@k, measured on a seeded sample, is in _SUCCESS.json); auto = approximate from "
-        "2,000,000,000 query x vector pairs and 20,000 queries up (bench/neighbors.py), exact below.")
+        "20,000 queries and 2,000,000,000 query x vector pairs up (bench/neighbors.py), unless the index would scan "
+        "over a sixteenth of its lists to reach --recall-target (vectors without clusters); exact otherwise.")
     queries_per_task: int = Field(20_000, gt=0, description="Query vectors per task.")
     recall_target: float = Field(0.95, gt=0, le=1, description="approximate: the index scans the fewest lists "
                                  "(a power of two) whose recall@k on a seeded sample of queries reaches this.")

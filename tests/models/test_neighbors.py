@@ -102,3 +102,28 @@ def test_auto_is_exact_for_small_jobs_and_approximate_above_the_threshold(vector
     assert not approximate_mode("auto", 1_000, 1_000_000) and not approximate_mode("auto", 50_000, 20_000)
     assert approximate_mode("auto", 100_000, 1_000_000) and approximate_mode("auto", 1_000_000, 1_000_000)
     assert not approximate_mode("exact", 1_000_000, 1_000_000)
+
+
+def test_auto_declines_an_index_that_scans_most_of_its_lists_and_searches_exactly(tmp_path, monkeypatch):
+    """Uniform random directions (no clusters): the recall target needs most lists, so an index is no
+    faster than exact; auto (here with its thresholds at 1) writes none and the blocks search exactly."""
+    import orchestrator.vectorplan as vectorplan
+
+    monkeypatch.setattr(vectorplan, "AUTO_APPROXIMATE_QUERIES", 1)
+    monkeypatch.setattr(vectorplan, "AUTO_APPROXIMATE_PAIRS", 1)
+    data = np.random.default_rng(4).standard_normal((INDEXED + 300, 64)).astype(np.float16)
+    index_keys = write_vectors(str(tmp_path / "emb"), data[:INDEXED], part_rows=5_000, name="i")
+    write_vectors(str(tmp_path / "queries"), data[INDEXED:], part_rows=300, name="q")
+    spec = parse_spec({"kind": "neighbors", "embeddings": str(tmp_path / "emb"), "queries": str(tmp_path / "queries"),
+                       "output": str(tmp_path / "nn"), "k": K})
+    run_vectors_local(spec, STORE)
+    record = record_of(spec.output)
+    declined = record["neighbors"].pop("index_declined")
+    assert record["neighbors"] == {"mode": "exact", "k": K} and record["shards"] == 2
+    assert declined["nprobe"] > knn.lists_for(INDEXED) / 16
+    assert not [p for p in record["parts"] if "/index/" in p["name"]]
+    cosine = semdedup.unit_rows(data[INDEXED:]) @ semdedup.unit_rows(data[:INDEXED]).T
+    at = {key: i for i, key in enumerate(index_keys)}
+    rows = read_table(spec.output, STORE).to_pylist()
+    named = np.take_along_axis(cosine, np.array([[at[key] for key in r["neighbors"]] for r in rows]), 1)
+    assert np.allclose(named, np.sort(cosine, axis=1)[:, ::-1][:, :K], atol=1e-6)

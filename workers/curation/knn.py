@@ -4,15 +4,18 @@ Every input row is a unit row (semdedup.unit_rows), so cosine is the inner produ
 
     exact        faiss's flat inner-product search (BLAS matrix products and a heap per query)
                  over one block of indexed rows at a time, merged into a running top-k
-    approximate  an IVF-Flat index (faiss.IndexIVFFlat, METRIC_INNER_PRODUCT): about sqrt(rows)
-                 inverted lists from k-means on a seeded sample, every row stored as it is (float32),
+    approximate  an IVF-Flat index (faiss.IndexIVFFlat, METRIC_INNER_PRODUCT): 4 x sqrt(rows)
+                 inverted lists (faiss's guidance: 4 to 16 x sqrt) from k-means on a seeded sample
+                 of 40 rows per list, every row stored as it is (float32),
                  so a cosine it returns is the exact cosine of that pair; only some pairs are missed.
                  nprobe (lists scanned per query) is the smallest power of two whose recall@k on
                  a seeded sample of queries reaches the target.
 
-IVF-Flat over HNSW: on 2 cores HNSW's build was 6x IVF's at 100,000 384-d rows and is not
+IVF-Flat over HNSW: on 2 cores HNSW's build took 7 times IVF's at 20,000 and at 100,000 384-d
+rows (63 s against 9 s; `python -m bench.neighbors --hnsw`, bench/RESULTS.md) and is not
 reproducible on several threads; IVF's build is k-means on a sample plus one assignment, and
-its recall is tuned by one number after the build (bench/neighbors.py, bench/RESULTS.md).
+its recall is tuned by one number after the build. The index holds every row in float32:
+rows x dim x 4 bytes, read whole by every search task.
 
 recall@k counts, per query, the returned neighbours whose cosine is at least the exact k-th
 best's (less 1e-6: rows tied with the k-th are as good as it), out of k; averaged over queries.
@@ -28,7 +31,7 @@ from workers.curation.semdedup import unit_rows
 
 TIE = 1e-6
 MIN_ROWS_PER_LIST = 39  # faiss warns when k-means has fewer training points per centroid
-SAMPLE_PER_LIST = 64  # the index's k-means sample, per list (at most every row)
+SAMPLE_PER_LIST = 40  # the index's k-means sample, per list (at most every row)
 TRAIN_ITERATIONS = 10
 
 
@@ -78,9 +81,10 @@ def exact_top_k(queries: np.ndarray, rows: np.ndarray, k: int, block: int = 65_5
     return top.cosines, top.ids
 
 
-def lists_for(rows: int) -> int:
-    """Inverted lists of the index: about sqrt(rows), with at least 39 rows each."""
-    return max(1, min(round(math.sqrt(rows)), rows // MIN_ROWS_PER_LIST))
+def lists_for(rows: int, per_sqrt: float = 4.0) -> int:
+    """Inverted lists of the index: 4 x sqrt(rows), with at least 39 rows each (sqrt(rows) lists
+    build faster but reach the same recall only at many times the nprobe: bench/RESULTS.md)."""
+    return max(1, min(round(per_sqrt * math.sqrt(rows)), rows // MIN_ROWS_PER_LIST))
 
 
 def sample_rows(total: int, size: int, seed: int) -> np.ndarray:

@@ -18,6 +18,10 @@ search different indexes. The file names carry the delivery's lease token: a lat
 the index shard writes its own files, never the ones the committed marker names, and every search
 shard reads the index and keys that marker names, each checked against its sha256.
 
+Under --mode auto the index shard declines an index that would scan more than a sixteenth of its
+lists to reach the recall target (vectors without clusters): it writes no index, and the blocks
+search exactly (`neighbors: {mode: exact, index_declined: {...}}`). --mode approximate keeps it.
+
 Recall: the index shard measures recall@k (workers/curation/knn.py) of the index at the tuned
 nprobe against exact on a seeded sample of queries (256, or every query when there are fewer;
 another seeded sample than the one nprobe was tuned on), and its marker carries it into the
@@ -34,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.commits import ShardMarker
 from orchestrator.jobs import NeighborsSpec
 from orchestrator.storage import ObjectStore
 from orchestrator.vectorplan import VectorPlan
@@ -49,6 +54,11 @@ KEYS_SCHEMA = pa.schema([("key", pa.string())])
 EXACT_BLOCK_ROWS = 65_536  # indexed rows per exact search call: embed parts are gathered up to this
 ADD_BLOCK_ROWS = 65_536  # rows normalized to float32 and added to the index at a time
 RECALL_SAMPLE = 256  # queries the index shard tunes nprobe on, and as many again it measures recall on
+# --mode auto declines an index whose tuned nprobe scans more than this share of its lists: a list is
+# scanned at about an eighth of the speed per vector of exact's matrix products, so such an index
+# searches at best about twice as fast as exact and seldom repays its build (vectors without
+# clusters needed 81% of the lists: bench/RESULTS.md, "Tenth session").
+DECLINE_SCANNED_SHARE = 1 / 16
 
 
 def tune_rows(queries: int, seed: int) -> np.ndarray:
@@ -131,7 +141,9 @@ def search_exact(spec: NeighborsSpec, plan: VectorPlan, shard: int, store: Objec
     start, stop = plan.query_blocks[plan.phase(shard)[1]]
     query_keys, queries = query_rows(queries_of(plan), start, stop, store)
     keys, cosines, ids = search(plan, spec.k, queries, store, on_progress)
-    fields = {"rows": len(query_keys), "mode": "exact", "job_fields": {"neighbors": {"mode": "exact", "k": spec.k}}}
+    fields: dict = {"rows": len(query_keys), "mode": "exact"}
+    if not plan.approximate:  # else the index shard's marker says what the job did
+        fields["job_fields"] = {"neighbors": {"mode": "exact", "k": spec.k}}
     return {f"part-{shard:05d}.parquet": result_part(query_keys, keys, cosines, ids)}, fields
 
 
@@ -173,6 +185,11 @@ def build_index(spec: NeighborsSpec, plan: VectorPlan, store: ObjectStore, token
     at = {row: i for i, row in enumerate(sampled.tolist())}
     tuned, measured = [at[r] for r in tune.tolist()], [at[r] for r in measure.tolist()]
     nprobe, tune_recall = knn.tune_nprobe(index, queries[tuned], exact[tuned], spec.k, spec.recall_target)
+    if spec.mode == "auto" and nprobe > DECLINE_SCANNED_SHARE * lists:  # the blocks search exactly instead
+        declined = {"index": f"IVF{lists},Flat", "nprobe": nprobe, "tuned_recall_at_k": round(tune_recall, 4),
+                    "recall_target": spec.recall_target}
+        return {}, {"rows": 0, "lists": lists, "nprobe": nprobe, "declined": True,
+                    "job_fields": {"neighbors": {"mode": "exact", "k": spec.k, "index_declined": declined}}}
     found, _ = knn.search_index(index, queries[measured], spec.k, nprobe)
     recall = knn.recall_at_k(found, exact[measured], spec.k)
     summary = {"mode": "approximate", "k": spec.k, "index": f"IVF{lists},Flat", "nprobe": nprobe,
@@ -182,19 +199,18 @@ def build_index(spec: NeighborsSpec, plan: VectorPlan, store: ObjectStore, token
     return parts_out, {"rows": 0, "lists": lists, "nprobe": nprobe, "job_fields": {"neighbors": summary}}
 
 
-def committed_index(plan: VectorPlan, store: ObjectStore, folder: str, job_id: str):
+def committed_index(marker: ShardMarker, store: ObjectStore, folder: str):
     """(the index, its keys, nprobe) that the committed index shard's marker names."""
-    marker = phase_marker(store, folder, plan.phase_range("index")[0], job_id)
     (index_name,) = [n for n in marker.parts if n.endswith(".faiss")]
     (keys_name,) = [n for n in marker.parts if n.endswith(".arrow")]
     index = knn.index_from_bytes(committed_part(store, folder, marker, index_name))
     return index, keys_from(committed_part(store, folder, marker, keys_name)), int(marker.extra["nprobe"])
 
 
-def search_approximate(spec: NeighborsSpec, plan: VectorPlan, shard: int, store: ObjectStore, job_id: str,
+def search_approximate(spec: NeighborsSpec, plan: VectorPlan, shard: int, store: ObjectStore, marker: ShardMarker,
                        on_progress: ProgressFn | None = None) -> tuple[dict, dict]:
     """One block of queries against the job's index, one embed part of queries at a time."""
-    index, keys, nprobe = committed_index(plan, store, spec.output, job_id)
+    index, keys, nprobe = committed_index(marker, store, spec.output)
     start, stop = plan.query_blocks[plan.phase(shard)[1]]
     query_keys: list[str] = []
     cosines, ids = [], []
@@ -216,5 +232,7 @@ def run_neighbors_shard(spec: NeighborsSpec, plan: VectorPlan, shard: int, store
     if phase == "index":
         return build_index(spec, plan, store, token, on_progress)
     if plan.approximate:
-        return search_approximate(spec, plan, shard, store, job_id, on_progress)
+        marker = phase_marker(store, spec.output, plan.phase_range("index")[0], job_id)
+        if not marker.extra.get("declined"):
+            return search_approximate(spec, plan, shard, store, marker, on_progress)
     return search_exact(spec, plan, shard, store, on_progress)
