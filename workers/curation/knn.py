@@ -103,6 +103,7 @@ def train_index(sample: np.ndarray, lists: int, seed: int):
     index.cp.seed = seed
     index.cp.niter = TRAIN_ITERATIONS
     index.cp.max_points_per_centroid = max(256, -(-len(sample) // lists))  # no second subsample
+    index.cp.min_points_per_centroid = 1  # under 39 rows (one list) faiss would only warn
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
     return index
 
