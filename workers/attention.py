@@ -42,6 +42,7 @@ def rollout(attentions: list[torch.Tensor]) -> torch.Tensor:
         a = a + eye
         a = a / a.sum(dim=-1, keepdim=True)
         result = a if result is None else a @ result
+    assert result is not None  # a model has one layer at least
     return result
 
 
@@ -130,7 +131,7 @@ def overlay_png(image: Image.Image, grid: np.ndarray, model: LoadedModel) -> byt
     heat = (grid - grid.min()) / max(float(grid.max() - grid.min()), 1e-12)
     box = seen_box(*image.size, model.prep)
     width, height = box[2] - box[0], box[3] - box[1]
-    heat_img = Image.fromarray((heat * 255).astype(np.uint8), mode="L").resize((width, height), Image.BILINEAR)
+    heat_img = Image.fromarray((heat * 255).astype(np.uint8), mode="L").resize((width, height), Image.Resampling.BILINEAR)
     red = Image.new("RGB", (width, height), (255, 0, 0))
     region = image.crop(box)
     blended = Image.composite(red, region, heat_img.point(lambda v: int(v * 0.6)))

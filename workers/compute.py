@@ -59,7 +59,7 @@ class DeviceStage:
             return decoded, []
         t0 = time.perf_counter()
         try:
-            images = decode_batch([d.raw for d in raws], self.model.device)
+            images = decode_batch([d.raw for d in raws if d.raw is not None], self.model.device)
             for d, tensor in zip(raws, resize_batch(images, self.decoder.prep)):
                 d.tensor, d.raw = tensor, None
         except RuntimeError as e:
@@ -78,7 +78,7 @@ class DeviceStage:
 
     def to_device(self, decoded: list[Decoded]) -> torch.Tensor:
         """Normalized NCHW pixels on the model's device, in the batch's order."""
-        host = [d.pixels for d in decoded if d.tensor is None]
+        host = [d.pixels for d in decoded if d.tensor is None and d.pixels is not None]  # every other one
         batch = None
         if host:
             if self.model.device.type == "cuda":
@@ -94,6 +94,7 @@ class DeviceStage:
         if len(host) < len(decoded):  # some were decoded on the device: put them back in order
             rows = iter(batch if batch is not None else ())
             batch = torch.stack([d.tensor if d.tensor is not None else next(rows) for d in decoded])
+        assert batch is not None  # a batch holds one item at least
         batch = batch.sub_(self._mean).div_(self._std)
         return batch.to(self.model.dtype) if self.model.device.type == "cuda" else batch
 

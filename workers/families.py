@@ -16,7 +16,9 @@ A new family is one class here and one row in orchestrator/modelkinds.py.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -37,12 +39,23 @@ class Family:
     """The questions every family answers; the defaults are the ViT-with-CLS-token answers."""
 
     kind: Kind
-    has_classifier = False
-    has_pooled = False  # an unprojected pooled output apart from `cls` (CLIP; timm CLIP models)
-    cls_source = "cls_token"  # "cls_token", "pooled" or "projected": what `cls` is
 
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
+    def __init__(self, module: Any) -> None:
+        # An HF or timm module (or export's ORT session): asked by attribute (config, base_model,
+        # forward_features...), which torch's Module.__getattr__ types only as Tensor | Module.
+        self.module: Any = module
+
+    @property
+    def has_classifier(self) -> bool:
+        return False
+
+    @property
+    def has_pooled(self) -> bool:  # an unprojected pooled output apart from `cls` (CLIP; timm CLIP models)
+        return False
+
+    @property
+    def cls_source(self) -> str:  # "cls_token", "pooled" or "projected": what `cls` is
+        return "cls_token"
 
     @property
     def name(self) -> str:
@@ -91,6 +104,12 @@ class Family:
     def zero_shot(self) -> bool:
         return False
 
+    def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        raise ModelLoadError(f"a {self.name} has no text tower: zero-shot needs an image-text model")
+
+    def image_text_scores(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        raise ModelLoadError(f"a {self.name} has no text tower: zero-shot needs an image-text model")
+
 
 class HFClassifier(Family):
     """`...ForImageClassification`: logits from the trained head, tokens from its base model.
@@ -101,7 +120,7 @@ class HFClassifier(Family):
     """
 
     kind = Kind.CLASSIFIER
-    has_classifier = True
+    has_classifier: bool = True  # False where the checkpoint's head was initialised at random (models.py)
 
     @property
     def _tower(self) -> torch.nn.Module:
@@ -193,7 +212,7 @@ class HFBackbone(HFClassifier):
 
     @property
     def classifier(self) -> torch.nn.Module:
-        return Family.classifier.fget(self)
+        return super(HFClassifier, self).classifier  # Family's: a backbone has none
 
 
 class HFDualEncoder(Family):
@@ -213,8 +232,8 @@ class HFDualEncoder(Family):
         super().__init__(module)
         self.kind = kind
         self.tokenizer = tokenizer
-        self.tower = getattr(module, "vision_model", module)
-        self.projection = getattr(module, "visual_projection", None)
+        self.tower: Any = getattr(module, "vision_model", module)
+        self.projection: Any = getattr(module, "visual_projection", None)
         self.siglip = self.tower.config.model_type.startswith("siglip")
 
     @property
@@ -280,6 +299,8 @@ class Timm(Family):
     """
 
     kind = Kind.TIMM
+    has_classifier: bool = False  # set per model in __init__ (a plain attribute over Family's property)
+    has_pooled: bool = False
 
     def __init__(self, module: torch.nn.Module, classifier: bool) -> None:
         super().__init__(module)
@@ -319,7 +340,8 @@ class Timm(Family):
         return getattr(self.module, "cls_token", None) is not None
 
     def grid(self, input_size: tuple[int, int]) -> tuple[int, int]:
-        return tuple(self.module.patch_embed.grid_size)
+        rows, cols = self.module.patch_embed.grid_size
+        return rows, cols
 
     @property
     def depth(self) -> int:
@@ -379,7 +401,7 @@ class Onnx(Family):
             return Family.logits(self, pixels)
         return self.module(pixels, ["logits"])["logits"]
 
-    def outputs(self, pixels: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    def outputs(self, pixels: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.module(pixels, names)
 
     @property
@@ -391,7 +413,8 @@ class Onnx(Family):
         return bool(self.meta.get("class_token", True))
 
     def grid(self, input_size: tuple[int, int]) -> tuple[int, int]:
-        return tuple(self.meta["grid"])
+        rows, cols = self.meta["grid"]
+        return rows, cols
 
     def attentions(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         raise ModelLoadError("an ONNX export has no attention maps: attention needs the PyTorch model")

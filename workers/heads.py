@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,9 +21,9 @@ import torch
 from orchestrator.constants import JOBS_DIR, part_name
 from orchestrator.jobs import AttentionSpec, EmbedSpec, InferenceSpec
 from orchestrator.manifest import Item
-from orchestrator.modelkinds import Kind
 from workers.embedparquet import vectors_part
 from workers.errors import ModelLoadError
+from workers.families import Onnx
 from workers.loaded import LoadedModel
 from workers.metrics import timed_model
 from workers.writers import parquet_bytes
@@ -75,6 +76,10 @@ class Head:
         self.rows[index] = self.error_row(item, reason)
 
     def error_row(self, item: Item, reason: str) -> dict:
+        raise NotImplementedError
+
+    def parts(self) -> dict[str, bytes]:
+        """The shard's files: name (under the job's folder) -> bytes."""
         raise NotImplementedError
 
     def ordered_rows(self) -> list[dict]:
@@ -213,7 +218,7 @@ class EmbedHead(ArrayHead):
     """The model's image embedding (`cls`), its unprojected pooled output (`pooled`), the mean of the
     final normalized patch tokens (`mean`) and every patch token (`patches`); see workers/families.py."""
 
-    def __init__(self, model: LoadedModel, shard: int, pooling: list[str], normalize: bool = False,
+    def __init__(self, model: LoadedModel, shard: int, pooling: Sequence[str], normalize: bool = False,
                  parquet_vectors: str = "off") -> None:
         super().__init__(model, shard)
         self.pooling, self.normalize, self.parquet_vectors = pooling, normalize, parquet_vectors
@@ -238,12 +243,16 @@ class EmbedHead(ArrayHead):
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         family = self.model.family
-        if family.kind is Kind.ONNX:
+        if isinstance(family, Onnx):  # the export's graph computes each array
             out = family.outputs(pixels, self.pooling)
         else:
             embedded = family.embed(pixels)
             patches = embedded.tokens[:, self.prefix:]
-            every = {"cls": lambda: embedded.image, "pooled": lambda: embedded.pooled,
+            def pooled() -> torch.Tensor:
+                assert embedded.pooled is not None  # __init__ refuses `pooled` to a family without one
+                return embedded.pooled
+
+            every = {"cls": lambda: embedded.image, "pooled": pooled,
                      "mean": lambda: patches.float().mean(dim=1), "patches": lambda: patches}
             out = {name: every[name]() for name in self.pooling}
         if self.normalize:  # unit length in fp32, before the fp16 cast (patch tokens are left as they are)

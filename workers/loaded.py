@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -18,7 +19,7 @@ PRECISION_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 class LoadedModel:
     ref: str
     family: Family  # the adapter bound to `module`: what heads, attention, export and training ask
-    module: torch.nn.Module  # what the device stage calls (torch.compile'd where asked); ONNX: an OrtModule
+    module: Any  # what the device stage calls: a torch Module (torch.compile'd where asked); ONNX: an OrtModule
     prep: Preprocess
     id2label: dict[int, str]  # empty where the checkpoint has no trained classifier
     device: torch.device

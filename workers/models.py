@@ -12,6 +12,7 @@ import math
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from PIL import Image
@@ -28,8 +29,8 @@ from workers.loaded import DTYPES, LoadedModel
 from workers.memory import long_lived, release_frozen
 from workers.modelfiles import check_model_dir, local_model_dir, read_local_config
 
-_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
-             "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+_RESAMPLE = {name: int(Image.Resampling[name.upper()])  # timm's interpolation names -> PIL's (bilinear: 2, ...)
+             for name in ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -72,6 +73,7 @@ def model_family(ref: str, path: Path | None) -> str:
         return "timm"
     if ref.startswith("hf:"):
         return "hf"
+    assert path is not None  # a reference without a scheme names a directory
     return "timm" if "architecture" in check_model_dir(path, allow_pickle=True) else "hf"
 
 
@@ -107,7 +109,7 @@ def _load_hf(name: str, checkpoint: Checkpoint, attn: str, allow_pickle: bool = 
 
     # trust_remote_code=False said out loud: otherwise transformers asks on a terminal. Without
     # allow_pickle only safetensors are read, even where a pytorch_model.bin sits next to them.
-    options = {"trust_remote_code": False, "use_safetensors": None if allow_pickle else True}
+    options: dict[str, Any] = {"trust_remote_code": False, "use_safetensors": None if allow_pickle else True}
     if checkpoint.model_type == "vit_mae":
         options["mask_ratio"] = 0.0  # every patch, in order (see families.HFBackbone)
     try:
@@ -136,7 +138,7 @@ def _hf_family(module: torch.nn.Module, checkpoint: Checkpoint, name: str, info:
         return HFBackbone(module)
     family = HFClassifier(module)
     # Weights the checkpoint lacks were initialised at random: a head among them classifies nothing.
-    prefix = module.base_model_prefix + "."
+    prefix = str(module.base_model_prefix) + "."
     if any(not key.startswith(prefix) for key in info.get("missing_keys", ())):
         family.has_classifier = False
     return family
@@ -159,7 +161,7 @@ def _first_line(error: Exception) -> str:
 
 def hf_preprocess(processor) -> Preprocess:
     size = processor.size
-    resample = int(getattr(processor, "resample", Image.BILINEAR))
+    resample = int(getattr(processor, "resample", Image.Resampling.BILINEAR))
     mean = tuple(processor.image_mean) if getattr(processor, "do_normalize", True) else (0.0, 0.0, 0.0)
     std = tuple(processor.image_std) if getattr(processor, "do_normalize", True) else (1.0, 1.0, 1.0)
     crop = None
@@ -176,7 +178,7 @@ def _load_timm(name: str, config: dict | None, allow_pickle: bool
     import timm
 
     try:
-        module = timm.create_model(name, pretrained=True)
+        module: Any = timm.create_model(name, pretrained=True)  # asked for default_cfg, num_classes...
     except (RuntimeError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ModelLoadError(f"model 'timm:{name}' cannot be loaded ({type(e).__name__}: {_first_line(e)}): "
                              "pass a local directory or s3:// URI") from e
@@ -201,7 +203,7 @@ def timm_preprocess(module: torch.nn.Module) -> Preprocess:
     # The input size the model has now (img_size=32 overrides its source cfg's 224), as save_for_hf exports it.
     config = resolve_input_data_config(module)
     height, width = config["input_size"][1:]
-    resample = _RESAMPLE.get(config.get("interpolation", "bicubic"), Image.BICUBIC)
+    resample = _RESAMPLE.get(config.get("interpolation", "bicubic"), int(Image.Resampling.BICUBIC))
     crop_pct = float(config.get("crop_pct") or 1.0)
     # As timm's eval transform: Resize(floor(size / crop_pct)) then CenterCrop(size); for
     # non-square inputs, ResizeKeepRatio to cover the scaled size instead of a shortest edge.
@@ -243,14 +245,15 @@ def load(ref: str, device: str = "auto", precision: str = "auto", *, settings: S
                                                     allow_pickle)
     module.eval().requires_grad_(False)
     if attn == "eager":  # timm: the unfused path computes the softmax that attention maps read
-        for sub in module.modules():
-            if hasattr(sub, "fused_attn"):
-                sub.fused_attn = False
+        attention: list[Any] = [sub for sub in module.modules() if hasattr(sub, "fused_attn")]
+        for sub in attention:
+            sub.fused_attn = False
     fp = fingerprint(module, prep)
     # On CUDA the weights themselves are cast; on CPU, fp16/bf16 run under autocast over fp32 weights.
     module = module.to(torch_device, dtype=dtype if torch_device.type == "cuda" else torch.float32)
     if compile:
-        module = torch.compile(module, dynamic=False)  # one graph per batch shape; the last batch adds one
+        # one graph per batch shape; the last batch adds one (an OptimizedModule: a Module)
+        module = cast(torch.nn.Module, torch.compile(module, dynamic=False))
         family.module = module
     return LoadedModel(ref, family, module, prep, id2label, torch_device, dtype, fp)
 

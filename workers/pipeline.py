@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -72,6 +73,15 @@ class Failed:
     reason: str
 
 
+class Blobs(Protocol):
+    """Items already in hand, by uri: their bytes, or why they were not read. A dict (tar members,
+    parquet cells), or evaluate's reader of labeled rows and members by address."""
+
+    def __contains__(self, uri: str, /) -> bool: ...
+
+    def pop(self, uri: str, /) -> bytes | str: ...
+
+
 def read_ahead(read_concurrency: int, batch_size: int) -> int:
     """Items read ahead of the model."""
     return max(read_concurrency, batch_size) * 2
@@ -107,7 +117,7 @@ class DecodePath:
 
     def release(self, batch: Batch) -> None:
         for d in batch.decoded:
-            if d.slot is not None:
+            if d.slot is not None and self.block is not None:  # a slot is the block's
                 self.block.release(d.slot)
                 d.slot, d.pixels = None, None
 
@@ -141,7 +151,7 @@ class ShardPipeline:
     """A shard's items -> `Batch`es of decoded pixels and `Failed` items, in manifest order."""
 
     def __init__(self, store: ObjectStore, path: DecodePath, times: StageTimes, *, batch_size: int,
-                 read_concurrency: int, max_bytes: int, blobs: dict[str, bytes | str] | None = None,
+                 read_concurrency: int, max_bytes: int, blobs: Blobs | None = None,
                  scope: str | None = None) -> None:
         self.store, self.path = store, path
         self.times = times  # the shard's timer (its owner's): read, decode and wait seconds go here
@@ -149,7 +159,7 @@ class ShardPipeline:
         # The job's input root (scope.input_root): an item outside it is an error row, never
         # opened. A shard's manifest lives in the output prefix, so it is checked, not trusted.
         self.scope = scope
-        self.blobs = blobs or {}  # tar members already in memory: uri -> bytes, or why they were not read
+        self.blobs: Blobs = blobs or {}  # tar members already in memory: uri -> bytes, or why they were not read
 
     def _read(self, item: Item) -> bytes | str:
         """The item's bytes, or why not (outside the job's input, missing, too large, unreadable)."""

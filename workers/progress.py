@@ -94,7 +94,7 @@ def training_reporter(task: Task, ctx: WorkerContext, lease: Lease):
     """report(dict) for training and evaluation: step, epoch, loss, images/s, done, total."""
     job_id = lease.job_id
     publish = _throttled(task, ctx, lease)
-    known_total = {"n": None}
+    known_total: dict[str, int | None] = {"n": None}
 
     def report(info: dict) -> None:
         total = int(info.get("total") or 0)

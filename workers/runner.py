@@ -9,9 +9,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
+
+import torch
 
 from orchestrator.commits import ShardMarker
-from orchestrator.jobs import JobSpec
+from orchestrator.jobs import InferenceSpec
 from orchestrator.manifest import Item, read_kept_columns, read_manifest
 from orchestrator.parquetinputs import columns_of
 from orchestrator.scope import input_root, outside_input
@@ -21,15 +24,29 @@ from workers.compute import DeviceStage
 from workers.context import WorkerContext
 from workers.decode.parquetshards import Passthrough, expand_row_groups
 from workers.decode.tarshards import expand
-from workers.heads import Head
 from workers.loaded import LoadedModel
 from workers.metrics import instrumented_shard
 from workers.models import default_batch_size
-from workers.pipeline import DecodePath, Failed, ShardPipeline, decode_path
+from workers.pipeline import Blobs, DecodePath, Failed, ShardPipeline, decode_path
 from workers.stagetimes import StageTimes
 from workers.writers import commit_shard, upload_parts
 
 ProgressFn = Callable[[int, int], None]
+
+
+class Collector(Protocol):
+    """What run_items asks of a head: a heads.Head, or evaluate's EvalHead (top-k per image)."""
+
+    model: LoadedModel
+
+    def forward(self, pixels: torch.Tensor) -> object: ...
+
+    def collect(self, indices: list[int], items: list[Item], output, images=None) -> None: ...
+
+    def error(self, index: int, item: Item, reason: str) -> None: ...
+
+    def wants_image(self, index: int) -> bool: ...
+
 log = logging.getLogger(__name__)
 
 
@@ -42,7 +59,8 @@ def expand_tars(items: list[Item], ctx: WorkerContext, scope: str | None = None
     """
     if not any(item.tar for item in items):
         return items, {}
-    out, blobs = [], {}
+    out: list[Item] = []
+    blobs: dict[str, bytes | str] = {}
     for item in items:
         if not item.tar:
             out.append(item)
@@ -58,7 +76,7 @@ def expand_tars(items: list[Item], ctx: WorkerContext, scope: str | None = None
     return out, blobs
 
 
-def expand_parquet(items: list[Item], blobs: dict, spec: JobSpec, ctx: WorkerContext, scope: str | None):
+def expand_parquet(items: list[Item], blobs: dict, spec: InferenceSpec, ctx: WorkerContext, scope: str | None):
     """Replace parquet row groups by their rows; (items, blobs, pass-through columns or None).
 
     A parquet shard holds row groups only (the planner never mixes them with files), so its
@@ -74,7 +92,7 @@ def expand_parquet(items: list[Item], blobs: dict, spec: JobSpec, ctx: WorkerCon
     return expanded.items, expanded.cells, expanded.passthrough
 
 
-def run_items(items: list[Item], head: Head, pipeline: ShardPipeline, device: DeviceStage, times: StageTimes,
+def run_items(items: list[Item], head: Collector, pipeline: ShardPipeline, device: DeviceStage, times: StageTimes,
               on_progress: ProgressFn | None = None) -> None:
     """One way through a shard: read -> decode -> batch (pipeline), compute (device), collect (head).
 
@@ -104,8 +122,8 @@ def run_items(items: list[Item], head: Head, pipeline: ShardPipeline, device: De
     times.wall_s = time.perf_counter() - start
 
 
-def run_with(model: LoadedModel, store: ObjectStore, items: list[Item], head: Head, path: DecodePath,
-             times: StageTimes, *, batch_size: int, read_concurrency: int, max_bytes: int, blobs: dict | None = None,
+def run_with(model: LoadedModel, store: ObjectStore, items: list[Item], head: Collector, path: DecodePath,
+             times: StageTimes, *, batch_size: int, read_concurrency: int, max_bytes: int, blobs: Blobs | None = None,
              scope: str | None = None, on_progress: ProgressFn | None = None) -> int:
     """run_items over a pipeline and device stage built here, both timed into the caller's `times`;
     returns the batch size the shard ended with (after any out-of-memory halving)."""
@@ -117,7 +135,7 @@ def run_with(model: LoadedModel, store: ObjectStore, items: list[Item], head: He
 
 
 @instrumented_shard  # the worker's Prometheus metrics: images, stage seconds, shard duration
-def run_shard(spec: JobSpec, shard: int, ctx: WorkerContext, on_progress: ProgressFn | None = None,
+def run_shard(spec: InferenceSpec, shard: int, ctx: WorkerContext, on_progress: ProgressFn | None = None,
               job_id: str = "", marker_fields: dict | None = None,
               on_found: Callable[[int], None] | None = None) -> ShardMarker:
     """Compute one shard and commit it into `spec.output` (the job's folder); returns the commit marker.

@@ -19,6 +19,7 @@ from functools import cache
 import redis
 from celery import Task
 
+from orchestrator.commits import ShardMarker
 from orchestrator.config import Settings
 from orchestrator.constants import (
     QUEUE_TRAIN,
@@ -66,7 +67,7 @@ def _settle(ctx: WorkerContext, job_id: str, all_settled: bool) -> None:
         finalize(job_id, ctx.ledger, ctx.store)
 
 
-def _execute(task: Task, job_id: str, shard: int, work: Callable[..., dict]) -> dict:
+def _execute(task: Task, job_id: str, shard: int, work: Callable[..., ShardMarker]) -> dict:
     ctx = context()
     ctx.hostname = task.request.hostname or ""
     _announce(task)
@@ -135,7 +136,8 @@ def _announce(task: Task) -> None:
         log.warning("could not announce task %s to monitors", task.request.id, exc_info=True)
 
 
-def lifecycle(ctx: WorkerContext, job_id: str, shard: int, work, backoff_s: float = 0.0) -> dict:
+def lifecycle(ctx: WorkerContext, job_id: str, shard: int, work: Callable[..., ShardMarker],
+              backoff_s: float = 0.0) -> dict:
     """Skip an ended job; honour this job's own marker; take the shard's lease (counting the
     delivery); work; commit under the lease; settle. `work(spec, ctx, marker_fields, lease)`."""
     if ctx.ledger.state(job_id).terminal:
@@ -162,7 +164,7 @@ def lifecycle(ctx: WorkerContext, job_id: str, shard: int, work, backoff_s: floa
     return {"shard": shard, "rows": marker.rows, "errors": marker.errors}
 
 
-def _fenced_work(ctx: WorkerContext, lease: Lease, run: Callable[[], dict], backoff_s: float) -> dict:
+def _fenced_work(ctx: WorkerContext, lease: Lease, run: Callable[[], ShardMarker], backoff_s: float) -> ShardMarker:
     """The work, heartbeating; whatever stops it is recorded under the delivery's lease, so a
     delivery that was handed on (StaleDelivery) records nothing."""
     job_id, shard = lease.job_id, lease.shard
@@ -215,7 +217,7 @@ def run_shard(self: Task, job_id: str, shard: int) -> dict:
 
 def _single_task(task: Task, job_id: str, run: Callable) -> dict:
     """finetune, evaluate, export: one unit of work whose files, all of them, are the job's output."""
-    def work(spec, ctx: WorkerContext, fields: dict, lease: Lease) -> dict:
+    def work(spec, ctx: WorkerContext, fields: dict, lease: Lease) -> ShardMarker:
         summary = run(spec, job_id, ctx, training_reporter(task, ctx, lease))
         return commit_shard(ctx.store, spec.output, 0, {}, {**fields, **summary},
                             written=written_files(ctx.store, spec.output))

@@ -37,6 +37,7 @@ def fit_centroids(sample: np.ndarray, clusters: int, seed: int, iterations: int 
                           max_points_per_centroid=max(256, -(-len(sample) // clusters)),  # no second subsample
                           min_points_per_centroid=1, verbose=False)
     kmeans.train(np.ascontiguousarray(sample, dtype=np.float32))
+    assert kmeans.centroids is not None  # set by train
     return unit_rows(kmeans.centroids)
 
 

@@ -51,8 +51,9 @@ def resize_batch(images: list[torch.Tensor], prep: Preprocess) -> list[torch.Ten
     out: list[torch.Tensor | None] = [None] * len(images)
     by_size: dict[tuple[int, int], list[int]] = {}
     for index, image in enumerate(images):
-        by_size.setdefault(tuple(image.shape[-2:]), []).append(index)
+        height, width = image.shape[-2:]
+        by_size.setdefault((height, width), []).append(index)
     for indices in by_size.values():
         for i, image in zip(indices, resize_tensor(torch.stack([images[i] for i in indices]), prep)):
             out[i] = image
-    return out
+    return [image for image in out if image is not None]  # every one: the sizes cover them all

@@ -50,7 +50,9 @@ class ContainerReader:
         return self.read(uri)
 
     def read(self, uri: str) -> bytes | str:
-        base, address = split_address(uri)
+        parts = split_address(uri)
+        assert parts is not None  # only addressed uris are in these blobs (__contains__)
+        base, address = parts
         try:
             if base.lower().endswith(".parquet"):
                 row, _, column = address.partition(":")

@@ -132,6 +132,7 @@ class RowGroupCells:
         if group.failure is not None:
             return group.failure
         column = group.column
+        assert column is not None  # read, or the failure above says why not
         if not column[offset].is_valid:
             return self._null_reason(group, offset)
         if pa.types.is_struct(column.type):
@@ -235,6 +236,7 @@ def expand_row_groups(groups: list[Item], store: ObjectStore, columns: ParquetCo
             kept_rows += [{}] * group.rows
             out.labels += [None] * group.rows
             continue
+        assert not isinstance(footer, str)  # a footer that was not read is `small`'s reason above
         metadata, image = footer
         fields.update({name: small.schema.field(name) for name in columns.keep if name not in fields})
         if columns.label and out.label_names is None:

@@ -131,7 +131,7 @@ class SlotBlock:
         try:
             # Reserve the pages now: a sparse block on a full /dev/shm (64 MB in a default
             # container) would kill the worker with SIGBUS at the first write past the room left.
-            os.posix_fallocate(self._shm._fd, 0, self._shm.size)
+            os.posix_fallocate(self._shm._fd, 0, self._shm.size)  # type: ignore[attr-defined]  # its own fd
         except OSError as e:
             self._shm.close()
             self._shm.unlink()
@@ -157,7 +157,7 @@ class SlotBlock:
         self._free.put(slot)
 
     def close(self) -> None:
-        self.pixels = None
+        self.pixels = None  # type: ignore[assignment]  # the view goes before the mapping
         try:
             self._shm.close()
         except BufferError:  # a view is still alive somewhere; the mapping goes when it does

@@ -21,7 +21,8 @@ from workers.errors import BadImage
 
 Size = tuple[int, int]  # (height, width), as torch and the model config say it
 
-_TORCH_MODES = {Image.NEAREST: "nearest", Image.BILINEAR: "bilinear", Image.BICUBIC: "bicubic"}
+_TORCH_MODES = {int(Image.Resampling.NEAREST): "nearest", int(Image.Resampling.BILINEAR): "bilinear",
+                int(Image.Resampling.BICUBIC): "bicubic"}
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,15 @@ class Preprocess:
     @classmethod
     def from_json(cls, data: dict) -> Preprocess:
         """The inverse of to_json: an ONNX export carries its source model's preprocessing this way."""
-        pair = lambda v: tuple(int(x) for x in v) if v else None  # noqa: E731
-        return cls(pair(data["size"]), int(data["resample"]), tuple(map(float, data["mean"])),
-                   tuple(map(float, data["std"])), data.get("shortest_edge"), pair(data.get("crop")),
-                   pair(data.get("cover")))
+        def pair(v) -> Size | None:
+            return (int(v[0]), int(v[1])) if v else None
+
+        def rgb(v) -> tuple[float, float, float]:
+            return float(v[0]), float(v[1]), float(v[2])
+
+        height, width = data["size"]
+        return cls((int(height), int(width)), int(data["resample"]), rgb(data["mean"]), rgb(data["std"]),
+                   data.get("shortest_edge"), pair(data.get("crop")), pair(data.get("cover")))
 
 
 @dataclass(frozen=True)
@@ -135,7 +141,8 @@ def resize_image(img: Image.Image, prep: Preprocess) -> np.ndarray:
 def resize_tensor(images: torch.Tensor, prep: Preprocess) -> torch.Tensor:
     """NCHW uint8 (one source size) -> NCHW float32 in [0, 255], antialiased and rounded to
     uint8 levels as PIL's result is."""
-    target, crop = resize_plan(*images.shape[-2:], prep)
+    height, width = images.shape[-2:]
+    target, crop = resize_plan(height, width, prep)
     mode = _TORCH_MODES.get(prep.resample, "bicubic")
     smooth = {} if mode == "nearest" else {"antialias": True, "align_corners": False}
     out = F.interpolate(images.float(), size=target, mode=mode, **smooth).round_().clamp_(0, 255)

@@ -71,4 +71,6 @@ def _member_bytes(archive: tarfile.TarFile, member: tarfile.TarInfo, max_member_
         return UNSAFE
     if member.size > max_member_bytes:
         return str(ObjectTooLarge(f"member is {member.size} bytes, over the cap of {max_member_bytes}"))
-    return archive.extractfile(member).read()
+    data = archive.extractfile(member)
+    assert data is not None  # a regular file: _members reads no other kind
+    return data.read()

@@ -55,7 +55,7 @@ def synthetic_jpegs(n: int, size: tuple[int, int] = SYNTHETIC_SIZE, seed: int = 
     out = {}
     for i in range(n):
         coarse = rng.integers(0, 256, (rng.integers(2, 7), rng.integers(2, 7), 3), dtype=np.uint8)
-        img = Image.fromarray(coarse).resize(size, Image.BICUBIC)
+        img = Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC)
         draw = ImageDraw.Draw(img)
         for _ in range(rng.integers(2, 8)):
             x0, y0 = int(rng.integers(0, size[0])), int(rng.integers(0, size[1]))

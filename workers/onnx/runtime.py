@@ -17,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,10 +84,10 @@ def session(path: Path, device: str = "cpu"):
 class OrtModule:
     """The `module` of an ONNX LoadedModel: runs the graph for the outputs a head asks for."""
 
-    session: object
+    session: Any  # an onnxruntime.InferenceSession (onnxruntime is imported where it is made)
     meta: dict  # the directory's config.json
 
-    def __call__(self, pixels: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, pixels: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
         feed = {INPUT_NAME: np.ascontiguousarray(pixels.detach().float().cpu().numpy())}
         graph_names = self.meta.get("outputs") or OUTPUT_NAMES  # what this export's config.json says it has
         arrays = self.session.run([graph_names[name] for name in names], feed)

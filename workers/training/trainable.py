@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,16 +57,16 @@ class TimmForTraining(torch.nn.Module):
     def save_pretrained(self, dest: Path) -> None:
         import timm
 
-        timm.models.save_for_hf(self.model, dest, model_config={"label_names": self.label_names},
+        timm.models.save_for_hf(self.model, str(dest), model_config={"label_names": self.label_names},
                                 safe_serialization=True)
 
 
 @dataclass
 class Built:
-    model: torch.nn.Module  # what Trainer trains (timm models wrapped); `save_pretrained(dest)` saves it
+    model: Any  # what Trainer trains: an HF model or a TimmForTraining; `save_pretrained(dest)` saves it
     classifier: torch.nn.Module  # the head sized from the labels: --freeze-backbone trains it alone
     prep: Preprocess  # the inference preprocessing the saved model will get
-    processor: object | None = None  # HF image processor, saved next to the weights
+    processor: Any = None  # HF image processor, saved next to the weights
 
     def freeze_backbone(self) -> None:
         self.model.requires_grad_(False)
@@ -106,7 +107,7 @@ def _from_config(config: dict, labels: dict) -> Built:
         raise SpecError(f"--config: ViTConfig has no field {', '.join(unknown)}: check the spelling against "
                         "transformers' ViTConfig")
     module = ViTForImageClassification(ViTConfig(**config, **labels))
-    size = module.config.image_size
+    size: Any = module.config.image_size  # an int here: ViTConfig's square default, or --config's
     return _hf(module, ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3,
                                          image_std=[0.5] * 3))
 
@@ -131,7 +132,7 @@ def from_pretrained(ref: str, labels: dict, ctx: WorkerContext) -> Built:
         raise ModelLoadError(f"model {ref!r} cannot be loaded ({e}): pass a local directory or s3:// URI") from e
 
 
-_OPTIONS = {"trust_remote_code": False, "use_safetensors": True, "dtype": torch.float32}  # fp32 master weights
+_OPTIONS: dict[str, Any] = {"trust_remote_code": False, "use_safetensors": True, "dtype": torch.float32}  # fp32 master weights
 
 
 def _hf_start(name: str, checkpoint: Checkpoint, labels: dict) -> torch.nn.Module:
@@ -177,9 +178,9 @@ def _from_tower(name: str, checkpoint: Checkpoint, labels: dict) -> torch.nn.Mod
 
 
 def _hf(module: torch.nn.Module, processor) -> Built:
-    return Built(module, module.classifier, models.hf_preprocess(processor), processor)
+    return Built(module, module.get_submodule("classifier"), models.hf_preprocess(processor), processor)
 
 
-def _timm(module: torch.nn.Module, labels: dict) -> Built:
+def _timm(module: Any, labels: dict) -> Built:  # a timm model: get_classifier()
     names = [labels["id2label"][i] for i in range(len(labels["id2label"]))]
     return Built(TimmForTraining(module, names), module.get_classifier(), models.timm_preprocess(module))
