@@ -95,6 +95,8 @@ def _job_command(group: typer.Typer, kind: str, wait: bool) -> None:
         if isinstance(default, list):
             default = ",".join(str(v) for v in default)
         flag = "--" + name.replace("_", "-")
+        if _cli_type(field.annotation, default) in (bool, typing.Optional[bool]):  # noqa: UP045
+            flag += "/--no-" + name.replace("_", "-")  # a default of None (auto) stays None unless one is given
         option = typer.Option(... if field.is_required() else default, flag, help=field.description)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                         annotation=_cli_type(field.annotation, default)))

@@ -112,7 +112,11 @@ class JobBase(_Spec):
     )
     device: Device = Field("auto", description="auto picks CUDA when the worker has it.")
     read_concurrency: int = Field(16, gt=0, le=256, description="Concurrent object reads per worker.")
-    compile: bool = Field(False, description="torch.compile the model (slower start, faster steady state).")
+    compile: bool | None = Field(
+        None, description="torch.compile the model (one static graph: slower start, faster steady state); unset = "
+        "on for a classify job of at least 10,000 images on a CPU worker, where it pays back its compile time, "
+        "else off.",
+    )
     decode: Decode = Field(
         "auto", description="Where images are decoded: threads, processes (past the GIL), or device (nvJPEG "
         "on CUDA for baseline JPEGs, the rest in processes); auto = device on CUDA, threads on CPU.",

@@ -114,6 +114,25 @@ class DeviceStage:
         yield Computed([d.index for d in decoded], [d.item for d in decoded], output, [d.image for d in decoded])
 
     def compute(self, forward: Callable, pixels: torch.Tensor):
+        """forward(pixels) under the model's precision. A static-shape compiled model gets every
+        batch at the one size it was compiled for: a short batch is padded with zero images and
+        the outputs cut back to its rows (a ViT computes each image on its own)."""
+        rows = pixels.shape[0]
+        if self.model.static_batch and rows < self.batch_size:
+            pixels = torch.cat([pixels, pixels.new_zeros((self.batch_size - rows, *pixels.shape[1:]))])
         autocast = self.model.device.type == "cpu" and self.model.dtype != torch.float32
         with torch.inference_mode(), torch.autocast("cpu", dtype=self.model.dtype, enabled=autocast):
-            return forward(pixels)
+            output = forward(pixels)
+        return output if pixels.shape[0] == rows else first_rows(output, rows, pixels.shape[0])
+
+
+def first_rows(output, rows: int, padded: int):
+    """`output` (a tensor, or tuples, lists and dicts of them) cut to its first `rows` images:
+    every tensor whose first dimension is the padded batch."""
+    if isinstance(output, torch.Tensor):
+        return output[:rows] if output.dim() and output.shape[0] == padded else output
+    if isinstance(output, dict):
+        return type(output)({k: first_rows(v, rows, padded) for k, v in output.items()})
+    if isinstance(output, (tuple, list)):
+        return type(output)(first_rows(v, rows, padded) for v in output)
+    return output

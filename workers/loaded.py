@@ -25,6 +25,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     fingerprint: str
+    static_batch: bool = False  # torch.compile'd with static shapes: every batch is padded to one size (compute.py)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)  # one forward at a time
     text_cache: dict = field(default_factory=dict, repr=False, compare=False)  # zero-shot prompts -> embeddings
 
