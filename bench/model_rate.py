@@ -61,7 +61,7 @@ def model_rate(model_dir: str, workers: int, batches: list[int], seconds: float,
     for batch in batches:
         queue = ctx.Queue()
         # time for every process to import torch and load (and compile: a minute with a cold cache) the model
-        start_at = time.time() + (150.0 if compile else 25.0)
+        start_at = time.time() + (100.0 if compile else 25.0)
         procs = [ctx.Process(target=_one_process, args=(model_dir, batch, threads, seconds, start_at, queue, compile))
                  for _ in range(workers)]
         for p in procs:

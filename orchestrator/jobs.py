@@ -104,7 +104,7 @@ class JobBase(_Spec):
     )
     batch_size: int | None = Field(
         None, gt=0, le=4096, description="Images per forward pass; unset = 256 on CUDA (halved on out-of-memory), "
-        "16 on a CPU, where cache-sized batches run faster.",
+        "16 on a CPU, where cache-sized batches run faster (32 for a compiled model).",
     )
     shard_size: int = Field(1000, gt=0, le=1_000_000, description="Images per shard (one task per shard).")
     precision: Precision = Field(

@@ -42,4 +42,5 @@ class LoadedModel:
             return f"onnxruntime {self.module.execution_provider}"
         precision = PRECISION_NAMES[self.dtype]
         autocast = self.device.type == "cpu" and precision != "fp32"  # over fp32 weights (workers.compute)
-        return f"{self.device.type} {precision}" + (" autocast" if autocast else "")
+        return (f"{self.device.type} {precision}" + (" autocast" if autocast else "")
+                + (" compiled" if self.static_batch else ""))

@@ -153,7 +153,7 @@ def run_shard(spec: InferenceSpec, shard: int, ctx: WorkerContext, on_progress: 
     items, blobs, passthrough = expand_parquet(items, blobs, spec, ctx, scope)  # counted when planned
     head = heads.for_job(spec, shard, ctx, (marker_fields or {}).get("job_id", job_id), job_images)
     head.passthrough = passthrough
-    batch_size = spec.batch_size or default_batch_size(head.model.device)
+    batch_size = spec.batch_size or default_batch_size(head.model.device, head.model.static_batch)
     times = StageTimes()  # this shard's timer: the stages below add to it, the marker's stats report it
     with decode_path(spec.decode, head.model, ctx.decode_pool, ctx.settings.max_pixels, batch_size=batch_size,
                      read_concurrency=spec.read_concurrency, n_items=len(items)) as path:
