@@ -104,7 +104,7 @@ class JobBase(_Spec):
     )
     batch_size: int | None = Field(
         None, gt=0, le=4096, description="Images per forward pass; unset = 256 on CUDA (halved on out-of-memory), "
-        "16 on a CPU, where cache-sized batches run faster (32 for a compiled model).",
+        "16 on a CPU, where cache-sized batches run faster.",
     )
     shard_size: int = Field(1000, gt=0, le=1_000_000, description="Images per shard (one task per shard).")
     precision: Precision = Field(
@@ -112,11 +112,8 @@ class JobBase(_Spec):
     )
     device: Device = Field("auto", description="auto picks CUDA when the worker has it.")
     read_concurrency: int = Field(16, gt=0, le=256, description="Concurrent object reads per worker.")
-    compile: bool | None = Field(
-        None, description="torch.compile the model (one static graph: slower start, faster steady state); unset = "
-        "on for a classify job of at least 10,000 images on a CPU worker, where it pays back its compile time, "
-        "else off.",
-    )
+    compile: bool = Field(False, description="torch.compile the model as one static graph, short batches padded "
+                          "(slower start, a faster model; on a 2-core CPU no faster end to end: bench/RESULTS.md).")
     decode: Decode = Field(
         "auto", description="Where images are decoded: threads, processes (past the GIL), or device (nvJPEG "
         "on CUDA for baseline JPEGs, the rest in processes); auto = device on CUDA, threads on CPU.",

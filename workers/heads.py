@@ -19,14 +19,13 @@ import pyarrow as pa
 import torch
 
 from orchestrator.constants import JOBS_DIR, part_name
-from orchestrator.jobs import AttentionSpec, ClassifySpec, EmbedSpec, InferenceSpec
+from orchestrator.jobs import AttentionSpec, EmbedSpec, InferenceSpec
 from orchestrator.manifest import Item
 from workers.embedparquet import vectors_part
 from workers.errors import ModelLoadError
 from workers.families import Onnx
 from workers.loaded import LoadedModel
 from workers.metrics import timed_model
-from workers.models import compile_by_default, resolve_device
 from workers.writers import parquet_bytes
 
 if TYPE_CHECKING:
@@ -285,25 +284,19 @@ class EmbedHead(ArrayHead):
                             self.index_schema.metadata)
 
 
-def for_job(spec: InferenceSpec, shard: int, ctx: WorkerContext, job_id: str = "",
-            job_images: int | None = None) -> Head:
+def for_job(spec: InferenceSpec, shard: int, ctx: WorkerContext, job_id: str = "") -> Head:
     """The head for shard `shard` of `spec`, over the model the spec names (from the worker's
     cache, a real load timed in its metrics; eager attention for attention maps: SDPA returns no
-    weights). `job_id` places the overlays' paths in the job's folder; `job_images` (the job's
-    size, where known) decides `compile` when the spec leaves it unset."""
+    weights). `job_id` places the overlays' paths in the job's folder."""
     if isinstance(spec, AttentionSpec):
         from workers.attention import AttentionHead  # attention.py builds on this module's ArrayHead
 
         model = timed_model(ctx.models.get, spec.model, spec.device, spec.precision, attn="eager",
-                            compile=bool(spec.compile))
+                            compile=spec.compile)
         return AttentionHead(model, shard, layers=spec.layers, heads=spec.heads, with_rollout=spec.rollout,
                              overlay_indices=overlay_indices(spec, shard),
                              overlay_prefix=f"{JOBS_DIR}/{job_id}/" if job_id else "")
-    compile = spec.compile
-    if compile is None:  # unset: a classify job big enough to pay back its compile time, on a CPU worker
-        compile = (isinstance(spec, ClassifySpec) and spec.labels is None
-                   and compile_by_default(resolve_device(spec.device), job_images))
-    model = timed_model(ctx.models.get, spec.model, spec.device, spec.precision, compile=compile)
+    model = timed_model(ctx.models.get, spec.model, spec.device, spec.precision, compile=spec.compile)
     if isinstance(spec, EmbedSpec):
         return EmbedHead(model, shard, spec.pooling, spec.normalize, spec.parquet_vectors)
     if spec.labels is not None:

@@ -38,9 +38,7 @@ def run_local(spec: JobSpec, ctx: WorkerContext, job_id: str | None = None) -> t
     ctx.store.write(join(spec.output, JOB_SPEC_FILE), job_record)
     write_manifests(job_plan, folder, ctx.store)
     local = spec.model_copy(update={"output": folder})
-    images = job_plan.summary()["items"]
-    markers = [run_shard(local, shard, ctx, marker_fields=fields, job_images=images)
-               for shard in range(job_plan.n_shards)]
+    markers = [run_shard(local, shard, ctx, marker_fields=fields) for shard in range(job_plan.n_shards)]
     rows = sum(m.rows for m in markers)
     finished = time.time()
     record = JobRecord.build(

@@ -42,23 +42,11 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def default_batch_size(device: torch.device, compiled: bool = False) -> int:
+def default_batch_size(device: torch.device) -> int:
     """256 fills an H100 with ViT-B/16 (out-of-memory halves it); on a CPU a ViT runs faster in
-    batches that stay in cache (ViT-Tiny/16 here: about 37 img/s at 16, 27 at 64), and a
-    compiled one at 32 (its fused kernels: bf16, two processes, 66.1 img/s at 16, 74.7 at 32)."""
-    return 256 if device.type == "cuda" else 32 if compiled else 16
-
-
-COMPILE_FROM_IMAGES = 10_000  # bench/RESULTS.md, tenth session: where a CPU worker's compile pays back
-
-
-def compile_by_default(device: torch.device, job_images: int | None) -> bool:
-    """Whether a classify job that leaves `compile` unset gets a torch.compile'd model: on a CPU
-    worker, for a job of at least COMPILE_FROM_IMAGES images. Compiled, ViT-Tiny/16 under bf16 ran
-    1.2x the eager rate on a 2-core AVX-512 BF16 EPYC, after about 10 s of compiling per process
-    with a warm cache and 45-65 s with a cold one. Off on CUDA (not measured here) and for
-    jobs of unknown size."""
-    return device.type == "cpu" and job_images is not None and job_images >= COMPILE_FROM_IMAGES
+    batches that stay in cache (ViT-Tiny/16 here: about 37 img/s at 16, 27 at 64). Compiled, the
+    model alone is faster at 32, the whole job is not: bench/RESULTS.md, tenth session."""
+    return 256 if device.type == "cuda" else 16
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -137,23 +137,22 @@ def run_with(model: LoadedModel, store: ObjectStore, items: list[Item], head: Co
 @instrumented_shard  # the worker's Prometheus metrics: images, stage seconds, shard duration
 def run_shard(spec: InferenceSpec, shard: int, ctx: WorkerContext, on_progress: ProgressFn | None = None,
               job_id: str = "", marker_fields: dict | None = None,
-              on_found: Callable[[int], None] | None = None, job_images: int | None = None) -> ShardMarker:
+              on_found: Callable[[int], None] | None = None) -> ShardMarker:
     """Compute one shard and commit it into `spec.output` (the job's folder); returns the commit marker.
 
     A plain function: it reads and writes the object store only. Its caller hears of progress
     through `on_progress(done, total)` and of the images found inside the shard's tars (unknown
     when the job was planned) through `on_found(n_items)`; the task turns both into ledger writes.
-    `marker_fields`: what names the job in the marker (job_id, spec_sha256); `job_images`: the
-    job's size where the caller knows it (it decides an unset `compile`).
+    `marker_fields`: what names the job in the marker (job_id, spec_sha256).
     """
     scope = input_root(spec.input)
     items, blobs = expand_tars(read_manifest(spec.output, shard, ctx.store), ctx, scope=scope)
     if blobs and on_found is not None:  # the job's total grows by what the tars hold
         on_found(len(items))
     items, blobs, passthrough = expand_parquet(items, blobs, spec, ctx, scope)  # counted when planned
-    head = heads.for_job(spec, shard, ctx, (marker_fields or {}).get("job_id", job_id), job_images)
+    head = heads.for_job(spec, shard, ctx, (marker_fields or {}).get("job_id", job_id))
     head.passthrough = passthrough
-    batch_size = spec.batch_size or default_batch_size(head.model.device, head.model.static_batch)
+    batch_size = spec.batch_size or default_batch_size(head.model.device)
     times = StageTimes()  # this shard's timer: the stages below add to it, the marker's stats report it
     with decode_path(spec.decode, head.model, ctx.decode_pool, ctx.settings.max_pixels, batch_size=batch_size,
                      read_concurrency=spec.read_concurrency, n_items=len(items)) as path:

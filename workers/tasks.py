@@ -212,8 +212,7 @@ TASK_OPTIONS = {"bind": True, "acks_late": True, "reject_on_worker_lost": True, 
 def run_shard(self: Task, job_id: str, shard: int) -> dict:
     return _execute(self, job_id, shard, lambda spec, ctx, fields, lease: run_shard_fn(
         spec, shard, ctx, progress_reporter(self, ctx, lease), job_id=job_id, marker_fields=fields,
-        on_found=lambda n_items: ctx.ledger.shard_items(job_id, shard, n_items),
-        job_images=ctx.ledger.status(job_id).n_items))
+        on_found=lambda n_items: ctx.ledger.shard_items(job_id, shard, n_items)))
 
 
 def _single_task(task: Task, job_id: str, run: Callable) -> dict:

@@ -1,5 +1,5 @@
-"""A worker dies mid-block of an approximate neighbors job: the block is run again, the index is not
-built again, and every query has one output row."""
+"""A worker dies mid-block of an approximate neighbors job, or mid-cluster-group of a dedup job: the
+task is run again, the index (k-means) is not built again, and every key has one output row."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from helpers_curation import clustered_vectors, write_vectors
 
 from orchestrator.constants import commit_name
 from orchestrator.jobs import parse_spec
-from orchestrator.ledger import JobState
-from orchestrator.results import success_record
+from orchestrator.ledger import JobState, ShardState
+from orchestrator.results import read_table, success_record
 from orchestrator.storage import join
 
 pytestmark = pytest.mark.chaos
@@ -60,3 +60,39 @@ def test_a_sigkilled_worker_mid_search_block_is_replaced_and_the_index_is_built_
     index = sorted(p["name"].rsplit(".", 1)[1] for p in record["parts"] if "/index/" in p["name"])
     assert index == ["arrow", "faiss"], "one index and its keys, those the index shard's marker names"
     assert record["neighbors"]["mode"] == "approximate" and record["neighbors"]["recall_sample"] == 256
+
+
+def test_a_sigkilled_worker_mid_cluster_group_of_dedup_is_replaced_and_each_row_is_written_once(
+        stack, s3_endpoint, vectors):
+    """SIGKILL while a pairs task reads its clusters' vectors (slowly, behind the proxy); the group is
+    delivered again, k-means is not fitted again, and every indexed key has one dedup row."""
+    base, _ = vectors
+    keys = [f"i-{i:07d}.jpg" for i in range(2_000)]  # write_vectors' keys for the indexed set
+    with FaultyS3(s3_endpoint, delay_s=0.1) as slow:
+        stack.workers.start("doomed", env=via(slow))
+        spec = parse_spec({"kind": "dedup", "embeddings": f"{base}/emb/", "output": stack.output,
+                           "clusters": 8, "vectors_per_task": 500})
+        job_id, _ = stack.client.submit(spec)
+        stack.submitted.append(job_id)
+        fit_and_assign = range(1 + 4)  # fit, then one assign shard per embed part
+        deadline, shard = time.monotonic() + 120, None
+        while shard is None:  # a pairs task that has started: its reads of the assigned vectors take seconds
+            assert time.monotonic() < deadline, f"no pairs task seen running: {stack.client.ledger.status(job_id)}"
+            states = stack.client.ledger.shard_states(job_id)
+            shard = next((s for s, state in sorted(states.items()) if s not in fit_and_assign
+                          and state is ShardState.RUNNING
+                          and not stack.store.exists(join(stack.folder(job_id), commit_name(s)))), None)
+            time.sleep(0.02)
+        stack.workers.kill("doomed")
+        stack.workers.start("successor", env=via(slow), wait=False)
+        status = stack.wait(job_id)
+
+    assert status.state is JobState.SUCCEEDED, explain(status)
+    assert stack.attempts(job_id)[shard] >= 2, "the killed cluster group was delivered again"
+    assert stack.attempts(job_id)[0] == 1, "k-means was fitted once, by the fit shard"
+    rows = read_table(stack.output, stack.store).to_pylist()  # the parts the record lists, sha256 checked
+    assert sorted(row["key"] for row in rows) == keys, "every indexed key has exactly one dedup row"
+    assert all(row["kept"] in (True, False) for row in rows)
+    record = success_record(stack.output, stack.store)
+    assert record["dedup"]["removed"] == sum(not row["kept"] for row in rows), record["dedup"]
+    assert record["dedup"]["kept"] + record["dedup"]["removed"] == len(keys)

@@ -1,6 +1,5 @@
-"""torch.compile in the shard path: an unset `compile` turns it on for a big classify job on a CPU
-worker; a compiled (static-shape) model gets every batch at one size, short ones padded, and
-gives the same top-1 as the eager model."""
+"""torch.compile in the shard path: a compiled (static-shape) model gets every batch at one size,
+short ones padded, and gives the same top-1 as the eager model."""
 
 from __future__ import annotations
 
@@ -24,7 +23,6 @@ from workers.compute import DeviceStage, first_rows
 from workers.context import WorkerContext
 from workers.decode.preprocess import Decoder
 from workers.heads import for_job
-from workers.models import COMPILE_FROM_IMAGES
 from workers.runner import run_shard
 from workers.stagetimes import StageTimes
 
@@ -45,17 +43,14 @@ def _spec(kind: str, model_dir: Path, tmp_path: Path, **options):
                        "model": str(model_dir), "device": "cpu", **options})
 
 
-def test_an_unset_compile_is_on_for_a_cpu_classify_job_from_the_threshold_only(hf_model_dir, tmp_path):
+def test_compile_gives_a_static_batch_model_that_says_so_and_the_default_stays_eager(hf_model_dir, tmp_path):
     ctx = WorkerContext(Settings(model_cache_dir=str(tmp_path / "cache")))
     classify = _spec("classify", hf_model_dir, tmp_path)
-    assert classify.compile is None
-    assert for_job(classify, 0, ctx, job_images=COMPILE_FROM_IMAGES).model.static_batch
-    assert not for_job(classify, 0, ctx, job_images=COMPILE_FROM_IMAGES - 1).model.static_batch
-    assert not for_job(classify, 0, ctx, job_images=None).model.static_batch  # size unknown: eager
-    off = classify.model_copy(update={"compile": False})
-    assert not for_job(off, 0, ctx, job_images=10 * COMPILE_FROM_IMAGES).model.static_batch
-    embed = _spec("embed", hf_model_dir, tmp_path)  # its towers are called around the compiled forward
-    assert not for_job(embed, 0, ctx, job_images=10 * COMPILE_FROM_IMAGES).model.static_batch
+    assert classify.compile is False
+    eager = for_job(classify, 0, ctx).model
+    assert not eager.static_batch and "compiled" not in eager.compute
+    compiled = for_job(classify.model_copy(update={"compile": True}), 0, ctx).model
+    assert compiled.static_batch and compiled.compute.endswith(" compiled")
 
 
 def test_a_static_batch_model_gets_a_short_batch_padded_and_only_its_own_rows_back(hf_model_dir):
