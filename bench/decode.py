@@ -22,8 +22,8 @@ from bench.common import bench_dir, report, write_photo_jpegs
 
 def main() -> None:
     from workers.decode.device import decode_batch, resize_batch
-    from workers.decode.pool import DecodePool, DecodeRecipe
-    from workers.models import Preprocess
+    from workers.decode.pool import DecodePool
+    from workers.decode.preprocess import Decoder, Preprocess
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=2000)
@@ -31,16 +31,16 @@ def main() -> None:
     args = parser.parse_args()
     blobs = [p.read_bytes() for p in write_photo_jpegs(bench_dir() / f"jpegs-500x375-{args.n}", args.n)]
     prep = Preprocess((224, 224), Image.BILINEAR, (0.5,) * 3, (0.5,) * 3)  # HF ViT: stretch to 224
-    recipe = DecodeRecipe.for_model(prep, 50_000_000)
+    decoder = Decoder(prep, 50_000_000)
     rates = {}
 
     with ThreadPoolExecutor(args.threads) as threads:
         start = time.perf_counter()
-        list(threads.map(recipe.decode, blobs))
+        list(threads.map(decoder.decode, blobs))
         rates["threads_img_s"] = args.n / (time.perf_counter() - start)
 
         pool = DecodePool()
-        with pool.slot_block(args.threads * 2, (224, 224, 3), recipe) as block:
+        with pool.slot_block(args.threads * 2, (224, 224, 3), decoder) as block:
             def one(blob):
                 slot, error, _ = block.decode(blob)
                 block.release(slot)
@@ -52,7 +52,7 @@ def main() -> None:
 
     start = time.perf_counter()
     for i in range(0, args.n, 256):
-        resize_batch(decode_batch(blobs[i:i + 256], torch.device("cpu")), recipe)
+        resize_batch(decode_batch(blobs[i:i + 256], torch.device("cpu")), prep)
     rates["torchvision_cpu_batched_img_s"] = args.n / (time.perf_counter() - start)
     report("decode", {"images": args.n, "cores": len(os.sched_getaffinity(0)),
                       **{k: round(v, 1) for k, v in rates.items()},
