@@ -38,6 +38,7 @@ from orchestrator.ledger import JobState, ShardState
 from orchestrator.outputs import job_dir, spec_digest
 from workers.celery import app
 from workers.context import WorkerContext
+from workers.cores import all_cores
 from workers.errors import JobCancelled, ShardFailed
 from workers.progress import Heartbeat, progress_reporter, training_reporter
 from workers.runner import run_shard as run_shard_fn
@@ -229,14 +230,16 @@ def _single_task(task: Task, job_id: str, run: Callable) -> dict:
 def finetune(self: Task, job_id: str) -> dict:
     from workers.training.finetune import finetune as finetune_fn
 
-    return _single_task(self, job_id, finetune_fn)
+    with all_cores():  # one long task: the worker's share of the host's cores would leave the rest idle
+        return _single_task(self, job_id, finetune_fn)
 
 
 @app.task(name=TASK_EVALUATE, **TASK_OPTIONS)
 def evaluate(self: Task, job_id: str) -> dict:
     from workers.training.evaluation import evaluate as evaluate_fn
 
-    return _single_task(self, job_id, evaluate_fn)
+    with all_cores():
+        return _single_task(self, job_id, evaluate_fn)
 
 
 @app.task(name=TASK_EXPORT, **TASK_OPTIONS)

@@ -4,6 +4,7 @@ against a real Redis, the S3-compatible server and real worker processes."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -223,6 +224,8 @@ def test_finetune_and_evaluate_with_overwrite_run_again_for_real(stack, digits):
     assert job_folders(stack) == {second}
     metrics = json.loads(stack.store.read(join(stack.output, record["model"], "metrics.json")))
     assert metrics["labels"] == [str(d) for d in range(10)] and metrics["epochs"]
+    # The workers run with OMP_NUM_THREADS=1 (one core each for inference shards); training takes them all.
+    assert metrics["threads"] == len(os.sched_getaffinity(0))
     assert {p["name"].rsplit("/", 1)[1] for p in record["parts"]} >= {"config.json", "model.safetensors"}
     assert first != second
 
@@ -236,6 +239,9 @@ def test_finetune_and_evaluate_with_overwrite_run_again_for_real(stack, digits):
     assert eval_record["job_id"] == evals[1] != evals[0]
     predictions = read_table(spec.output, stack.store)
     assert predictions.num_rows == len(digits.keys)
+    metrics_part = next(p["name"] for p in eval_record["parts"] if p["name"].endswith("/metrics.json"))
+    eval_metrics = json.loads(stack.store.read(join(spec.output, metrics_part)))
+    assert eval_metrics["threads"] == len(os.sched_getaffinity(0))
 
     # The fine-tuned prefix works as --model for classify: it resolves to the latest succeeded job's model.
     classify = parse_spec({"kind": "classify", "input": digits.s3_prefix + "0/", "output": stack.output.rstrip("/")

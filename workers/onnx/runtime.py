@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from orchestrator.constants import MODEL_CONFIG_FILE, ONNX_MODEL_FILE
+from workers.cores import worker_cores
 from workers.errors import ModelLoadError
 
 INPUT_NAME = "pixel_values"
@@ -33,14 +33,6 @@ INPUT_NAME = "pixel_values"
 # names inside the graph (Dinov2 with registers has a "mean"): ORT then refuses the model.
 OUTPUT_NAMES = {"logits": "logits", "cls": "cls_embedding", "pooled": "pooled_embedding", "mean": "mean_embedding",
                 "patches": "patch_embeddings"}
-
-
-def worker_cores() -> int:
-    """The cores this process may run on (its affinity: `--gpus` pinning and containers included)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def compute_threads() -> int:

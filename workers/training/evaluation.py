@@ -186,6 +186,7 @@ def evaluate(spec: EvaluateSpec, job_id: str, ctx: WorkerContext, report: Callab
              on_progress=lambda done, total: report({"done": done, "total": total}))
     metrics, y_true, y_pred = _metrics(items, head, ids, model.id2label)
     metrics["images_per_s"] = round(len(items) / times.wall_s, 2) if times.wall_s else 0.0
+    metrics["threads"] = torch.get_num_threads()
     classes = np.union1d(y_true, y_pred)
     matrix = confusion(y_true, y_pred, classes)
     metrics["confusion_labels"] = [model.id2label[int(c)] for c in classes]

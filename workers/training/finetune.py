@@ -129,7 +129,8 @@ def finetune(spec: FinetuneSpec, job_id: str, ctx: WorkerContext, report: Callab
         upload_dir(ctx.store, saved, spec.output)
     stats = {"wall_s": round(time.perf_counter() - start, 2), "images_per_s": progress.images_per_s(
         trainer.args, trainer.state), "steps": trainer.state.global_step, "n_train": len(train_items),
-        "n_val": len(val_items), "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32"}
+        "n_val": len(val_items), "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
+        "threads": torch.get_num_threads()}
     metrics = write_metrics(ctx.store, spec.output, trainer.state.log_history,
                             {"labels": names, "skipped": train_skipped + val_skipped,
                              "resumed_from_step": resumed_from, **stats})

@@ -1,0 +1,148 @@
+"""Fine-tuning: `vitbatch run finetune` against the plain transformers Trainer recipe, whole processes.
+
+    python -m bench.finetune [--epochs 30] [--rounds 2] [--workdir DIR]
+
+Both train the same custom ViTConfig (32 px, patch 4, hidden 96, 4 layers) from scratch on the same
+1,347 scikit-learn digits (the demo's training folder less every 10th image; no validation pass in
+either), lr 2e-3, batch 64, no augmentation, fp32, seed 0. Each is one fresh process timed whole
+(vitbatch's embedded stack start-up included); the rounds alternate the order. Held-out accuracy is
+measured here afterwards on the demo's 300 held-out digits, both models loaded with transformers
+and fed the same normalized pixels. Prints the CPU, each run, and the wall-time ratio per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import cpu_info
+
+CONFIG = {"image_size": 32, "patch_size": 4, "hidden_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4,
+          "intermediate_size": 384}
+TRAINING = {"lr": 2e-3, "batch_size": 64, "weight_decay": 0.05, "warmup_ratio": 0.1, "seed": 0}
+
+
+def write_data(work: Path) -> tuple[Path, Path]:
+    """(train, holdout): the demo's digits, every 10th training image left out (1,347 remain)."""
+    from orchestrator.demo import write_digits
+
+    full, train, holdout = work / "full", work / "train", work / "holdout"
+    if not train.exists():
+        write_digits(full, holdout=holdout)
+        for index, path in enumerate(sorted(full.rglob("*.png"))):
+            if index % 10:
+                (train / path.parent.name).mkdir(parents=True, exist_ok=True)
+                path.rename(train / path.parent.name / path.name)
+    return train, holdout
+
+
+def _pixels(paths: list[Path]):
+    """The digits as normalized NCHW float32 (mean 0.5, std 0.5: ViTImageProcessor's defaults)."""
+    import torch
+    from PIL import Image
+
+    arrays = np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0 for p in paths])
+    return (torch.from_numpy(arrays).permute(0, 3, 1, 2) - 0.5) / 0.5
+
+
+def _labeled(folder: Path) -> tuple[list[Path], list[int]]:
+    paths = sorted(folder.rglob("*.png"))
+    return paths, [int(p.parent.name) for p in paths]
+
+
+def plain_trainer(train: Path, out: Path, epochs: int) -> None:
+    """The recipe a transformers user writes: tensors in memory, ViTForImageClassification, Trainer."""
+    import torch
+    from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
+
+    paths, labels = _labeled(train)
+    pixels, targets = _pixels(paths), torch.tensor(labels)
+    dataset = [{"pixel_values": pixels[i], "labels": targets[i]} for i in range(len(paths))]
+    torch.manual_seed(TRAINING["seed"])
+    model = ViTForImageClassification(ViTConfig(**CONFIG, num_labels=10))
+    args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=TRAINING["batch_size"],
+                             num_train_epochs=epochs, learning_rate=TRAINING["lr"],
+                             weight_decay=TRAINING["weight_decay"], warmup_steps=TRAINING["warmup_ratio"],
+                             lr_scheduler_type="linear", seed=TRAINING["seed"], save_strategy="no", report_to=[],
+                             use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+    Trainer(model=model, args=args, train_dataset=dataset).train()
+    model.save_pretrained(out / "model")
+
+
+def _vitbatch(train: Path, out: Path, epochs: int) -> list[str]:
+    return [sys.executable, "-m", "orchestrator.cli", "run", "finetune", "--train", str(train), "--output",
+            str(out), "--config", json.dumps(CONFIG), "--epochs", str(epochs), "--lr", str(TRAINING["lr"]),
+            "--batch-size", str(TRAINING["batch_size"]), "--weight-decay", str(TRAINING["weight_decay"]),
+            "--warmup-ratio", str(TRAINING["warmup_ratio"]), "--seed", str(TRAINING["seed"]),
+            "--augment", "none", "--val-split", "0", "--precision", "fp32", "--overwrite"]
+
+
+def _timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def _model_dir(out: Path, system: str) -> Path:
+    if system == "trainer":
+        return out / "model"
+    record = json.loads((out / "_SUCCESS.json").read_text())
+    return out / record["job_dir"]
+
+
+def holdout_accuracy(model_dir: Path, holdout: Path, id2label: bool) -> float:
+    import torch
+    from transformers import ViTForImageClassification
+
+    model = ViTForImageClassification.from_pretrained(model_dir).eval()
+    paths, labels = _labeled(holdout)
+    with torch.no_grad():
+        predicted = model(pixel_values=_pixels(paths)).logits.argmax(-1).tolist()
+    if id2label:  # vitbatch names its classes by folder; map the class ids back to digits
+        predicted = [int(model.config.id2label[i]) for i in predicted]
+    return float(np.mean(np.array(predicted) == np.array(labels)))
+
+
+def run_one(system: str, train: Path, holdout: Path, work: Path, epochs: int) -> dict:
+    out = work / f"out-{system}"
+    cmd = (_vitbatch(train, out, epochs) if system == "vitbatch"
+           else [sys.executable, "-m", "bench.finetune", "--plain", str(train), str(out), str(epochs)])
+    wall_s = _timed(cmd)
+    return {"system": system, "wall_s": round(wall_s, 1),
+            "holdout_accuracy": round(holdout_accuracy(_model_dir(out, system), holdout, system == "vitbatch"), 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=2, help="each round runs both; odd rounds reverse the order")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--plain", nargs=3, metavar=("TRAIN", "OUT", "EPOCHS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.plain:
+        plain_trainer(Path(args.plain[0]), Path(args.plain[1]), int(args.plain[2]))
+        return
+    print(json.dumps(cpu_info()))
+    with tempfile.TemporaryDirectory(prefix="vitbatch-bench-finetune-") as tmp:
+        work = args.workdir or Path(tmp)
+        train, holdout = write_data(work)
+        print(f"train {len(list(train.rglob('*.png')))} digits, held out {len(list(holdout.rglob('*.png')))}, "
+              f"{args.epochs} epochs")
+        for round_ in range(args.rounds):
+            order = ["trainer", "vitbatch"] if round_ % 2 == 0 else ["vitbatch", "trainer"]
+            results = {system: run_one(system, train, holdout, work, args.epochs) for system in order}
+            for system in order:
+                print(json.dumps(results[system]))
+            ratio = results["vitbatch"]["wall_s"] / results["trainer"]["wall_s"]
+            print(f"round {round_ + 1} ({' then '.join(order)}): vitbatch / Trainer wall = {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
