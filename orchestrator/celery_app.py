@@ -13,6 +13,7 @@ from kombu import Queue
 from orchestrator.config import Settings
 from orchestrator.constants import QUEUE_DEFAULT, QUEUE_INTERACTIVE, QUEUE_TRAIN, TASK_FINETUNE
 from orchestrator.errors import ConfigError
+from orchestrator.redisendpoint import CONNECT_TIMEOUT_S, HEALTH_CHECK_INTERVAL_S, SOCKET_TIMEOUT_S
 
 
 def make_app(settings: Settings) -> Celery:
@@ -26,19 +27,14 @@ def make_app(settings: Settings) -> Celery:
         )
     backend = settings.backend_url or broker
     app = Celery("vitbatch", broker=broker, backend=backend)
-    transport_options = {
-        "visibility_timeout": settings.visibility_timeout_s,
-        "socket_timeout": 30,
-        "socket_connect_timeout": 5,
-        "socket_keepalive": True,
-        "retry_on_timeout": True,
-        "health_check_interval": 25,
-    }
+    # Timeouts, keepalive and health checks from redisendpoint.py: a primary cut off mid-job
+    # costs seconds past the sentinels' promotion, not the kernel's retransmission minutes.
+    visibility = {"visibility_timeout": settings.visibility_timeout_s}
     # A worker consuming several queues always takes from the first non-empty one in the
     # order it was given (interactive before bulk), instead of round-robin.
-    broker_options = {**transport_options, "queue_order_strategy": "priority",
+    broker_options = {**visibility, "queue_order_strategy": "priority",
                       **settings.redis_endpoint(broker).transport_options()}
-    backend_options = {**transport_options, **settings.redis_endpoint(backend).transport_options()}
+    backend_options = {**visibility, **settings.redis_endpoint(backend).transport_options()}
     app.conf.update(
         # JSON only: a pickled or YAML message is refused before anything of it runs.
         task_serializer="json",
@@ -53,6 +49,12 @@ def make_app(settings: Settings) -> Celery:
         task_soft_time_limit=max(1, settings.task_time_limit_s - 60),
         broker_transport_options=broker_options,
         result_backend_transport_options=backend_options,
+        # Celery's Redis backend reads its connection options from these (not its transport options).
+        redis_socket_timeout=SOCKET_TIMEOUT_S,
+        redis_socket_connect_timeout=CONNECT_TIMEOUT_S,
+        redis_socket_keepalive=True,
+        redis_retry_on_timeout=True,
+        redis_backend_health_check_interval=HEALTH_CHECK_INTERVAL_S,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,
         result_expires=7 * 24 * 3600,

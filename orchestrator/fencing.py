@@ -7,6 +7,11 @@ holds a token that is no longer the shard's: its commit, progress, heartbeat, ho
 change is refused, in the same Lua script that would have written it. A job that has ended
 takes no writes from any delivery, and is published once: the worker or reconciler that
 publishes first claims the job, and the job's end is recorded only under that claim.
+
+Every time these scripts store or compare (grant, heartbeat, progress, a retry's hold, the
+stall and silence checks, the publication claim, the job's end) is Redis's own clock (`TIME`),
+never a worker's or the reconciler's: a host whose clock is minutes off still holds its shards.
+Durations (stale after, stall after, a backoff) come in as seconds.
 """
 
 from __future__ import annotations
@@ -38,19 +43,22 @@ class Publication:
     prefix_holder: str
 
 
-LIVE = "local function live(state) return state == 'queued' or state == 'running' end\n"
+# Redis's clock, in seconds (scripts are replicated by their effects, so TIME is allowed).
+NOW = "local function now() local t = redis.call('TIME') return tonumber(t[1]) + tonumber(t[2]) / 1e6 end\n"
+LIVE = NOW + "local function live(state) return state == 'queued' or state == 'running' end\n"
 
-# KEYS: job, shard states, attempts, leases, heartbeats, advanced. ARGV: shard, now, count ('1'/'').
+# KEYS: job, shard states, attempts, leases, heartbeats, advanced. ARGV: shard, count ('1'/'').
 GRANT = LIVE + """
 if not live(redis.call('HGET', KEYS[1], 'state')) then return {0, 0} end
 local attempts = 0
-if ARGV[3] == '1' then attempts = redis.call('HINCRBY', KEYS[3], ARGV[1], 1) end
+if ARGV[2] == '1' then attempts = redis.call('HINCRBY', KEYS[3], ARGV[1], 1) end
 local token = redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
-if ARGV[3] == '1' and redis.call('HGET', KEYS[2], ARGV[1]) ~= 'committed' then
+if ARGV[2] == '1' and redis.call('HGET', KEYS[2], ARGV[1]) ~= 'committed' then
+  local t = now()
   redis.call('HSET', KEYS[2], ARGV[1], 'running')
-  redis.call('HSET', KEYS[5], ARGV[1], ARGV[2])
-  redis.call('HSET', KEYS[6], ARGV[1], ARGV[2])
-  redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
+  redis.call('HSET', KEYS[5], ARGV[1], t)
+  redis.call('HSET', KEYS[6], ARGV[1], t)
+  redis.call('HSETNX', KEYS[1], 'started_at', t)
   if redis.call('HGET', KEYS[1], 'state') == 'queued' then redis.call('HSET', KEYS[1], 'state', 'running') end
 end
 return {token, attempts}
@@ -64,28 +72,29 @@ if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 'stale' end
 if not live(state) then return 'ended:' .. (state or 'missing') end
 """
 
-# KEYS: job, leases, shard states, heartbeats. ARGV: shard, token, now.
+# KEYS: job, leases, shard states, heartbeats. ARGV: shard, token.
 HEARTBEAT = FENCE + """
 if redis.call('HGET', KEYS[3], ARGV[1]) ~= 'running' then return 'stale' end
-redis.call('HSET', KEYS[4], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[4], ARGV[1], now())
 return 'ok'
 """
 
 # Progress only moves forward (a late write cannot lower the count), and moving it is what
-# the stall check watches. KEYS: job, leases, shard states, done, advanced. ARGV: shard, token, done, now.
+# the stall check watches. KEYS: job, leases, shard states, done, advanced. ARGV: shard, token, done.
 PROGRESS = FENCE + """
 if redis.call('HGET', KEYS[3], ARGV[1]) ~= 'running' then return 'stale' end
 local done = tonumber(ARGV[3])
 if done > tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '0') then
   redis.call('HSET', KEYS[4], ARGV[1], done)
-  redis.call('HSET', KEYS[5], ARGV[1], ARGV[4])
+  redis.call('HSET', KEYS[5], ARGV[1], now())
 end
 return 'ok'
 """
 
-# KEYS: job, leases, heartbeats. ARGV: shard, token, until.
+# A heartbeat in the future: the reconciler leaves the shard alone until then.
+# KEYS: job, leases, heartbeats. ARGV: shard, token, seconds.
 HOLD = FENCE + """
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[1], now() + tonumber(ARGV[3]))
 return 'ok'
 """
 
@@ -123,7 +132,7 @@ redis.call('HSET', KEYS[3], ARGV[1], 'failed')
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[3])
 """ + SETTLED
 
-# KEYS: job, leases, output lease, every job key (to expire). ARGV: state, reason, now, terminal
+# KEYS: job, leases, output lease, every job key (to expire). ARGV: state, reason, (unused), terminal
 # ('1'/''), ttl, shard ('' when not a delivery's), token, claimer ('' when not a publisher's),
 # job id, channel, claim seconds. An ended job's state never changes here (`retry` reopens it).
 SET_STATE = LIVE + """
@@ -134,14 +143,14 @@ if ARGV[6] ~= '' and redis.call('HGET', KEYS[2], ARGV[6]) ~= ARGV[7] then return
 local publisher = redis.call('HGET', KEYS[1], 'publisher')
 if ARGV[8] ~= '' then
   if publisher ~= ARGV[8] then return 'stale' end
-elseif publisher and tonumber(ARGV[3]) - tonumber(redis.call('HGET', KEYS[1], 'publish_claimed_at') or '0')
+elseif publisher and now() - tonumber(redis.call('HGET', KEYS[1], 'publish_claimed_at') or '0')
     < tonumber(ARGV[11]) then
   return 'publishing'
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1])
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'reason', ARGV[2]) end
 if ARGV[4] == '1' then
-  redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
+  redis.call('HSET', KEYS[1], 'finished_at', now())
   local held = redis.call('GET', KEYS[3])
   if held and string.match(held, '^(%S+) ') == ARGV[9] then redis.call('DEL', KEYS[3]) end
   for i = 4, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
@@ -150,7 +159,7 @@ redis.call('PUBLISH', ARGV[10], ARGV[1])
 return 'ok'
 """
 
-# KEYS: job, shard states, output lease. ARGV: claimer, now, claim seconds.
+# KEYS: job, shard states, output lease. ARGV: claimer, (unused), claim seconds.
 # Returns {'ok', finished_at, prefix holder}, {'ended', state}, {'busy'} or {'unsettled'}.
 CLAIM_PUBLICATION = LIVE + """
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -160,9 +169,10 @@ for _, s in ipairs(redis.call('HVALS', KEYS[2])) do
 end
 local publisher = redis.call('HGET', KEYS[1], 'publisher')
 local since = tonumber(redis.call('HGET', KEYS[1], 'publish_claimed_at') or '0')
-if publisher and publisher ~= ARGV[1] and tonumber(ARGV[2]) - since < tonumber(ARGV[3]) then return {'busy'} end
-redis.call('HSET', KEYS[1], 'publisher', ARGV[1], 'publish_claimed_at', ARGV[2])
-redis.call('HSETNX', KEYS[1], 'publish_finished_at', ARGV[2])
+local t = now()
+if publisher and publisher ~= ARGV[1] and t - since < tonumber(ARGV[3]) then return {'busy'} end
+redis.call('HSET', KEYS[1], 'publisher', ARGV[1], 'publish_claimed_at', t)
+redis.call('HSETNX', KEYS[1], 'publish_finished_at', t)
 local held = redis.call('GET', KEYS[3]) or ''
 return {'ok', redis.call('HGET', KEYS[1], 'publish_finished_at'), string.match(held, '^(%S+) ') or ''}
 """
@@ -172,23 +182,23 @@ RELEASE_PUBLICATION = """
 if redis.call('HGET', KEYS[1], 'publisher') == ARGV[1] then redis.call('HDEL', KEYS[1], 'publisher') end
 """
 
-# A running shard silent since `older_than`, or (when `stalled_before` > 0) alive but not advanced
-# since then, goes back to pending and its lease moves on: the holder is fenced off.
-# KEYS: shard states, heartbeats, advanced, leases. ARGV: shard, older_than, now, stalled_before.
-REQUEUE = """
+# A running shard silent for `stale` seconds, or (when `stall` > 0) alive but not advanced for
+# `stall` seconds, goes back to pending and its lease moves on: the holder is fenced off.
+# KEYS: shard states, heartbeats, advanced, leases. ARGV: shard, stale, stall.
+REQUEUE = NOW + """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= 'running' then return '' end
 local beat = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
-local now = tonumber(ARGV[3])
+local t = now()
 local why = ''
-if beat < tonumber(ARGV[2]) then
+if beat < t - tonumber(ARGV[2]) then
   why = 'silent'
-elseif tonumber(ARGV[4]) > 0 and beat <= now then  -- a hold in the future is a retry's backoff
-  local advanced = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or ARGV[3])
-  if advanced < tonumber(ARGV[4]) then why = 'stalled' end
+elseif tonumber(ARGV[3]) > 0 and beat <= t then  -- a hold in the future is a retry's backoff
+  local advanced = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or t)
+  if advanced < t - tonumber(ARGV[3]) then why = 'stalled' end
 end
 if why == '' then return '' end
 redis.call('HSET', KEYS[1], ARGV[1], 'pending')
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], t)
 redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
 return why
 """

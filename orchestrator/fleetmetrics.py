@@ -53,7 +53,7 @@ def job_state_counts(ledger: Ledger, limit: int = JOBS_COUNTED) -> dict[str, int
 
 def heartbeat_age(ledger: Ledger, job_id: str) -> float:
     """Age of the oldest heartbeat among the job's running shards (a retry's hold in the future counts 0)."""
-    states, beats, now = ledger.shard_states(job_id), ledger.heartbeats(job_id), time.time()
+    states, beats, now = ledger.shard_states(job_id), ledger.heartbeats(job_id), ledger.now()  # Redis's clock
     running = [shard for shard, state in states.items() if state is ShardState.RUNNING]
     return max((max(0.0, now - beats.get(shard, now)) for shard in running), default=0.0)
 

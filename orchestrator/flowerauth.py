@@ -37,12 +37,12 @@ def protect_metrics() -> None:
 def sentinel_options(settings: Settings) -> None:
     """A sentinel:// broker needs the primary's name and the sentinels' password, which Celery's
     command line cannot pass: they go into the default app, the one `celery flower` uses when
-    given no `-A` (Flower's broker page and its event receiver read them there)."""
+    given no `-A` (Flower's broker page and its event receiver read them there). Any Redis URL
+    gets the product's timeouts, keepalive and health checks there too."""
     from celery import current_app
 
     endpoint = settings.redis_endpoint(os.environ.get("CELERY_BROKER_URL", ""))
-    if endpoint.is_sentinel:
-        current_app.conf.broker_transport_options = endpoint.transport_options()
+    current_app.conf.broker_transport_options = endpoint.transport_options()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,8 +32,7 @@ from orchestrator.states import JobState, JobStatus, ShardState  # noqa: F401  (
 def connect(endpoint: RedisEndpoint | str) -> redis.Redis:
     """A client of the primary: a redis:// URL's server, or the one the sentinels name now."""
     endpoint = RedisEndpoint(endpoint) if isinstance(endpoint, str) else endpoint
-    return endpoint.client(decode_responses=True, socket_connect_timeout=5, socket_timeout=30,
-                           socket_keepalive=True, retry_on_timeout=True, health_check_interval=25)
+    return endpoint.client(decode_responses=True)  # with redisendpoint's timeouts, keepalive and health checks
 
 
 def _text(reply: bytes | str) -> str:
@@ -108,7 +107,7 @@ class Ledger:
         reply = self.r.eval(
             fencing.SET_STATE, 3 + len(k.job_keys(job_id)), k.job_key(job_id), k.shard_lease_key(job_id),
             k.output_lease_key(output), *k.job_keys(job_id),
-            state.value, reason, time.time(), "1" if state.terminal else "", self.job_ttl_s,
+            state.value, reason, "", "1" if state.terminal else "", self.job_ttl_s,
             "" if lease is None else str(lease.shard), "" if lease is None else str(lease.token),
             "" if publication is None else publication.claimer, job_id, k.job_state_channel(job_id),
             fencing.PUBLISH_CLAIM_S)
@@ -120,7 +119,7 @@ class Ledger:
         output = _text(self.r.hget(k.job_key(job_id), "output") or "")
         claimer = secrets.token_hex(8)
         reply = self.r.eval(fencing.CLAIM_PUBLICATION, 3, k.job_key(job_id), k.shard_state_key(job_id),
-                            k.output_lease_key(output), claimer, time.time(), fencing.PUBLISH_CLAIM_S)
+                            k.output_lease_key(output), claimer, "", fencing.PUBLISH_CLAIM_S)
         if reply[0] != "ok":
             return None
         return Publication(job_id, claimer, float(reply[1]), reply[2])
@@ -170,7 +169,7 @@ class Ledger:
         token, attempts = self.r.eval(
             fencing.GRANT, 6, k.job_key(job_id), k.shard_state_key(job_id), k.shard_attempts_key(job_id),
             k.shard_lease_key(job_id), k.shard_heartbeat_key(job_id), k.shard_advanced_key(job_id),
-            str(shard), time.time(), "1" if count else "")
+            str(shard), "1" if count else "")
         if not token:
             state = _text(self.r.hget(k.job_key(job_id), "state") or "")
             raise StaleDelivery(f"job {job_id} has ended ({state}): shard {shard} is not run", state)
@@ -192,7 +191,7 @@ class Ledger:
     def progress(self, lease: Lease, done: int) -> None:
         """Items the delivery has done so far: the count only grows (a late write cannot lower it)."""
         self._fenced(fencing.PROGRESS, lease, [k.shard_state_key(lease.job_id), k.shard_done_key(lease.job_id),
-                                               k.shard_advanced_key(lease.job_id)], done, time.time())
+                                               k.shard_advanced_key(lease.job_id)], done)
 
     def set_queue(self, job_id: str, queue: str) -> None:
         self.r.hset(k.job_key(job_id), "queue", queue)
@@ -208,23 +207,28 @@ class Ledger:
         self.r.hset(k.job_key(job_id), "n_items", n_items)
 
     def heartbeat(self, lease: Lease) -> None:
-        self._fenced(fencing.HEARTBEAT, lease, [k.shard_state_key(lease.job_id), k.shard_heartbeat_key(lease.job_id)],
-                     time.time())
+        self._fenced(fencing.HEARTBEAT, lease, [k.shard_state_key(lease.job_id), k.shard_heartbeat_key(lease.job_id)])
 
-    def hold_until(self, lease: Lease, until: float) -> None:
-        """A failed delivery waits out its retry backoff: the reconciler leaves the shard alone until then."""
-        self._fenced(fencing.HOLD, lease, [k.shard_heartbeat_key(lease.job_id)], until)
+    def hold_for(self, lease: Lease, seconds: float) -> None:
+        """A failed delivery waits out its retry backoff: the reconciler leaves the shard alone that long."""
+        self._fenced(fencing.HOLD, lease, [k.shard_heartbeat_key(lease.job_id)], seconds)
 
     def stand_down(self, lease: Lease) -> None:
         """A delivery stopped without committing (the job was cancelled): the shard is pending again."""
         self._fenced(fencing.STAND_DOWN, lease, [k.shard_state_key(lease.job_id), k.shard_heartbeat_key(lease.job_id)])
+
+    def now(self) -> float:
+        """Redis's clock (TIME), in seconds: heartbeats and grants are stamped with it, so their ages
+        are measured against it, never against this host's clock."""
+        seconds, micros = cast(tuple[int, int], self.r.time())
+        return seconds + micros / 1e6
 
     def heartbeats(self, job_id: str) -> dict[int, float]:
         return {int(i): float(t) for i, t in self.r.hgetall(k.shard_heartbeat_key(job_id)).items()}
 
     def mark_enqueued(self, job_id: str, shards: list[int]) -> None:
         if shards:
-            now = time.time()
+            now = self.now()
             self.r.hset(k.shard_enqueued_key(job_id), mapping={str(s): now for s in shards})
 
     def lost_pending(self, job_id: str, older_than: float) -> list[int]:
@@ -275,13 +279,13 @@ class Ledger:
     def reconcile_errors_total(self) -> int:
         return int(self.r.get(k.RECONCILE_ERRORS_KEY) or 0)
 
-    def requeue_if_stale(self, job_id: str, shard: int, older_than: float, stalled_before: float = 0.0) -> str:
-        """Atomically move a running shard back to pending, fencing off its holder: "silent" when its
-        heartbeat is older than `older_than`, "stalled" when (`stalled_before` > 0) it heartbeats but
-        has not advanced since `stalled_before`; "" when neither."""
+    def requeue_if_stale(self, job_id: str, shard: int, stale_after_s: float, stall_after_s: float = 0.0) -> str:
+        """Atomically move a running shard back to pending, fencing off its holder: "silent" when it
+        has not heartbeaten for `stale_after_s`, "stalled" when (`stall_after_s` > 0) it heartbeats
+        but has not advanced for `stall_after_s`; "" when neither. Ages by Redis's clock."""
         return self.r.eval(fencing.REQUEUE, 4, k.shard_state_key(job_id), k.shard_heartbeat_key(job_id),
                            k.shard_advanced_key(job_id), k.shard_lease_key(job_id),
-                           str(shard), older_than, time.time(), stalled_before) or ""
+                           str(shard), stale_after_s, stall_after_s) or ""
 
     def record_commit(self, lease: Lease, done: int, errors: int, stats: dict) -> bool:
         """Record the delivery's committed shard; True when every shard is now committed or failed.

@@ -16,7 +16,6 @@ row that fail, the job is marked failed with the reason, which frees its output 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 from orchestrator.finalize import finalize
@@ -51,15 +50,16 @@ def reconcile(client, stale_after_s: float, job_ids: list[str] | None = None) ->
 
 
 def _reconcile_job(client, job_id: str, stale_after_s: float, result: Reconciled) -> None:
-    ledger, now = client.ledger, time.time()
+    ledger = client.ledger
     status = ledger.status(job_id)
     if status.state.terminal:
         return
-    stalled_before = 0.0 if status.kind in SLOW_UNIT_KINDS else now - client.settings.stall_after_s
+    stall_after_s = 0.0 if status.kind in SLOW_UNIT_KINDS else client.settings.stall_after_s
     states = ledger.shard_states(job_id)
-    why = {i: ledger.requeue_if_stale(job_id, i, now - stale_after_s, stalled_before)
+    why = {i: ledger.requeue_if_stale(job_id, i, stale_after_s, stall_after_s)  # ages by Redis's clock
            for i, s in states.items() if s is ShardState.RUNNING}
-    stale = sorted({i for i, w in why.items() if w} | set(ledger.lost_pending(job_id, now - stale_after_s)))
+    sent_before = ledger.now() - stale_after_s
+    stale = sorted({i for i, w in why.items() if w} | set(ledger.lost_pending(job_id, sent_before)))
     if stale:
         stalled = sorted(i for i, w in why.items() if w == "stalled")
         log.warning("job %s: shards %s went silent for %.0f s%s; re-enqueueing", job_id, stale, stale_after_s,

@@ -11,21 +11,57 @@ A client built here asks the sentinels for the primary whenever it opens a conne
 a failover its next connection goes to the promoted replica; a connection still open to a
 primary that was demoted is dropped at its first READONLY reply (redis-py's
 SentinelManagedConnection). Lua scripts therefore always run on the current primary.
+
+A primary whose host is cut off closes nothing: its sockets go silent. Every client built from
+`connection_options` (the ledger's, kombu's, Celery's backend, Flower's, the exporter's) gives up
+on a silent reply after SOCKET_TIMEOUT_S, on unacknowledged bytes after TCP_USER_TIMEOUT_MS and
+on an idle peer after a few short keepalive probes, so the reconnect (which asks the sentinels)
+reaches the promoted replica seconds after the promotion. A sentinel lookup tries each sentinel
+once with a short timeout: redis-py's default (ten retries with backoff, per sentinel) held a
+worker minutes on a sentinel that shared the primary's host.
 """
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import redis
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from orchestrator.errors import ConfigError
 
 SCHEME = "sentinel"
 SENTINEL_PORT = 26379
-SENTINEL_TIMEOUT_S = 5.0  # a sentinel that does not answer within this is skipped for the next one
+SENTINEL_TIMEOUT_S = 1.0  # a sentinel that does not answer within this is skipped for the next one
+CONNECT_TIMEOUT_S = 2.0  # a primary that does not accept within this is gone (or behind a cut link)
+SOCKET_TIMEOUT_S = 5.0  # a reply overdue this long drops the connection; the reconnect asks the sentinels
+HEALTH_CHECK_INTERVAL_S = 5  # a pooled connection idle this long is PINGed before it is used again
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 5, 2, 3  # an idle dead peer is noticed in ~11 s
+TCP_USER_TIMEOUT_MS = 10_000  # bytes unacknowledged this long close the socket (keepalive waits behind them)
+RETRIES, RETRY_BASE_S, RETRY_CAP_S = 4, 0.2, 1.0  # each retry reconnects, so asks the sentinels again
+
+
+def keepalive_options() -> dict[int, int]:
+    """TCP options of every Redis socket (Linux names; a platform without one goes without it)."""
+    wanted = {"TCP_KEEPIDLE": KEEPALIVE_IDLE_S, "TCP_KEEPINTVL": KEEPALIVE_INTERVAL_S,
+              "TCP_KEEPCNT": KEEPALIVE_PROBES, "TCP_USER_TIMEOUT": TCP_USER_TIMEOUT_MS}
+    return {getattr(socket, name): value for name, value in wanted.items() if hasattr(socket, name)}
+
+
+def connection_options() -> dict:
+    """redis-py's (and kombu's) connection options for every client of the product's Redis."""
+    return {"socket_connect_timeout": CONNECT_TIMEOUT_S, "socket_timeout": SOCKET_TIMEOUT_S,
+            "socket_keepalive": True, "socket_keepalive_options": keepalive_options(),
+            "health_check_interval": HEALTH_CHECK_INTERVAL_S, "retry_on_timeout": True}
+
+
+def client_retry() -> Retry:
+    """A command that fails on a dropped or timed-out connection is sent again on a new one."""
+    return Retry(ExponentialBackoff(cap=RETRY_CAP_S, base=RETRY_BASE_S), RETRIES)
 
 
 @dataclass(frozen=True)
@@ -101,18 +137,25 @@ class RedisEndpoint:
         return self.url.startswith(f"{SCHEME}://")
 
     def sentinel_kwargs(self) -> dict:
-        """How clients talk to the sentinels themselves (not to Redis)."""
-        kwargs = {"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S}
+        """How clients talk to the sentinels themselves (not to Redis): one short try each, since a
+        lookup moves on to the next sentinel anyway."""
+        kwargs = {"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S,
+                  "socket_keepalive": True, "socket_keepalive_options": keepalive_options(),
+                  "retry": Retry(NoBackoff(), 0)}
         return kwargs | ({"password": self.sentinel_password} if self.sentinel_password else {})
 
     def transport_options(self) -> dict:
-        """What kombu's and Celery's sentinel transports need besides the URL; {} for a plain Redis URL."""
+        """kombu's and Celery's transport options: the connection options, and for a sentinel URL
+        the primary's name and how to talk to the sentinels."""
+        options = connection_options()
         if not self.is_sentinel:
-            return {}
-        return {"master_name": self.master_name, "sentinel_kwargs": self.sentinel_kwargs()}
+            return options
+        return options | {"master_name": self.master_name, "sentinel_kwargs": self.sentinel_kwargs()}
 
     def client(self, **options) -> redis.Redis:
-        """A redis-py client of the primary: `options` are redis-py connection options (timeouts, decoding)."""
+        """A redis-py client of the primary with `connection_options`; `options` add to them or
+        override them (decoding, a probe's shorter timeouts)."""
+        options = connection_options() | {"retry": client_retry()} | options
         if not self.is_sentinel:
             return redis.Redis.from_url(self.url, **options)
         entries, params = parse_sentinels(self.url)

@@ -257,7 +257,7 @@ class Client:
         self.ledger.hold_output(status.output, job_id)
         states = self.ledger.shard_states(job_id)
         beats = self.ledger.heartbeats(job_id)
-        silent_since = time.time() - self.settings.stale_after_s
+        silent_since = self.ledger.now() - self.settings.stale_after_s  # beats are stamped by Redis's clock
         cancelled = status.state is JobState.CANCELLED
         todo = sorted(i for i, s in states.items() if s in (ShardState.FAILED, ShardState.PENDING)
                       or (s is ShardState.RUNNING and (cancelled or beats.get(i, 0) < silent_since)))

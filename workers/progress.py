@@ -23,6 +23,7 @@ from workers.errors import JobCancelled
 
 log = logging.getLogger(__name__)
 REPORT_EVERY_S = 1.0
+STOP_WAIT_S = 1.0  # how long a finished shard waits for its heartbeat thread to notice
 
 
 class Heartbeat:
@@ -47,8 +48,13 @@ class Heartbeat:
         return self
 
     def __exit__(self, *exc) -> None:
+        # A beat stuck on a Redis that went silent (a primary cut off mid-failover) must not hold
+        # the task: the thread is a daemon, it ends once its call returns and finds the stop set.
         self._stop.set()
-        self._thread.join()
+        self._thread.join(timeout=STOP_WAIT_S)
+        if self._thread.is_alive():
+            log.warning("heartbeat for job %s shard %s is still waiting on Redis; the shard goes on without it",
+                        self.lease.job_id, self.lease.shard)
 
 
 def fenced_progress(ctx: WorkerContext, lease: Lease, done: int) -> None:

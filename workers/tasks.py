@@ -185,13 +185,13 @@ def _fenced_work(ctx: WorkerContext, lease: Lease, run: Callable[[], ShardMarker
     except Exception as e:
         ctx.ledger.note_shard_error(job_id, shard, f"{type(e).__name__}: {e}")
         # Not held by anyone during the backoff, but not silent either: the reconciler waits it out.
-        ctx.ledger.hold_until(lease, time.time() + backoff_s)  # StaleDelivery: no retry, the shard is elsewhere
+        ctx.ledger.hold_for(lease, backoff_s)  # StaleDelivery: no retry, the shard is elsewhere
         raise
 
 
 def _held_elsewhere(ctx: WorkerContext, job_id: str, shard: int) -> bool:
     states, beats = ctx.ledger.shard_states(job_id), ctx.ledger.heartbeats(job_id)
-    beat, now = beats.get(shard, 0), time.time()
+    beat, now = beats.get(shard, 0), ctx.ledger.now()  # beats are stamped by Redis's clock
     fresh = beat <= now and now - beat < 3 * ctx.settings.heartbeat_s  # a future beat is a retry's backoff
     return states.get(shard) is ShardState.RUNNING and fresh
 

@@ -147,9 +147,10 @@ def test_a_lease_whose_job_never_reached_redis_lapses_after_the_grace_period(ctx
 def test_the_reconciler_leaves_a_shard_alone_while_it_waits_out_its_retry_backoff(ctx, job):
     job_id, _ = job
     lease = ctx.ledger.start_shard(job_id, 0)
-    ctx.ledger.hold_until(lease, time.time() + 30)  # a failed delivery, retrying in 30 s
-    assert not ctx.ledger.requeue_if_stale(job_id, 0, older_than=time.time() - 5)
-    assert ctx.ledger.requeue_if_stale(job_id, 0, older_than=time.time() + 60)  # silent past its backoff
+    ctx.ledger.hold_for(lease, 30)  # a failed delivery, retrying in 30 s
+    assert not ctx.ledger.requeue_if_stale(job_id, 0, stale_after_s=5)
+    ctx.ledger.hold_for(lease, -10)  # as if its backoff had ended 10 s ago
+    assert ctx.ledger.requeue_if_stale(job_id, 0, stale_after_s=5) == "silent"
 
 
 def test_an_ended_jobs_keys_expire_and_its_status_then_says_so(ctx, job):
