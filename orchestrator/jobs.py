@@ -58,7 +58,7 @@ class _Spec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    @field_validator("input", "train", "val", "alias", "kept_by", check_fields=False)
+    @field_validator("input", "train", "val", "alias", "kept_by", "image_root", check_fields=False)
     @classmethod
     def _location(cls, value: str | None) -> str | None:
         return _field_value(normalize_uri, value)
@@ -92,6 +92,11 @@ class JobBase(_Spec):
     id_column: str | None = Field(
         None, description="Parquet inputs: key each row by this column (img2dataset's key) instead of "
         "<file key>/<row index>.",
+    )
+    image_root: str | None = Field(
+        None, description="Parquet and datasets inputs: a folder (local, file:// or s3://) that `path` cells (a "
+        "datasets Image stored by reference, often an absolute path) may point into besides --input; the job reads "
+        "images there and nowhere else. Unset = only paths inside --input are read.",
     )
     kept_by: str | None = Field(
         None, description="Only the images a dedup job kept: its output prefix or job folder (run it on the embed "
@@ -371,8 +376,8 @@ class VectorJob(_Spec):
 
 
 class DedupSpec(VectorJob):
-    """Semantic deduplication (SemDeDup, as NeMo Curator runs it) of an embed job's vectors: k-means, then
-    pairwise cosine inside each cluster; a row whose best earlier match is >= 1 - eps is a duplicate."""
+    """Semantic deduplication (SemDeDup) of an embed job's vectors: k-means, then pairwise cosine inside each
+    cluster and with the nearest other clusters; a row is removed when a kept row before it is >= 1 - eps."""
 
     kind: Literal["dedup"] = Field("dedup", description="Job kind: dedup.")
     eps: float = Field(0.01, gt=0, lt=1, description="Duplicates have cosine >= 1 - eps with a row kept before them.")
@@ -388,6 +393,14 @@ class DedupSpec(VectorJob):
                                   "about vectors / this many tasks.")
     max_cluster_size: int = Field(100_000, ge=100, description="A cluster larger than this is split by a second "
                                   "k-means level before its pairwise step (compute grows with its square).")
+    rule: Literal["kept", "semdedup"] = Field(
+        "kept", description="kept = a row is removed when a row KEPT before it is >= 1 - eps (its stand-in: no "
+        "kept pair above the threshold, every removed row has a kept one above it), and pairs across clusters are "
+        "resolved too; semdedup = NeMo Curator's rule: removed when any row before it in its cluster is >= 1 - eps "
+        "(a chain A ~ B ~ C loses C), clusters never compared.")
+    cross_clusters: int = Field(2, ge=0, le=16, description="rule kept: each row is also compared with the rows of "
+                                "its this many nearest other clusters (those that could hold a near-duplicate); "
+                                "0 = inside clusters only.")
 
 
 class NeighborsSpec(VectorJob):

@@ -103,12 +103,13 @@ class ParquetColumns:
     id: str | None = None
     keep: tuple[str, ...] = ()
     label: str | None = None
+    image_root: str | None = None  # where absolute `path` cells may point besides the input
 
     @property
     def asked(self) -> list[str]:
         """The options given, as their flags (to say that they need parquet inputs)."""
         named = {"--image-column": self.image, "--id-column": self.id, "--keep-columns": self.keep,
-                 "--label-column": self.label}
+                 "--label-column": self.label, "--image-root": self.image_root}
         return [flag for flag, value in named.items() if value]
 
 
@@ -116,7 +117,7 @@ def columns_of(spec) -> ParquetColumns:
     """The parquet options of any job spec (those without them ask for nothing)."""
     return ParquetColumns(image=getattr(spec, "image_column", None), id=getattr(spec, "id_column", None),
                           keep=tuple(getattr(spec, "keep_columns", None) or ()),
-                          label=getattr(spec, "label_column", None))
+                          label=getattr(spec, "label_column", None), image_root=getattr(spec, "image_root", None))
 
 
 def is_parquet_key(key: str) -> bool:
@@ -226,6 +227,8 @@ class ParquetPlan:
 def plan_parquet(files: list[Item], store: ObjectStore, columns: ParquetColumns, scope: str,
                  stats: ReadStats | None = None) -> ParquetPlan:
     """The row groups of every parquet file, in file then row-group order; SpecError on an unreadable footer."""
+    if columns.image_root is not None:
+        check_image_root(columns.image_root, store)
     groups: list[Item] = []
     kept: list[pa.Schema] = []
     ignored: list[str] = []
@@ -245,6 +248,18 @@ def plan_parquet(files: list[Item], store: ObjectStore, columns: ParquetColumns,
         kept.append(pa.schema([schema.field(name) for name in columns.keep]))
         groups += row_group_items(Item(item.key, item.uri, size, item.etag), metadata)
     return ParquetPlan(groups, _unified(kept, files) if columns.keep and kept else None, ignored)
+
+
+def check_image_root(root: str, store: ObjectStore) -> None:
+    """--image-root names a folder that holds objects, and not the whole file system; SpecError otherwise."""
+    if root.rstrip("/") == "file:":  # file:/// is the whole file system
+        raise SpecError("--image-root / would let path cells name any file: pass the folder that holds the images")
+    try:
+        first = next(iter(store.list(root)), None)
+    except (ObjectNotFound, StorageError) as e:
+        raise SpecError(f"--image-root {root} cannot be listed ({e}): pass the folder that holds the images") from e
+    if first is None:
+        raise SpecError(f"--image-root {root} holds no objects: pass the folder that holds the images")
 
 
 def _unified(schemas: list[pa.Schema], files: list[Item]) -> pa.Schema:

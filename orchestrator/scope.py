@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 INPUT_LIST_SUFFIXES = frozenset({".txt", ".jsonl", ".lst"})
+TABLE_SUFFIXES = frozenset({".parquet", ".arrow"})  # tables whose rows are images (parquetinputs.py)
 
 
 _BRACE = re.compile(r"(?:\{|%7[bB])(\d+)\.\.(\d+)(?:\}|%7[dD])")  # as typed, or in a file:// URI
@@ -37,7 +38,7 @@ def input_root(input_uri: str) -> str:
     if brace_range(input_uri) is not None:
         return input_uri.rsplit("/", 1)[0]
     stripped = input_uri.rstrip("/")
-    if posixpath.splitext(stripped.lower())[1] in INPUT_LIST_SUFFIXES | {".parquet"}:
+    if posixpath.splitext(stripped.lower())[1] in INPUT_LIST_SUFFIXES | TABLE_SUFFIXES:
         return stripped.rsplit("/", 1)[0]
     return stripped
 
@@ -61,6 +62,27 @@ def outside_input(uri: str, root: str) -> str | None:
     if uri.startswith("file://") and not local_path_inside(_path(uri), _path(root)):
         return f"{uri} resolves (through a symlink) to a path outside the job's input {root}: not read"
     return None
+
+
+def path_cell_uri(table_uri: str, path: str) -> str:
+    """Where a table's `path` cell (a `datasets` Image stored by reference) points: a URI as written, an
+    absolute local path as a file:// URI (what `datasets` writes), else a key relative to the table's folder.
+
+    Nothing is normalized away: a `..` segment stays and `outside_input` refuses it. ValueError for a path
+    that names no object (a relative one climbing out of the folder, another host, a backslash)."""
+    if path.startswith("s3://"):
+        return path
+    if path.startswith("file://"):
+        if not path.startswith("file:///"):
+            raise ValueError(f"image path {path!r} names another host")
+        path = unquote(path[len("file://"):])
+    if path.startswith("/"):
+        return "file://" + quote(path)
+    segments = path.split("/")
+    if any(segment in ("", ".", "..") or "\\" in segment or "\x00" in segment for segment in segments):
+        raise ValueError(f"image path {path!r} leaves the table's folder")
+    base = table_uri.rsplit("/", 1)[0]
+    return base + "/" + "/".join(quote(s) if table_uri.startswith("file://") else s for s in segments)
 
 
 def local_path_inside(path: str, root: str) -> bool:

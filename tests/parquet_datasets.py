@@ -70,3 +70,36 @@ def image_files(folder: Path) -> Path:
     for i in range(N):
         (folder / f"{i:02d}.png").write_bytes(png(i))
     return folder
+
+
+def path_dataset(parquet: Path, images: Path, extra_paths: tuple[str, ...] = ()) -> Path:
+    """What `Dataset.from_dict` with an Image feature cast from file paths writes with to_parquet (datasets 5.2):
+    each cell the image's absolute path, bytes null. `extra_paths` are appended as written (hostile cells)."""
+    from datasets import ClassLabel, Dataset
+    from datasets import Image as ImageFeature
+
+    paths = [str(image_files(images) / f"{i:02d}.png") for i in range(N)] + list(extra_paths)
+    data = Dataset.from_dict({"image": paths, "label": [i % 3 for i in range(len(paths))]})
+    data = data.cast_column("image", ImageFeature()).cast_column("label", ClassLabel(names=["ant", "bee", "cow"]))
+    parquet.parent.mkdir(parents=True, exist_ok=True)
+    data.to_parquet(str(parquet), batch_size=5)
+    return parquet
+
+
+def class_folders(folder: Path) -> Path:
+    """An ImageFolder layout: image i in folder ant, bee or cow (i % 3), named {i:02d}.png."""
+    for i in range(N):
+        (folder / ["ant", "bee", "cow"][i % 3]).mkdir(parents=True, exist_ok=True)
+        (folder / ["ant", "bee", "cow"][i % 3] / f"{i:02d}.png").write_bytes(png(i))
+    return folder
+
+
+def imagefolder_parquet(parquet: Path, folder: Path, cache: Path) -> Path:
+    """`load_dataset("imagefolder", data_dir=...)` of `class_folders`, then to_parquet: absolute paths, bytes null,
+    labels a ClassLabel named after the folders."""
+    from datasets import load_dataset
+
+    data = load_dataset("imagefolder", data_dir=str(class_folders(folder)), split="train", cache_dir=str(cache))
+    parquet.parent.mkdir(parents=True, exist_ok=True)
+    data.to_parquet(str(parquet), batch_size=5)
+    return parquet

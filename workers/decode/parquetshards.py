@@ -7,9 +7,10 @@ group; the image column is read later, by `RowGroupCells`, when the pipeline ask
 group's first cell, and dropped once its last cell has been handed over. With the pipeline's
 bounded read-ahead, a worker holds one row group's images (two at a boundary), never the file.
 
-A cell is an image's bytes, or a `path` (bytes null: a `datasets` Image saved by reference)
-read relative to the parquet object's folder, inside the job's input only. A null cell, a path
-outside the input, a cell over the byte cap or a row group that cannot be read becomes an
+A cell is an image's bytes, or a `path` (bytes null: a `datasets` Image saved by reference):
+relative to the parquet object's folder, or absolute (what `datasets` writes for an Image cast from
+file paths), read inside the job's input or its --image-root only. A null cell, a path outside
+both, a cell over the byte cap or a row group that cannot be read becomes an
 error row with the reason; the decoder turns undecodable bytes into error rows as for files.
 """
 
@@ -29,7 +30,6 @@ from orchestrator.errors import (
     ObjectUnreadable,
     OutsideInput,
     SpecError,
-    UnsafeKey,
 )
 from orchestrator.manifest import Item
 from orchestrator.parquetinputs import (
@@ -40,8 +40,8 @@ from orchestrator.parquetinputs import (
     class_names,
     read_footer,
 )
-from orchestrator.scope import outside_input
-from orchestrator.storage import ObjectStore, join
+from orchestrator.scope import outside_input, path_cell_uri
+from orchestrator.storage import ObjectStore
 
 IMG2DATASET_ERROR = "error_message"  # img2dataset's reason for a null `jpg`
 
@@ -95,8 +95,9 @@ class RowGroupCells:
     """uri -> an image's bytes, or why there are none: the pipeline's `blobs` for a parquet shard."""
 
     def __init__(self, store: ObjectStore, max_bytes: int, max_group_bytes: int, scope: str | None,
-                 stats: ReadStats | None = None) -> None:
+                 stats: ReadStats | None = None, image_root: str | None = None) -> None:
         self.store, self.max_bytes, self.max_group_bytes, self.scope = store, max_bytes, max_group_bytes, scope
+        self.image_root = image_root  # --image-root: where absolute path cells may point besides the input
         self.stats = stats
         self.reasons: dict[str, str] = {}  # rows known bad before any image is read
         self.owner: dict[str, tuple[RowGroup, int]] = {}
@@ -154,17 +155,21 @@ class RowGroupCells:
             return str(ObjectTooLarge(f"image cell is {len(data)} bytes, over the cap of {self.max_bytes}"))
         return data
 
-    def _referenced(self, parquet_uri: str, path: str) -> bytes | str:
-        """A `path` cell: the object it names, relative to the parquet object's folder, inside the input only."""
+    def _referenced(self, table_uri: str, path: str) -> bytes | str:
+        """A `path` cell: the object it names (relative to the table's folder, or absolute), read only inside
+        the job's input or the --image-root it names."""
         try:
-            uri = join(posixpath.dirname(parquet_uri), path)
-        except UnsafeKey:
-            return f"image path {path!r} leaves the parquet file's folder: outside the job's input, not read"
-        scope = self.scope or posixpath.dirname(parquet_uri)  # training data: the parquet file's own folder
-        if (why := outside_input(uri, scope)) is not None:
-            return why
+            uri = path_cell_uri(table_uri, path)
+        except ValueError as e:
+            return f"{e}: outside the job's input, not read"
+        scope = self.scope or posixpath.dirname(table_uri)  # training data: the table's own folder
+        root = next((r for r in (scope, self.image_root) if r and outside_input(uri, r) is None), None)
+        if root is None:
+            return (f"image path {path!r} is outside the job's input {scope}" +
+                    (f" and --image-root {self.image_root}" if self.image_root else "") +
+                    ": not read (pass --image-root with the folder that holds these images to read them)")
         try:
-            return self.store.read(uri, max_bytes=self.max_bytes, within=scope)
+            return self.store.read(uri, max_bytes=self.max_bytes, within=root)
         except (ObjectNotFound, ObjectTooLarge, ObjectUnreadable, OutsideInput) as e:
             return f"image path {path!r}: {e}"
 
@@ -217,7 +222,7 @@ def expand_row_groups(groups: list[Item], store: ObjectStore, columns: ParquetCo
 
     `kept`: the kept columns' types as planned (every shard writes the same schema); unset = this shard's.
     """
-    cells = RowGroupCells(store, max_bytes, max_group_bytes, scope, stats)
+    cells = RowGroupCells(store, max_bytes, max_group_bytes, scope, stats, columns.image_root)
     out = Expanded(items=[], cells=cells, passthrough=None, labels=[], label_names=None)
     footers: dict[str, tuple[pq.FileMetaData, str] | str] = {}
     kept_rows: list[dict] = []

@@ -1,0 +1,101 @@
+"""`datasets` files as users have them, over the in-process shard path: to_parquet of an Image cast from file
+paths and of load_dataset("imagefolder") (each cell an absolute path, bytes null), read inside the input or an
+--image-root and nowhere else; save_to_disk folders (Arrow IPC streams); images nested in a struct or a list."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from parquet_datasets import N, class_folders, imagefolder_parquet, path_dataset
+
+from orchestrator.config import Settings
+from orchestrator.errors import SpecError
+from orchestrator.jobs import parse_spec
+from orchestrator.parquetinputs import columns_of
+from orchestrator.planner import plan
+from orchestrator.results import read_table
+from orchestrator.storage import ObjectStore, normalize_uri
+from workers.context import WorkerContext
+from workers.inprocess import run_local
+
+NAMES = ["ant", "bee", "cow"]
+
+
+@pytest.fixture(scope="module")
+def ctx() -> WorkerContext:
+    return WorkerContext(Settings())
+
+
+def run(kind: str, source: Path, out: Path, model: Path, ctx: WorkerContext, **options) -> dict[str, dict]:
+    spec = parse_spec({"kind": kind, "input": str(source), "output": str(out), "model": str(model),
+                       "device": "cpu", "shard_size": 5, **options})
+    run_local(spec, ctx)
+    return {row["key"]: row for row in read_table(spec.output).to_pylist()}
+
+
+def assert_same_predictions(rows: dict[str, dict], files: dict[str, dict], pairs: dict[str, str]) -> None:
+    for key, file_key in pairs.items():
+        assert rows[key]["error"] is None, rows[key]["error"]
+        assert rows[key]["topk_ids"] == files[file_key]["topk_ids"]
+        assert rows[key]["topk_scores"] == pytest.approx(files[file_key]["topk_scores"], abs=1e-6)
+
+
+def test_absolute_path_cells_inside_the_input_classify_as_their_files(tmp_path, hf_model_dir, ctx):
+    dataset = path_dataset(tmp_path / "ds" / "train.parquet", tmp_path / "ds" / "images")
+    rows = run("classify", dataset, tmp_path / "o1", hf_model_dir, ctx)
+    files = run("classify", tmp_path / "ds" / "images", tmp_path / "o2", hf_model_dir, ctx)
+    assert sorted(rows) == sorted(f"train.parquet/{i}" for i in range(N))
+    assert_same_predictions(rows, files, {f"train.parquet/{i}": f"{i:02d}.png" for i in range(N)})
+
+
+def test_absolute_paths_outside_the_input_are_error_rows_until_image_root_names_their_folder(
+        tmp_path, hf_model_dir, ctx):
+    hostile = ("/etc/passwd", str(tmp_path / "images" / ".." / ".." / "x.png"), "../../etc/passwd",
+               f"file://{tmp_path / 'elsewhere.png'}")
+    (tmp_path / "elsewhere.png").write_bytes(b"x")
+    dataset = path_dataset(tmp_path / "ds" / "train.parquet", tmp_path / "images", hostile)
+    refused = run("classify", dataset, tmp_path / "o1", hf_model_dir, ctx)
+    assert len(refused) == N + len(hostile)
+    assert all("outside the job's input" in row["error"] for row in refused.values())
+    assert "--image-root" in refused["train.parquet/0"]["error"]
+    rows = run("classify", dataset, tmp_path / "o2", hf_model_dir, ctx, image_root=str(tmp_path / "images"))
+    files = run("classify", tmp_path / "images", tmp_path / "o3", hf_model_dir, ctx)
+    assert_same_predictions(rows, files, {f"train.parquet/{i}": f"{i:02d}.png" for i in range(N)})
+    for offset in range(len(hostile)):  # the root lets in its own folder, nothing above or beside it
+        assert "outside the job's input" in rows[f"train.parquet/{N + offset}"]["error"]
+
+
+def test_image_root_is_checked_at_submit_and_recorded_with_the_spec(tmp_path):
+    dataset = path_dataset(tmp_path / "ds" / "train.parquet", tmp_path / "images")
+    store = ObjectStore(Settings())
+    for root, words in ((tmp_path / "missing", "cannot be listed"), ("/", "any file")):
+        spec = parse_spec({"kind": "classify", "input": str(dataset), "output": str(tmp_path / "o"),
+                           "model": "hf:x", "image_root": str(root)})
+        with pytest.raises(SpecError, match=words):
+            plan(spec.input, 5, store, columns_of(spec))
+    with pytest.raises(SpecError, match="--image-root apply to parquet inputs"):
+        plan(normalize_uri(str(tmp_path / "images")), 5, store, columns_of(parse_spec(
+            {"kind": "embed", "input": str(tmp_path / "images"), "output": str(tmp_path / "o"), "model": "hf:x",
+             "image_root": str(tmp_path / "images")})))
+    spec = parse_spec({"kind": "embed", "input": str(dataset), "output": str(tmp_path / "o"), "model": "hf:x",
+                       "image_root": str(tmp_path / "images")})
+    assert spec.image_root == normalize_uri(str(tmp_path / "images"))
+    assert plan(spec.input, 5, store, columns_of(spec)).summary()["items"] == N
+
+
+def test_an_imagefolder_dataset_to_parquet_reads_its_files_through_image_root(tmp_path, hf_model_dir, ctx):
+    dataset = imagefolder_parquet(tmp_path / "ds" / "train.parquet", tmp_path / "photos", tmp_path / "cache")
+    column = pq.read_table(dataset).column("image").to_pylist()
+    assert all(cell["bytes"] is None and cell["path"].startswith("/") for cell in column)  # what datasets writes
+    rows = run("classify", dataset, tmp_path / "o1", hf_model_dir, ctx, image_root=str(tmp_path / "photos"),
+               keep_columns="label")
+    files = run("classify", class_folders(tmp_path / "photos"), tmp_path / "o2", hf_model_dir, ctx)
+    by_path = {cell["path"]: f"train.parquet/{row}" for row, cell in enumerate(column)}
+    pairs = {key: path.split("/photos/", 1)[1] for path, key in by_path.items()}
+    assert len(rows) == N and len(pairs) == N
+    assert_same_predictions(rows, files, pairs)
+    assert {NAMES[rows[key]["input_label"]] for key in rows} == set(NAMES)
+    assert all(NAMES[rows[key]["input_label"]] == pairs[key].split("/")[0] for key in rows)
+
