@@ -175,6 +175,7 @@ def image_column(schema: pa.Schema, uri: str, requested: str | None = None) -> s
         if requested not in schema.names:
             raise SpecError(f"--image-column {requested!r} is not a column of {uri} (it has {', '.join(schema.names)})")
         if not is_image_type(schema.field(requested).type):
+            _refuse_nested(schema, uri, [requested])
             raise SpecError(f"--image-column {requested!r} of {uri} is {schema.field(requested).type}: expected "
                             "binary, or a struct with bytes (binary) and path (string)")
         return requested
@@ -184,9 +185,41 @@ def image_column(schema: pa.Schema, uri: str, requested: str | None = None) -> s
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
+        _refuse_nested(schema, uri, nested_image_columns(schema))
         raise SpecError(f"{uri} has no image column (no binary or struct{{bytes, path}} column among "
                         f"{', '.join(schema.names)}): name it with --image-column")
     raise SpecError(f"{uri} has several image columns ({', '.join(candidates)}): pick one with --image-column")
+
+
+def nested_image_columns(schema: pa.Schema) -> list[str]:
+    """Top-level columns that hold images only inside a struct or a list (a `datasets` Image in a dict or
+    a List(Image) feature): one row is not one image there."""
+    return [name for name in schema.names
+            if not is_image_type(schema.field(name).type) and _nested_image(schema.field(name).type) is not None]
+
+
+def _nested_image(kind: pa.DataType, where: str = "") -> str | None:
+    """Where inside `kind` an image type sits ("struct field img", "list element"), or None."""
+    if where and is_image_type(kind):
+        return where
+    if pa.types.is_struct(kind):
+        found = (_nested_image(kind.field(i).type, f"struct field {kind.field(i).name!r}")
+                 for i in range(kind.num_fields))
+        return next((f for f in found if f is not None), None)
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return _nested_image(kind.value_type, "list element")
+    return None
+
+
+def _refuse_nested(schema: pa.Schema, uri: str, names: list[str]) -> None:
+    """SpecError naming the first of `names` that holds its images nested; nothing when none does."""
+    for name in names:
+        where = _nested_image(schema.field(name).type)
+        if where is not None:
+            raise SpecError(
+                f"{uri}: column {name!r} holds its images nested (as a {where}), and vitbatch reads one image per "
+                "row from a top-level column: write the images as a column of their own (datasets: "
+                "dataset.flatten() for a struct, one row per image for a list) and name it with --image-column")
 
 
 def check_columns(schema: pa.Schema, uri: str, columns: ParquetColumns) -> str:
@@ -242,6 +275,7 @@ def plan_parquet(files: list[Item], store: ObjectStore, columns: ParquetColumns,
             raise SpecError(f"{item.uri}: the footer cannot be read ({e})") from e
         schema = metadata.schema.to_arrow_schema()
         if columns.image is None and not any(is_image_type(schema.field(n).type) for n in schema.names):
+            _refuse_nested(schema, item.uri, nested_image_columns(schema))
             ignored.append(item.key)  # a table without images: img2dataset's sidecar of a .tar, say
             continue
         check_columns(schema, item.uri, columns)

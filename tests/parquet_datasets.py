@@ -103,3 +103,19 @@ def imagefolder_parquet(parquet: Path, folder: Path, cache: Path) -> Path:
     parquet.parent.mkdir(parents=True, exist_ok=True)
     data.to_parquet(str(parquet), batch_size=5)
     return parquet
+
+
+def nested_image_datasets(folder: Path) -> tuple[Path, Path]:
+    """`datasets` parquet files whose images are nested: an Image inside a dict feature, and a List(Image)."""
+    from datasets import ClassLabel, Dataset, Features, List, Value
+    from datasets import Image as ImageFeature
+
+    folder.mkdir(parents=True, exist_ok=True)
+    label = ClassLabel(names=["ant", "bee", "cow"])
+    in_struct = Features({"sample": {"img": ImageFeature(), "caption": Value("string")}, "label": label})
+    Dataset.from_dict({"sample": [{"img": {"bytes": png(i), "path": None}, "caption": f"c{i}"} for i in range(N)],
+                       "label": [i % 3 for i in range(N)]}, features=in_struct).to_parquet(str(folder / "struct.parquet"))
+    in_list = Features({"images": List(ImageFeature()), "label": label})
+    Dataset.from_dict({"images": [[{"bytes": png(i), "path": None}] for i in range(N)],
+                       "label": [i % 3 for i in range(N)]}, features=in_list).to_parquet(str(folder / "list.parquet"))
+    return folder / "struct.parquet", folder / "list.parquet"

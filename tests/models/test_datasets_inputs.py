@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from parquet_datasets import N, class_folders, imagefolder_parquet, path_dataset
+from parquet_datasets import N, class_folders, imagefolder_parquet, nested_image_datasets, path_dataset
 
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
 from orchestrator.jobs import parse_spec
-from orchestrator.parquetinputs import columns_of
+from orchestrator.labels import load_labeled
+from orchestrator.parquetinputs import ParquetColumns, columns_of
 from orchestrator.planner import plan
 from orchestrator.results import read_table
 from orchestrator.storage import ObjectStore, normalize_uri
@@ -99,3 +100,14 @@ def test_an_imagefolder_dataset_to_parquet_reads_its_files_through_image_root(tm
     assert {NAMES[rows[key]["input_label"]] for key in rows} == set(NAMES)
     assert all(NAMES[rows[key]["input_label"]] == pairs[key].split("/")[0] for key in rows)
 
+
+
+def test_images_nested_in_a_struct_or_a_list_are_refused_at_submit_naming_the_column(tmp_path):
+    store = ObjectStore(Settings())
+    for path, column in zip(nested_image_datasets(tmp_path / "nested"), ("sample", "images"), strict=True):
+        uri = normalize_uri(str(path))
+        for columns in (ParquetColumns(), ParquetColumns(image=column)):
+            with pytest.raises(SpecError, match=f"column '{column}' holds its images nested.*--image-column"):
+                plan(uri, 5, store, columns)
+        with pytest.raises(SpecError, match=f"column '{column}' holds its images nested.*--image-column"):
+            load_labeled(uri, store)
