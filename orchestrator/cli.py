@@ -39,7 +39,8 @@ def demo(workdir: str = typer.Option("vitbatch-demo", help="Where images, model 
     run_demo(workdir, workers, quick)
 
 
-for _command in (cli_jobs.status, cli_jobs.wait, cli_jobs.cancel, cli_jobs.retry, cli_jobs.reconcile, cli_jobs.jobs,
+for _command in (cli_jobs.status, cli_jobs.wait, cli_jobs.cancel, cli_jobs.retry, cli_jobs.reconcile, cli_jobs.recover,
+                 cli_jobs.jobs,
                  cli_schedules.runs, cli_schedules.beat, cli_jobs.schema, cli_services.worker, cli_services.flower,
                  cli_services.metrics, cli_services.up, demo):
     app.command()(_command)
@@ -55,6 +56,8 @@ def _unreachable(error: BaseException) -> str | None:
         module, name = cls.__module__.split(".")[0], cls.__name__
         if module == "redis" and name in ("ConnectionError", "TimeoutError", "AuthenticationError", "BusyLoadingError"):
             return f"cannot reach Redis ({error}): is it running, and is VITBATCH_BROKER_URL right?"
+        if module == "redis" and name == "OutOfMemoryError":
+            return f"Redis is out of memory and refuses writes ({error}): raise its maxmemory or free memory"
         if module == "kombu" and name == "OperationalError":
             return f"cannot reach the broker ({error}): is Redis running, and is VITBATCH_BROKER_URL right?"
         if module == "botocore" and name in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",

@@ -1,5 +1,5 @@
 """The CLI's job commands: `submit`/`run` (one per job kind, options from the spec), and
-`status`, `wait`, `cancel`, `retry`, `reconcile`, `jobs`, `schema`."""
+`status`, `wait`, `cancel`, `retry`, `reconcile`, `recover`, `jobs`, `schema`."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import typer
 
 from orchestrator.commits import stage_seconds
 from orchestrator.config import Settings
-from orchestrator.errors import VitbatchError
+from orchestrator.errors import JobNotFound, VitbatchError
 from orchestrator.jobs import JOB_KINDS, SPEC_CLASSES, parse_spec
 from orchestrator.ledger import JobState
-from orchestrator.terminal import console, err, exit_code, report, watch
+from orchestrator.terminal import EXIT_UNKNOWN_JOB, console, err, exit_code, report, watch
 
 
 def client_for(settings: Settings | None = None):
@@ -125,13 +125,22 @@ def add_job_commands(group: typer.Typer, wait: bool) -> None:
         _job_command(group, kind, wait)
 
 
+def _unknown(error: JobNotFound) -> typer.Exit:
+    """The job is not in Redis (never was, expired, or Redis lost its data): say so, exit 3."""
+    err.print(f"unknown job: {error}", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(EXIT_UNKNOWN_JOB)
+
+
 def status(job_id: str, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """Show a job's state and totals."""
+    """Show a job's state and totals (exit 3 when Redis does not know the job)."""
     from orchestrator.redisretry import ride_out
 
     client = client_for()
-    job, stages = ride_out(lambda: (client.status(job_id), stage_seconds(client.ledger.shard_stats(job_id).values())),
-                           client.settings.redis_retry_s)
+    try:
+        job, stages = ride_out(lambda: (client.status(job_id), stage_seconds(client.ledger.shard_stats(job_id).values())),
+                               client.settings.redis_retry_s, counted=client.ledger.count_oom_refusals)
+    except JobNotFound as e:
+        raise _unknown(e) from None
     if as_json:
         console.print_json(json.dumps({**job.to_json(), "stage_seconds": stages}))
     else:
@@ -143,11 +152,15 @@ def status(job_id: str, as_json: bool = typer.Option(False, "--json", help="Mach
 
 
 def wait(job_id: str) -> None:
-    """Wait with a progress bar; exit 0 when the job succeeded, 1 otherwise."""
+    """Wait with a progress bar; exit 0 when the job succeeded, 1 otherwise, 3 when Redis does not know the job."""
     from orchestrator.redisretry import ride_out
 
     client = client_for()
-    final = watch(client, job_id, ride_out(lambda: client.status(job_id).n_items, client.settings.redis_retry_s))
+    try:
+        final = watch(client, job_id, ride_out(lambda: client.status(job_id).n_items, client.settings.redis_retry_s,
+                                               counted=client.ledger.count_oom_refusals))
+    except JobNotFound as e:
+        raise _unknown(e) from None
     report(final)
     raise typer.Exit(exit_code(final))
 
@@ -175,7 +188,8 @@ def reconcile(loop: bool = typer.Option(False, help="Keep reconciling until Ctrl
     client = client_for()
     stale = stale_after_s or client.settings.stale_after_s
     while True:
-        result = ride_out(lambda: reconcile_once(client, stale), client.settings.redis_retry_s)
+        result = ride_out(lambda: reconcile_once(client, stale), client.settings.redis_retry_s,
+                          counted=client.ledger.count_oom_refusals)
         for job_id, shards in result.requeued.items():
             console.print(f"{job_id}: re-enqueued silent shards {shards}")
         for job_id in result.finalized:
@@ -184,9 +198,26 @@ def reconcile(loop: bool = typer.Option(False, help="Keep reconciling until Ctrl
             err.print(f"{job_id}: could not reconcile ({error})", markup=False, highlight=False, soft_wrap=True)
         for job_id in result.failed:
             console.print(f"{job_id}: marked failed after {client.settings.reconcile_max_errors} failed passes")
+        for job_id in result.unknown:
+            err.print(f"{job_id}: no longer in Redis; left alone (`vitbatch recover <output>` rebuilds it)")
         if not loop:
             return
         time.sleep(client.settings.heartbeat_s)
+
+
+def recover(output: str = typer.Argument(..., help="The lost job's output prefix."),
+            job_id: str = typer.Option(None, help="The job to recover (default: the one the prefix's _job.json names).")
+            ) -> None:
+    """Rebuild a job Redis lost (emptied, or a new instance) from its output's records and run the rest.
+
+    Committed shards (their commit markers) count as done; the others are enqueued again."""
+    from orchestrator.recover import recover as recover_job
+
+    done = recover_job(client_for(), output, job_id)
+    console.print(f"{done.job_id}: recovered {done.kind} job at {done.output}: {len(done.committed)} committed "
+                  f"shard(s) kept, {len(done.enqueued)} enqueued again {done.enqueued}"
+                  + (f", {done.carried} carried-over rows" if done.carried else ""))
+    console.print(f"follow it with `vitbatch wait {done.job_id}`")
 
 
 def jobs(limit: int = 20) -> None:

@@ -139,6 +139,9 @@ SCHEDULE_RUNS_KEPT = 1000  # run records per schedule; older ones are trimmed
 RECONCILE_ERRORS_KEY = "vitbatch:reconcile:errors"
 """Counter: reconciler passes over one job that raised (the fleet exporter shows it)."""
 
+REDIS_OOM_REFUSALS_KEY = "vitbatch:redis:oom-refusals"
+"""Counter: writes Redis refused at maxmemory that a client or the reconciler rode out (the fleet exporter shows it)."""
+
 JOBS_INDEX_KEY = "vitbatch:jobs"
 """Sorted set: job id scored by submit time."""
 

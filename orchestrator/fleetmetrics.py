@@ -87,6 +87,8 @@ class FleetCollector:
                 "last heartbeat (0 with none running); past VITBATCH_STALE_AFTER_S the reconciler re-enqueues it"),
             CounterMetricFamily("vitbatch_reconcile_errors", "Reconciler passes over one job that raised (the job "
                                 "is passed over; after VITBATCH_RECONCILE_MAX_ERRORS in a row it is marked failed)."),
+            CounterMetricFamily("vitbatch_redis_oom_refusals", "Writes Redis refused at maxmemory that a client or "
+                                "the reconciler rode out and retried (counted once Redis takes writes again)."),
         )}
 
     def describe(self):
@@ -95,7 +97,7 @@ class FleetCollector:
 
     def collect(self):
         try:
-            families = ride_out(self._filled, self.retry_s, "Redis (fleet exporter)")
+            families = ride_out(self._filled, self.retry_s, "Redis (fleet exporter)", counted=self.ledger.count_oom_refusals)
             families["vitbatch_up"].add_metric([], 1)
         except redis.RedisError:
             families = {"vitbatch_up": self.families()["vitbatch_up"]}
@@ -112,6 +114,7 @@ class FleetCollector:
             families["vitbatch_queue_length"].add_metric([queue], length)
         families["vitbatch_unacked_messages"].add_metric([], self.ledger.r.hlen(Channel.unacked_key))
         families["vitbatch_reconcile_errors"].add_metric([], self.ledger.reconcile_errors_total())
+        families["vitbatch_redis_oom_refusals"].add_metric([], self.ledger.oom_refusals_total())
         for state, count in job_state_counts(self.ledger).items():
             families["vitbatch_jobs"].add_metric([state], count)
         for job_id in self.ledger.active_jobs():

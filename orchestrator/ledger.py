@@ -35,6 +35,17 @@ def connect(endpoint: RedisEndpoint | str) -> redis.Redis:
     return endpoint.client(decode_responses=True)  # with redisendpoint's timeouts, keepalive and health checks
 
 
+# A write into a job's hash only while the job is recorded (the hash holds its state): after Redis
+# lost its data, a late counter must not recreate the hash as a fragment without state, spec or
+# output. KEYS: job. ARGV: 'incr' or 'set', field, value. Returns nil when the job is not recorded.
+_JOB_FIELD_WRITE = """
+if redis.call('HEXISTS', KEYS[1], 'state') == 0 then return false end
+if ARGV[1] == 'incr' then return redis.call('HINCRBY', KEYS[1], ARGV[2], ARGV[3]) end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+return 0
+"""
+
+
 def _text(reply: bytes | str) -> str:
     """A reply as the str it is: the ledger's clients decode replies (decode_responses=True in
     `connect`), though redis-py's types also allow bytes."""
@@ -96,6 +107,29 @@ class Ledger:
             pipe.hset(k.shard_state_key(job_id), mapping={str(i): ShardState.PENDING.value for i in range(n_shards)})
         pipe.zadd(k.JOBS_INDEX_KEY, {job_id: time.time()})
         pipe.zremrangebyscore(k.JOBS_INDEX_KEY, 0, time.time() - self.job_ttl_s)  # their keys have expired
+        pipe.execute()
+
+    def restore(self, job_id: str, spec_json: str, kind: str, output: str, n_items: int, n_shards: int, *,
+                carried: int, created_at: float, committed: dict[int, tuple[int, int, dict]],
+                lease_floor: int) -> None:
+        """Register a job Redis lost again (recover.py): queued, its `committed` shards (shard -> rows,
+        error rows, stats) committed with their counts, the others pending; every shard's lease
+        counter restarts at `lease_floor`, above any token granted before the loss."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(k.job_key(job_id), mapping={
+            "state": JobState.QUEUED.value, "spec": spec_json, "kind": kind, "output": output,
+            "n_items": n_items + carried, "n_shards": n_shards, "created_at": created_at, "carried": carried,
+            "recovered_at": time.time(),
+        })
+        if n_shards:
+            pipe.hset(k.shard_state_key(job_id), mapping={
+                str(i): (ShardState.COMMITTED if i in committed else ShardState.PENDING).value for i in range(n_shards)})
+            pipe.hset(k.shard_lease_key(job_id), mapping={str(i): lease_floor for i in range(n_shards)})
+        if committed:
+            pipe.hset(k.shard_done_key(job_id), mapping={str(i): c[0] for i, c in committed.items()})
+            pipe.hset(k.shard_errors_key(job_id), mapping={str(i): c[1] for i, c in committed.items()})
+            pipe.hset(k.shard_stats_key(job_id), mapping={str(i): json.dumps(c[2]) for i, c in committed.items()})
+        pipe.zadd(k.JOBS_INDEX_KEY, {job_id: created_at})
         pipe.execute()
 
     def set_state(self, job_id: str, state: JobState, reason: str = "", lease: Lease | None = None,
@@ -193,8 +227,16 @@ class Ledger:
         self._fenced(fencing.PROGRESS, lease, [k.shard_state_key(lease.job_id), k.shard_done_key(lease.job_id),
                                                k.shard_advanced_key(lease.job_id)], done)
 
+    def _job_field(self, job_id: str, op: str, name: str, value: int | str) -> int:
+        """HINCRBY (`op` 'incr') or HSET ('set') one field of a recorded job; JobNotFound when Redis
+        no longer holds the job (the hash is never recreated as a fragment)."""
+        reply = self.r.eval(_JOB_FIELD_WRITE, 1, k.job_key(job_id), op, name, value)
+        if reply is None:
+            raise JobNotFound(self._missing(job_id))
+        return int(reply)
+
     def set_queue(self, job_id: str, queue: str) -> None:
-        self.r.hset(k.job_key(job_id), "queue", queue)
+        self._job_field(job_id, "set", "queue", queue)
 
     def queue(self, job_id: str) -> str:
         return _text(self.r.hget(k.job_key(job_id), "queue") or k.QUEUE_DEFAULT)
@@ -204,7 +246,7 @@ class Ledger:
         self.r.hset(k.shard_items_key(job_id), str(shard), n_items)
 
     def set_total(self, job_id: str, n_items: int) -> None:
-        self.r.hset(k.job_key(job_id), "n_items", n_items)
+        self._job_field(job_id, "set", "n_items", n_items)
 
     def heartbeat(self, lease: Lease) -> None:
         self._fenced(fencing.HEARTBEAT, lease, [k.shard_state_key(lease.job_id), k.shard_heartbeat_key(lease.job_id)])
@@ -263,15 +305,25 @@ class Ledger:
         return ids
 
     def count_requeues(self, job_id: str, n: int) -> None:
-        self.r.hincrby(k.job_key(job_id), "requeued", n)
+        self._job_field(job_id, "incr", "requeued", n)
 
     def count_reconcile_error(self, job_id: str) -> int:
         """A reconciler pass over the job raised: counted fleet-wide (the exporter shows it); returns
-        how many passes over this job have raised in a row."""
-        pipe = self.r.pipeline(transaction=True)
-        pipe.incr(k.RECONCILE_ERRORS_KEY)
-        pipe.hincrby(k.job_key(job_id), "reconcile_errors", 1)
-        return int(pipe.execute()[1])
+        how many passes over this job have raised in a row. JobNotFound when Redis no longer holds it."""
+        passes = self._job_field(job_id, "incr", "reconcile_errors", 1)
+        self.r.incr(k.RECONCILE_ERRORS_KEY)
+        return passes
+
+    def count_oom_refusals(self, n: int) -> None:
+        """Writes Redis refused at maxmemory that a caller rode out (redisretry.py): counted fleet-wide,
+        once Redis takes writes again. Best effort: a statistic never fails the caller's work."""
+        try:
+            self.r.incrby(k.REDIS_OOM_REFUSALS_KEY, n)
+        except redis.RedisError:
+            pass  # full or gone again: the next ridden-out refusal is counted with its own
+
+    def oom_refusals_total(self) -> int:
+        return int(self.r.get(k.REDIS_OOM_REFUSALS_KEY) or 0)
 
     def clear_reconcile_errors(self, job_id: str) -> None:
         self.r.hdel(k.job_key(job_id), "reconcile_errors")
@@ -342,7 +394,8 @@ class Ledger:
         if submitted is not None and time.time() - submitted > self.job_ttl_s:
             return (f"job {job_id} ended more than {self.job_ttl_s / 86400:g} days ago and its state expired from "
                     f"Redis (VITBATCH_JOB_TTL_S); its output's {k.SUCCESS_FILE} (or {k.FAILURES_FILE}) holds its summary")
-        return f"no job {job_id!r} in Redis; check the id and VITBATCH_BROKER_URL"
+        return (f"no job {job_id!r} in Redis; check the id and VITBATCH_BROKER_URL (if Redis lost its data, "
+                f"`vitbatch recover <output>` rebuilds the job from its output's records)")
 
     def status(self, job_id: str) -> JobStatus:
         pipe = self.r.pipeline(transaction=False)
@@ -353,7 +406,7 @@ class Ledger:
         pipe.hgetall(k.shard_reason_key(job_id))
         pipe.hvals(k.shard_items_key(job_id))
         job, states, done, errors, reasons, tar_items = pipe.execute()
-        if not job:
+        if "state" not in job:  # none, or a fragment a pass before this release left after Redis lost the job
             raise JobNotFound(self._missing(job_id))
         counts = {s.value: 0 for s in ShardState}
         for s in states:

@@ -11,6 +11,10 @@ safe anyway: output keys are deterministic and a commit marker makes the second 
 One job the reconciler cannot handle (a missing commit marker, a corrupt record) is logged,
 counted (`vitbatch_reconcile_errors_total`) and passed over; after `max_errors` passes in a
 row that fail, the job is marked failed with the reason, which frees its output prefix.
+Redis being unreachable or full (maxmemory) is not the job's fault: the whole pass gives up,
+writing nothing more, and its caller rides it out (redisretry.py). A job Redis no longer holds
+(emptied, or replaced by a new instance) is listed as unknown and left alone: no pass writes
+into it, so it never reappears as a fragment (`vitbatch recover` rebuilds it from storage).
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from orchestrator.errors import JobNotFound
 from orchestrator.finalize import finalize
 from orchestrator.ledger import JobState, ShardState
-from orchestrator.redisretry import REDIS_DOWN  # the whole pass fails: callers ride it out
+from orchestrator.redisretry import RIDDEN_OUT  # the whole pass fails: callers ride it out
 
 log = logging.getLogger(__name__)
 SLOW_UNIT_KINDS = frozenset({"finetune", "evaluate", "export"})  # one long unit, progress reported sparsely
@@ -32,18 +37,21 @@ class Reconciled:
     finalized: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)  # job -> what its pass raised
     failed: list[str] = field(default_factory=list)  # jobs marked failed after too many such passes
+    unknown: list[str] = field(default_factory=list)  # jobs Redis no longer holds (left alone)
 
 
 def reconcile(client, stale_after_s: float, job_ids: list[str] | None = None) -> Reconciled:
     """One pass over active jobs; safe to run from several places at once. A job whose pass
-    raises does not stop the others; Redis being unreachable does (the caller rides it out)."""
+    raises does not stop the others; Redis being unreachable or full does (the caller rides it out)."""
     result = Reconciled()
     for job_id in job_ids if job_ids is not None else client.ledger.active_jobs():
         try:
             _reconcile_job(client, job_id, stale_after_s, result)
             client.ledger.clear_reconcile_errors(job_id)
-        except REDIS_DOWN:
+        except RIDDEN_OUT:
             raise
+        except JobNotFound:
+            result.unknown.append(job_id)
         except Exception as e:
             _count_error(client, job_id, e, result)
     return result
@@ -73,8 +81,17 @@ def _reconcile_job(client, job_id: str, stale_after_s: float, result: Reconciled
 
 
 def _count_error(client, job_id: str, error: Exception, result: Reconciled) -> None:
-    passes = client.ledger.count_reconcile_error(job_id)
+    """Count the failed pass, and fail the job after too many. Its writes are the guarded ones
+    (a job Redis lost is not recreated); one that Redis refuses (down, full) ends the whole pass."""
     reason = f"{type(error).__name__}: {error}"
+    try:
+        passes = client.ledger.count_reconcile_error(job_id)
+    except JobNotFound:
+        result.unknown.append(job_id)
+        return
+    except RIDDEN_OUT as refused:
+        log.error("reconciling job %s failed (%s) and Redis refused to count it (%s)", job_id, reason, refused)
+        raise
     log.error("reconciling job %s failed (%d in a row): %s", job_id, passes, reason, exc_info=error)
     result.errors[job_id] = reason
     if passes >= client.settings.reconcile_max_errors:

@@ -212,7 +212,8 @@ class Client:
              poll_s: float = 0.5, timeout_s: float | None = None, stop: threading.Event | None = None) -> JobStatus:
         """The job's status once it is terminal. KeyboardInterrupt within a poll once `stop` is set
         (the embedded stack's SIGTERM, should its own interrupt have been lost). A Redis restart is
-        ridden out for up to `VITBATCH_REDIS_RETRY_S` per outage (redisretry.py)."""
+        ridden out for up to `VITBATCH_REDIS_RETRY_S` per outage, as is Redis refusing writes at maxmemory
+        (redisretry.py). JobNotFound when Redis does not know the job, or loses it meanwhile."""
         from orchestrator.reconcile import reconcile
 
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -229,7 +230,7 @@ class Client:
             while True:
                 if stop is not None and stop.is_set():
                     raise KeyboardInterrupt
-                status = ride_out(read, self.settings.redis_retry_s)
+                status = ride_out(read, self.settings.redis_retry_s, counted=self.ledger.count_oom_refusals)
                 if on_update:
                     on_update(status)
                 if status.state.terminal:

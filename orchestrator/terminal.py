@@ -68,5 +68,8 @@ def report(status: JobStatus, show_rows: int = 0, client=None) -> None:
         console.print(view)
 
 
+EXIT_UNKNOWN_JOB = 3  # `status`/`wait`: Redis does not know the job (0: succeeded, 1: ended otherwise, 2: error)
+
+
 def exit_code(status: JobStatus) -> int:
     return 0 if status.state is JobState.SUCCEEDED else 1
