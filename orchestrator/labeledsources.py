@@ -19,10 +19,9 @@ import tarfile
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from orchestrator.errors import SpecError
-from orchestrator.parquetinputs import RangedFile, class_names, hf_features, image_column, read_footer
+from orchestrator.parquetinputs import class_names, hf_features, image_column, is_table_key
 from orchestrator.planner import is_image_key
 from orchestrator.storage import ObjectInfo, ObjectStore
 
@@ -43,8 +42,8 @@ def label_options(spec) -> LabelOptions:
 
 
 def is_container_key(key: str) -> bool:
-    """Objects whose contents are the labeled images: parquet files and (gzipped) tars."""
-    return key.lower().endswith((".parquet", ".tar", ".tar.gz", ".tgz"))
+    """Objects whose contents are the labeled images: parquet files, save_to_disk Arrow streams, (gzipped) tars."""
+    return is_table_key(key) or key.lower().endswith((".tar", ".tar.gz", ".tgz"))
 
 
 def label_column(schema: pa.Schema, uri: str, requested: str | None) -> str:
@@ -61,20 +60,20 @@ def label_column(schema: pa.Schema, uri: str, requested: str | None) -> str:
 
 
 def parquet_rows(key: str, info: ObjectInfo, store: ObjectStore, options: LabelOptions) -> list:
-    """LabeledItems of one parquet file (labels read, images not)."""
+    """LabeledItems of one parquet file or save_to_disk Arrow stream (labels read; images not, for parquet)."""
     from orchestrator.labels import LabeledItem
+    from orchestrator.tablefiles import read_table_footer
 
     try:
-        metadata = read_footer(store, info.uri, info.size)
-    except ValueError as e:
+        footer = read_table_footer(store, info.uri, info.size)
+        image_column(footer.schema, info.uri, options.image_column)
+        column = label_column(footer.schema, info.uri, options.label_column)
+        values = footer.read_column(store, column)
+    except (ValueError, pa.ArrowException, OSError) as e:
         raise SpecError(f"{info.uri}: {e}; fix or remove the file") from e
-    schema = metadata.schema.to_arrow_schema()
-    image_column(schema, info.uri, options.image_column)
-    column = label_column(schema, info.uri, options.label_column)
-    values = pq.ParquetFile(RangedFile(store, info.uri, info.size), metadata=metadata).read(columns=[column])
-    names = class_names(schema, column)
+    names = class_names(footer.schema, column)
     items = []
-    for row, value in enumerate(values.column(column).to_pylist()):
+    for row, value in enumerate(values):
         if value is None or (names is not None and not 0 <= value < len(names)):
             raise SpecError(f"{info.uri} row {row}: no label in {column!r} ({value!r}); drop the row or label it")
         items.append(LabeledItem(key=f"{key}/{row}", uri=cell_address(info.uri, row, options.image_column),
@@ -120,7 +119,7 @@ def cell_address(uri: str, row: int, column: str | None) -> str:
 def split_address(uri: str) -> tuple[str, str] | None:
     """(container uri, address inside it) of an image inside a parquet file or tar, else None."""
     lowered = uri.lower()
-    for suffix in (".parquet#", ".tar.gz#", ".tgz#", ".tar#"):
+    for suffix in (".parquet#", ".arrow#", ".tar.gz#", ".tgz#", ".tar#"):
         at = lowered.rfind(suffix)
         if at >= 0:
             return uri[:at + len(suffix) - 1], uri[at + len(suffix):]

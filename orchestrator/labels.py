@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from orchestrator.errors import ObjectNotFound, SpecError, UnsafeKey
 from orchestrator.labeledsources import LabelOptions, is_container_key, parquet_rows, tar_members
+from orchestrator.parquetinputs import is_table_key
 from orchestrator.planner import is_image_key
 from orchestrator.storage import ObjectInfo, ObjectStore, join, relative_key
 
@@ -57,7 +58,7 @@ def _from_containers(containers: list[tuple[str, ObjectInfo]], store: ObjectStor
     """The labeled rows of parquet files and members of tars (orchestrator/labeledsources.py)."""
     items: list[LabeledItem] = []
     for key, info in containers:
-        if key.lower().endswith(".parquet"):
+        if is_table_key(key):  # parquet, or a datasets save_to_disk .arrow stream
             items += parquet_rows(key, info, store, options)
         else:
             items += tar_members(key, info, store, options, store.settings.max_tar_bytes)

@@ -124,6 +124,11 @@ def is_parquet_key(key: str) -> bool:
     return key.lower().endswith(PARQUET_SUFFIX)
 
 
+def is_table_key(key: str) -> bool:
+    """A table whose rows are images: a .parquet file or a datasets save_to_disk .arrow stream (tablefiles.py)."""
+    return key.lower().endswith((PARQUET_SUFFIX, ".arrow"))
+
+
 def read_footer(store: ObjectStore, uri: str, size: int = -1, within: str | None = None,
                 stats: ReadStats | None = None) -> pq.FileMetaData:
     """The file's footer (schema, row groups) from its last bytes; ValueError when it is not parquet."""
@@ -237,11 +242,10 @@ def check_columns(schema: pa.Schema, uri: str, columns: ParquetColumns) -> str:
     return image
 
 
-def row_group_items(item: Item, metadata: pq.FileMetaData) -> list[Item]:
-    """One manifest item per non-empty row group of the file, with its first row and row count."""
+def row_group_items(item: Item, group_rows: list[int]) -> list[Item]:
+    """One manifest item per non-empty row group (or record batch) of the file, with its first row and row count."""
     out, first = [], 0
-    for index in range(metadata.num_row_groups):
-        rows = metadata.row_group(index).num_rows
+    for index, rows in enumerate(group_rows):
         if rows:
             out.append(Item(item.key, item.uri, item.size, item.etag, row_group=index, first_row=first, rows=rows))
         first += rows
@@ -259,28 +263,30 @@ class ParquetPlan:
 
 def plan_parquet(files: list[Item], store: ObjectStore, columns: ParquetColumns, scope: str,
                  stats: ReadStats | None = None) -> ParquetPlan:
-    """The row groups of every parquet file, in file then row-group order; SpecError on an unreadable footer."""
+    """The row groups of every table file (parquet, save_to_disk's Arrow streams), in file then row-group
+    order; SpecError on an unreadable footer."""
+    from orchestrator.tablefiles import read_table_footer, streams_in_state
+
     if columns.image_root is not None:
         check_image_root(columns.image_root, store)
     groups: list[Item] = []
     kept: list[pa.Schema] = []
-    ignored: list[str] = []
+    files, ignored = streams_in_state(files, store)
     for item in files:
         try:
-            size = item.size if item.size >= 0 else store.info(item.uri).size
-            metadata = read_footer(store, item.uri, size, within=scope, stats=stats)
+            footer = read_table_footer(store, item.uri, item.size, within=scope, stats=stats)
         except ValueError as e:
             raise SpecError(f"{item.uri}: {e}; fix or remove the file (or list the others in a manifest)") from e
         except (ObjectNotFound, ObjectUnreadable) as e:
             raise SpecError(f"{item.uri}: the footer cannot be read ({e})") from e
-        schema = metadata.schema.to_arrow_schema()
+        schema = footer.schema
         if columns.image is None and not any(is_image_type(schema.field(n).type) for n in schema.names):
             _refuse_nested(schema, item.uri, nested_image_columns(schema))
             ignored.append(item.key)  # a table without images: img2dataset's sidecar of a .tar, say
             continue
         check_columns(schema, item.uri, columns)
         kept.append(pa.schema([schema.field(name) for name in columns.keep]))
-        groups += row_group_items(Item(item.key, item.uri, size, item.etag), metadata)
+        groups += row_group_items(Item(item.key, item.uri, footer.size, item.etag), footer.group_rows())
     return ParquetPlan(groups, _unified(kept, files) if columns.keep and kept else None, ignored)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.errors import ObjectNotFound, SpecError, UnsafeKey, VitbatchError
 from orchestrator.manifest import Item
-from orchestrator.parquetinputs import ParquetColumns, is_parquet_key, plan_parquet, shard_runs
+from orchestrator.parquetinputs import ParquetColumns, is_table_key, plan_parquet, shard_runs
 from orchestrator.scope import INPUT_LIST_SUFFIXES, brace_range, input_root, outside_input
 from orchestrator.storage import ObjectInfo, ObjectStore, join, relative_key
 
@@ -81,7 +81,7 @@ def plan(input_uri: str, shard_size: int, store: ObjectStore, columns: ParquetCo
         candidates = _from_brace_range(input_uri)
     elif suffix in INPUT_LIST_SUFFIXES and store.exists(input_uri):
         candidates = _from_input_list(input_uri, store)
-    elif is_parquet_key(input_uri) and store.exists(input_uri):
+    elif is_table_key(input_uri) and store.exists(input_uri):
         candidates = iter([_one_object(input_uri, store)])
     else:
         candidates = _from_prefix(input_uri, store, skipped)
@@ -95,7 +95,7 @@ def plan(input_uri: str, shard_size: int, store: ObjectStore, columns: ParquetCo
         elif item.key.lower().endswith(TAR_SUFFIXES):
             seen.add(item.key)
             tars.append(Item(item.key, item.uri, item.size, item.etag, tar=True))
-        elif is_parquet_key(item.key):
+        elif is_table_key(item.key):  # parquet, or a datasets save_to_disk .arrow stream
             seen.add(item.key)
             parquet.append(item)
         elif not is_image_key(item.key):
@@ -110,7 +110,7 @@ def plan(input_uri: str, shard_size: int, store: ObjectStore, columns: ParquetCo
     ignored += parquet_plan.ignored
     if not items and not tars and not parquet_plan.row_groups:
         raise SpecError(
-            f"no image files under {input_uri} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, .tar and .parquet;"
+            f"no image files under {input_uri} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, .tar, .parquet, .arrow;"
             f" {len(ignored)} other files ignored, {len(skipped)} entries skipped{': ' + skipped[0] if skipped else ''})"
         )
     return Plan(items=items, shard_size=shard_size, ignored=ignored, duplicates=duplicates, tars=tars,

@@ -119,3 +119,17 @@ def nested_image_datasets(folder: Path) -> tuple[Path, Path]:
     Dataset.from_dict({"images": [[{"bytes": png(i), "path": None}] for i in range(N)],
                        "label": [i % 3 for i in range(N)]}, features=in_list).to_parquet(str(folder / "list.parquet"))
     return folder / "struct.parquet", folder / "list.parquet"
+
+
+def saved_dataset(folder: Path, num_shards: int = 2) -> Path:
+    """`Dataset.save_to_disk` of N images (bytes) with a ClassLabel and a caption: `num_shards` Arrow IPC
+    streams `data-0000k-of-0000n.arrow`, state.json listing them, dataset_info.json with the features."""
+    from datasets import ClassLabel, Dataset
+    from datasets import Image as ImageFeature
+
+    cells = [{"bytes": png(i), "path": None} for i in range(N)]
+    data = Dataset.from_dict({"image": cells, "label": [i % 3 for i in range(N)],
+                              "caption": [f"caption {i}" for i in range(N)]})
+    data = data.cast_column("image", ImageFeature()).cast_column("label", ClassLabel(names=["ant", "bee", "cow"]))
+    data.save_to_disk(str(folder), num_shards=num_shards)
+    return folder

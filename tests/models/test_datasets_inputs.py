@@ -4,24 +4,42 @@ paths and of load_dataset("imagefolder") (each cell an absolute path, bytes null
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from parquet_datasets import N, class_folders, imagefolder_parquet, nested_image_datasets, path_dataset
+import torch
+from parquet_datasets import (
+    N,
+    class_folders,
+    image_files,
+    imagefolder_parquet,
+    nested_image_datasets,
+    path_dataset,
+    png,
+    saved_dataset,
+)
 
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
-from orchestrator.jobs import parse_spec
+from orchestrator.jobs import EvaluateSpec, FinetuneSpec, parse_spec
 from orchestrator.labels import load_labeled
 from orchestrator.parquetinputs import ParquetColumns, columns_of
 from orchestrator.planner import plan
-from orchestrator.results import read_table
+from orchestrator.results import read_embeddings, read_table
 from orchestrator.storage import ObjectStore, normalize_uri
 from workers.context import WorkerContext
+from workers.decode.labeledcells import ContainerReader
 from workers.inprocess import run_local
+from workers.training.evaluation import evaluate
+from workers.training.finetune import finetune
 
 NAMES = ["ant", "bee", "cow"]
+TINY_VIT = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 64}
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +129,57 @@ def test_images_nested_in_a_struct_or_a_list_are_refused_at_submit_naming_the_co
                 plan(uri, 5, store, columns)
         with pytest.raises(SpecError, match=f"column '{column}' holds its images nested.*--image-column"):
             load_labeled(uri, store)
+
+
+def test_a_save_to_disk_folder_classifies_and_embeds_its_rows_as_the_same_images_as_files(tmp_path, hf_model_dir, ctx):
+    saved = saved_dataset(tmp_path / "saved")
+    job_plan = plan(normalize_uri(str(saved)), 5, ObjectStore(Settings()))
+    summary = job_plan.summary()
+    assert (summary["items"], summary["parquet_files"], summary["parquet_row_groups"]) == (N, 2, 2)
+    rows = run("classify", saved, tmp_path / "o1", hf_model_dir, ctx, keep_columns="label,caption")
+    files = run("classify", image_files(tmp_path / "files"), tmp_path / "o2", hf_model_dir, ctx)
+    half = N // 2
+    keys = {f"data-{i // half:05d}-of-00002.arrow/{i % half}": i for i in range(N)}
+    assert sorted(rows) == sorted(keys)
+    assert_same_predictions(rows, files, {key: f"{i:02d}.png" for key, i in keys.items()})
+    assert all((rows[key]["input_label"], rows[key]["caption"]) == (i % 3, f"caption {i}") for key, i in keys.items())
+    embedded = []
+    for source, out in ((saved, tmp_path / "e1"), (tmp_path / "files", tmp_path / "e2")):
+        spec = parse_spec({"kind": "embed", "input": str(source), "output": str(out), "model": str(hf_model_dir),
+                           "device": "cpu"})
+        run_local(spec, ctx)
+        embedded.append(read_embeddings(spec.output))
+    (saved_keys, vectors), (_, file_vectors) = embedded
+    assert saved_keys == sorted(keys, key=keys.__getitem__)
+    np.testing.assert_allclose(vectors.astype(np.float32), file_vectors.astype(np.float32), atol=1e-3)
+
+
+def test_a_save_to_disk_folder_gives_finetune_and_evaluate_its_classlabel_names(tmp_path, ctx):
+    saved = saved_dataset(tmp_path / "saved")
+    store = ObjectStore(Settings())
+    items = load_labeled(normalize_uri(str(saved)), store)
+    assert [item.label for item in items] == [NAMES[i % 3] for i in range(N)]
+    assert items[7].key == "data-00001-of-00002.arrow/1"
+    assert ContainerReader(store, Settings()).read(items[7].uri) == png(7)
+    torch.set_num_threads(1)
+    spec = FinetuneSpec(train=str(saved), output=str(tmp_path / "model"), config=TINY_VIT, epochs=1, lr=1e-3,
+                        batch_size=4, augment="none", val_split=0.25, device="cpu", precision="fp32")
+    assert finetune(spec, "job-saved", ctx, lambda _: None)["errors"] == 0
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert sorted(config["id2label"].values()) == NAMES
+    evaluate(EvaluateSpec(input=str(saved), model=str(tmp_path / "model"), output=str(tmp_path / "e"), device="cpu",
+                          precision="fp32"), "job-eval", ctx, lambda _: None)
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert (metrics["n_images"], metrics["n_errors"]) == (N, 0)
+    assert sum(v["support"] for v in metrics["per_class"].values()) == N
+
+
+def test_state_json_decides_which_streams_are_read(tmp_path):
+    saved = saved_dataset(tmp_path / "saved")
+    store = ObjectStore(Settings())
+    shutil.copy(saved / "data-00000-of-00002.arrow", saved / "stale.arrow")
+    job_plan = plan(normalize_uri(str(saved)), 5, store)
+    assert "stale.arrow" in job_plan.ignored and job_plan.summary()["items"] == N
+    (saved / "data-00001-of-00002.arrow").unlink()
+    with pytest.raises(SpecError, match="state.json lists .*data-00001-of-00002.arrow, which is not there"):
+        plan(normalize_uri(str(saved)), 5, store)

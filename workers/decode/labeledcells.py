@@ -1,5 +1,5 @@
-"""Images inside parquet files and tars by address (`<object uri>#<row index>`, `<tar uri>#<member>`), for
-finetune and evaluate, whose labeled items come from orchestrator/labeledsources.py.
+"""Images inside parquet files, save_to_disk Arrow streams and tars by address (`<object uri>#<row index>`,
+`<tar uri>#<member>`), for finetune and evaluate, whose labeled items come from orchestrator/labeledsources.py.
 
 Training reads items in a shuffled order, so the row groups and tars read last are kept, least
 recently used first out, up to `CACHE_BYTES`: a training set that fits is read once per job; a
@@ -12,14 +12,13 @@ import bisect
 import threading
 from collections import OrderedDict
 
-import pyarrow.parquet as pq
-
 from orchestrator.config import Settings
 from orchestrator.errors import ObjectNotFound, ObjectTooLarge, ObjectUnreadable, SpecError
 from orchestrator.labeledsources import split_address
 from orchestrator.manifest import Item
-from orchestrator.parquetinputs import image_column, read_footer
+from orchestrator.parquetinputs import image_column, is_table_key
 from orchestrator.storage import ObjectStore
+from orchestrator.tablefiles import Footer, read_table_footer
 from workers.decode.parquetshards import RowGroup, RowGroupCells
 from workers.decode.tarshards import expand
 
@@ -37,7 +36,7 @@ class ContainerReader:
     def __init__(self, store: ObjectStore, settings: Settings) -> None:
         self.store, self.settings = store, settings
         self.cells = RowGroupCells(store, settings.max_object_bytes, settings.max_tar_bytes, scope=None)
-        self.files: dict[tuple[str, str | None], tuple[pq.FileMetaData, str, list[int], int]] = {}
+        self.files: dict[tuple[str, str | None], tuple[Footer, str, list[int]]] = {}
         self.cache: OrderedDict[str, tuple[object, int]] = OrderedDict()
         self.cached_bytes = 0
         self.lock = threading.Lock()
@@ -54,7 +53,7 @@ class ContainerReader:
         assert parts is not None  # only addressed uris are in these blobs (__contains__)
         base, address = parts
         try:
-            if base.lower().endswith(".parquet"):
+            if is_table_key(base):
                 row, _, column = address.partition(":")
                 return self._parquet_cell(base, int(row), column or None)
             return self._tar_member(base, uri)
@@ -62,29 +61,28 @@ class ContainerReader:
             return f"{base} not read: {e}"
 
     def _parquet_cell(self, base: str, row: int, column: str | None) -> bytes | str:
-        metadata, image, starts, size = self._file(base, column)
+        footer, image, starts = self._file(base, column)
         index = bisect.bisect_right(starts, row) - 1
         key = f"{base}#{image}#group{index}"
         with self.lock:
             group = self._cached(key)
             if group is None:
-                rows = metadata.row_group(index).num_rows
-                item = Item(base, base, size, row_group=index, first_row=starts[index], rows=rows)
-                group = RowGroup(item, metadata, image, remaining=-1)  # never freed by a count: evicted below
-                self._remember(key, group, metadata.row_group(index).total_byte_size)
+                rows = footer.group_rows()[index]
+                item = Item(base, base, footer.size, row_group=index, first_row=starts[index], rows=rows)
+                group = RowGroup(item, footer, image, remaining=-1)  # never freed by a count: evicted below
+                self._remember(key, group, footer.group_bytes(index))
         return self.cells.cell(group, row - starts[index])
 
-    def _file(self, base: str, column: str | None) -> tuple[pq.FileMetaData, str, list[int], int]:
+    def _file(self, base: str, column: str | None) -> tuple[Footer, str, list[int]]:
         with self.lock:
             if (base, column) not in self.files:
-                size = self.store.info(base).size
-                metadata = read_footer(self.store, base, size)
-                image = image_column(metadata.schema.to_arrow_schema(), base, column)
+                footer = read_table_footer(self.store, base)
+                image = image_column(footer.schema, base, column)
                 starts, first = [], 0
-                for index in range(metadata.num_row_groups):
+                for rows in footer.group_rows():
                     starts.append(first)
-                    first += metadata.row_group(index).num_rows
-                self.files[base, column] = (metadata, image, starts, size)
+                    first += rows
+                self.files[base, column] = (footer, image, starts)
             return self.files[base, column]
 
     def _tar_member(self, base: str, uri: str) -> bytes | str:

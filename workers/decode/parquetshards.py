@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from orchestrator.errors import (
     ObjectNotFound,
@@ -32,16 +31,10 @@ from orchestrator.errors import (
     SpecError,
 )
 from orchestrator.manifest import Item
-from orchestrator.parquetinputs import (
-    ParquetColumns,
-    RangedFile,
-    ReadStats,
-    check_columns,
-    class_names,
-    read_footer,
-)
+from orchestrator.parquetinputs import ParquetColumns, ReadStats, check_columns, class_names
 from orchestrator.scope import outside_input, path_cell_uri
 from orchestrator.storage import ObjectStore
+from orchestrator.tablefiles import Footer, read_table_footer
 
 IMG2DATASET_ERROR = "error_message"  # img2dataset's reason for a null `jpg`
 
@@ -71,7 +64,7 @@ class RowGroup:
     """One row group of a shard and, while its cells are being read, its image column."""
 
     item: Item
-    metadata: pq.FileMetaData
+    footer: Footer  # the file's: parquet row groups or the record batches of an Arrow stream
     image: str
     remaining: int
     column: pa.Array | None = None
@@ -180,15 +173,13 @@ class RowGroupCells:
     def _load(self, group: RowGroup) -> str | None:
         """Read the group's image column (one ranged read per column chunk); the reason when it cannot be."""
         index, item = group.item.row_group, group.item
-        chunk_bytes = _image_bytes(group.metadata, index, group.image)
+        chunk_bytes = group.footer.image_bytes(index, group.image)
         if chunk_bytes > self.max_group_bytes:
             return (f"row group {index} of {item.uri} holds {chunk_bytes} bytes of images, over the cap of "
                     f"{self.max_group_bytes} (VITBATCH_MAX_TAR_BYTES): write the file with smaller row groups")
-        schema = group.metadata.schema.to_arrow_schema()
-        columns = [group.image] + ([IMG2DATASET_ERROR] if IMG2DATASET_ERROR in schema.names else [])
+        columns = [group.image] + ([IMG2DATASET_ERROR] if IMG2DATASET_ERROR in group.footer.schema.names else [])
         try:
-            source = RangedFile(self.store, item.uri, item.size, self.scope, self.stats)
-            table = pq.ParquetFile(source, metadata=group.metadata).read_row_group(index, columns=columns)
+            table = group.footer.read_group(self.store, index, columns, self.scope, self.stats)
         except (pa.ArrowException, OSError, ValueError) as e:
             return f"row group {index} of {item.uri} cannot be read ({type(e).__name__}: {e})"
         group.column = table.column(group.image).combine_chunks()
@@ -208,13 +199,6 @@ class RowGroupCells:
                     self._held.discard(id(group))
 
 
-def _image_bytes(metadata: pq.FileMetaData, index: int, image: str) -> int:
-    """Uncompressed bytes of the image column's chunks (a struct has two: bytes and path) in one row group."""
-    group = metadata.row_group(index)
-    chunks = (group.column(i) for i in range(group.num_columns))
-    return sum(c.total_uncompressed_size for c in chunks if c.path_in_schema.split(".")[0] == image)
-
-
 def expand_row_groups(groups: list[Item], store: ObjectStore, columns: ParquetColumns, *, max_bytes: int,
                       max_group_bytes: int, scope: str | None, kept: pa.Schema | None = None,
                       stats: ReadStats | None = None) -> Expanded:
@@ -224,7 +208,7 @@ def expand_row_groups(groups: list[Item], store: ObjectStore, columns: ParquetCo
     """
     cells = RowGroupCells(store, max_bytes, max_group_bytes, scope, stats, columns.image_root)
     out = Expanded(items=[], cells=cells, passthrough=None, labels=[], label_names=None)
-    footers: dict[str, tuple[pq.FileMetaData, str] | str] = {}
+    footers: dict[str, tuple[Footer, str] | str] = {}
     kept_rows: list[dict] = []
     fields: dict[str, pa.Field] = {}
     seen: dict[str, int] = {}
@@ -242,11 +226,11 @@ def expand_row_groups(groups: list[Item], store: ObjectStore, columns: ParquetCo
             out.labels += [None] * group.rows
             continue
         assert not isinstance(footer, str)  # a footer that was not read is `small`'s reason above
-        metadata, image = footer
+        table_footer, image = footer
         fields.update({name: small.schema.field(name) for name in columns.keep if name not in fields})
         if columns.label and out.label_names is None:
-            out.label_names = class_names(metadata.schema.to_arrow_schema(), columns.label)
-        row_group = RowGroup(group, metadata, image, remaining=0)
+            out.label_names = class_names(table_footer.schema, columns.label)
+        row_group = RowGroup(group, table_footer, image, remaining=0)
         for offset in range(group.rows):
             item, reason = _keyed(group, offset, small, columns.id, seen)
             out.items.append(item)
@@ -264,29 +248,29 @@ def expand_row_groups(groups: list[Item], store: ObjectStore, columns: ParquetCo
 
 
 def _footer(store: ObjectStore, group: Item, columns: ParquetColumns, scope: str | None,
-            stats: ReadStats | None) -> tuple[pq.FileMetaData, str] | str:
+            stats: ReadStats | None) -> tuple[Footer, str] | str:
     """(footer, image column) of the group's file, or why its rows cannot be read (changed since planning)."""
     if scope is not None and (why := outside_input(group.uri, scope)) is not None:
         return why
     try:
-        metadata = read_footer(store, group.uri, group.size, within=scope, stats=stats)
-        image = check_columns(metadata.schema.to_arrow_schema(), group.uri, columns)
+        footer = read_table_footer(store, group.uri, group.size, within=scope, stats=stats)
+        image = check_columns(footer.schema, group.uri, columns)
     except (ValueError, SpecError, ObjectNotFound, ObjectUnreadable, OutsideInput) as e:
         return f"parquet file not read: {e}"
-    if group.row_group >= metadata.num_row_groups or metadata.row_group(group.row_group).num_rows != group.rows:
+    rows = footer.group_rows()
+    if group.row_group >= len(rows) or rows[group.row_group] != group.rows:
         return f"parquet file not read: {group.uri} changed since the job was planned (row group {group.row_group})"
-    return metadata, image
+    return footer, image
 
 
-def _small_columns(store: ObjectStore, group: Item, metadata: pq.FileMetaData, columns: ParquetColumns,
+def _small_columns(store: ObjectStore, group: Item, footer: Footer, columns: ParquetColumns,
                    scope: str | None, stats: ReadStats | None) -> pa.Table | str:
     """The id, kept and label columns of one row group (not the images), or why they cannot be read."""
     names = list(dict.fromkeys([n for n in (columns.id, *columns.keep, columns.label) if n]))
     if not names:
         return pa.table({"_": pa.nulls(group.rows)})
     try:
-        source = RangedFile(store, group.uri, group.size, scope, stats)
-        return pq.ParquetFile(source, metadata=metadata).read_row_group(group.row_group, columns=names)
+        return footer.read_group(store, group.row_group, names, scope, stats)
     except (pa.ArrowException, OSError, ValueError) as e:
         return f"row group {group.row_group} of {group.uri} cannot be read ({type(e).__name__}: {e})"
 
