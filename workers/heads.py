@@ -21,11 +21,11 @@ import torch
 from orchestrator.constants import JOBS_DIR, part_name
 from orchestrator.jobs import AttentionSpec, EmbedSpec, InferenceSpec
 from orchestrator.manifest import Item
+from workers import hooks
 from workers.embedparquet import vectors_part
 from workers.errors import ModelLoadError
 from workers.families import Onnx
 from workers.loaded import LoadedModel
-from workers.metrics import timed_model
 from workers.writers import parquet_bytes
 
 if TYPE_CHECKING:
@@ -291,12 +291,12 @@ def for_job(spec: InferenceSpec, shard: int, ctx: WorkerContext, job_id: str = "
     if isinstance(spec, AttentionSpec):
         from workers.attention import AttentionHead  # attention.py builds on this module's ArrayHead
 
-        model = timed_model(ctx.models.get, spec.model, spec.device, spec.precision, attn="eager",
+        model = hooks.loaded(ctx.models.get, spec.model, spec.device, spec.precision, attn="eager",
                             compile=spec.compile)
         return AttentionHead(model, shard, layers=spec.layers, heads=spec.heads, with_rollout=spec.rollout,
                              overlay_indices=overlay_indices(spec, shard),
                              overlay_prefix=f"{JOBS_DIR}/{job_id}/" if job_id else "")
-    model = timed_model(ctx.models.get, spec.model, spec.device, spec.precision, compile=spec.compile)
+    model = hooks.loaded(ctx.models.get, spec.model, spec.device, spec.precision, compile=spec.compile)
     if isinstance(spec, EmbedSpec):
         return EmbedHead(model, shard, spec.pooling, spec.normalize, spec.parquet_vectors)
     if spec.labels is not None:

@@ -19,13 +19,12 @@ from orchestrator.manifest import Item, read_kept_columns, read_manifest
 from orchestrator.parquetinputs import columns_of
 from orchestrator.scope import input_root, outside_input
 from orchestrator.storage import ObjectStore
-from workers import heads
+from workers import heads, hooks
 from workers.compute import DeviceStage
 from workers.context import WorkerContext
 from workers.decode.parquetshards import Passthrough, expand_row_groups
 from workers.decode.tarshards import expand
 from workers.loaded import LoadedModel
-from workers.metrics import instrumented_shard
 from workers.models import default_batch_size
 from workers.pipeline import Blobs, DecodePath, Failed, ShardPipeline, decode_path
 from workers.stagetimes import StageTimes
@@ -134,7 +133,6 @@ def run_with(model: LoadedModel, store: ObjectStore, items: list[Item], head: Co
     return device.batch_size
 
 
-@instrumented_shard  # the worker's Prometheus metrics: images, stage seconds, shard duration
 def run_shard(spec: InferenceSpec, shard: int, ctx: WorkerContext, on_progress: ProgressFn | None = None,
               job_id: str = "", marker_fields: dict | None = None,
               on_found: Callable[[int], None] | None = None) -> ShardMarker:
@@ -143,8 +141,15 @@ def run_shard(spec: InferenceSpec, shard: int, ctx: WorkerContext, on_progress: 
     A plain function: it reads and writes the object store only. Its caller hears of progress
     through `on_progress(done, total)` and of the images found inside the shard's tars (unknown
     when the job was planned) through `on_found(n_items)`; the task turns both into ledger writes.
-    `marker_fields`: what names the job in the marker (job_id, spec_sha256).
+    `marker_fields`: what names the job in the marker (job_id, spec_sha256). The worker's metrics
+    hear of the shard through workers.hooks.
     """
+    with hooks.shard(spec.kind) as events:
+        return events.committed(_run_shard(spec, shard, ctx, on_progress, job_id, marker_fields, on_found))
+
+
+def _run_shard(spec: InferenceSpec, shard: int, ctx: WorkerContext, on_progress: ProgressFn | None,
+               job_id: str, marker_fields: dict | None, on_found: Callable[[int], None] | None) -> ShardMarker:
     scope = input_root(spec.input)
     items, blobs = expand_tars(read_manifest(spec.output, shard, ctx.store), ctx, scope=scope)
     if blobs and on_found is not None:  # the job's total grows by what the tars hold
@@ -155,7 +160,8 @@ def run_shard(spec: InferenceSpec, shard: int, ctx: WorkerContext, on_progress: 
     batch_size = spec.batch_size or default_batch_size(head.model.device)
     times = StageTimes()  # this shard's timer: the stages below add to it, the marker's stats report it
     with decode_path(spec.decode, head.model, ctx.decode_pool, ctx.settings.max_pixels, batch_size=batch_size,
-                     read_concurrency=spec.read_concurrency, n_items=len(items)) as path:
+                     read_concurrency=spec.read_concurrency, n_items=len(items),
+                     jpeg_decode=spec.jpeg_decode) as path:
         batch_size = run_with(head.model, ctx.store, items, head, path, times, batch_size=batch_size,
                               read_concurrency=spec.read_concurrency, max_bytes=ctx.settings.max_object_bytes,
                               blobs=blobs, scope=scope, on_progress=on_progress)
@@ -163,6 +169,7 @@ def run_shard(spec: InferenceSpec, shard: int, ctx: WorkerContext, on_progress: 
     written = upload_parts(ctx.store, spec.output, head.parts())
     times.write_s = time.perf_counter() - t0  # serialising and uploading
     summary = {**(marker_fields or {"job_id": job_id}), "rows": len(head.rows), "errors": head.errors,
-               "model_fingerprint": head.model.fingerprint, "compute": head.model.compute, "worker": ctx.hostname,
+               "model_fingerprint": head.model.fingerprint, "compute": head.model.compute + path.decoder.provenance,
+               "worker": ctx.hostname,
                "batch_size": batch_size}  # after any out-of-memory halving
     return commit_shard(ctx.store, spec.output, shard, {}, {**summary, "stats": times.to_json()}, written=written)

@@ -221,9 +221,9 @@ def exported_metric_names() -> set[str]:
     """Every series name the code can expose: the worker registry's (as registered, with the
     _total/_bucket/... suffixes prometheus_client adds) and the fleet exporter's gauges."""
     from orchestrator.fleetmetrics import FleetCollector
-    from workers.metrics import REGISTRY
+    from workers.metrics import WorkerMetrics
 
-    worker = {name for name in REGISTRY._names_to_collectors if name.startswith("vitbatch_")}
+    worker = {name for name in WorkerMetrics().registry._names_to_collectors if name.startswith("vitbatch_")}
     fleet = {family.name for family in FleetCollector.families().values()}
     assert {"vitbatch_images_total", "vitbatch_queue_length"} <= worker | fleet  # the lookup itself works
     return worker | fleet
