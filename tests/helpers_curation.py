@@ -118,3 +118,31 @@ def write_vectors(output: str, vectors: np.ndarray, part_rows: int, name: str = 
                              wall_s=0.0, finished_at=time.time(), version=__version__)
     publish(store, output, record.to_json(), True, {})
     return keys
+
+
+def chain(image: Image.Image, steps: int) -> list[bytes]:
+    """A re-encoded, that re-encoded again, ...: each step decodes the previous JPEG, trims a 2% border
+    and re-encodes it at quality 50, so each step is near the one before and drifts from the first."""
+    out, current = [], image
+    for _ in range(steps):
+        w, h = current.size
+        dx, dy = max(1, w // 50), max(1, h // 50)
+        out.append(jpeg(current.crop((dx, dy, w - dx, h - dy)).resize((w, h)), 50))
+        current = Image.open(io.BytesIO(out[-1])).convert("RGB")
+    return out
+
+
+def write_chains(folder: Path, steps: int = 6, every: int = 3) -> dict[str, list[str]]:
+    """Write the distinct images (JPEG q95) and a chain of `steps` re-encodings of every `every`-th;
+    returns first key -> its chain's keys in order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chains = {}
+    for i, (name, image) in enumerate(distinct_images().items()):
+        (folder / f"{name}.jpg").write_bytes(jpeg(image, 95))
+        if i % every:
+            continue
+        links = chain(image, steps)
+        for step, data in enumerate(links, 1):
+            (folder / f"{name}-step{step}.jpg").write_bytes(data)
+        chains[f"{name}.jpg"] = [f"{name}-step{step}.jpg" for step in range(1, steps + 1)]
+    return chains

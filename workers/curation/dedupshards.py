@@ -1,70 +1,51 @@
 """The shards of a dedup job, one function per phase (plain functions: tasks and tests call them).
 
     fit       a seeded sample of the vectors -> spherical k-means -> kmeans/centroids-<lease>.npy
-    assign    one embed part -> nearest centroid per row -> assign/g-GGGGG/part-PPPPP.{parquet,npy}
-              (the part's rows bucketed by cluster group, vectors as the embed job stored them)
-    pairs     one cluster group's buckets -> SemDeDup per cluster -> part-SSSSS.parquet
-              (key, cluster, duplicate_of, cosine, kept)
-    manifest  every pairs part -> kept.jsonl (the kept keys, in the embed job's input) and the
-              per-cluster counts the job's record carries
+    assign    one embed part -> nearest centroid per row -> its rows bucketed by cluster group, and
+              (rule kept) the rows that visit a near other cluster bucketed by that cluster's group
+    pairs     one cluster group -> the rule inside every cluster, and (rule kept) the pairs between
+              each cluster's rows and its visitors -> the decided rows and the pairs above the threshold
+    manifest  every pairs shard -> the kept rule over the pairs across clusters -> the published rows
+              (key, cluster, duplicate_of, cosine, kept), kept.jsonl and the counts the record carries
 
 Each returns the parts it wrote (name -> bytes) and the marker fields; the caller commits them
 with the same marker protocol as an image shard. A later phase reads only what the earlier
-phases' commit markers name, each part checked against its sha256.
+phases' commit markers name, each part checked against its sha256 (dedupparts.py).
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 from collections.abc import Callable
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from orchestrator.commits import ShardMarker
-from orchestrator.constants import KEPT_MANIFEST
-from orchestrator.errors import CorruptOutput, StorageError
 from orchestrator.jobs import DedupSpec
-from orchestrator.storage import ObjectStore, join
+from orchestrator.storage import ObjectStore
 from orchestrator.vectorplan import VectorPlan
 from orchestrator.vectorsource import read_vectors
-from workers.curation import semdedup
-from workers.writers import read_commit
+from workers.curation import crosscluster, semdedup
+from workers.curation.dedupparts import (
+    BUCKET_SCHEMA,
+    DECIDED_SCHEMA,
+    EDGE_SCHEMA,
+    VISIT_SCHEMA,
+    bucket_name,
+    committed_array,
+    committed_table,
+    decided_name,
+    edges_name,
+    npy_bytes,
+    phase_marker,
+    table_bytes,
+    visit_name,
+)
 
 ProgressFn = Callable[[int, int], None]
-RESULT_SCHEMA = pa.schema([("key", pa.string()), ("cluster", pa.int32()), ("duplicate_of", pa.string()),
-                           ("cosine", pa.float32()), ("kept", pa.bool_())])
-BUCKET_SCHEMA = pa.schema([("key", pa.string()), ("cluster", pa.int32()), ("centroid_cosine", pa.float32())])
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
-def table_bytes(columns: dict, schema: pa.Schema) -> bytes:
-    buffer = io.BytesIO()
-    pq.write_table(pa.table(columns, schema=schema), buffer, compression="zstd")
-    return buffer.getvalue()
-
-
-def committed_part(store: ObjectStore, folder: str, marker: ShardMarker, name: str) -> bytes:
-    """A part an earlier phase's marker names, checked against the sha256 it recorded."""
-    data = store.read(join(folder, name))
-    if hashlib.sha256(data).hexdigest() != marker.parts[name].sha256:
-        raise CorruptOutput(f"{join(folder, name)} changed after shard {marker.shard} committed it: retry the job")
-    return data
-
-
-def phase_marker(store: ObjectStore, folder: str, shard: int, job_id: str) -> ShardMarker:
-    marker = read_commit(store, folder, shard, job_id)
-    if marker is None:
-        raise StorageError(f"job {job_id}: shard {shard} is recorded committed but its marker is missing from {folder}")
-    return marker
+def probes(spec: DedupSpec) -> int:
+    """How many other clusters each row visits: none under NeMo's rule, which never compares them."""
+    return spec.cross_clusters if spec.rule == "kept" else 0
 
 
 def fit(spec: DedupSpec, plan: VectorPlan, store: ObjectStore, token: int) -> tuple[dict, dict]:
@@ -85,19 +66,18 @@ def fit(spec: DedupSpec, plan: VectorPlan, store: ObjectStore, token: int) -> tu
 def centroids_of(store: ObjectStore, folder: str, plan: VectorPlan, job_id: str) -> np.ndarray:
     marker = phase_marker(store, folder, plan.phase_range("fit")[0], job_id)
     (name,) = [n for n in marker.parts if n.startswith("kmeans/")]
-    return np.load(io.BytesIO(committed_part(store, folder, marker, name)), allow_pickle=False)
+    return committed_array(store, folder, marker, name)
 
 
-def bucket_name(group: int, part: int, ext: str) -> str:
-    return f"assign/g-{group:05d}/part-{part:05d}.{ext}"
-
-
-def assign(plan: VectorPlan, part: int, store: ObjectStore, folder: str, job_id: str) -> tuple[dict, dict]:
-    """Nearest centroid of every row of one embed part; the rows bucketed by cluster group."""
+def assign(spec: DedupSpec, plan: VectorPlan, part: int, store: ObjectStore, folder: str,
+           job_id: str) -> tuple[dict, dict]:
+    """Nearest centroid of every row of one embed part; the rows bucketed by cluster group, and
+    each visit of a near other cluster by that cluster's group."""
     keys, vectors = read_vectors(plan.source, part, store)
     if not keys:
         return {}, {"rows": 0}
-    labels, cosine = semdedup.assign(semdedup.unit_rows(vectors), centroids_of(store, folder, plan, job_id))
+    centroids = centroids_of(store, folder, plan, job_id)
+    labels, cosine, visited = crosscluster.visits(semdedup.unit_rows(vectors), centroids, probes(spec), spec.eps)
     groups = labels % plan.groups
     parts = {}
     for group in np.unique(groups):
@@ -105,78 +85,106 @@ def assign(plan: VectorPlan, part: int, store: ObjectStore, folder: str, job_id:
         parts[bucket_name(group, part, "parquet")] = table_bytes(
             {"key": [keys[i] for i in rows], "cluster": labels[rows], "centroid_cosine": cosine[rows]}, BUCKET_SCHEMA)
         parts[bucket_name(group, part, "npy")] = npy_bytes(vectors[rows])
-    return parts, {"rows": 0}
+    rows, slot = np.nonzero(visited >= 0)
+    targets = visited[rows, slot]
+    for group in np.unique(targets % plan.groups):
+        mine = np.flatnonzero(targets % plan.groups == group)
+        parts[visit_name(group, part, "parquet")] = table_bytes(
+            {"key": [keys[i] for i in rows[mine]], "cluster": labels[rows[mine]], "target": targets[mine]},
+            VISIT_SCHEMA)
+        parts[visit_name(group, part, "npy")] = npy_bytes(vectors[rows[mine]])
+    return parts, {"rows": 0, "visits": len(rows)}
 
 
-def read_group(plan: VectorPlan, group: int, store: ObjectStore, folder: str, job_id: str):
-    """(keys, clusters, centroid cosines, float16 vectors) of one cluster group, from every assign marker."""
-    keys, clusters, cosines, vectors = [], [], [], []
+def read_buckets(plan: VectorPlan, group: int, store: ObjectStore, folder: str, job_id: str,
+                 name_of: Callable[[int, int, str], str]) -> tuple[dict[str, list], np.ndarray]:
+    """The columns and float16 vectors of one group's buckets (assign or visit), from every assign marker."""
+    columns: dict[str, list] = {}
+    vectors = []
     for index, shard in enumerate(plan.phase_range("assign")):
         marker = phase_marker(store, folder, shard, job_id)
-        name = bucket_name(group, index, "parquet")
-        if name not in marker.parts:
+        if name_of(group, index, "parquet") not in marker.parts:
             continue
-        table = pq.read_table(io.BytesIO(committed_part(store, folder, marker, name)))
-        keys += table.column("key").to_pylist()
-        clusters.append(table.column("cluster").to_numpy())
-        cosines.append(table.column("centroid_cosine").to_numpy())
-        npy = committed_part(store, folder, marker, bucket_name(group, index, "npy"))
-        vectors.append(np.load(io.BytesIO(npy), allow_pickle=False))
-    if not keys:
-        return [], np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros((0, 1), np.float16)
-    return keys, np.concatenate(clusters), np.concatenate(cosines), np.concatenate(vectors)
+        for name, values in committed_table(store, folder, marker, name_of(group, index, "parquet")).to_pydict().items():
+            columns.setdefault(name, []).extend(values)
+        vectors.append(committed_array(store, folder, marker, name_of(group, index, "npy")))
+    return columns, (np.concatenate(vectors) if vectors else np.zeros((0, 1), np.float16))
 
 
 def pairs(spec: DedupSpec, plan: VectorPlan, group: int, store: ObjectStore, folder: str, job_id: str,
-          on_progress: ProgressFn | None = None) -> tuple[bytes, dict]:
-    """SemDeDup inside every cluster of one group: the result rows and the per-cluster counts."""
-    keys, clusters, cosines, vectors = read_group(plan, group, store, folder, job_id)
+          on_progress: ProgressFn | None = None) -> tuple[dict, dict]:
+    """The rule inside every cluster of one group, then the pairs between each cluster and its visitors."""
+    bucket, vectors = read_buckets(plan, group, store, folder, job_id, bucket_name)
+    keys, clusters = bucket.get("key", []), np.asarray(bucket.get("cluster", []), dtype=np.int32)
+    cosines = np.asarray(bucket.get("centroid_cosine", []), dtype=np.float32)
     unit = semdedup.unit_rows(vectors)
-    out: dict[str, list] = {name: [] for name in RESULT_SCHEMA.names}
-    counts: dict[str, list[int]] = {}
+    out: dict[str, list] = {name: [] for name in DECIDED_SCHEMA.names}
+    edges: dict[str, list] = {name: [] for name in EDGE_SCHEMA.names}
     for cluster in np.unique(clusters):
         rows = np.flatnonzero(clusters == cluster)
         found = semdedup.dedup_cluster(unit[rows], [keys[i] for i in rows], cosines[rows], eps=spec.eps,
-                                       keep=spec.keep, seed=spec.seed + int(cluster), max_rows=spec.max_cluster_size)
-        ordered = rows[found.order]
-        out["key"] += [keys[i] for i in ordered]
-        out["cluster"] += [int(cluster)] * len(rows)
-        out["duplicate_of"] += [None if kept else keys[rows[m]] for kept, m in zip(found.kept, found.match)]
-        out["cosine"] += [None if np.isnan(c) else float(c) for c in found.cosine]
-        out["kept"] += found.kept.tolist()
-        kept = int(found.kept.sum())
-        counts[str(int(cluster))] = [kept, len(rows) - kept]
+                                       keep=spec.keep, seed=spec.seed + int(cluster), max_rows=spec.max_cluster_size,
+                                       rule=spec.rule)
+        add_decided(out, found, rows, keys, int(cluster))
+        add_edges(edges, [keys[i] for i in rows], found.pairs, found.pair_cosine, False)
         if on_progress:
             on_progress(len(out["key"]), len(keys))
-    return table_bytes(out, RESULT_SCHEMA), {"rows": len(keys), "clusters": counts}
+    across = cross_edges(spec, plan, group, store, folder, job_id, (keys, clusters, unit), edges)
+    removed = len(out["key"]) - sum(out["kept"])
+    return {decided_name(plan.phase_range("pairs")[group]): table_bytes(out, DECIDED_SCHEMA),
+            edges_name(plan.phase_range("pairs")[group]): table_bytes(edges, EDGE_SCHEMA)}, \
+        {"rows": len(keys), "removed_in_clusters": removed, "cross_pairs": across}
 
 
-def manifest(plan: VectorPlan, store: ObjectStore, folder: str, job_id: str) -> tuple[dict, dict]:
-    """kept.jsonl (one {"key": ...} per kept row, keys as in the embed job's input) and the job's counts."""
-    lines, clusters = [], {}
-    for shard in plan.phase_range("pairs"):
-        marker = phase_marker(store, folder, shard, job_id)
-        for name in sorted(n for n in marker.parts if n.endswith(".parquet")):
-            table = pq.read_table(io.BytesIO(committed_part(store, folder, marker, name)), columns=["key", "kept"])
-            lines += [json.dumps({"key": key}) for key, kept in zip(table.column("key").to_pylist(),
-                                                                   table.column("kept").to_pylist()) if kept]
-        clusters.update({c: {"kept": k, "removed": r} for c, (k, r) in marker.extra["clusters"].items()})
-    kept = sum(c["kept"] for c in clusters.values())
-    summary = {"kept": kept, "removed": sum(c["removed"] for c in clusters.values()), "input": plan.source.input,
-               "kept_manifest": KEPT_MANIFEST, "clusters": dict(sorted(clusters.items(), key=lambda kv: int(kv[0])))}
-    return {KEPT_MANIFEST: ("\n".join(lines) + "\n").encode()}, {"rows": 0, "job_fields": {"dedup": summary}}
+def add_decided(out: dict[str, list], found: semdedup.ClusterResult, rows: np.ndarray, keys: list[str],
+                cluster: int) -> None:
+    """One cluster's rows in keep order, as its rule decided them."""
+    out["key"] += [keys[rows[i]] for i in found.order]
+    out["cluster"] += [cluster] * len(rows)
+    out["duplicate_of"] += [None if kept else keys[rows[m]] for kept, m in zip(found.kept, found.match)]
+    out["cosine"] += [None if np.isnan(c) else float(c) for c in found.cosine]
+    out["kept"] += found.kept.tolist()
+    out["rank"] += found.rank.tolist()
+
+
+def add_edges(edges: dict[str, list], keys: list[str], pairs: np.ndarray, cosine: np.ndarray, across: bool) -> None:
+    edges["a"] += [keys[i] for i in pairs[:, 0]]
+    edges["b"] += [keys[i] for i in pairs[:, 1]]
+    edges["cosine"] += cosine.tolist()
+    edges["across"] += [across] * len(pairs)
+
+
+def cross_edges(spec: DedupSpec, plan: VectorPlan, group: int, store: ObjectStore, folder: str, job_id: str,
+                residents: tuple[list[str], np.ndarray, np.ndarray], edges: dict[str, list]) -> int:
+    """Add the pairs between every cluster of the group and the rows visiting it; returns how many."""
+    if not probes(spec):
+        return 0
+    keys, clusters, unit = residents
+    visit, vectors = read_buckets(plan, group, store, folder, job_id, visit_name)
+    home, target = np.asarray(visit.get("cluster", []), np.int32), np.asarray(visit.get("target", []), np.int32)
+    visitors = semdedup.unit_rows(vectors)
+    before = len(edges["a"])
+    for cluster in np.unique(target):
+        mine, theirs = np.flatnonzero(clusters == cluster), np.flatnonzero(target == cluster)
+        found = crosscluster.cross_pairs(np.concatenate([unit[mine], visitors[theirs]]),
+                                         np.concatenate([clusters[mine], home[theirs]]),
+                                         np.arange(len(mine) + len(theirs)) >= len(mine), spec.eps)
+        names = [keys[i] for i in mine] + [visit["key"][i] for i in theirs]
+        add_edges(edges, names, found.pairs, found.cosine, True)
+    return len(edges["a"]) - before
 
 
 def run_dedup_shard(spec: DedupSpec, plan: VectorPlan, shard: int, store: ObjectStore, job_id: str, token: int,
                     on_progress: ProgressFn | None = None) -> tuple[dict, dict]:
     """The shard's parts (name -> bytes) and marker fields, by its phase. `spec.output` is the job's folder."""
+    from workers.curation.dedupmanifest import manifest
+
     phase, index = plan.phase(shard)
     folder = spec.output
     if phase == "fit":
         return fit(spec, plan, store, token)
     if phase == "assign":
-        return assign(plan, index, store, folder, job_id)
+        return assign(spec, plan, index, store, folder, job_id)
     if phase == "pairs":
-        data, fields = pairs(spec, plan, index, store, folder, job_id, on_progress)
-        return {f"part-{shard:05d}.parquet": data}, fields
-    return manifest(plan, store, folder, job_id)
+        return pairs(spec, plan, index, store, folder, job_id, on_progress)
+    return manifest(spec, plan, store, folder, job_id)

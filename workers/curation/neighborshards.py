@@ -44,7 +44,7 @@ from orchestrator.storage import ObjectStore
 from orchestrator.vectorplan import VectorPlan
 from orchestrator.vectorsource import VectorSource, read_vectors
 from workers.curation import knn
-from workers.curation.dedupshards import committed_part, phase_marker
+from workers.curation.dedupparts import committed_part, phase_marker
 from workers.curation.semdedup import unit_rows
 
 ProgressFn = Callable[[int, int], None]

@@ -1,10 +1,16 @@
 """Semantic deduplication, the algorithm (numpy + faiss; no I/O, no queue).
 
-SemDeDup (Abbas et al., 2023), as NeMo Curator runs it: spherical k-means over unit vectors;
-inside each cluster the rows are put in keep order (`hard`: farthest from the centroid first,
-`easy`: nearest first, `random`: a seeded shuffle), and a row is a duplicate when its best
-match among the rows *before* it is at least `1 - eps` in cosine. The first row of a
-near-duplicate group is kept, so the kept set never holds two rows above the threshold.
+SemDeDup (Abbas et al., 2023): spherical k-means over unit vectors; inside each cluster the rows
+are put in keep order (`hard`: farthest from the centroid first, `easy`: nearest first, `random`:
+a seeded shuffle) and walked in that order. Two rules decide which rows go:
+
+    kept      (the default) a row is removed when a row *kept* before it is at least `1 - eps` in
+              cosine; that kept row is its stand-in. Every removed row has a kept row above the
+              threshold and no two kept rows are above it (a greedy independent set of the
+              threshold graph, in keep order).
+    semdedup  NeMo Curator's rule: a row is removed when its best match among the rows before it
+              is above the threshold, whether or not that row was itself removed. In a chain
+              A ~ B ~ C it keeps A and removes B and C although C is not a duplicate of A.
 
 The pairwise step is computed in row blocks (memory: block x cluster rows), never as the
 full cluster x cluster matrix; a cluster above `max_rows` is split by a second k-means level
@@ -18,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 KEEP_ORDERS = ("hard", "easy", "random")
+RULES = ("kept", "semdedup")
 BLOCK_BYTES = 256 << 20  # one block of the similarity matrix (float32)
 
 
@@ -43,19 +50,31 @@ def fit_centroids(sample: np.ndarray, clusters: int, seed: int, iterations: int 
 
 def assign(rows: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(nearest centroid per unit row as int32, its cosine as float32)."""
+    nearest, cosine = nearest_centroids(rows, centroids, 1)
+    return nearest[:, 0], cosine[:, 0]
+
+
+def nearest_centroids(rows: np.ndarray, centroids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `k` nearest centroids of every unit row, best first: (ids [rows, k] int32 (-1 past the
+    last centroid), cosines [rows, k] float32)."""
     import faiss
 
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    cosine, nearest = index.search(np.ascontiguousarray(rows, dtype=np.float32), 1)
-    return nearest[:, 0].astype(np.int32), cosine[:, 0].astype(np.float32)
+    cosine, nearest = index.search(np.ascontiguousarray(rows, dtype=np.float32), k)
+    return nearest.astype(np.int32), cosine.astype(np.float32)
+
+
+def key_rank(keys: list[str]) -> np.ndarray:
+    """Each key's position in sorted order: the tie-break of every keep order."""
+    return np.argsort(np.argsort(np.asarray(keys, dtype=object)))
 
 
 def keep_order(keys: list[str], centroid_cosine: np.ndarray, keep: str, seed: int) -> np.ndarray:
     """Row order inside one cluster: earlier rows are kept over later near-duplicates; ties by key."""
     if keep not in KEEP_ORDERS:
         raise ValueError(f"keep must be one of {KEEP_ORDERS}, not {keep!r}")
-    tiebreak = np.argsort(np.argsort(np.asarray(keys, dtype=object)))  # rank of each key
+    tiebreak = key_rank(keys)
     if keep == "random":
         return np.random.default_rng(seed).permutation(len(keys))
     first = centroid_cosine if keep == "hard" else -centroid_cosine  # hard: least typical (farthest) first
@@ -64,26 +83,57 @@ def keep_order(keys: list[str], centroid_cosine: np.ndarray, keep: str, seed: in
 
 @dataclass(frozen=True)
 class EarlierMatches:
-    """Per row (in keep order): its best cosine among the rows before it (-inf for the first) and
-    that row's position (-1 for the first)."""
+    """Per row (in keep order): its best cosine among the rows before it (kept rule: the kept rows
+    before it; -inf when none) and that row's position (-1 when none); the kept rule also gives every
+    pair at or above the threshold as (earlier, later) positions (cross-cluster resolution needs them)."""
 
     cosine: np.ndarray
     position: np.ndarray
+    pairs: np.ndarray
+    pair_cosine: np.ndarray
 
 
-def earlier_matches(unit: np.ndarray) -> EarlierMatches:
-    """Best earlier match of every row of one cluster, in row blocks (NeMo's triu(X Xᵀ).max(0))."""
+def earlier_matches(unit: np.ndarray, rule: str = "semdedup", threshold: float = 1.0) -> EarlierMatches:
+    """Best earlier match of every row of one cluster, in row blocks (NeMo's triu(X Xᵀ).max(0)).
+    rule "kept": the best match among the earlier rows that are kept at `threshold` (see the module
+    docstring); the rows above the threshold are resolved one by one, the rest in bulk."""
     n = len(unit)
     best = np.full(n, -np.inf, dtype=np.float32)
     where = np.full(n, -1, dtype=np.int64)
+    removed = np.zeros(n, dtype=bool)
+    edges: list[tuple[np.ndarray, np.ndarray]] = []
+    limit = np.float32(threshold)
     block = max(16, min(4096, BLOCK_BYTES // max(1, 4 * n)))
     for start in range(1, n, block):
         stop = min(n, start + block)
         sims = unit[start:stop] @ unit[:stop].T  # rows j in [start, stop) against every i < stop
         sims[np.arange(stop)[None, :] >= np.arange(start, stop)[:, None]] = -np.inf  # only i < j counts
+        if rule == "kept":
+            edges.append(block_edges(sims, start, limit))
+            sims[:, removed[:stop]] = -np.inf  # removed rows stand in for nothing
+            resolve_block(sims, start, limit, removed)
         where[start:stop] = sims.argmax(axis=1)
         best[start:stop] = sims[np.arange(stop - start), where[start:stop]]
-    return EarlierMatches(best, where)
+    where[best == -np.inf] = -1  # every earlier row was removed: no match
+    pairs = np.concatenate([p for p, _ in edges]) if edges else np.zeros((0, 2), np.int64)
+    pair_cosine = np.concatenate([c for _, c in edges]) if edges else np.zeros(0, np.float32)
+    return EarlierMatches(best, where, pairs, pair_cosine)
+
+
+def block_edges(sims: np.ndarray, start: int, limit: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """(earlier row, later row) of every pair of the block at or above the threshold, and its cosine."""
+    later, earlier = np.nonzero(sims >= limit)
+    return np.stack([earlier, later + start], axis=1).astype(np.int64), sims[later, earlier]
+
+
+def resolve_block(sims: np.ndarray, start: int, limit: np.float32, removed: np.ndarray) -> None:
+    """The kept rule inside one block, in row order: only rows with a match above the threshold can
+    go, and each looks at the block's rows before it as they were decided (removed columns masked)."""
+    for row in np.flatnonzero(sims.max(axis=1) >= limit):
+        sims[row, np.flatnonzero(removed[start:start + row]) + start] = -np.inf
+        if sims[row].max() >= limit:
+            removed[start + row] = True
+    sims[:, removed[:start + len(sims)]] = -np.inf
 
 
 def split_large(unit: np.ndarray, max_rows: int, seed: int) -> list[np.ndarray]:
@@ -103,30 +153,67 @@ def split_large(unit: np.ndarray, max_rows: int, seed: int) -> list[np.ndarray]:
 
 @dataclass(frozen=True)
 class ClusterResult:
-    """One cluster's rows in keep order: index into the cluster's input rows, kept, the
-    best earlier match (input row index, -1 when none) and its cosine (NaN when none)."""
+    """One cluster's rows in keep order: index into the cluster's input rows, kept, the best earlier
+    match (input row index, -1 when none; kept rule: the best kept one) and its cosine (NaN when
+    none), the row's rank in the job-wide keep order (ties broken by key), and (kept rule) every pair
+    at or above the threshold as input row indices (earlier, later)."""
 
     order: np.ndarray
     kept: np.ndarray
     match: np.ndarray
     cosine: np.ndarray
+    rank: np.ndarray
+    pairs: np.ndarray
+    pair_cosine: np.ndarray
+
+
+def order_rank(centroid_cosine: np.ndarray, order: np.ndarray, keep: str) -> np.ndarray:
+    """A float per row (in `order`) that sorts rows of every cluster the way keep order sorts them
+    inside one: the centroid cosine (hard), its negation (easy), the position's share (random)."""
+    if keep == "random":
+        return np.arange(len(order), dtype=np.float64) / max(1, len(order))
+    first = centroid_cosine[order].astype(np.float64)
+    return first if keep == "hard" else -first
 
 
 def dedup_cluster(unit: np.ndarray, keys: list[str], centroid_cosine: np.ndarray, *, eps: float, keep: str,
-                  seed: int, max_rows: int) -> ClusterResult:
+                  seed: int, max_rows: int, rule: str = "kept") -> ClusterResult:
     """Kept and duplicate rows of one cluster (unit rows); see the module docstring."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, not {rule!r}")
     threshold = np.float32(1.0 - eps)
-    orders, kept, match, cosine = [], [], [], []
+    orders, kept, match, cosine, rank, pairs, pair_cosine = [], [], [], [], [], [], []
     for piece in split_large(unit, max_rows, seed):
         order = piece[keep_order([keys[i] for i in piece], centroid_cosine[piece], keep, seed)]
-        found = earlier_matches(unit[order])
+        found = earlier_matches(unit[order], rule, float(threshold))
         has = found.position >= 0
         orders.append(order)
         kept.append(~(found.cosine >= threshold))
         match.append(np.where(has, order[np.maximum(found.position, 0)], -1))
         cosine.append(np.where(has, found.cosine, np.nan).astype(np.float32))
+        rank.append(order_rank(centroid_cosine, order, keep))
+        pairs.append(order[found.pairs])
+        pair_cosine.append(found.pair_cosine)
     return ClusterResult(np.concatenate(orders), np.concatenate(kept), np.concatenate(match),
-                         np.concatenate(cosine))
+                         np.concatenate(cosine), np.concatenate(rank), np.concatenate(pairs).reshape(-1, 2),
+                         np.concatenate(pair_cosine))
+
+
+def greedy_reference(unit: np.ndarray, rank: np.ndarray, keys: list[str], eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """The kept rule over a whole set by brute force: rows in (rank, key) order, each removed when a
+    row kept before it is at or above 1 - eps. Returns (kept mask, stand-in row or -1). For tests and
+    bench/ only: memory is n x n."""
+    order = np.lexsort((key_rank(keys), rank))
+    above = (unit @ unit.T) >= np.float32(1.0 - eps)
+    kept = np.zeros(len(unit), dtype=bool)
+    stand_in = np.full(len(unit), -1)
+    for row in order:
+        hits = np.flatnonzero(above[row] & kept)
+        if len(hits):
+            stand_in[row] = hits[np.argmax(unit[hits] @ unit[row])]
+        else:
+            kept[row] = True
+    return kept, stand_in
 
 
 def nemo_reference(unit: np.ndarray, centroid_cosine: np.ndarray, eps: float, keep: str) -> np.ndarray:
