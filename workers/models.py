@@ -154,6 +154,9 @@ def _tokenizer(name: str):
         return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    except ImportError as e:  # SigLIP's SiglipTokenizer needs sentencepiece: the install, not the model, is wrong
+        raise ModelLoadError(f"the tokenizer of {name} needs a library this worker lacks ({_first_line(e)}): "
+                             "install the worker extra, pip install 'vitbatch[worker]' (sentencepiece, protobuf)") from e
 
 
 def _first_line(error: Exception) -> str:
