@@ -67,6 +67,20 @@ def _unreachable(error: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The `vitbatch` command. As the process itself (no `argv`), it ends through clientexit.leave:
+    stopped, flushed, then gone without the interpreter's teardown (see there why)."""
+    if argv is not None:
+        _main(argv)
+        return
+    try:
+        _main(None)
+    except SystemExit as e:
+        from orchestrator.clientexit import exit_code, leave
+
+        leave(exit_code(e.code))
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         app(args=argv, standalone_mode=True)
     except VitbatchError as e:

@@ -42,6 +42,7 @@ def _submit(spec, wait: bool, workers: int, overwrite: bool, show_rows: int = 5)
             for url in embedded_stack.metrics_urls:
                 err.print(f"worker metrics: {url}")
         client = client_for(settings)
+        stack.callback(client.close)  # before the embedded stack stops (the stack unwinds last in, first out)
         job_id, summary = client.submit(spec, overwrite=overwrite)
         err.print(f"job {job_id}: {summary['items']} images"
                   + (f" in {summary['shards']} shard(s)" if "shards" in summary else "")

@@ -103,10 +103,9 @@ class EmbeddedStack:
         return self.dead_workers()
 
     def _spawn(self, cmd: list[str], log_name: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = open(self.log_dir / f"{log_name}.log", "ab")
         env = {**settings_env(self.settings), **(extra_env or {})}
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        with open(self.log_dir / f"{log_name}.log", "ab") as log:  # the child holds its own copy
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.processes.append(proc)
         return proc
 

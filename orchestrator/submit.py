@@ -73,6 +73,11 @@ class Client:
         return cls(settings, make_app(settings), Ledger.from_settings(settings),
                    ObjectStore(settings))
 
+    def close(self) -> None:
+        """Close the Celery app's broker pools and the ledger's Redis connections (the CLI's exit)."""
+        self.app.close()
+        self.ledger.r.close()
+
     # -- submit ----------------------------------------------------------------------------
     def check(self, spec: InferenceSpec, overwrite: bool = False) -> Plan:
         """Every check that does not need a GPU; SpecError on the first problem."""

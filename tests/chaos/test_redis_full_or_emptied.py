@@ -20,6 +20,7 @@ from chaos_stack import ROOT, assert_exactly_once, explain, via
 
 from orchestrator.constants import SUCCESS_FILE, job_key, job_state_channel
 from orchestrator.ledger import JobState, ShardState
+from orchestrator.reconcile import reconcile
 from orchestrator.storage import join
 
 pytestmark = pytest.mark.chaos
@@ -92,11 +93,14 @@ def test_a_job_redis_lost_is_unknown_and_an_overwrite_rerun_of_its_output_succee
     channel = job_state_channel(lost)  # a wait under way listens on it between its reads
     _until(lambda: stack.client.ledger.r.pubsub_numsub(channel)[0][1] >= 1, "the wait under way")
     stack.client.ledger.r.flushall()
+    passed = reconcile(stack.client, stack.settings.stale_after_s, [lost])  # as the wait's own pass does
     try:
         waited = waiting.wait(timeout=60)
     finally:
         _stop(waiting)
     shown = stack.cli(["status", lost])
+
+    assert passed.unknown == [lost] and not passed.errors, passed
 
     for exit_code, said in ((waited, (tmp_path / "wait.err").read_text()), (shown.returncode, shown.stderr)):
         assert exit_code == UNKNOWN_JOB_EXIT, said[-3000:]
