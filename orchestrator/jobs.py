@@ -123,6 +123,11 @@ class JobBase(_Spec):
         "auto", description="Where images are decoded: threads, processes (past the GIL), or device (nvJPEG "
         "on CUDA for baseline JPEGs, the rest in processes); auto = device on CUDA, threads on CPU.",
     )
+    jpeg_decode: Literal["exact", "fast"] = Field(
+        "exact", description="exact = every JPEG decoded at full scale, so the pixels are the checkpoint's own "
+        "processor's; fast = a large JPEG decoded at a reduced DCT scale (PIL draft; faster, pixels a grey level "
+        "or so off, cosine about 0.998 against exact; bench/RESULTS.md). The job record and markers say which.",
+    )
     lane: Literal["auto", "interactive", "bulk"] = Field(
         "auto", description="Queue lane; auto = interactive for small jobs, bulk otherwise (nightly runs use bulk)."
     )

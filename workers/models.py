@@ -1,14 +1,14 @@
 """Load models by reference and keep them cached per worker process.
 
 Preprocessing always comes from the model itself (the HF image processor or
-timm's data config); nothing here assumes 224 pixels or ImageNet statistics.
+timm's data config, read in workers/processors.py); nothing here assumes 224 pixels
+or ImageNet statistics.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import threading
 from collections import OrderedDict
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from PIL import Image
 
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
@@ -29,9 +28,7 @@ from workers.families import Family, HFBackbone, HFClassifier, HFDualEncoder, Ti
 from workers.loaded import DTYPES, LoadedModel
 from workers.memory import long_lived, release_frozen
 from workers.modelfiles import check_model_dir, local_model_dir, read_local_config
-
-_RESAMPLE = {name: int(Image.Resampling[name.upper()])  # timm's interpolation names -> PIL's (bilinear: 2, ...)
-             for name in ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")}
+from workers.processors import hf_preprocess, timm_preprocess  # noqa: F401 (training reads them here)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -164,20 +161,6 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def hf_preprocess(processor) -> Preprocess:
-    size = processor.size
-    resample = int(getattr(processor, "resample", Image.Resampling.BILINEAR))
-    mean = tuple(processor.image_mean) if getattr(processor, "do_normalize", True) else (0.0, 0.0, 0.0)
-    std = tuple(processor.image_std) if getattr(processor, "do_normalize", True) else (1.0, 1.0, 1.0)
-    crop = None
-    if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):
-        crop = (processor.crop_size["height"], processor.crop_size["width"])
-    if size.get("shortest_edge"):
-        edge = int(size["shortest_edge"])
-        return Preprocess((edge, edge), resample, mean, std, shortest_edge=edge, crop=crop or (edge, edge))
-    return Preprocess((int(size["height"]), int(size["width"])), resample, mean, std, crop=crop)
-
-
 def _load_timm(name: str, config: dict | None, allow_pickle: bool
                ) -> tuple[torch.nn.Module, Preprocess, dict[int, str], Family]:
     import timm
@@ -199,24 +182,6 @@ def _load_timm(name: str, config: dict | None, allow_pickle: bool
         names = timm.data.ImageNetInfo().label_names()
     id2label = {i: (names[i] if names else str(i)) for i in range(module.num_classes)}
     return module, prep, id2label, family
-
-
-def timm_preprocess(module: torch.nn.Module) -> Preprocess:
-    """timm's eval transform (resize the short side to size / crop_pct, center crop) as a Preprocess."""
-    from timm.data.model_config import resolve_input_data_config
-
-    # The input size the model has now (img_size=32 overrides its source cfg's 224), as save_for_hf exports it.
-    config = resolve_input_data_config(module)
-    height, width = config["input_size"][1:]
-    resample = _RESAMPLE.get(config.get("interpolation", "bicubic"), int(Image.Resampling.BICUBIC))
-    crop_pct = float(config.get("crop_pct") or 1.0)
-    # As timm's eval transform: Resize(floor(size / crop_pct)) then CenterCrop(size); for
-    # non-square inputs, ResizeKeepRatio to cover the scaled size instead of a shortest edge.
-    edge, cover = int(height / crop_pct), None
-    if height != width:
-        cover = (math.floor(height / crop_pct), math.floor(width / crop_pct))
-    return Preprocess((height, width), resample, tuple(config["mean"]), tuple(config["std"]),
-                      shortest_edge=edge, crop=(height, width), cover=cover)
 
 
 def fingerprint(module: torch.nn.Module, prep: Preprocess) -> str:

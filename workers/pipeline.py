@@ -124,14 +124,16 @@ class DecodePath:
 
 @contextmanager
 def decode_path(decode: str, model: LoadedModel, pool: DecodePool, max_pixels: int, *,
-                batch_size: int, read_concurrency: int, n_items: int) -> Iterator[DecodePath]:
+                batch_size: int, read_concurrency: int, n_items: int,
+                jpeg_decode: str = "exact") -> Iterator[DecodePath]:
     """The one place that picks the decode path and sizes its block.
 
     auto: nvJPEG plus processes on CUDA; threads on a CPU, whose cores the model needs.
     A block holds the read-ahead window plus one batch, or the shard if it is smaller;
-    without room in /dev/shm the shard decodes in threads.
+    without room in /dev/shm the shard decodes in threads. `jpeg_decode` is the job's
+    --jpeg-decode: `fast` lets the host decoders draft large JPEGs (nvJPEG decodes in full).
     """
-    decoder = Decoder(model.prep, max_pixels)
+    decoder = Decoder(model.prep, max_pixels, fast=jpeg_decode == "fast")
     mode = ("device" if model.device.type == "cuda" else "threads") if decode == "auto" else decode
     if mode == "threads":
         yield DecodePath(decoder)

@@ -157,7 +157,7 @@ def reference_pixels(model_dir: Path, keys: list[str], input_dir: Path) -> torch
     prep = load_model(str(model_dir), device="cpu").prep
     arrays = []
     for key in keys:
-        img = decode_rgb((input_dir / key).read_bytes(), draft_size=prep.draft_size)
+        img = decode_rgb((input_dir / key).read_bytes())  # full scale, as jobs decode by default
         arrays.append(resize_image(img, prep))
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
     return (pixels - torch.tensor(prep.mean).view(1, 3, 1, 1)) / torch.tensor(prep.std).view(1, 3, 1, 1)

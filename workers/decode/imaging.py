@@ -35,7 +35,13 @@ def decode_rgb(
 
     `max_pixels` is checked against the header before any pixel is decoded.
     `draft_size` is (width, height) as in `PIL.Image.draft`: a JPEG is
-    decoded at the smallest DCT scale still at least that large.
+    decoded at the smallest DCT scale still at least that large. Only
+    `--jpeg-decode fast` asks for it: a drafted JPEG's pixels differ from a
+    full decode's (what every reference library reads) by about a grey level.
+
+    Where this differs from transformers' `load_image` (convert("RGB")), on
+    purpose: alpha is composited on white (as transformers' `convert_to_rgb`
+    does), 16-bit samples are scaled to 8 bits rather than clipped.
     """
     if not data:
         raise BadImage("empty object (0 bytes)")

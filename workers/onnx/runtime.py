@@ -102,6 +102,13 @@ def check_external_data(path: Path) -> None:
                 raise ModelLoadError(f"ONNX model {path} keeps weights at {entry.value!r}, outside its folder: refused")
 
 
+def source_library(config: dict) -> str:
+    """Whose preprocessing rules an export made before they were written down keeps: its source's
+    (config.json `source.family`: "timm", or one of the HF kinds), as a new export records them."""
+    family = str((config.get("source") or {}).get("family", ""))
+    return "timm" if family == "timm" else "transformers"
+
+
 def load_onnx(ref: str, path: Path, device: str = "auto"):
     """A LoadedModel that runs the export in `path` on ONNX Runtime (fp32 inputs on the CPU side)."""
     from workers.decode.preprocess import Preprocess
@@ -114,7 +121,7 @@ def load_onnx(ref: str, path: Path, device: str = "auto"):
         raise ModelLoadError(f"ONNX model directory {path} has no {config.get('model_file', ONNX_MODEL_FILE)}")
     check_external_data(model_path)
     try:
-        prep = Preprocess.from_json(config["preprocess"])
+        prep = Preprocess.from_json(config["preprocess"], source_library(config))
         id2label = {int(i): str(v) for i, v in config["id2label"].items()}
     except (KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"ONNX model directory {path}: config.json lacks the preprocessing or labels an export "
