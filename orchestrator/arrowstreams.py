@@ -44,6 +44,8 @@ class StreamIndex:
 
 def read_stream_index(store: ObjectStore, uri: str, size: int, within: str | None = None, stats=None) -> StreamIndex:
     """Walk the stream's message headers; ValueError when it is not an Arrow IPC stream we can read by batch."""
+    if size < 8:
+        raise ValueError(f"not an Arrow IPC stream ({size} bytes)")
     offset = len(FILE_MAGIC) if _read(store, uri, 0, len(FILE_MAGIC), within, stats) == FILE_MAGIC else 0
     schema: pa.Schema | None = None
     batches: list[Batch] = []

@@ -8,7 +8,7 @@ download failed) is embedded with its own `key` column as row keys and its url a
 from __future__ import annotations
 
 import pytest
-from parquet_datasets import N, hf_dataset, image_files, img2dataset_shard
+from parquet_datasets import N, hf_dataset, image_files, img2dataset_shard, saved_dataset
 
 from orchestrator.manifest import Item
 from orchestrator.parquetinputs import ParquetColumns, ReadStats, plan_parquet
@@ -24,6 +24,7 @@ def inputs(tmp_path_factory, bucket, upload, tiny_model) -> str:
     hf_dataset(local / "mixed" / "data", with_bad_rows=True)
     image_files(local / "mixed" / "files")
     img2dataset_shard(local / "laion" / "00000.parquet")
+    saved_dataset(local / "saved")
     upload(local, bucket, "parquet-inputs")
     upload(tiny_model, bucket, "models/tiny-vit-parquet")
     return f"s3://{bucket}/parquet-inputs"
@@ -77,3 +78,14 @@ def test_planning_over_s3_makes_one_range_get_per_parquet_file(inputs, settings)
     groups = plan_parquet([Item("00000.parquet", info.uri, info.size, info.etag)], store, ParquetColumns(), inputs,
                           stats).row_groups
     assert [g.rows for g in groups] == [4, 4, 4] and stats.requests == 1  # the footer's Range GET
+
+
+def test_a_save_to_disk_folder_classifies_over_s3_with_its_classlabel_kept(inputs, worker, cli, client, bucket):
+    out = f"s3://{bucket}/out/saved-classify/"
+    run_job(cli, "classify", "--input", f"{inputs}/saved/", "--output", out, "--model",
+            f"s3://{bucket}/models/tiny-vit-parquet/", "--shard-size", "5", "--keep-columns", "label,caption")
+    rows = {r["key"]: r for r in read_table(out, client.store).to_pylist()}
+    keys = {f"data-{i // (N // 2):05d}-of-00002.arrow/{i % (N // 2)}": i for i in range(N)}
+    assert sorted(rows) == sorted(keys)
+    assert all(rows[k]["error"] is None and (rows[k]["input_label"], rows[k]["caption"]) == (i % 3, f"caption {i}")
+               for k, i in keys.items())

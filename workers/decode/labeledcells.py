@@ -20,7 +20,7 @@ from orchestrator.parquetinputs import image_column, is_table_key
 from orchestrator.storage import ObjectStore
 from orchestrator.tablefiles import Footer, read_table_footer
 from workers.decode.parquetshards import RowGroup, RowGroupCells
-from workers.decode.tarshards import expand
+from workers.decode.tarshards import members
 
 CACHE_BYTES = 1 << 30  # row groups and tars kept in memory while a job reads them
 
@@ -33,9 +33,11 @@ def addressed(uri: str) -> bool:
 class ContainerReader:
     """uri -> bytes or why not, for addressed images; thread-safe (training's data loader, evaluate's readers)."""
 
-    def __init__(self, store: ObjectStore, settings: Settings) -> None:
+    def __init__(self, store: ObjectStore, settings: Settings, image_root: str | None = None) -> None:
+        """`image_root`: where `path` cells may point besides the table's own folder (a spec's --image-root)."""
         self.store, self.settings = store, settings
-        self.cells = RowGroupCells(store, settings.max_object_bytes, settings.max_tar_bytes, scope=None)
+        self.cells = RowGroupCells(store, settings.max_object_bytes, settings.max_tar_bytes, scope=None,
+                                   image_root=image_root)
         self.files: dict[tuple[str, str | None], tuple[Footer, str, list[int]]] = {}
         self.cache: OrderedDict[str, tuple[object, int]] = OrderedDict()
         self.cached_bytes = 0
@@ -89,10 +91,10 @@ class ContainerReader:
         with self.lock:
             blobs = self._cached(base)
             if blobs is None:
-                _, blobs = expand(Item(base, base, tar=True), self.store, self.settings.max_tar_bytes,
-                                  self.settings.max_object_bytes)
+                blobs = members(Item(base, base, tar=True), self.store, self.settings.max_tar_bytes,
+                                self.settings.max_object_bytes)
                 self._remember(base, blobs, sum(len(b) for b in blobs.values()))
-        found = blobs.get(uri)
+        found = blobs.get(uri, blobs.get(base))  # the member, or why the whole tar was not read
         return found if found is not None else f"{uri}: no such image member in the tar"
 
     def _cached(self, key: str):
