@@ -216,3 +216,21 @@ def test_a_wait_told_to_stop_raises_keyboard_interrupt_within_a_poll(ctx, job, r
     stop.set()
     waiter.join(timeout=60)
     assert raised == [True] and not ctx.ledger.status(job_id).state.terminal  # it stopped waiting, not the job
+
+
+def test_only_the_commit_that_settles_the_last_shard_says_so_in_any_order(ctx, tmp_path):
+    """The settled check resumes from the shard it last found unsettled (fencing.SETTLED): out of
+    order, and with a lower shard reopened after the scan passed it, only the last commit is 'all settled'."""
+    job_id = time.strftime("%Y%m%d-%H%M%S-", time.gmtime()) + secrets.token_hex(3)
+    ctx.ledger.create(job_id, "{}", "classify", str(tmp_path / "out"), n_items=6, n_shards=6)
+
+    def commit(shard: int) -> bool:
+        return ctx.ledger.record_commit(ctx.ledger.start_shard(job_id, shard), 1, 0, {})
+
+    assert [commit(shard) for shard in (3, 0, 5, 1)] == [False] * 4
+    quarantined = ctx.ledger.start_shard(job_id, 2)
+    assert ctx.ledger.fail_shard(quarantined, "bench") is False  # shard 4 is still pending
+    ctx.ledger.reset_shards(job_id, [0])  # `retry` reopens a shard the scan has passed
+    assert commit(4) is False
+    assert commit(0) is True
+    assert ctx.ledger.all_settled(job_id)
