@@ -91,7 +91,12 @@ class JobBase(_Spec):
     )
     id_column: str | None = Field(
         None, description="Parquet inputs: key each row by this column (img2dataset's key) instead of "
-        "<file key>/<row index>.",
+        "<file key>/<row index>; webdataset tars: by this field of each sample (a member such as cls, or a field "
+        "of its .json member: key, json.key) instead of <tar key>/<sample key>.",
+    )
+    image_key: str | None = Field(
+        None, description="Webdataset tars: the sample's field that holds its image (e.g. jpg, seg.png); unset = "
+        "the first of jpg, jpeg, png, webp, gif, bmp, tif, tiff the sample has.",
     )
     image_root: str | None = Field(
         None, description="Parquet and datasets inputs: a folder (local, file:// or s3://) that `path` cells (a "
@@ -105,7 +110,8 @@ class JobBase(_Spec):
     keep_columns: list[str] = Field(
         default_factory=list, description="Parquet inputs: columns copied into the output rows (classify parquet, "
         "embed and attention index), comma-separated, e.g. url,caption; one named like an output column is "
-        "written as input_<name>.",
+        "written as input_<name>. Webdataset tars: fields of each sample, as text (bytes for binary members): "
+        "a member (txt, cls, json) or a field of its .json member (caption, json.caption, json.a.b).",
     )
     batch_size: int | None = Field(
         None, gt=0, le=4096, description="Images per forward pass; unset = 256 on CUDA (halved on out-of-memory), "
@@ -258,8 +264,12 @@ class TrainBase(_Spec):
         "metadata, strings are names); unset = the file's only ClassLabel column.",
     )
     label_key: str = Field(
-        "cls", description="Webdataset tars: cls = the text of each image's .cls member; any other name = that "
-        "field of its .json member.",
+        "cls", description="Webdataset tars: the sample's field that holds its label: a member (cls: the text of "
+        "its .cls member) or a field of its .json member (label, json.label, json.a.b).",
+    )
+    image_key: str | None = Field(
+        None, description="Webdataset tars: the sample's field that holds its image (e.g. jpg); unset = the first "
+        "of jpg, jpeg, png, webp, gif, bmp, tif, tiff the sample has.",
     )
 
 

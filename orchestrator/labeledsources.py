@@ -4,26 +4,25 @@
   its label is the `--label-column` value, or the only `ClassLabel` column of the `huggingface`
   metadata, whose ids are given their names. The label column is read whole (a few bytes per
   row); the images are not read here.
-- webdataset tars: one item per image member, keyed `<tar key>/<member>` and read from
-  `<tar uri>#<member>`; its label is the text of the `.cls` member beside it (`<stem>.cls`,
-  `--label-key cls`, the default), or a field of its `.json` member (`--label-key <field>`).
-  A tar is streamed once here, keeping only the label members.
+- webdataset tars: one item per sample, as webdataset groups members (`x.jpg` + `x.cls`: sample `x`;
+  orchestrator/tarsamples.py), keyed `<tar key>/<sample key>` and read from `<tar uri>#<image member>`;
+  its image is the `--image-key` field (default: the first of jpg, jpeg, png, webp, ...), its label the
+  text of its `.cls` member (`--label-key cls`, the default), or a field of its `.json` member
+  (`--label-key <field>`, `json.<path>`). A tar is streamed once here, keeping only the label members.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import posixpath
 import tarfile
+import zlib
 from dataclasses import dataclass
 
 import pyarrow as pa
 
-from orchestrator.errors import SpecError
+from orchestrator.errors import ObjectTooLarge, SpecError
 from orchestrator.parquetinputs import class_names, hf_features, image_column, is_table_key
-from orchestrator.planner import is_image_key
 from orchestrator.storage import ObjectInfo, ObjectStore
+from orchestrator.tarsamples import JSON_FIELDS, FieldError, Sample, as_text, lookup, read_samples
 
 
 @dataclass(frozen=True)
@@ -33,10 +32,11 @@ class LabelOptions:
     image_column: str | None = None
     label_column: str | None = None
     label_key: str = "cls"
+    image_key: str | None = None  # webdataset tars: the image field; unset = the first of tarsamples.IMAGE_FIELDS
 
 
 def label_options(spec) -> LabelOptions:
-    return LabelOptions(image_column=getattr(spec, "image_column", None),
+    return LabelOptions(image_column=getattr(spec, "image_column", None), image_key=getattr(spec, "image_key", None),
                         label_column=getattr(spec, "label_column", None),
                         label_key=getattr(spec, "label_key", None) or "cls")
 
@@ -82,32 +82,33 @@ def parquet_rows(key: str, info: ObjectInfo, store: ObjectStore, options: LabelO
 
 
 def tar_members(key: str, info: ObjectInfo, store: ObjectStore, options: LabelOptions, max_tar_bytes: int) -> list:
-    """LabeledItems of one webdataset tar: each image member with the label beside it."""
+    """LabeledItems of one webdataset tar: each sample (webdataset's grouping, tarsamples.py) with its image
+    field and its label field; SpecError for a sample webdataset's `to_tuple(image, label)` would fail on."""
     from orchestrator.labels import LabeledItem
 
-    images: list[str] = []
-    labels: dict[str, str] = {}
-    wanted = ".cls" if options.label_key == "cls" else ".json"
+    label = options.label_key
     try:
         data = store.read(info.uri, max_bytes=max_tar_bytes)
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r|*") as archive:
-            for member in archive:
-                if not member.isfile() or member.name.startswith("/") or ".." in member.name.split("/"):
-                    continue
-                if is_image_key(member.name):
-                    images.append(member.name)
-                elif member.name.lower().endswith(wanted):
-                    stream = archive.extractfile(member)
-                    if stream is None:  # only a regular file has a stream, and only those reach here
-                        raise SpecError(f"{info.uri}: the member {member.name} has no contents to read")
-                    labels[_stem(member.name)] = _label(stream.read(), member.name, options)
-    except (tarfile.TarError, EOFError, OSError) as e:
+        # only the label members are read here: the images are the worker's to read
+        samples = read_samples(data, lambda name: name == label or name in JSON_FIELDS, max_tar_bytes, max_tar_bytes)
+    except (tarfile.TarError, EOFError, OSError, zlib.error, ObjectTooLarge) as e:
         raise SpecError(f"{info.uri} is not a readable tar ({type(e).__name__}: {e})") from e
-    missing = [name for name in images if _stem(name) not in labels]
+    items, missing = [], []
+    for sample in samples:
+        image = sample.image_field(options.image_key)
+        if sample.problem or image is None:
+            raise SpecError(f"{info.uri}: {sample.problem or sample.no_image(options.image_key)}; pass --image-key "
+                            "or fix the tar")
+        text = _label(sample, label, info.uri)
+        if not text:
+            missing.append(sample.key)
+            continue
+        items.append(LabeledItem(key=f"{key}/{sample.key}", uri=f"{info.uri}#{sample.fields[image].name}", label=text))
     if missing:
-        raise SpecError(f"{info.uri}: {len(missing)} images have no {wanted} member beside them (e.g. {missing[0]}); "
-                        f"pass --label-key cls for .cls members or --label-key <field> for a field of .json members")
-    return [LabeledItem(key=f"{key}/{name}", uri=f"{info.uri}#{name}", label=labels[_stem(name)]) for name in images]
+        raise SpecError(f"{info.uri}: {len(missing)} samples have no label {label!r} (e.g. {missing[0]}: no .{label} "
+                        f"member, and no {label!r} field in a .json member); pass --label-key cls for .cls members "
+                        "or --label-key <field> for a field of .json members")
+    return items
 
 
 def cell_address(uri: str, row: int, column: str | None) -> str:
@@ -126,18 +127,9 @@ def split_address(uri: str) -> tuple[str, str] | None:
     return None
 
 
-def _stem(member: str) -> str:
-    """webdataset's sample key: the member's path up to the first dot of its file name."""
-    folder, name = posixpath.split(member)
-    return posixpath.join(folder, name.split(".", 1)[0])
-
-
-def _label(data: bytes, member: str, options: LabelOptions) -> str:
-    text = data.decode("utf-8", errors="replace").strip()
-    if options.label_key == "cls":
-        return text
+def _label(sample: Sample, label_key: str, uri: str) -> str:
+    """The sample's label as text ('' when it has none): a member's text, or a .json field's value."""
     try:
-        value = json.loads(text)[options.label_key]
-    except (ValueError, KeyError, TypeError) as e:
-        raise SpecError(f"{member}: no {options.label_key!r} field in this JSON member") from e
-    return str(value).strip()
+        return (as_text(lookup(sample, label_key)) or "").strip()
+    except FieldError as e:
+        raise SpecError(f"{uri}: sample {sample.key!r}: {e}") from e

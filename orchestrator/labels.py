@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from orchestrator.errors import ObjectNotFound, SpecError, UnsafeKey
 from orchestrator.labeledsources import LabelOptions, is_container_key, parquet_rows, tar_members
 from orchestrator.parquetinputs import is_table_key
-from orchestrator.planner import is_image_key
+from orchestrator.planner import is_image_key, tars_of_range
+from orchestrator.scope import brace_range
 from orchestrator.storage import ObjectInfo, ObjectStore, join, relative_key
 
 LABEL_LIST_SUFFIXES = (".csv", ".jsonl")
@@ -38,6 +39,8 @@ def load_labeled(uri: str, store: ObjectStore, options: LabelOptions | None = No
     options = options or LabelOptions()
     if suffix in LABEL_LIST_SUFFIXES:
         items = sorted(_from_label_list(uri, store, suffix), key=lambda item: item.key)
+    elif brace_range(uri) is not None:  # `.../{00000..00099}.tar`: webdataset shards named without listing
+        items = _from_containers(_ranged_tars(uri, store), store, options)
     elif is_container_key(uri.rstrip("/")) and store.exists(uri):
         info = store.info(uri)
         items = _from_containers([(posixpath.basename(uri), info)], store, options)
@@ -63,6 +66,22 @@ def _from_containers(containers: list[tuple[str, ObjectInfo]], store: ObjectStor
         else:
             items += tar_members(key, info, store, options, store.settings.max_tar_bytes)
     return items
+
+
+def _ranged_tars(uri: str, store: ObjectStore) -> list[tuple[str, ObjectInfo]]:
+    """(key, info) of each tar a brace range names; SpecError naming those missing, since their labels
+    are read now (classify and embed, which need none, make a missing tar an error row instead)."""
+    found, missing = [], []
+    for item in tars_of_range(uri):
+        try:
+            found.append((item.key, store.info(item.uri)))
+        except ObjectNotFound:
+            missing.append(item.key)
+    if missing:
+        raise SpecError(f"{uri}: {len(missing)} of the {len(found) + len(missing)} tars the range names do not exist "
+                        f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}): their labels cannot be "
+                        "read; narrow the range or list the tars in a folder")
+    return found
 
 
 def class_names(items: list[LabeledItem]) -> list[str]:

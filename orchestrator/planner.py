@@ -12,11 +12,14 @@ import posixpath
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+
 from orchestrator.errors import ObjectNotFound, SpecError, UnsafeKey, VitbatchError
 from orchestrator.manifest import Item
 from orchestrator.parquetinputs import ParquetColumns, is_table_key, plan_parquet, shard_runs
 from orchestrator.scope import INPUT_LIST_SUFFIXES, brace_range, input_root, outside_input
 from orchestrator.storage import ObjectInfo, ObjectStore, join, relative_key
+from orchestrator.tarsamples import TarFields, fields_of, kept_schema
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # webdataset shards, gzip-compressed or not
@@ -69,16 +72,18 @@ def is_image_key(key: str) -> bool:
     return posixpath.splitext(key.lower())[1] in IMAGE_SUFFIXES
 
 
-def plan(input_uri: str, shard_size: int, store: ObjectStore, columns: ParquetColumns | None = None) -> Plan:
+def plan(input_uri: str, shard_size: int, store: ObjectStore, columns: ParquetColumns | None = None,
+         fields: TarFields | None = None) -> Plan:
     """List the inputs (prefix or manifest file), keep the images, cut them into shards.
 
     `columns`: what the job asks of parquet inputs (parquetinputs.columns_of(spec)); their
-    footers are read here (ranged reads, never a data page) and checked against it.
+    footers are read here (ranged reads, never a data page) and checked against it. `fields`:
+    what it asks of webdataset tars' samples (tarsamples.fields_of(spec)); no tar is read here.
     """
     suffix = posixpath.splitext(input_uri.rstrip("/").lower())[1]
     skipped: list[str] = []
     if brace_range(input_uri) is not None:
-        candidates = _from_brace_range(input_uri)
+        candidates = tars_of_range(input_uri)
     elif suffix in INPUT_LIST_SUFFIXES and store.exists(input_uri):
         candidates = _from_input_list(input_uri, store)
     elif is_table_key(input_uri) and store.exists(input_uri):
@@ -104,8 +109,7 @@ def plan(input_uri: str, shard_size: int, store: ObjectStore, columns: ParquetCo
             seen.add(item.key)
             items.append(item)
     columns = columns or ParquetColumns()
-    if columns.asked and not parquet:
-        raise SpecError(f"{', '.join(columns.asked)} apply to parquet inputs, and {input_uri} has no .parquet files")
+    _check_options(columns, fields or TarFields(), input_uri, bool(parquet), bool(tars))
     parquet_plan = plan_parquet(parquet, store, columns, root)
     ignored += parquet_plan.ignored
     if not items and not tars and not parquet_plan.row_groups:
@@ -114,13 +118,46 @@ def plan(input_uri: str, shard_size: int, store: ObjectStore, columns: ParquetCo
             f" {len(ignored)} other files ignored, {len(skipped)} entries skipped{': ' + skipped[0] if skipped else ''})"
         )
     return Plan(items=items, shard_size=shard_size, ignored=ignored, duplicates=duplicates, tars=tars,
-                skipped=skipped, row_groups=parquet_plan.row_groups, kept_columns=parquet_plan.kept_columns)
+                skipped=skipped, row_groups=parquet_plan.row_groups,
+                kept_columns=_kept_columns(columns.keep, parquet_plan.kept_columns, bool(tars), input_uri))
+
+
+def _check_options(columns: ParquetColumns, fields: TarFields, input_uri: str, parquet: bool, tars: bool) -> None:
+    """SpecError for a column or field option the input has nothing to apply to."""
+    shared = {"--id-column", "--keep-columns"}  # parquet columns, or fields of a tar's samples
+    only_parquet = [flag for flag in columns.asked if flag not in shared]
+    if only_parquet and not parquet:
+        raise SpecError(f"{', '.join(only_parquet)} apply to parquet inputs, and {input_uri} has no .parquet files")
+    if fields.image_key and not tars:
+        raise SpecError(f"--image-key applies to webdataset tars, and {input_uri} has no .tar files "
+                        "(parquet inputs: --image-column)")
+    either = [flag for flag in columns.asked if flag in shared]
+    if either and not parquet and not tars:
+        raise SpecError(f"{', '.join(either)} apply to parquet inputs and webdataset tars, and {input_uri} has "
+                        "neither .parquet nor .tar files")
+
+
+def _kept_columns(keep: tuple[str, ...], from_parquet: pa.Schema | None, tars: bool, input_uri: str) -> pa.Schema | None:
+    """The kept columns' types: the parquet footers', and for tars the fields' own (tarsamples.kept_type,
+    from the names: no tar is read to plan). Every shard writes them, so a job that keeps columns has them."""
+    if not keep:
+        return None
+    schemas = [s for s in (from_parquet, kept_schema(keep) if tars else None) if s is not None]
+    if not schemas:
+        raise SpecError(f"--keep-columns {', '.join(keep)}: {input_uri} has no .tar file and no parquet file with "
+                        "an image column to take them from (a table without images, such as the .parquet file "
+                        "img2dataset writes beside each .tar, is ignored)")
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive").remove_metadata()
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise SpecError(f"--keep-columns: the parquet files and the tars give a column different types ({e}); "
+                        "a tar's fields are text, or bytes for binary members") from e
 
 
 MAX_BRACE_OBJECTS = 1_000_000
 
 
-def _from_brace_range(input_uri: str) -> Iterator[Item]:
+def tars_of_range(input_uri: str) -> Iterator[Item]:
     """`.../{00000..00099}.tar` (img2dataset's shard sets): one tar item per number, never listed.
 
     Numbers keep the width of the range's first bound; a tar the range names but the store lacks
@@ -193,7 +230,7 @@ def plan_job(spec, store: ObjectStore) -> Plan:
     only the keys a dedup job kept (embed, dedup, then classify the kept images)."""
     from orchestrator.parquetinputs import columns_of
 
-    job_plan = plan(spec.input, spec.shard_size, store, columns_of(spec))
+    job_plan = plan(spec.input, spec.shard_size, store, columns_of(spec), fields_of(spec))
     if getattr(spec, "kept_by", None):
         keep_only(job_plan, spec.kept_by, store)
     return job_plan

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+import pyarrow as pa
 import torch
 
 from orchestrator.commits import ShardMarker
@@ -19,11 +20,12 @@ from orchestrator.manifest import Item, read_kept_columns, read_manifest
 from orchestrator.parquetinputs import columns_of
 from orchestrator.scope import input_root, outside_input
 from orchestrator.storage import ObjectStore
+from orchestrator.tarsamples import NO_FIELDS, TarFields, fields_of
 from workers import heads, hooks
 from workers.compute import DeviceStage
 from workers.context import WorkerContext
 from workers.decode.parquetshards import Passthrough, expand_row_groups
-from workers.decode.tarshards import expand
+from workers.decode.tarshards import expand_rows
 from workers.loaded import LoadedModel
 from workers.models import default_batch_size
 from workers.pipeline import Blobs, DecodePath, Failed, ShardPipeline, decode_path
@@ -49,43 +51,48 @@ class Collector(Protocol):
 log = logging.getLogger(__name__)
 
 
-def expand_tars(items: list[Item], ctx: WorkerContext, scope: str | None = None
-                ) -> tuple[list[Item], dict[str, bytes | str]]:
-    """Replace .tar items by their image members, read in one go.
+def expand_tars(items: list[Item], ctx: WorkerContext, scope: str | None = None, fields: TarFields = NO_FIELDS,
+                kept: pa.Schema | None = None) -> tuple[list[Item], dict[str, bytes | str], list[dict]]:
+    """Replace .tar items by their samples' rows, each tar read in one go; (items, blobs, kept fields per row).
 
     `scope` (the job's `input_root`): a tar outside it is one error row, never opened; a
     manifest line is not to be trusted more than the spec that planned it.
     """
     if not any(item.tar for item in items):
-        return items, {}
+        return items, {}, []
     out: list[Item] = []
     blobs: dict[str, bytes | str] = {}
+    kept_rows: list[dict] = []
     for item in items:
         if not item.tar:
             out.append(item)
+            kept_rows.append({})
             continue
         if scope is not None and (why := outside_input(item.uri, scope)) is not None:
             out.append(Item(item.key, item.uri, item.size, item.etag))
             blobs[item.uri] = why
+            kept_rows.append({})
             continue
-        members, member_blobs = expand(item, ctx.store, ctx.settings.max_tar_bytes, ctx.settings.max_object_bytes,
-                                       within=scope)
-        out += members
-        blobs.update(member_blobs)
-    return out, blobs
+        rows = expand_rows(item, ctx.store, ctx.settings.max_tar_bytes, ctx.settings.max_object_bytes,
+                           within=scope, fields=fields, kept=kept)
+        out += rows.items
+        blobs.update(rows.blobs)
+        kept_rows += rows.kept
+    return out, blobs, kept_rows
 
 
-def expand_parquet(items: list[Item], blobs: dict, spec: InferenceSpec, ctx: WorkerContext, scope: str | None):
+def expand_parquet(items: list[Item], blobs: dict, spec: InferenceSpec, ctx: WorkerContext, scope: str | None,
+                   kept: pa.Schema | None = None, kept_rows: list[dict] | None = None):
     """Replace parquet row groups by their rows; (items, blobs, pass-through columns or None).
 
     A parquet shard holds row groups only (the planner never mixes them with files), so its
     blobs are the row groups' cells, read one row group at a time as the pipeline asks. With
-    --keep-columns every shard writes the planned columns (null in rows that are not parquet rows).
+    --keep-columns every shard writes the planned columns (`kept`; a tar's rows bring their values in
+    `kept_rows`, null in rows of image files).
     """
-    kept = read_kept_columns(spec.output, ctx.store) if getattr(spec, "keep_columns", None) else None
     groups = [item for item in items if item.row_group >= 0]
     if not groups:
-        return items, blobs, Passthrough(list(kept), []) if kept is not None else None
+        return items, blobs, Passthrough(list(kept), kept_rows or []) if kept is not None else None
     expanded = expand_row_groups(groups, ctx.store, columns_of(spec), max_bytes=ctx.settings.max_object_bytes,
                                  max_group_bytes=ctx.settings.max_tar_bytes, scope=scope, kept=kept)
     return expanded.items, expanded.cells, expanded.passthrough
@@ -151,10 +158,11 @@ def run_shard(spec: InferenceSpec, shard: int, ctx: WorkerContext, on_progress: 
 def _run_shard(spec: InferenceSpec, shard: int, ctx: WorkerContext, on_progress: ProgressFn | None,
                job_id: str, marker_fields: dict | None, on_found: Callable[[int], None] | None) -> ShardMarker:
     scope = input_root(spec.input)
-    items, blobs = expand_tars(read_manifest(spec.output, shard, ctx.store), ctx, scope=scope)
+    kept = read_kept_columns(spec.output, ctx.store) if getattr(spec, "keep_columns", None) else None
+    items, blobs, kept_rows = expand_tars(read_manifest(spec.output, shard, ctx.store), ctx, scope, fields_of(spec), kept)
     if blobs and on_found is not None:  # the job's total grows by what the tars hold
         on_found(len(items))
-    items, blobs, passthrough = expand_parquet(items, blobs, spec, ctx, scope)  # counted when planned
+    items, blobs, passthrough = expand_parquet(items, blobs, spec, ctx, scope, kept, kept_rows)  # counted when planned
     head = heads.for_job(spec, shard, ctx, (marker_fields or {}).get("job_id", job_id))
     head.passthrough = passthrough
     batch_size = spec.batch_size or default_batch_size(head.model.device)

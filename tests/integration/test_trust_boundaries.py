@@ -272,15 +272,15 @@ def _tar_bytes(members: list[tuple[str, bytes]], mode: str = "w") -> bytes:
     return buffer.getvalue()
 
 
-def test_two_tar_members_of_one_name_never_share_a_key(tmp_path):
+def test_two_tar_samples_of_one_key_never_share_a_key(tmp_path):
     (tmp_path / "s.tar").write_bytes(_tar_bytes([("x.png", png(1)), ("y.png", png(2)), ("x.png", png(3))]))
     tar = Item(key="s.tar", uri=uri(tmp_path / "s.tar"), tar=True)
 
     items, blobs = expand(tar, ObjectStore(Settings()), 1 << 20, 1 << 20)
 
-    assert [item.key for item in items] == ["s.tar/x.png", "s.tar/y.png", "s.tar/x.png#2"]
+    assert [item.key for item in items] == ["s.tar/x", "s.tar/y", "s.tar/x#2"]  # webdataset's samples x, y, x
     assert blobs[items[0].uri] == png(1)
-    assert "duplicate member name" in blobs[items[2].uri]
+    assert "duplicate sample key 'x'" in blobs[items[2].uri]
 
 
 def test_a_gzip_tar_is_planned_as_a_tar_and_its_uncompressed_size_is_capped(tmp_path):
@@ -294,7 +294,7 @@ def test_a_gzip_tar_is_planned_as_a_tar_and_its_uncompressed_size_is_capped(tmp_
     assert [(t.key, t.tar) for t in job_plan.tars] == [("bomb.tar.gz", True), ("small.tgz", True)]
 
     items, blobs = expand(job_plan.tars[1], ObjectStore(Settings()), 1 << 20, 1 << 20)
-    assert [i.key for i in items] == ["small.tgz/a.png"] and blobs[items[0].uri] == png(1)
+    assert [i.key for i in items] == ["small.tgz/a"] and blobs[items[0].uri] == png(1)
     items, blobs = expand(job_plan.tars[0], ObjectStore(Settings()), 1 << 20, 8 << 20)
     assert [i.key for i in items] == ["bomb.tar.gz"], "over the cap: one error row under the tar's key"
     assert "uncompressed" in blobs[items[0].uri] and "cap" in blobs[items[0].uri]

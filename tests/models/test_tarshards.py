@@ -1,4 +1,4 @@
-"""Webdataset-style .tar inputs: one shard per tar, members become rows, unsafe members are reported."""
+"""Webdataset-style .tar inputs: one shard per tar, samples become rows, unsafe members are reported."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_each_tar_is_one_shard_and_loose_images_are_sharded_as_usual(tmp_path):
     assert [items[0].tar for _, items in shards[2:]] == [True, True]
 
 
-def test_tar_members_become_rows_in_member_order_and_bad_members_become_error_rows(tmp_path):
+def test_tar_samples_become_rows_in_member_order_and_bad_samples_become_error_rows(tmp_path):
     images = tmp_path / "in"
     images.mkdir()
     _write_tar(images / "shard-000.tar", {
@@ -58,12 +58,13 @@ def test_tar_members_become_rows_in_member_order_and_bad_members_become_error_ro
     write_manifests(plan(spec.input, spec.shard_size, ctx.store), spec.output, ctx.store)
     found: list[int] = []
     marker = run_shard(spec, 0, ctx, job_id="job-1", on_found=found.append)
-    assert found == [4]  # the tar's members, which the plan could not count
+    assert found == [5]  # the tar's samples, which the plan could not count
     rows = pq.read_table(tmp_path / "out" / "part-00000.parquet").to_pylist()
-    assert [r["key"] for r in rows] == [
-        "shard-000.tar/0001.png", "shard-000.tar/0002.jpg", "shard-000.tar/0003.png", "shard-000.tar/../evil.png"]
+    assert [r["key"] for r in rows] == [  # webdataset's sample keys: the name up to its first dot
+        "shard-000.tar/0001", "shard-000.tar/0002", "shard-000.tar/0003", "shard-000.tar/meta", "shard-000.tar/../evil"]
     assert rows[0]["error"] is None and rows[2]["error"] is None
     assert rows[1]["error"] and rows[1]["label"] is None
-    assert "unsafe member name" in rows[3]["error"]
-    assert marker.rows == 4 and marker.errors == 2
+    assert "sample 'meta' has no image" in rows[3]["error"] and "json" in rows[3]["error"]
+    assert "unsafe member name" in rows[4]["error"]
+    assert marker.rows == 5 and marker.errors == 3
     assert not (tmp_path / "evil.png").exists()
