@@ -22,6 +22,7 @@ from orchestrator.storage import ObjectStore
 FILE_MAGIC = b"ARROW1\x00\x00"  # the IPC file format: a stream between this and a footer
 CONTINUATION = 0xFFFFFFFF
 HEADER_READ_BYTES = 4096  # a record batch header is smaller; a larger one costs a second read
+MAX_HEADER_BYTES = 16 << 20  # a header claiming more is corrupt: never read that much to find out
 SCHEMA, DICTIONARY_BATCH, RECORD_BATCH = 1, 2, 3
 
 
@@ -94,9 +95,11 @@ def _prefix(head: bytes) -> tuple[int, int]:
     if len(head) < 8:
         raise ValueError("the Arrow stream ends inside a message header")
     first, second = struct.unpack_from("<Ii", head, 0)
-    if first == CONTINUATION:
-        return 8, second
-    return 4, struct.unpack_from("<i", head, 0)[0]
+    prefix, metadata_bytes = (8, second) if first == CONTINUATION else (4, struct.unpack_from("<i", head, 0)[0])
+    if not 0 <= metadata_bytes <= MAX_HEADER_BYTES:
+        raise ValueError(f"a malformed Arrow message header (length {metadata_bytes}, negative or over "
+                         f"{MAX_HEADER_BYTES})")
+    return prefix, metadata_bytes
 
 
 def _message(metadata: bytes) -> tuple[int, int, int]:

@@ -158,9 +158,10 @@ class RowGroupCells:
         scope = self.scope or posixpath.dirname(table_uri)  # training data: the table's own folder
         root = next((r for r in (scope, self.image_root) if r and outside_input(uri, r) is None), None)
         if root is None:
+            hint = ("pass --image-root with the folder that holds these images to read them" if self.scope else
+                    "training reads path cells inside the table's own folder only")
             return (f"image path {path!r} is outside the job's input {scope}" +
-                    (f" and --image-root {self.image_root}" if self.image_root else "") +
-                    ": not read (pass --image-root with the folder that holds these images to read them)")
+                    (f" and --image-root {self.image_root}" if self.image_root else "") + f": not read ({hint})")
         try:
             return self.store.read(uri, max_bytes=self.max_bytes, within=root)
         except (ObjectNotFound, ObjectTooLarge, ObjectUnreadable, OutsideInput) as e:
