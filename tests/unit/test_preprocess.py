@@ -7,8 +7,17 @@ import pytest
 import torch
 from PIL import Image
 
-from workers.decode.preprocess import Preprocess, resize_image, resize_plan, resize_tensor, seen_box
-from workers.errors import BadImage
+from workers.decode.preprocess import (
+    Preprocess,
+    crop_offset,
+    resize_image,
+    resize_plan,
+    resize_tensor,
+    seen_box,
+)
+from workers.errors import BadImage, ModelLoadError
+from workers.onnx.runtime import source_library
+from workers.processors import hf_preprocess
 
 
 def prep(size, resample, **kwargs) -> Preprocess:
@@ -68,6 +77,11 @@ PREPS = {
     "short-side-crop": prep((32, 32), Image.BICUBIC, shortest_edge=36, crop=(32, 32)),
     "cover-non-square": prep((24, 40), Image.BICUBIC, shortest_edge=27, crop=(24, 40), cover=(27, 45)),
     "crop-past-the-edges": prep((16, 16), Image.BILINEAR, shortest_edge=16, crop=(20, 20)),
+    # transformers' rules: the crop offset floored, torch's uint8 resize
+    "short-side-crop-floor": prep((32, 32), Image.BICUBIC, shortest_edge=36, crop=(32, 32), crop_rounding="floor",
+                                  resampler="torch"),
+    "crop-past-the-edges-floor": prep((16, 16), Image.BILINEAR, shortest_edge=16, crop=(21, 21), crop_rounding="floor",
+                                      resampler="torch"),
 }
 
 
@@ -104,3 +118,63 @@ def test_seen_box_is_the_crop_window_mapped_back_onto_the_image():
     assert (right - left, bottom - top) in {(71, 71), (71, 72), (72, 71), (72, 72)}
     assert abs((left + right) / 2 - 60) <= 1 and abs((top + bottom) / 2 - 40) <= 1
     assert seen_box(120, 80, PREPS["stretch-then-crop"]) == (12, 8, 108, 72)  # 32/40 of each side, centred
+
+
+def test_a_half_pixel_crop_offset_is_floored_for_transformers_and_rounded_for_torchvision():
+    """335 - 224 = 111: transformers starts the crop at 55, torchvision (timm) at round(55.5) = 56;
+    Python rounds half to even, so 74.5 rounds to 74 and both agree there."""
+    assert (crop_offset(335, 224, "floor"), crop_offset(335, 224, "round")) == (55, 56)
+    assert (crop_offset(373, 224, "floor"), crop_offset(373, 224, "round")) == (74, 74)
+    assert crop_offset(224, 224, "floor") == crop_offset(224, 224, "round") == 0
+    assert crop_offset(16, 21, "floor") == crop_offset(16, 21, "round") == -2  # larger crop: pads 2 before, 3 after
+
+
+def transformers_pixels(processor, img: Image.Image) -> np.ndarray:
+    """The processor's own output with normalization off: its uint8 levels as floats, HWC."""
+    out = processor(images=img, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"][0]
+    return out.permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("source", [(499, 333), (333, 499), (203, 97), (20, 20)])
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_transformers_processors_pixels_are_reproduced_exactly(kind, source):
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+
+    processor = (CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}) if kind == "clip"
+                 else SiglipImageProcessor(size={"height": 36, "width": 28}, resample=2))
+    p = hf_preprocess(processor)
+    assert (p.crop_rounding, p.resampler) == ("floor", "torch")
+    img = photo(*source)
+    assert np.array_equal(resize_image(img, p).astype(np.float32), transformers_pixels(processor, img))
+
+
+def test_a_processors_rescale_factor_is_folded_into_mean_and_std():
+    """(x * r - m) / s with r = 1/127.5: vitbatch's (x / 255 - m') / s' must give the same input."""
+    from transformers import ViTImageProcessor
+
+    processor = ViTImageProcessor(size={"height": 16, "width": 16}, rescale_factor=1 / 127.5, image_mean=[1.0] * 3,
+                                  image_std=[1.0] * 3)
+    p = hf_preprocess(processor)
+    img = photo(40, 30)
+    reference = processor(images=img, return_tensors="pt")["pixel_values"][0].permute(1, 2, 0).numpy()
+    ours = (resize_image(img, p) / 255 - np.array(p.mean)) / np.array(p.std)
+    assert np.abs(ours - reference).max() < 1e-5
+
+
+@pytest.mark.parametrize("options, why", [({"do_resize": False}, "do_resize false"),
+                                          ({"size": {"shortest_edge": 32, "longest_edge": 64}}, "longest edge")])
+def test_a_processor_vitbatch_cannot_reproduce_is_refused(options, why):
+    from transformers import CLIPImageProcessor
+
+    with pytest.raises(ModelLoadError, match=why):
+        hf_preprocess(CLIPImageProcessor(**options))
+
+
+def test_an_export_keeps_its_rules_and_an_older_one_gets_its_source_librarys():
+    p = prep((32, 32), Image.BICUBIC, shortest_edge=36, crop=(32, 32), crop_rounding="floor", resampler="torch")
+    assert Preprocess.from_json(p.to_json(), "timm") == p
+    older = {k: v for k, v in p.to_json().items() if k not in ("crop_rounding", "resampler")}
+    hf = Preprocess.from_json(older, source_library({"source": {"family": "hf image classifier"}}))
+    timm = Preprocess.from_json(older, source_library({"source": {"family": "timm"}}))
+    assert (hf.crop_rounding, hf.resampler) == ("floor", "torch")
+    assert (timm.crop_rounding, timm.resampler) == ("round", "pil")
