@@ -29,7 +29,7 @@ from orchestrator.jobs import EvaluateSpec, FinetuneSpec, parse_spec
 from orchestrator.labels import load_labeled
 from orchestrator.parquetinputs import ParquetColumns, columns_of
 from orchestrator.planner import plan
-from orchestrator.results import read_embeddings, read_table
+from orchestrator.results import prefix_holder, read_embeddings, read_table
 from orchestrator.storage import ObjectStore, normalize_uri
 from workers.context import WorkerContext
 from workers.decode.labeledcells import ContainerReader
@@ -63,6 +63,8 @@ def assert_same_predictions(rows: dict[str, dict], files: dict[str, dict], pairs
 
 def test_absolute_path_cells_inside_the_input_classify_as_their_files(tmp_path, hf_model_dir, ctx):
     dataset = path_dataset(tmp_path / "ds" / "train.parquet", tmp_path / "ds" / "images")
+    cells = pq.read_table(dataset).column("image").to_pylist()  # what datasets 5.2 writes: absolute, no bytes
+    assert cells[0] == {"bytes": None, "path": str(tmp_path / "ds" / "images" / "00.png")}
     rows = run("classify", dataset, tmp_path / "o1", hf_model_dir, ctx)
     files = run("classify", tmp_path / "ds" / "images", tmp_path / "o2", hf_model_dir, ctx)
     assert sorted(rows) == sorted(f"train.parquet/{i}" for i in range(N))
@@ -80,6 +82,8 @@ def test_absolute_paths_outside_the_input_are_error_rows_until_image_root_names_
     assert all("outside the job's input" in row["error"] for row in refused.values())
     assert "--image-root" in refused["train.parquet/0"]["error"]
     rows = run("classify", dataset, tmp_path / "o2", hf_model_dir, ctx, image_root=str(tmp_path / "images"))
+    recorded = prefix_holder(normalize_uri(str(tmp_path / "o2")), ObjectStore(Settings()))
+    assert recorded is not None and recorded["spec"]["image_root"] == normalize_uri(str(tmp_path / "images"))
     files = run("classify", tmp_path / "images", tmp_path / "o3", hf_model_dir, ctx)
     assert_same_predictions(rows, files, {f"train.parquet/{i}": f"{i:02d}.png" for i in range(N)})
     for offset in range(len(hostile)):  # the root lets in its own folder, nothing above or beside it
