@@ -9,19 +9,17 @@ folders of the ended, earlier jobs it replaced removed.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
 
 from orchestrator import __version__
 from orchestrator.commits import JobRecord, ShardMarker, read_marker
 from orchestrator.constants import CARRIED_MARKER, FAILURES_FILE, SUCCESS_FILE, commit_name
+from orchestrator.delta import commit_job, retained_jobs
 from orchestrator.errors import JobNotFound, StorageError
 from orchestrator.fencing import Publication
 from orchestrator.ledger import JobState, JobStatus, Ledger, ShardState
 from orchestrator.outputs import job_dir, remove_superseded, spec_digest
 from orchestrator.storage import ObjectStore, join, relative_key
-
-log = logging.getLogger(__name__)
 
 
 def committed_markers(job_id: str, output: str, ledger: Ledger, store: ObjectStore,
@@ -83,21 +81,12 @@ def _publish_claimed(claim: Publication, status: JobStatus, folder: str, markers
     succeeded = state is JobState.SUCCEEDED
     publish(store, status.output, summary, succeeded, json.loads(spec_json))
     if succeeded:  # before the job is seen to end: `vitbatch wait` returning means the old folders are gone
-        _remove_replaced(status, store, ledger)
+        removable = replaced_by(job_id, status.created_at, ledger)
+        kept = retained_jobs(status.output, store)  # the table's previous version reads them
+        remove_superseded(status.output, job_id, store, lambda other: other not in kept and removable(other))
     reason = "" if succeeded else f"{len(status.failed_shards)} shard(s) failed"
     ledger.set_state(job_id, state, reason, publication=claim)
     return ledger.state(job_id)
-
-
-def _remove_replaced(status: JobStatus, store: ObjectStore, ledger: Ledger) -> None:
-    """Remove the folders this published job replaced. The output is already published: a cleanup
-    that breaks must not keep the job from ending succeeded (its record and its state would
-    disagree, and the reconciler would fail a job whose `_SUCCESS.json` names it)."""
-    try:
-        remove_superseded(status.output, status.job_id, store, replaced_by(status.job_id, status.created_at, ledger))
-    except Exception as e:  # Redis down or full included: recording the end needs it and is retried
-        log.warning("job %s is published at %s, but removing the folders it replaced failed (%s: %s); "
-                    "they stay behind, invisible to readers", status.job_id, status.output, type(e).__name__, e)
 
 
 def replaced_by(job_id: str, created_at: float, ledger: Ledger) -> Callable[[str], bool]:
@@ -117,12 +106,16 @@ def replaced_by(job_id: str, created_at: float, ledger: Ledger) -> Callable[[str
 def publish(store: ObjectStore, output: str, summary: dict, succeeded: bool, spec: dict) -> None:
     """Write the job's record in its folder, then at the prefix (the commit point readers follow).
 
-    Only a success replaces `_SUCCESS.json` (and clears `_FAILURES.json`) and moves the spec's
-    alias (if any) to this output; finalize then removes the folders of the jobs it replaced.
+    Only a success commits the job's rows to the Delta table at the prefix (once: delta.py),
+    replaces `_SUCCESS.json` (and clears `_FAILURES.json`) and moves the spec's alias (if any) to
+    this output; finalize then removes the folders of the jobs it replaced that the table's
+    latest two commits no longer hold.
     """
     name = SUCCESS_FILE if succeeded else FAILURES_FILE
     data = json.dumps(summary, indent=2).encode()
     store.write(join(output, summary["job_dir"], name), data)
+    if succeeded:  # the Delta table holds the job before `_SUCCESS.json` says it is live (delta.py)
+        commit_job(output, summary, store)
     store.write(join(output, name), data)
     if succeeded:
         store.delete(join(output, FAILURES_FILE))  # a retry fixed what an earlier pass reported

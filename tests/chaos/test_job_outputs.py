@@ -61,7 +61,7 @@ def test_a_rerun_with_overwrite_and_other_inputs_holds_exactly_the_new_keys(stac
     assert status.state is JobState.SUCCEEDED, explain(status)
     assert_exactly_once(stack.output, keys_of(digits, "1"), stack.store)
     assert success_record(stack.output, stack.store)["job_id"] == second_id
-    assert job_folders(stack) == {second_id}, "the replaced job's files were removed"
+    assert job_folders(stack) == {first_id, second_id}, "the replaced job's folder stays for the table's previous version"
 
 
 def test_a_shrinking_rerun_leaves_no_rows_of_the_bigger_job(stack, digits):

@@ -1,0 +1,148 @@
+"""Every published job is also a Delta Lake table at its output prefix: the real readers
+(deltalake, polars, DuckDB, pandas through deltalake) see exactly `read_table`'s rows, an
+--overwrite rerun is one commit that replaces the rows, and the version before it still reads
+the previous run. The same on S3 (moto)."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import numpy as np
+import polars as pl
+import pytest
+from deltalake import DeltaTable
+from PIL import Image
+
+from orchestrator.config import Settings
+from orchestrator.delta import commit_job, job_versions, storage_options, table_uri
+from orchestrator.jobs import parse_spec
+from orchestrator.results import read_json, read_table
+from orchestrator.storage import ObjectStore, join, normalize_uri
+from workers.context import WorkerContext
+from workers.inprocess import run_local
+
+N_IMAGES = 6
+
+
+def write_images(folder, seed: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(N_IMAGES):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"img-{i}.png")
+    (folder / "broken.png").write_bytes(b"not an image")  # an error row: in the table too
+
+
+def rows_by_key(records: list[dict]) -> dict[str, dict]:
+    return {row["key"]: row for row in records}
+
+
+def run(kind: str, input_dir, output: str, model_dir, **options) -> str:
+    spec = parse_spec({"kind": kind, "input": str(input_dir), "output": output, "model": str(model_dir),
+                       "device": "cpu", **options})
+    job_id, _ = run_local(spec, WorkerContext(Settings()))
+    return job_id
+
+
+def delta_readers(output: str) -> dict[str, list[dict]]:
+    """The same table through each reader the README names, as row dicts."""
+    uri, options = table_uri(normalize_uri(output)), storage_options(Settings(), normalize_uri(output))
+    table = DeltaTable(uri, storage_options=options)
+    con = duckdb.connect()
+    con.register("results", table.to_pyarrow_dataset())
+    return {
+        "deltalake": table.to_pyarrow_table().to_pylist(),
+        "pandas": table.to_pandas().to_dict("records"),
+        "polars": pl.read_delta(uri, storage_options=options).to_dicts(),
+        "duckdb": con.sql("SELECT * FROM results").arrow().read_all().to_pylist(),
+    }
+
+
+def same_rows(expected: list[dict], got: list[dict]) -> bool:
+    def plain(row: dict) -> dict:
+        return {k: (list(v) if hasattr(v, "__len__") and not isinstance(v, (str, bytes)) else v)
+                for k, v in row.items() if v is not None and not (isinstance(v, float) and np.isnan(v))}
+
+    return {k: plain(r) for k, r in rows_by_key(expected).items()} == {k: plain(r) for k, r in rows_by_key(got).items()}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("delta-images")
+    write_images(root / "a", 1)
+    write_images(root / "b", 2)
+    return root
+
+
+def test_every_reader_reads_a_classify_output_as_read_table_does(images, tmp_path, hf_model_dir):
+    output = str(tmp_path / "classify")
+    run("classify", images / "a", output, hf_model_dir, top_k=2)
+    expected = read_table(output).to_pylist()
+    assert len(expected) == N_IMAGES + 1
+    for reader, got in delta_readers(output).items():
+        assert len(got) == len(expected), reader
+        assert same_rows(expected, got), reader
+    broken = rows_by_key(delta_readers(output)["polars"])["broken.png"]
+    assert broken["error"] and broken["label"] is None
+
+
+def test_an_embed_output_is_its_index_table_and_keys_join_to_the_vectors(images, tmp_path, hf_model_dir):
+    from orchestrator.results import read_embeddings
+
+    output = str(tmp_path / "embed")
+    run("embed", images / "a", output, hf_model_dir, pooling=["cls"])
+    expected = read_table(output).to_pylist()
+    for reader, got in delta_readers(output).items():
+        assert len(got) == len(expected) == N_IMAGES + 1, reader
+        assert same_rows(expected, got), reader
+    keys, vectors = read_embeddings(output, "cls")
+    good = {r["key"] for r in delta_readers(output)["deltalake"] if r["error"] is None}
+    assert set(keys) == good and len(vectors) == N_IMAGES
+
+
+def test_an_overwrite_is_one_commit_and_the_previous_version_still_reads(images, tmp_path, hf_model_dir):
+    output = str(tmp_path / "rerun")
+    first = run("classify", images / "a", output, hf_model_dir, top_k=1)
+    first_rows = read_table(output).to_pylist()
+    second = run("classify", images / "b", output, hf_model_dir, top_k=1)
+    uri = table_uri(normalize_uri(output))
+    table = DeltaTable(uri)
+    assert table.version() == 1 and [job for _, job in job_versions(normalize_uri(output), ObjectStore(Settings()))] == [second, first]
+    now = rows_by_key(table.to_pyarrow_table().to_pylist())
+    assert set(now) == {r["key"] for r in read_table(output).to_pylist()}
+    assert all(json.dumps(row["key"]) for row in now.values())
+    assert not {p for p in table.file_uris() if first in p}, "the overwritten run's files left the table"
+    previous = DeltaTable(uri, version=0).to_pyarrow_table().to_pylist()
+    assert same_rows(first_rows, previous)
+
+
+def test_a_second_commit_of_the_same_job_is_not_made(images, tmp_path, hf_model_dir):
+    output = str(tmp_path / "twice")
+    job_id = run("classify", images / "a", output, hf_model_dir, top_k=1)
+    store = ObjectStore(Settings())
+    record = read_json(store, join(normalize_uri(output), "_SUCCESS.json"))
+    again = commit_job(normalize_uri(output), record, store)  # a redelivered finalize publishing again
+    assert again is not None and not again.committed and again.version == 0
+    assert DeltaTable(table_uri(normalize_uri(output))).version() == 0
+    assert DeltaTable(table_uri(normalize_uri(output))).transaction_version(f"vitbatch:{job_id}") == 1
+
+
+def test_on_s3_the_readers_see_the_rows_and_an_overwrite_replaces_them(images, hf_model_dir, s3, bucket,
+                                                                         s3_endpoint, monkeypatch):
+    monkeypatch.setenv("VITBATCH_S3_ENDPOINT_URL", s3_endpoint)
+    output = f"s3://{bucket}/delta/classify/"
+    first = run("classify", images / "a", output, hf_model_dir, top_k=1)
+    first_rows = read_table(output).to_pylist()
+    for reader, got in delta_readers(output).items():
+        assert same_rows(first_rows, got), reader
+    second = run("classify", images / "b", output, hf_model_dir, top_k=1)
+    assert first != second
+    options = storage_options(Settings(), output)
+    table = DeltaTable(output.rstrip("/"), storage_options=options)
+    assert table.version() == 1 and [job for _, job in job_versions(output, ObjectStore(Settings()))] == [second, first]
+    assert {r["key"] for r in table.to_pyarrow_table().to_pylist()} == {r["key"] for r in read_table(output).to_pylist()}
+    previous = DeltaTable(output.rstrip("/"), version=0, storage_options=options).to_pyarrow_table().to_pylist()
+    assert same_rows(first_rows, previous)
+    log = s3.list_objects_v2(Bucket=bucket, Prefix="delta/classify/_delta_log/")["Contents"]
+    assert sorted(o["Key"].rsplit("/", 1)[1] for o in log if o["Key"].endswith(".json")) == [
+        "00000000000000000000.json", "00000000000000000001.json"]
