@@ -178,3 +178,16 @@ def test_an_export_keeps_its_rules_and_an_older_one_gets_its_source_librarys():
     timm = Preprocess.from_json(older, source_library({"source": {"family": "timm"}}))
     assert (hf.crop_rounding, hf.resampler) == ("floor", "torch")
     assert (timm.crop_rounding, timm.resampler) == ("round", "pil")
+
+
+@pytest.mark.parametrize("rounding", ["floor", "round"])
+def test_the_device_resize_crops_where_the_host_does(rounding):
+    """A source already at the resize target isolates the crop: 75 - 32 = 43, so the crop
+    starts at 21 (floor) or 22 (round) on both paths, pixel for pixel."""
+    p = prep((32, 32), Image.BILINEAR, shortest_edge=36, crop=(32, 32), crop_rounding=rounding)
+    img = photo(75, 36)
+    nchw = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).unsqueeze(0)
+    on_device = resize_tensor(nchw, p)[0].permute(1, 2, 0).numpy()
+    expected_left = 21 if rounding == "floor" else 22
+    assert np.array_equal(on_device, resize_image(img, p).astype(np.float32))
+    assert np.array_equal(on_device, np.asarray(img)[2:34, expected_left:expected_left + 32].astype(np.float32))
