@@ -9,6 +9,7 @@ folders of the ended, earlier jobs it replaced removed.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 
 from orchestrator import __version__
@@ -20,6 +21,8 @@ from orchestrator.fencing import Publication
 from orchestrator.ledger import JobState, JobStatus, Ledger, ShardState
 from orchestrator.outputs import job_dir, remove_superseded, spec_digest
 from orchestrator.storage import ObjectStore, join, relative_key
+
+log = logging.getLogger(__name__)
 
 
 def committed_markers(job_id: str, output: str, ledger: Ledger, store: ObjectStore,
@@ -81,12 +84,23 @@ def _publish_claimed(claim: Publication, status: JobStatus, folder: str, markers
     succeeded = state is JobState.SUCCEEDED
     publish(store, status.output, summary, succeeded, json.loads(spec_json))
     if succeeded:  # before the job is seen to end: `vitbatch wait` returning means the old folders are gone
-        removable = replaced_by(job_id, status.created_at, ledger)
-        kept = retained_jobs(status.output, store)  # the table's previous version reads them
-        remove_superseded(status.output, job_id, store, lambda other: other not in kept and removable(other))
+        _remove_replaced(status, store, ledger)
     reason = "" if succeeded else f"{len(status.failed_shards)} shard(s) failed"
     ledger.set_state(job_id, state, reason, publication=claim)
     return ledger.state(job_id)
+
+
+def _remove_replaced(status: JobStatus, store: ObjectStore, ledger: Ledger) -> None:
+    """Remove the folders this published job replaced. The output is already published: a cleanup
+    that breaks must not keep the job from ending succeeded (its record and its state would
+    disagree, and the reconciler would fail a job whose `_SUCCESS.json` names it)."""
+    try:
+        removable = replaced_by(status.job_id, status.created_at, ledger)
+        kept = retained_jobs(status.output, store)  # the table's previous version reads them
+        remove_superseded(status.output, status.job_id, store, lambda other: other not in kept and removable(other))
+    except Exception as e:  # Redis down or full included: recording the end needs it and is retried
+        log.warning("job %s is published at %s, but removing the folders it replaced failed (%s: %s); "
+                    "they stay behind, invisible to readers", status.job_id, status.output, type(e).__name__, e)
 
 
 def replaced_by(job_id: str, created_at: float, ledger: Ledger) -> Callable[[str], bool]:
