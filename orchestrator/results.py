@@ -191,6 +191,16 @@ def read_embeddings(output: str, pooling: str = "cls", store: ObjectStore | None
     return keys, np.concatenate(arrays)
 
 
+def vector_table(output: str, pooling: str = "cls", store: ObjectStore | None = None,
+                 job_id: str | None = None) -> pa.Table:
+    """`key` and `vector` (fixed_size_list<float32>) for a whole embed job: what LanceDB's
+    `create_table` and faiss take in one step (README "Vector search"); keys join the Delta index."""
+    keys, vectors = read_embeddings(output, pooling, store, job_id)
+    flat = vectors.reshape(len(vectors), -1).astype(np.float32)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1])
+    return pa.table({"key": keys, "vector": column})
+
+
 def vector_array(column: pa.ChunkedArray) -> np.ndarray:
     """A fixed_size_list column (nested for patches) as one numpy array [N, ...] of its dtype."""
     array = column.combine_chunks()

@@ -146,3 +146,30 @@ def test_on_s3_the_readers_see_the_rows_and_an_overwrite_replaces_them(images, h
     log = s3.list_objects_v2(Bucket=bucket, Prefix="delta/classify/_delta_log/")["Contents"]
     assert sorted(o["Key"].rsplit("/", 1)[1] for o in log if o["Key"].endswith(".json")) == [
         "00000000000000000000.json", "00000000000000000001.json"]
+
+
+def test_embed_vectors_load_into_lancedb_and_faiss_in_one_step_and_join_back_by_key(images, tmp_path,
+                                                                                    hf_model_dir):
+    import faiss
+    import lancedb
+
+    from orchestrator.results import vector_table
+
+    output = str(tmp_path / "vectors")
+    run("embed", images / "a", output, hf_model_dir, pooling=["cls"])
+    vectors = vector_table(output, "cls")
+    db = lancedb.connect(str(tmp_path / "lancedb"))
+    images_table = db.create_table("images", vectors)  # the README's one step
+    query = vectors.column("vector")[2].values.to_numpy()
+    hits = images_table.search(query).limit(3).to_list()
+    assert hits[0]["key"] == vectors.column("key")[2].as_py() and len(hits) == 3
+
+    matrix = np.stack(vectors.column("vector").to_numpy(zero_copy_only=False))
+    index = faiss.IndexFlatL2(matrix.shape[1])
+    index.add(matrix)
+    _, found = index.search(matrix[:1], 1)
+    assert vectors.column("key")[int(found[0][0])].as_py() == vectors.column("key")[0].as_py()
+
+    index_rows = rows_by_key(DeltaTable(table_uri(normalize_uri(output))).to_pyarrow_table().to_pylist())
+    joined = [index_rows[hit["key"]] for hit in hits]  # every match is a row of the job's index table
+    assert all(row["error"] is None for row in joined)
