@@ -47,6 +47,7 @@ def make_app(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_time_limit=settings.task_time_limit_s,
         task_soft_time_limit=max(1, settings.task_time_limit_s - 60),
+        broker_transport=settings.redis_endpoint(broker).kombu_transport,
         broker_transport_options=broker_options,
         result_backend_transport_options=backend_options,
         # Celery's Redis backend reads its connection options from these (not its transport options).

@@ -43,6 +43,7 @@ def sentinel_options(settings: Settings) -> None:
 
     endpoint = settings.redis_endpoint(os.environ.get("CELERY_BROKER_URL", ""))
     current_app.conf.broker_transport_options = endpoint.transport_options()
+    current_app.conf.broker_transport = endpoint.kombu_transport
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import redis
+from kombu.transport.redis import SentinelChannel, SentinelTransport
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
@@ -120,6 +121,23 @@ class PrimaryConnection(SentinelManagedConnection):
         super().send_packed_command(command, check_health)
 
 
+class PrimarySentinelChannel(SentinelChannel):
+    """kombu's sentinel channel on PrimaryConnection: its consumer, acks and publishes reconnect
+    through the sentinels too (with kombu's own class, an ack after a failover dialled the old
+    primary's address again and waited out its connect timeout until the consumer gave up)."""
+
+    connection_class = PrimaryConnection
+
+
+class PrimarySentinelTransport(SentinelTransport):
+    """The broker transport for a sentinel:// URL (Celery's `broker_transport`)."""
+
+    Channel = PrimarySentinelChannel
+
+
+SENTINEL_TRANSPORT = f"{__name__}:PrimarySentinelTransport"
+
+
 @dataclass(frozen=True)
 class RedisEndpoint:
     """A Redis URL plus what a sentinel:// one needs: the primary's name and the sentinels' password."""
@@ -151,6 +169,11 @@ class RedisEndpoint:
         if not self.is_sentinel:
             return options
         return options | {"master_name": self.master_name, "sentinel_kwargs": self.sentinel_kwargs()}
+
+    @property
+    def kombu_transport(self) -> str | None:
+        """Celery's `broker_transport` for this URL: None lets the URL's scheme choose."""
+        return SENTINEL_TRANSPORT if self.is_sentinel else None
 
     def client(self, **options) -> redis.Redis:
         """A redis-py client of the primary with `connection_options`; `options` add to them or

@@ -14,7 +14,7 @@ from hostlab import AWS_ENV, HUB_IP, REDIS_PORT, S3_PORT, Fleet, Lab, World, swe
 from orchestrator.config import Settings
 
 WORKER_HOSTS = ("w1", "w2", "w3")
-SPARE_HOSTS = ("w4",)  # on the network, no worker until a scenario starts one
+SPARE_HOSTS = ("w4", "w5")  # on the network, no worker until a scenario starts one
 N_IMAGES = 40  # eight shards of five
 BUCKET = "vitbatch-hosts"
 # Heartbeats every 2 s; a shard silent for 8 s (four missed beats) or heartbeating without
@@ -22,6 +22,8 @@ BUCKET = "vitbatch-hosts"
 # when the two cores were busy with the rest of the suite.
 TIMINGS = dict(heartbeat_s=2, stale_after_s=8, stall_after_s=12, max_attempts=3, task_time_limit_s=300,
                visibility_timeout_s=400, redis_retry_s=90)
+# The failover lab's one worker loads its model inside its first shard (over 12 s on two busy cores).
+FAILOVER_TIMINGS, FAILOVER_IMAGES = {**TIMINGS, "stall_after_s": 30}, 20
 
 
 def _upload(folder, bucket: str) -> frozenset[str]:
@@ -69,6 +71,44 @@ def world(tmp_path_factory, tiny_model):
         for name in WORKER_HOSTS:
             fleet.wait_ready(name)
         yield World(lab, fleet, client, f"s3://{BUCKET}/digits/", keys, tiny_model, BUCKET)
+    finally:
+        if fleet is not None:
+            fleet.close()
+        lab.close()
+
+
+@pytest.fixture(scope="module")
+def failover_world(tmp_path_factory, tiny_model):
+    """A lab of its own for Redis Sentinel: the primary (and a sentinel) on r1, the replica (and a
+    sentinel) on r2, the third sentinel with S3 and the reconciler on the hub, one worker on w1; every
+    client reaches Redis through the sentinels. A tiny job (four shards). Yields (World, SentinelHosts)."""
+    from sentinelhosts import MASTER_NAME, SentinelHosts
+
+    from orchestrator.demo import write_digits
+    from orchestrator.submit import Client
+
+    sweep_stale_labs()
+    workdir = tmp_path_factory.mktemp("failover")
+    lab, fleet = Lab(), None
+    try:
+        lab.add_host("hub", HUB_IP)
+        lab.add_host("w1", "10.77.0.11")
+        for i, name in enumerate(("r1", "r2"), start=1):
+            lab.add_host(name, f"10.77.0.{20 + i}")
+        redis_password = f"hosts-{secrets.token_hex(8)}"
+        fleet = Fleet(lab, workdir, Settings(), redis_password)
+        group = SentinelHosts(fleet, "r1", "r2", redis_password, f"watch-{secrets.token_hex(8)}").start()
+        fleet.settings = Settings(broker_url=group.url(), sentinel_master=MASTER_NAME,
+                                  sentinel_password=group.sentinel_password, s3_endpoint_url=f"http://{HUB_IP}:{S3_PORT}",
+                                  model_cache_dir=str(workdir / "model-cache"), **FAILOVER_TIMINGS)
+        fleet.start_s3()
+        fleet.start_worker("w1")
+        fleet.start_reconciler()
+        write_digits(workdir / "digits", limit=FAILOVER_IMAGES)
+        keys = lab.call(_upload, workdir / "digits", BUCKET)
+        client = lab.call(Client.from_settings, fleet.settings)
+        fleet.wait_ready("w1")
+        yield World(lab, fleet, client, f"s3://{BUCKET}/digits/", keys, tiny_model, BUCKET), group
     finally:
         if fleet is not None:
             fleet.close()

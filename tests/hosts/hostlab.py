@@ -23,6 +23,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -206,6 +207,15 @@ class Lab:
         _remove_namespace(self.bridge_ns)
 
 
+def faketime() -> str:
+    """The `faketime` command (Debian's faketime package: .ci/test-tools installs it)."""
+    path = shutil.which("faketime")
+    if path is None:
+        raise RuntimeError("a worker with a skewed clock runs under libfaketime: `apt-get install -y faketime` "
+                           "(.ci/test-tools installs it when run as root)")
+    return path
+
+
 def stop(proc: subprocess.Popen | None, sig: int = signal.SIGKILL) -> None:
     if proc is not None and proc.poll() is None:
         try:
@@ -281,10 +291,13 @@ class Fleet:
         self.procs["reconciler"] = self.lab.popen("hub", self.cli_command("reconcile", "--loop"), self.env,
                                                   self.log("reconciler"))
 
-    def start_worker(self, name: str) -> None:
-        """`vitbatch worker` on host `name`, one shard at a time (a CPU host's default)."""
+    def start_worker(self, name: str, clock_offset: str = "") -> None:
+        """`vitbatch worker` on host `name`, one shard at a time (a CPU host's default); with
+        `clock_offset` ("-5m"), its clock is that far off, through libfaketime."""
         cmd = self.cli_command("worker", "--pool", "solo", "--shards-in-flight", "1", "--queues", ALL_QUEUES,
                                "--name", name)
+        if clock_offset:
+            cmd = [faketime(), "-f", clock_offset, *cmd]
         env = {**self.env, "VITBATCH_MODEL_CACHE_DIR": str(self.workdir / f"models-{name}")}
         self.procs[name] = self.lab.popen(name, cmd, env, self.log(name))
 

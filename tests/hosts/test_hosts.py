@@ -134,3 +134,26 @@ def test_a_host_that_cannot_reach_s3_gives_its_shard_up(world):
     world.wait_until("w3 is done with its delivery", lambda: world.idle("w3"))
     world.exactly_once(output, job_id)
     assert world.status(job_id).state is JobState.SUCCEEDED
+
+
+def test_a_worker_whose_clock_is_five_minutes_behind_commits_its_shards_once(world):
+    """Grants, heartbeats and progress are stamped by Redis's clock, and the reconciler measures
+    their age by it: a host whose own clock is minutes off still holds its shards. (Stamped by
+    the worker's clock, they looked five minutes silent: every shard was handed on, stood aside
+    and was quarantined.) The other hosts are cut off, so every shard is the skewed host's."""
+    world.fleet.start_worker("w5", clock_offset="-5m")
+    others = ("w1", "w2", "w3")
+    try:
+        world.fleet.wait_ready("w5")
+        for name in others:
+            world.lab.cut(name)
+        output = world.output("clock-behind")
+        job_id = world.submit(output)
+        status = world.wait_ended(job_id)
+    finally:
+        for name in others:
+            world.lab.heal(name)
+    world.fleet.stop_worker("w5")
+    assert status.state is JobState.SUCCEEDED, explain(status)
+    assert world.shards_committed_by("w5") == status.n_shards
+    world.exactly_once(output, job_id)

@@ -111,3 +111,12 @@ def test_a_probe_keeps_its_own_shorter_timeouts():
     kwargs = client.connection_pool.connection_kwargs
     assert kwargs["socket_timeout"] == kwargs["socket_connect_timeout"] == 0.5
     assert kwargs["health_check_interval"] == ep.HEALTH_CHECK_INTERVAL_S
+
+
+def test_kombus_sentinel_connections_reconnect_through_the_sentinels():
+    """kombu's own SentinelManagedConnection redialled the old primary's address on an ack after a
+    failover; the broker transport of a sentinel URL connects through PrimaryConnection."""
+    connection = make_app(Settings(broker_url=SENTINELS)).connection_for_write()
+
+    assert connection.get_transport_cls().Channel.connection_class is ep.PrimaryConnection
+    assert make_app(Settings(broker_url=PLAIN)).connection_for_write().get_transport_cls().__name__ == "Transport"
