@@ -199,12 +199,14 @@ def test_orchestrator_image_installs_no_torch():
     assert "[worker]" not in text and "torch==" not in text
 
 
-def test_deployment_guide_snippets_parse_and_scale_on_the_celery_queue():
+def test_deployment_guide_snippets_parse_and_point_to_the_kubernetes_manifests():
     guide = (ROOT / "docs" / "deployment.md").read_text()
     policies = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", guide, re.S)]
     assert len(policies) == 2 and all(p["Version"] == "2012-10-17" for p in policies)
-    (scaled, _auth) = yaml.safe_load_all(re.search(r"```yaml\n(.*?)```", guide, re.S).group(1))
-    assert scaled["spec"]["triggers"][0]["metadata"]["listName"] == QUEUE_DEFAULT
+    assert "kubectl apply -k docker/k8s" in guide  # the ScaledObject lives in docker/k8s/keda.yaml
+    (prometheus_trigger,) = yaml.safe_load(re.search(r"```yaml\n(.*?)```", guide, re.S).group(1))["triggers"]
+    query = prometheus_trigger["metadata"]["query"]
+    assert QUEUE_DEFAULT in query and QUEUE_INTERACTIVE in query and "vitbatch_queue_length" in query
 
 
 def test_the_example_schedules_file_that_compose_mounts_for_beat_is_valid():
