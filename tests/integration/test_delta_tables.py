@@ -86,6 +86,19 @@ def test_every_reader_reads_a_classify_output_as_read_table_does(images, tmp_pat
     assert broken["error"] and broken["label"] is None
 
 
+def test_the_readme_glob_reads_the_rows_and_the_prefix_itself_is_no_parquet_dataset(images, tmp_path, hf_model_dir):
+    import pandas as pd
+
+    output = str(tmp_path / "globs")
+    run("embed", images / "a", output, hf_model_dir, pooling=["cls"], parquet_vectors="float32")
+    job_dir = json.loads((tmp_path / "globs" / "_SUCCESS.json").read_text())["job_dir"]
+    exact = duckdb.sql(f"SELECT key FROM read_parquet('{output}/{job_dir}/*.parquet')").fetchall()
+    assert sorted(k for (k,) in exact) == sorted(read_table(output).column("key").to_pylist())
+    assert len(pd.read_parquet(output)) == 0, "pyarrow skips the _-prefixed folders: the prefix reads no rows"
+    [mixed] = duckdb.sql(f"SELECT count(*) FROM read_parquet('{output}/**/*.parquet', union_by_name=true)").fetchall()
+    assert mixed[0] > N_IMAGES + 1, "a recursive glob mixes the index with the vectors"
+
+
 def test_an_embed_output_is_its_index_table_and_keys_join_to_the_vectors(images, tmp_path, hf_model_dir):
     from orchestrator.results import read_embeddings
 
