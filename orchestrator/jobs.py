@@ -413,7 +413,7 @@ class DedupSpec(VectorJob):
         "kept pair above the threshold, every removed row has a kept one above it), and pairs across clusters are "
         "resolved too; semdedup = NeMo Curator's rule: removed when any row before it in its cluster is >= 1 - eps "
         "(a chain A ~ B ~ C loses C), clusters never compared.")
-    cross_clusters: int = Field(2, ge=0, le=16, description="rule kept: each row is also compared with the rows of "
+    cross_clusters: int = Field(4, ge=0, le=16, description="rule kept: each row is also compared with the rows of "
                                 "its this many nearest other clusters (those that could hold a near-duplicate); "
                                 "0 = inside clusters only.")
 

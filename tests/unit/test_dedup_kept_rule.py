@@ -78,4 +78,14 @@ def test_rows_visit_only_the_near_other_clusters_that_can_hold_a_near_duplicate(
     centroids = semdedup.unit_rows(np.array([[1, 0, 0], [0.9, 0.44, 0], [0, 0, 1]], dtype=np.float32))
     row = semdedup.unit_rows(np.array([[1, 0.05, 0]], dtype=np.float32))
     home, _, visited = crosscluster.visits(row, centroids, 2, EPS)
-    assert home.tolist() == [0] and visited.tolist() == [[1, -1]]  # cluster 2 is too far to hold one
+    assert home.tolist() == [0] and visited[0, 0] == 1
+    assert (visited[0, 1:] == -1).all()  # cluster 2 is too far to hold one; there are no others
+
+
+def test_a_pair_across_a_boundary_is_found_between_the_rows_that_visit_each_other():
+    """Cluster 1's visitors from cluster 0 meet only cluster 1's rows that visit cluster 0 back."""
+    x = semdedup.unit_rows(np.array([[1, 0.1, 0], [0, 1, 0]], dtype=np.float32))  # visitors from 0 and 2
+    resident = semdedup.unit_rows(np.array([[1, 0.12, 0], [1, 0.11, 0.01], [0.2, 1, 0]], dtype=np.float32))
+    visits = np.array([[0, -1], [-1, -1], [2, 0]])  # the second row is near but does not visit cluster 0
+    found = crosscluster.cross_pairs(resident, visits, x, np.array([0, 2]), EPS)
+    assert found.pairs.tolist() == [[0, 0]] and found.cosine[0] >= np.float32(1 - EPS)

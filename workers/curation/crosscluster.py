@@ -2,17 +2,17 @@
 faiss + scipy; no I/O, no queue).
 
 SemDeDup compares rows only inside a cluster, so two near-duplicates on either side of a
-boundary both survive. Here every row also visits its few nearest other clusters (`probes`);
-a cluster's rows and its visitors are compared there, which finds the pairs across clusters.
-A row visits a cluster only when it could hold a row at or above 1 - eps: for unit rows x, y
-with cos(x, y) >= 1 - eps, |x - y| <= sqrt(2 eps), and a cosine with any centroid moves by at
-most that much, so y's cluster Y (nearer to y than x's own X) has cos(x, cY) >= cos(x, cX) -
-2 sqrt(2 eps).
+boundary both survive. Here every row also visits its few nearest other clusters (`probes`),
+but only those that could hold a row at or above 1 - eps: for unit rows x, y with cos(x, y) >=
+1 - eps, |x - y| <= sqrt(2 eps), and a cosine with any centroid moves by at most that much, so
+y's cluster Y (nearer to y than x's own X) has cos(x, cY) >= cos(x, cX) - 2 sqrt(2 eps).
 
-The resolution is the kept rule over the whole set: walk the rows in the job's keep order and
-remove a row when a row kept before it is above the threshold. Only the connected groups of
-the threshold graph that hold a pair across clusters can change; every other row keeps what
-its cluster decided.
+A near-duplicate pair across a boundary is near it from both sides: when x (in X) visits Y, its
+partner y counts X among its own nearest clusters too, almost always within a few more. So a row
+is sent to its `probes` nearest other clusters, and there meets only the rows that count its
+cluster among their BACK_FACTOR x `probes` nearest (a small product per pair of clusters, not a
+cluster's rows against every visitor). A pair is missed only when neither row sends itself to the
+other's cluster, or the receiving row ranks the sender's cluster lower; every probe raises recall.
 """
 
 from __future__ import annotations
@@ -24,10 +24,13 @@ import numpy as np
 
 from workers.curation import semdedup
 
+BACK_FACTOR = 4  # a row meets visitors from its this-many-times-`probes` nearest other clusters
+
 
 def visits(unit: np.ndarray, centroids: np.ndarray, probes: int, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(home cluster, its cosine, visited clusters [rows, probes] with -1 where none) of every unit row."""
-    nearest, cosine = semdedup.nearest_centroids(unit, centroids, 1 + probes)
+    """(home cluster, its cosine, near other clusters [rows, BACK_FACTOR x probes], nearest first, -1
+    where none) of every unit row: it visits the first `probes`, and meets visitors from all of them."""
+    nearest, cosine = semdedup.nearest_centroids(unit, centroids, 1 + BACK_FACTOR * probes)
     others = nearest[:, 1:].copy()
     reach = cosine[:, :1] - 2 * math.sqrt(2 * eps)  # no near-duplicate of the row is in a farther cluster
     others[cosine[:, 1:] < reach] = -1
@@ -36,31 +39,37 @@ def visits(unit: np.ndarray, centroids: np.ndarray, probes: int, eps: float) -> 
 
 @dataclass(frozen=True)
 class CrossPairs:
-    """Pairs of rows of different home clusters at or above the threshold: (a, b) indices into the
-    rows given (a < b) and their cosine."""
+    """Pairs at or above the threshold across clusters: (visitor, resident) indices and their cosine."""
 
     pairs: np.ndarray
     cosine: np.ndarray
 
 
-def cross_pairs(unit: np.ndarray, home: np.ndarray, visitor: np.ndarray, eps: float) -> CrossPairs:
-    """The pairs among one cluster's rows and its visitors (`visitor` marks them) whose home
-    clusters differ, at or above 1 - eps (a faiss range search of the visitors against all)."""
-    import faiss
+def by_value(values: np.ndarray) -> dict[int, np.ndarray]:
+    """Row indices of a [rows, k] array of cluster ids, per id (-1 left out)."""
+    rows, _ = np.nonzero(values >= 0)
+    ids = values[values >= 0]
+    order = np.argsort(ids, kind="stable")
+    split = np.flatnonzero(np.diff(ids[order])) + 1
+    return {int(ids[order[g[0]]]): rows[order[g]] for g in np.split(np.arange(len(order)), split) if len(g)}
 
+
+def cross_pairs(resident: np.ndarray, resident_visits: np.ndarray, visitor: np.ndarray, visitor_home: np.ndarray,
+                eps: float) -> CrossPairs:
+    """The pairs at or above 1 - eps between one cluster's visitors (unit rows from other clusters,
+    `visitor_home`) and its own rows that visit those clusters back (`resident_visits`: [rows, probes])."""
     threshold = np.float32(1.0 - eps)
-    queries = np.flatnonzero(visitor)
-    if not len(queries):
-        return CrossPairs(np.zeros((0, 2), np.int64), np.zeros(0, np.float32))
-    index = faiss.IndexFlatIP(unit.shape[1])
-    index.add(np.ascontiguousarray(unit, dtype=np.float32))
-    radius = float(np.nextafter(threshold, np.float32(-1)))  # faiss keeps inner products > radius
-    lims, cosine, found = index.range_search(np.ascontiguousarray(unit[queries], dtype=np.float32), radius)
-    query = np.repeat(queries, np.diff(lims).astype(np.int64))
-    keep = (cosine >= threshold) & (home[query] != home[found])
-    a, b = np.minimum(query, found)[keep], np.maximum(query, found)[keep]
-    pairs, first = np.unique(np.stack([a, b], axis=1), axis=0, return_index=True)
-    return CrossPairs(pairs.astype(np.int64).reshape(-1, 2), cosine[keep][first].astype(np.float32))
+    back = by_value(resident_visits)
+    pairs, cosines = [np.zeros((0, 2), np.int64)], [np.zeros(0, np.float32)]
+    for home, theirs in by_value(visitor_home[:, None]).items():
+        mine = back.get(home)
+        if mine is None:
+            continue
+        sims = visitor[theirs] @ resident[mine].T
+        a, b = np.nonzero(sims >= threshold)
+        pairs.append(np.stack([theirs[a], mine[b]], axis=1).astype(np.int64))
+        cosines.append(sims[a, b].astype(np.float32))
+    return CrossPairs(np.concatenate(pairs), np.concatenate(cosines))
 
 
 @dataclass(frozen=True)

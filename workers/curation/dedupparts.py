@@ -24,7 +24,8 @@ from workers.writers import read_commit
 RESULT_SCHEMA = pa.schema([("key", pa.string()), ("cluster", pa.int32()), ("duplicate_of", pa.string()),
                            ("cosine", pa.float32()), ("kept", pa.bool_())])
 DECIDED_SCHEMA = RESULT_SCHEMA.append(pa.field("rank", pa.float64()))  # the job-wide keep order, ties by key
-BUCKET_SCHEMA = pa.schema([("key", pa.string()), ("cluster", pa.int32()), ("centroid_cosine", pa.float32())])
+BUCKET_SCHEMA = pa.schema([("key", pa.string()), ("cluster", pa.int32()), ("centroid_cosine", pa.float32()),
+                           ("visits", pa.list_(pa.int32()))])  # the near other clusters, -1 past the last
 VISIT_SCHEMA = pa.schema([("key", pa.string()), ("cluster", pa.int32()), ("target", pa.int32())])
 EDGE_SCHEMA = pa.schema([("a", pa.string()), ("b", pa.string()), ("cosine", pa.float32()), ("across", pa.bool_())])
 

@@ -83,9 +83,10 @@ def assign(spec: DedupSpec, plan: VectorPlan, part: int, store: ObjectStore, fol
     for group in np.unique(groups):
         rows = np.flatnonzero(groups == group)
         parts[bucket_name(group, part, "parquet")] = table_bytes(
-            {"key": [keys[i] for i in rows], "cluster": labels[rows], "centroid_cosine": cosine[rows]}, BUCKET_SCHEMA)
+            {"key": [keys[i] for i in rows], "cluster": labels[rows], "centroid_cosine": cosine[rows],
+             "visits": visited[rows].tolist()}, BUCKET_SCHEMA)
         parts[bucket_name(group, part, "npy")] = npy_bytes(vectors[rows])
-    rows, slot = np.nonzero(visited >= 0)
+    rows, slot = np.nonzero(visited[:, :probes(spec)] >= 0)
     targets = visited[rows, slot]
     for group in np.unique(targets % plan.groups):
         mine = np.flatnonzero(targets % plan.groups == group)
@@ -129,7 +130,8 @@ def pairs(spec: DedupSpec, plan: VectorPlan, group: int, store: ObjectStore, fol
         add_edges(edges, [keys[i] for i in rows], found.pairs, found.pair_cosine, False)
         if on_progress:
             on_progress(len(out["key"]), len(keys))
-    across = cross_edges(spec, plan, group, store, folder, job_id, (keys, clusters, unit), edges)
+    visits = np.asarray(bucket.get("visits", []), dtype=np.int32).reshape(len(keys), crosscluster.BACK_FACTOR * probes(spec))
+    across = cross_edges(spec, plan, group, store, folder, job_id, (keys, clusters, unit, visits), edges)
     removed = len(out["key"]) - sum(out["kept"])
     return {decided_name(plan.phase_range("pairs")[group]): table_bytes(out, DECIDED_SCHEMA),
             edges_name(plan.phase_range("pairs")[group]): table_bytes(edges, EDGE_SCHEMA)}, \
@@ -155,22 +157,21 @@ def add_edges(edges: dict[str, list], keys: list[str], pairs: np.ndarray, cosine
 
 
 def cross_edges(spec: DedupSpec, plan: VectorPlan, group: int, store: ObjectStore, folder: str, job_id: str,
-                residents: tuple[list[str], np.ndarray, np.ndarray], edges: dict[str, list]) -> int:
-    """Add the pairs between every cluster of the group and the rows visiting it; returns how many."""
+                residents: tuple[list[str], np.ndarray, np.ndarray, np.ndarray], edges: dict[str, list]) -> int:
+    """Add the pairs between every cluster of the group and the rows visiting it; returns how many
+    (a pair may be found from both its clusters: the resolution counts it once)."""
     if not probes(spec):
         return 0
-    keys, clusters, unit = residents
+    keys, clusters, unit, visits = residents
     visit, vectors = read_buckets(plan, group, store, folder, job_id, visit_name)
     home, target = np.asarray(visit.get("cluster", []), np.int32), np.asarray(visit.get("target", []), np.int32)
     visitors = semdedup.unit_rows(vectors)
     before = len(edges["a"])
     for cluster in np.unique(target):
         mine, theirs = np.flatnonzero(clusters == cluster), np.flatnonzero(target == cluster)
-        found = crosscluster.cross_pairs(np.concatenate([unit[mine], visitors[theirs]]),
-                                         np.concatenate([clusters[mine], home[theirs]]),
-                                         np.arange(len(mine) + len(theirs)) >= len(mine), spec.eps)
-        names = [keys[i] for i in mine] + [visit["key"][i] for i in theirs]
-        add_edges(edges, names, found.pairs, found.cosine, True)
+        found = crosscluster.cross_pairs(unit[mine], visits[mine], visitors[theirs], home[theirs], spec.eps)
+        names = [visit["key"][i] for i in theirs] + [keys[i] for i in mine]
+        add_edges(edges, names, found.pairs + [0, len(theirs)], found.cosine, True)
     return len(edges["a"]) - before
 
 

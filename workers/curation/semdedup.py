@@ -83,9 +83,10 @@ def keep_order(keys: list[str], centroid_cosine: np.ndarray, keep: str, seed: in
 
 @dataclass(frozen=True)
 class EarlierMatches:
-    """Per row (in keep order): its best cosine among the rows before it (kept rule: the kept rows
-    before it; -inf when none) and that row's position (-1 when none); the kept rule also gives every
-    pair at or above the threshold as (earlier, later) positions (cross-cluster resolution needs them)."""
+    """Per row (in keep order): its best cosine among the rows before it (-inf for the first) and that
+    row's position (-1 for the first); under the kept rule, the best kept row before it for a removed
+    row and none for a kept one, and every pair at or above the threshold as (earlier, later)
+    positions with its cosine (the resolution across clusters needs them)."""
 
     cosine: np.ndarray
     position: np.ndarray
@@ -95,12 +96,10 @@ class EarlierMatches:
 
 def earlier_matches(unit: np.ndarray, rule: str = "semdedup", threshold: float = 1.0) -> EarlierMatches:
     """Best earlier match of every row of one cluster, in row blocks (NeMo's triu(X Xᵀ).max(0)).
-    rule "kept": the best match among the earlier rows that are kept at `threshold` (see the module
-    docstring); the rows above the threshold are resolved one by one, the rest in bulk."""
+    rule "kept": the pairs at or above `threshold` too, and the rows resolved by the kept rule."""
     n = len(unit)
     best = np.full(n, -np.inf, dtype=np.float32)
     where = np.full(n, -1, dtype=np.int64)
-    removed = np.zeros(n, dtype=bool)
     edges: list[tuple[np.ndarray, np.ndarray]] = []
     limit = np.float32(threshold)
     block = max(16, min(4096, BLOCK_BYTES // max(1, 4 * n)))
@@ -108,32 +107,41 @@ def earlier_matches(unit: np.ndarray, rule: str = "semdedup", threshold: float =
         stop = min(n, start + block)
         sims = unit[start:stop] @ unit[:stop].T  # rows j in [start, stop) against every i < stop
         sims[np.arange(stop)[None, :] >= np.arange(start, stop)[:, None]] = -np.inf  # only i < j counts
-        if rule == "kept":
-            edges.append(block_edges(sims, start, limit))
-            sims[:, removed[:stop]] = -np.inf  # removed rows stand in for nothing
-            resolve_block(sims, start, limit, removed)
         where[start:stop] = sims.argmax(axis=1)
         best[start:stop] = sims[np.arange(stop - start), where[start:stop]]
-    where[best == -np.inf] = -1  # every earlier row was removed: no match
+        if rule == "kept":
+            edges.append(block_edges(sims, best[start:stop], start, limit))
     pairs = np.concatenate([p for p, _ in edges]) if edges else np.zeros((0, 2), np.int64)
     pair_cosine = np.concatenate([c for _, c in edges]) if edges else np.zeros(0, np.float32)
+    if rule == "kept":
+        return kept_rule(n, pairs, pair_cosine)
     return EarlierMatches(best, where, pairs, pair_cosine)
 
 
-def block_edges(sims: np.ndarray, start: int, limit: np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """(earlier row, later row) of every pair of the block at or above the threshold, and its cosine."""
-    later, earlier = np.nonzero(sims >= limit)
-    return np.stack([earlier, later + start], axis=1).astype(np.int64), sims[later, earlier]
+def block_edges(sims: np.ndarray, best: np.ndarray, start: int, limit: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """(earlier row, later row) of every pair of the block at or above the threshold, and its cosine;
+    sorted by the later row (only rows whose best match is above it are searched)."""
+    candidates = np.flatnonzero(best >= limit)
+    later, earlier = np.nonzero(sims[candidates] >= limit)
+    rows = candidates[later]
+    return np.stack([earlier, rows + start], axis=1).astype(np.int64), sims[rows, earlier]
 
 
-def resolve_block(sims: np.ndarray, start: int, limit: np.float32, removed: np.ndarray) -> None:
-    """The kept rule inside one block, in row order: only rows with a match above the threshold can
-    go, and each looks at the block's rows before it as they were decided (removed columns masked)."""
-    for row in np.flatnonzero(sims.max(axis=1) >= limit):
-        sims[row, np.flatnonzero(removed[start:start + row]) + start] = -np.inf
-        if sims[row].max() >= limit:
-            removed[start + row] = True
-    sims[:, removed[:start + len(sims)]] = -np.inf
+def kept_rule(n: int, pairs: np.ndarray, cosine: np.ndarray) -> EarlierMatches:
+    """Walk the rows in order: a row with a pair goes when one of its earlier partners was kept, and
+    names the best such partner. Kept rows have no match (-inf, -1): a kept row stands for itself."""
+    best = np.full(n, -np.inf, dtype=np.float32)
+    where = np.full(n, -1, dtype=np.int64)
+    removed = np.zeros(n, dtype=bool)
+    bounds = np.flatnonzero(np.diff(pairs[:, 1])) + 1  # pairs come sorted by their later row
+    for span in np.split(np.arange(len(pairs)), bounds) if len(pairs) else []:
+        partners = pairs[span, 0]
+        sims = np.where(removed[partners], -np.inf, cosine[span])
+        at = int(sims.argmax())
+        if sims[at] > -np.inf:
+            row = pairs[span[0], 1]
+            removed[row], where[row], best[row] = True, partners[at], sims[at]
+    return EarlierMatches(best, where, pairs, cosine)
 
 
 def split_large(unit: np.ndarray, max_rows: int, seed: int) -> list[np.ndarray]:
