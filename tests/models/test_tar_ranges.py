@@ -1,11 +1,14 @@
-"""img2dataset's webdataset shard sets named by a brace range: planned without listing, run in order."""
+"""img2dataset's webdataset shard sets named by a brace range: planned without listing, run in order; evaluate
+and finetune read their labels through one too."""
 
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -54,3 +57,60 @@ def test_a_brace_range_plans_one_tar_shard_per_number_without_listing(tmp_path, 
 def test_a_brace_range_that_names_no_tars_or_runs_backwards_is_refused(tmp_path, pattern, why):
     with pytest.raises(SpecError, match=why):
         plan(normalize_uri(str(tmp_path)) + "/" + pattern, 1000, ObjectStore(Settings()))
+
+
+def labeled_tar(path, labels: list[str], seed: int) -> None:
+    """Samples `k.png` + `k.cls` (the label), as webdataset's TarWriter writes them."""
+    import webdataset as wds
+
+    rng = np.random.default_rng(seed)
+    with wds.TarWriter(str(path)) as sink:
+        for i, label in enumerate(labels):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(buffer, "PNG")
+            sink.write({"__key__": f"{seed:05d}{i:04d}", "png": buffer.getvalue(), "cls": label})
+
+
+def test_evaluate_and_finetune_take_a_brace_range_of_labeled_tars(tmp_path, hf_model_dir):
+    from helpers_models import LABELS
+
+    from orchestrator.checks.training import check_labeled
+    from orchestrator.jobs import EvaluateSpec, FinetuneSpec
+    from workers.training.evaluation import evaluate
+    from workers.training.finetune import finetune
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for number in range(3):
+        labeled_tar(shards / f"{number:05d}.tar", [LABELS[(number + i) % 2] for i in range(4)], number)
+    uri = normalize_uri(str(shards)) + "/{00000..00002}.tar"
+    store, ctx = ObjectStore(Settings()), WorkerContext(Settings())
+
+    spec = EvaluateSpec(input=uri, model=str(hf_model_dir), output=str(tmp_path / "e"), device="cpu", precision="fp32")
+    assert check_labeled(spec, store) == {"items": 12, "classes": sorted(LABELS[:2])}
+    evaluate(spec, "job-eval", ctx, lambda _: None)
+    predictions = pq.read_table(tmp_path / "e" / "predictions.parquet").to_pylist()
+    assert [r["key"] for r in predictions][:2] == ["00000.tar/000000000", "00000.tar/000000001"]
+    assert [r["label"] for r in predictions] == [LABELS[(n + i) % 2] for n in range(3) for i in range(4)]
+
+    tiny = {"image_size": 24, "patch_size": 8, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 32}
+    train = FinetuneSpec(train=uri, output=str(tmp_path / "m"), config=tiny, epochs=1, batch_size=4, augment="none",
+                         val_split=0.25, device="cpu", precision="fp32")
+    assert check_labeled(train, store)["train_images"] == 12
+    result = finetune(train, "job-train", ctx, lambda _: None)
+    assert result["errors"] == 0
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert sorted(config["id2label"].values()) == sorted(LABELS[:2])
+
+
+def test_a_brace_range_of_labeled_tars_with_a_missing_number_is_refused_at_submit(tmp_path, hf_model_dir):
+    from orchestrator.checks.training import check_labeled
+    from orchestrator.jobs import EvaluateSpec
+
+    (tmp_path / "shards").mkdir()
+    labeled_tar(tmp_path / "shards" / "00000.tar", ["cat", "dog"], 0)
+    uri = normalize_uri(str(tmp_path / "shards")) + "/{00000..00001}.tar"
+    spec = EvaluateSpec(input=uri, model=str(hf_model_dir), output=str(tmp_path / "e"), device="cpu")
+    with pytest.raises(SpecError, match="1 of the 2 tars the range names do not exist.*00001.tar"):
+        check_labeled(spec, ObjectStore(Settings()))

@@ -68,3 +68,19 @@ def test_tar_samples_become_rows_in_member_order_and_bad_samples_become_error_ro
     assert "unsafe member name" in rows[4]["error"]
     assert marker.rows == 5 and marker.errors == 3
     assert not (tmp_path / "evil.png").exists()
+
+
+def test_keep_columns_with_nothing_to_take_them_from_are_refused_at_submit(tmp_path):
+    """img2dataset's sidecar parquet (no image column) beside image files: nothing can give `caption`, so
+    submit says so; it used to pass the check and then every shard failed on a kept-columns file never written."""
+    import pyarrow as pa
+    import pytest
+
+    from orchestrator.errors import SpecError
+    from orchestrator.parquetinputs import ParquetColumns
+
+    (tmp_path / "0001.png").write_bytes(_png(1))
+    pq.write_table(pa.table({"key": ["0001"], "caption": ["a photo"]}), tmp_path / "00000.parquet")
+    store = WorkerContext(Settings()).store
+    with pytest.raises(SpecError, match="--keep-columns caption: .*no .tar file and no parquet file with an image"):
+        plan("file://" + str(tmp_path), 10, store, ParquetColumns(id="key", keep=("caption",)))
