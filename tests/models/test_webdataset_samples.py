@@ -21,7 +21,6 @@ from orchestrator.jobs import EvaluateSpec, parse_spec
 from orchestrator.labels import load_labeled
 from orchestrator.results import read_table
 from orchestrator.storage import ObjectStore, normalize_uri
-from orchestrator.tarsamples import IMAGE_FIELDS
 from workers.context import WorkerContext
 from workers.inprocess import run_local
 from workers.training.evaluation import evaluate
@@ -64,6 +63,9 @@ def write_tar(path: Path, samples: list[dict]) -> Path:
 def as_webdataset_reads(path: Path) -> list[dict]:
     """The samples webdataset itself yields from the tar (raw bytes, no decoding)."""
     return list(wds.WebDataset(str(path), shardshuffle=False))
+
+
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")  # webdataset's usual `to_tuple("jpg;jpeg;png;webp", ...)`
 
 
 def image_of(sample: dict) -> str | None:
