@@ -28,6 +28,7 @@ cli_jobs.add_job_commands(submit_app, wait=False)
 cli_jobs.add_job_commands(run_app, wait=True)
 schedule_app.command("check")(cli_schedules.schedule_check)
 schedule_app.command("run")(cli_schedules.schedule_run)
+app.command("report")(cli_jobs.report_page)
 
 
 def demo(workdir: str = typer.Option("vitbatch-demo", help="Where images, model and results go."),

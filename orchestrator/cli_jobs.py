@@ -229,6 +229,21 @@ def jobs(limit: int = 20) -> None:
         console.print(f"{job_id}  {job.kind:9} {job.state.value:22} {job.done}/{job.n_items}  {job.output}")
 
 
+def report_page(output: str = typer.Argument(..., help="An output prefix (local or s3://) with a succeeded job."),
+                open_page: bool = typer.Option(False, "--open", help="Open the page in a browser afterwards."),
+                seed: int = typer.Option(0, help="Seed of the sampled rows (the same seed, the same page).")) -> None:
+    """Write the page of the output's latest succeeded job (<output>/_report.html) and print where it is."""
+    from orchestrator.report import write_report
+    from orchestrator.storage import ObjectStore
+
+    uri = write_report(output, ObjectStore(Settings()), seed)
+    typer.echo(uri)  # plain: a path a script can take (rich would wrap it)
+    if open_page:
+        import webbrowser
+
+        webbrowser.open(uri)
+
+
 def schema() -> None:
     """Print the JSON schema of job specs."""
     from orchestrator.jobs import _ADAPTER

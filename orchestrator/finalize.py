@@ -20,6 +20,7 @@ from orchestrator.errors import JobNotFound, StorageError
 from orchestrator.fencing import Publication
 from orchestrator.ledger import JobState, JobStatus, Ledger, ShardState
 from orchestrator.outputs import job_dir, remove_superseded, spec_digest
+from orchestrator.report import write_report_quietly
 from orchestrator.storage import ObjectStore, join, relative_key
 
 log = logging.getLogger(__name__)
@@ -135,3 +136,4 @@ def publish(store: ObjectStore, output: str, summary: dict, succeeded: bool, spe
         store.delete(join(output, FAILURES_FILE))  # a retry fixed what an earlier pass reported
         if spec.get("alias"):  # nightly jobs that name this alias pick the new model up by themselves
             store.write(spec["alias"], output.encode())
+        write_report_quietly(output, store)  # the job's page (report.py); never fails the publication
