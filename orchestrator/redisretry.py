@@ -40,13 +40,15 @@ def _trouble(error: Exception) -> str:
 def ride_out(call: Callable[[], T], retry_s: float, what: str = "Redis", tell: Callable[[str], None] = say,
              counted: Callable[[int], None] | None = None) -> T:
     """`call()`, retried while Redis is unreachable or full, for at most `retry_s` seconds of trouble;
-    `counted(n)` is told how many OOM refusals were ridden out once the call succeeds."""
-    deadline, pause, told, full = time.monotonic() + retry_s, FIRST_PAUSE_S, False, 0
+    `counted(n)` is told how many OOM refusals were ridden out once the call succeeds. The time
+    counts from the first refusal: a call that itself spent seconds reconnecting is still retried."""
+    deadline, pause, told, full = None, FIRST_PAUSE_S, False, 0
     while True:
         try:
             result = call()
         except RIDDEN_OUT as e:
             full += isinstance(e, REDIS_FULL)
+            deadline = deadline or time.monotonic() + retry_s
             if time.monotonic() + pause > deadline:
                 if told:
                     tell(f"{what} still {_trouble(e)} after {retry_s:.0f} s (VITBATCH_REDIS_RETRY_S): giving up")
