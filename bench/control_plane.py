@@ -26,6 +26,7 @@ Celery and no store: the ceiling of Redis and the scripts alone.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -207,14 +208,22 @@ class Sampler(threading.Thread):
         return (c1 - c0) / max(t1 - t0, 1e-9)
 
 
-def run_big_job(client, redis_pid: int, worker_pids: list[int], root: Path, args, model: Path) -> dict:
+def submit_big_job(client, root: Path, args, model: Path) -> tuple[str, dict]:
+    """Submit the tar job while no worker runs: the submit alone, and what its queue costs in Redis."""
     r = client.ledger.r
-    memory0, calls0 = used_memory(r), script_calls(r)
-    spec = tar_spec(root, args.shards, model, f"file://{root}/out/big")
+    memory0 = used_memory(r)
     t0 = time.perf_counter()
-    job_id, _ = client.submit(spec)
-    submit_s = time.perf_counter() - t0
-    memory_queued = used_memory(r)
+    job_id, _ = client.submit(tar_spec(root, args.shards, model, f"file://{root}/out/big"))
+    seconds = time.perf_counter() - t0
+    queued = used_memory(r) - memory0
+    return job_id, {"submit_s": round(seconds, 1), "redis_bytes_queued_job": queued,
+                    "redis_bytes_per_queued_shard": round(queued / args.shards)}
+
+
+def run_big_job(client, job_id: str, redis_pid: int, worker_pids: list[int], args) -> dict:
+    """Let the workers at the queued job; `wait` as a user would, `status` and the exporter sampled."""
+    r = client.ledger.r
+    calls0 = script_calls(r)
     cpu0 = {"redis": cpu_s(redis_pid), "workers": sum(cpu_s(p) for p in worker_pids), "this": time.process_time()}
     sampler = Sampler(client, job_id)
     sampler.start()
@@ -222,23 +231,27 @@ def run_big_job(client, redis_pid: int, worker_pids: list[int], root: Path, args
     final = client.wait(job_id, poll_s=0.5)
     wait_seen = time.time()
     elapsed = time.monotonic() - started
+    ledger_bytes = job_key_bytes(r, job_id)  # before VITBATCH_JOB_TTL_S expires the keys
     sampler.done.set()
     sampler.join()
     cpu = {"redis": cpu_s(redis_pid) - cpu0["redis"],
            "workers": sum(cpu_s(p) for p in worker_pids) - cpu0["workers"], "this": time.process_time() - cpu0["this"]}
     commits = final.shards.get("committed", 0)
     return {
-        "job_state": final.state.value, "shards": args.shards, "images": final.n_items, "submit_s": round(submit_s, 2),
-        "run_s": round(elapsed, 1), "commits_per_s_overall": round(commits / elapsed, 1),
+        "job_state": final.state.value, "shards": args.shards, "images": final.n_items, "run_s": round(elapsed, 1),
+        "commits_per_s_overall": round(commits / elapsed, 1),
         "commits_per_s_saturated": round(sampler.saturated_rate(args.shards), 1),
         "offered_commits_per_s": round(args.processes * args.threads / args.work_s, 1) if args.work_s else "unbounded",
-        "wait_saw_end_after_s": round(wait_seen - final.finished_at, 3),
-        "redis_bytes_queued_job": memory_queued - memory0, "redis_bytes_per_queued_shard":
-            round((memory_queued - memory0) / args.shards), "ledger_bytes_after_job": job_key_bytes(r, job_id),
-        "ledger_bytes_per_shard": round(job_key_bytes(r, job_id) / args.shards),
+        # finished_at is fixed when the publisher claims the job: this is the publication of a record
+        # of every shard's part, then `wait` hearing of the end (pub/sub, not a poll)
+        "wait_returned_after_publication_claim_s": round(wait_seen - final.finished_at, 3),
+        "ledger_bytes_after_job": ledger_bytes, "ledger_bytes_per_shard": round(ledger_bytes / args.shards),
         "redis_cpu_ms_per_commit": round(1000 * cpu["redis"] / max(commits, 1), 3),
         "workers_cpu_ms_per_commit": round(1000 * cpu["workers"] / max(commits, 1), 2),
         "bench_process_cpu_ms_per_commit": round(1000 * cpu["this"] / max(commits, 1), 2),
+        # What two cores of its own would commit: the CPU seconds a commit took, whatever else shared them.
+        "cpu_bound_ceiling_commits_per_s_on_2_cores": round(2 * max(commits, 1) / max(sum(cpu.values()), 1e-9), 1),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 1),
         "redis_calls_per_commit": per_commit(calls0, script_calls(r), commits),
         "status_latency": quantiles(sampler.status_s), "exporter_scrape_latency": quantiles(sampler.scrape_s),
     }
@@ -263,29 +276,43 @@ def submit_manifest(client, root: Path, keys: int, model: Path) -> dict:
 
 
 # -- nightly runs -----------------------------------------------------------------------------
+def key_census(r) -> dict[str, int]:
+    """Keys by owner: jobs' ledger keys, how many jobs still have them, and everything else."""
+    job_keys = [key for key in r.scan_iter("vitbatch:job:*", count=1000)]
+    jobs = {key.split(":")[2] for key in job_keys}
+    return {"job_keys": len(job_keys), "jobs_with_keys": len(jobs), "other_keys": r.dbsize() - len(job_keys)}
+
+
 def nightly(client, root: Path, args, model: Path) -> dict:
     """`--nightly-runs` jobs of `--nightly-shards` shards into one prefix; keys and memory after each."""
     r = client.ledger.r
     spec = tar_spec(root, args.nightly_shards, model, f"file://{root}/out/nightly")
-    keys, memory, folders = [], [], []
+    census, memory, folders = [], [], []
+    t0 = time.monotonic()
     for _ in range(args.nightly_runs):
         job_id, _ = client.submit(spec, overwrite=True)  # as a schedule's nightly run does
         state = client.wait(job_id, poll_s=0.2).state.value
         if state != "succeeded":
             raise RuntimeError(f"nightly job {job_id} ended {state}")
-        keys.append(r.dbsize())
+        census.append(key_census(r))
         memory.append(used_memory(r))
         folders.append(len(list((root / "out" / "nightly" / "_jobs").iterdir())))
     tenth = max(1, args.nightly_runs // 10)
+
+    def spread(name: str) -> dict[str, int]:
+        values = [c[name] for c in census]
+        return {"first_tenth_max": max(values[:tenth]), "last_tenth_max": max(values[-tenth:]), "max": max(values)}
+
     return {"nightly_runs": args.nightly_runs, "nightly_shards": args.nightly_shards, "job_ttl_s": args.ttl_s,
-            "keys_after_run": {"first_tenth_max": max(keys[:tenth]), "last_tenth_max": max(keys[-tenth:]),
-                               "max": max(keys)},
-            "used_memory_after_run": {"first_tenth_max": max(memory[:tenth]), "last_tenth_max": max(memory[-tenth:])},
-            "job_folders_at_prefix_max": max(folders), "jobs_in_index": r.zcard("vitbatch:jobs")}
+            "nightly_run_s_mean": round((time.monotonic() - t0) / max(args.nightly_runs, 1), 2),
+            "other_keys": spread("other_keys"), "job_keys": spread("job_keys"),
+            "jobs_with_keys": spread("jobs_with_keys"),
+            "used_memory": {"first_tenth_max": max(memory[:tenth]), "last_tenth_max": max(memory[-tenth:])},
+            "job_folders_at_prefix_max": max(folders), "jobs_in_index_at_end": r.zcard("vitbatch:jobs")}
 
 
 # -- ledger only ------------------------------------------------------------------------------
-def ledger_only(client, args) -> dict:
+def ledger_only(client, redis_pid: int, args) -> dict:
     """Threads grant, report progress and commit through the ledger's scripts: Redis's ceiling."""
     ledger, job_id = client.ledger, "ledger-only"
     ledger.create(job_id, "{}", "classify", "file:///tmp/ledger-only", args.shards * args.tar_images, args.shards)
@@ -304,7 +331,7 @@ def ledger_only(client, args) -> dict:
             ledger.record_commit(lease, args.tar_images, 0, {"wall_s": 0.0})
 
     r = ledger.r
-    calls0 = script_calls(r)
+    calls0, redis_cpu0, cpu0 = script_calls(r), cpu_s(redis_pid), time.process_time()
     t0 = time.perf_counter()
     threads = [threading.Thread(target=work) for _ in range(args.threads)]
     for thread in threads:
@@ -312,8 +339,13 @@ def ledger_only(client, args) -> dict:
     for thread in threads:
         thread.join()
     seconds = time.perf_counter() - t0
+    redis_cpu, own_cpu = cpu_s(redis_pid) - redis_cpu0, time.process_time() - cpu0
     return {"mode": "ledger only", "shards": args.shards, "threads": args.threads, "seconds": round(seconds, 1),
             "commits_per_s": round(args.shards / seconds, 1),
+            "redis_cpu_ms_per_commit": round(1000 * redis_cpu / args.shards, 3),
+            "client_cpu_ms_per_commit": round(1000 * own_cpu / args.shards, 3),
+            "cpu_bound_ceiling_commits_per_s_on_2_cores": round(2 * args.shards / max(redis_cpu + own_cpu, 1e-9), 1),
+            "load_average_1m_at_end": round(os.getloadavg()[0], 1),
             "redis_calls_per_commit": per_commit(calls0, script_calls(r), args.shards)}
 
 
@@ -348,16 +380,18 @@ def main() -> None:
         try:
             base = {"fsync": args.fsync, "valkey": client.ledger.r.info("server")["valkey_version"]}
             if args.ledger_only:
-                report("control_plane", {**base, **ledger_only(client, args)})
+                report("control_plane", {**base, **ledger_only(client, server.pid, args)})
                 return
             model = build_hf_vit(root / "model", hidden=32, layers=1, heads=2, image_size=32, patch=8)  # config only
+            figures = {**base, "processes": args.processes, "threads_per_process": args.threads,
+                       "simulated_workers": args.processes * args.threads, "work_s": args.work_s}
+            job_id, submitted = submit_big_job(client, root, args, model)
+            figures.update(submitted)
             log_dir = bench_dir() / "control-plane-logs"  # kept: a worker that failed to start says why there
             log_dir.mkdir(parents=True, exist_ok=True)
             procs = start_workers(settings, args, log_dir)
             wait_for_workers(client.app, procs, log_dir)
-            figures = {**base, "processes": args.processes, "threads_per_process": args.threads,
-                       "simulated_workers": args.processes * args.threads, "work_s": args.work_s}
-            figures.update(run_big_job(client, server.pid, [p.pid for p in procs], root, args, model))
+            figures.update(run_big_job(client, job_id, server.pid, [p.pid for p in procs], args))
             if args.manifest_keys:
                 figures.update(submit_manifest(client, root, args.manifest_keys, model))
             if args.nightly_runs:
