@@ -1,5 +1,5 @@
 """dedup through the queue: CLI -> Redis -> a real worker -> S3-compatible server, phase by phase
-(fit, assign per embed part, pairs per cluster group, manifest), equal to the in-process job."""
+(fit, assign per embed part, pairs per cluster group, manifest); every removed row names a kept row."""
 
 from __future__ import annotations
 
@@ -37,4 +37,10 @@ def test_a_dedup_job_runs_its_phases_on_workers_and_publishes_once(embedded, buc
     assert len(rows) == len({r["key"] for r in rows}) == record["items"]
     assert record["dedup"]["kept"] == len(read_kept_keys(out, store))
     assert record["dedup"]["removed"] == len(read_duplicate_pairs(out, store)) > 0
-    assert all(cosine >= 0.99 for _, _, cosine in read_duplicate_pairs(out, store))
+    kept = set(read_kept_keys(out, store))
+    assert all(cosine >= 0.99 and of in kept for _, of, cosine in read_duplicate_pairs(out, store))
+    phases = record["dedup"]["phases"]  # the pairs tasks found pairs across clusters, the manifest resolved them
+    assert record["dedup"]["rule"] == "kept" and phases["across_clusters"]["cross_clusters"] == 4
+    assert record["dedup"]["removed"] == (phases["in_clusters"]["removed"] + phases["across_clusters"]["removed"]
+                                          - phases["across_clusters"]["kept_again"])
+    assert any("/visit/g-" in part["name"] for part in record["parts"]), "rows visited near other clusters"
