@@ -37,7 +37,10 @@ def _resample_code(value: Any) -> int:
     return int(value)
 
 
-def _normalization(processor: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+RGB = tuple[float, float, float]
+
+
+def _normalization(processor: Any) -> tuple[RGB, RGB]:
     """mean and std in uint8/255 units with the processor's rescale folded in:
     (x * r - m) / s == (x / 255 - m / (255 r)) / (s / (255 r))."""
     rescale = float(processor.rescale_factor) if getattr(processor, "do_rescale", True) else 1.0
@@ -45,7 +48,11 @@ def _normalization(processor: Any) -> tuple[tuple[float, ...], tuple[float, ...]
     mean = [float(m) for m in processor.image_mean] if normalize else [0.0, 0.0, 0.0]
     std = [float(s) for s in processor.image_std] if normalize else [1.0, 1.0, 1.0]
     scale = _UNIT / rescale
-    return tuple(m * scale for m in mean), tuple(s * scale for s in std)
+    return _rgb([m * scale for m in mean]), _rgb([s * scale for s in std])
+
+
+def _rgb(values: Any) -> RGB:
+    return float(values[0]), float(values[1]), float(values[2])
 
 
 def hf_preprocess(processor: Any) -> Preprocess:
@@ -65,13 +72,13 @@ def hf_preprocess(processor: Any) -> Preprocess:
     crop_size = getattr(processor, "crop_size", None)
     if getattr(processor, "do_center_crop", False) and crop_size:
         crop = (int(_field(crop_size, "height")), int(_field(crop_size, "width")))
-    rules = {"crop_rounding": rounding, "resampler": resampler}
     if _field(size, "shortest_edge"):
         edge = int(_field(size, "shortest_edge"))
         # Without a crop the long side varies per image: the square crop of the edge keeps one input size.
-        return Preprocess((edge, edge), resample, mean, std, shortest_edge=edge, crop=crop or (edge, edge), **rules)
+        return Preprocess((edge, edge), resample, mean, std, shortest_edge=edge, crop=crop or (edge, edge),
+                          crop_rounding=rounding, resampler=resampler)
     return Preprocess((int(_field(size, "height")), int(_field(size, "width"))), resample, mean, std, crop=crop,
-                      **rules)
+                      crop_rounding=rounding, resampler=resampler)
 
 
 def timm_preprocess(module: Any) -> Preprocess:
@@ -89,7 +96,7 @@ def timm_preprocess(module: Any) -> Preprocess:
     rounding, resampler = LIBRARY_RULES["timm"]
     common: dict[str, Any] = {"crop": (height, width), "crop_rounding": rounding, "resampler": resampler}
     mode = config.get("crop_mode") or "center"
-    mean, std = tuple(config["mean"]), tuple(config["std"])
+    mean, std = _rgb(config["mean"]), _rgb(config["std"])
     if mode == "squash":
         return Preprocess(scaled, resample, mean, std, **common)
     if mode != "center":
