@@ -19,8 +19,8 @@ import logging
 import random
 from collections import defaultdict
 
-from orchestrator.constants import JOB_SPEC_FILE, REPORT_FILE
-from orchestrator.errors import OutputNotFound, StorageError
+from orchestrator.constants import JOB_SPEC_FILE, REPORT_FILE, VECTOR_PLAN_FILE
+from orchestrator.errors import StorageError
 from orchestrator.reportpage import Card, Page, cards_html, groups_html, image_html, record_rows, render, table_html
 from orchestrator.results import read_json, read_table, success_record
 from orchestrator.storage import ObjectStore, join, normalize_uri
@@ -71,16 +71,14 @@ def job_spec(output: str, record: dict, store: ObjectStore) -> dict:
     return (read_json(store, join(output, record["job_dir"], JOB_SPEC_FILE)) or {}).get("spec") or {}
 
 
-def source_prefix(spec: dict, store: ObjectStore) -> str | None:
-    """Where the rows' keys are objects: the input prefix; for dedup and neighbors, the embed job's."""
-    if spec.get("kind") in ("dedup", "neighbors"):
-        embeddings = normalize_uri(spec["embeddings"])
-        try:
-            record = success_record(embeddings, store)
-        except OutputNotFound:
-            return None
-        return source_prefix(job_spec(embeddings, record, store), store)
-    source = spec.get("input")
+def source_prefix(output: str, record: dict, spec: dict, store: ObjectStore) -> str | None:
+    """Where the rows' keys are objects: the input prefix; for dedup and neighbors, the embed job's
+    input, from the job's vector plan (it names the embed job it read)."""
+    if record.get("kind") in ("dedup", "neighbors"):
+        plan = read_json(store, join(output, record["job_dir"], VECTOR_PLAN_FILE)) or {}
+        source = (plan.get("source") or {}).get("input")
+    else:
+        source = spec.get("input")
     if not isinstance(source, str) or source.rstrip("/").lower().endswith(NOT_FILES):
         return None
     return normalize_uri(source)
@@ -199,7 +197,7 @@ def build_page(output: str, store: ObjectStore, seed: int = 0) -> str:
     if kind in ("finetune", "export"):
         return render(page)
     rows = read_table(output, store).to_pylist()
-    prefix, thumbs = source_prefix(spec, store), Thumbnails(store)
+    prefix, thumbs = source_prefix(output, record, spec, store), Thumbnails(store)
     if kind == "evaluate":
         page.sections += evaluate_sections(output, record, store)
     if kind == "dedup":
