@@ -4,7 +4,9 @@ A job over vectors is one ledger job whose shards run in phases; a shard of a la
 needs every shard of the phase before it committed:
 
     dedup      fit (1 shard: k-means on a seeded sample) -> assign (1 per embed part: nearest
-               centroid, rows bucketed by cluster group) -> pairs (1 per cluster group)
+               centroid, rows bucketed by cluster group, visits of near other clusters by theirs)
+               -> pairs (1 per cluster group: the rule inside its clusters, the pairs with their
+               visitors) -> manifest (1 shard: the pairs across clusters resolved, rows published)
     neighbors  exact: search (1 per block of queries: top-k against every indexed vector)
                approximate: index (1 shard: a faiss IVF-Flat index of every indexed vector, its
                nprobe tuned and its recall measured) -> search (1 per block of queries, on that index)
