@@ -71,8 +71,8 @@ class Sample:
 
     def image_field(self, image_key: str | None) -> str | None:
         """The field that holds the sample's image: `image_key`, else the first of IMAGE_FIELDS present."""
-        if image_key is not None:
-            return image_key if image_key in self.fields else None
+        if image_key is not None:  # fields are lowercased, as webdataset lowercases them
+            return image_key.lower() if image_key.lower() in self.fields else None
         return next((name for name in IMAGE_FIELDS if name in self.fields), None)
 
     def no_image(self, image_key: str | None) -> str:
@@ -95,7 +95,7 @@ class TarFields:
 
     def wants(self, name: str) -> bool:
         """Whether a member with this field must be read (the rest are only counted into their sample)."""
-        if name == self.image_key or (self.image_key is None and name in IMAGE_FIELDS):
+        if name == (self.image_key or "").lower() or (self.image_key is None and name in IMAGE_FIELDS):
             return True
         asked = self.names()
         return name in asked or (bool(asked) and name in JSON_FIELDS)

@@ -107,6 +107,18 @@ def test_a_tarwriter_tar_is_one_row_per_sample_each_classified_as_its_image_alon
     assert "000.jpg, 001.jpg" in rows[3]["error"] and "v1.jpg" in rows[4]["error"]
 
 
+def test_image_key_names_the_field_each_row_is_classified_from(tmp_path, hf_model_dir, ctx):
+    tar = write_tar(tmp_path / "wds" / "shard-000.tar", SAMPLES[:3])
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for sample in SAMPLES[:2]:
+        (masks / f"{sample['__key__']}.png").write_bytes(sample["seg.png"])
+    rows = classify(tar.parent, tmp_path / "o1", hf_model_dir, ctx, image_key="seg.png")
+    alone = classify(masks, tmp_path / "o2", hf_model_dir, ctx)
+    assert [r["topk_ids"] for r in rows[:2]] == [r["topk_ids"] for r in alone]
+    assert "sample 's2' has no image: it needs a 'seg.png' member" in rows[2]["error"]
+
+
 def test_kept_fields_and_id_keys_come_from_each_samples_members_and_json(tmp_path, hf_model_dir, ctx):
     tar = write_tar(tmp_path / "wds" / "shard-000.tar", SAMPLES[:3])
     samples = as_webdataset_reads(tar)

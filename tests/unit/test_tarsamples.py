@@ -61,7 +61,7 @@ def test_a_field_twice_in_one_sample_is_the_samples_problem_where_webdataset_rai
 
 def test_the_image_is_the_first_usual_image_field_unless_one_is_named():
     sample = Sample("x", {name: None for name in ("seg.png", "png", "jpg", "cls")})  # type: ignore[misc]
-    assert sample.image_field(None) == "jpg" and sample.image_field("seg.png") == "seg.png"
+    assert sample.image_field(None) == "jpg" and sample.image_field("seg.png") == sample.image_field("SEG.PNG") == "seg.png"
     assert Sample("m", {"seg.png": None}).image_field(None) is None  # type: ignore[dict-item]
     assert sample.image_field("webp") is None
 
