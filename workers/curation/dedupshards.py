@@ -132,10 +132,9 @@ def pairs(spec: DedupSpec, plan: VectorPlan, group: int, store: ObjectStore, fol
             on_progress(len(out["key"]), len(keys))
     visits = np.asarray(bucket.get("visits", []), dtype=np.int32).reshape(len(keys), crosscluster.BACK_FACTOR * probes(spec))
     across = cross_edges(spec, plan, group, store, folder, job_id, (keys, clusters, unit, visits), edges)
-    removed = len(out["key"]) - sum(out["kept"])
-    return {decided_name(plan.phase_range("pairs")[group]): table_bytes(out, DECIDED_SCHEMA),
-            edges_name(plan.phase_range("pairs")[group]): table_bytes(edges, EDGE_SCHEMA)}, \
-        {"rows": len(keys), "removed_in_clusters": removed, "cross_pairs": across}
+    shard = plan.phase_range("pairs")[group]
+    parts = {decided_name(shard): table_bytes(out, DECIDED_SCHEMA), edges_name(shard): table_bytes(edges, EDGE_SCHEMA)}
+    return parts, {"rows": len(keys), "removed_in_clusters": len(out["key"]) - sum(out["kept"]), "cross_pairs": across}
 
 
 def add_decided(out: dict[str, list], found: semdedup.ClusterResult, rows: np.ndarray, keys: list[str],
