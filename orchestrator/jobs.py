@@ -131,8 +131,9 @@ class JobBase(_Spec):
     )
     jpeg_decode: Literal["exact", "fast"] = Field(
         "exact", description="exact = every JPEG decoded at full scale, so the pixels are the checkpoint's own "
-        "processor's; fast = a large JPEG decoded at a reduced DCT scale (PIL draft; faster, pixels a grey level "
-        "or so off, cosine about 0.998 against exact; bench/RESULTS.md). The job record and markers say which.",
+        "processor's; fast = a JPEG at least twice the model's resize target decoded at a reduced DCT scale "
+        "(PIL draft: 1600x1200 photos decode about 4x faster, their pixels about a grey level off; python -m "
+        "bench.decode --size 1600x1200). The job record and markers say which.",
     )
     lane: Literal["auto", "interactive", "bulk"] = Field(
         "auto", description="Queue lane; auto = interactive for small jobs, bulk otherwise (nightly runs use bulk)."
