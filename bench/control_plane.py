@@ -9,7 +9,7 @@ The big job is a webdataset job over a brace range of `--shards` tars (`.../{000
 the planner never lists it, so 10,000 shards of metadata cost nothing to plan, and each simulated
 worker reports `--tar-images` images found in its tar (10,000,000 keys by default, made lazily).
 The workers are real Celery worker processes (`-P threads`, `--threads` each) running the real
-`vitbatch.run_shard` task: `_execute` and `lifecycle` in workers/tasks.py (skip, marker check,
+`vitbatch.run_shard` task: `execute` and `lifecycle` in workers/tasks.py (skip, marker check,
 lease, heartbeat, fenced progress, commit marker in the store, fenced commit, finalize), with
 only the model step (`workers.runner.run_shard`) replaced by a no-op that sleeps `--work-s`,
 reports progress and writes the shard's commit marker. The object store is a temp directory.

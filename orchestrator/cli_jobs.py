@@ -16,7 +16,8 @@ import typer
 from orchestrator.commits import stage_seconds
 from orchestrator.config import Settings
 from orchestrator.errors import JobNotFound, VitbatchError
-from orchestrator.jobs import JOB_KINDS, SPEC_CLASSES, parse_spec
+from orchestrator.jobs import parse_spec
+from orchestrator.kinds import KINDS, JobKind
 from orchestrator.ledger import JobState
 from orchestrator.terminal import EXIT_UNKNOWN_JOB, console, err, exit_code, report, watch
 
@@ -85,9 +86,9 @@ def _json_argument(value: str) -> str:
         raise VitbatchError(f"cannot read {value[1:]!r} for --config ({e.strerror}): give a JSON object or @file.json") from e
 
 
-def _job_command(group: typer.Typer, kind: str, wait: bool) -> None:
+def _job_command(group: typer.Typer, job_kind: JobKind, wait: bool) -> None:
     """One command per job kind, its options generated from the spec's fields and descriptions."""
-    spec_cls = SPEC_CLASSES[kind]
+    kind, spec_cls = job_kind.name, job_kind.spec
     params = []
     for name, field in spec_cls.model_fields.items():
         if name == "kind":
@@ -112,7 +113,7 @@ def _job_command(group: typer.Typer, kind: str, wait: bool) -> None:
         if isinstance(kwargs.get("config"), str):
             kwargs["config"] = _json_argument(kwargs["config"])
         spec = parse_spec({"kind": kind, **{k: v for k, v in kwargs.items() if v is not None}})
-        _submit(spec, wait, workers, overwrite, show_rows=5 if kind == "classify" else 0)
+        _submit(spec, wait, workers, overwrite, show_rows=job_kind.rows_shown)
 
     # typer reads the options from the signature: this one is built from the spec's fields at runtime
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
@@ -122,7 +123,7 @@ def _job_command(group: typer.Typer, kind: str, wait: bool) -> None:
 
 def add_job_commands(group: typer.Typer, wait: bool) -> None:
     """`submit <kind>` (wait=False) or `run <kind>` (wait=True) for every job kind."""
-    for kind in JOB_KINDS:
+    for kind in KINDS.values():
         _job_command(group, kind, wait)
 
 
@@ -246,6 +247,6 @@ def report_page(output: str = typer.Argument(..., help="An output prefix (local 
 
 def schema() -> None:
     """Print the JSON schema of job specs."""
-    from orchestrator.jobs import _ADAPTER
+    from orchestrator.kinds import spec_schema
 
-    console.print_json(json.dumps(_ADAPTER.json_schema()))
+    console.print_json(json.dumps(spec_schema()))

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from orchestrator.constants import commit_name
 from orchestrator.errors import ObjectNotFound
+from orchestrator.kinds import job_kind
 from orchestrator.storage import ObjectStore, join
 
 
@@ -197,7 +198,7 @@ class JobRecord:
         out["images_per_s"] = self.images_per_s
         out.update(self.model_info)
         out.update(self.kind_fields)
-        if self.kind in ("finetune", "export"):  # `--model <output>` loads this job's model
+        if job_kind(self.kind).makes_model:  # `--model <output>` loads this job's model
             out["model"] = self.job_dir
         return out
 

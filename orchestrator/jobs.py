@@ -444,11 +444,8 @@ JobSpec = Annotated[
 ]
 _ADAPTER = TypeAdapter(JobSpec)
 InferenceSpec = ClassifySpec | EmbedSpec | AttentionSpec  # the kinds planned into image shards (planner.plan_job)
-JOB_KINDS = ("classify", "embed", "attention", "finetune", "evaluate", "export", "dedup", "neighbors")
-SPEC_CLASSES: dict[str, type[_Spec]] = {"classify": ClassifySpec, "embed": EmbedSpec, "attention": AttentionSpec,
-                "finetune": FinetuneSpec, "evaluate": EvaluateSpec, "export": ExportSpec,
-                "dedup": DedupSpec, "neighbors": NeighborsSpec}
-VECTOR_KINDS = frozenset({"dedup", "neighbors"})  # read an embed job's vectors, not images
+# What else differs by kind (its task, unit, queue...) is its record in kinds.py, which tests/unit/test_kinds.py
+# holds to this union: a spec here without a registered kind, or the reverse, fails there.
 
 
 def parse_spec(data: dict | str) -> JobSpec:

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 
 from orchestrator.errors import JobNotFound
 from orchestrator.finalize import finalize
+from orchestrator.kinds import job_kind
 from orchestrator.ledger import JobState, ShardState
 from orchestrator.redisretry import RIDDEN_OUT  # the whole pass fails: callers ride it out
 
 log = logging.getLogger(__name__)
-SLOW_UNIT_KINDS = frozenset({"finetune", "evaluate", "export"})  # one long unit, progress reported sparsely
 
 
 @dataclass
@@ -62,7 +62,8 @@ def _reconcile_job(client, job_id: str, stale_after_s: float, result: Reconciled
     status = ledger.status(job_id)
     if status.state.terminal:
         return
-    stall_after_s = 0.0 if status.kind in SLOW_UNIT_KINDS else client.settings.stall_after_s
+    # one long unit (a training) reports progress sparsely: only its silence hands it on, never a stall
+    stall_after_s = 0.0 if job_kind(status.kind).slow_unit else client.settings.stall_after_s
     states = ledger.shard_states(job_id)
     why = {i: ledger.requeue_if_stale(job_id, i, stale_after_s, stall_after_s)  # ages by Redis's clock
            for i, s in states.items() if s is ShardState.RUNNING}

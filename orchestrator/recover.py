@@ -24,11 +24,10 @@ from orchestrator.constants import JOB_SPEC_FILE, SUCCESS_FILE, commit_name, man
 from orchestrator.errors import JobNotFound, SpecError
 from orchestrator.finalize import finalize
 from orchestrator.jobs import parse_spec
+from orchestrator.kinds import job_kind
 from orchestrator.outputs import job_dir, spec_digest
 from orchestrator.results import prefix_holder, read_json
 from orchestrator.storage import ObjectStore, join
-
-RECOVERABLE_KINDS = frozenset({"classify", "embed", "attention"})  # sharded from manifests at submit
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ def recover(client, output: str, job_id: str | None = None) -> Recovered:
     spec_json = spec.model_dump_json()
     if spec_digest(spec_json) != record.get("spec_sha256"):
         raise SpecError(f"job {job_id}'s _job.json does not match its spec digest: not recovered")
-    if spec.kind not in RECOVERABLE_KINDS:
+    if not job_kind(spec.kind).runs_shards:  # only image shards are planned into manifests at submit
         raise SpecError(f"job {job_id} is a {spec.kind} job: recover rebuilds classify, embed and attention "
                         f"jobs; submit it again with --overwrite")
     _check_lost(client, job_id, spec.output)

@@ -20,20 +20,13 @@ from orchestrator.constants import (
     JOB_SPEC_FILE,
     QUEUE_DEFAULT,
     QUEUE_INTERACTIVE,
-    QUEUE_TRAIN,
     SUCCESS_FILE,
-    TASK_EVALUATE,
-    TASK_EXPORT,
-    TASK_FINETUNE,
-    TASK_RUN_SHARD,
-    TASK_VECTOR_SHARD,
-    shard_task_id,
 )
+from orchestrator.enqueue import send_units
 from orchestrator.errors import BrokerUnavailable, ObjectExists, OutputBusy, SpecError
 from orchestrator.finalize import finalize
 from orchestrator.incremental import carry_over
 from orchestrator.jobs import (
-    VECTOR_KINDS,
     DedupSpec,
     EvaluateSpec,
     ExportSpec,
@@ -43,6 +36,7 @@ from orchestrator.jobs import (
     NeighborsSpec,
     normalize_model_ref,
 )
+from orchestrator.kinds import job_kind
 from orchestrator.ledger import JobState, JobStatus, Ledger, ShardState
 from orchestrator.manifest import write_manifests
 from orchestrator.modelrefs import model_identity, read_config, resolve_alias
@@ -54,7 +48,6 @@ from orchestrator.storage import ObjectStore, join
 from orchestrator.vectorplan import plan_vectors
 
 log = logging.getLogger(__name__)
-SINGLE_TASK_KINDS = {"finetune": TASK_FINETUNE, "evaluate": TASK_EVALUATE, "export": TASK_EXPORT}
 
 
 @dataclass
@@ -143,7 +136,7 @@ class Client:
         folder = job_dir(spec.output, job_id)
         if job_plan is not None:
             carried = 0
-            if previous_output and spec.kind == "classify":
+            if previous_output and job_kind(spec.kind).carries_over:
                 carried = carry_over(job_plan, previous_output, folder, extra["model_identity"], self.store, job_id)
             write_manifests(job_plan, folder, self.store)
             summary, n_units = {**job_plan.summary(), "carried": carried}, job_plan.n_shards
@@ -177,8 +170,9 @@ class Client:
             log.warning("could not clean up abandoned job %s at %s", job_id, output, exc_info=True)
 
     def queue_for(self, spec: JobSpec, n_units: int) -> str:
-        if spec.kind == "finetune":
-            return QUEUE_TRAIN
+        own_queue = job_kind(spec.kind).queue
+        if own_queue is not None:
+            return own_queue
         lane = getattr(spec, "lane", "auto")
         if lane == "auto":
             lane = "interactive" if n_units <= self.settings.interactive_max_shards else "bulk"
@@ -189,19 +183,7 @@ class Client:
         kind = kind or self.ledger.status(job_id).kind
         queue = queue or self.ledger.queue(job_id)
         self.ledger.set_queue(job_id, queue)
-        shards = list(shards)
-        self.ledger.mark_enqueued(job_id, shards)
-        with self.app.producer_or_acquire() as producer:
-            for shard in shards:
-                # A deterministic task id per (job, shard) makes duplicates easy to spot in Flower.
-                name, args = SINGLE_TASK_KINDS.get(kind, TASK_RUN_SHARD), [job_id, shard]
-                name = TASK_VECTOR_SHARD if kind in VECTOR_KINDS else name
-                if kind in SINGLE_TASK_KINDS:
-                    args = [job_id]
-                self.app.send_task(
-                    name, args=args, task_id=shard_task_id(job_id, shard), producer=producer, retry=True, queue=queue,
-                    retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
-                )
+        send_units(self.app, self.ledger, job_id, kind, shards, queue)
 
     def _safe_cancel(self, job_id: str, reason: str) -> None:
         try:

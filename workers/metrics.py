@@ -21,11 +21,12 @@ from prometheus_client.core import GaugeMetricFamily
 from orchestrator.commits import ShardMarker
 from orchestrator.config import Settings
 from orchestrator.gpupool import listed_gpus
+from orchestrator.kinds import KINDS
 from workers import hooks
 
 log = logging.getLogger(__name__)
 
-SHARD_KINDS = ("classify", "embed", "attention")  # the kinds whose shards run through runner.run_shard
+SHARD_KINDS = tuple(name for name, kind in KINDS.items() if kind.runs_shards)  # the kinds runner.run_shard serves
 STAGES = ("read", "decode", "device_decode", "compute", "write")  # the commit marker's stats, `<stage>_s`
 
 

@@ -34,6 +34,7 @@ from orchestrator.errors import JobNotFound, NotRetryable, StaleDelivery
 from orchestrator.fencing import Lease
 from orchestrator.finalize import finalize
 from orchestrator.jobs import parse_spec
+from orchestrator.kinds import job_kind
 from orchestrator.ledger import JobState, ShardState
 from orchestrator.outputs import job_dir, spec_digest
 from workers.celery import app
@@ -68,7 +69,9 @@ def _settle(ctx: WorkerContext, job_id: str, all_settled: bool) -> None:
         finalize(job_id, ctx.ledger, ctx.store)
 
 
-def _execute(task: Task, job_id: str, shard: int, work: Callable[..., ShardMarker]) -> dict:
+def execute(task: Task, job_id: str, shard: int, work: Callable[..., ShardMarker]) -> dict:
+    """A unit's task body: `lifecycle` under the task's delivery, its outcome mapped to Celery's
+    (acknowledged, retried with backoff, or held while Redis refuses writes)."""
     ctx = context()
     ctx.hostname = task.request.hostname or ""
     _announce(task)
@@ -149,7 +152,7 @@ def lifecycle(ctx: WorkerContext, job_id: str, shard: int, work: Callable[..., S
     local = spec.model_copy(update={"output": job_dir(spec.output, job_id)})
     fields = {"job_id": job_id, "spec_sha256": spec_digest(spec_json)}
     marker = read_commit(ctx.store, local.output, shard, job_id)
-    if marker is None and spec.kind == "finetune" and _held_elsewhere(ctx, job_id, shard):
+    if marker is None and job_kind(spec.kind).exclusive and held_elsewhere(ctx, job_id, shard):
         # Redis redelivered a training that is still alive elsewhere (past its visibility
         # timeout): two trainers on one output would fight; the reconciler covers a real death.
         return {"shard": shard, "skipped": "another worker is training this job"}
@@ -189,7 +192,7 @@ def _fenced_work(ctx: WorkerContext, lease: Lease, run: Callable[[], ShardMarker
         raise
 
 
-def _held_elsewhere(ctx: WorkerContext, job_id: str, shard: int) -> bool:
+def held_elsewhere(ctx: WorkerContext, job_id: str, shard: int) -> bool:
     states, beats = ctx.ledger.shard_states(job_id), ctx.ledger.heartbeats(job_id)
     beat, now = beats.get(shard, 0), ctx.ledger.now()  # beats are stamped by Redis's clock
     fresh = beat <= now and now - beat < 3 * ctx.settings.heartbeat_s  # a future beat is a retry's backoff
@@ -211,7 +214,7 @@ TASK_OPTIONS = {"bind": True, "acks_late": True, "reject_on_worker_lost": True, 
 
 @app.task(name=TASK_RUN_SHARD, **TASK_OPTIONS)
 def run_shard(self: Task, job_id: str, shard: int) -> dict:
-    return _execute(self, job_id, shard, lambda spec, ctx, fields, lease: run_shard_fn(
+    return execute(self, job_id, shard, lambda spec, ctx, fields, lease: run_shard_fn(
         spec, shard, ctx, progress_reporter(self, ctx, lease), job_id=job_id, marker_fields=fields,
         on_found=lambda n_items: ctx.ledger.shard_items(job_id, shard, n_items)))
 
@@ -223,7 +226,7 @@ def _single_task(task: Task, job_id: str, run: Callable) -> dict:
         return commit_shard(ctx.store, spec.output, 0, {}, {**fields, **summary},
                             written=written_files(ctx.store, spec.output))
 
-    return _execute(task, job_id, 0, work)
+    return execute(task, job_id, 0, work)
 
 
 @app.task(name=TASK_FINETUNE, queue=QUEUE_TRAIN, **TASK_OPTIONS)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from celery import Task
 
-from orchestrator.constants import TASK_VECTOR_SHARD, shard_task_id
+from orchestrator.constants import TASK_VECTOR_SHARD
+from orchestrator.enqueue import send_units
 from orchestrator.errors import JobNotFound
 from orchestrator.jobs import parse_spec
 from orchestrator.ledger import ShardState
@@ -20,7 +21,7 @@ from workers.celery import app
 from workers.context import WorkerContext
 from workers.curation.vectorshards import run_vector_shard
 from workers.progress import progress_reporter
-from workers.tasks import TASK_OPTIONS, _execute, _held_elsewhere, context
+from workers.tasks import TASK_OPTIONS, context, execute, held_elsewhere
 
 
 def job_plan(ctx: WorkerContext, job_id: str) -> VectorPlan:
@@ -40,11 +41,7 @@ def send_next_phase(ctx: WorkerContext, plan: VectorPlan, job_id: str, shard: in
     if any(states.get(s) is not ShardState.COMMITTED for s in phase):
         return []
     todo = [s for s in plan.follows(shard) if states.get(s) is not ShardState.COMMITTED]
-    queue = ctx.ledger.queue(job_id)
-    ctx.ledger.mark_enqueued(job_id, todo)
-    for s in todo:
-        app.send_task(TASK_VECTOR_SHARD, args=[job_id, s], task_id=shard_task_id(job_id, s), queue=queue)
-    return todo
+    return send_units(app, ctx.ledger, job_id, plan.kind, todo, ctx.ledger.queue(job_id))
 
 
 @app.task(name=TASK_VECTOR_SHARD, **TASK_OPTIONS)
@@ -57,9 +54,9 @@ def vector_shard(self: Task, job_id: str, shard: int) -> dict:
         return {"shard": shard, "skipped": "job unknown to this Redis"}
     if waiting:
         return {"shard": shard, "waiting_for": waiting}  # sent again when they have committed
-    if _held_elsewhere(ctx, job_id, shard):
+    if held_elsewhere(ctx, job_id, shard):
         return {"shard": shard, "skipped": "another delivery is running this shard"}
-    result = _execute(self, job_id, shard, lambda spec, ctx, fields, lease: run_vector_shard(
+    result = execute(self, job_id, shard, lambda spec, ctx, fields, lease: run_vector_shard(
         spec, shard, ctx.store, fields, lease.token, progress_reporter(self, ctx, lease)))
     if "rows" in result:  # committed (or found committed): the next phase may be due
         send_next_phase(ctx, plan, job_id, shard)

@@ -14,6 +14,7 @@ from functools import cache
 from pathlib import Path
 
 from orchestrator.errors import SpecError
+from orchestrator.kinds import job_kind
 from orchestrator.modelkinds import Checkpoint, Kind, checkpoint_kind, classifier_refusal
 from orchestrator.modelrefs import is_onnx, label_count, model_depth, read_config
 
@@ -58,7 +59,7 @@ def _check_onnx_kind(spec, config: dict) -> None:
         raise SpecError(f"model {spec.model!r} is an ONNX export: attention maps need the PyTorch model's "
                         f"softmax weights, which the ONNX graph does not output; pass the model it was exported from "
                         f"({config.get('source', {}).get('ref', 'its source')})")
-    if spec.kind in ("finetune", "export"):
+    if job_kind(spec.kind).makes_model:  # a model is made from the PyTorch modules
         raise SpecError(f"model {spec.model!r} is an ONNX export: {spec.kind} starts from a PyTorch model only; pass "
                         f"the model it was exported from ({config.get('source', {}).get('ref', 'its source')})")
     if spec.kind == "embed" and "pooled" in spec.pooling and "pooled" not in (config.get("outputs") or {}):

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from orchestrator.errors import SpecError
-from orchestrator.jobs import SPEC_CLASSES, ClassifySpec, parse_spec
+from orchestrator.jobs import ClassifySpec, parse_spec
+from orchestrator.kinds import KINDS
 
 
 @pytest.fixture
@@ -123,7 +124,7 @@ def test_every_schema_property_has_a_description():
     assert undocumented == []
 
 
-@pytest.mark.parametrize("kind", sorted(SPEC_CLASSES))
+@pytest.mark.parametrize("kind", sorted(KINDS))
 def test_every_job_kind_documents_every_option(kind):
-    properties = SPEC_CLASSES[kind].model_json_schema()["properties"]
+    properties = KINDS[kind].spec.model_json_schema()["properties"]
     assert [name for name, prop in properties.items() if not prop.get("description")] == []
