@@ -14,6 +14,7 @@ shift and a reduced-scale JPEG decode.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +25,16 @@ from helpers_models import load_model
 from PIL import Image
 
 from orchestrator.config import Settings
+from orchestrator.jobs import parse_spec
 from orchestrator.manifest import Item
 from orchestrator.planner import plan
+from orchestrator.results import read_embeddings
 from orchestrator.storage import ObjectStore, normalize_uri
+from workers.context import WorkerContext
 from workers.decode.imaging import decode_rgb
 from workers.decode.preprocess import Decoder
 from workers.heads import EmbedHead
+from workers.inprocess import run_local
 from workers.loaded import LoadedModel
 from workers.pipeline import DecodePath
 from workers.runner import run_with
@@ -156,3 +161,29 @@ def test_a_reduced_scale_jpeg_decode_falls_below_the_bar(files, tmp_path):
     assert cosines(vitbatch_cls(model, items, Decoder(model.prep, MAX_PIXELS)), theirs)[items[0].key] >= BAR
     fast = cosines(vitbatch_cls(model, items, Decoder(model.prep, MAX_PIXELS, fast=True)), theirs)
     assert fast[items[0].key] < BAR
+
+
+def test_fast_jpeg_decode_is_a_job_option_its_records_name(files, tmp_path):
+    """--jpeg-decode fast reaches the workers: the large JPEG's embedding moves, a small file's does
+    not, and the spec (_job.json), every marker's compute and _SUCCESS.json's computed_with say so."""
+    directory = BUILDERS["clip-b32"](tmp_path / "clip")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("large-4000x3000.jpg", "portrait-333x499.jpg"):
+        (inputs / name).write_bytes((files[0] / name).read_bytes())
+    ctx, jobs = WorkerContext(Settings()), {}
+    for mode in ("exact", "fast"):
+        option = {"jpeg_decode": "fast"} if mode == "fast" else {}  # exact is the default
+        spec = parse_spec({"kind": "embed", "input": str(inputs), "output": str(tmp_path / mode),
+                           "model": str(directory), "device": "cpu", "precision": "fp32", **option})
+        _job_id, markers = run_local(spec, ctx)
+        record = json.loads((tmp_path / mode / "_SUCCESS.json").read_text())
+        submitted = json.loads((tmp_path / mode / record["job_dir"] / "_job.json").read_text())
+        keys, cls = read_embeddings(spec.output, "cls")
+        jobs[mode] = (submitted["spec"]["jpeg_decode"], {m.compute for m in markers}, record["computed_with"],
+                      dict(zip(keys, cls.astype(np.float64))))
+    assert jobs["exact"][:3] == ("exact", {"cpu fp32"}, {"cpu fp32": 1})
+    assert jobs["fast"][:3] == ("fast", {"cpu fp32 jpeg-fast"}, {"cpu fp32 jpeg-fast": 1})
+    exact, fast = jobs["exact"][3], jobs["fast"][3]
+    assert np.array_equal(exact["portrait-333x499.jpg"], fast["portrait-333x499.jpg"])  # under twice the target
+    assert not np.array_equal(exact["large-4000x3000.jpg"], fast["large-4000x3000.jpg"])
