@@ -120,3 +120,61 @@ def test_a_caption_with_markup_renders_as_text_and_report_rewrites_the_page(tmp_
     assert page.evaluate("window.hacked === undefined")
     assert SCRIPT_CAPTION in page.inner_text("body"), "the caption is shown as the text it is"
     assert page.locator(".card").count() == 4
+
+
+def run_evaluate_here(input_uri: str, output: str, model_dir) -> str:
+    """An evaluate job in this process as its task runs it (workers.tasks._single_task), then published."""
+    import json as jsonlib
+    import time
+
+    from orchestrator import __version__
+    from orchestrator.commits import JobRecord
+    from orchestrator.finalize import publish
+    from orchestrator.outputs import job_dir, new_job_id, spec_digest
+    from orchestrator.storage import normalize_uri, relative_key
+    from workers.training.evaluation import evaluate
+    from workers.writers import commit_shard, written_files
+
+    spec = parse_spec({"kind": "evaluate", "input": input_uri, "output": output, "model": str(model_dir),
+                       "device": "cpu", "label_column": "label"})
+    job_id, ctx, started = new_job_id(), WorkerContext(Settings()), time.time()
+    folder = job_dir(normalize_uri(output), job_id)
+    fields = {"job_id": job_id, "spec_sha256": spec_digest(spec.model_dump_json())}
+    summary = evaluate(spec.model_copy(update={"output": folder}), job_id, ctx, lambda _: None)
+    marker = commit_shard(ctx.store, folder, 0, {}, {**fields, **summary}, written=written_files(ctx.store, folder))
+    record = JobRecord.build(
+        job_id=job_id, spec_sha256=fields["spec_sha256"], kind="evaluate",
+        job_dir=relative_key(normalize_uri(output), folder), markers=[marker], items=marker.rows,
+        processed=marker.rows, errors=marker.errors, shards=1, failed_shards={}, carried=0,
+        wall_s=time.time() - started, finished_at=time.time(), version=__version__)
+    publish(ctx.store, normalize_uri(output), record.to_json(), True, jsonlib.loads(spec.model_dump_json()))
+    return job_id
+
+
+def test_an_evaluate_page_shows_the_per_class_table_the_confusion_matrix_and_errors_first(tmp_path, hf_model_dir,
+                                                                                       browser):
+    from helpers_models import LABELS
+
+    labels = [LABELS[i % len(LABELS)] for i in range(12)]
+    images = [png(i) for i in range(11)] + [b"truncated"]
+    pq.write_table(pa.table({"image": images, "label": labels}), tmp_path / "test.parquet")
+    output = tmp_path / "eval"
+    job_id = run_evaluate_here(str(tmp_path / "test.parquet"), str(output), hf_model_dir)
+
+    from deltalake import DeltaTable
+
+    predictions = DeltaTable(str(output)).to_pyarrow_table()  # evaluate's predictions are its table
+    assert predictions.num_rows == 12 and set(predictions.column_names) >= {"key", "label", "predicted", "correct"}
+
+    page, errors, dialogs = open_page(browser, output / "_report.html", "evaluate-page.png")
+    assert errors == [] and dialogs == []
+    text = page.inner_text("body")
+    assert job_id in text and "Per class" in text and "Confusion matrix" in text
+    per_class = page.locator("table").nth(2).locator("tr")
+    assert per_class.count() >= 2, "a row per class under the header"
+    assert page.locator('img[alt="Confusion matrix"]').count() == 1
+    cards = page.locator(".card")
+    assert cards.count() == 12 and "error row" in cards.first.inner_text()
+    whys = [cards.nth(i).locator(".why").last.inner_text() for i in range(cards.count())]
+    first_other = next(i for i, why in enumerate(whys) if not why.startswith(("error row", "misclassified")))
+    assert all(not why.startswith("misclassified") for why in whys[first_other:]), whys
