@@ -12,7 +12,7 @@ from PIL import Image
 
 from orchestrator.config import Settings
 from orchestrator.jobs import parse_spec
-from orchestrator.report import SAMPLE_GROUPS, build_page
+from orchestrator.report import SAMPLE_GROUPS, build_page, encode_thumbnail
 from orchestrator.results import read_table
 from orchestrator.storage import ObjectStore
 from workers.context import WorkerContext
@@ -77,3 +77,20 @@ def test_a_neighbors_page_shows_queries_with_their_matches(embedded, tmp_path):
         assert query in [key for _, key in matches] or query in COPIED or query in COPIED.values(), \
             "a vector's nearest row is itself (or its byte-identical copy)"
         assert group.count('<img class="thumb"') == 4
+
+
+def test_an_attention_page_shows_each_sampled_row_with_its_overlay(embedded, tmp_path, hf_model_dir):
+    images = embedded.replace("file://", "").rsplit("/", 1)[0] + "/images"
+    spec = parse_spec({"kind": "attention", "input": images, "output": str(tmp_path / "attn"),
+                       "model": str(hf_model_dir), "device": "cpu", "max_overlays": 5})
+    run_local(spec, WorkerContext(Settings()))
+    page = build_page(spec.output, ObjectStore(Settings()))
+    cards = re.findall(r'<div class="card ">(.*?)</div></div>', page)
+    assert len(cards) == N_DISTINCT + len(COPIED)
+    with_overlay = [row for row in read_table(spec.output).to_pylist() if row["overlay"]]
+    assert len(with_overlay) == 5
+    assert page.count('<img class="thumb"') == N_DISTINCT + len(COPIED), "overlays where written, images elsewhere"
+    output = tmp_path / "attn"
+    for row in with_overlay:
+        [card] = [card for card in cards if f"<b>{row['key']}</b>" in card]
+        assert encode_thumbnail((output / row["overlay"]).read_bytes()) in card, "the card shows the overlay"
