@@ -4,12 +4,14 @@ processes on them.
 Topology (as root, every name unique to this test session, every address inside the lab):
 
     <lab>-br   a bridge, one port per host (a veth pair each)
-    <lab>-hub  10.77.0.1: Redis (valkey, append-only), S3 (moto) and `vitbatch reconcile --loop`
+    <lab>-hub  10.77.0.1: S3 (moto), `vitbatch reconcile --loop` and a Redis sentinel
+    <lab>-r1   10.77.0.21: the Redis primary (valkey, append-only) and a sentinel
+    <lab>-r2   10.77.0.22: its replica and a sentinel (sentinelhosts.py)
     <lab>-wN   10.77.0.1N: one `vitbatch worker` each (solo pool)
 
 Faults are the network's: a host cut off (its link down, or every packet both ways dropped by a
 `pfifo limit 0` queue), S3 dropped for one host (a u32 filter into such a queue), and Redis
-killed -9 and restarted from its append-only file. The S3 link to every worker host is slow
+killed -9 and restarted from its append-only file; a worker's clock set off by libfaketime. The S3 link to every worker host is slow
 (an htb rate on the bridge port), so that a shard of a few tiny images lasts seconds.
 
 The test process itself has no address in the lab; `Lab.call` runs a function on a thread
@@ -34,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.config import Settings
-from orchestrator.processes import ALL_QUEUES, RedisServer, settings_env
+from orchestrator.processes import ALL_QUEUES, settings_env
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "vbh-"  # every namespace this harness makes starts so, then the pid of the session that made it
@@ -227,12 +229,12 @@ def stop(proc: subprocess.Popen | None, sig: int = signal.SIGKILL) -> None:
 
 @dataclass
 class Fleet:
-    """The vitbatch processes of one lab: Redis, S3 and the reconciler on the hub, workers on hosts."""
+    """The vitbatch processes of one lab: S3 and the reconciler on the hub, workers on hosts (Redis
+    and its sentinels: sentinelhosts.py)."""
 
     lab: Lab
     workdir: Path
     settings: Settings
-    redis_password: str
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
@@ -243,31 +245,6 @@ class Fleet:
 
     def log(self, name: str) -> Path:
         return self.workdir / f"{name}.log"
-
-    def start_redis(self) -> None:
-        server = RedisServer(self.workdir / "redis", password=self.redis_password, port=REDIS_PORT)
-        server.data_dir.mkdir(exist_ok=True)
-        cmd = server.command()
-        cmd[cmd.index("--bind") + 1] = HUB_IP
-        self.procs["redis"] = self.lab.popen("hub", cmd, dict(os.environ), self.log("redis"))
-        self.lab.call(self._until_redis_answers)
-
-    def _until_redis_answers(self, timeout_s: float = 60) -> None:
-        import redis
-
-        r = redis.Redis(host=HUB_IP, port=REDIS_PORT, password=self.redis_password, socket_connect_timeout=1)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if r.ping():
-                    return r.close()
-            except redis.exceptions.ConnectionError:  # BusyLoadingError too: replaying the AOF
-                if time.monotonic() > deadline or self.procs["redis"].poll() is not None:
-                    raise RuntimeError(f"Redis did not come up: {self.log('redis').read_text()[-2000:]}") from None
-            time.sleep(0.1)
-
-    def kill_redis(self) -> None:
-        stop(self.procs.pop("redis"))
 
     def start_s3(self) -> None:
         cmd = [sys.executable, "-m", "moto.server", "-H", HUB_IP, "-p", str(S3_PORT)]
@@ -420,13 +397,15 @@ class World:
     keys: frozenset[str]
     model: Path
     bucket: str
+    redis: object  # sentinelhosts.SentinelHosts: the primary, its replica and the sentinels
 
     def output(self, name: str) -> str:
         return f"s3://{self.bucket}/out/{name}-{secrets.token_hex(3)}/"
 
-    def submit(self, output: str, *options: str) -> str:
+    def submit(self, output: str, *options: str, folder: str = "") -> str:
+        """A classify job over the inputs (or only those under `folder`, e.g. "3/": a tiny job)."""
         return submitted_job(self.fleet.cli(
-            "submit", "classify", "--input", self.input_uri, "--output", output, "--model", str(self.model),
+            "submit", "classify", "--input", self.input_uri + folder, "--output", output, "--model", str(self.model),
             "--batch-size", "4", "--shard-size", "5", *options))
 
     def status(self, job_id: str, outage_s: float = 120):
@@ -487,5 +466,6 @@ class World:
         return len(re.findall(r"run_shard\[[0-9a-f-]+\] succeeded in [\d.]+s: \{'shard': \d+, 'rows'",
                               self.fleet.log(host).read_text(errors="replace")))
 
-    def exactly_once(self, output: str, job_id: str) -> dict:
-        return self.lab.call(check_exactly_once, self.client.store, output, job_id, self.keys)
+    def exactly_once(self, output: str, job_id: str, folder: str = "") -> dict:
+        keys = frozenset(key.removeprefix(folder) for key in self.keys if key.startswith(folder))
+        return self.lab.call(check_exactly_once, self.client.store, output, job_id, keys)

@@ -10,13 +10,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hostlab import REDIS_PORT, Fleet
+from hostlab import REDIS_PORT, Fleet, stop
 
 from orchestrator.processes import RedisServer
 
 MASTER_NAME = "vitbatch-hosts"
 SENTINEL_PORT = 26379
-DOWN_AFTER_MS = 3000  # a primary silent this long is down for a sentinel
+# A primary silent this long is down for a sentinel: long while scenarios restart Redis on purpose,
+# short (`fail_over_after`) for the one that cuts the primary's host off.
+RESTART_DOWN_AFTER_MS, FAILOVER_DOWN_AFTER_MS = 30_000, 3000
 FAILOVER_TIMEOUT_MS = 10000
 
 
@@ -81,12 +83,24 @@ class SentinelHosts:
             f"port {SENTINEL_PORT}", f"bind {self.ip(host)}", f"dir {folder}", f"requirepass {self.sentinel_password}",
             f"sentinel monitor {MASTER_NAME} {self.ip(self.primary_host)} {REDIS_PORT} 2",
             f"sentinel auth-pass {MASTER_NAME} {self.redis_password}",
-            f"sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}",
+            f"sentinel down-after-milliseconds {MASTER_NAME} {RESTART_DOWN_AFTER_MS}",
             f"sentinel failover-timeout {MASTER_NAME} {FAILOVER_TIMEOUT_MS}",
             f"sentinel parallel-syncs {MASTER_NAME} 1", "",
         ])
 
-    # -- read from the hub (run these through Lab.call) -----------------------------------------
+    def kill_primary(self) -> None:
+        """kill -9: the append-only file (fsync always) keeps what was acknowledged."""
+        stop(self.fleet.procs.pop(f"redis-{self.primary_host}"))
+
+    def restart_primary(self) -> None:
+        self._start_redis(self.primary_host)
+
+    # -- run these through Lab.call (they connect from the hub) -----------------------------------
+    def fail_over_after(self, down_after_ms: int = FAILOVER_DOWN_AFTER_MS) -> None:
+        """From now on the sentinels promote the replica once the primary is silent this long."""
+        for host in self.sentinel_hosts:
+            self._sentinel(host).sentinel_set(MASTER_NAME, "down-after-milliseconds", down_after_ms)
+
     def _redis(self, host: str):
         import redis
 
