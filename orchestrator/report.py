@@ -32,7 +32,8 @@ SAMPLE_GROUPS = 8  # dedup groups / neighbors queries shown
 THUMBNAIL_PX = 96
 MAX_IMAGE_BYTES = 1_500_000  # base64 image bytes per page; past it, cards say "page size cap"
 MAX_SOURCE_BYTES = 32 * 1024 * 1024  # an input image larger than this is not fetched for a thumbnail
-NOT_FILES = (".txt", ".jsonl", ".parquet", ".tar", "}")  # inputs whose keys are no object under the input
+NOT_FILES = (".txt", ".jsonl", ".tar", "}")  # inputs whose keys are no object under the input (tar members)
+PARQUET_ROW = "#row="  # a thumbnail reference to one row of a parquet input: <file uri>#row=<r>
 
 
 class Thumbnails:
@@ -42,17 +43,43 @@ class Thumbnails:
         self.store, self.left = store, budget_bytes
 
     def of(self, uri: str | None) -> tuple[str | None, str]:
-        """(data URI, "") or (None, why there is none)."""
+        """(data URI, "") or (None, why there is none). `uri` may name a parquet row: `<file>.parquet#<row>`."""
         if uri is None:
-            return None, "no thumbnail: the input is a manifest, tar or parquet file"
+            return None, "no thumbnail: the input is a manifest or tar file"
         if self.left <= 0:
             return None, "thumbnail left out: the page's size cap is reached"
         try:
-            data = encode_thumbnail(self.store.read(uri, MAX_SOURCE_BYTES))
-        except (StorageError, OSError, ValueError) as e:
+            data = encode_thumbnail(self._image_bytes(uri))
+        except (StorageError, OSError, ValueError, KeyError, IndexError) as e:
             return None, f"no thumbnail: {type(e).__name__}"
         self.left -= len(data)
         return data, ""
+
+    def _image_bytes(self, uri: str) -> bytes:
+        if PARQUET_ROW not in uri:
+            return self.store.read(uri, MAX_SOURCE_BYTES)
+        file_uri, row = uri.rsplit(PARQUET_ROW, 1)
+        return parquet_cell(self.store, file_uri, int(row))
+
+
+def parquet_cell(store: ObjectStore, uri: str, row: int) -> bytes:
+    """Row `row`'s image of a parquet input: its row group's image column only, by ranged reads."""
+    import pyarrow.parquet as pq
+
+    from orchestrator.parquetinputs import RangedFile, image_column
+
+    handle = pq.ParquetFile(RangedFile(store, uri, store.info(uri).size))
+    column = image_column(handle.schema_arrow, uri)
+    for group in range(handle.metadata.num_row_groups):
+        rows = handle.metadata.row_group(group).num_rows
+        if row < rows:
+            cell = handle.read_row_group(group, columns=[column]).column(0)[row].as_py()
+            data = cell.get("bytes") if isinstance(cell, dict) else cell
+            if not data or len(data) > MAX_SOURCE_BYTES:
+                raise ValueError(f"row {row} of {uri} holds no image bytes within the cap")
+            return data
+        row -= rows
+    raise IndexError(f"{uri} has no row {row}")
 
 
 def encode_thumbnail(image_bytes: bytes) -> str:
@@ -81,13 +108,19 @@ def source_prefix(output: str, record: dict, spec: dict, store: ObjectStore) -> 
         source = spec.get("input")
     if not isinstance(source, str) or source.rstrip("/").lower().endswith(NOT_FILES):
         return None
-    return normalize_uri(source)
+    source = normalize_uri(source)
+    if source.lower().endswith(".parquet"):  # one file as --input: its rows are keyed `<file name>/<row>`
+        return source.rsplit("/", 1)[0]
+    return source
 
 
 def source_uri(prefix: str | None, key: str) -> str | None:
     if prefix is None:
         return None
+    file, _, row = key.rpartition("/")
     try:
+        if file.lower().endswith(".parquet") and row.isdigit():  # row r of a parquet input (no --id-column)
+            return join(prefix, file) + PARQUET_ROW + row
         return join(prefix, key)
     except StorageError:  # a key that would leave the input is shown without its image
         return None

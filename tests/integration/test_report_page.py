@@ -120,6 +120,7 @@ def test_a_caption_with_markup_renders_as_text_and_report_rewrites_the_page(tmp_
     assert page.evaluate("window.hacked === undefined")
     assert SCRIPT_CAPTION in page.inner_text("body"), "the caption is shown as the text it is"
     assert page.locator(".card").count() == 4
+    assert page.locator(".card img.thumb").count() == 4, "each parquet row's image cell is its thumbnail"
 
 
 def run_evaluate_here(input_uri: str, output: str, model_dir) -> str:
@@ -129,9 +130,10 @@ def run_evaluate_here(input_uri: str, output: str, model_dir) -> str:
 
     from orchestrator import __version__
     from orchestrator.commits import JobRecord
+    from orchestrator.constants import JOB_SPEC_FILE
     from orchestrator.finalize import publish
     from orchestrator.outputs import job_dir, new_job_id, spec_digest
-    from orchestrator.storage import normalize_uri, relative_key
+    from orchestrator.storage import join, normalize_uri, relative_key
     from workers.training.evaluation import evaluate
     from workers.writers import commit_shard, written_files
 
@@ -140,6 +142,7 @@ def run_evaluate_here(input_uri: str, output: str, model_dir) -> str:
     job_id, ctx, started = new_job_id(), WorkerContext(Settings()), time.time()
     folder = job_dir(normalize_uri(output), job_id)
     fields = {"job_id": job_id, "spec_sha256": spec_digest(spec.model_dump_json())}
+    ctx.store.write(join(folder, JOB_SPEC_FILE), jsonlib.dumps({**fields, "spec": spec.model_dump()}).encode())
     summary = evaluate(spec.model_copy(update={"output": folder}), job_id, ctx, lambda _: None)
     marker = commit_shard(ctx.store, folder, 0, {}, {**fields, **summary}, written=written_files(ctx.store, folder))
     record = JobRecord.build(
@@ -175,6 +178,7 @@ def test_an_evaluate_page_shows_the_per_class_table_the_confusion_matrix_and_err
     assert page.locator('img[alt="Confusion matrix"]').count() == 1
     cards = page.locator(".card")
     assert cards.count() == 12 and "error row" in cards.first.inner_text()
+    assert page.locator(".card img.thumb").count() == 11, "a thumbnail from every parquet row but the truncated one"
     whys = [cards.nth(i).locator(".why").last.inner_text() for i in range(cards.count())]
     first_other = next(i for i, why in enumerate(whys) if not why.startswith(("error row", "misclassified")))
     assert all(not why.startswith("misclassified") for why in whys[first_other:]), whys
