@@ -10,7 +10,7 @@ y's cluster Y (nearer to y than x's own X) has cos(x, cY) >= cos(x, cX) - 2 sqrt
 A near-duplicate pair across a boundary is near it from both sides: when x (in X) visits Y, its
 partner y counts X among its own nearest clusters too, almost always within a few more. So a row
 is sent to its `probes` nearest other clusters, and there meets only the rows that count its
-cluster among their BACK_FACTOR x `probes` nearest (a small product per pair of clusters, not a
+cluster among their BACK_CLUSTERS nearest (a small product per pair of clusters, not a
 cluster's rows against every visitor). A pair is missed only when neither row sends itself to the
 other's cluster, or the receiving row ranks the sender's cluster lower; every probe raises recall.
 """
@@ -24,13 +24,18 @@ import numpy as np
 
 from workers.curation import semdedup
 
-BACK_FACTOR = 4  # a row meets visitors from its this-many-times-`probes` nearest other clusters
+BACK_CLUSTERS = 16  # a row meets visitors from its this many nearest other clusters (ids only: cheap to keep)
+
+
+def back_clusters(probes: int) -> int:
+    """How many near other clusters a row keeps the ids of: none when rows visit none."""
+    return max(probes, BACK_CLUSTERS) if probes else 0
 
 
 def visits(unit: np.ndarray, centroids: np.ndarray, probes: int, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(home cluster, its cosine, near other clusters [rows, BACK_FACTOR x probes], nearest first, -1
+    """(home cluster, its cosine, near other clusters [rows, back_clusters(probes)], nearest first, -1
     where none) of every unit row: it visits the first `probes`, and meets visitors from all of them."""
-    nearest, cosine = semdedup.nearest_centroids(unit, centroids, 1 + BACK_FACTOR * probes)
+    nearest, cosine = semdedup.nearest_centroids(unit, centroids, 1 + back_clusters(probes))
     others = nearest[:, 1:].copy()
     reach = cosine[:, :1] - 2 * math.sqrt(2 * eps)  # no near-duplicate of the row is in a farther cluster
     others[cosine[:, 1:] < reach] = -1

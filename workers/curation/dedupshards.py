@@ -130,7 +130,7 @@ def pairs(spec: DedupSpec, plan: VectorPlan, group: int, store: ObjectStore, fol
         add_edges(edges, [keys[i] for i in rows], found.pairs, found.pair_cosine, False)
         if on_progress:
             on_progress(len(out["key"]), len(keys))
-    visits = np.asarray(bucket.get("visits", []), dtype=np.int32).reshape(len(keys), crosscluster.BACK_FACTOR * probes(spec))
+    visits = np.asarray(bucket.get("visits", []), dtype=np.int32).reshape(len(keys), crosscluster.back_clusters(probes(spec)))
     across = cross_edges(spec, plan, group, store, folder, job_id, (keys, clusters, unit, visits), edges)
     shard = plan.phase_range("pairs")[group]
     parts = {decided_name(shard): table_bytes(out, DECIDED_SCHEMA), edges_name(shard): table_bytes(edges, EDGE_SCHEMA)}
