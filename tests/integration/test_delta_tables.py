@@ -186,3 +186,23 @@ def test_embed_vectors_load_into_lancedb_and_faiss_in_one_step_and_join_back_by_
     index_rows = rows_by_key(DeltaTable(table_uri(normalize_uri(output))).to_pyarrow_table().to_pylist())
     joined = [index_rows[hit["key"]] for hit in hits]  # every match is a row of the job's index table
     assert all(row["error"] is None for row in joined)
+
+
+def test_rows_of_a_type_delta_cannot_hold_publish_without_a_commit(tmp_path, caplog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.commits import PartEntry
+
+    folder = tmp_path / "out" / "_jobs" / "job-1"
+    folder.mkdir(parents=True)
+    table = pa.table({"key": ["a"], "error": pa.array([None], pa.string()),
+                      "input_half": pa.array(np.array([1.5], dtype=np.float16))})  # a float16 kept column
+    pq.write_table(table, folder / "part-00000.parquet")
+    entry = PartEntry.of((folder / "part-00000.parquet").read_bytes())
+    record = {"job_id": "job-1", "kind": "classify", "job_dir": "_jobs/job-1", "finished_at": 1.0,
+              "parts": [{"name": "_jobs/job-1/part-00000.parquet", "sha256": entry.sha256, "bytes": entry.bytes,
+                         "rows": 1}]}
+    assert commit_job(normalize_uri(str(tmp_path / "out")), record, ObjectStore(Settings())) is None
+    assert not (tmp_path / "out" / "_delta_log").exists()
+    assert "Delta cannot hold" in caplog.text
