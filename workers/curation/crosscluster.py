@@ -72,8 +72,9 @@ def cross_pairs(resident: np.ndarray, resident_visits: np.ndarray, visitor: np.n
             continue
         sims = visitor[theirs] @ resident[mine].T
         a, b = np.nonzero(sims >= threshold)
-        pairs.append(np.stack([theirs[a], mine[b]], axis=1).astype(np.int64))
-        cosines.append(sims[a, b].astype(np.float32))
+        if len(a):  # most pairs of clusters hold none: skip the bookkeeping
+            pairs.append(np.stack([theirs[a], mine[b]], axis=1).astype(np.int64))
+            cosines.append(sims[a, b].astype(np.float32))
     return CrossPairs(np.concatenate(pairs), np.concatenate(cosines))
 
 
