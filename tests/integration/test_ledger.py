@@ -234,3 +234,16 @@ def test_only_the_commit_that_settles_the_last_shard_says_so_in_any_order(ctx, t
     assert commit(4) is False
     assert commit(0) is True
     assert ctx.ledger.all_settled(job_id)
+
+
+def test_a_commit_reads_a_few_shard_states_not_every_one(ctx, tmp_path):
+    """At 10,000 shards a commit that read every state (HVALS) cost O(shards) in Redis: the job's
+    commits O(shards²) (bench/control_plane.py). Counted by the server, not timed."""
+    job_id = time.strftime("%Y%m%d-%H%M%S-", time.gmtime()) + secrets.token_hex(3)
+    ctx.ledger.create(job_id, "{}", "classify", str(tmp_path / "out"), n_items=1000, n_shards=1000)
+    leases = [ctx.ledger.start_shard(job_id, shard) for shard in range(1, 101)]
+    ctx.ledger.r.config_resetstat()
+    assert not any(ctx.ledger.record_commit(lease, 1, 0, {}) for lease in leases)  # shard 0 is pending
+    calls = {name: int(stat["calls"]) for name, stat in ctx.ledger.r.info("commandstats").items()}
+    assert calls.get("cmdstat_hvals", 0) == 0 and calls.get("cmdstat_hgetall", 0) == 0
+    assert calls["cmdstat_hget"] <= 100 * 10  # a handful a commit, whatever the job's size
