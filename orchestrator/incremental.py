@@ -5,19 +5,46 @@ the ETag is mtime+size) and the model is unchanged (same `modelrefs.model_identi
 files of the model directory and their ETags, which cover weights and preprocessing).
 Carried rows are copied from the previous run's committed parts into
 `carried-00000.parquet`, committed with its own marker, so readers see one job.
+
+The identity a run is compared with is the one its `_job.json` recorded; `submitted_job`, the one
+builder of that record for queued and in-process jobs alike, records it for every kind that runs
+image shards, so any such output can be a later run's previous one.
 """
 
 from __future__ import annotations
 
+import json
+import time
+from typing import Any
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from orchestrator import __version__
 from orchestrator.commits import ShardMarker, table_bytes, upload_parts, write_marker
 from orchestrator.constants import CARRIED_MARKER, CARRIED_PART, JOB_SPEC_FILE
 from orchestrator.errors import OutputNotFound
+from orchestrator.jobs import JobSpec
+from orchestrator.kinds import job_kind
+from orchestrator.modelrefs import model_identity
+from orchestrator.outputs import spec_digest
 from orchestrator.planner import Plan
-from orchestrator.results import read_json, read_table, success_record
+from orchestrator.results import read_table, success_record
 from orchestrator.storage import ObjectStore, join
+from orchestrator.submitted import SubmittedJob, read_submitted
+
+
+def submitted_job(job_id: str, spec: JobSpec, plan: dict[str, Any], store: ObjectStore, *,
+                  model_alias: str | None = None, identity: str | None = None) -> SubmittedJob:
+    """The one builder of `_job.json`, queued and in-process alike. A kind that runs image shards
+    records its model's identity (computed here unless the caller has it already)."""
+    model = getattr(spec, "model", None)  # every image-shard spec has one
+    if identity is None and model is not None and job_kind(spec.kind).runs_shards:
+        identity = model_identity(model, store)
+    spec_json = spec.model_dump_json()
+    return SubmittedJob(job_id=job_id, spec_sha256=spec_digest(spec_json), spec=json.loads(spec_json), plan=plan,
+                        model_alias=model_alias, model_identity=identity, vitbatch_version=__version__,
+                        submitted_at=time.time())
 
 
 def previous_identity(previous_output: str, store: ObjectStore) -> str | None:
@@ -26,8 +53,8 @@ def previous_identity(previous_output: str, store: ObjectStore) -> str | None:
         record = success_record(previous_output, store)
     except OutputNotFound:
         return None
-    job_record = read_json(store, join(previous_output, record["job_dir"], JOB_SPEC_FILE)) or {}
-    return job_record.get("model_identity")
+    submitted = read_submitted(store, join(previous_output, record["job_dir"], JOB_SPEC_FILE))
+    return submitted.model_identity if submitted is not None else None
 
 
 def carry_over(job_plan: Plan, previous_output: str, folder: str, identity: str, store: ObjectStore,

@@ -28,6 +28,7 @@ from orchestrator.kinds import job_kind
 from orchestrator.outputs import job_dir, spec_digest
 from orchestrator.results import prefix_holder, read_json
 from orchestrator.storage import ObjectStore, join
+from orchestrator.submitted import SubmittedJob, read_submitted
 
 
 @dataclass(frozen=True)
@@ -48,19 +49,19 @@ def recover(client, output: str, job_id: str | None = None) -> Recovered:
     store, ledger = client.store, client.ledger
     job_id = job_id or _holder(output, store)
     record = _job_record(output, job_id, store)
-    spec = parse_spec(record["spec"])
+    spec = parse_spec(record.spec)
     spec_json = spec.model_dump_json()
-    if spec_digest(spec_json) != record.get("spec_sha256"):
+    if spec_digest(spec_json) != record.spec_sha256:
         raise SpecError(f"job {job_id}'s _job.json does not match its spec digest: not recovered")
     if not job_kind(spec.kind).runs_shards:  # only image shards are planned into manifests at submit
         raise SpecError(f"job {job_id} is a {spec.kind} job: recover rebuilds classify, embed and attention "
                         f"jobs; submit it again with --overwrite")
     _check_lost(client, job_id, spec.output)
-    n_shards = int(record["plan"]["shards"])
+    n_shards = record.shards
     markers = _markers(store, job_dir(spec.output, job_id), job_id, n_shards)
     ledger.hold_output(spec.output, job_id)
-    ledger.restore(job_id, spec_json, spec.kind, spec.output, int(record["plan"]["items"]), n_shards,
-                   carried=int(record["plan"].get("carried", 0)), created_at=float(record["submitted_at"]),
+    ledger.restore(job_id, spec_json, spec.kind, spec.output, record.items, n_shards,
+                   carried=record.carried, created_at=record.submitted_at,
                    committed={i: (m.rows, m.errors, m.stats) for i, m in markers.items()},
                    lease_floor=int(time.time()))
     pending = [i for i in range(n_shards) if i not in markers]
@@ -68,19 +69,19 @@ def recover(client, output: str, job_id: str | None = None) -> Recovered:
         client.enqueue(job_id, pending, spec.kind, client.queue_for(spec, n_shards))
     else:  # every shard had committed: only the publication was lost
         finalize(job_id, ledger, store)
-    return Recovered(job_id, spec.kind, spec.output, sorted(markers), pending, int(record["plan"].get("carried", 0)))
+    return Recovered(job_id, spec.kind, spec.output, sorted(markers), pending, record.carried)
 
 
 def _holder(output: str, store: ObjectStore) -> str:
     record = prefix_holder(output, store)
-    if record is None or "job_id" not in record:
+    if record is None or not record.job_id:
         raise SpecError(f"no {JOB_SPEC_FILE} at {output}: nothing was submitted there (check the output prefix)")
-    return str(record["job_id"])
+    return record.job_id
 
 
-def _job_record(output: str, job_id: str, store: ObjectStore) -> dict:
-    record = read_json(store, join(job_dir(output, job_id), JOB_SPEC_FILE))
-    if record is None or record.get("job_id") != job_id:
+def _job_record(output: str, job_id: str, store: ObjectStore) -> SubmittedJob:
+    record = read_submitted(store, join(job_dir(output, job_id), JOB_SPEC_FILE))
+    if record is None or record.job_id != job_id:
         raise SpecError(f"no record of job {job_id} at {job_dir(output, job_id)} ({JOB_SPEC_FILE} is missing): "
                         "it cannot be recovered; submit it again with --overwrite")
     return record

@@ -26,6 +26,7 @@ from orchestrator.constants import FAILURES_FILE, JOB_SPEC_FILE, SUCCESS_FILE, V
 from orchestrator.errors import CorruptOutput, ObjectNotFound, OutputNotFound
 from orchestrator.outputs import job_dir
 from orchestrator.storage import ObjectStore, join, normalize_uri
+from orchestrator.submitted import SubmittedJob, read_submitted
 
 # -- records ---------------------------------------------------------------------------------
 
@@ -38,9 +39,9 @@ def read_json(store: ObjectStore, uri: str) -> dict | None:
         return None
 
 
-def prefix_holder(output: str, store: ObjectStore) -> dict | None:
+def prefix_holder(output: str, store: ObjectStore) -> SubmittedJob | None:
     """The record of the job that last took the prefix (`_job.json`), if any."""
-    return read_json(store, join(output, JOB_SPEC_FILE))
+    return read_submitted(store, join(output, JOB_SPEC_FILE))
 
 
 def success_record(output: str, store: ObjectStore, job_id: str | None = None) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -11,7 +10,6 @@ from dataclasses import dataclass
 
 from celery import Celery
 
-from orchestrator import __version__
 from orchestrator.celery_app import make_app
 from orchestrator.checks.models import check_export, check_model_options
 from orchestrator.checks.outputs import check_prefix_free
@@ -25,7 +23,7 @@ from orchestrator.constants import (
 from orchestrator.enqueue import send_units
 from orchestrator.errors import BrokerUnavailable, ObjectExists, OutputBusy, SpecError
 from orchestrator.finalize import finalize
-from orchestrator.incremental import carry_over
+from orchestrator.incremental import carry_over, submitted_job
 from orchestrator.jobs import (
     DedupSpec,
     EvaluateSpec,
@@ -40,7 +38,7 @@ from orchestrator.kinds import job_kind
 from orchestrator.ledger import JobState, JobStatus, Ledger, ShardState
 from orchestrator.manifest import write_manifests
 from orchestrator.modelrefs import model_identity, read_config, resolve_alias
-from orchestrator.outputs import job_dir, new_job_id, spec_digest
+from orchestrator.outputs import job_dir, new_job_id
 from orchestrator.planner import Plan, plan_job
 from orchestrator.redisretry import ride_out
 from orchestrator.results import read_json
@@ -141,10 +139,8 @@ class Client:
             write_manifests(job_plan, folder, self.store)
             summary, n_units = {**job_plan.summary(), "carried": carried}, job_plan.n_shards
         spec_json = spec.model_dump_json()
-        record = json.dumps({
-            "job_id": job_id, "spec_sha256": spec_digest(spec_json), "spec": json.loads(spec_json),
-            "plan": summary, **extra, "vitbatch_version": __version__, "submitted_at": time.time(),
-        }, indent=2).encode()
+        record = submitted_job(job_id, spec, summary, self.store, model_alias=extra.get("model_alias"),
+                               identity=extra.get("model_identity")).to_bytes()
         self.store.write(join(folder, JOB_SPEC_FILE), record)
         self._take_prefix_record(spec.output, record)
         self.ledger.create(job_id, spec_json, spec.kind, spec.output, summary["items"], n_units,

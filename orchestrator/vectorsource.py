@@ -19,8 +19,9 @@ import pyarrow.parquet as pq
 from orchestrator.constants import JOB_SPEC_FILE, JOBS_DIR
 from orchestrator.errors import OutputNotFound, SpecError
 from orchestrator.outputs import job_dir
-from orchestrator.results import array_parts, read_array_part, read_json, read_part, success_record
+from orchestrator.results import array_parts, read_array_part, read_part, success_record
 from orchestrator.storage import ObjectStore
+from orchestrator.submitted import read_submitted
 
 _JOB_FOLDER = re.compile(rf"^(?P<output>.+)/{JOBS_DIR}/(?P<job>[^/]+)/?$")
 
@@ -78,7 +79,8 @@ def resolve_vectors(uri: str, array: str, store: ObjectStore, option: str = "--e
     if record.get("kind") != "embed":
         raise SpecError(f"{option} {uri} holds a {record.get('kind')} job, not an embed job: run "
                         f"`vitbatch run embed --pooling {array} ...` first")
-    spec = (read_json(store, f"{job_dir(output, record['job_id'])}/{JOB_SPEC_FILE}") or {}).get("spec", {})
+    submitted = read_submitted(store, f"{job_dir(output, record['job_id'])}/{JOB_SPEC_FILE}")
+    spec = submitted.spec if submitted is not None else {}
     if spec and array not in spec.get("pooling", []):
         raise SpecError(f"{option} {uri}: the embed job stored {', '.join(spec['pooling'])}, not {array}: pass "
                         f"--pooling {spec['pooling'][0]} or embed again with --pooling {array}")

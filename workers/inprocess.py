@@ -8,32 +8,31 @@ record built by the same `JobRecord` (orchestrator/commits.py) that finalize bui
 
 from __future__ import annotations
 
-import json
 import time
 
 from orchestrator import __version__
 from orchestrator.commits import JobRecord
 from orchestrator.constants import JOB_SPEC_FILE
 from orchestrator.finalize import publish
-from orchestrator.jobs import JobSpec
+from orchestrator.incremental import submitted_job
+from orchestrator.jobs import InferenceSpec
 from orchestrator.manifest import write_manifests
-from orchestrator.outputs import job_dir, new_job_id, spec_digest
+from orchestrator.outputs import job_dir, new_job_id
 from orchestrator.planner import plan_job
 from orchestrator.storage import join, relative_key
 from workers.context import WorkerContext
 from workers.runner import run_shard
 
 
-def run_local(spec: JobSpec, ctx: WorkerContext, job_id: str | None = None) -> tuple[str, list]:
+def run_local(spec: InferenceSpec, ctx: WorkerContext, job_id: str | None = None) -> tuple[str, list]:
     """Run every shard of `spec` here and publish the job; returns its id and commit markers."""
     job_id = job_id or new_job_id()
     started = time.time()
     folder = job_dir(spec.output, job_id)
     job_plan = plan_job(spec, ctx.store)
-    spec_json = spec.model_dump_json()
-    fields = {"job_id": job_id, "spec_sha256": spec_digest(spec_json)}
-    job_record = json.dumps({**fields, "spec": json.loads(spec_json), "plan": {**job_plan.summary(), "carried": 0},
-                             "vitbatch_version": __version__, "submitted_at": started}, indent=2).encode()
+    submitted = submitted_job(job_id, spec, {**job_plan.summary(), "carried": 0}, ctx.store)
+    fields = {"job_id": job_id, "spec_sha256": submitted.spec_sha256}
+    job_record = submitted.to_bytes()  # the queued path's record, built by the same function
     ctx.store.write(join(folder, JOB_SPEC_FILE), job_record)
     ctx.store.write(join(spec.output, JOB_SPEC_FILE), job_record)
     write_manifests(job_plan, folder, ctx.store)
@@ -46,5 +45,5 @@ def run_local(spec: JobSpec, ctx: WorkerContext, job_id: str | None = None) -> t
         markers=markers, items=rows, processed=rows, errors=sum(m.errors for m in markers), shards=len(markers),
         failed_shards={}, carried=0, wall_s=finished - started, finished_at=finished, version=__version__,
     )
-    publish(ctx.store, spec.output, record.to_json(), True, json.loads(spec_json))
+    publish(ctx.store, spec.output, record.to_json(), True, submitted.spec)
     return job_id, markers

@@ -68,8 +68,8 @@ def check_prefix_free(spec: JobSpec, store: ObjectStore, overwrite: bool) -> Non
         return
     holder = prefix_holder(spec.output, store)
     if holder is not None:
-        raise SpecError(f"{spec.output} already holds job {holder.get('job_id', '?')}: pass --overwrite to replace "
-                        f"it, `vitbatch retry {holder.get('job_id', 'JOB')}` to finish it, or choose a new output")
+        raise SpecError(f"{spec.output} already holds job {holder.job_id or '?'}: pass --overwrite to replace "
+                        f"it, `vitbatch retry {holder.job_id or 'JOB'}` to finish it, or choose a new output")
     for name in (SUCCESS_FILE, MODEL_CONFIG_FILE):
         if store.exists(join(spec.output, name)):
             raise SpecError(f"{spec.output} already holds a finished job or model ({name}); choose a new output "

@@ -158,6 +158,23 @@ def test_nightly_runs_recompute_only_changed_images_until_the_model_changes(
     workers.stop("nightly")
 
 
+def test_an_in_process_classify_output_carries_over_into_a_queued_incremental_run(client, images, keys, tiny_model,
+                                                                                  tmp_path):
+    from workers.context import WorkerContext
+    from workers.inprocess import run_local
+
+    job = {"kind": "classify", "input": str(images), "model": str(tiny_model), "shard_size": 64, "device": "cpu"}
+    spec = parse_spec({**job, "output": str(tmp_path / "in-process")})
+    run_local(spec, WorkerContext(client.settings))
+    nightly = parse_spec({**job, "output": str(tmp_path / "queued")})
+    job_id, summary = client.submit(nightly, previous_output=spec.output)  # what a nightly run submits
+    assert summary["carried"] == len(keys)  # same images, same model: nothing left to compute
+    assert client.wait(job_id, timeout_s=120).state.value == "succeeded"
+    rows = {r["key"]: r for r in _assert_exactly_once(client, nightly.output, keys)}
+    before = {r["key"]: r for r in read_table(spec.output, client.store).to_pylist()}
+    assert {k: r["label_id"] for k, r in rows.items()} == {k: r["label_id"] for k, r in before.items()}
+
+
 def test_small_jobs_take_the_interactive_lane_ahead_of_bulk(client, images, tiny_model, tmp_path):
     from orchestrator.constants import QUEUE_DEFAULT, QUEUE_INTERACTIVE
 
