@@ -26,6 +26,7 @@ import json
 import logging
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import pyarrow as pa
 
@@ -57,8 +58,11 @@ def app_id(job_id: str) -> str:
 
 
 def table_uri(output: str) -> str:
-    """What deltalake opens: a local folder as a plain path (file:// URIs here are percent-quoted)."""
-    return str(local_path(output)) if output.startswith("file://") else output.rstrip("/")
+    """What deltalake opens: a local folder as a plain path; an s3:// prefix percent-encoded, since
+    deltalake parses it as a URL (an S3 key's `#`, `?` or space would end or bend the path)."""
+    if output.startswith("file://"):
+        return str(local_path(output))
+    return quote(output.rstrip("/"), safe="/:")
 
 
 def storage_options(settings: Settings, output: str) -> dict[str, str] | None:

@@ -126,7 +126,9 @@ def test_outputs_hold_job_spec_manifests_markers_and_success(finished_job, clien
     assert {f"{folder}part-{i:05d}.parquet" for i in range(n_shards)} <= keys
     assert {f"{folder}_commits/part-{i:05d}.json" for i in range(n_shards)} <= keys
     assert {f"{folder}_manifests/shard-{i:05d}.jsonl" for i in range(n_shards)} <= keys
-    assert all(key.startswith(("_jobs/", "_SUCCESS", "_job.json")) for key in keys)  # nothing loose at the prefix
+    assert all(key.startswith(("_jobs/", "_SUCCESS", "_job.json", "_delta_log/", "_report.html"))
+               for key in keys)  # nothing loose at the prefix
+    assert "_report.html" in keys and "_delta_log/00000000000000000000.json" in keys, "the table and the page"
     success = json.loads(s3.get_object(Bucket=bucket, Key=prefix + SUCCESS_FILE)["Body"].read())
     assert success["job_id"] == job_id and success["job_dir"] == folder.rstrip("/")
     listed = {part["name"]: part for part in success["parts"]}
