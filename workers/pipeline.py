@@ -37,6 +37,8 @@ from workers.stagetimes import StageTimes
 
 log = logging.getLogger(__name__)
 
+KEPT_IMAGE_SIDE = 1024  # the longest side of a decoded image kept for the head (attention overlays draw at 512)
+
 
 @dataclass
 class Decoded:
@@ -104,9 +106,12 @@ class DecodePath:
         if keep_image or self.block is None:
             try:
                 image = self.decoder.image(data)
-                return Decoded(index, item, pixels=self.decoder.resize(image), image=image if keep_image else None)
+                pixels = self.decoder.resize(image)
             except BadImage as e:
                 return Failed(index, item, e.reason)
+            if keep_image:  # for an overlay (512 px at most): a full-scale photo would hold 36 MB per item
+                image.thumbnail((KEPT_IMAGE_SIDE, KEPT_IMAGE_SIDE))
+            return Decoded(index, item, pixels=pixels, image=image if keep_image else None)
         if (self.device_jpegs and not self.block.pool.has_idle_process()
                 and device_decodable(data, self.decoder.max_pixels)):
             return Decoded(index, item, raw=data)
