@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from workers.decode.preprocess import (
+    Decoder,
     Preprocess,
     crop_offset,
     resize_image,
@@ -191,3 +192,15 @@ def test_the_device_resize_crops_where_the_host_does(rounding):
     expected_left = 21 if rounding == "floor" else 22
     assert np.array_equal(on_device, resize_image(img, p).astype(np.float32))
     assert np.array_equal(on_device, np.asarray(img)[2:34, expected_left:expected_left + 32].astype(np.float32))
+
+
+def test_a_decoder_decodes_jpegs_at_full_scale_unless_fast():
+    """PIL's draft would decode this 1000x800 JPEG at half scale for a 224 input: only `fast` lets it."""
+    import io
+
+    buffer = io.BytesIO()
+    photo(1000, 800).save(buffer, "JPEG", quality=90)
+    p = prep((224, 224), Image.BILINEAR)
+    assert Decoder(p, 10**8).image(buffer.getvalue()).size == (1000, 800)
+    assert Decoder(p, 10**8, fast=True).image(buffer.getvalue()).size == (500, 400)
+    assert (Decoder(p, 10**8).provenance, Decoder(p, 10**8, fast=True).provenance) == ("", " jpeg-fast")
