@@ -3,6 +3,7 @@ workers and no model.
 
     python -m bench.control_plane [--shards 10000] [--tar-images 1000] [--processes 4] [--threads 50]
         [--work-s 0] [--manifest-keys 100000] [--nightly-runs 100] [--nightly-shards 20] [--fsync always]
+        [--flower]
     python -m bench.control_plane --ledger-only [--shards 10000] [--threads 64]
 
 The big job is a webdataset job over a brace range of `--shards` tars (`.../{00000..09999}.tar`):
@@ -19,6 +20,8 @@ at saturation, Redis memory per job (INFO memory, MEMORY USAGE of the job's keys
 commit, `status` / fleet exporter latency while the job runs, how long `wait` takes to see
 the end, then `--nightly-runs` small jobs into one output prefix (the same input every night)
 with a short VITBATCH_JOB_TTL_S: key count and memory after each, which must stay flat.
+`--flower` runs Flower (as `vitbatch flower` does) on the events and measures, after the job, the
+tasks it holds, its memory and CPU, and how long its task API, task page and /metrics take.
 `--ledger-only` drives the ledger's Lua scripts from threads (grant, progress, commit), no
 Celery and no store: the ceiling of Redis and the scripts alone.
 """
@@ -121,6 +124,58 @@ def stop(procs: list[subprocess.Popen]) -> None:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def start_flower(settings, log_dir: Path) -> tuple[subprocess.Popen, str]:
+    """Flower as `vitbatch flower` runs it (orchestrator.flowerauth, basic auth), reading the events."""
+    from orchestrator.processes import flower_command, flower_env, free_port, settings_env
+
+    port = free_port()
+    env = {**settings_env(settings), **flower_env(settings.broker_url or "", "bench", "bench-flower"),
+           "PYTHONPATH": str(ROOT)}
+    log = open(log_dir / "flower.log", "wb")
+    proc = subprocess.Popen(flower_command(port), env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def flower_get(url: str, timeout_s: float = 120) -> tuple[float, bytes]:
+    import base64
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"Authorization": "Basic " + base64.b64encode(b"bench:bench-flower").decode()})
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        body = response.read()
+    return time.perf_counter() - t0, body
+
+
+def wait_for_flower(base: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            flower_get(f"{base}/healthcheck", 5)
+            return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"Flower did not answer at {base} within {timeout_s} s")
+
+
+def flower_figures(proc: subprocess.Popen, base: str) -> dict:
+    """What Flower holds and how fast it answers once the job's 10,000 tasks have passed through it."""
+    import json
+
+    import psutil
+
+    time.sleep(5)  # the last events reach it
+    tasks_s, body = flower_get(f"{base}/api/tasks")
+    page_s, _ = flower_get(f"{base}/tasks/datatable?draw=1&start=0&length=15&search%5Bvalue%5D=&order%5B0%5D%5Bcolumn%5D=0"
+                           "&order%5B0%5D%5Bdir%5D=desc&columns%5B0%5D%5Bdata%5D=name")
+    metrics_s, _ = flower_get(f"{base}/metrics")
+    return {"flower_tasks_known": len(json.loads(body)), "flower_api_tasks_s": round(tasks_s, 2),
+            "flower_api_tasks_mb": round(len(body) / 1e6, 1), "flower_task_page_s": round(page_s, 2),
+            "flower_metrics_s": round(metrics_s, 2),
+            "flower_rss_mb": round(psutil.Process(proc.pid).memory_info().rss / 1e6), "flower_cpu_s": round(cpu_s(proc.pid), 1)}
 
 
 # -- Redis figures ----------------------------------------------------------------------------
@@ -363,6 +418,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fsync", choices=("always", "everysec", "no"), default="always",
                         help="valkey's appendfsync (the embedded stack and the tests: always; compose: everysec)")
     parser.add_argument("--ledger-only", action="store_true")
+    parser.add_argument("--flower", action="store_true", help="run Flower on the events and measure it after the big job")
     return parser.parse_args()
 
 
@@ -389,9 +445,16 @@ def main() -> None:
             figures.update(submitted)
             log_dir = bench_dir() / "control-plane-logs"  # kept: a worker that failed to start says why there
             log_dir.mkdir(parents=True, exist_ok=True)
-            procs = start_workers(settings, args, log_dir)
-            wait_for_workers(client.app, procs, log_dir)
-            figures.update(run_big_job(client, job_id, server.pid, [p.pid for p in procs], args))
+            if args.flower:  # its CPU is reported apart, not in the workers' per commit
+                flower, flower_url = start_flower(settings, log_dir)
+                procs.append(flower)
+                wait_for_flower(flower_url)
+            workers = start_workers(settings, args, log_dir)
+            procs += workers
+            wait_for_workers(client.app, workers, log_dir)
+            figures.update(run_big_job(client, job_id, server.pid, [p.pid for p in workers], args))
+            if args.flower:
+                figures.update(flower_figures(flower, flower_url))
             if args.manifest_keys:
                 figures.update(submit_manifest(client, root, args.manifest_keys, model))
             if args.nightly_runs:
