@@ -402,10 +402,9 @@ class World:
     def output(self, name: str) -> str:
         return f"s3://{self.bucket}/out/{name}-{secrets.token_hex(3)}/"
 
-    def submit(self, output: str, *options: str, folder: str = "") -> str:
-        """A classify job over the inputs (or only those under `folder`, e.g. "3/": a tiny job)."""
+    def submit(self, output: str, *options: str) -> str:
         return submitted_job(self.fleet.cli(
-            "submit", "classify", "--input", self.input_uri + folder, "--output", output, "--model", str(self.model),
+            "submit", "classify", "--input", self.input_uri, "--output", output, "--model", str(self.model),
             "--batch-size", "4", "--shard-size", "5", *options))
 
     def status(self, job_id: str, outage_s: float = 120):
@@ -466,6 +465,5 @@ class World:
         return len(re.findall(r"run_shard\[[0-9a-f-]+\] succeeded in [\d.]+s: \{'shard': \d+, 'rows'",
                               self.fleet.log(host).read_text(errors="replace")))
 
-    def exactly_once(self, output: str, job_id: str, folder: str = "") -> dict:
-        keys = frozenset(key.removeprefix(folder) for key in self.keys if key.startswith(folder))
-        return self.lab.call(check_exactly_once, self.client.store, output, job_id, keys)
+    def exactly_once(self, output: str, job_id: str) -> dict:
+        return self.lab.call(check_exactly_once, self.client.store, output, job_id, self.keys)
