@@ -26,6 +26,15 @@ from orchestrator.tarsamples import JSON_FIELDS, FieldError, Sample, as_text, lo
 
 
 @dataclass(frozen=True)
+class LabeledItem:
+    """One labeled image: `key` is what reports show, `uri` where to read it."""
+
+    key: str
+    uri: str
+    label: str
+
+
+@dataclass(frozen=True)
 class LabelOptions:
     """Where labels are when they are not folder names or a key,label manifest (from the spec)."""
 
@@ -59,9 +68,8 @@ def label_column(schema: pa.Schema, uri: str, requested: str | None) -> str:
                     f"{len(typed)} columns as ClassLabel)")
 
 
-def parquet_rows(key: str, info: ObjectInfo, store: ObjectStore, options: LabelOptions) -> list:
+def parquet_rows(key: str, info: ObjectInfo, store: ObjectStore, options: LabelOptions) -> list[LabeledItem]:
     """LabeledItems of one parquet file or save_to_disk Arrow stream (labels read; images not, for parquet)."""
-    from orchestrator.labels import LabeledItem
     from orchestrator.tablefiles import read_table_footer
 
     try:
@@ -81,11 +89,9 @@ def parquet_rows(key: str, info: ObjectInfo, store: ObjectStore, options: LabelO
     return items
 
 
-def tar_members(key: str, info: ObjectInfo, store: ObjectStore, options: LabelOptions, max_tar_bytes: int) -> list:
+def tar_members(key: str, info: ObjectInfo, store: ObjectStore, options: LabelOptions, max_tar_bytes: int) -> list[LabeledItem]:
     """LabeledItems of one webdataset tar: each sample (webdataset's grouping, tarsamples.py) with its image
     field and its label field; SpecError for a sample webdataset's `to_tuple(image, label)` would fail on."""
-    from orchestrator.labels import LabeledItem
-
     label = options.label_key
     try:
         data = store.read(info.uri, max_bytes=max_tar_bytes)

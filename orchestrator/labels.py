@@ -11,25 +11,15 @@ import io
 import json
 import posixpath
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from orchestrator.errors import ObjectNotFound, SpecError, UnsafeKey
-from orchestrator.labeledsources import LabelOptions, is_container_key, parquet_rows, tar_members
+from orchestrator.labeledsources import LabeledItem, LabelOptions, is_container_key, parquet_rows, tar_members
 from orchestrator.parquetinputs import is_table_key
 from orchestrator.planner import is_image_key, tars_of_range
 from orchestrator.scope import brace_range
 from orchestrator.storage import ObjectInfo, ObjectStore, join, relative_key
 
 LABEL_LIST_SUFFIXES = (".csv", ".jsonl")
-
-
-@dataclass(frozen=True)
-class LabeledItem:
-    """One labeled image: `key` is what reports show, `uri` where to read it."""
-
-    key: str
-    uri: str
-    label: str
 
 
 def load_labeled(uri: str, store: ObjectStore, options: LabelOptions | None = None) -> list[LabeledItem]:

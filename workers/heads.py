@@ -3,8 +3,8 @@
 A head is a pure `forward(pixels)` plus a collector: `collect` turns a batch's output into
 rows (and arrays), `error` records an item that never reached the model, and `parts()`
 serialises the shard. Errors arrive before their neighbours' batches, so a head keys
-everything by the item's index in the shard and sorts when the shard ends. `for_job` is the
-heads' factory: the head (and its model) one shard of a job needs.
+everything by the item's index in the shard and sorts when the shard ends. The head a shard
+needs comes from `jobheads.for_job`.
 """
 
 from __future__ import annotations
@@ -12,24 +12,18 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from orchestrator.constants import JOBS_DIR, part_name
-from orchestrator.jobs import AttentionSpec, EmbedSpec, InferenceSpec
+from orchestrator.constants import part_name
 from orchestrator.manifest import Item
-from workers import hooks
 from workers.embedparquet import vectors_part
 from workers.errors import ModelLoadError
 from workers.families import Onnx
 from workers.loaded import LoadedModel
 from workers.writers import parquet_bytes
-
-if TYPE_CHECKING:
-    from workers.context import WorkerContext
 
 CLASSIFY_SCHEMA = pa.schema([
     ("key", pa.string()), ("etag", pa.string()), ("label", pa.string()), ("label_id", pa.int32()),
@@ -282,31 +276,3 @@ class EmbedHead(ArrayHead):
             arrays = {}
         return vectors_part(self.shard, [self.rows[i]["key"] for i in good], arrays, self.parquet_vectors,
                             self.index_schema.metadata)
-
-
-def for_job(spec: InferenceSpec, shard: int, ctx: WorkerContext, job_id: str = "") -> Head:
-    """The head for shard `shard` of `spec`, over the model the spec names (from the worker's
-    cache, a real load timed in its metrics; eager attention for attention maps: SDPA returns no
-    weights). `job_id` places the overlays' paths in the job's folder."""
-    if isinstance(spec, AttentionSpec):
-        from workers.attention import AttentionHead  # attention.py builds on this module's ArrayHead
-
-        model = hooks.loaded(ctx.models.get, spec.model, spec.device, spec.precision, attn="eager",
-                            compile=spec.compile)
-        return AttentionHead(model, shard, layers=spec.layers, heads=spec.heads, with_rollout=spec.rollout,
-                             overlay_indices=overlay_indices(spec, shard),
-                             overlay_prefix=f"{JOBS_DIR}/{job_id}/" if job_id else "")
-    model = hooks.loaded(ctx.models.get, spec.model, spec.device, spec.precision, compile=spec.compile)
-    if isinstance(spec, EmbedSpec):
-        return EmbedHead(model, shard, spec.pooling, spec.normalize, spec.parquet_vectors)
-    if spec.labels is not None:
-        return ZeroShotHead(model, shard, spec.top_k, spec.labels, spec.prompt)
-    return ClassifyHead(model, shard, spec.top_k)
-
-
-def overlay_indices(spec: AttentionSpec, shard: int) -> set[int]:
-    """The shard's items (by index in the shard) that get a PNG overlay: those among the job's
-    first `max_overlays` images, or every one when it is unset."""
-    first = shard * spec.shard_size
-    limit = spec.max_overlays if spec.max_overlays is not None else first + spec.shard_size
-    return set(range(max(0, min(spec.shard_size, limit - first))))

@@ -1,6 +1,6 @@
 """What the shard path tells whoever listens: cross-cutting concerns register at worker boot.
 
-The data path (runner.run_shard, heads.for_job) reports a shard's start and end and a model's
+The data path (runner.run_shard, jobheads.for_job) reports a shard's start and end and a model's
 load here and imports no metrics registry; the worker's Prometheus metrics
 (`workers.metrics.WorkerMetrics`) are built in the worker process at boot and registered as an
 observer, the way a task queue's Prometheus middleware is added to its broker. With nothing

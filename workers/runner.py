@@ -21,7 +21,7 @@ from orchestrator.parquetinputs import columns_of
 from orchestrator.scope import input_root, outside_input
 from orchestrator.storage import ObjectStore
 from orchestrator.tarsamples import NO_FIELDS, TarFields, fields_of
-from workers import heads, hooks
+from workers import hooks, jobheads
 from workers.compute import DeviceStage
 from workers.context import WorkerContext
 from workers.decode.parquetshards import Passthrough, expand_row_groups
@@ -163,7 +163,7 @@ def _run_shard(spec: InferenceSpec, shard: int, ctx: WorkerContext, on_progress:
     if blobs and on_found is not None:  # the job's total grows by what the tars hold
         on_found(len(items))
     items, blobs, passthrough = expand_parquet(items, blobs, spec, ctx, scope, kept, kept_rows)  # counted when planned
-    head = heads.for_job(spec, shard, ctx, (marker_fields or {}).get("job_id", job_id))
+    head = jobheads.for_job(spec, shard, ctx, (marker_fields or {}).get("job_id", job_id))
     head.passthrough = passthrough
     batch_size = spec.batch_size or default_batch_size(head.model.device)
     times = StageTimes()  # this shard's timer: the stages below add to it, the marker's stats report it

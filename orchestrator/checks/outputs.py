@@ -7,7 +7,7 @@ on its field); `check_prefix_free` is submit's, run before the prefix is taken.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import Protocol
 from urllib.parse import unquote
 
 from orchestrator.constants import MODEL_CONFIG_FILE, SUCCESS_FILE
@@ -15,14 +15,19 @@ from orchestrator.errors import SpecError
 from orchestrator.results import prefix_holder
 from orchestrator.storage import ObjectStore, join
 
-if TYPE_CHECKING:
-    from orchestrator.jobs import JobSpec
-
 _S3_BUCKET = re.compile(r"^[A-Za-z0-9._-]{1,255}$")  # what any S3 store takes (AWS today: stricter)
 _S3_KEY_BYTES = 1024  # S3's limit on a whole key
 _OUTPUT_ROOM = 200  # what vitbatch appends under an output prefix (_jobs/<id>/_manifests/shard-NNNNN.jsonl, ...)
 _NAME_BYTES = 255  # one file name on Linux file systems
 _LOCAL_PATH_BYTES = 4096
+
+
+class OutputSpec(Protocol):
+    """What the prefix check reads of a job spec (every kind's has it; its inputs, where it has
+    them, are read by name), so this module needs nothing of jobs.py, which uses it."""
+
+    @property
+    def output(self) -> str: ...
 
 
 def storable_output(uri: str) -> str:
@@ -56,7 +61,7 @@ def storable_output(uri: str) -> str:
 
 
 
-def check_prefix_free(spec: JobSpec, store: ObjectStore, overwrite: bool) -> None:
+def check_prefix_free(spec: OutputSpec, store: ObjectStore, overwrite: bool) -> None:
     """A used prefix (any earlier job, finished or not, or a model saved there) needs --overwrite;
     an output inside the job's input would become the next run's input."""
     inputs = [getattr(spec, name, None) for name in ("input", "train", "val")]

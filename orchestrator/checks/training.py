@@ -7,8 +7,8 @@ from collections import Counter
 from orchestrator.checks.models import check_job_fits
 from orchestrator.errors import SpecError
 from orchestrator.jobs import EvaluateSpec, FinetuneSpec
-from orchestrator.labeledsources import label_options
-from orchestrator.labels import LabeledItem, check_val_labels, class_names, load_labeled
+from orchestrator.labeledsources import LabeledItem, label_options
+from orchestrator.labels import check_val_labels, class_names, load_labeled
 from orchestrator.modelkinds import checkpoint_kind
 from orchestrator.modelrefs import is_onnx, read_config
 from orchestrator.storage import ObjectStore

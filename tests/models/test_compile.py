@@ -15,7 +15,7 @@ from orchestrator.jobs import normalize_model_ref, parse_spec
 from workers.compute import DeviceStage, first_rows
 from workers.context import WorkerContext
 from workers.decode.preprocess import Decoder
-from workers.heads import for_job
+from workers.jobheads import for_job
 from workers.stagetimes import StageTimes
 
 

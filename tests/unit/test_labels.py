@@ -9,7 +9,8 @@ import pytest
 
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
-from orchestrator.labels import LabeledItem, check_val_labels, class_names, load_labeled
+from orchestrator.labeledsources import LabeledItem
+from orchestrator.labels import check_val_labels, class_names, load_labeled
 from orchestrator.storage import ObjectStore, join, normalize_uri
 
 PNG = b"\x89PNG\r\n\x1a\n not decoded here"

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from orchestrator.errors import ObjectNotFound, ObjectTooLarge
-from orchestrator.labels import LabeledItem
+from orchestrator.labeledsources import LabeledItem
 from workers.context import WorkerContext
 from workers.decode.imaging import decode_rgb
 from workers.decode.labeledcells import ContainerReader, addressed

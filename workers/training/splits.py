@@ -6,8 +6,8 @@ import random
 from collections import defaultdict
 
 from orchestrator.jobs import FinetuneSpec
-from orchestrator.labeledsources import label_options
-from orchestrator.labels import LabeledItem, check_val_labels, class_names, load_labeled
+from orchestrator.labeledsources import LabeledItem, label_options
+from orchestrator.labels import check_val_labels, class_names, load_labeled
 from orchestrator.storage import ObjectStore
 
 
