@@ -18,7 +18,7 @@ from orchestrator.config import Settings
 from orchestrator.errors import JobNotFound, VitbatchError
 from orchestrator.jobs import parse_spec
 from orchestrator.kinds import KINDS, JobKind
-from orchestrator.ledger import JobState
+from orchestrator.states import JobState
 from orchestrator.terminal import EXIT_UNKNOWN_JOB, console, err, exit_code, report, watch
 
 

@@ -18,9 +18,10 @@ from orchestrator.constants import CARRIED_MARKER, FAILURES_FILE, SUCCESS_FILE, 
 from orchestrator.delta import commit_job, retained_jobs
 from orchestrator.errors import JobNotFound, StorageError
 from orchestrator.fencing import Publication
-from orchestrator.ledger import JobState, JobStatus, Ledger, ShardState
+from orchestrator.ledger import Ledger
 from orchestrator.outputs import job_dir, remove_superseded, spec_digest
 from orchestrator.report import write_report_quietly
+from orchestrator.states import JobState, JobStatus, ShardState
 from orchestrator.storage import ObjectStore, join, relative_key
 
 log = logging.getLogger(__name__)

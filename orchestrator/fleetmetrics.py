@@ -16,8 +16,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from orchestrator.constants import QUEUE_DEFAULT, QUEUE_INTERACTIVE, QUEUE_TRAIN, job_key
 from orchestrator.errors import JobNotFound
-from orchestrator.ledger import JobState, Ledger, ShardState
+from orchestrator.ledger import Ledger
 from orchestrator.redisretry import ride_out
+from orchestrator.states import JobState, ShardState
 
 QUEUES = (QUEUE_INTERACTIVE, QUEUE_DEFAULT, QUEUE_TRAIN)
 JOB_LABELS = ["job", "kind"]

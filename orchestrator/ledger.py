@@ -26,7 +26,7 @@ from orchestrator.config import Settings
 from orchestrator.errors import BrokerUnavailable, ConfigError, JobNotFound, StaleDelivery
 from orchestrator.fencing import Lease, Publication
 from orchestrator.redisendpoint import RedisEndpoint
-from orchestrator.states import JobState, JobStatus, ShardState  # noqa: F401  (the ledger's vocabulary)
+from orchestrator.states import JobState, JobStatus, ShardState
 
 
 def connect(endpoint: RedisEndpoint | str) -> redis.Redis:

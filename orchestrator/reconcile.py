@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from orchestrator.errors import JobNotFound
 from orchestrator.finalize import finalize
 from orchestrator.kinds import job_kind
-from orchestrator.ledger import JobState, ShardState
 from orchestrator.redisretry import RIDDEN_OUT  # the whole pass fails: callers ride it out
+from orchestrator.states import JobState, ShardState
 
 log = logging.getLogger(__name__)
 

@@ -35,13 +35,14 @@ from orchestrator.jobs import (
     normalize_model_ref,
 )
 from orchestrator.kinds import job_kind
-from orchestrator.ledger import JobState, JobStatus, Ledger, ShardState
+from orchestrator.ledger import Ledger
 from orchestrator.manifest import write_manifests
 from orchestrator.modelrefs import model_identity, read_config, resolve_alias
 from orchestrator.outputs import job_dir, new_job_id
 from orchestrator.planner import Plan, plan_job
 from orchestrator.redisretry import ride_out
 from orchestrator.results import read_json
+from orchestrator.states import JobState, JobStatus, ShardState
 from orchestrator.storage import ObjectStore, join
 from orchestrator.vectorplan import plan_vectors
 

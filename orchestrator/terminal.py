@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from orchestrator.ledger import JobState, JobStatus
+from orchestrator.states import JobState, JobStatus
 
 console = Console()
 err = Console(stderr=True)

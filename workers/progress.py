@@ -17,7 +17,7 @@ from celery import Task
 
 from orchestrator.errors import StaleDelivery
 from orchestrator.fencing import Lease
-from orchestrator.ledger import JobState
+from orchestrator.states import JobState
 from workers.context import WorkerContext
 from workers.errors import JobCancelled
 

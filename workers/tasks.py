@@ -35,8 +35,8 @@ from orchestrator.fencing import Lease
 from orchestrator.finalize import finalize
 from orchestrator.jobs import parse_spec
 from orchestrator.kinds import job_kind
-from orchestrator.ledger import JobState, ShardState
 from orchestrator.outputs import job_dir, spec_digest
+from orchestrator.states import JobState, ShardState
 from workers.celery import app
 from workers.context import WorkerContext
 from workers.cores import all_cores

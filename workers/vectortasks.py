@@ -14,8 +14,8 @@ from orchestrator.constants import TASK_VECTOR_SHARD
 from orchestrator.enqueue import send_units
 from orchestrator.errors import JobNotFound
 from orchestrator.jobs import parse_spec
-from orchestrator.ledger import ShardState
 from orchestrator.outputs import job_dir
+from orchestrator.states import ShardState
 from orchestrator.vectorplan import VectorPlan
 from workers.celery import app
 from workers.context import WorkerContext

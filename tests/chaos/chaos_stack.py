@@ -25,10 +25,10 @@ from support import ROOT, WorkerPool  # noqa: F401  (ROOT is re-exported to the 
 from orchestrator.config import Settings
 from orchestrator.constants import commit_name, shard_attempts_key, shard_done_key
 from orchestrator.jobs import parse_spec
-from orchestrator.ledger import JobStatus, ShardState
 from orchestrator.outputs import job_dir
 from orchestrator.processes import RedisServer
 from orchestrator.results import committed_parts, read_table
+from orchestrator.states import JobStatus, ShardState
 from orchestrator.storage import ObjectStore, join
 from orchestrator.submit import Client
 

@@ -12,7 +12,7 @@ import pytest
 import redis
 from chaos_stack import assert_exactly_once, explain, via
 
-from orchestrator.ledger import JobState
+from orchestrator.states import JobState
 
 pytestmark = pytest.mark.chaos
 

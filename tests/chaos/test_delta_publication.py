@@ -12,8 +12,8 @@ from deltalake import DeltaTable
 
 from orchestrator.delta import job_versions, storage_options, table_uri
 from orchestrator.finalize import finalize
-from orchestrator.ledger import JobState
 from orchestrator.results import read_table
+from orchestrator.states import JobState
 from orchestrator.storage import join
 
 pytestmark = pytest.mark.chaos

@@ -19,9 +19,9 @@ from orchestrator.constants import SUCCESS_FILE, commit_name
 from orchestrator.errors import StaleDelivery, StorageError
 from orchestrator.finalize import finalize
 from orchestrator.fleetmetrics import FleetCollector
-from orchestrator.ledger import JobState
 from orchestrator.reconcile import reconcile
 from orchestrator.results import success_record
+from orchestrator.states import JobState
 from orchestrator.storage import join
 from workers.context import WorkerContext
 from workers.tasks import lifecycle

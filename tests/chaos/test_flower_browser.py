@@ -39,8 +39,8 @@ from faulty_s3 import FaultyS3
 from orchestrator.config import Settings
 from orchestrator.constants import manifest_name
 from orchestrator.jobs import parse_spec
-from orchestrator.ledger import JobState, ShardState
 from orchestrator.outputs import job_dir
+from orchestrator.states import JobState, ShardState
 from orchestrator.storage import join
 from orchestrator.submit import Client
 

@@ -16,8 +16,8 @@ from chaos_stack import ROOT, assert_exactly_once, explain, via
 from orchestrator.constants import JOBS_DIR, SUCCESS_FILE
 from orchestrator.errors import OutputBusy, SpecError
 from orchestrator.jobs import EvaluateSpec, FinetuneSpec, parse_spec
-from orchestrator.ledger import JobState, ShardState
 from orchestrator.results import read_table, success_record
+from orchestrator.states import JobState, ShardState
 from orchestrator.storage import join
 
 pytestmark = pytest.mark.chaos

@@ -20,8 +20,8 @@ from chaos_stack import ROOT, assert_exactly_once, explain, via
 
 from orchestrator.constants import SUCCESS_FILE, job_key, job_state_channel
 from orchestrator.fleetmetrics import FleetCollector
-from orchestrator.ledger import JobState, ShardState
 from orchestrator.reconcile import reconcile
+from orchestrator.states import JobState, ShardState
 from orchestrator.storage import join
 
 pytestmark = pytest.mark.chaos

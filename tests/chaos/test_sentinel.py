@@ -17,8 +17,8 @@ from sentinels import MASTER_NAME, SentinelGroup, until
 
 from orchestrator.config import Settings
 from orchestrator.constants import job_key, shard_state_key
-from orchestrator.ledger import JobState, ShardState
 from orchestrator.processes import settings_env
+from orchestrator.states import JobState, ShardState
 from orchestrator.submit import Client
 
 pytestmark = pytest.mark.chaos

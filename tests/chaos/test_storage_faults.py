@@ -6,8 +6,8 @@ import pytest
 from chaos_stack import assert_exactly_once, explain, via
 from faulty_s3 import FAULTS, FaultyS3
 
-from orchestrator.ledger import JobState
 from orchestrator.results import read_table
+from orchestrator.states import JobState
 
 pytestmark = pytest.mark.chaos
 

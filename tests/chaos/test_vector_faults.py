@@ -13,8 +13,8 @@ from helpers_curation import clustered_vectors, write_vectors
 
 from orchestrator.constants import commit_name
 from orchestrator.jobs import parse_spec
-from orchestrator.ledger import JobState, ShardState
 from orchestrator.results import read_table, success_record
+from orchestrator.states import JobState, ShardState
 from orchestrator.storage import join
 
 pytestmark = pytest.mark.chaos

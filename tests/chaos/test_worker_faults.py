@@ -10,7 +10,7 @@ import pytest
 from chaos_stack import assert_exactly_once, explain, via
 
 from orchestrator.constants import commit_name
-from orchestrator.ledger import JobState
+from orchestrator.states import JobState
 from orchestrator.storage import join
 
 pytestmark = pytest.mark.chaos

@@ -442,7 +442,7 @@ class World:
         return self.lab.call(self._held, set(received_tasks(log) - ended_tasks(log)), job_id)
 
     def _held(self, tasks: set[str], job_id: str) -> int | None:
-        from orchestrator.ledger import ShardState
+        from orchestrator.states import ShardState
 
         r = self.client.ledger.r
         states = self.client.ledger.shard_states(job_id)

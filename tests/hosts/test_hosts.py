@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from orchestrator.ledger import JobState
+from orchestrator.states import JobState
 
 pytestmark = [pytest.mark.hosts, pytest.mark.chaos]
 

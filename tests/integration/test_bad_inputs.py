@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from orchestrator.jobs import parse_spec
-from orchestrator.ledger import JobState
 from orchestrator.processes import free_port
 from orchestrator.results import read_table
+from orchestrator.states import JobState
 
 pytestmark = pytest.mark.integration
 ODD_KEYS = ["a#1.png", "b?x=1.png", "c%2Fd.png", "e f.png", "ü-ñ.png", "#lead.png", "sub dir/f#g?.png"]

@@ -13,9 +13,10 @@ from orchestrator import constants as k
 from orchestrator.config import Settings
 from orchestrator.errors import JobNotFound, OutputBusy
 from orchestrator.jobs import parse_spec
-from orchestrator.ledger import JobState, Ledger, ShardState
+from orchestrator.ledger import Ledger
 from orchestrator.outputs import job_dir
 from orchestrator.results import success_record
+from orchestrator.states import JobState, ShardState
 from orchestrator.storage import join, normalize_uri
 from workers.context import WorkerContext
 from workers.errors import ShardFailed

@@ -8,8 +8,8 @@ import pytest
 
 from orchestrator.demo import write_digits
 from orchestrator.jobs import parse_spec
-from orchestrator.ledger import ShardState
 from orchestrator.reconcile import reconcile
+from orchestrator.states import ShardState
 
 pytestmark = pytest.mark.integration
 

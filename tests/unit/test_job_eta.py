@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from orchestrator.ledger import JobState, JobStatus
+from orchestrator.states import JobState, JobStatus
 from orchestrator.terminal import eta_text
 
 
