@@ -71,3 +71,15 @@ def test_no_module_imports_one_that_imports_it_back():
 def test_the_circle_finder_finds_a_three_module_circle_and_nothing_else():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert circles(graph) == [{"a", "b", "c"}]
+
+
+def test_the_job_states_are_imported_from_states_where_they_are_defined():
+    root = PACKAGES[0].parent
+    states = {"JobState", "JobStatus", "ShardState"}
+    through_ledger = []
+    for folder in ("orchestrator", "workers", "tests", "bench"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, ast.ImportFrom) and node.module == "orchestrator.ledger":
+                    through_ledger += [f"{path.relative_to(root)}: {a.name}" for a in node.names if a.name in states]
+    assert through_ledger == []
