@@ -133,6 +133,10 @@ def commit_job(output: str, record: dict, store: ObjectStore) -> DeltaCommit | N
     parts = row_parts(record)
     if not parts:
         return None
+    if output.startswith("file://") and "%" in str(local_path(output)):
+        log.warning("job %s: no Delta table at %s: deltalake decodes a '%%' in a local path (a folder named "
+                    "without one gets its table)", record["job_id"], output)
+        return None
     try:
         schema = Schema.from_arrow(parts_schema(output, parts, store))
     except Exception as e:  # deltalake raises a bare Exception for a type Delta cannot hold
