@@ -21,9 +21,11 @@ from collections import defaultdict
 
 from orchestrator.constants import JOB_SPEC_FILE, REPORT_FILE, VECTOR_PLAN_FILE
 from orchestrator.errors import StorageError
+from orchestrator.kinds import KINDS
 from orchestrator.reportpage import Card, Page, cards_html, groups_html, image_html, record_rows, render, table_html
 from orchestrator.results import read_json, read_table, success_record
 from orchestrator.storage import ObjectStore, join, normalize_uri
+from orchestrator.submitted import read_submitted
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,8 @@ def encode_thumbnail(image_bytes: bytes) -> str:
 
 
 def job_spec(output: str, record: dict, store: ObjectStore) -> dict:
-    return (read_json(store, join(output, record["job_dir"], JOB_SPEC_FILE)) or {}).get("spec") or {}
+    submitted = read_submitted(store, join(output, record["job_dir"], JOB_SPEC_FILE))
+    return submitted.spec if submitted is not None else {}
 
 
 def source_prefix(output: str, record: dict, spec: dict, store: ObjectStore) -> str | None:
@@ -227,7 +230,7 @@ def build_page(output: str, store: ObjectStore, seed: int = 0) -> str:
     facts = dict(record_rows(record))
     facts.update({k: spec[k] for k in ("model", "input", "embeddings", "queries") if spec.get(k)})
     page = Page(f"vitbatch {kind} job {record['job_id']}", facts)
-    if kind in ("finetune", "export"):
+    if kind in KINDS and KINDS[kind].makes_model:  # its output is a model, not rows
         return render(page)
     rows = read_table(output, store).to_pylist()
     prefix, thumbs = source_prefix(output, record, spec, store), Thumbnails(store)
