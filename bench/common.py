@@ -131,14 +131,14 @@ def run_in_process(ctx, spec) -> tuple[float, dict]:
     """
     from orchestrator.manifest import write_manifests
     from orchestrator.planner import plan
-    from workers import heads
+    from workers import jobheads
     from workers.memory import keep_freed_memory
     from workers.runner import run_shard
 
     keep_freed_memory()
 
     write_manifests(plan(spec.input, spec.shard_size, ctx.store), spec.output, ctx.store)
-    heads.for_job(spec, 0, ctx)  # loads the model into ctx's cache
+    jobheads.for_job(spec, 0, ctx)  # loads the model into ctx's cache
     start = time.perf_counter()
     marker = run_shard(spec, 0, ctx)
     return time.perf_counter() - start, marker
@@ -151,14 +151,14 @@ def run_shards_in_process(ctx, spec, in_flight: int) -> tuple[float, list[dict]]
 
     from orchestrator.manifest import write_manifests
     from orchestrator.planner import plan
-    from workers import heads
+    from workers import jobheads
     from workers.memory import keep_freed_memory
     from workers.runner import run_shard
 
     keep_freed_memory()
 
     shards = len(write_manifests(plan(spec.input, spec.shard_size, ctx.store), spec.output, ctx.store))
-    heads.for_job(spec, 0, ctx)  # loads the model into ctx's cache
+    jobheads.for_job(spec, 0, ctx)  # loads the model into ctx's cache
     start = time.perf_counter()
     with ThreadPoolExecutor(in_flight) as pool:
         markers = list(pool.map(lambda shard: run_shard(spec, shard, ctx), range(shards)))

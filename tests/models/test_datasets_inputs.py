@@ -83,7 +83,7 @@ def test_absolute_paths_outside_the_input_are_error_rows_until_image_root_names_
     assert "--image-root" in refused["train.parquet/0"]["error"]
     rows = run("classify", dataset, tmp_path / "o2", hf_model_dir, ctx, image_root=str(tmp_path / "images"))
     recorded = prefix_holder(normalize_uri(str(tmp_path / "o2")), ObjectStore(Settings()))
-    assert recorded is not None and recorded["spec"]["image_root"] == normalize_uri(str(tmp_path / "images"))
+    assert recorded is not None and recorded.spec["image_root"] == normalize_uri(str(tmp_path / "images"))
     files = run("classify", tmp_path / "images", tmp_path / "o3", hf_model_dir, ctx)
     assert_same_predictions(rows, files, {f"train.parquet/{i}": f"{i:02d}.png" for i in range(N)})
     for offset in range(len(hostile)):  # the root lets in its own folder, nothing above or beside it
