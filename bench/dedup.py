@@ -75,9 +75,9 @@ def in_clusters(unit, labels, cosine, keys, clusters, args):
     return kept, rank, np.concatenate(pairs).reshape(-1, 2), np.concatenate(pair_cosine)
 
 
-def across_clusters(unit, labels, visited, probes, eps):
+def across_clusters(unit, labels, visited, visit, eps):
     """The pairs between every cluster's rows and the rows visiting it (global row ids)."""
-    rows, slot = np.nonzero(visited[:, :probes] >= 0)
+    rows, slot = np.nonzero(visit)
     targets = visited[rows, slot]
     by_target = np.argsort(targets, kind="stable")
     bounds = np.searchsorted(targets[by_target], np.arange(labels.max() + 2))
@@ -132,14 +132,16 @@ def main() -> None:
     clusters = round(np.sqrt(args.vectors))
     sample = np.random.default_rng(args.seed).choice(args.vectors, min(args.vectors, 64 * clusters), replace=False)
     centroids = timer.run("fit", lambda: semdedup.fit_centroids(unit[np.sort(sample)], clusters, args.seed))
-    labels, cosine, visited = timer.run("assign", lambda: crosscluster.visits(unit, centroids, probes, args.eps))
+    planned = timer.run("assign", lambda: crosscluster.plan_visits(unit, centroids, probes, args.eps))
+    labels, cosine, visited = planned.home, planned.cosine, planned.others
     keys = np.char.mod("%08d", np.arange(args.vectors)).tolist()
     kept, rank, pairs, pair_cosine = timer.run("pairs", lambda: in_clusters(unit, labels, cosine, keys, clusters, args))
     removed_in_clusters = int((~kept).sum())
     figures: dict = {"vectors": args.vectors, "dim": args.dim, "rule": args.rule, "cross_clusters": probes,
                      "clusters": clusters, "largest_cluster": int(np.bincount(labels).max())}
     if args.rule == "kept":
-        cross, cross_cosine, visits = timer.run("across", lambda: across_clusters(unit, labels, visited, probes, args.eps))
+        cross, cross_cosine, visits = timer.run("across", lambda: across_clusters(unit, labels, visited, planned.visit,
+                                                                                 args.eps))
         everything = np.concatenate([pairs, cross])
         flags = np.arange(len(everything)) >= len(pairs)
         found = timer.run("resolve", lambda: crosscluster.resolve(

@@ -2,17 +2,19 @@
 faiss + scipy; no I/O, no queue).
 
 SemDeDup compares rows only inside a cluster, so two near-duplicates on either side of a
-boundary both survive. Here every row also visits its few nearest other clusters (`probes`),
-but only those that could hold a row at or above 1 - eps: for unit rows x, y with cos(x, y) >=
-1 - eps, |x - y| <= sqrt(2 eps), and a cosine with any centroid moves by at most that much, so
-y's cluster Y (nearer to y than x's own X) has cos(x, cY) >= cos(x, cX) - 2 sqrt(2 eps).
+boundary both survive. Here a row also visits a few near other clusters and meets, there, the
+rows that count its own cluster among theirs (`plan_visits`). What "near" means is a margin: a
+row's home cosine minus its cosine with the other centroid. For unit rows x (in X), y (in Y)
+with cos(x, y) >= 1 - eps, |x - y| <= sqrt(2 eps), so no row has a near-duplicate in a cluster
+farther than 2 sqrt(2 eps) (the reach), and m(x, Y) + m(y, X) = <x - y, cX - cY>: the two
+margins of a pair add up to little when its difference is not aligned with the centroids'.
+A row visits its `probes` nearest and those within VISIT_MARGIN sqrt(2 eps), and meets visitors
+from its `probes` nearest and those within BACK_MARGIN sqrt(2 eps); a pair whose margins add up
+to at most BACK_MARGIN sqrt(2 eps) is met from its smaller side, and with `probes` as large as the
+clusters every pair is.
 
-A near-duplicate pair across a boundary is near it from both sides: when x (in X) visits Y, its
-partner y counts X among its own nearest clusters too, almost always within a few more. So a row
-is sent to its `probes` nearest other clusters, and there meets only the rows that count its
-cluster among their BACK_CLUSTERS nearest (a small product per pair of clusters, not a
-cluster's rows against every visitor). A pair is missed only when neither row sends itself to the
-other's cluster, or the receiving row ranks the sender's cluster lower; every probe raises recall.
+Every pair found is a true pair above the threshold across clusters, whichever rows were
+compared to find it, so the products are batched freely (`cross_pairs`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import numpy as np
 
 from workers.curation import semdedup
 
-BACK_CLUSTERS = 16  # a row meets visitors from its this many nearest other clusters (ids only: cheap to keep)
+BACK_CLUSTERS = 12  # a row meets visitors from at most this many of its nearest other clusters (bench/RESULTS.md)
+VISIT_MARGIN = 0.125  # also visit a cluster this near, in units of sqrt(2 eps) (see `plan_visits`)
+BACK_MARGIN = 2 * VISIT_MARGIN  # meet visitors from a cluster this near, beyond the `probes` nearest
 
 
 def back_clusters(probes: int) -> int:
@@ -32,14 +36,43 @@ def back_clusters(probes: int) -> int:
     return max(probes, BACK_CLUSTERS) if probes else 0
 
 
-def visits(unit: np.ndarray, centroids: np.ndarray, probes: int, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(home cluster, its cosine, near other clusters [rows, back_clusters(probes)], nearest first, -1
-    where none) of every unit row: it visits the first `probes`, and meets visitors from all of them."""
-    nearest, cosine = semdedup.nearest_centroids(unit, centroids, 1 + back_clusters(probes))
+@dataclass(frozen=True)
+class Visits:
+    """Per unit row: its home cluster and cosine, its near other clusters ([rows, back_clusters(probes)],
+    nearest first, -1 where it meets no visitor from them) and which of them it visits (`visit`)."""
+
+    home: np.ndarray
+    cosine: np.ndarray
+    others: np.ndarray
+    visit: np.ndarray
+
+
+def plan_visits(unit: np.ndarray, centroids: np.ndarray, probes: int, eps: float) -> Visits:
+    """Which near other clusters each row visits and meets visitors from, by its margin there (the
+    home cosine minus the cosine with that centroid).
+
+    For a pair x (in X), y (in Y) at or above 1 - eps, m(x, Y) + m(y, X) = <x - y, cX - cY>, at most
+    sqrt(2 eps) |cX - cY|; for a near-duplicate whose difference is not aligned with the centroids'
+    (noise, a re-encoding) it is a small share of that. So a row visits its `probes` nearest and
+    every cluster within VISIT_MARGIN sqrt(2 eps), and meets visitors from its `probes` nearest and
+    every cluster within BACK_MARGIN sqrt(2 eps): a pair whose margins add up to at most
+    BACK_MARGIN sqrt(2 eps) is always met from its smaller side (bench/RESULTS.md: the largest sum
+    among 11,568 planted pairs across clusters at 1,000,000 vectors was 0.21 sqrt(2 eps))."""
+    back = back_clusters(probes)
+    nearest, cosine = semdedup.nearest_centroids(unit, centroids, 1 + back)
     others = nearest[:, 1:].copy()
-    reach = cosine[:, :1] - 2 * math.sqrt(2 * eps)  # no near-duplicate of the row is in a farther cluster
-    others[cosine[:, 1:] < reach] = -1
-    return nearest[:, 0], cosine[:, 0], others
+    margin = cosine[:, :1] - cosine[:, 1:]
+    step = math.sqrt(2 * eps)
+    first = np.arange(back)[None, :] < probes
+    others[(margin > 2 * step) | (~first & (margin > BACK_MARGIN * step))] = -1  # no near-duplicate farther out
+    visit = (others >= 0) & (first | (margin <= VISIT_MARGIN * step))
+    return Visits(nearest[:, 0], cosine[:, 0], others, visit)
+
+
+def visits(unit: np.ndarray, centroids: np.ndarray, probes: int, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(home cluster, its cosine, near other clusters) of every unit row (see `plan_visits`)."""
+    found = plan_visits(unit, centroids, probes, eps)
+    return found.home, found.cosine, found.others
 
 
 @dataclass(frozen=True)
@@ -50,32 +83,72 @@ class CrossPairs:
     cosine: np.ndarray
 
 
-def by_value(values: np.ndarray) -> dict[int, np.ndarray]:
-    """Row indices of a [rows, k] array of cluster ids, per id (-1 left out)."""
-    rows, _ = np.nonzero(values >= 0)
-    ids = values[values >= 0]
-    order = np.argsort(ids, kind="stable")
-    split = np.flatnonzero(np.diff(ids[order])) + 1
-    return {int(ids[order[g[0]]]): rows[order[g]] for g in np.split(np.arange(len(order)), split) if len(g)}
-
-
 def cross_pairs(resident: np.ndarray, resident_visits: np.ndarray, visitor: np.ndarray, visitor_home: np.ndarray,
                 eps: float) -> CrossPairs:
     """The pairs at or above 1 - eps between one cluster's visitors (unit rows from other clusters,
-    `visitor_home`) and its own rows that visit those clusters back (`resident_visits`: [rows, probes])."""
-    threshold = np.float32(1.0 - eps)
-    back = by_value(resident_visits)
+    `visitor_home`) and its own rows that meet visitors from those clusters (`resident_visits`:
+    [rows, k] cluster ids, -1 for none).
+
+    A cluster has hundreds of home clusters among its visitors, with a few visitors and residents
+    each: one product per home would cost a Python call per few hundred sums. So the blocks are
+    padded to a few sizes (`padded`) and computed as one batched product per block shape."""
+    rows, slots = np.nonzero(resident_visits >= 0)
+    back = resident_visits[rows, slots]
+    by_back = np.argsort(back, kind="stable")
+    back, rows = back[by_back], rows[by_back]
+    by_home = np.argsort(visitor_home, kind="stable")
+    homes, starts, counts = np.unique(visitor_home[by_home], return_index=True, return_counts=True)
+    low, high = np.searchsorted(back, homes, "left"), np.searchsorted(back, homes, "right")
+    met = np.flatnonzero(high > low)
+    blocks = Blocks(starts[met], counts[met], low[met], high[met] - low[met])
     pairs, cosines = [np.zeros((0, 2), np.int64)], [np.zeros(0, np.float32)]
-    for home, theirs in by_value(visitor_home[:, None]).items():
-        mine = back.get(home)
-        if mine is None:
-            continue
-        sims = visitor[theirs] @ resident[mine].T
-        a, b = np.nonzero(sims >= threshold)
-        if len(a):  # most pairs of clusters hold none: skip the bookkeeping
-            pairs.append(np.stack([theirs[a], mine[b]], axis=1).astype(np.int64))
-            cosines.append(sims[a, b].astype(np.float32))
+    shapes, shape_of = np.unique(blocks.shapes(), axis=0, return_inverse=True)
+    by_shape = np.argsort(shape_of.ravel(), kind="stable")
+    bounds = np.searchsorted(shape_of.ravel()[by_shape], np.arange(len(shapes) + 1))
+    for at, shape in enumerate(shapes):
+        chosen = by_shape[bounds[at]:bounds[at + 1]]
+        found, sims = blocks.products(chosen, shape, visitor, by_home, resident, rows, np.float32(1.0 - eps))
+        pairs.append(found)
+        cosines.append(sims)
     return CrossPairs(np.concatenate(pairs), np.concatenate(cosines))
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """The (home cluster, resident cluster) blocks of one cluster's visitors: each a run of the
+    visitors sorted by home (`start`, `visitors`) and a run of its residents' ids sorted by the
+    home they meet (`low`, `residents`)."""
+
+    start: np.ndarray
+    visitors: np.ndarray
+    low: np.ndarray
+    residents: np.ndarray
+
+    def shapes(self) -> np.ndarray:
+        """[blocks, 2]: visitors and residents of each block, rounded up (`padded`)."""
+        return np.stack([padded(self.visitors), padded(self.residents)], axis=1)
+
+    def products(self, chosen: np.ndarray, shape: np.ndarray, visitor: np.ndarray, by_home: np.ndarray,
+                 resident: np.ndarray, rows: np.ndarray, threshold: np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """(visitor, resident) rows of every pair at or above `threshold` in the `chosen` blocks, all of
+        this padded `shape` (`by_home`: the visitors sorted by home), and their cosines: one batched product."""
+        width, height = int(shape[0]), int(shape[1])
+        v_real = np.arange(width)[None, :] < self.visitors[chosen, None]
+        r_real = np.arange(height)[None, :] < self.residents[chosen, None]
+        v_at = by_home[np.where(v_real, self.start[chosen, None] + np.arange(width), 0)]
+        r_at = rows[np.where(r_real, self.low[chosen, None] + np.arange(height), 0)]
+        sims = np.matmul(visitor[v_at], resident[r_at].transpose(0, 2, 1))  # [blocks, width, height]
+        block, i, j = np.nonzero(sims >= threshold)
+        real = v_real[block, i] & r_real[block, j]  # padding repeats a real row: drop its pairs
+        block, i, j = block[real], i[real], j[real]
+        return np.stack([v_at[block, i], r_at[block, j]], axis=1).astype(np.int64), sims[block, i, j]
+
+
+def padded(counts: np.ndarray) -> np.ndarray:
+    """Each count (>= 1) rounded up to the next 2^k or 1.5 * 2^k: few shapes, at most a third padding."""
+    counts = np.maximum(counts, 1).astype(np.int64)
+    power = 1 << np.floor(np.log2(counts)).astype(np.int64)
+    return np.where(counts <= power, power, np.where(counts <= power + power // 2, power + power // 2, 2 * power))
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,8 @@ def assign(spec: DedupSpec, plan: VectorPlan, part: int, store: ObjectStore, fol
     if not keys:
         return {}, {"rows": 0}
     centroids = centroids_of(store, folder, plan, job_id)
-    labels, cosine, visited = crosscluster.visits(semdedup.unit_rows(vectors), centroids, probes(spec), spec.eps)
+    found = crosscluster.plan_visits(semdedup.unit_rows(vectors), centroids, probes(spec), spec.eps)
+    labels, cosine, visited = found.home, found.cosine, found.others
     groups = labels % plan.groups
     parts = {}
     for group in np.unique(groups):
@@ -86,7 +87,7 @@ def assign(spec: DedupSpec, plan: VectorPlan, part: int, store: ObjectStore, fol
             {"key": [keys[i] for i in rows], "cluster": labels[rows], "centroid_cosine": cosine[rows],
              "visits": visited[rows].tolist()}, BUCKET_SCHEMA)
         parts[bucket_name(group, part, "npy")] = npy_bytes(vectors[rows])
-    rows, slot = np.nonzero(visited[:, :probes(spec)] >= 0)
+    rows, slot = np.nonzero(found.visit)
     targets = visited[rows, slot]
     for group in np.unique(targets % plan.groups):
         mine = np.flatnonzero(targets % plan.groups == group)
@@ -166,12 +167,21 @@ def cross_edges(spec: DedupSpec, plan: VectorPlan, group: int, store: ObjectStor
     home, target = np.asarray(visit.get("cluster", []), np.int32), np.asarray(visit.get("target", []), np.int32)
     visitors = semdedup.unit_rows(vectors)
     before = len(edges["a"])
-    for cluster in np.unique(target):
-        mine, theirs = np.flatnonzero(clusters == cluster), np.flatnonzero(target == cluster)
+    residents, visiting = by_cluster(clusters), by_cluster(target)
+    for cluster, theirs in visiting.items():
+        mine = residents.get(cluster, np.zeros(0, np.int64))
         found = crosscluster.cross_pairs(unit[mine], visits[mine], visitors[theirs], home[theirs], spec.eps)
-        names = [visit["key"][i] for i in theirs] + [keys[i] for i in mine]
-        add_edges(edges, names, found.pairs + [0, len(theirs)], found.cosine, True)
+        a, b = theirs[found.pairs[:, 0]], mine[found.pairs[:, 1]]
+        names = [visit["key"][i] for i in a] + [keys[i] for i in b]  # only the rows of a pair: most rows have none
+        add_edges(edges, names, np.stack([np.arange(len(a)), len(a) + np.arange(len(b))], axis=1), found.cosine, True)
     return len(edges["a"]) - before
+
+
+def by_cluster(clusters: np.ndarray) -> dict[int, np.ndarray]:
+    """Row indices per cluster id, sorted once (not one scan of every row per cluster)."""
+    order = np.argsort(clusters, kind="stable")
+    ids, starts = np.unique(clusters[order], return_index=True)
+    return {int(c): rows for c, rows in zip(ids, np.split(order, starts[1:]))}
 
 
 def run_dedup_shard(spec: DedupSpec, plan: VectorPlan, shard: int, store: ObjectStore, job_id: str, token: int,

@@ -97,11 +97,11 @@ class EarlierMatches:
 def earlier_matches(unit: np.ndarray, rule: str = "semdedup", threshold: float = 1.0) -> EarlierMatches:
     """Best earlier match of every row of one cluster, in row blocks (NeMo's triu(X Xᵀ).max(0)).
     rule "kept": the pairs at or above `threshold` too, and the rows resolved by the kept rule."""
+    if rule == "kept":
+        return kept_rule(len(unit), *pairs_above(unit, np.float32(threshold)))
     n = len(unit)
     best = np.full(n, -np.inf, dtype=np.float32)
     where = np.full(n, -1, dtype=np.int64)
-    edges: list[tuple[np.ndarray, np.ndarray]] = []
-    limit = np.float32(threshold)
     block = max(16, min(4096, BLOCK_BYTES // max(1, 4 * n)))
     for start in range(1, n, block):
         stop = min(n, start + block)
@@ -109,22 +109,25 @@ def earlier_matches(unit: np.ndarray, rule: str = "semdedup", threshold: float =
         sims[np.arange(stop)[None, :] >= np.arange(start, stop)[:, None]] = -np.inf  # only i < j counts
         where[start:stop] = sims.argmax(axis=1)
         best[start:stop] = sims[np.arange(stop - start), where[start:stop]]
-        if rule == "kept":
-            edges.append(block_edges(sims, best[start:stop], start, limit))
-    pairs = np.concatenate([p for p, _ in edges]) if edges else np.zeros((0, 2), np.int64)
-    pair_cosine = np.concatenate([c for _, c in edges]) if edges else np.zeros(0, np.float32)
-    if rule == "kept":
-        return kept_rule(n, pairs, pair_cosine)
-    return EarlierMatches(best, where, pairs, pair_cosine)
+    return EarlierMatches(best, where, np.zeros((0, 2), np.int64), np.zeros(0, np.float32))
 
 
-def block_edges(sims: np.ndarray, best: np.ndarray, start: int, limit: np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """(earlier row, later row) of every pair of the block at or above the threshold, and its cosine;
-    sorted by the later row (only rows whose best match is above it are searched)."""
-    candidates = np.flatnonzero(best >= limit)
-    later, earlier = np.nonzero(sims[candidates] >= limit)
-    rows = candidates[later]
-    return np.stack([earlier, rows + start], axis=1).astype(np.int64), sims[rows, earlier]
+def pairs_above(unit: np.ndarray, limit: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair at or above `limit` as (earlier, later) positions, sorted by the later row, and its
+    cosine, in the row blocks of `earlier_matches`. The kept rule needs only these: no best match per
+    row, no masked triangle."""
+    n = len(unit)
+    block = max(16, min(4096, BLOCK_BYTES // max(1, 4 * n)))
+    pairs, cosines = [np.zeros((0, 2), np.int64)], [np.zeros(0, np.float32)]
+    for start in range(1, n, block):
+        stop = min(n, start + block)
+        sims = unit[start:stop] @ unit[:stop].T
+        later, earlier = np.nonzero(sims >= limit)  # row-major: sorted by the later row
+        before = earlier < later + start
+        later, earlier = later[before], earlier[before]
+        pairs.append(np.stack([earlier, later + start], axis=1).astype(np.int64))
+        cosines.append(sims[later, earlier])
+    return np.concatenate(pairs), np.concatenate(cosines)
 
 
 def kept_rule(n: int, pairs: np.ndarray, cosine: np.ndarray) -> EarlierMatches:
