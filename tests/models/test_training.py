@@ -15,18 +15,20 @@ from PIL import Image
 
 from orchestrator.config import Settings
 from orchestrator.demo import write_digits
-from orchestrator.errors import SpecError
+from orchestrator.errors import ObjectNotFound, SpecError
 from orchestrator.jobs import EvaluateSpec, FinetuneSpec, normalize_model_ref
+from orchestrator.labeledsources import LabeledItem
 from orchestrator.modelkinds import Kind
 from orchestrator.planner import plan
 from orchestrator.storage import ObjectStore, normalize_uri
 from workers.context import WorkerContext
-from workers.decode.preprocess import Decoder
+from workers.decode.preprocess import Decoder, Preprocess
 from workers.errors import TrainingDiverged
 from workers.heads import ClassifyHead
 from workers.pipeline import DecodePath
 from workers.runner import run_with
 from workers.stagetimes import StageTimes
+from workers.training.datasets import LabeledImages, transforms
 from workers.training.evaluation import evaluate
 from workers.training.finetune import finetune
 
@@ -252,3 +254,38 @@ def test_a_config_that_sets_the_labels_is_a_spec_error_saying_to_drop_them(tmp_p
     spec = FinetuneSpec(train=str(tmp_path), output=str(tmp_path / "out"), config={**TINY_VIT, "num_labels": 3})
     with pytest.raises(SpecError, match="--config may not set num_labels: the labels come from the data; drop it"):
         build_model(spec, ["a", "b"], ctx=None)
+
+
+DIGIT_PREP = Preprocess(size=(32, 32), resample=2, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def _epoch(dataset) -> list[torch.Tensor]:
+    return [dataset[i]["pixel_values"] for i in range(len(dataset))]
+
+
+def test_without_augmentation_an_image_is_read_and_decoded_once_across_epochs(digits, ctx, tmp_path):
+    """Epoch two of `--augment none` reads nothing: its files can be gone and the pixels are the same."""
+    paths = sorted(digits.rglob("*.png"))[:12]
+    for path in paths:
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    items = [LabeledItem(key=p.name, uri=normalize_uri(str(tmp_path / p.name)), label="x") for p in paths]
+    train, _ = transforms(DIGIT_PREP, "none")
+    dataset = LabeledImages(items, {"x": 0}, ctx, train)
+    first = _epoch(dataset)
+    for path in paths:
+        (tmp_path / path.name).unlink()
+    assert all(torch.equal(a, b) for a, b in zip(first, _epoch(dataset)))
+
+
+def test_random_augmentation_decodes_anew_each_epoch_and_a_full_cache_reads_again(digits, ctx, tmp_path):
+    path = sorted(digits.rglob("*.png"))[0]
+    (tmp_path / path.name).write_bytes(path.read_bytes())
+    items = [LabeledItem(key=path.name, uri=normalize_uri(str(tmp_path / path.name)), label="x")]
+    augmented, evaluate = transforms(DIGIT_PREP, "basic")
+    for dataset in (LabeledImages(items, {"x": 0}, ctx, augmented), LabeledImages(items, {"x": 0}, ctx, evaluate,
+                                                                                   cache_bytes=0)):
+        _epoch(dataset)
+        (tmp_path / path.name).rename(tmp_path / "away.png")
+        with pytest.raises(ObjectNotFound):
+            _epoch(dataset)
+        (tmp_path / "away.png").rename(tmp_path / path.name)
