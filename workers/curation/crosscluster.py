@@ -102,12 +102,14 @@ def cross_pairs(resident: np.ndarray, resident_visits: np.ndarray, visitor: np.n
     met = np.flatnonzero(high > low)
     blocks = Blocks(starts[met], counts[met], low[met], high[met] - low[met])
     pairs, cosines = [np.zeros((0, 2), np.int64)], [np.zeros(0, np.float32)]
-    shapes, shape_of = np.unique(blocks.shapes(), axis=0, return_inverse=True)
-    by_shape = np.argsort(shape_of.ravel(), kind="stable")
-    bounds = np.searchsorted(shape_of.ravel()[by_shape], np.arange(len(shapes) + 1))
-    for at, shape in enumerate(shapes):
-        chosen = by_shape[bounds[at]:bounds[at + 1]]
-        found, sims = blocks.products(chosen, shape, visitor, by_home, resident, rows, np.float32(1.0 - eps))
+    width, height = padded(blocks.visitors), padded(blocks.residents)
+    shape = width * (1 << 32) + height  # one int per block shape: a 1-d sort
+    by_shape = np.argsort(shape, kind="stable")
+    firsts = np.flatnonzero(np.diff(shape[by_shape], prepend=-1))
+    for first, stop in zip(firsts.tolist(), np.append(firsts[1:], len(shape)).tolist()):
+        chosen = by_shape[first:stop]
+        size = (int(width[chosen[0]]), int(height[chosen[0]]))
+        found, sims = blocks.products(chosen, size, visitor, by_home, resident, rows, np.float32(1.0 - eps))
         pairs.append(found)
         cosines.append(sims)
     return CrossPairs(np.concatenate(pairs), np.concatenate(cosines))
@@ -124,21 +126,20 @@ class Blocks:
     low: np.ndarray
     residents: np.ndarray
 
-    def shapes(self) -> np.ndarray:
-        """[blocks, 2]: visitors and residents of each block, rounded up (`padded`)."""
-        return np.stack([padded(self.visitors), padded(self.residents)], axis=1)
-
-    def products(self, chosen: np.ndarray, shape: np.ndarray, visitor: np.ndarray, by_home: np.ndarray,
+    def products(self, chosen: np.ndarray, shape: tuple[int, int], visitor: np.ndarray, by_home: np.ndarray,
                  resident: np.ndarray, rows: np.ndarray, threshold: np.float32) -> tuple[np.ndarray, np.ndarray]:
         """(visitor, resident) rows of every pair at or above `threshold` in the `chosen` blocks, all of
         this padded `shape` (`by_home`: the visitors sorted by home), and their cosines: one batched product."""
-        width, height = int(shape[0]), int(shape[1])
+        width, height = shape
         v_real = np.arange(width)[None, :] < self.visitors[chosen, None]
         r_real = np.arange(height)[None, :] < self.residents[chosen, None]
         v_at = by_home[np.where(v_real, self.start[chosen, None] + np.arange(width), 0)]
         r_at = rows[np.where(r_real, self.low[chosen, None] + np.arange(height), 0)]
         sims = np.matmul(visitor[v_at], resident[r_at].transpose(0, 2, 1))  # [blocks, width, height]
-        block, i, j = np.nonzero(sims >= threshold)
+        above = sims >= threshold
+        if not above.any():  # most shapes of most clusters hold no pair
+            return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
+        block, i, j = np.nonzero(above)
         real = v_real[block, i] & r_real[block, j]  # padding repeats a real row: drop its pairs
         block, i, j = block[real], i[real], j[real]
         return np.stack([v_at[block, i], r_at[block, j]], axis=1).astype(np.int64), sims[block, i, j]
