@@ -89,3 +89,33 @@ def test_a_pair_across_a_boundary_is_found_between_the_rows_that_visit_each_othe
     visits = np.array([[0, -1], [-1, -1], [2, 0]])  # the second row is near but does not visit cluster 0
     found = crosscluster.cross_pairs(resident, visits, x, np.array([0, 2]), EPS)
     assert found.pairs.tolist() == [[0, 0]] and found.cosine[0] >= np.float32(1 - EPS)
+
+
+def test_a_pair_neither_of_whose_rows_has_the_others_cluster_nearest_is_found_by_its_margins():
+    """x (home 4) and y (home 0) are near-duplicates; each has cluster 3 nearest after its own, so with
+    one probe neither visits the other's cluster by rank. x's margin to cluster 0 is within
+    VISIT_MARGIN sqrt(2 eps) and y counts cluster 4 within BACK_MARGIN: x visits 0 and meets y there."""
+    centroids = semdedup.unit_rows(np.array([[-9, 9, 4], [-3, -1, -1], [1, -3, -3], [8, -5, -3], [7, 0, 9]],
+                                            dtype=np.float32))
+    rows = semdedup.unit_rows(np.array([[4, 6, -2], [3.5, 5.5, -2]], dtype=np.float32))
+    plan = crosscluster.plan_visits(rows, centroids, 1, EPS)
+    assert plan.home.tolist() == [4, 0] and plan.others[:, 0].tolist() == [3, 3]  # by rank: cluster 3 only
+    assert plan.visit[0, plan.others[0] == 0].all() and (plan.others[1] == 4).any()
+    found = crosscluster.cross_pairs(rows[1:], plan.others[1:], rows[:1], plan.home[:1], EPS)
+    assert found.pairs.tolist() == [[0, 0]] and found.cosine[0] >= np.float32(1 - EPS)
+
+
+def test_batched_products_find_every_pair_the_blocks_hold():
+    """Many home clusters of different sizes: every (visitor, resident) pair above the threshold whose
+    resident counts the visitor's home is found, once."""
+    rng = np.random.default_rng(3)
+    resident = semdedup.unit_rows(rng.standard_normal((60, 8)).astype(np.float32))
+    visitor = semdedup.unit_rows(resident[rng.integers(0, 60, 90)] + 0.02 * rng.standard_normal((90, 8)))
+    home = rng.integers(1, 20, 90)
+    distinct = np.stack([rng.permutation(np.arange(1, 20))[:5] for _ in range(60)])  # a row's clusters differ
+    visits = np.where(rng.random((60, 5)) < 0.6, distinct, -1)
+    sims = visitor @ resident.T
+    met = (visits[None, :, :] == home[:, None, None]).any(axis=2)
+    expected = sorted(map(list, zip(*np.nonzero(met & (sims >= np.float32(1 - EPS))))))
+    found = crosscluster.cross_pairs(resident, visits, visitor, home, EPS)
+    assert len(expected) > 10 and sorted(found.pairs.tolist()) == expected
