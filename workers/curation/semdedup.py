@@ -19,6 +19,7 @@ first (pairs across the split are not compared, as pairs across first-level clus
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,15 +136,17 @@ def kept_rule(n: int, pairs: np.ndarray, cosine: np.ndarray) -> EarlierMatches:
     names the best such partner. Kept rows have no match (-inf, -1): a kept row stands for itself."""
     best = np.full(n, -np.inf, dtype=np.float32)
     where = np.full(n, -1, dtype=np.int64)
-    removed = np.zeros(n, dtype=bool)
-    bounds = np.flatnonzero(np.diff(pairs[:, 1])) + 1  # pairs come sorted by their later row
-    for span in np.split(np.arange(len(pairs)), bounds) if len(pairs) else []:
-        partners = pairs[span, 0]
-        sims = np.where(removed[partners], -np.inf, cosine[span])
-        at = int(sims.argmax())
-        if sims[at] > -np.inf:
-            row = pairs[span[0], 1]
-            removed[row], where[row], best[row] = True, partners[at], sims[at]
+    removed = bytearray(n)
+    earlier, later, sims = pairs[:, 0].tolist(), pairs[:, 1].tolist(), cosine.tolist()  # plain ints: most rows have one pair
+    at = 0
+    while at < len(later):  # pairs come sorted by their later row
+        row, chosen, top = later[at], -1, -math.inf
+        while at < len(later) and later[at] == row:
+            if not removed[earlier[at]] and sims[at] > top:  # the first best, as argmax picks
+                chosen, top = earlier[at], sims[at]
+            at += 1
+        if chosen >= 0:
+            removed[row], where[row], best[row] = 1, chosen, top
     return EarlierMatches(best, where, pairs, cosine)
 
 
