@@ -167,9 +167,9 @@ def cross_edges(spec: DedupSpec, plan: VectorPlan, group: int, store: ObjectStor
     home, target = np.asarray(visit.get("cluster", []), np.int32), np.asarray(visit.get("target", []), np.int32)
     visitors = semdedup.unit_rows(vectors)
     before = len(edges["a"])
-    residents, visiting = by_cluster(clusters), by_cluster(target)
+    resident_rows, visiting = by_cluster(clusters), by_cluster(target)
     for cluster, theirs in visiting.items():
-        mine = residents.get(cluster, np.zeros(0, np.int64))
+        mine = resident_rows.get(cluster, np.zeros(0, np.int64))
         found = crosscluster.cross_pairs(unit[mine], visits[mine], visitors[theirs], home[theirs], spec.eps)
         a, b = theirs[found.pairs[:, 0]], mine[found.pairs[:, 1]]
         names = [visit["key"][i] for i in a] + [keys[i] for i in b]  # only the rows of a pair: most rows have none
