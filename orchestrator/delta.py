@@ -90,7 +90,7 @@ def storage_options(settings: Settings, output: str) -> dict[str, str] | None:
 def row_parts(record: dict) -> list[dict]:
     """The record's row-holding parquet parts (one per shard, plus carried-over rows): what
     `read_table` reads, and so what the table holds. Array and phase files live in subfolders."""
-    return [part for part in record["parts"]
+    return [part for part in record.get("parts", [])  # a model job's record may list none
             if part["name"].endswith(".parquet") and "/" not in part["name"].split("/", 2)[2]]
 
 
