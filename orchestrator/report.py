@@ -169,7 +169,9 @@ def sample_cards(rows: list[dict], output: str, prefix: str | None, thumbs: Thum
     for row, why in pick_sample(rows, SAMPLE_ROWS, seed):
         overlay = row.get("overlay")  # attention: the overlay PNG beside the output
         uri = join(output, overlay) if overlay else source_uri(prefix, str(row["key"]))
-        image, missing = thumbs.of(uri)
+        # An error row's object could not be read or decoded: reading it again for a thumbnail would only
+        # repeat the failure (and touch an object the job was refused, a second time).
+        image, missing = (None, "no thumbnail: an error row") if row.get("error") else thumbs.of(uri)
         cards.append(Card(str(row["key"]), row_lines(row), why, image, missing, "error" if row.get("error") else ""))
     return cards
 
