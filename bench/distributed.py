@@ -24,10 +24,10 @@ def main() -> None:
     from moto.server import ThreadedMotoServer
 
     from orchestrator.config import Settings
-    from orchestrator.embedded import EmbeddedStack
-    from orchestrator.jobs import parse_spec
-    from orchestrator.processes import free_port
-    from orchestrator.submit import Client
+    from orchestrator.jobspec.jobs import parse_spec
+    from orchestrator.stack.embedded import EmbeddedStack
+    from orchestrator.stack.processes import free_port
+    from orchestrator.submission.submit import Client
     from workers.context import WorkerContext
 
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")

@@ -33,12 +33,12 @@ def _run_once(root: Path, index: int, model: Path, images: Path, workers: int) -
     env["VITBATCH_MODEL_CACHE_DIR"] = str(root / "model-cache")
     args = ["run", "classify", "--input", str(images), "--output", str(root / "out" / f"run-{index:04d}"),
             "--model", str(model), "--workers", str(workers)]
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "orchestrator.commands.cli", *args], env=env, capture_output=True,
                           text=True, stdin=subprocess.DEVNULL, timeout=600)
 
 
 def main() -> None:
-    from orchestrator.demo import write_digits
+    from orchestrator.stack.demo import write_digits
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=100)

@@ -31,7 +31,7 @@ TRAINING = {"lr": 2e-3, "batch_size": 64, "weight_decay": 0.05, "warmup_ratio": 
 
 def write_data(work: Path) -> tuple[Path, Path]:
     """(train, holdout): the demo's digits, every 10th training image left out (1,347 remain)."""
-    from orchestrator.demo import write_digits
+    from orchestrator.stack.demo import write_digits
 
     full, train, holdout = work / "full", work / "train", work / "holdout"
     if not train.exists():
@@ -77,7 +77,7 @@ def plain_trainer(train: Path, out: Path, epochs: int) -> None:
 
 
 def _vitbatch(train: Path, out: Path, epochs: int) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.cli", "run", "finetune", "--train", str(train), "--output",
+    return [sys.executable, "-m", "orchestrator.commands.cli", "run", "finetune", "--train", str(train), "--output",
             str(out), "--config", json.dumps(CONFIG), "--epochs", str(epochs), "--lr", str(TRAINING["lr"]),
             "--batch-size", str(TRAINING["batch_size"]), "--weight-decay", str(TRAINING["weight_decay"]),
             "--warmup-ratio", str(TRAINING["warmup_ratio"]), "--seed", str(TRAINING["seed"]),

@@ -65,7 +65,7 @@ def end_to_end(ctx, name: str, model_dir, image_dir, n: int, batch_size: int, de
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from orchestrator.jobs import parse_spec
+    from orchestrator.jobspec.jobs import parse_spec
 
     spec = parse_spec({"kind": "classify", "input": str(image_dir), "output": str(bench_dir() / f"out-gpu-{name}"),
                        "model": str(model_dir), "shard_size": -(-n // shards), "batch_size": batch_size,

@@ -18,7 +18,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=500)
     args = parser.parse_args()
     from orchestrator.config import Settings
-    from orchestrator.jobs import parse_spec
+    from orchestrator.jobspec.jobs import parse_spec
     from workers.context import WorkerContext
 
     root = bench_dir()

@@ -22,9 +22,9 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def run_job(image_dir: Path, n: int, model: Path, out: Path) -> float:
-    from orchestrator.embedded import EmbeddedStack
-    from orchestrator.jobs import parse_spec
-    from orchestrator.submit import Client
+    from orchestrator.jobspec.jobs import parse_spec
+    from orchestrator.stack.embedded import EmbeddedStack
+    from orchestrator.submission.submit import Client
 
     with EmbeddedStack(workers=1) as stack:
         client = Client.from_settings(stack.settings)

@@ -26,8 +26,8 @@ def _one_process(model_dir: str, batch: int, threads: int, seconds: float, start
     import torch
 
     from orchestrator.config import Settings
-    from orchestrator.modelrefs import normalize_model_ref
-    from orchestrator.storage import ObjectStore
+    from orchestrator.jobspec.modelrefs import normalize_model_ref
+    from orchestrator.store.storage import ObjectStore
     from workers import models
 
     torch.set_num_threads(threads)

@@ -33,7 +33,7 @@ from bench.common import (
 
 def export_dir(model_dir: Path, quantize: str, ctx) -> Path:
     """The model exported once (cached next to it); parity on 32 synthetic images, int8 threshold off."""
-    from orchestrator.jobs import parse_spec
+    from orchestrator.jobspec.jobs import parse_spec
     from workers.onnx.export import export
 
     dest = model_dir.parent / f"{model_dir.name}-onnx-{quantize}"
@@ -47,7 +47,7 @@ def export_dir(model_dir: Path, quantize: str, ctx) -> Path:
 def classify(model: Path, image_dir: Path, out: Path, n: int, precision: str, ctx, with_labels: bool = False):
     """(images/s, key -> (label_id, top-2 margin)) of one classify shard run as a warm worker runs it;
     with_labels adds key -> label name."""
-    from orchestrator.jobs import parse_spec
+    from orchestrator.jobspec.jobs import parse_spec
 
     spec = parse_spec({"kind": "classify", "input": str(image_dir), "output": str(out), "model": str(model),
                        "shard_size": n, "precision": precision, "top_k": 2})

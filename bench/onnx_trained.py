@@ -26,8 +26,8 @@ def main() -> None:
     import torch
 
     from orchestrator.config import Settings
-    from orchestrator.demo import DEMO_CONFIG, DEMO_TRAINING, write_digits
-    from orchestrator.jobs import parse_spec
+    from orchestrator.jobspec.jobs import parse_spec
+    from orchestrator.stack.demo import DEMO_CONFIG, DEMO_TRAINING, write_digits
     from workers.context import WorkerContext
     from workers.training.finetune import finetune
 

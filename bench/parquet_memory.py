@@ -44,7 +44,7 @@ def write_parquet(path: Path, jpegs: list[bytes], target_mb: int, row_group_mb: 
 def child(path: str, model: str, out: str) -> None:
     """Run the one shard here; print the resident set before it and its peak while it ran (MiB)."""
     from orchestrator.config import Settings
-    from orchestrator.jobs import parse_spec
+    from orchestrator.jobspec.jobs import parse_spec
     from workers.context import WorkerContext
     from workers.inprocess import run_local
     from workers.models import load

@@ -304,7 +304,7 @@ def vitbatch_command(image_dir: Path, out_dir: Path, model_dir: Path) -> list[st
 
 def run_vitbatch(image_dir: Path, model_dir: Path, out_dir: Path, work: Path) -> dict:
     from orchestrator.constants import SUCCESS_FILE
-    from orchestrator.results import read_table
+    from orchestrator.published.results import read_table
 
     env = {k: v for k, v in os.environ.items() if k not in ("VITBATCH_BROKER_URL", "VITBATCH_RESULT_BACKEND")}
     cmd = vitbatch_command(image_dir, out_dir, model_dir)
@@ -519,7 +519,7 @@ def main() -> None:
         rate = None
         if args.device == "cpu" and not args.no_model_rate:  # the ceiling every system is a share of
             from bench.model_rate import model_rate
-            from orchestrator.embedded import auto_workers
+            from orchestrator.stack.embedded import auto_workers
 
             rate = model_rate(str(model_dir), auto_workers(), [8, 16, 32, 64], seconds=6.0)
             print(f"model only ({rate['precision']}, {rate['workers']} process(es) x {rate['threads']} thread(s), ready "

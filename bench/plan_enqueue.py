@@ -21,9 +21,9 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=1000)
     args = parser.parse_args()
     from orchestrator.config import Settings
-    from orchestrator.embedded import EmbeddedStack
-    from orchestrator.jobs import parse_spec
-    from orchestrator.submit import Client
+    from orchestrator.jobspec.jobs import parse_spec
+    from orchestrator.stack.embedded import EmbeddedStack
+    from orchestrator.submission.submit import Client
 
     with tempfile.TemporaryDirectory() as tmp, EmbeddedStack(workers=0, settings=Settings()) as stack:
         root = Path(tmp)

@@ -15,7 +15,7 @@ from bench.common import bench_dir, photos_and_vit, report, run_shards_in_proces
 
 def main() -> None:
     from orchestrator.config import Settings
-    from orchestrator.jobs import parse_spec
+    from orchestrator.jobspec.jobs import parse_spec
     from workers.context import WorkerContext
 
     parser = argparse.ArgumentParser()

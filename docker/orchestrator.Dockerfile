@@ -24,7 +24,7 @@ COPY workers/ workers/
 # Versions come from pyproject's exact pins (`==`). The check fails the build if the
 # control plane ever starts pulling torch in.
 RUN pip install --no-cache-dir . \
-    && python -c "import sys, orchestrator.cli; assert 'torch' not in sys.modules, 'orchestrator imported torch'"
+    && python -c "import sys, orchestrator.commands.cli; assert 'torch' not in sys.modules, 'orchestrator imported torch'"
 
 USER 10001:10001
 

@@ -3,7 +3,7 @@
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from orchestrator.redisendpoint import RedisEndpoint
+from orchestrator.fleet.redisendpoint import RedisEndpoint
 
 
 class Settings(BaseSettings):

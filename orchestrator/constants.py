@@ -30,7 +30,7 @@ ONNX_MODEL_FILE = "model.onnx"
 EXPORT_REPORT_FILE = "export_report.json"
 VECTOR_PLAN_FILE = "_vector_plan.json"  # in a dedup/neighbors job's folder: its source parts and phases
 KEPT_MANIFEST = "kept.jsonl"  # in a dedup job's folder: the kept keys, in the embed job's input
-REPORT_FILE = "_report.html"  # at the prefix: the latest succeeded job's page (orchestrator/report.py)
+REPORT_FILE = "_report.html"  # at the prefix: the latest succeeded job's page (orchestrator/published/report.py)
 
 
 def job_key(job_id: str) -> str:

@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from support import ROOT, WorkerPool, build_tiny_vit, run_cli  # noqa: E402
 
 from orchestrator.config import Settings  # noqa: E402
-from orchestrator.processes import RedisServer, free_port, settings_env  # noqa: E402
+from orchestrator.stack.processes import RedisServer, free_port, settings_env  # noqa: E402
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
@@ -95,7 +95,7 @@ def bucket(s3) -> str:
 
 @pytest.fixture(scope="session")
 def client(settings):
-    from orchestrator.submit import Client
+    from orchestrator.submission.submit import Client
 
     return Client.from_settings(settings)
 

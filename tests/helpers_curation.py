@@ -85,11 +85,11 @@ def write_vectors(output: str, vectors: np.ndarray, part_rows: int, name: str = 
     import pyarrow.parquet as pq
 
     from orchestrator import __version__
-    from orchestrator.commits import JobRecord
     from orchestrator.config import Settings
-    from orchestrator.finalize import publish
-    from orchestrator.outputs import job_dir, new_job_id
-    from orchestrator.storage import ObjectStore, normalize_uri, relative_key
+    from orchestrator.lifecycle.commits import JobRecord
+    from orchestrator.lifecycle.finalize import publish
+    from orchestrator.published.outputs import job_dir, new_job_id
+    from orchestrator.store.storage import ObjectStore, normalize_uri, relative_key
     from workers.writers import commit_shard
 
     store, output = store or ObjectStore(Settings()), normalize_uri(output)

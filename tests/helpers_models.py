@@ -34,7 +34,7 @@ TIMM_SHORTEST_EDGE = 36  # floor(32 / 0.875), as timm's eval transform resizes
 def load_model(ref: str, **options) -> LoadedModel:
     """workers.models.load as a test's edge calls it: Settings from the environment, a store built on them."""
     from orchestrator.config import Settings
-    from orchestrator.storage import ObjectStore
+    from orchestrator.store.storage import ObjectStore
     from workers import models
 
     settings = Settings()

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.processes import ALL_QUEUES, worker_command
+from orchestrator.stack.processes import ALL_QUEUES, worker_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def build_tiny_vit(dest: Path, num_labels: int = 10, image_size: int | tuple[int
 
 def run_cli(args: list[str], env: dict[str, str], timeout_s: float = 240) -> subprocess.CompletedProcess:
     """`vitbatch ARGS` in its own process, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "orchestrator.commands.cli", *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
 
 

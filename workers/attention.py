@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 from orchestrator.constants import OVERLAYS_DIR
-from orchestrator.manifest import Item
-from orchestrator.modelkinds import Kind
+from orchestrator.inputs.manifest import Item
+from orchestrator.jobspec.modelkinds import Kind
 from workers.decode.preprocess import seen_box
 from workers.errors import ModelLoadError
 from workers.heads import INDEX_SCHEMA, ArrayHead

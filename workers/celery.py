@@ -2,8 +2,8 @@
 
 from celery.signals import celeryd_init, worker_init, worker_ready
 
-from orchestrator.celery_app import make_app
 from orchestrator.config import Settings
+from orchestrator.fleet.celery_app import make_app
 from workers.memory import keep_freed_memory, pause_collector, settle_heap
 from workers.metrics import on_worker_init
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from orchestrator.manifest import Item
+from orchestrator.inputs.manifest import Item
 from workers.decode.device import decode_batch, resize_batch
 from workers.decode.preprocess import Decoder
 from workers.errors import BadImage

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from orchestrator.config import Settings
-from orchestrator.ledger import Ledger
-from orchestrator.storage import ObjectStore
+from orchestrator.lifecycle.ledger import Ledger
+from orchestrator.store.storage import ObjectStore
 from workers.decode.pool import DecodePool
 from workers.models import ModelCache
 

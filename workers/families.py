@@ -11,7 +11,7 @@ head), not in the questions. Each adapter is bound to its module and answers:
 - `classifier` (fine-tuning trains it alone with --freeze-backbone);
 - dual encoders also `text_embeddings(prompts)` and `image_text_scores(image, text)`.
 
-A new family is one class here and one row in orchestrator/modelkinds.py.
+A new family is one class here and one row in orchestrator/jobspec/modelkinds.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.modelkinds import Kind
+from orchestrator.jobspec.modelkinds import Kind
 from workers.errors import ModelLoadError
 
 

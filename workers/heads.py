@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from orchestrator.constants import part_name
-from orchestrator.manifest import Item
+from orchestrator.inputs.manifest import Item
 from workers.embedparquet import vectors_part
 from workers.errors import ModelLoadError
 from workers.families import Onnx

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from orchestrator.commits import ShardMarker
+from orchestrator.lifecycle.commits import ShardMarker
 
 Model = TypeVar("Model")
 

@@ -3,7 +3,7 @@
 Unit tests and bench/ use it to drive the real shard path; the distributed path
 (submit -> Celery -> tasks -> finalize) writes the same job folder and the same records:
 `_job.json` in the job's folder and at the prefix, the shards' markers, and the job's
-record built by the same `JobRecord` (orchestrator/commits.py) that finalize builds.
+record built by the same `JobRecord` (orchestrator/lifecycle/commits.py) that finalize builds.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ from __future__ import annotations
 import time
 
 from orchestrator import __version__
-from orchestrator.commits import JobRecord
 from orchestrator.constants import JOB_SPEC_FILE
-from orchestrator.finalize import publish
-from orchestrator.incremental import submitted_job
-from orchestrator.jobs import InferenceSpec
-from orchestrator.manifest import write_manifests
-from orchestrator.outputs import job_dir, new_job_id
-from orchestrator.planner import plan_job
-from orchestrator.storage import join, relative_key
+from orchestrator.inputs.manifest import write_manifests
+from orchestrator.inputs.planner import plan_job
+from orchestrator.jobspec.jobs import InferenceSpec
+from orchestrator.lifecycle.commits import JobRecord
+from orchestrator.lifecycle.finalize import publish
+from orchestrator.published.outputs import job_dir, new_job_id
+from orchestrator.store.storage import join, relative_key
+from orchestrator.submission.incremental import submitted_job
 from workers.context import WorkerContext
 from workers.runner import run_shard
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from orchestrator.constants import JOBS_DIR
-from orchestrator.jobs import AttentionSpec, EmbedSpec, InferenceSpec
+from orchestrator.jobspec.jobs import AttentionSpec, EmbedSpec, InferenceSpec
 from workers import hooks
 from workers.attention import AttentionHead
 from workers.heads import ClassifyHead, EmbedHead, Head, ZeroShotHead

@@ -2,7 +2,7 @@
 
 Labels stay low-cardinality (job kind, stage, outcome, device): a worker serves many jobs over
 its life and Prometheus keeps one series per label set, so job ids and keys never appear here.
-Per-job numbers come from the fleet exporter (orchestrator/fleetmetrics.py), which reads the ledger.
+Per-job numbers come from the fleet exporter (orchestrator/fleet/fleetmetrics.py), which reads the ledger.
 One process is one GPU (`vitbatch worker --gpus` gives each its own port), so a scrape target
 is a GPU and Prometheus's `instance` label tells GPUs apart.
 
@@ -18,10 +18,10 @@ import sys
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
-from orchestrator.commits import ShardMarker
 from orchestrator.config import Settings
-from orchestrator.gpupool import listed_gpus
-from orchestrator.kinds import KINDS
+from orchestrator.jobspec.kinds import KINDS
+from orchestrator.lifecycle.commits import ShardMarker
+from orchestrator.stack.gpupool import listed_gpus
 from workers import hooks
 
 log = logging.getLogger(__name__)

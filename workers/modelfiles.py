@@ -14,8 +14,8 @@ from urllib.parse import unquote, urlparse
 
 from orchestrator.config import Settings
 from orchestrator.constants import MODEL_CONFIG_FILE
-from orchestrator.modelrefs import model_dir, model_files, model_folder
-from orchestrator.storage import ObjectStore, relative_key
+from orchestrator.jobspec.modelrefs import model_dir, model_files, model_folder
+from orchestrator.store.storage import ObjectStore, relative_key
 from workers.errors import ModelLoadError, UnsafeCheckpoint
 
 _PICKLE_PATTERNS = ("*.bin", "*.pth", "*.pt", "*.pth.tar", "*.ckpt", "*.pkl")  # torch.save / pickle checkpoints
@@ -103,7 +103,7 @@ def check_model_dir(path: Path, allow_pickle: bool = False) -> dict:
 
 
 def read_local_config(path: Path) -> dict | None:
-    """config.json of a local model directory (not orchestrator.modelrefs.read_config, which takes a reference)."""
+    """config.json of a local model directory (not orchestrator.jobspec.modelrefs.read_config, which takes a reference)."""
     try:
         return json.loads((path / MODEL_CONFIG_FILE).read_text())
     except (OSError, ValueError):

@@ -19,9 +19,9 @@ import torch
 
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
-from orchestrator.modelkinds import Checkpoint, Kind, checkpoint_kind
-from orchestrator.modelrefs import is_onnx
-from orchestrator.storage import ObjectStore
+from orchestrator.jobspec.modelkinds import Checkpoint, Kind, checkpoint_kind
+from orchestrator.jobspec.modelrefs import is_onnx
+from orchestrator.store.storage import ObjectStore
 from workers.decode.preprocess import Preprocess
 from workers.errors import ModelLoadError
 from workers.families import Family, HFBackbone, HFClassifier, HFDualEncoder, Timm
@@ -195,7 +195,7 @@ def fingerprint(module: torch.nn.Module, prep: Preprocess) -> str:
 
 def load(ref: str, device: str = "auto", precision: str = "auto", *, settings: Settings, store: ObjectStore,
          attn: str = "sdpa", compile: bool = False, allow_pickle: bool = False) -> LoadedModel:
-    """The model a reference names, loaded as what its checkpoint is (orchestrator.modelkinds).
+    """The model a reference names, loaded as what its checkpoint is (orchestrator.jobspec.modelkinds).
 
     `settings` and `store` come from the caller's edge (a worker's context, a bench script, a
     test): an s3:// model is fetched through that store into that settings' model cache."""

@@ -25,9 +25,9 @@ import torch
 from PIL import Image
 
 from orchestrator.errors import ObjectNotFound, ObjectTooLarge, ObjectUnreadable
-from orchestrator.manifest import Item
-from orchestrator.scope import outside_input
-from orchestrator.storage import ObjectStore
+from orchestrator.inputs.manifest import Item
+from orchestrator.store.scope import outside_input
+from orchestrator.store.storage import ObjectStore
 from workers.decode.device import device_decodable
 from workers.decode.pool import DecodePool, SlotBlock
 from workers.decode.preprocess import Decoder

@@ -2,7 +2,7 @@
 
 Progress goes two ways: the job ledger (totals for `vitbatch status`) and a
 `task-progress` event, which Flower shows as the task's PROGRESS result text.
-Both ledger writes carry the delivery's lease (orchestrator/fencing.py): once the
+Both ledger writes carry the delivery's lease (orchestrator/lifecycle/fencing.py): once the
 shard is handed to another delivery or the job ends, the next progress report
 raises StaleDelivery (JobCancelled for a cancel) and the shard stops at that batch.
 """
@@ -16,8 +16,8 @@ import time
 from celery import Task
 
 from orchestrator.errors import StaleDelivery
-from orchestrator.fencing import Lease
-from orchestrator.states import JobState
+from orchestrator.lifecycle.fencing import Lease
+from orchestrator.lifecycle.states import JobState
 from workers.context import WorkerContext
 from workers.errors import JobCancelled
 

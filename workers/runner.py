@@ -14,13 +14,13 @@ from typing import Protocol
 import pyarrow as pa
 import torch
 
-from orchestrator.commits import ShardMarker
-from orchestrator.jobs import InferenceSpec
-from orchestrator.manifest import Item, read_kept_columns, read_manifest
-from orchestrator.parquetinputs import columns_of
-from orchestrator.scope import input_root, outside_input
-from orchestrator.storage import ObjectStore
-from orchestrator.tarsamples import NO_FIELDS, TarFields, fields_of
+from orchestrator.inputs.manifest import Item, read_kept_columns, read_manifest
+from orchestrator.inputs.parquetinputs import columns_of
+from orchestrator.inputs.tarsamples import NO_FIELDS, TarFields, fields_of
+from orchestrator.jobspec.jobs import InferenceSpec
+from orchestrator.lifecycle.commits import ShardMarker
+from orchestrator.store.scope import input_root, outside_input
+from orchestrator.store.storage import ObjectStore
 from workers import hooks, jobheads
 from workers.compute import DeviceStage
 from workers.context import WorkerContext

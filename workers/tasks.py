@@ -4,7 +4,7 @@ Every task has the same life: skip if the job is over; if the unit's commit mark
 exists, only record it (a crash lost the ack); take the unit's lease, counting the
 delivery, and quarantine the unit after too many; run the work with a heartbeat;
 commit; settle the job. Every ledger write after the lease is fenced by it
-(orchestrator/fencing.py): a delivery that was handed on, or whose job ended, stops at
+(orchestrator/lifecycle/fencing.py): a delivery that was handed on, or whose job ended, stops at
 its next progress report and writes nothing more.
 """
 
@@ -19,7 +19,6 @@ from functools import cache
 import redis
 from celery import Task
 
-from orchestrator.commits import ShardMarker
 from orchestrator.config import Settings
 from orchestrator.constants import (
     QUEUE_TRAIN,
@@ -31,12 +30,13 @@ from orchestrator.constants import (
     TASK_SCHEDULED_RUN,
 )
 from orchestrator.errors import JobNotFound, NotRetryable, StaleDelivery
-from orchestrator.fencing import Lease
-from orchestrator.finalize import finalize
-from orchestrator.jobs import parse_spec
-from orchestrator.kinds import job_kind
-from orchestrator.outputs import job_dir, spec_digest
-from orchestrator.states import JobState, ShardState
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.jobspec.kinds import job_kind
+from orchestrator.lifecycle.commits import ShardMarker
+from orchestrator.lifecycle.fencing import Lease
+from orchestrator.lifecycle.finalize import finalize
+from orchestrator.lifecycle.states import JobState, ShardState
+from orchestrator.published.outputs import job_dir, spec_digest
 from workers.celery import app
 from workers.context import WorkerContext
 from workers.cores import all_cores
@@ -255,7 +255,7 @@ def export(self: Task, job_id: str) -> dict:
 @app.task(name=TASK_SCHEDULED_RUN, acks_late=True)
 def scheduled_run(name: str, entry: dict) -> dict:
     """Beat's nightly tick: plan incrementally and submit the run (the shards follow on the bulk lane)."""
-    from orchestrator.schedule import ScheduleEntry, start_run
-    from orchestrator.submit import Client
+    from orchestrator.submission.schedule import ScheduleEntry, start_run
+    from orchestrator.submission.submit import Client
 
     return start_run(Client.from_settings(context().settings), ScheduleEntry(**entry))

@@ -1,6 +1,6 @@
 """The Celery task of dedup and neighbors shards: the image shards' life (workers/tasks.py), plus phases.
 
-A shard runs only once the phase before it has committed (orchestrator/vectorplan.py); one
+A shard runs only once the phase before it has committed (orchestrator/inputs/vectorplan.py); one
 delivered early does nothing and stays pending. The delivery that commits the last shard of
 a phase sends the next phase. Two such deliveries at once both send it; the duplicate
 message finds the shard running (its heartbeat is fresh) or committed, and does nothing.
@@ -11,12 +11,12 @@ from __future__ import annotations
 from celery import Task
 
 from orchestrator.constants import TASK_VECTOR_SHARD
-from orchestrator.enqueue import send_units
 from orchestrator.errors import JobNotFound
-from orchestrator.jobs import parse_spec
-from orchestrator.outputs import job_dir
-from orchestrator.states import ShardState
-from orchestrator.vectorplan import VectorPlan
+from orchestrator.inputs.vectorplan import VectorPlan
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.lifecycle.states import ShardState
+from orchestrator.published.outputs import job_dir
+from orchestrator.submission.enqueue import send_units
 from workers.celery import app
 from workers.context import WorkerContext
 from workers.curation.vectorshards import run_vector_shard

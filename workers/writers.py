@@ -4,14 +4,21 @@ The marker is written last, so a marker's presence means the parts are whole. A
 redelivered shard rewrites the same keys with the same rows: exactly-once output
 on top of at-least-once delivery. A marker names its job; one of another job is
 never honoured (its folder is another job's anyway). The records themselves are
-typed in orchestrator/commits.py, which the control plane reads with the same code.
+typed in orchestrator/lifecycle/commits.py, which the control plane reads with the same code.
 """
 
 from __future__ import annotations
 
-from orchestrator.commits import PartEntry, ShardMarker, parquet_bytes, read_marker, upload_parts, write_marker
 from orchestrator.constants import commit_name
-from orchestrator.storage import ObjectStore
+from orchestrator.lifecycle.commits import (
+    PartEntry,
+    ShardMarker,
+    parquet_bytes,
+    read_marker,
+    upload_parts,
+    write_marker,
+)
+from orchestrator.store.storage import ObjectStore
 
 __all__ = ["commit_shard", "parquet_bytes", "read_commit", "upload_parts", "written_files"]
 
@@ -35,7 +42,7 @@ def read_commit(store: ObjectStore, folder: str, shard: int, job_id: str) -> Sha
 def written_files(store: ObjectStore, folder: str) -> dict[str, PartEntry]:
     """What a single-task job (finetune, evaluate) wrote into its folder, for its marker:
     not its own records (`_*`) nor resumable checkpoints."""
-    from orchestrator.modelrefs import model_files
-    from orchestrator.storage import relative_key
+    from orchestrator.jobspec.modelrefs import model_files
+    from orchestrator.store.storage import relative_key
 
     return {relative_key(folder, info.uri): PartEntry.of(store.read(info.uri)) for info in model_files(folder, store)}

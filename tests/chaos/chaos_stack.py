@@ -24,13 +24,13 @@ from support import ROOT, WorkerPool  # noqa: F401  (ROOT is re-exported to the 
 
 from orchestrator.config import Settings
 from orchestrator.constants import commit_name, shard_attempts_key, shard_done_key
-from orchestrator.jobs import parse_spec
-from orchestrator.outputs import job_dir
-from orchestrator.processes import RedisServer
-from orchestrator.results import committed_parts, read_table
-from orchestrator.states import JobStatus, ShardState
-from orchestrator.storage import ObjectStore, join
-from orchestrator.submit import Client
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.lifecycle.states import JobStatus, ShardState
+from orchestrator.published.outputs import job_dir
+from orchestrator.published.results import committed_parts, read_table
+from orchestrator.stack.processes import RedisServer
+from orchestrator.store.storage import ObjectStore, join
+from orchestrator.submission.submit import Client
 
 REDIS_DOWN = (redis.RedisError, OperationalError, ConnectionError)
 
@@ -79,7 +79,7 @@ class Stack:
 
     def cli(self, args: list[str], timeout_s: float = 120, env: dict[str, str] | None = None):
         """`vitbatch ARGS` in its own process, against this test's Redis."""
-        return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env={**self.env, **(env or {})},
+        return subprocess.run([sys.executable, "-m", "orchestrator.commands.cli", *args], env={**self.env, **(env or {})},
                               cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
 
     def folder(self, job_id: str) -> str:

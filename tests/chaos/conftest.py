@@ -16,8 +16,8 @@ from chaos_stack import ROOT, ChaosWorkers, Stack
 from faulty_s3 import FaultyS3
 
 from orchestrator.config import Settings
-from orchestrator.processes import RedisServer, settings_env
-from orchestrator.submit import Client
+from orchestrator.stack.processes import RedisServer, settings_env
+from orchestrator.submission.submit import Client
 
 BUCKET = "vitbatch-chaos"
 N_IMAGES = 160  # two 100-image shards (the last one short) at the default shard size
@@ -33,7 +33,7 @@ class Digits:
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory, s3) -> Digits:
     """Real digit PNGs (32x32) in the moto bucket, shared read-only by every chaos test."""
-    from orchestrator.demo import write_digits
+    from orchestrator.stack.demo import write_digits
 
     local = tmp_path_factory.mktemp("chaos-digits")
     write_digits(local, limit=N_IMAGES)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from orchestrator.processes import RedisServer, free_port
+from orchestrator.stack.processes import RedisServer, free_port
 
 MASTER_NAME = "vitbatch-ha"  # not kombu's "mymaster": proves VITBATCH_SENTINEL_MASTER is what is used
 DOWN_AFTER_MS = 1000  # a primary silent this long is down for a sentinel

@@ -13,7 +13,7 @@ import pytest
 import redis
 from chaos_stack import assert_exactly_once, explain, via
 
-from orchestrator.states import JobState
+from orchestrator.lifecycle.states import JobState
 
 pytestmark = pytest.mark.chaos
 
@@ -75,7 +75,7 @@ def test_redis_dropping_every_client_connection_again_and_again(stack, slow_s3, 
 
     assert killer.dropped >= 3, f"only {killer.dropped} connections dropped in {killer.rounds} rounds"
     # The worker's own sockets were among them; its clients retry through a dropped connection
-    # (orchestrator/redisendpoint.py), so the worker need not log a lost broker to have felt it.
+    # (orchestrator/fleet/redisendpoint.py), so the worker need not log a lost broker to have felt it.
     assert killer.dropped_watched >= 3, f"only {killer.dropped_watched} of the worker's connections dropped"
     assert status.state is JobState.SUCCEEDED, explain(status)
     assert worker.poll() is None, "the worker reconnected instead of dying"

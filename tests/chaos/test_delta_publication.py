@@ -10,11 +10,11 @@ import pytest
 from chaos_stack import assert_exactly_once, explain, via
 from deltalake import DeltaTable
 
-from orchestrator.delta import job_versions, storage_options, table_uri
-from orchestrator.finalize import finalize
-from orchestrator.results import read_table
-from orchestrator.states import JobState
-from orchestrator.storage import join
+from orchestrator.lifecycle.finalize import finalize
+from orchestrator.lifecycle.states import JobState
+from orchestrator.published.delta import job_versions, storage_options, table_uri
+from orchestrator.published.results import read_table
+from orchestrator.store.storage import join
 
 pytestmark = pytest.mark.chaos
 

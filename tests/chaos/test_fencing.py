@@ -17,12 +17,12 @@ import pytest
 
 from orchestrator.constants import SUCCESS_FILE, commit_name
 from orchestrator.errors import StaleDelivery, StorageError
-from orchestrator.finalize import finalize
-from orchestrator.fleetmetrics import FleetCollector
-from orchestrator.reconcile import reconcile
-from orchestrator.results import success_record
-from orchestrator.states import JobState
-from orchestrator.storage import join
+from orchestrator.fleet.fleetmetrics import FleetCollector
+from orchestrator.lifecycle.finalize import finalize
+from orchestrator.lifecycle.reconcile import reconcile
+from orchestrator.lifecycle.states import JobState
+from orchestrator.published.results import success_record
+from orchestrator.store.storage import join
 from workers.context import WorkerContext
 from workers.tasks import lifecycle
 from workers.writers import commit_shard

@@ -38,11 +38,11 @@ from faulty_s3 import FaultyS3
 
 from orchestrator.config import Settings
 from orchestrator.constants import manifest_name
-from orchestrator.jobs import parse_spec
-from orchestrator.outputs import job_dir
-from orchestrator.states import JobState, ShardState
-from orchestrator.storage import join
-from orchestrator.submit import Client
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.lifecycle.states import JobState, ShardState
+from orchestrator.published.outputs import job_dir
+from orchestrator.store.storage import join
+from orchestrator.submission.submit import Client
 
 pytestmark = pytest.mark.chaos
 
@@ -151,7 +151,7 @@ def up(s3_endpoint, tmp_path_factory):
                    VITBATCH_MAX_ATTEMPTS="2", VITBATCH_MODEL_CACHE_DIR=str(tmp_path / "model-cache"))
         log = tmp_path / "up.stderr"
         with open(log, "wb") as stderr:
-            proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "up", "--workers", "1",
+            proc = subprocess.Popen([sys.executable, "-m", "orchestrator.commands.cli", "up", "--workers", "1",
                                      "--metrics-port", "0"], env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
         stack = Up(proc, env, log, proxy)
@@ -360,7 +360,7 @@ def test_task_list_shows_the_running_shard_with_its_progress(scene):
             f"Flower's task list, as `vitbatch up` starts Flower, has no {' or '.join(missing)} column "
             f"(columns {columns}; Flower's default tasks_columns): the running shard's row shows "
             f"{row['visible']}, without its Started time or PROGRESS text. "
-            "orchestrator.flowerauth (which `up`, `vitbatch flower` and compose all run) could default "
+            "orchestrator.fleet.flowerauth (which `up`, `vitbatch flower` and compose all run) could default "
             "FLOWER_TASKS_COLUMNS to name,uuid,state,result,received,started,runtime,worker")
     shown = row["visible"]
     assert scene.job_id in shown["uuid"] and shown["state"] == row["state"], row
@@ -450,7 +450,7 @@ def test_task_page_and_status_give_the_quarantine_reason(up, scene):
     assert failed.get("Status") == "FAILURE", failed
     shown = failed.get("Exception", "") + "\n" + failed.get("Traceback", "")
     assert scene.reason in shown, f"the quarantine reason {scene.reason!r} is not on shard 1's task page: {failed}"
-    cli = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", scene.job_id, "--json"],
+    cli = subprocess.run([sys.executable, "-m", "orchestrator.commands.cli", "status", scene.job_id, "--json"],
                          env={**up.env, "VITBATCH_BROKER_URL": scene.broker}, cwd=ROOT, capture_output=True,
                          text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert cli.returncode == 0, cli.stderr

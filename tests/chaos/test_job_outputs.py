@@ -15,10 +15,10 @@ from chaos_stack import ROOT, assert_exactly_once, explain, via
 
 from orchestrator.constants import JOBS_DIR, SUCCESS_FILE
 from orchestrator.errors import OutputBusy, SpecError
-from orchestrator.jobs import EvaluateSpec, FinetuneSpec, parse_spec
-from orchestrator.results import read_table, success_record
-from orchestrator.states import JobState, ShardState
-from orchestrator.storage import join
+from orchestrator.jobspec.jobs import EvaluateSpec, FinetuneSpec, parse_spec
+from orchestrator.lifecycle.states import JobState, ShardState
+from orchestrator.published.results import read_table, success_record
+from orchestrator.store.storage import join
 
 pytestmark = pytest.mark.chaos
 TINY_VIT = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1,
@@ -76,7 +76,7 @@ def test_a_shrinking_rerun_leaves_no_rows_of_the_bigger_job(stack, digits):
 
 
 def test_two_concurrent_submits_to_one_prefix_one_is_refused_the_other_is_exact(stack, digits):
-    commands = [[sys.executable, "-m", "orchestrator.cli", "submit", "classify", "--input", digits.s3_prefix + c + "/",
+    commands = [[sys.executable, "-m", "orchestrator.commands.cli", "submit", "classify", "--input", digits.s3_prefix + c + "/",
                  "--output", stack.output, "--model", str(stack.model), "--overwrite"] for c in ("3", "4")]
     procs = [subprocess.Popen(c, env=stack.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               stdin=subprocess.DEVNULL) for c in commands]

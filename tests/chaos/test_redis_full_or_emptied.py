@@ -19,10 +19,10 @@ import pytest
 from chaos_stack import ROOT, assert_exactly_once, explain, via
 
 from orchestrator.constants import SUCCESS_FILE, job_key, job_state_channel
-from orchestrator.fleetmetrics import FleetCollector
-from orchestrator.reconcile import reconcile
-from orchestrator.states import JobState, ShardState
-from orchestrator.storage import join
+from orchestrator.fleet.fleetmetrics import FleetCollector
+from orchestrator.lifecycle.reconcile import reconcile
+from orchestrator.lifecycle.states import JobState, ShardState
+from orchestrator.store.storage import join
 
 pytestmark = pytest.mark.chaos
 UNKNOWN_JOB_EXIT = 3
@@ -31,7 +31,7 @@ UNKNOWN_JOB_EXIT = 3
 def _background(stack, args: list[str], stderr: Path) -> subprocess.Popen:
     """`vitbatch ARGS` left running, its stderr in a file the test can read meanwhile."""
     with open(stderr, "wb") as sink:
-        return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], env=stack.env, cwd=ROOT,
+        return subprocess.Popen([sys.executable, "-m", "orchestrator.commands.cli", *args], env=stack.env, cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=sink, stdin=subprocess.DEVNULL)
 
 

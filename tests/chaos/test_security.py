@@ -23,10 +23,10 @@ from chaos_stack import ROOT, assert_exactly_once, explain, via
 from faulty_s3 import FaultyS3
 
 from orchestrator.constants import QUEUE_DEFAULT, TASK_RUN_SHARD
-from orchestrator.processes import ALL_QUEUES, flower_command, flower_env, free_port
-from orchestrator.results import read_table
-from orchestrator.states import JobState, ShardState
-from orchestrator.storage import normalize_uri
+from orchestrator.lifecycle.states import JobState, ShardState
+from orchestrator.published.results import read_table
+from orchestrator.stack.processes import ALL_QUEUES, flower_command, flower_env, free_port
+from orchestrator.store.storage import normalize_uri
 
 pytestmark = pytest.mark.chaos
 NO_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}

@@ -17,9 +17,9 @@ from sentinels import MASTER_NAME, SentinelGroup, until
 
 from orchestrator.config import Settings
 from orchestrator.constants import job_key, shard_state_key
-from orchestrator.processes import settings_env
-from orchestrator.states import JobState, ShardState
-from orchestrator.submit import Client
+from orchestrator.lifecycle.states import JobState, ShardState
+from orchestrator.stack.processes import settings_env
+from orchestrator.submission.submit import Client
 
 pytestmark = pytest.mark.chaos
 BUCKET = "vitbatch-sentinel"
@@ -31,7 +31,7 @@ HA_SETTINGS = {"heartbeat_s": 1, "stale_after_s": 6, "max_attempts": 3, "task_ti
 @pytest.fixture(scope="module")
 def digits(s3, tmp_path_factory) -> tuple[str, frozenset[str]]:
     """60 digit PNGs in their own bucket: the input prefix and the keys a job over it reports."""
-    from orchestrator.demo import write_digits
+    from orchestrator.stack.demo import write_digits
 
     local = tmp_path_factory.mktemp("sentinel-digits")
     write_digits(local, limit=N_IMAGES)
@@ -90,7 +90,7 @@ def test_the_primary_killed_mid_job_its_replica_is_promoted_and_every_key_is_wri
     worker = ha.workers.start("w", env=via(slower_s3))
     job_id = ha.submit(prefix, read_concurrency=1, shard_size=SHARD_SIZE)
     ha.running_shard(job_id)
-    waiter = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "wait", job_id], env=ha.env, cwd=ROOT,
+    waiter = subprocess.Popen([sys.executable, "-m", "orchestrator.commands.cli", "wait", job_id], env=ha.env, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     old = group.primary()
     group.relay.freeze()  # from here on the primary's writes never reach the replica

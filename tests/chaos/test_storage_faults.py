@@ -6,8 +6,8 @@ import pytest
 from chaos_stack import assert_exactly_once, explain, via
 from faulty_s3 import FAULTS, FaultyS3
 
-from orchestrator.results import read_table
-from orchestrator.states import JobState
+from orchestrator.lifecycle.states import JobState
+from orchestrator.published.results import read_table
 
 pytestmark = pytest.mark.chaos
 

@@ -12,10 +12,10 @@ from faulty_s3 import FaultyS3
 from helpers_curation import clustered_vectors, write_vectors
 
 from orchestrator.constants import commit_name
-from orchestrator.jobs import parse_spec
-from orchestrator.results import read_table, success_record
-from orchestrator.states import JobState, ShardState
-from orchestrator.storage import join
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.lifecycle.states import JobState, ShardState
+from orchestrator.published.results import read_table, success_record
+from orchestrator.store.storage import join
 
 pytestmark = pytest.mark.chaos
 K = 5

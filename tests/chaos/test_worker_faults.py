@@ -10,8 +10,8 @@ import pytest
 from chaos_stack import assert_exactly_once, explain, via
 
 from orchestrator.constants import commit_name
-from orchestrator.states import JobState
-from orchestrator.storage import join
+from orchestrator.lifecycle.states import JobState
+from orchestrator.store.storage import join
 
 pytestmark = pytest.mark.chaos
 

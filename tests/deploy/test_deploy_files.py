@@ -210,7 +210,7 @@ def test_deployment_guide_snippets_parse_and_point_to_the_kubernetes_manifests()
 
 
 def test_the_example_schedules_file_that_compose_mounts_for_beat_is_valid():
-    from orchestrator.schedule import load_schedules
+    from orchestrator.submission.schedule import load_schedules
 
     entries = load_schedules(DOCKER / "schedules.example.toml")
     assert [e.name for e in entries] == ["nightly-products"]
@@ -222,7 +222,7 @@ def test_the_example_schedules_file_that_compose_mounts_for_beat_is_valid():
 def exported_metric_names() -> set[str]:
     """Every series name the code can expose: the worker registry's (as registered, with the
     _total/_bucket/... suffixes prometheus_client adds) and the fleet exporter's gauges."""
-    from orchestrator.fleetmetrics import FleetCollector
+    from orchestrator.fleet.fleetmetrics import FleetCollector
     from workers.metrics import WorkerMetrics
 
     worker = {name for name in WorkerMetrics().registry._names_to_collectors if name.startswith("vitbatch_")}
@@ -277,7 +277,7 @@ def render_all_profiles() -> dict:
 
 
 def test_flower_in_compose_serves_metrics_behind_its_basic_auth(config):
-    assert config["services"]["flower"]["entrypoint"] == ["python", "-m", "orchestrator.flowerauth"]
+    assert config["services"]["flower"]["entrypoint"] == ["python", "-m", "orchestrator.fleet.flowerauth"]
 
 
 def test_promtool_accepts_the_prometheus_config_and_its_alert_rules():

@@ -15,9 +15,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from orchestrator.celery_app import make_app
 from orchestrator.config import Settings
 from orchestrator.constants import QUEUE_DEFAULT, QUEUE_INTERACTIVE
+from orchestrator.fleet.celery_app import make_app
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "docker" / "k8s"
@@ -216,6 +216,6 @@ def test_the_reconciler_flower_and_the_exporter_run_their_commands():
     metrics = deployments["vitbatch-metrics"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert metrics[0] == "metrics"
     flower = deployments["vitbatch-flower"]["spec"]["template"]["spec"]["containers"][0]
-    assert flower["command"] == ["python", "-m", "orchestrator.flowerauth"]
+    assert flower["command"] == ["python", "-m", "orchestrator.fleet.flowerauth"]
     env = {e["name"] for e in flower["env"]}
     assert {"CELERY_BROKER_URL", "FLOWER_BASIC_AUTH", "VITBATCH_SENTINEL_PASSWORD"} <= env

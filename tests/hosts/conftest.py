@@ -44,7 +44,7 @@ def _upload(folder, bucket: str) -> frozenset[str]:
 def world(tmp_path_factory, tiny_model):
     from sentinelhosts import MASTER_NAME, SentinelHosts
 
-    from orchestrator.demo import write_digits
+    from orchestrator.stack.demo import write_digits
 
     sweep_stale_labs()
     workdir = tmp_path_factory.mktemp("hosts")
@@ -70,7 +70,7 @@ def world(tmp_path_factory, tiny_model):
         write_digits(workdir / "digits", limit=N_IMAGES)
         keys = lab.call(_upload, workdir / "digits", BUCKET)
 
-        from orchestrator.submit import Client
+        from orchestrator.submission.submit import Client
 
         client = lab.call(Client.from_settings, fleet.settings)
         for name in WORKER_HOSTS:

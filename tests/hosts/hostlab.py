@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.config import Settings
-from orchestrator.processes import ALL_QUEUES, settings_env
+from orchestrator.stack.processes import ALL_QUEUES, settings_env
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "vbh-"  # every namespace this harness makes starts so, then the pid of the session that made it
@@ -296,7 +296,7 @@ class Fleet:
             time.sleep(0.3)
 
     def cli_command(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "orchestrator.cli", *args]
+        return [sys.executable, "-m", "orchestrator.commands.cli", *args]
 
     def cli(self, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
         """`vitbatch ARGS` run from the hub, as an operator there runs it."""
@@ -359,8 +359,8 @@ def check_exactly_once(store, output: str, job_id: str, keys: frozenset[str]) ->
     import pyarrow.parquet as pq
 
     from orchestrator.constants import SUCCESS_FILE, commit_name
-    from orchestrator.outputs import job_dir
-    from orchestrator.storage import join
+    from orchestrator.published.outputs import job_dir
+    from orchestrator.store.storage import join
 
     record = json.loads(store.read(join(output, SUCCESS_FILE)))
     assert record["job_id"] == job_id, f"{SUCCESS_FILE} names job {record['job_id']}, not {job_id}"
@@ -392,7 +392,7 @@ class World:
 
     lab: Lab
     fleet: Fleet
-    client: object  # orchestrator.submit.Client, made on the hub's thread
+    client: object  # orchestrator.submission.submit.Client, made on the hub's thread
     input_uri: str
     keys: frozenset[str]
     model: Path
@@ -442,7 +442,7 @@ class World:
         return self.lab.call(self._held, set(received_tasks(log) - ended_tasks(log)), job_id)
 
     def _held(self, tasks: set[str], job_id: str) -> int | None:
-        from orchestrator.states import ShardState
+        from orchestrator.lifecycle.states import ShardState
 
         r = self.client.ledger.r
         states = self.client.ledger.shard_states(job_id)

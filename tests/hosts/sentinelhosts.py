@@ -12,7 +12,7 @@ from pathlib import Path
 
 from hostlab import REDIS_PORT, Fleet, stop
 
-from orchestrator.processes import RedisServer
+from orchestrator.stack.processes import RedisServer
 
 MASTER_NAME = "vitbatch-hosts"
 SENTINEL_PORT = 26379

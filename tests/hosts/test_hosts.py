@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from orchestrator.states import JobState
+from orchestrator.lifecycle.states import JobState
 
 pytestmark = [pytest.mark.hosts, pytest.mark.chaos]
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from orchestrator.jobs import parse_spec
-from orchestrator.processes import free_port
-from orchestrator.results import read_table
-from orchestrator.states import JobState
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.lifecycle.states import JobState
+from orchestrator.published.results import read_table
+from orchestrator.stack.processes import free_port
 
 pytestmark = pytest.mark.integration
 ODD_KEYS = ["a#1.png", "b?x=1.png", "c%2Fd.png", "e f.png", "ü-ñ.png", "#lead.png", "sub dir/f#g?.png"]

@@ -13,9 +13,9 @@ import pytest
 import torch
 from helpers_checkpoints import build_checkpoint
 
-from orchestrator.demo import write_digits
-from orchestrator.results import read_embeddings, read_table
-from orchestrator.storage import ObjectStore
+from orchestrator.published.results import read_embeddings, read_table
+from orchestrator.stack.demo import write_digits
+from orchestrator.store.storage import ObjectStore
 
 pytestmark = pytest.mark.integration
 N_IMAGES = 12

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from orchestrator.constants import JOB_SPEC_FILE, SUCCESS_FILE
-from orchestrator.demo import write_digits
-from orchestrator.processes import ALL_QUEUES
-from orchestrator.results import read_table
-from orchestrator.storage import join
+from orchestrator.published.results import read_table
+from orchestrator.stack.demo import write_digits
+from orchestrator.stack.processes import ALL_QUEUES
+from orchestrator.store.storage import join
 
 pytestmark = pytest.mark.integration
 N_IMAGES = 60

@@ -11,7 +11,7 @@ import os
 import pytest
 from support import run_cli
 
-from orchestrator.demo import write_digits
+from orchestrator.stack.demo import write_digits
 
 pytestmark = pytest.mark.integration
 RUNS = 3

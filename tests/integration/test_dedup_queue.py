@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from helpers_curation import write_set
 
-from orchestrator.results import read_duplicate_pairs, read_kept_keys, read_table, success_record
-from orchestrator.storage import ObjectStore
+from orchestrator.published.results import read_duplicate_pairs, read_kept_keys, read_table, success_record
+from orchestrator.store.storage import ObjectStore
 
 pytestmark = pytest.mark.integration
 

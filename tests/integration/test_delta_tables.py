@@ -16,10 +16,10 @@ from deltalake import DeltaTable
 from PIL import Image
 
 from orchestrator.config import Settings
-from orchestrator.delta import commit_job, job_versions, storage_options, table_uri
-from orchestrator.jobs import parse_spec
-from orchestrator.results import read_json, read_table
-from orchestrator.storage import ObjectStore, join, normalize_uri
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.published.delta import commit_job, job_versions, storage_options, table_uri
+from orchestrator.published.results import read_json, read_table
+from orchestrator.store.storage import ObjectStore, join, normalize_uri
 from workers.context import WorkerContext
 from workers.inprocess import run_local
 
@@ -101,7 +101,7 @@ def test_the_readme_glob_reads_the_rows_and_the_prefix_itself_is_no_parquet_data
 
 
 def test_an_embed_output_is_its_index_table_and_keys_join_to_the_vectors(images, tmp_path, hf_model_dir):
-    from orchestrator.results import read_embeddings
+    from orchestrator.published.results import read_embeddings
 
     output = str(tmp_path / "embed")
     run("embed", images / "a", output, hf_model_dir, pooling=["cls"])
@@ -167,7 +167,7 @@ def test_embed_vectors_load_into_lancedb_and_faiss_in_one_step_and_join_back_by_
     import faiss
     import lancedb
 
-    from orchestrator.results import vector_table
+    from orchestrator.published.results import vector_table
 
     output = str(tmp_path / "vectors")
     run("embed", images / "a", output, hf_model_dir, pooling=["cls"])
@@ -204,7 +204,7 @@ def test_rows_of_a_type_delta_cannot_hold_publish_without_a_commit(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from orchestrator.commits import PartEntry
+    from orchestrator.lifecycle.commits import PartEntry
 
     folder = tmp_path / "out" / "_jobs" / "job-1"
     folder.mkdir(parents=True)
@@ -216,11 +216,11 @@ def test_rows_of_a_type_delta_cannot_hold_publish_without_a_commit(tmp_path):
               "parts": [{"name": "_jobs/job-1/part-00000.parquet", "sha256": entry.sha256, "bytes": entry.bytes,
                          "rows": 1}]}
     said = Said()
-    logging.getLogger("orchestrator.delta").addHandler(said)
+    logging.getLogger("orchestrator.published.delta").addHandler(said)
     try:
         assert commit_job(normalize_uri(str(tmp_path / "out")), record, ObjectStore(Settings())) is None
     finally:
-        logging.getLogger("orchestrator.delta").removeHandler(said)
+        logging.getLogger("orchestrator.published.delta").removeHandler(said)
     assert not (tmp_path / "out" / "_delta_log").exists()
     assert any("Delta cannot hold" in message for message in said.messages), said.messages
 

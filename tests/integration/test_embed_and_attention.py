@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from orchestrator.constants import SUCCESS_FILE
-from orchestrator.demo import write_digits
-from orchestrator.results import committed_parts, read_arrays, read_embeddings, read_index
-from orchestrator.storage import join
+from orchestrator.published.results import committed_parts, read_arrays, read_embeddings, read_index
+from orchestrator.stack.demo import write_digits
+from orchestrator.store.storage import join
 
 pytestmark = pytest.mark.integration
 N_IMAGES = 24

@@ -12,7 +12,7 @@ from base64 import b64encode
 import pytest
 
 from orchestrator.config import Settings
-from orchestrator.embedded import EmbeddedStack
+from orchestrator.stack.embedded import EmbeddedStack
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +70,7 @@ def test_sigterm_to_vitbatch_up_stops_its_redis_and_workers(env, tmp_path):
     up_env = {k: v for k, v in env.items() if k != "VITBATCH_BROKER_URL"}
     log = tmp_path / "up.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "up", "--workers", "1"], env=up_env,
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.commands.cli", "up", "--workers", "1"], env=up_env,
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while "Ctrl-C stops the stack" not in log.read_text() and time.monotonic() < deadline:
@@ -97,8 +97,8 @@ def test_vitbatch_run_without_a_broker_starts_one_worker_per_core_and_a_rerun_ne
 
     from support import run_cli
 
-    from orchestrator.demo import write_digits
-    from orchestrator.embedded import auto_workers
+    from orchestrator.stack.demo import write_digits
+    from orchestrator.stack.embedded import auto_workers
 
     write_digits(tmp_path / "in", limit=40)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VITBATCH_")}
@@ -135,7 +135,7 @@ def test_a_succeeded_run_leaves_no_process_behind_not_even_decode_processes(tiny
     shutdown: nothing of it may outlive the command, the workers' decode processes included."""
     from support import run_cli
 
-    from orchestrator.demo import write_digits
+    from orchestrator.stack.demo import write_digits
 
     write_digits(tmp_path / "in", limit=12)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VITBATCH_")}
@@ -148,7 +148,7 @@ def test_a_succeeded_run_leaves_no_process_behind_not_even_decode_processes(tiny
 
 
 def test_auto_workers_is_one_per_core_up_to_four_and_one_on_a_gpu_host(monkeypatch):
-    import orchestrator.embedded as embedded
+    import orchestrator.stack.embedded as embedded
 
     monkeypatch.setattr(embedded, "listed_gpus", lambda: [])
     for cores, expected in ((1, 1), (2, 2), (16, 4)):

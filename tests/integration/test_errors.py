@@ -7,13 +7,13 @@ import builtins
 
 import pytest
 
-from orchestrator.celery_app import make_app
-from orchestrator.checks.outputs import storable_output
-from orchestrator.cli import main
+from orchestrator.commands.cli import main
 from orchestrator.config import Settings
 from orchestrator.errors import ConfigError, OutputNotFound, ServerNotReady, SpecError, VitbatchError
-from orchestrator.modelrefs import normalize_model_ref, refuse_file_keys
-from orchestrator.processes import RedisServer
+from orchestrator.fleet.celery_app import make_app
+from orchestrator.jobspec.checks.outputs import storable_output
+from orchestrator.jobspec.modelrefs import normalize_model_ref, refuse_file_keys
+from orchestrator.stack.processes import RedisServer
 
 
 def test_a_visibility_timeout_below_the_time_limit_is_a_config_error_naming_both_variables():
@@ -62,7 +62,7 @@ def test_an_output_the_store_cannot_hold_is_a_spec_error(uri, hint):
 
 
 def test_reading_results_where_no_job_succeeded_is_output_not_found_not_a_file_error(tmp_path):
-    from orchestrator.results import read_table
+    from orchestrator.published.results import read_table
 
     with pytest.raises(OutputNotFound, match="no succeeded job at"):
         read_table(str(tmp_path / "nothing-here"))
@@ -76,7 +76,7 @@ def test_a_redis_server_that_exits_at_start_is_server_not_ready_naming_its_log(t
 
 
 def test_the_demo_without_scikit_learn_says_how_to_install_it(tmp_path, monkeypatch):
-    from orchestrator.demo import write_digits
+    from orchestrator.stack.demo import write_digits
 
     real_import = builtins.__import__
 
@@ -92,7 +92,7 @@ def test_the_demo_without_scikit_learn_says_how_to_install_it(tmp_path, monkeypa
 
 
 def test_the_demo_writes_digits_as_an_image_folder(tmp_path):
-    from orchestrator.demo import write_digits
+    from orchestrator.stack.demo import write_digits
 
     assert write_digits(tmp_path / "train", limit=12, holdout=tmp_path / "holdout") == 12
     assert len(list((tmp_path / "holdout").rglob("*.png"))) == 2  # every 6th: 0 and 6

@@ -15,22 +15,22 @@ import torch
 from helpers_models import load_model
 from PIL import Image
 
-from orchestrator.checks.training import check_labeled, held_out
 from orchestrator.config import Settings
-from orchestrator.demo import write_digits
 from orchestrator.errors import SpecError
-from orchestrator.finalize import publish
-from orchestrator.jobs import (
+from orchestrator.jobspec.checks.training import check_labeled, held_out
+from orchestrator.jobspec.jobs import (
     ClassifySpec,
     EvaluateSpec,
     FinetuneSpec,
     normalize_model_ref,
 )
-from orchestrator.modelkinds import Kind
-from orchestrator.modelrefs import model_folder, read_config
-from orchestrator.outputs import job_dir
-from orchestrator.results import read_table
-from orchestrator.storage import ObjectStore, join
+from orchestrator.jobspec.modelkinds import Kind
+from orchestrator.jobspec.modelrefs import model_folder, read_config
+from orchestrator.lifecycle.finalize import publish
+from orchestrator.published.outputs import job_dir
+from orchestrator.published.results import read_table
+from orchestrator.stack.demo import write_digits
+from orchestrator.store.storage import ObjectStore, join
 from workers.context import WorkerContext
 from workers.inprocess import run_local
 from workers.modelfiles import local_model_dir
@@ -198,7 +198,7 @@ def test_a_finished_finetune_reports_done_equal_to_total_in_trained_images(tuned
 
 @pytest.mark.parametrize("val_split", [0.0, 0.1, 0.25, 0.5])
 def test_submit_holds_out_what_the_workers_split_holds_out(digits, checkpoint_dirs, val_split, ctx):
-    from orchestrator.labels import load_labeled
+    from orchestrator.inputs.labels import load_labeled
 
     spec = spec_for(digits, "/unused", checkpoint_dirs("vit-model"), val_split=val_split, epochs=2.5)
     train, _ = stratified_split(load_labeled(spec.train, ctx.store), val_split, spec.seed)

@@ -12,12 +12,12 @@ import pytest
 from orchestrator import constants as k
 from orchestrator.config import Settings
 from orchestrator.errors import JobNotFound, OutputBusy
-from orchestrator.jobs import parse_spec
-from orchestrator.ledger import Ledger
-from orchestrator.outputs import job_dir
-from orchestrator.results import success_record
-from orchestrator.states import JobState, ShardState
-from orchestrator.storage import join, normalize_uri
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.lifecycle.ledger import Ledger
+from orchestrator.lifecycle.states import JobState, ShardState
+from orchestrator.published.outputs import job_dir
+from orchestrator.published.results import success_record
+from orchestrator.store.storage import join, normalize_uri
 from workers.context import WorkerContext
 from workers.errors import ShardFailed
 from workers.tasks import lifecycle
@@ -170,7 +170,7 @@ def test_a_waiting_client_sees_the_end_when_it_is_recorded_not_a_poll_later(ctx,
     as soon as another process records the end (here: another connection, cancelling)."""
     import threading
 
-    from orchestrator.submit import Client
+    from orchestrator.submission.submit import Client
 
     job_id, _ = job
     client = Client.from_settings(Settings(broker_url=redis_server.url()))
@@ -186,7 +186,7 @@ def test_a_waiting_client_sees_the_end_when_it_is_recorded_not_a_poll_later(ctx,
 
 
 def test_a_state_recorded_before_the_wait_starts_ends_it_at_once(ctx, job, redis_server):
-    from orchestrator.submit import Client
+    from orchestrator.submission.submit import Client
 
     job_id, _ = job
     ctx.ledger.set_state(job_id, JobState.CANCELLED, "cancelled by user")
@@ -199,7 +199,7 @@ def test_a_wait_told_to_stop_raises_keyboard_interrupt_within_a_poll(ctx, job, r
     (raised inside a finalizer) still ends."""
     import threading
 
-    from orchestrator.submit import Client
+    from orchestrator.submission.submit import Client
 
     job_id, _ = job
     client = Client.from_settings(Settings(broker_url=redis_server.url()))

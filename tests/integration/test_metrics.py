@@ -16,12 +16,12 @@ from support import ROOT
 
 from orchestrator.config import Settings
 from orchestrator.constants import QUEUE_DEFAULT, QUEUE_INTERACTIVE, QUEUE_TRAIN
-from orchestrator.demo import write_digits
-from orchestrator.embedded import EmbeddedStack
-from orchestrator.fleetmetrics import queue_keys
-from orchestrator.jobs import parse_spec
-from orchestrator.processes import free_port, settings_env
-from orchestrator.submit import Client
+from orchestrator.fleet.fleetmetrics import queue_keys
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.stack.demo import write_digits
+from orchestrator.stack.embedded import EmbeddedStack
+from orchestrator.stack.processes import free_port, settings_env
+from orchestrator.submission.submit import Client
 
 pytestmark = pytest.mark.integration
 
@@ -111,7 +111,7 @@ def test_the_fleet_exporter_follows_the_queues_as_jobs_wait_and_a_worker_drains_
         port = free_port()
         env = {**settings_env(stack.settings), "PYTHONPATH": str(ROOT)}
         log = open(tmp_path / "exporter.log", "wb")
-        exporter = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "metrics", "--port", str(port),
+        exporter = subprocess.Popen([sys.executable, "-m", "orchestrator.commands.cli", "metrics", "--port", str(port),
                                      "--address", "127.0.0.1"], env=env, cwd=ROOT, stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}/metrics"
@@ -143,7 +143,7 @@ def test_the_fleet_exporter_follows_the_queues_as_jobs_wait_and_a_worker_drains_
             assert value(samples, "vitbatch_job_items_done", job=jobs[0]) == 0
             assert value(samples, "vitbatch_job_eta_seconds", job=jobs[0]) is None  # no rate yet
 
-            shown = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", jobs[0]], env=env, cwd=ROOT,
+            shown = subprocess.run([sys.executable, "-m", "orchestrator.commands.cli", "status", jobs[0]], env=env, cwd=ROOT,
                                    capture_output=True, text=True, timeout=120)
             assert shown.returncode == 0, shown.stderr
             assert "0.0 img/s, ETA ?" in shown.stdout, shown.stdout
@@ -169,8 +169,8 @@ def test_the_fleet_exporter_follows_the_queues_as_jobs_wait_and_a_worker_drains_
 
     # Redis is gone with the stack: a scrape still answers, and says so.
     # (The exporter was stopped above; this checks the collector directly, the way a scrape calls it.)
-    from orchestrator.fleetmetrics import FleetCollector
-    from orchestrator.ledger import Ledger
+    from orchestrator.fleet.fleetmetrics import FleetCollector
+    from orchestrator.lifecycle.ledger import Ledger
 
     families = {f.name: f for f in FleetCollector(Ledger.from_url(stack.settings.broker_url)).collect()}
     assert [s.value for s in families["vitbatch_up"].samples] == [0]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.storage import ObjectStore
+from orchestrator.store.storage import ObjectStore
 from workers.errors import ModelLoadError
 from workers.modelfiles import download_model
 

@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from orchestrator.demo import write_digits
-from orchestrator.results import read_table
+from orchestrator.published.results import read_table
+from orchestrator.stack.demo import write_digits
 
 pytestmark = pytest.mark.integration
 N_IMAGES = 24

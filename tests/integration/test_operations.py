@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 from support import build_tiny_vit
 
-from orchestrator.demo import write_digits
 from orchestrator.errors import ObjectNotFound
-from orchestrator.jobs import parse_spec
-from orchestrator.results import read_table
-from orchestrator.storage import join
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.published.results import read_table
+from orchestrator.stack.demo import write_digits
+from orchestrator.store.storage import join
 
 pytestmark = pytest.mark.integration
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 from parquet_datasets import N, hf_dataset, image_files, img2dataset_shard, saved_dataset
 
-from orchestrator.manifest import Item
-from orchestrator.parquetinputs import ParquetColumns, ReadStats, plan_parquet
-from orchestrator.results import read_embeddings, read_table
-from orchestrator.storage import ObjectStore
+from orchestrator.inputs.manifest import Item
+from orchestrator.inputs.parquetinputs import ParquetColumns, ReadStats, plan_parquet
+from orchestrator.published.results import read_embeddings, read_table
+from orchestrator.store.storage import ObjectStore
 
 pytestmark = pytest.mark.integration
 

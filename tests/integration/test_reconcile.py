@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from orchestrator.demo import write_digits
-from orchestrator.jobs import parse_spec
-from orchestrator.reconcile import reconcile
-from orchestrator.states import ShardState
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.lifecycle.reconcile import reconcile
+from orchestrator.lifecycle.states import ShardState
+from orchestrator.stack.demo import write_digits
 
 pytestmark = pytest.mark.integration
 
@@ -58,9 +58,9 @@ def test_a_job_the_reconciler_finalizes_records_the_model_its_shards_ran(client,
     """The reconciler and the last worker race to finalize; either way the record names the model
     (it once came only from the last worker's call, so a reconciler's record had an empty one)."""
     from orchestrator.constants import SUCCESS_FILE
-    from orchestrator.outputs import job_dir, spec_digest
-    from orchestrator.results import read_json
-    from orchestrator.storage import join
+    from orchestrator.published.outputs import job_dir, spec_digest
+    from orchestrator.published.results import read_json
+    from orchestrator.store.storage import join
     from workers.context import WorkerContext
     from workers.runner import run_shard
 

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from orchestrator.config import Settings
-from orchestrator.jobs import parse_spec
-from orchestrator.report import SAMPLE_GROUPS, build_page, encode_thumbnail
-from orchestrator.results import read_table
-from orchestrator.storage import ObjectStore
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.published.report import SAMPLE_GROUPS, build_page, encode_thumbnail
+from orchestrator.published.results import read_table
+from orchestrator.store.storage import ObjectStore
 from workers.context import WorkerContext
 from workers.curation.vectorshards import run_vectors_local
 from workers.inprocess import run_local

@@ -19,8 +19,8 @@ from PIL import Image
 from support import ROOT
 
 from orchestrator.config import Settings
-from orchestrator.jobs import parse_spec
-from orchestrator.report import MAX_IMAGE_BYTES, SAMPLE_ROWS
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.published.report import MAX_IMAGE_BYTES, SAMPLE_ROWS
 from workers.context import WorkerContext
 from workers.inprocess import run_local
 
@@ -109,7 +109,7 @@ def test_a_caption_with_markup_renders_as_text_and_report_rewrites_the_page(tmp_
     output = tmp_path / "captions"
     run("embed", str(data / "shard.parquet"), str(output), hf_model_dir, pooling=["cls"], keep_columns=["caption"])
     (output / "_report.html").unlink()
-    written = subprocess.run([sys.executable, "-m", "orchestrator.cli", "report", str(output)], cwd=ROOT,
+    written = subprocess.run([sys.executable, "-m", "orchestrator.commands.cli", "report", str(output)], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
     assert written.returncode == 0, written.stderr
     assert (output / "_report.html").exists() and "_report.html" in written.stdout
@@ -129,11 +129,11 @@ def run_evaluate_here(input_uri: str, output: str, model_dir) -> str:
     import time
 
     from orchestrator import __version__
-    from orchestrator.commits import JobRecord
     from orchestrator.constants import JOB_SPEC_FILE
-    from orchestrator.finalize import publish
-    from orchestrator.outputs import job_dir, new_job_id, spec_digest
-    from orchestrator.storage import join, normalize_uri, relative_key
+    from orchestrator.lifecycle.commits import JobRecord
+    from orchestrator.lifecycle.finalize import publish
+    from orchestrator.published.outputs import job_dir, new_job_id, spec_digest
+    from orchestrator.store.storage import join, normalize_uri, relative_key
     from workers.training.evaluation import evaluate
     from workers.writers import commit_shard, written_files
 

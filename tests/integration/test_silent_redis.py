@@ -8,8 +8,8 @@ import threading
 from types import SimpleNamespace
 
 from orchestrator.config import Settings
-from orchestrator.fencing import Lease
-from orchestrator.ledger import Ledger
+from orchestrator.lifecycle.fencing import Lease
+from orchestrator.lifecycle.ledger import Ledger
 
 RELEASE_AFTER_S = 20.0  # the silent server lets go eventually, so the code before the fix ends too
 

@@ -9,9 +9,9 @@ import io
 import pytest
 from PIL import Image
 
-from orchestrator.demo import write_digits
-from orchestrator.jobs import parse_spec
-from orchestrator.results import read_table
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.published.results import read_table
+from orchestrator.stack.demo import write_digits
 
 pytestmark = pytest.mark.integration
 PREFIX = "inputs/mixed"

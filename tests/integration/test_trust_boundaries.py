@@ -17,14 +17,14 @@ import pytest
 from helpers_models import load_model
 from PIL import Image
 
-from orchestrator.checks.models import check_model_options
 from orchestrator.config import Settings
 from orchestrator.errors import ObjectUnreadable, OutsideInput, SpecError
-from orchestrator.jobs import normalize_model_ref, parse_spec
-from orchestrator.manifest import Item
-from orchestrator.planner import plan
-from orchestrator.scope import input_root, outside_input
-from orchestrator.storage import ObjectStore, normalize_uri
+from orchestrator.inputs.manifest import Item
+from orchestrator.inputs.planner import plan
+from orchestrator.jobspec.checks.models import check_model_options
+from orchestrator.jobspec.jobs import normalize_model_ref, parse_spec
+from orchestrator.store.scope import input_root, outside_input
+from orchestrator.store.storage import ObjectStore, normalize_uri
 from workers import models
 from workers.decode.preprocess import Decoder
 from workers.decode.tarshards import expand
@@ -251,7 +251,7 @@ def test_an_s3_output_prefix_with_hash_keeps_every_object_under_it(s3_store, s3)
     spec = parse_spec({"kind": "classify", "input": f"s3://{bucket}/odd/", "output": f"s3://{bucket}/out#x?y=1/",
                        "model": "hf:org/model"})
     assert spec.output == f"s3://{bucket}/out#x?y=1/"
-    from orchestrator.storage import join
+    from orchestrator.store.storage import join
 
     for name in ("_job.json", "part-00000.parquet"):
         store.write(join(spec.output, name), b"{}")

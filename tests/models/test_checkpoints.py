@@ -17,13 +17,13 @@ from helpers_checkpoints import CHECKPOINTS, DUAL
 from helpers_models import load_model
 from PIL import Image
 
-from orchestrator.checks.models import check_model_options
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
-from orchestrator.jobs import normalize_model_ref, parse_spec
-from orchestrator.modelrefs import read_config
-from orchestrator.results import read_embeddings, read_table
-from orchestrator.storage import ObjectStore
+from orchestrator.jobspec.checks.models import check_model_options
+from orchestrator.jobspec.jobs import normalize_model_ref, parse_spec
+from orchestrator.jobspec.modelrefs import read_config
+from orchestrator.published.results import read_embeddings, read_table
+from orchestrator.store.storage import ObjectStore
 from workers.context import WorkerContext
 from workers.decode.imaging import decode_rgb
 from workers.decode.preprocess import resize_image
@@ -122,8 +122,8 @@ def test_embed_normalize_writes_unit_vectors_that_say_so(checkpoint_dirs, images
 
     import pyarrow.parquet as pq
 
-    from orchestrator.results import success_record
-    from orchestrator.storage import join
+    from orchestrator.published.results import success_record
+    from orchestrator.store.storage import join
 
     store = ObjectStore(Settings())
     spec = spec_for("embed", images, checkpoint_dirs("clip-model"), tmp_path / "embed", pooling="cls,mean",

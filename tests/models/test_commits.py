@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-from orchestrator.commits import JobRecord, PartEntry, ShardMarker, read_marker, write_marker
 from orchestrator.config import Settings
 from orchestrator.constants import JOB_SPEC_FILE, SUCCESS_FILE, commit_name
-from orchestrator.jobs import parse_spec
-from orchestrator.storage import ObjectStore, normalize_uri
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.lifecycle.commits import JobRecord, PartEntry, ShardMarker, read_marker, write_marker
+from orchestrator.store.storage import ObjectStore, normalize_uri
 from workers.context import WorkerContext
 from workers.inprocess import run_local
 
@@ -28,7 +28,7 @@ def test_the_in_process_path_writes_what_a_queued_job_writes(hf_model_dir, tmp_p
     """The in-process path (workers/inprocess.py, then local.py) once wrote a record without carried_over,
     images_per_s, stage_seconds and computed_with, and no _job.json: the same JobRecord now writes both
     paths' records."""
-    from orchestrator.demo import write_digits
+    from orchestrator.stack.demo import write_digits
 
     write_digits(tmp_path / "in", limit=6)
     spec = parse_spec({"kind": "classify", "input": str(tmp_path / "in"), "output": str(tmp_path / "out"),

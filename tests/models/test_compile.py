@@ -11,7 +11,7 @@ import torch
 from helpers_models import load_model
 
 from orchestrator.config import Settings
-from orchestrator.jobs import normalize_model_ref, parse_spec
+from orchestrator.jobspec.jobs import normalize_model_ref, parse_spec
 from workers.compute import DeviceStage, first_rows
 from workers.context import WorkerContext
 from workers.decode.preprocess import Decoder

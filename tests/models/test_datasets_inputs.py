@@ -25,12 +25,12 @@ from parquet_datasets import (
 
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
-from orchestrator.jobs import EvaluateSpec, FinetuneSpec, parse_spec
-from orchestrator.labels import load_labeled
-from orchestrator.parquetinputs import ParquetColumns, columns_of
-from orchestrator.planner import plan
-from orchestrator.results import prefix_holder, read_embeddings, read_table
-from orchestrator.storage import ObjectStore, normalize_uri
+from orchestrator.inputs.labels import load_labeled
+from orchestrator.inputs.parquetinputs import ParquetColumns, columns_of
+from orchestrator.inputs.planner import plan
+from orchestrator.jobspec.jobs import EvaluateSpec, FinetuneSpec, parse_spec
+from orchestrator.published.results import prefix_holder, read_embeddings, read_table
+from orchestrator.store.storage import ObjectStore, normalize_uri
 from workers.context import WorkerContext
 from workers.decode.labeledcells import ContainerReader
 from workers.inprocess import run_local

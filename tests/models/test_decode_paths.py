@@ -17,10 +17,10 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from orchestrator.config import Settings
-from orchestrator.jobs import normalize_model_ref
-from orchestrator.manifest import Item
-from orchestrator.planner import plan
-from orchestrator.storage import ObjectStore, normalize_uri
+from orchestrator.inputs.manifest import Item
+from orchestrator.inputs.planner import plan
+from orchestrator.jobspec.jobs import normalize_model_ref
+from orchestrator.store.storage import ObjectStore, normalize_uri
 from workers import models
 from workers.decode.device import decode_batch, device_decodable, resize_batch
 from workers.decode.imaging import decode_rgb
@@ -190,8 +190,8 @@ def test_rows_decoded_on_the_device_match_the_cpu_rows_and_bad_files_keep_their_
 
 def _run_shard(model_dir, items, tmp_path, ctx=None, **options) -> dict:
     from orchestrator.config import Settings
-    from orchestrator.jobs import parse_spec
-    from orchestrator.manifest import write_manifests
+    from orchestrator.inputs.manifest import write_manifests
+    from orchestrator.jobspec.jobs import parse_spec
     from workers.context import WorkerContext
     from workers.runner import run_shard
 

@@ -14,8 +14,10 @@ from helpers_curation import write_set
 
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
-from orchestrator.jobs import parse_spec
-from orchestrator.results import (
+from orchestrator.inputs.vectorplan import plan_dedup
+from orchestrator.inputs.vectorsource import comparable
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.published.results import (
     read_duplicate_pairs,
     read_embeddings,
     read_json,
@@ -23,9 +25,7 @@ from orchestrator.results import (
     read_table,
     success_record,
 )
-from orchestrator.storage import ObjectStore, join
-from orchestrator.vectorplan import plan_dedup
-from orchestrator.vectorsource import comparable
+from orchestrator.store.storage import ObjectStore, join
 from workers.context import WorkerContext
 from workers.curation import semdedup
 from workers.curation.vectorshards import run_vectors_local
@@ -207,7 +207,7 @@ def test_exact_neighbors_equal_brute_force_cosine_top_k(embedded):
 
 def test_classify_with_kept_by_reads_only_the_images_dedup_kept(embedded, deduped, hf_model_dir, tmp_path):
     """Curating in three commands: embed, dedup, then classify --kept-by the dedup output."""
-    from orchestrator.results import read_kept_keys, read_table
+    from orchestrator.published.results import read_kept_keys, read_table
 
     spec = parse_spec({"kind": "classify", "input": str(embedded["root"] / "images"), "output": str(tmp_path / "cls"),
                        "model": str(hf_model_dir), "device": "cpu", "top_k": 1, "kept_by": deduped})

@@ -12,9 +12,9 @@ import pytest
 from helpers_curation import write_chains
 
 from orchestrator.config import Settings
-from orchestrator.jobs import parse_spec
-from orchestrator.results import read_embeddings, read_kept_keys, read_table, success_record
-from orchestrator.storage import ObjectStore, join
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.published.results import read_embeddings, read_kept_keys, read_table, success_record
+from orchestrator.store.storage import ObjectStore, join
 from workers.context import WorkerContext
 from workers.curation import semdedup
 from workers.curation.vectorshards import run_vectors_local

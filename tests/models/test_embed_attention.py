@@ -20,10 +20,10 @@ from PIL import Image
 from support import build_tiny_vit
 
 from orchestrator.config import Settings
-from orchestrator.jobs import normalize_model_ref, parse_spec
-from orchestrator.modelkinds import Kind
-from orchestrator.results import committed_parts, read_arrays, read_embeddings, read_index, success_record
-from orchestrator.storage import ObjectStore, join
+from orchestrator.jobspec.jobs import normalize_model_ref, parse_spec
+from orchestrator.jobspec.modelkinds import Kind
+from orchestrator.published.results import committed_parts, read_arrays, read_embeddings, read_index, success_record
+from orchestrator.store.storage import ObjectStore, join
 from workers.attention import rollout
 from workers.context import WorkerContext
 from workers.decode.imaging import decode_rgb

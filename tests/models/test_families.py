@@ -20,9 +20,9 @@ from helpers_models import LABELS, load_model
 from PIL import Image
 
 from orchestrator.config import Settings
-from orchestrator.jobs import normalize_model_ref, parse_spec
-from orchestrator.results import read_arrays, read_embeddings, read_table, success_record
-from orchestrator.storage import ObjectStore, join
+from orchestrator.jobspec.jobs import normalize_model_ref, parse_spec
+from orchestrator.published.results import read_arrays, read_embeddings, read_table, success_record
+from orchestrator.store.storage import ObjectStore, join
 from workers.attention import AttentionHead, cls_to_patches
 from workers.context import WorkerContext
 from workers.inprocess import run_local

@@ -25,11 +25,11 @@ from helpers_models import load_model
 from PIL import Image
 
 from orchestrator.config import Settings
-from orchestrator.jobs import parse_spec
-from orchestrator.manifest import Item
-from orchestrator.planner import plan
-from orchestrator.results import read_embeddings
-from orchestrator.storage import ObjectStore, normalize_uri
+from orchestrator.inputs.manifest import Item
+from orchestrator.inputs.planner import plan
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.published.results import read_embeddings
+from orchestrator.store.storage import ObjectStore, normalize_uri
 from workers.context import WorkerContext
 from workers.decode.imaging import decode_rgb
 from workers.decode.preprocess import Decoder

@@ -18,8 +18,8 @@ from parquet_datasets import png
 from PIL import Image
 
 from orchestrator.config import Settings
-from orchestrator.jobs import parse_spec
-from orchestrator.results import read_table
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.published.results import read_table
 from workers.context import WorkerContext
 from workers.inprocess import run_local
 

@@ -10,7 +10,7 @@ import weakref
 import pytest
 
 from orchestrator.config import Settings
-from orchestrator.storage import ObjectStore
+from orchestrator.store.storage import ObjectStore
 from workers.memory import pause_collector, settle_heap
 from workers.models import ModelCache
 

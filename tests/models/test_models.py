@@ -25,10 +25,10 @@ from PIL import Image
 
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
-from orchestrator.jobs import normalize_model_ref
-from orchestrator.modelkinds import Kind
-from orchestrator.modelrefs import label_count, read_config
-from orchestrator.storage import ObjectStore
+from orchestrator.jobspec.jobs import normalize_model_ref
+from orchestrator.jobspec.modelkinds import Kind
+from orchestrator.jobspec.modelrefs import label_count, read_config
+from orchestrator.store.storage import ObjectStore
 from workers import models
 from workers.decode.imaging import decode_rgb
 from workers.decode.preprocess import resize_image

@@ -11,10 +11,10 @@ import pytest
 from helpers_curation import clustered_vectors, write_vectors
 
 from orchestrator.config import Settings
-from orchestrator.jobs import parse_spec
-from orchestrator.results import read_table
-from orchestrator.storage import ObjectStore, join, normalize_uri
-from orchestrator.vectorplan import approximate_mode, plan_neighbors
+from orchestrator.inputs.vectorplan import approximate_mode, plan_neighbors
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.published.results import read_table
+from orchestrator.store.storage import ObjectStore, join, normalize_uri
 from workers.curation import knn, semdedup
 from workers.curation.neighborshards import recall_rows
 from workers.curation.vectorshards import run_vectors_local
@@ -107,7 +107,7 @@ def test_auto_is_exact_for_small_jobs_and_approximate_above_the_threshold(vector
 def test_auto_declines_an_index_that_scans_most_of_its_lists_and_searches_exactly(tmp_path, monkeypatch):
     """Uniform random directions (no clusters): the recall target needs most lists, so an index is no
     faster than exact; auto (here with its thresholds at 1) writes none and the blocks search exactly."""
-    import orchestrator.vectorplan as vectorplan
+    import orchestrator.inputs.vectorplan as vectorplan
 
     monkeypatch.setattr(vectorplan, "AUTO_APPROXIMATE_QUERIES", 1)
     monkeypatch.setattr(vectorplan, "AUTO_APPROXIMATE_PAIRS", 1)

@@ -18,15 +18,15 @@ from helpers_families import build_family
 from helpers_models import load_model
 from PIL import Image
 
-from orchestrator.checks.models import check_export, check_model_options
-from orchestrator.checks.training import check_labeled
 from orchestrator.config import Settings
 from orchestrator.constants import EXPORT_REPORT_FILE
 from orchestrator.errors import SpecError
-from orchestrator.jobs import normalize_model_ref, parse_spec
-from orchestrator.modelrefs import read_config
-from orchestrator.results import read_embeddings, read_table
-from orchestrator.storage import ObjectStore
+from orchestrator.jobspec.checks.models import check_export, check_model_options
+from orchestrator.jobspec.checks.training import check_labeled
+from orchestrator.jobspec.jobs import normalize_model_ref, parse_spec
+from orchestrator.jobspec.modelrefs import read_config
+from orchestrator.published.results import read_embeddings, read_table
+from orchestrator.store.storage import ObjectStore
 from workers.attention import AttentionHead
 from workers.context import WorkerContext
 from workers.errors import ExportFailed, ModelLoadError

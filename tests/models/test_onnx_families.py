@@ -17,15 +17,15 @@ from helpers_checkpoints import build_checkpoint
 from helpers_models import load_model
 from PIL import Image
 
-from orchestrator.checks.models import check_model_options
 from orchestrator.config import Settings
 from orchestrator.constants import EXPORT_REPORT_FILE
 from orchestrator.errors import SpecError
-from orchestrator.jobs import normalize_model_ref, parse_spec
-from orchestrator.modelkinds import checkpoint_kind
-from orchestrator.modelrefs import read_config
-from orchestrator.results import read_embeddings
-from orchestrator.storage import ObjectStore
+from orchestrator.jobspec.checks.models import check_model_options
+from orchestrator.jobspec.jobs import normalize_model_ref, parse_spec
+from orchestrator.jobspec.modelkinds import checkpoint_kind
+from orchestrator.jobspec.modelrefs import read_config
+from orchestrator.published.results import read_embeddings
+from orchestrator.store.storage import ObjectStore
 from workers.context import WorkerContext
 from workers.errors import ExportFailed, ModelLoadError
 from workers.families import HFBackbone

@@ -16,12 +16,12 @@ from parquet_datasets import N, hf_dataset, image_files, img2dataset_shard, png
 
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
-from orchestrator.jobs import parse_spec
-from orchestrator.manifest import Item
-from orchestrator.parquetinputs import ParquetColumns, ReadStats, plan_parquet
-from orchestrator.planner import plan
-from orchestrator.results import read_embeddings, read_table
-from orchestrator.storage import ObjectStore, normalize_uri
+from orchestrator.inputs.manifest import Item
+from orchestrator.inputs.parquetinputs import ParquetColumns, ReadStats, plan_parquet
+from orchestrator.inputs.planner import plan
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.published.results import read_embeddings, read_table
+from orchestrator.store.storage import ObjectStore, normalize_uri
 from workers.context import WorkerContext
 from workers.decode.parquetshards import expand_row_groups
 from workers.inprocess import run_local

@@ -17,10 +17,10 @@ from parquet_datasets import N, hf_dataset, png
 
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
-from orchestrator.jobs import EvaluateSpec, FinetuneSpec
-from orchestrator.labeledsources import LabelOptions
-from orchestrator.labels import load_labeled
-from orchestrator.storage import ObjectStore, normalize_uri
+from orchestrator.inputs.labeledsources import LabelOptions
+from orchestrator.inputs.labels import load_labeled
+from orchestrator.jobspec.jobs import EvaluateSpec, FinetuneSpec
+from orchestrator.store.storage import ObjectStore, normalize_uri
 from workers.context import WorkerContext
 from workers.decode.labeledcells import ContainerReader
 from workers.training.evaluation import evaluate

@@ -12,10 +12,10 @@ from helpers_models import LABELS, load_model
 from PIL import Image
 
 from orchestrator.config import Settings
-from orchestrator.jobs import normalize_model_ref
-from orchestrator.manifest import Item
-from orchestrator.planner import plan
-from orchestrator.storage import ObjectStore, normalize_uri
+from orchestrator.inputs.manifest import Item
+from orchestrator.inputs.planner import plan
+from orchestrator.jobspec.jobs import normalize_model_ref
+from orchestrator.store.storage import ObjectStore, normalize_uri
 from workers import models
 from workers.decode.imaging import decode_rgb
 from workers.decode.preprocess import Decoder, resize_image

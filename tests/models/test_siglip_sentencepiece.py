@@ -16,9 +16,9 @@ from helpers_checkpoints import SIZE, TEXT, VISION
 from PIL import Image
 
 from orchestrator.config import Settings
-from orchestrator.jobs import parse_spec
-from orchestrator.results import read_table
-from orchestrator.storage import ObjectStore
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.published.results import read_table
+from orchestrator.store.storage import ObjectStore
 from workers.context import WorkerContext
 from workers.inprocess import run_local
 from workers.models import load
@@ -83,7 +83,7 @@ def test_a_worker_without_sentencepiece_refuses_the_model_with_what_to_install(s
     """sentencepiece hidden from the interpreter before transformers looks for it (sys.modules[name] = None)."""
     script = (
         "import sys; sys.modules['sentencepiece'] = None\n"
-        "from orchestrator.config import Settings\nfrom orchestrator.storage import ObjectStore\n"
+        "from orchestrator.config import Settings\nfrom orchestrator.store.storage import ObjectStore\n"
         "from workers.errors import ModelLoadError\nfrom workers.models import load\n"
         "try:\n"
         f"    load({str(siglip)!r}, 'cpu', 'fp32', settings=Settings(), store=ObjectStore(Settings()))\n"

@@ -14,10 +14,10 @@ from PIL import Image
 
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
-from orchestrator.jobs import parse_spec
-from orchestrator.planner import plan
-from orchestrator.results import read_table
-from orchestrator.storage import ObjectStore, normalize_uri
+from orchestrator.inputs.planner import plan
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.published.results import read_table
+from orchestrator.store.storage import ObjectStore, normalize_uri
 from workers.context import WorkerContext
 from workers.inprocess import run_local
 
@@ -74,8 +74,8 @@ def labeled_tar(path, labels: list[str], seed: int) -> None:
 def test_evaluate_and_finetune_take_a_brace_range_of_labeled_tars(tmp_path, hf_model_dir):
     from helpers_models import LABELS
 
-    from orchestrator.checks.training import check_labeled
-    from orchestrator.jobs import EvaluateSpec, FinetuneSpec
+    from orchestrator.jobspec.checks.training import check_labeled
+    from orchestrator.jobspec.jobs import EvaluateSpec, FinetuneSpec
     from workers.training.evaluation import evaluate
     from workers.training.finetune import finetune
 
@@ -105,8 +105,8 @@ def test_evaluate_and_finetune_take_a_brace_range_of_labeled_tars(tmp_path, hf_m
 
 
 def test_a_brace_range_of_labeled_tars_with_a_missing_number_is_refused_at_submit(tmp_path, hf_model_dir):
-    from orchestrator.checks.training import check_labeled
-    from orchestrator.jobs import EvaluateSpec
+    from orchestrator.jobspec.checks.training import check_labeled
+    from orchestrator.jobspec.jobs import EvaluateSpec
 
     (tmp_path / "shards").mkdir()
     labeled_tar(tmp_path / "shards" / "00000.tar", ["cat", "dog"], 0)

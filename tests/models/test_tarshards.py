@@ -10,9 +10,9 @@ from PIL import Image
 from support import build_tiny_vit
 
 from orchestrator.config import Settings
-from orchestrator.jobs import parse_spec
-from orchestrator.manifest import write_manifests
-from orchestrator.planner import plan
+from orchestrator.inputs.manifest import write_manifests
+from orchestrator.inputs.planner import plan
+from orchestrator.jobspec.jobs import parse_spec
 from workers.context import WorkerContext
 from workers.runner import run_shard
 
@@ -77,7 +77,7 @@ def test_keep_columns_with_nothing_to_take_them_from_are_refused_at_submit(tmp_p
     import pytest
 
     from orchestrator.errors import SpecError
-    from orchestrator.parquetinputs import ParquetColumns
+    from orchestrator.inputs.parquetinputs import ParquetColumns
 
     (tmp_path / "0001.png").write_bytes(_png(1))
     pq.write_table(pa.table({"key": ["0001"], "caption": ["a photo"]}), tmp_path / "00000.parquet")

@@ -14,13 +14,13 @@ from helpers_models import load_model
 from PIL import Image
 
 from orchestrator.config import Settings
-from orchestrator.demo import write_digits
 from orchestrator.errors import ObjectNotFound, SpecError
-from orchestrator.jobs import EvaluateSpec, FinetuneSpec, normalize_model_ref
-from orchestrator.labeledsources import LabeledItem
-from orchestrator.modelkinds import Kind
-from orchestrator.planner import plan
-from orchestrator.storage import ObjectStore, normalize_uri
+from orchestrator.inputs.labeledsources import LabeledItem
+from orchestrator.inputs.planner import plan
+from orchestrator.jobspec.jobs import EvaluateSpec, FinetuneSpec, normalize_model_ref
+from orchestrator.jobspec.modelkinds import Kind
+from orchestrator.stack.demo import write_digits
+from orchestrator.store.storage import ObjectStore, normalize_uri
 from workers.context import WorkerContext
 from workers.decode.preprocess import Decoder, Preprocess
 from workers.errors import TrainingDiverged

@@ -17,10 +17,10 @@ from PIL import Image
 
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
-from orchestrator.jobs import EvaluateSpec, parse_spec
-from orchestrator.labels import load_labeled
-from orchestrator.results import read_table
-from orchestrator.storage import ObjectStore, normalize_uri
+from orchestrator.inputs.labels import load_labeled
+from orchestrator.jobspec.jobs import EvaluateSpec, parse_spec
+from orchestrator.published.results import read_table
+from orchestrator.store.storage import ObjectStore, normalize_uri
 from workers.context import WorkerContext
 from workers.inprocess import run_local
 from workers.training.evaluation import evaluate

@@ -1,4 +1,4 @@
-"""Arrow IPC streams indexed from their message headers alone (orchestrator/arrowstreams.py): record batches
+"""Arrow IPC streams indexed from their message headers alone (orchestrator/inputs/arrowstreams.py): record batches
 found with their rows and read back one at a time, in the stream and the file format; anything else refused."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from orchestrator.arrowstreams import read_batch, read_stream_index
 from orchestrator.config import Settings
-from orchestrator.parquetinputs import ReadStats
-from orchestrator.storage import ObjectStore, normalize_uri
+from orchestrator.inputs.arrowstreams import read_batch, read_stream_index
+from orchestrator.inputs.parquetinputs import ReadStats
+from orchestrator.store.storage import ObjectStore, normalize_uri
 
 TABLE = pa.table({"image": [bytes([i]) * (100 + i) for i in range(10)], "label": list(range(10))})
 

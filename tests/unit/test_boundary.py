@@ -14,8 +14,8 @@ HEAVY = ("torch", "transformers", "timm", "workers")
 
 IMPORT_EVERYTHING = f"""
 import importlib, pkgutil, sys
-import orchestrator, orchestrator.cli, orchestrator.submit, orchestrator.jobs, orchestrator.planner
-import orchestrator.results, orchestrator.embedded
+import orchestrator, orchestrator.commands.cli, orchestrator.submission.submit, orchestrator.jobspec.jobs, orchestrator.inputs.planner
+import orchestrator.published.results, orchestrator.stack.embedded
 for module in pkgutil.iter_modules(orchestrator.__path__):
     importlib.import_module("orchestrator." + module.name)
 loaded = sorted(name for name in {HEAVY!r} if name in sys.modules)

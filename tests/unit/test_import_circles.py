@@ -12,7 +12,7 @@ import workers
 PACKAGES = (Path(orchestrator.__file__).parent, Path(workers.__file__).parent)
 # Left for its own change (planning inputs): parquetinputs reads a table's footer through tablefiles,
 # which reads parquet footers through parquetinputs.
-KNOWN = [{"orchestrator.parquetinputs", "orchestrator.tablefiles"}]
+KNOWN = [{"orchestrator.inputs.parquetinputs", "orchestrator.inputs.tablefiles"}]
 
 
 def module_name(path: Path, package: Path) -> str:
@@ -80,6 +80,6 @@ def test_the_job_states_are_imported_from_states_where_they_are_defined():
     for folder in ("orchestrator", "workers", "tests", "bench"):
         for path in (root / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-                if isinstance(node, ast.ImportFrom) and node.module == "orchestrator.ledger":
+                if isinstance(node, ast.ImportFrom) and node.module == "orchestrator.lifecycle.ledger":
                     through_ledger += [f"{path.relative_to(root)}: {a.name}" for a in node.names if a.name in states]
     assert through_ledger == []

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from orchestrator.states import JobState, JobStatus
-from orchestrator.terminal import eta_text
+from orchestrator.commands.terminal import eta_text
+from orchestrator.lifecycle.states import JobState, JobStatus
 
 
 def status(state: JobState, n_items: int, done: int, elapsed_s: float) -> JobStatus:

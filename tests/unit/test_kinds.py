@@ -8,8 +8,8 @@ import pytest
 import typer.main
 
 from orchestrator.errors import SpecError
-from orchestrator.jobs import InferenceSpec, JobSpec, parse_spec
-from orchestrator.kinds import KINDS, job_kind, spec_schema
+from orchestrator.jobspec.jobs import InferenceSpec, JobSpec, parse_spec
+from orchestrator.jobspec.kinds import KINDS, job_kind, spec_schema
 
 
 def union_members(annotation) -> set[type]:
@@ -42,7 +42,7 @@ def test_every_kinds_task_is_one_the_worker_app_registers():
 
 
 def test_every_kind_is_a_submit_and_a_run_command():
-    from orchestrator.cli import app
+    from orchestrator.commands.cli import app
 
     commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
     for group in ("submit", "run"):

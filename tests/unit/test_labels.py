@@ -9,9 +9,9 @@ import pytest
 
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
-from orchestrator.labeledsources import LabeledItem
-from orchestrator.labels import check_val_labels, class_names, load_labeled
-from orchestrator.storage import ObjectStore, join, normalize_uri
+from orchestrator.inputs.labeledsources import LabeledItem
+from orchestrator.inputs.labels import check_val_labels, class_names, load_labeled
+from orchestrator.store.storage import ObjectStore, join, normalize_uri
 
 PNG = b"\x89PNG\r\n\x1a\n not decoded here"
 

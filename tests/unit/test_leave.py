@@ -7,13 +7,13 @@ import subprocess
 import sys
 import textwrap
 
-from orchestrator.clientexit import exit_code
+from orchestrator.fleet.clientexit import exit_code
 
 
 def test_leave_joins_threads_runs_atexit_handlers_flushes_and_exits_with_the_code(tmp_path):
     script = textwrap.dedent(f"""
         import atexit, pathlib, sys, threading, time
-        from orchestrator.clientexit import leave
+        from orchestrator.fleet.clientexit import leave
         out = pathlib.Path({str(tmp_path)!r})
         atexit.register(lambda: (out / "atexit").write_text("ran"))
         def late():

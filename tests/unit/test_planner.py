@@ -9,9 +9,9 @@ import pytest
 
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
-from orchestrator.manifest import Item, read_manifest, write_manifests
-from orchestrator.planner import plan
-from orchestrator.storage import ObjectStore, join, normalize_uri
+from orchestrator.inputs.manifest import Item, read_manifest, write_manifests
+from orchestrator.inputs.planner import plan
+from orchestrator.store.storage import ObjectStore, join, normalize_uri
 
 
 @pytest.fixture

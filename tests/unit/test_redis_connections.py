@@ -8,10 +8,10 @@ import socket
 
 import pytest
 
-from orchestrator import redisendpoint as ep
-from orchestrator.celery_app import make_app
 from orchestrator.config import Settings
-from orchestrator.ledger import Ledger
+from orchestrator.fleet import redisendpoint as ep
+from orchestrator.fleet.celery_app import make_app
+from orchestrator.lifecycle.ledger import Ledger
 
 PLAIN = "redis://:pw@10.0.0.9:6379/0"
 SENTINELS = "sentinel://:pw@10.0.0.1:26379/0;sentinel://10.0.0.2:26379;sentinel://10.0.0.3:26379"
@@ -82,7 +82,7 @@ def test_kombus_sentinel_transport_gets_the_same_sentinel_options():
 def test_flower_gets_them_for_any_broker_url(url, monkeypatch):
     from celery import current_app
 
-    from orchestrator.flowerauth import sentinel_options
+    from orchestrator.fleet.flowerauth import sentinel_options
 
     monkeypatch.setenv("CELERY_BROKER_URL", url)
     before = current_app.conf.broker_transport_options
@@ -96,7 +96,7 @@ def test_flower_gets_them_for_any_broker_url(url, monkeypatch):
 @URLS
 def test_a_clients_ledger_and_app_have_them(url):
     """`submit`, `wait`, `status` and the reconciler are Clients; the exporter serves Ledger.from_settings."""
-    from orchestrator.submit import Client
+    from orchestrator.submission.submit import Client
 
     client = Client.from_settings(Settings(broker_url=url))
 

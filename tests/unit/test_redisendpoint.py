@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.celery_app import make_app
 from orchestrator.config import Settings
 from orchestrator.errors import ConfigError
-from orchestrator.redisendpoint import PrimaryConnection, RedisEndpoint, parse_sentinels
+from orchestrator.fleet.celery_app import make_app
+from orchestrator.fleet.redisendpoint import PrimaryConnection, RedisEndpoint, parse_sentinels
 
 URL = "sentinel://:s3cret@10.0.0.1:26379/2;sentinel://10.0.0.2:26380;sentinel://10.0.0.3"
 

@@ -3,8 +3,8 @@ every string from the data escaped."""
 
 from __future__ import annotations
 
-from orchestrator.report import pick_sample
-from orchestrator.reportpage import Card, card_html
+from orchestrator.published.report import pick_sample
+from orchestrator.published.reportpage import Card, card_html
 
 ROWS = ([{"key": f"k{i}", "score": i / 100, "error": None} for i in range(100)]
         + [{"key": f"bad{i}", "score": None, "error": "not an image"} for i in range(3)])

@@ -8,8 +8,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from orchestrator.errors import SpecError, VitbatchError
-from orchestrator.gpupool import visible_gpus
-from orchestrator.schedule import ScheduleEntry, ZonedCrontab, load_schedules, start_run
+from orchestrator.stack.gpupool import visible_gpus
+from orchestrator.submission.schedule import ScheduleEntry, ZonedCrontab, load_schedules, start_run
 
 ENTRY = """
 [[schedule]]

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from orchestrator.errors import SpecError
-from orchestrator.jobs import ClassifySpec, parse_spec
-from orchestrator.kinds import KINDS
+from orchestrator.jobspec.jobs import ClassifySpec, parse_spec
+from orchestrator.jobspec.kinds import KINDS
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from orchestrator.labeledsources import LabeledItem
+from orchestrator.inputs.labeledsources import LabeledItem
 from workers.training.splits import stratified_split
 
 

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from orchestrator.embedded import EmbeddedStack
+from orchestrator.stack.embedded import EmbeddedStack
 
 
 class _SigtermWhenFinalized:

@@ -8,7 +8,7 @@ import pytest
 
 from orchestrator.config import Settings
 from orchestrator.errors import ObjectNotFound, ObjectTooLarge, StorageError, UnsafeKey
-from orchestrator.storage import ObjectStore, join, normalize_uri, relative_key
+from orchestrator.store.storage import ObjectStore, join, normalize_uri, relative_key
 
 
 @pytest.fixture
@@ -195,9 +195,9 @@ def test_a_create_only_write_refuses_an_existing_object_and_keeps_it(tmp_path):
 
 
 def test_an_output_inside_the_jobs_input_is_refused_before_anything_is_written(tmp_path):
-    from orchestrator.checks.outputs import check_prefix_free
     from orchestrator.errors import SpecError
-    from orchestrator.jobs import parse_spec
+    from orchestrator.jobspec.checks.outputs import check_prefix_free
+    from orchestrator.jobspec.jobs import parse_spec
 
     spec = parse_spec({"kind": "classify", "input": str(tmp_path / "in"), "output": str(tmp_path / "in" / "out"),
                        "model": str(tmp_path / "m")})

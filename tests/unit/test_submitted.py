@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 from orchestrator.config import Settings
-from orchestrator.incremental import submitted_job
-from orchestrator.jobs import parse_spec
-from orchestrator.modelrefs import model_identity
-from orchestrator.outputs import spec_digest
-from orchestrator.storage import ObjectStore, normalize_uri
-from orchestrator.submitted import SubmittedJob, read_submitted
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.jobspec.modelrefs import model_identity
+from orchestrator.jobspec.submitted import SubmittedJob, read_submitted
+from orchestrator.published.outputs import spec_digest
+from orchestrator.store.storage import ObjectStore, normalize_uri
+from orchestrator.submission.incremental import submitted_job
 
 
 def test_a_record_reads_back_as_it_was_written(tmp_path):

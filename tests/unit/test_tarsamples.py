@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from webdataset import tariterators
 
-from orchestrator.tarsamples import Sample, base_plus_ext, kept_type, lookup, read_samples
+from orchestrator.inputs.tarsamples import Sample, base_plus_ext, kept_type, lookup, read_samples
 
 NAMES = ["x.jpg", "x.seg.png", "x.cls", "b.000.jpg", "b.001.jpg", "img.v1.jpg", "dir/a.b/c.d.PNG", "README",
          ".hidden.jpg", "a/.b.jpg", "y.json", "x.txt"]

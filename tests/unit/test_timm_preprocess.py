@@ -10,7 +10,7 @@ from PIL import Image
 from timm.models import save_for_hf
 
 from orchestrator.config import Settings
-from orchestrator.storage import ObjectStore
+from orchestrator.store.storage import ObjectStore
 from workers.decode.preprocess import resize_image
 from workers.errors import ModelLoadError
 from workers.models import load

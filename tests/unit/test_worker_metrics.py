@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.commits import ShardMarker
-from orchestrator.gpupool import metrics_port
+from orchestrator.lifecycle.commits import ShardMarker
+from orchestrator.stack.gpupool import metrics_port
 from workers import hooks, metrics
 
 

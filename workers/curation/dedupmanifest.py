@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 
 from orchestrator.constants import KEPT_MANIFEST
-from orchestrator.jobs import DedupSpec
-from orchestrator.storage import ObjectStore
-from orchestrator.vectorplan import VectorPlan
+from orchestrator.inputs.vectorplan import VectorPlan
+from orchestrator.jobspec.jobs import DedupSpec
+from orchestrator.store.storage import ObjectStore
 from workers.curation import crosscluster
 from workers.curation.dedupparts import (
     RESULT_SCHEMA,

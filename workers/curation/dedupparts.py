@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.commits import ShardMarker
 from orchestrator.errors import CorruptOutput, StorageError
-from orchestrator.storage import ObjectStore, join
+from orchestrator.lifecycle.commits import ShardMarker
+from orchestrator.store.storage import ObjectStore, join
 from workers.writers import read_commit
 
 RESULT_SCHEMA = pa.schema([("key", pa.string()), ("cluster", pa.int32()), ("duplicate_of", pa.string()),

@@ -19,10 +19,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from orchestrator.jobs import DedupSpec
-from orchestrator.storage import ObjectStore
-from orchestrator.vectorplan import VectorPlan
-from orchestrator.vectorsource import read_vectors
+from orchestrator.inputs.vectorplan import VectorPlan
+from orchestrator.inputs.vectorsource import read_vectors
+from orchestrator.jobspec.jobs import DedupSpec
+from orchestrator.store.storage import ObjectStore
 from workers.curation import crosscluster, semdedup
 from workers.curation.dedupparts import (
     BUCKET_SCHEMA,

@@ -38,11 +38,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.commits import ShardMarker
-from orchestrator.jobs import NeighborsSpec
-from orchestrator.storage import ObjectStore
-from orchestrator.vectorplan import VectorPlan
-from orchestrator.vectorsource import VectorSource, read_vectors
+from orchestrator.inputs.vectorplan import VectorPlan
+from orchestrator.inputs.vectorsource import VectorSource, read_vectors
+from orchestrator.jobspec.jobs import NeighborsSpec
+from orchestrator.lifecycle.commits import ShardMarker
+from orchestrator.store.storage import ObjectStore
 from workers.curation import knn
 from workers.curation.dedupparts import committed_part, phase_marker
 from workers.curation.semdedup import unit_rows

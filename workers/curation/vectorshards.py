@@ -11,12 +11,12 @@ import time
 from collections.abc import Callable
 
 from orchestrator import __version__
-from orchestrator.commits import JobRecord, ShardMarker
-from orchestrator.finalize import publish
-from orchestrator.jobs import DedupSpec, NeighborsSpec
-from orchestrator.outputs import job_dir, new_job_id, spec_digest
-from orchestrator.storage import ObjectStore, relative_key
-from orchestrator.vectorplan import VectorPlan, plan_vectors
+from orchestrator.inputs.vectorplan import VectorPlan, plan_vectors
+from orchestrator.jobspec.jobs import DedupSpec, NeighborsSpec
+from orchestrator.lifecycle.commits import JobRecord, ShardMarker
+from orchestrator.lifecycle.finalize import publish
+from orchestrator.published.outputs import job_dir, new_job_id, spec_digest
+from orchestrator.store.storage import ObjectStore, relative_key
 from workers.writers import commit_shard
 
 ProgressFn = Callable[[int, int], None]

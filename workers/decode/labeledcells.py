@@ -1,5 +1,5 @@
 """Images inside parquet files, save_to_disk Arrow streams and tars by address (`<object uri>#<row index>`,
-`<tar uri>#<member>`), for finetune and evaluate, whose labeled items come from orchestrator/labeledsources.py.
+`<tar uri>#<member>`), for finetune and evaluate, whose labeled items come from orchestrator/inputs/labeledsources.py.
 
 Training reads items in a shuffled order, so the row groups and tars read last are kept, least
 recently used first out, up to `CACHE_BYTES`: a training set that fits is read once per job; a
@@ -14,11 +14,11 @@ from collections import OrderedDict
 
 from orchestrator.config import Settings
 from orchestrator.errors import ObjectNotFound, ObjectTooLarge, ObjectUnreadable, SpecError
-from orchestrator.labeledsources import split_address
-from orchestrator.manifest import Item
-from orchestrator.parquetinputs import image_column, is_table_key
-from orchestrator.storage import ObjectStore
-from orchestrator.tablefiles import Footer, read_table_footer
+from orchestrator.inputs.labeledsources import split_address
+from orchestrator.inputs.manifest import Item
+from orchestrator.inputs.parquetinputs import image_column, is_table_key
+from orchestrator.inputs.tablefiles import Footer, read_table_footer
+from orchestrator.store.storage import ObjectStore
 from workers.decode.parquetshards import RowGroup, RowGroupCells
 from workers.decode.tarshards import members
 

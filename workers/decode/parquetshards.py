@@ -1,7 +1,7 @@
 """Parquet row groups -> rows: items keyed `<file key>/<row index>` (or by --id-column), and their
 image cells read one row group at a time.
 
-A shard's manifest names whole row groups (orchestrator/parquetinputs.py). Expanding them
+A shard's manifest names whole row groups (orchestrator/inputs/parquetinputs.py). Expanding them
 reads the footer once per file and the small columns (id, pass-through, label) of each row
 group; the image column is read later, by `RowGroupCells`, when the pipeline asks for the
 group's first cell, and dropped once its last cell has been handed over. With the pipeline's
@@ -30,11 +30,11 @@ from orchestrator.errors import (
     OutsideInput,
     SpecError,
 )
-from orchestrator.manifest import Item
-from orchestrator.parquetinputs import ParquetColumns, ReadStats, check_columns, class_names
-from orchestrator.scope import outside_input, path_cell_uri
-from orchestrator.storage import ObjectStore
-from orchestrator.tablefiles import Footer, read_table_footer
+from orchestrator.inputs.manifest import Item
+from orchestrator.inputs.parquetinputs import ParquetColumns, ReadStats, check_columns, class_names
+from orchestrator.inputs.tablefiles import Footer, read_table_footer
+from orchestrator.store.scope import outside_input, path_cell_uri
+from orchestrator.store.storage import ObjectStore
 
 IMG2DATASET_ERROR = "error_message"  # img2dataset's reason for a null `jpg`
 

@@ -1,7 +1,7 @@
 """Webdataset tar shards (also gzip-compressed: .tar.gz, .tgz) -> rows: one per sample, as webdataset groups them.
 
 A sample is the tar's consecutive members of one key (`x.jpg`, `x.seg.png`, `x.cls`: sample `x`;
-orchestrator/tarsamples.py holds webdataset's rule). Its row is keyed `<tar key>/<sample key>`, or by
+orchestrator/inputs/tarsamples.py holds webdataset's rule). Its row is keyed `<tar key>/<sample key>`, or by
 its `--id-column` field, in member order, so a redelivered shard yields the same rows. Its image is
 the `--image-key` field (default: the first of jpg, jpeg, png, webp, ... it has); its other fields
 give the `--id-column` key and the `--keep-columns` values. A sample without an image, with an unsafe
@@ -24,9 +24,18 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from orchestrator.errors import ObjectNotFound, ObjectTooLarge, ObjectUnreadable
-from orchestrator.manifest import Item
-from orchestrator.storage import ObjectStore
-from orchestrator.tarsamples import NO_FIELDS, FieldError, Sample, TarFields, as_text, kept_value, lookup, read_samples
+from orchestrator.inputs.manifest import Item
+from orchestrator.inputs.tarsamples import (
+    NO_FIELDS,
+    FieldError,
+    Sample,
+    TarFields,
+    as_text,
+    kept_value,
+    lookup,
+    read_samples,
+)
+from orchestrator.store.storage import ObjectStore
 
 Blobs = dict[str, bytes | str]
 

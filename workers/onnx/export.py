@@ -38,10 +38,10 @@ import numpy as np
 import torch
 
 from orchestrator.constants import EXPORT_REPORT_FILE, MODEL_CONFIG_FILE, ONNX_MODEL_FILE
-from orchestrator.jobs import ExportSpec
-from orchestrator.modelkinds import Kind
-from orchestrator.modelrefs import ONNX_FORMAT
-from orchestrator.storage import join
+from orchestrator.jobspec.jobs import ExportSpec
+from orchestrator.jobspec.modelkinds import Kind
+from orchestrator.jobspec.modelrefs import ONNX_FORMAT
+from orchestrator.store.storage import join
 from workers.errors import ExportFailed, ModelLoadError
 from workers.loaded import LoadedModel
 from workers.models import load
@@ -153,7 +153,7 @@ def versions(model: LoadedModel) -> dict[str, str]:
 
 def model_config(model: LoadedModel, spec: ExportSpec, grid: tuple[int, int], names: tuple[str, ...]) -> dict:
     """config.json of the exported directory: what load_onnx and the control plane read (no torch needed).
-    A headless export says `"classifier": false` (orchestrator/modelkinds.py reads it; a classifier's
+    A headless export says `"classifier": false` (orchestrator/jobspec/modelkinds.py reads it; a classifier's
     config is what it always was, with no such key) and has no labels."""
     source = model.module.pretrained_cfg if model.family.kind is Kind.TIMM else model.module.config.to_dict()
     headless = {} if model.family.has_classifier else {"classifier": False}

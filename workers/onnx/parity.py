@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from orchestrator.jobs import ExportSpec
-from orchestrator.manifest import Item
-from orchestrator.planner import plan
+from orchestrator.inputs.manifest import Item
+from orchestrator.inputs.planner import plan
+from orchestrator.jobspec.jobs import ExportSpec
 from workers.compute import DeviceStage
 from workers.decode.preprocess import Decoder
 from workers.errors import ExportFailed

@@ -9,7 +9,7 @@ export says `"classifier": false`), the `cls` embedding, `pooled` (where the sou
 apart from `cls`: CLIP, timm image projections), `mean` and the patch tokens, so classify,
 evaluate and embed read their results from one ORT run and the pipeline stays the one
 PyTorch models use. Attention maps and fine-tuning need the PyTorch modules:
-refused at submit (orchestrator/checks.py) and here.
+refused at submit (orchestrator/jobspec/checks.py) and here.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from orchestrator.constants import CHECKPOINT_COMMITTED, CHECKPOINTS_DIR
 from orchestrator.errors import ObjectNotFound, SpecError
-from orchestrator.jobs import FinetuneSpec
-from orchestrator.storage import ObjectStore, join, relative_key
+from orchestrator.jobspec.jobs import FinetuneSpec
+from orchestrator.store.storage import ObjectStore, join, relative_key
 from workers.errors import TrainingDiverged
 
 _STEP_DIR = re.compile(r"step-(\d{8})/" + re.escape(CHECKPOINT_COMMITTED))

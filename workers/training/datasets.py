@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from orchestrator.errors import ObjectNotFound, ObjectTooLarge
-from orchestrator.labeledsources import LabeledItem
+from orchestrator.inputs.labeledsources import LabeledItem
 from workers.context import WorkerContext
 from workers.decode.imaging import decode_rgb
 from workers.decode.labeledcells import ContainerReader, addressed

@@ -16,14 +16,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from orchestrator.checks.models import check_job_fits
 from orchestrator.errors import SpecError
-from orchestrator.jobs import EvaluateSpec
-from orchestrator.labeledsources import label_options
-from orchestrator.labels import load_labeled
-from orchestrator.manifest import Item
-from orchestrator.modelkinds import Checkpoint
-from orchestrator.storage import join
+from orchestrator.inputs.labeledsources import label_options
+from orchestrator.inputs.labels import load_labeled
+from orchestrator.inputs.manifest import Item
+from orchestrator.jobspec.checks.models import check_job_fits
+from orchestrator.jobspec.jobs import EvaluateSpec
+from orchestrator.jobspec.modelkinds import Checkpoint
+from orchestrator.store.storage import join
 from workers.context import WorkerContext
 from workers.decode.labeledcells import ContainerReader
 from workers.decode.preprocess import Decoder

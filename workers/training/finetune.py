@@ -27,9 +27,9 @@ from transformers.trainer_callback import PrinterCallback
 
 from orchestrator.constants import MODEL_CONFIG_FILE
 from orchestrator.errors import SpecError
-from orchestrator.jobs import FinetuneSpec
-from orchestrator.modelrefs import normalize_model_ref
-from orchestrator.storage import ObjectStore, join
+from orchestrator.jobspec.jobs import FinetuneSpec
+from orchestrator.jobspec.modelrefs import normalize_model_ref
+from orchestrator.store.storage import ObjectStore, join
 from workers import models
 from workers.context import WorkerContext
 from workers.errors import TrainingDiverged

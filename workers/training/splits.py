@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 
-from orchestrator.jobs import FinetuneSpec
-from orchestrator.labeledsources import LabeledItem, label_options
-from orchestrator.labels import check_val_labels, class_names, load_labeled
-from orchestrator.storage import ObjectStore
+from orchestrator.inputs.labeledsources import LabeledItem, label_options
+from orchestrator.inputs.labels import check_val_labels, class_names, load_labeled
+from orchestrator.jobspec.jobs import FinetuneSpec
+from orchestrator.store.storage import ObjectStore
 
 
 def stratified_split(items: list[LabeledItem], val_split: float,

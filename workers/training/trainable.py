@@ -1,5 +1,5 @@
 """What a fine-tune trains: a model with a classifier sized from the data's labels, built from
-a --config or from a checkpoint of any kind orchestrator.modelkinds tells apart.
+a --config or from a checkpoint of any kind orchestrator.jobspec.modelkinds tells apart.
 
 - an image classifier keeps its backbone and gets a new head where its labels differ;
 - a backbone (ViTModel, Dinov2Model, ...) gets a fresh head on its own weights:
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from orchestrator.errors import SpecError
-from orchestrator.modelkinds import Checkpoint, Kind
+from orchestrator.jobspec.modelkinds import Checkpoint, Kind
 from workers import models
 from workers.context import WorkerContext
 from workers.decode.preprocess import Preprocess

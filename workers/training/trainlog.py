@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 from transformers import TrainerCallback
 
-from orchestrator.checks.training import trained_images
-from orchestrator.storage import ObjectStore, join
+from orchestrator.jobspec.checks.training import trained_images
+from orchestrator.store.storage import ObjectStore, join
 from workers.errors import TrainingDiverged
 
 
@@ -39,7 +39,7 @@ class ReportProgress(TrainerCallback):
     """`report` gets step progress on every log, the val accuracy on every evaluation, and the
     end of training.
 
-    done and total count trained images (orchestrator.checks.training.trained_images): each
+    done and total count trained images (orchestrator.jobspec.checks.training.trained_images): each
     training image once per epoch, so a run's total is its training images x epochs and its
     rate is the images/s the device trains at. The job's commit reports the same total, so a
     finished run shows done == total.

@@ -1,0 +1,1 @@
+"""The `vitbatch` command line."""

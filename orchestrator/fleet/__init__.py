@@ -1,0 +1,1 @@
+"""Connecting a fleet: the Celery app, Redis endpoints (Sentinel, timeouts, retries), clean exits, Flower and Prometheus."""

@@ -1,0 +1,105 @@
+"""Job kinds: each kind is one record here, and whatever differs between kinds is read from it.
+
+A kind's spec (its pydantic model) lives in `jobs.py`; everything else the control plane and the
+workers need to know about it is a field of its `JobKind`: the CLI makes `submit <name>` and
+`run <name>` from `spec`, submit and the enqueuer send `task`, the reconciler reads `slow_unit`,
+a job's record reads `makes_model`, the worker's metrics read `runs_shards`.
+`tests/unit/test_kinds.py` fails when a registered kind lacks a piece (a spec in the `JobSpec`
+union, a task the worker app registers, a CLI command, a schema entry).
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, TypeAdapter
+
+from orchestrator.constants import (
+    QUEUE_TRAIN,
+    TASK_EVALUATE,
+    TASK_EXPORT,
+    TASK_FINETUNE,
+    TASK_RUN_SHARD,
+    TASK_VECTOR_SHARD,
+)
+from orchestrator.errors import SpecError
+from orchestrator.jobspec.jobs import (
+    AttentionSpec,
+    ClassifySpec,
+    DedupSpec,
+    EmbedSpec,
+    EvaluateSpec,
+    ExportSpec,
+    FinetuneSpec,
+    NeighborsSpec,
+)
+
+Unit = Literal["images", "single", "vectors"]
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """What one job kind is, in one place."""
+
+    name: str  # the spec's `kind`, the CLI command and the ledger's job kind
+    spec: type[BaseModel]  # its pydantic spec (jobs.py)
+    unit: Unit  # images: shards of images planned into manifests; single: one task is the whole job;
+    #             vectors: shards of an embed job's vectors, in phases (vectorplan.py)
+    task: str  # the Celery task one unit runs as (constants.TASK_*)
+    slow_unit: bool = False  # one long unit that reports progress sparsely: never handed on as stalled
+    makes_model: bool = False  # its output is a model (`--model <output>` loads it), made from PyTorch modules
+    exclusive: bool = False  # a redelivery must not run beside a live run (two trainers on one output fight)
+    queue: str | None = None  # a queue of its own; None: the job's lane (interactive or bulk)
+    carries_over: bool = False  # a nightly run carries unchanged rows over from the previous run (incremental.py)
+    rows_shown: int = 0  # result rows `vitbatch run` prints once the job has succeeded
+
+    @property
+    def runs_shards(self) -> bool:
+        """Its units run through workers/runner.run_shard: image shards planned from manifests at submit."""
+        return self.unit == "images"
+
+    def task_args(self, job_id: str, unit: int) -> list:
+        """The task's arguments for one unit (a single task takes the job only)."""
+        return [job_id] if self.unit == "single" else [job_id, unit]
+
+
+def _images(name: str, spec: type[BaseModel], **traits) -> JobKind:
+    return JobKind(name, spec, "images", TASK_RUN_SHARD, **traits)
+
+
+def _single(name: str, spec: type[BaseModel], task: str, **traits) -> JobKind:
+    return JobKind(name, spec, "single", task, slow_unit=True, **traits)
+
+
+def _vectors(name: str, spec: type[BaseModel]) -> JobKind:
+    return JobKind(name, spec, "vectors", TASK_VECTOR_SHARD)
+
+
+KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
+    _images("classify", ClassifySpec, carries_over=True, rows_shown=5),
+    _images("embed", EmbedSpec),
+    _images("attention", AttentionSpec),
+    _single("finetune", FinetuneSpec, TASK_FINETUNE, makes_model=True, exclusive=True, queue=QUEUE_TRAIN),
+    _single("evaluate", EvaluateSpec, TASK_EVALUATE),
+    _single("export", ExportSpec, TASK_EXPORT, makes_model=True),
+    _vectors("dedup", DedupSpec),
+    _vectors("neighbors", NeighborsSpec),
+)}
+
+
+def job_kind(name: str) -> JobKind:
+    """The registered kind called `name`; SpecError naming the kinds there are."""
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise SpecError(f"unknown job kind {name!r}: one of {', '.join(KINDS)}") from None
+
+
+def spec_schema() -> dict:
+    """The JSON schema of every registered kind's spec (`vitbatch schema`): a union on `kind`."""
+    union = functools.reduce(operator.or_, (kind.spec for kind in KINDS.values()))
+    # a union built at run time, which mypy cannot type (jobs.JobSpec is its static twin)
+    return TypeAdapter(Annotated[union, Field(discriminator="kind")]).json_schema()  # type: ignore[valid-type, arg-type]
