@@ -20,7 +20,7 @@ import torch
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
 from orchestrator.jobspec.modelkinds import Checkpoint, Kind, checkpoint_kind
-from orchestrator.jobspec.modelrefs import is_onnx
+from orchestrator.jobspec.modelrefs import is_onnx, normalize_model_ref
 from orchestrator.store.storage import ObjectStore
 from workers.decode.preprocess import Preprocess
 from workers.errors import ModelLoadError
@@ -199,6 +199,7 @@ def load(ref: str, device: str = "auto", precision: str = "auto", *, settings: S
 
     `settings` and `store` come from the caller's edge (a worker's context, a bench script, a
     test): an s3:// model is fetched through that store into that settings' model cache."""
+    ref = normalize_model_ref(ref)  # a plain directory path, as a bench script or a test passes it
     torch_device = resolve_device(device)
     dtype = resolve_dtype(precision, torch_device)
     path = local_model_dir(ref, store, settings)

@@ -11,11 +11,15 @@ from functools import cache
 from pathlib import Path
 from urllib.parse import unquote
 
-from orchestrator.errors import ObjectNotFound, ObjectTooLarge, ObjectUnreadable, OutsideInput
+from orchestrator.errors import ObjectNotFound, ObjectTooLarge, ObjectUnreadable, OutsideInput, StorageError
 from orchestrator.store.scope import local_path_inside
 
 
 def local_path(uri: str) -> Path:
+    """The path a file:// URI names. Anything else is refused: cutting a scheme off a plain path
+    (`/tmp/zz/x.json` -> `-x.json`...) would read or write somewhere the caller never named."""
+    if not uri.startswith("file://"):
+        raise StorageError(f"not a file:// URI: {uri!r} (storage.normalize_uri makes one of a local path)")
     rest = uri[len("file://"):]
     return Path(unquote(rest[len("localhost"):] if rest.startswith("localhost/") else rest))
 

@@ -204,3 +204,16 @@ def test_an_output_inside_the_jobs_input_is_refused_before_anything_is_written(t
     with pytest.raises(SpecError, match="inside the job's input"):
         check_prefix_free(spec, ObjectStore(Settings()), overwrite=True)
     assert not (tmp_path / "in").exists()
+
+
+@pytest.mark.parametrize("op", ["write", "read", "exists", "delete"])
+def test_a_plain_path_is_refused_not_cut_into_a_relative_one(store, tmp_path, monkeypatch, op):
+    """A plain path is not a URI: cutting `file://`'s seven characters off `/tmp/...` named a
+    relative path (`/tmp/zz-probe/x.json` wrote `./-probe/x.json` in the working directory)."""
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "zz-probe" / "x.json"
+    call = {"write": lambda p: store.write(p, b"{}"), "read": store.read, "exists": store.exists,
+            "delete": store.delete}[op]
+    with pytest.raises(StorageError, match="not a file:// URI"):
+        call(str(target))
+    assert list(tmp_path.rglob("*")) == []
