@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import cached_property
 
 from orchestrator.config import Settings
 from orchestrator.lifecycle.ledger import Ledger
+from orchestrator.lifecycle.ledgers import JobLedger
 from orchestrator.store.storage import ObjectStore
 from workers.decode.pool import DecodePool
 from workers.models import ModelCache
@@ -24,8 +26,17 @@ class WorkerContext:
         return ObjectStore(self.settings)
 
     @cached_property
-    def ledger(self) -> Ledger:
+    def ledger(self) -> JobLedger:
+        """The Redis ledger at the settings' URL; an in-process job's context holds a memory one (`over`)."""
         return Ledger.from_settings(self.settings)
+
+    def over(self, ledger: JobLedger) -> WorkerContext:
+        """This context over another ledger, sharing its store, models and decode pool (what was built)."""
+        for part in ("store", "models", "decode_pool"):  # built here (cheap, nothing started) so both share them
+            getattr(self, part)
+        twin = copy.copy(self)
+        twin.__dict__["ledger"] = ledger  # cached_property's slot: read back as `twin.ledger`
+        return twin
 
     @cached_property
     def models(self) -> ModelCache:

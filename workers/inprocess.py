@@ -1,49 +1,110 @@
-"""A whole job in one process, without Redis or Celery: plan, run every shard, publish.
+"""A whole job in one process, without Redis or Celery: recorded in a memory ledger, then every unit
+through the one lifecycle (workers/lifecycle.py) that queued units go through.
 
-Unit tests and bench/ use it to drive the real shard path; the distributed path
-(submit -> Celery -> tasks -> finalize) writes the same job folder and the same records:
-`_job.json` in the job's folder and at the prefix, the shards' markers, and the job's
-record built by the same `JobRecord` (orchestrator/lifecycle/commits.py) that finalize builds.
+Unit tests and bench/ use it to drive the real shard path. It plans as submit does (`plan_job`
+for image shards, `plan_vectors` for an embed job's vectors), holds the prefix, writes the job's
+folder and `_job.json` (in the folder and at the prefix, built by incremental.submitted_job), and
+records the job in an in-memory ledger (orchestrator/lifecycle/memoryledger.py); each unit is
+leased, run fenced, committed and settled there, and the last one finalizes the job with
+finalize.py: the same record, publication claim and removal of replaced folders as a queued job.
+A unit that raises stops the run with its error (a queued unit would be retried): a not-retryable
+one has failed the job first, as it does queued.
 """
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 
-from orchestrator import __version__
 from orchestrator.constants import JOB_SPEC_FILE
 from orchestrator.inputs.manifest import write_manifests
 from orchestrator.inputs.planner import plan_job
-from orchestrator.jobspec.jobs import InferenceSpec
-from orchestrator.lifecycle.commits import JobRecord
-from orchestrator.lifecycle.finalize import publish
+from orchestrator.inputs.vectorplan import plan_vectors
+from orchestrator.jobspec.jobs import DedupSpec, InferenceSpec, NeighborsSpec
+from orchestrator.jobspec.kinds import job_kind
+from orchestrator.lifecycle.commits import ShardMarker
+from orchestrator.lifecycle.finalize import committed_markers, finalize
+from orchestrator.lifecycle.memoryledger import MemoryLedger
+from orchestrator.lifecycle.states import JobState
 from orchestrator.published.outputs import job_dir, new_job_id
-from orchestrator.store.storage import join, relative_key
+from orchestrator.store.storage import ObjectStore, join
 from orchestrator.submission.incremental import submitted_job
 from workers.context import WorkerContext
-from workers.runner import run_shard
+from workers.errors import ShardFailed
+from workers.lifecycle import run_unit, unit_work
+
+ShardedSpec = InferenceSpec | DedupSpec | NeighborsSpec  # the kinds whose units are shards
 
 
-def run_local(spec: InferenceSpec, ctx: WorkerContext, job_id: str | None = None) -> tuple[str, list]:
-    """Run every shard of `spec` here and publish the job; returns its id and commit markers."""
-    job_id = job_id or new_job_id()
-    started = time.time()
-    folder = job_dir(spec.output, job_id)
-    job_plan = plan_job(spec, ctx.store)
-    submitted = submitted_job(job_id, spec, {**job_plan.summary(), "carried": 0}, ctx.store)
-    fields = {"job_id": job_id, "spec_sha256": submitted.spec_sha256}
-    job_record = submitted.to_bytes()  # the queued path's record, built by the same function
-    ctx.store.write(join(folder, JOB_SPEC_FILE), job_record)
-    ctx.store.write(join(spec.output, JOB_SPEC_FILE), job_record)
-    write_manifests(job_plan, folder, ctx.store)
-    local = spec.model_copy(update={"output": folder})
-    markers = [run_shard(local, shard, ctx, marker_fields=fields) for shard in range(job_plan.n_shards)]
-    rows = sum(m.rows for m in markers)
-    finished = time.time()
-    record = JobRecord.build(
-        job_id=job_id, spec_sha256=fields["spec_sha256"], kind=spec.kind, job_dir=relative_key(spec.output, folder),
-        markers=markers, items=rows, processed=rows, errors=sum(m.errors for m in markers), shards=len(markers),
-        failed_shards={}, carried=0, wall_s=finished - started, finished_at=finished, version=__version__,
-    )
-    publish(ctx.store, spec.output, record.to_json(), True, submitted.spec)
-    return job_id, markers
+def _quiet(text: str) -> None:
+    """No monitor listens in process: a unit's progress text goes nowhere (its count to the ledger)."""
+
+
+def plan_units(spec: ShardedSpec, folder: str, store: ObjectStore) -> tuple[dict, int]:
+    """Plan as submit does and write the plan into the job's folder; the plan's summary and its units."""
+    if job_kind(spec.kind).unit == "vectors":
+        vector_plan = plan_vectors(spec, store)  # type: ignore[arg-type]
+        vector_plan.write(folder, store)
+        return vector_plan.summary(), vector_plan.n_shards
+    job_plan = plan_job(spec, store)  # type: ignore[arg-type]
+    write_manifests(job_plan, folder, store)
+    return {**job_plan.summary(), "carried": 0}, job_plan.n_shards
+
+
+@dataclass
+class LocalJob:
+    """A job recorded in this process's memory ledger; `ctx` is the caller's context over that ledger."""
+
+    spec: ShardedSpec
+    job_id: str
+    ctx: WorkerContext
+    n_units: int
+
+    @classmethod
+    def record(cls, spec: ShardedSpec, ctx: WorkerContext, job_id: str | None = None) -> LocalJob:
+        """Plan, hold the prefix, write the job's folder and `_job.json`, and record the job (as submit does)."""
+        job_id = job_id or new_job_id()
+        local = ctx.over(MemoryLedger())
+        folder = job_dir(spec.output, job_id)
+        local.ledger.hold_output(spec.output, job_id)
+        summary, n_units = plan_units(spec, folder, local.store)
+        record = submitted_job(job_id, spec, summary, local.store).to_bytes()
+        local.store.write(join(folder, JOB_SPEC_FILE), record)
+        local.store.write(join(spec.output, JOB_SPEC_FILE), record)
+        local.ledger.create(job_id, spec.model_dump_json(), spec.kind, spec.output, summary["items"], n_units,
+                            carried=summary.get("carried", 0))
+        return cls(spec, job_id, local, n_units)
+
+    def run_unit(self, unit: int, finalize_when_settled: bool = True) -> dict:
+        """One unit's life; the last to settle finalizes the job unless told not to (`finish` then does)."""
+        try:
+            return run_unit(self.ctx, self.job_id, unit, unit_work(self.spec.kind, unit, _quiet),
+                            settle=None if finalize_when_settled else lambda _job_id: None)
+        except ShardFailed as e:  # the job failed for a not-retryable reason: raise that reason itself
+            raise (e.__cause__ if isinstance(e.__cause__, Exception) else e) from None
+
+    def run(self) -> tuple[str, list[ShardMarker]]:
+        """Every unit in order (a vector job's phases follow each other), then the job is finalized."""
+        for unit in range(self.n_units):
+            self.run_unit(unit)
+        if self.n_units == 0:  # nothing to run: ended at once, as submit ends it
+            self.finish()
+        return self.job_id, self.markers()
+
+    def finish(self) -> JobState:
+        """Finalize the job once its units have settled (what the last unit does unless deferred)."""
+        return finalize(self.job_id, self.ctx.ledger, self.ctx.store)
+
+    def markers(self) -> list[ShardMarker]:
+        """The job's committed markers, in unit order."""
+        return committed_markers(self.job_id, self.spec.output, self.ctx.ledger, self.ctx.store, carried=0)
+
+
+def run_local(spec: ShardedSpec, ctx: WorkerContext, job_id: str | None = None) -> tuple[str, list[ShardMarker]]:
+    """Run every unit of `spec` here and publish the job; returns its id and commit markers."""
+    return LocalJob.record(spec, ctx, job_id).run()
+
+
+def run_vectors_local(spec: DedupSpec | NeighborsSpec, store: ObjectStore,
+                      job_id: str | None = None) -> tuple[str, list[ShardMarker]]:
+    """A dedup or neighbors job run here: it loads no model, so a context of the store's settings will do."""
+    return run_local(spec, WorkerContext(store.settings), job_id)

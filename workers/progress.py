@@ -1,7 +1,7 @@
 """Progress, heartbeats and cancellation for running tasks.
 
-Progress goes two ways: the job ledger (totals for `vitbatch status`) and a
-`task-progress` event, which Flower shows as the task's PROGRESS result text.
+Progress goes two ways: the job ledger (totals for `vitbatch status`) and, from a Celery
+task, a `task-progress` event, which Flower shows as the task's PROGRESS result text.
 Both ledger writes carry the delivery's lease (orchestrator/lifecycle/fencing.py): once the
 shard is handed to another delivery or the job ends, the next progress report
 raises StaleDelivery (JobCancelled for a cancel) and the shard stops at that batch.
@@ -12,8 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-
-from celery import Task
+from collections.abc import Callable
 
 from orchestrator.errors import StaleDelivery
 from orchestrator.lifecycle.fencing import Lease
@@ -24,6 +23,9 @@ from workers.errors import JobCancelled
 log = logging.getLogger(__name__)
 REPORT_EVERY_S = 1.0
 STOP_WAIT_S = 1.0  # how long a finished shard waits for its heartbeat thread to notice
+
+# A progress text for monitors: a Celery task's `task-progress` event (Flower's result text); in process, nothing.
+Announce = Callable[[str], None]
 
 
 class Heartbeat:
@@ -68,7 +70,7 @@ def fenced_progress(ctx: WorkerContext, lease: Lease, done: int) -> None:
         raise
 
 
-def _throttled(task: Task, ctx: WorkerContext, lease: Lease):
+def _throttled(ctx: WorkerContext, lease: Lease, announce: Announce):
     """(publish(done, total, text)): at most once a second, and always for the last update."""
     last = {"t": 0.0}
 
@@ -78,14 +80,14 @@ def _throttled(task: Task, ctx: WorkerContext, lease: Lease):
             return
         last["t"] = now
         fenced_progress(ctx, lease, done)
-        task.send_event("task-progress", result=text)
+        announce(text)
 
     return publish
 
 
-def progress_reporter(task: Task, ctx: WorkerContext, lease: Lease):
+def progress_reporter(ctx: WorkerContext, lease: Lease, announce: Announce):
     job_id, shard = lease.job_id, lease.shard
-    publish = _throttled(task, ctx, lease)
+    publish = _throttled(ctx, lease, announce)
     start = time.monotonic()
 
     def report(done: int, total: int) -> None:
@@ -96,10 +98,10 @@ def progress_reporter(task: Task, ctx: WorkerContext, lease: Lease):
     return report
 
 
-def training_reporter(task: Task, ctx: WorkerContext, lease: Lease):
+def training_reporter(ctx: WorkerContext, lease: Lease, announce: Announce):
     """report(dict) for training and evaluation: step, epoch, loss, images/s, done, total."""
     job_id = lease.job_id
-    publish = _throttled(task, ctx, lease)
+    publish = _throttled(ctx, lease, announce)
     known_total: dict[str, int | None] = {"n": None}
 
     def report(info: dict) -> None:

@@ -1,11 +1,9 @@
-"""Thin Celery tasks: decode the message, call a plain function, map errors to job state.
+"""The Celery edge: thin tasks that run a unit's life (workers/lifecycle.py) over the Redis ledger.
 
-Every task has the same life: skip if the job is over; if the unit's commit marker
-exists, only record it (a crash lost the ack); take the unit's lease, counting the
-delivery, and quarantine the unit after too many; run the work with a heartbeat;
-commit; settle the job. Every ledger write after the lease is fenced by it
-(orchestrator/lifecycle/fencing.py): a delivery that was handed on, or whose job ended, stops at
-its next progress report and writes nothing more.
+A task decodes its message, builds the unit's work, and maps the lifecycle's outcome to Celery's:
+acknowledged, retried with backoff, or held unacknowledged while Redis refuses writes. The life
+itself (skip an ended job, honour a marker, lease and count the delivery, quarantine, fenced
+work with a heartbeat, commit, settle and finalize) is the one the in-process runner runs too.
 """
 
 from __future__ import annotations
@@ -30,20 +28,14 @@ from orchestrator.constants import (
     TASK_SCHEDULED_RUN,
 )
 from orchestrator.errors import JobNotFound, NotRetryable, StaleDelivery
-from orchestrator.jobspec.jobs import parse_spec
-from orchestrator.jobspec.kinds import job_kind
-from orchestrator.lifecycle.commits import ShardMarker
-from orchestrator.lifecycle.fencing import Lease
-from orchestrator.lifecycle.finalize import finalize
-from orchestrator.lifecycle.states import JobState, ShardState
-from orchestrator.published.outputs import job_dir, spec_digest
+from orchestrator.lifecycle.ledger import Ledger
+from orchestrator.lifecycle.states import JobState
 from workers.celery import app
 from workers.context import WorkerContext
 from workers.cores import all_cores
 from workers.errors import JobCancelled, ShardFailed
-from workers.progress import Heartbeat, progress_reporter, training_reporter
-from workers.runner import run_shard as run_shard_fn
-from workers.writers import commit_shard, read_commit, written_files
+from workers.lifecycle import Work, image_work, run_unit, single_work
+from workers.progress import Announce
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +56,29 @@ def context() -> WorkerContext:
         return _context()
 
 
-def _settle(ctx: WorkerContext, job_id: str, all_settled: bool) -> None:
-    if all_settled:
-        finalize(job_id, ctx.ledger, ctx.store)
+def redis_ledger(ctx: WorkerContext) -> Ledger:
+    """A worker's ledger is Redis's (its settings' URL): what the edge alone asks of it (a probe
+    write, the queue a job was sent to) is Redis's own."""
+    ledger = ctx.ledger
+    if not isinstance(ledger, Ledger):
+        raise TypeError(f"a Celery worker records jobs in Redis, not in {type(ledger).__name__}")
+    return ledger
 
 
-def execute(task: Task, job_id: str, shard: int, work: Callable[..., ShardMarker]) -> dict:
-    """A unit's task body: `lifecycle` under the task's delivery, its outcome mapped to Celery's
-    (acknowledged, retried with backoff, or held while Redis refuses writes)."""
+def announcer(task: Task) -> Announce:
+    """A unit's progress text as the task's `task-progress` event (Flower's result text)."""
+    return lambda text: task.send_event("task-progress", result=text)
+
+
+def execute(task: Task, job_id: str, shard: int, work: Work) -> dict:
+    """A unit's task body: the unit's life (lifecycle.run_unit) under the task's delivery, its
+    outcome mapped to Celery's (acknowledged, retried with backoff, or held while Redis refuses writes)."""
     ctx = context()
     ctx.hostname = task.request.hostname or ""
     _announce(task)
     backoff_s = min(2 ** task.request.retries, 30)
     try:
-        return lifecycle(ctx, job_id, shard, work, backoff_s)
+        return run_unit(ctx, job_id, shard, work, backoff_s)
     except ShardFailed:
         raise  # Flower shows FAILURE with the reason; the message is acknowledged
     except StaleDelivery as e:
@@ -114,7 +115,7 @@ def _wait_for_redis_writes(ctx: WorkerContext, poll_s: float = 2.0) -> None:
     waited = 0.0
     while True:
         try:
-            ctx.ledger.r.set(REDIS_PROBE_KEY, ctx.hostname or "worker", ex=60)
+            redis_ledger(ctx).r.set(REDIS_PROBE_KEY, ctx.hostname or "worker", ex=60)
             return
         except redis.RedisError as e:
             if waited % 60 < poll_s:
@@ -140,93 +141,17 @@ def _announce(task: Task) -> None:
         log.warning("could not announce task %s to monitors", task.request.id, exc_info=True)
 
 
-def lifecycle(ctx: WorkerContext, job_id: str, shard: int, work: Callable[..., ShardMarker],
-              backoff_s: float = 0.0) -> dict:
-    """Skip an ended job; honour this job's own marker; take the shard's lease (counting the
-    delivery); work; commit under the lease; settle. `work(spec, ctx, marker_fields, lease)`."""
-    if ctx.ledger.state(job_id).terminal:
-        return {"shard": shard, "skipped": "job is no longer running"}
-    spec_json = ctx.ledger.spec_json(job_id)
-    spec = parse_spec(spec_json)
-    # Everything this job writes goes into its own folder under the output prefix.
-    local = spec.model_copy(update={"output": job_dir(spec.output, job_id)})
-    fields = {"job_id": job_id, "spec_sha256": spec_digest(spec_json)}
-    marker = read_commit(ctx.store, local.output, shard, job_id)
-    if marker is None and job_kind(spec.kind).exclusive and held_elsewhere(ctx, job_id, shard):
-        # Redis redelivered a training that is still alive elsewhere (past its visibility
-        # timeout): two trainers on one output would fight; the reconciler covers a real death.
-        return {"shard": shard, "skipped": "another worker is training this job"}
-    if marker is None:
-        lease = ctx.ledger.start_shard(job_id, shard)
-        if lease.attempts > ctx.settings.max_attempts:
-            _quarantine(ctx, lease)
-        marker = _fenced_work(ctx, lease, lambda: work(local, ctx, fields, lease), backoff_s)
-    else:  # a crash lost the ack: the marker only needs recording, under a lease of its own
-        lease = ctx.ledger.start_shard(job_id, shard, count=False)
-    settled = ctx.ledger.record_commit(lease, marker.rows, marker.errors, marker.stats)
-    _settle(ctx, job_id, settled)
-    return {"shard": shard, "rows": marker.rows, "errors": marker.errors}
-
-
-def _fenced_work(ctx: WorkerContext, lease: Lease, run: Callable[[], ShardMarker], backoff_s: float) -> ShardMarker:
-    """The work, heartbeating; whatever stops it is recorded under the delivery's lease, so a
-    delivery that was handed on (StaleDelivery) records nothing."""
-    job_id, shard = lease.job_id, lease.shard
-    try:
-        with Heartbeat(ctx, lease):
-            return run()
-    except JobCancelled:
-        ctx.ledger.stand_down(lease)  # pending again: `vitbatch retry` runs it
-        raise
-    except NotRetryable as e:
-        log.error("job %s failed: %s", job_id, e)
-        if not ctx.ledger.set_state(job_id, JobState.FAILED, str(e), lease=lease):
-            raise StaleDelivery(f"job {job_id} shard {shard}: not this delivery's to fail ({e})") from None
-        raise ShardFailed(f"job {job_id} failed: {e}") from None
-    except (StaleDelivery, ShardFailed, redis.RedisError):
-        raise
-    except Exception as e:
-        ctx.ledger.note_shard_error(job_id, shard, f"{type(e).__name__}: {e}")
-        # Not held by anyone during the backoff, but not silent either: the reconciler waits it out.
-        ctx.ledger.hold_for(lease, backoff_s)  # StaleDelivery: no retry, the shard is elsewhere
-        raise
-
-
-def held_elsewhere(ctx: WorkerContext, job_id: str, shard: int) -> bool:
-    states, beats = ctx.ledger.shard_states(job_id), ctx.ledger.heartbeats(job_id)
-    beat, now = beats.get(shard, 0), ctx.ledger.now()  # beats are stamped by Redis's clock
-    fresh = beat <= now and now - beat < 3 * ctx.settings.heartbeat_s  # a future beat is a retry's backoff
-    return states.get(shard) is ShardState.RUNNING and fresh
-
-
-def _quarantine(ctx: WorkerContext, lease: Lease) -> None:
-    job_id, shard = lease.job_id, lease.shard
-    reason = f"quarantined after {lease.attempts - 1} deliveries that did not commit"
-    last = ctx.ledger.last_shard_error(job_id, shard)
-    reason += f"; last error: {last}" if last else ""
-    log.error("job %s shard %s %s", job_id, shard, reason)
-    _settle(ctx, job_id, ctx.ledger.fail_shard(lease, reason))
-    raise ShardFailed(f"job {job_id} shard {shard} {reason}")
-
-
 TASK_OPTIONS = {"bind": True, "acks_late": True, "reject_on_worker_lost": True, "throws": (ShardFailed,)}
 
 
 @app.task(name=TASK_RUN_SHARD, **TASK_OPTIONS)
 def run_shard(self: Task, job_id: str, shard: int) -> dict:
-    return execute(self, job_id, shard, lambda spec, ctx, fields, lease: run_shard_fn(
-        spec, shard, ctx, progress_reporter(self, ctx, lease), job_id=job_id, marker_fields=fields,
-        on_found=lambda n_items: ctx.ledger.shard_items(job_id, shard, n_items)))
+    return execute(self, job_id, shard, image_work(shard, announcer(self)))
 
 
 def _single_task(task: Task, job_id: str, run: Callable) -> dict:
     """finetune, evaluate, export: one unit of work whose files, all of them, are the job's output."""
-    def work(spec, ctx: WorkerContext, fields: dict, lease: Lease) -> ShardMarker:
-        summary = run(spec, job_id, ctx, training_reporter(task, ctx, lease))
-        return commit_shard(ctx.store, spec.output, 0, {}, {**fields, **summary},
-                            written=written_files(ctx.store, spec.output))
-
-    return execute(task, job_id, 0, work)
+    return execute(task, job_id, 0, single_work(run, announcer(task)))
 
 
 @app.task(name=TASK_FINETUNE, queue=QUEUE_TRAIN, **TASK_OPTIONS)

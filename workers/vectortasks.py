@@ -1,4 +1,4 @@
-"""The Celery task of dedup and neighbors shards: the image shards' life (workers/tasks.py), plus phases.
+"""The Celery task of dedup and neighbors shards: the one unit life (workers/lifecycle.py), plus phases.
 
 A shard runs only once the phase before it has committed (orchestrator/inputs/vectorplan.py); one
 delivered early does nothing and stays pending. The delivery that commits the last shard of
@@ -19,9 +19,8 @@ from orchestrator.published.outputs import job_dir
 from orchestrator.submission.enqueue import send_units
 from workers.celery import app
 from workers.context import WorkerContext
-from workers.curation.vectorshards import run_vector_shard
-from workers.progress import progress_reporter
-from workers.tasks import TASK_OPTIONS, context, execute, held_elsewhere
+from workers.lifecycle import held_elsewhere, vector_work
+from workers.tasks import TASK_OPTIONS, announcer, context, execute, redis_ledger
 
 
 def job_plan(ctx: WorkerContext, job_id: str) -> VectorPlan:
@@ -41,7 +40,8 @@ def send_next_phase(ctx: WorkerContext, plan: VectorPlan, job_id: str, shard: in
     if any(states.get(s) is not ShardState.COMMITTED for s in phase):
         return []
     todo = [s for s in plan.follows(shard) if states.get(s) is not ShardState.COMMITTED]
-    return send_units(app, ctx.ledger, job_id, plan.kind, todo, ctx.ledger.queue(job_id))
+    ledger = redis_ledger(ctx)
+    return send_units(app, ledger, job_id, plan.kind, todo, ledger.queue(job_id))
 
 
 @app.task(name=TASK_VECTOR_SHARD, **TASK_OPTIONS)
@@ -56,8 +56,7 @@ def vector_shard(self: Task, job_id: str, shard: int) -> dict:
         return {"shard": shard, "waiting_for": waiting}  # sent again when they have committed
     if held_elsewhere(ctx, job_id, shard):
         return {"shard": shard, "skipped": "another delivery is running this shard"}
-    result = execute(self, job_id, shard, lambda spec, ctx, fields, lease: run_vector_shard(
-        spec, shard, ctx.store, fields, lease.token, progress_reporter(self, ctx, lease)))
+    result = execute(self, job_id, shard, vector_work(shard, announcer(self)))
     if "rows" in result:  # committed (or found committed): the next phase may be due
         send_next_phase(ctx, plan, job_id, shard)
     return result

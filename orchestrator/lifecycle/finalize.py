@@ -17,7 +17,7 @@ from orchestrator.constants import CARRIED_MARKER, FAILURES_FILE, SUCCESS_FILE, 
 from orchestrator.errors import JobNotFound, StorageError
 from orchestrator.lifecycle.commits import JobRecord, ShardMarker, read_marker
 from orchestrator.lifecycle.fencing import Publication
-from orchestrator.lifecycle.ledger import Ledger
+from orchestrator.lifecycle.ledgers import JobLedger
 from orchestrator.lifecycle.states import JobState, JobStatus, ShardState
 from orchestrator.published.delta import commit_job, retained_jobs
 from orchestrator.published.outputs import job_dir, remove_superseded, spec_digest
@@ -27,7 +27,7 @@ from orchestrator.store.storage import ObjectStore, join, relative_key
 log = logging.getLogger(__name__)
 
 
-def committed_markers(job_id: str, output: str, ledger: Ledger, store: ObjectStore,
+def committed_markers(job_id: str, output: str, ledger: JobLedger, store: ObjectStore,
                       carried: int) -> list[ShardMarker]:
     """This job's own commit markers, in shard order (carried-over rows first)."""
     folder = job_dir(output, job_id)
@@ -43,7 +43,7 @@ def committed_markers(job_id: str, output: str, ledger: Ledger, store: ObjectSto
     return markers
 
 
-def finalize(job_id: str, ledger: Ledger, store: ObjectStore) -> JobState:
+def finalize(job_id: str, ledger: JobLedger, store: ObjectStore) -> JobState:
     """Publish the job's record once and end it; the job's state afterwards.
 
     Whoever finalizes (the last worker, the reconciler, both at once) reads the same ledger and
@@ -67,7 +67,7 @@ def finalize(job_id: str, ledger: Ledger, store: ObjectStore) -> JobState:
 
 
 def _publish_claimed(claim: Publication, status: JobStatus, folder: str, markers: list[ShardMarker], spec_json: str,
-                     ledger: Ledger, store: ObjectStore) -> JobState:
+                     ledger: JobLedger, store: ObjectStore) -> JobState:
     job_id = status.job_id
     wall_s = claim.finished_at - status.created_at
     summary = JobRecord.build(
@@ -92,7 +92,7 @@ def _publish_claimed(claim: Publication, status: JobStatus, folder: str, markers
     return ledger.state(job_id)
 
 
-def _remove_replaced(status: JobStatus, store: ObjectStore, ledger: Ledger) -> None:
+def _remove_replaced(status: JobStatus, store: ObjectStore, ledger: JobLedger) -> None:
     """Remove the folders this published job replaced. The output is already published: a cleanup
     that breaks must not keep the job from ending succeeded (its record and its state would
     disagree, and the reconciler would fail a job whose `_SUCCESS.json` names it)."""
@@ -105,7 +105,7 @@ def _remove_replaced(status: JobStatus, store: ObjectStore, ledger: Ledger) -> N
                     "they stay behind, invisible to readers", status.job_id, status.output, type(e).__name__, e)
 
 
-def replaced_by(job_id: str, created_at: float, ledger: Ledger) -> Callable[[str], bool]:
+def replaced_by(job_id: str, created_at: float, ledger: JobLedger) -> Callable[[str], bool]:
     """Which other jobs' folders a success of `job_id` may remove: jobs that have ended and began
     before it. Never a live job (an --overwrite run under way), never a newer one; a job Redis no
     longer knows (expired, or a submit that broke) only when its id says it began in an earlier second."""

@@ -2,7 +2,7 @@
 published once; the reconciler and waiting clients outlive one bad job and a Redis restart.
 
 Each test has its own Redis (the chaos `stack`) and plays the workers' part in this process
-through the real task life (`workers.tasks.lifecycle`), so that a partition can be opened and
+through the real task life (`workers.lifecycle.run_unit`), so that a partition can be opened and
 healed at a chosen point: a "partitioned" delivery starts its shard, then hangs until healed.
 """
 
@@ -24,7 +24,7 @@ from orchestrator.lifecycle.states import JobState
 from orchestrator.published.results import success_record
 from orchestrator.store.storage import join
 from workers.context import WorkerContext
-from workers.tasks import lifecycle
+from workers.lifecycle import run_unit
 from workers.writers import commit_shard
 
 pytestmark = pytest.mark.chaos
@@ -71,7 +71,7 @@ class Partitioned:
 
     def _deliver(self) -> None:
         try:
-            self.outcome = lifecycle(self.ctx, self.job_id, self.shard, self._work)
+            self.outcome = run_unit(self.ctx, self.job_id, self.shard, self._work)
         except BaseException as e:
             self.outcome = e
 
@@ -99,7 +99,7 @@ def hand_on(stack, job_id: str) -> None:
 
 def run_all(ctx, job_id: str, shards=(0, 1)) -> None:
     for shard in shards:
-        lifecycle(ctx, job_id, shard, Work(shard))
+        run_unit(ctx, job_id, shard, Work(shard))
 
 
 def test_a_delivery_handed_on_cannot_progress_commit_or_republish_once_it_heals(stack, ctx, digits):
@@ -151,10 +151,10 @@ def test_a_stale_finalize_of_a_replaced_job_leaves_the_overwrite_running_and_it_
 def test_the_reconciler_passes_over_a_job_whose_marker_is_missing_recovers_another_then_fails_it(
         stack, ctx, digits):
     wedged = stack.submit(digits.s3_prefix)
-    lifecycle(ctx, wedged, 0, Work(0))
+    run_unit(ctx, wedged, 0, Work(0))
     stack.store.delete(join(stack.folder(wedged), commit_name(0)))  # the marker the ledger counts on is gone
     with pytest.raises(StorageError, match="is missing"):
-        lifecycle(ctx, wedged, 1, Work(1))  # the last shard's finalize cannot read it
+        run_unit(ctx, wedged, 1, Work(1))  # the last shard's finalize cannot read it
     other = stack.submit(digits.s3_prefix, output=stack.output + "other/")
     stack.client.ledger.start_shard(other, 0)  # a worker took shard 0 and died silently
 
@@ -196,7 +196,7 @@ def test_a_wait_rides_out_a_redis_restart_and_returns_the_jobs_real_end(stack, c
 def test_late_progress_cannot_lower_the_done_count(stack, ctx, digits):
     job_id = stack.submit(digits.s3_prefix)
     work = Work(0)
-    lifecycle(ctx, job_id, 0, work)
+    run_unit(ctx, job_id, 0, work)
     done = stack.client.status(job_id).done
     with pytest.raises(StaleDelivery):
         stack.client.ledger.progress(work.lease, 10)  # a write delayed past the shard's commit

@@ -20,7 +20,7 @@ from orchestrator.published.results import success_record
 from orchestrator.store.storage import join, normalize_uri
 from workers.context import WorkerContext
 from workers.errors import ShardFailed
-from workers.tasks import lifecycle
+from workers.lifecycle import run_unit
 from workers.writers import commit_shard
 
 TTL_S = 3600
@@ -62,9 +62,9 @@ class Work:
 def test_a_first_delivery_runs_the_work_commits_and_the_last_shard_publishes_the_job(ctx, job):
     job_id, spec = job
     work = Work()
-    lifecycle(ctx, job_id, 0, work)
+    run_unit(ctx, job_id, 0, work)
     assert ctx.ledger.state(job_id) is JobState.RUNNING
-    lifecycle(ctx, job_id, 1, work)
+    run_unit(ctx, job_id, 1, work)
 
     assert work.calls == 2
     assert ctx.ledger.state(job_id) is JobState.SUCCEEDED
@@ -76,16 +76,16 @@ def test_a_first_delivery_runs_the_work_commits_and_the_last_shard_publishes_the
 def test_the_record_counts_the_shards_of_each_way_they_were_computed(ctx, job):
     """`auto` precision resolves on each worker: a job whose shards ran on a GPU and on a CPU says so."""
     job_id, spec = job
-    lifecycle(ctx, job_id, 0, Work(0, "cuda fp16"))
-    lifecycle(ctx, job_id, 1, Work(1, "cpu fp32"))
+    run_unit(ctx, job_id, 0, Work(0, "cuda fp16"))
+    run_unit(ctx, job_id, 1, Work(1, "cpu fp32"))
     assert success_record(spec.output, ctx.store)["computed_with"] == {"cpu fp32": 1, "cuda fp16": 1}
 
 
 def test_a_redelivery_after_commit_only_records_the_marker(ctx, job):
     job_id, _ = job
     work = Work()
-    lifecycle(ctx, job_id, 0, work)
-    lifecycle(ctx, job_id, 0, work)  # the ack was lost: Redis delivers the shard again
+    run_unit(ctx, job_id, 0, work)
+    run_unit(ctx, job_id, 0, work)  # the ack was lost: Redis delivers the shard again
     assert work.calls == 1
     assert ctx.ledger.r.hget(k.shard_attempts_key(job_id), "0") == "1"
     assert ctx.ledger.shard_states(job_id) == {0: ShardState.COMMITTED, 1: ShardState.PENDING}
@@ -96,17 +96,17 @@ def test_a_marker_of_another_job_in_the_folder_is_not_honoured(ctx, job):
     folder = job_dir(spec.output, job_id)
     commit_shard(ctx.store, folder, 0, {}, {"job_id": "someone-else", "rows": 9, "errors": 0, "stats": {}})
     work = Work()
-    lifecycle(ctx, job_id, 0, work)
+    run_unit(ctx, job_id, 0, work)
     assert work.calls == 1, "a stale marker made the shard skip its work"
 
 
 def test_a_shard_delivered_too_often_is_quarantined_and_the_job_finishes_with_failures(ctx, job):
     job_id, spec = job
-    lifecycle(ctx, job_id, 1, Work(1))
+    run_unit(ctx, job_id, 1, Work(1))
     for _ in range(ctx.settings.max_attempts):
         ctx.ledger.start_shard(job_id, 0)  # deliveries that crashed before committing
     with pytest.raises(ShardFailed, match="quarantined after 2 deliveries"):
-        lifecycle(ctx, job_id, 0, Work())
+        run_unit(ctx, job_id, 0, Work())
 
     assert ctx.ledger.state(job_id) is JobState.FINISHED_WITH_FAILURES
     assert not ctx.store.exists(join(spec.output, k.SUCCESS_FILE))  # a previous success would stay readable
@@ -117,7 +117,7 @@ def test_a_cancelled_job_skips_its_shards_frees_its_prefix_and_retry_makes_them_
     job_id, spec = job
     lease = ctx.ledger.start_shard(job_id, 0)
     ctx.ledger.set_state(job_id, JobState.CANCELLED, "cancelled by user")
-    assert lifecycle(ctx, job_id, 1, Work(1))["skipped"] == "job is no longer running"
+    assert run_unit(ctx, job_id, 1, Work(1))["skipped"] == "job is no longer running"
     ctx.ledger.stand_down(lease)  # what a running delivery does when it sees the cancel
     assert ctx.ledger.shard_states(job_id) == {0: ShardState.PENDING, 1: ShardState.PENDING}
     ctx.ledger.hold_output(spec.output, "another-job")  # the prefix is free again

@@ -16,8 +16,7 @@ from orchestrator.published.report import SAMPLE_GROUPS, build_page, encode_thum
 from orchestrator.published.results import read_table
 from orchestrator.store.storage import ObjectStore
 from workers.context import WorkerContext
-from workers.curation.vectorshards import run_vectors_local
-from workers.inprocess import run_local
+from workers.inprocess import run_local, run_vectors_local
 
 N_DISTINCT = 12
 COPIED = {"copy-of-03.png": "img-03.png", "copy-of-07.png": "img-07.png"}  # same bytes: cosine 1

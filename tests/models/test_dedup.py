@@ -28,8 +28,7 @@ from orchestrator.published.results import (
 from orchestrator.store.storage import ObjectStore, join
 from workers.context import WorkerContext
 from workers.curation import semdedup
-from workers.curation.vectorshards import run_vectors_local
-from workers.inprocess import run_local
+from workers.inprocess import run_local, run_vectors_local
 
 EPS = 0.01
 

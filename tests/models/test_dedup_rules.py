@@ -17,8 +17,7 @@ from orchestrator.published.results import read_embeddings, read_kept_keys, read
 from orchestrator.store.storage import ObjectStore, join
 from workers.context import WorkerContext
 from workers.curation import semdedup
-from workers.curation.vectorshards import run_vectors_local
-from workers.inprocess import run_local
+from workers.inprocess import run_local, run_vectors_local
 
 CLUSTERS = 16
 

@@ -17,7 +17,7 @@ from orchestrator.published.results import read_table
 from orchestrator.store.storage import ObjectStore, join, normalize_uri
 from workers.curation import knn, semdedup
 from workers.curation.neighborshards import recall_rows
-from workers.curation.vectorshards import run_vectors_local
+from workers.inprocess import run_vectors_local
 
 K = 10
 STORE = ObjectStore(Settings())
