@@ -9,9 +9,13 @@ import random
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from orchestrator.lifecycle.commits import ShardMarker
 
 
 def write_photo_jpegs(dest: Path, n: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> list[Path]:
@@ -123,43 +127,42 @@ def top2_margin(probs: np.ndarray) -> np.ndarray:
     return top[:, 1] - top[:, 0]
 
 
-def run_in_process(ctx, spec) -> tuple[float, dict]:
-    """Plan the spec's single shard and run it on this process's pipeline, as a warm worker would.
-
-    The model is loaded (and cached in ctx) before the clock starts; returns (seconds, commit marker).
-    Like a worker process, this one keeps freed activations (workers/memory.py) from here on.
-    """
-    from orchestrator.inputs.manifest import write_manifests
-    from orchestrator.inputs.planner import plan
+def _recorded(ctx, spec):
+    """The spec recorded as a job in this process (planned as submit plans it: workers/inprocess.py),
+    its model loaded into ctx's cache; the clock starts after this."""
+    from orchestrator.published.outputs import job_dir
     from workers import jobheads
+    from workers.inprocess import LocalJob
     from workers.memory import keep_freed_memory
-    from workers.runner import run_shard
 
-    keep_freed_memory()
+    keep_freed_memory()  # like a worker process, this one keeps freed activations (workers/memory.py)
+    job = LocalJob.record(spec, ctx)
+    jobheads.for_job(spec.model_copy(update={"output": job_dir(spec.output, job.job_id)}), 0, ctx)
+    return job
 
-    write_manifests(plan(spec.input, spec.shard_size, ctx.store), spec.output, ctx.store)
-    jobheads.for_job(spec, 0, ctx)  # loads the model into ctx's cache
+
+def run_in_process(ctx, spec) -> tuple[float, ShardMarker]:
+    """The spec's single shard through the one lifecycle (lease, fenced work, commit), as a warm
+    worker runs it; returns (seconds, its commit marker). The job is then finalized off the clock,
+    so its output is published as a queued job's is (read it with results.read_table)."""
+    job = _recorded(ctx, spec)
     start = time.perf_counter()
-    marker = run_shard(spec, 0, ctx)
-    return time.perf_counter() - start, marker
+    job.run_unit(0, finalize_when_settled=False)
+    seconds = time.perf_counter() - start
+    job.finish()
+    return seconds, job.markers()[0]
 
 
-def run_shards_in_process(ctx, spec, in_flight: int) -> tuple[float, list[dict]]:
+def run_shards_in_process(ctx, spec, in_flight: int) -> tuple[float, list[ShardMarker]]:
     """Every shard of the spec on this process, `in_flight` at a time on threads sharing one
-    model, as a worker with --shards-in-flight does; returns (seconds, commit markers)."""
+    model, as a worker with --shards-in-flight does; returns (seconds, commit markers), the job
+    finalized off the clock."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from orchestrator.inputs.manifest import write_manifests
-    from orchestrator.inputs.planner import plan
-    from workers import jobheads
-    from workers.memory import keep_freed_memory
-    from workers.runner import run_shard
-
-    keep_freed_memory()
-
-    shards = len(write_manifests(plan(spec.input, spec.shard_size, ctx.store), spec.output, ctx.store))
-    jobheads.for_job(spec, 0, ctx)  # loads the model into ctx's cache
+    job = _recorded(ctx, spec)
     start = time.perf_counter()
     with ThreadPoolExecutor(in_flight) as pool:
-        markers = list(pool.map(lambda shard: run_shard(spec, shard, ctx), range(shards)))
-    return time.perf_counter() - start, markers
+        list(pool.map(lambda shard: job.run_unit(shard, finalize_when_settled=False), range(job.n_units)))
+    seconds = time.perf_counter() - start
+    job.finish()
+    return seconds, job.markers()

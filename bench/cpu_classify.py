@@ -12,11 +12,9 @@ model-only / plain on this CPU unless the model itself runs faster (bf16 on AMX)
 from __future__ import annotations
 
 import argparse
-import io
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
@@ -54,13 +52,14 @@ def model_only(model, batch_size: int, images: int = 512) -> float:
 def vitbatch_pipeline(model_dir, image_dir, out_dir, n: int) -> tuple[dict[str, int], dict]:
     from orchestrator.config import Settings
     from orchestrator.jobspec.jobs import parse_spec
+    from orchestrator.published.results import read_table
     from workers.context import WorkerContext
 
     spec = parse_spec({"kind": "classify", "input": str(image_dir), "output": str(out_dir),
                        "model": str(model_dir), "shard_size": n})
     _, marker = run_in_process(WorkerContext(Settings()), spec)
-    table = pq.read_table(io.BytesIO((out_dir / "part-00000.parquet").read_bytes()))
-    return dict(zip(table.column("key").to_pylist(), table.column("label_id").to_pylist())), marker["stats"]
+    table = read_table(str(out_dir))  # published as a queued job's is: the job's parts, through its record
+    return dict(zip(table.column("key").to_pylist(), table.column("label_id").to_pylist())), marker.stats
 
 
 def main() -> None:

@@ -14,10 +14,7 @@ AVX512-VNNI / AVX-VNNI are there (int8 MatMuls run much faster with VNNI).
 from __future__ import annotations
 
 import argparse
-import io
 from pathlib import Path
-
-import pyarrow.parquet as pq
 
 from bench.common import (
     VIT_BASE,
@@ -48,12 +45,12 @@ def classify(model: Path, image_dir: Path, out: Path, n: int, precision: str, ct
     """(images/s, key -> (label_id, top-2 margin)) of one classify shard run as a warm worker runs it;
     with_labels adds key -> label name."""
     from orchestrator.jobspec.jobs import parse_spec
+    from orchestrator.published.results import read_table
 
     spec = parse_spec({"kind": "classify", "input": str(image_dir), "output": str(out), "model": str(model),
                        "shard_size": n, "precision": precision, "top_k": 2})
     seconds, _ = run_in_process(ctx, spec)
-    table = [r for r in pq.read_table(io.BytesIO((out / "part-00000.parquet").read_bytes())).to_pylist()
-             if r["error"] is None]
+    table = [r for r in read_table(str(out)).to_pylist() if r["error"] is None]
     rows = {r["key"]: (r["label_id"], r["topk_scores"][0] - r["topk_scores"][1]) for r in table}
     if with_labels:
         return n / seconds, rows, {r["key"]: r["label"] for r in table}
