@@ -59,58 +59,41 @@ class Timer:
         return out
 
 
-def in_clusters(unit, labels, cosine, keys, clusters, args):
-    """The rule inside every cluster: kept mask, rank, and the pairs (global row ids) with their cosines."""
+def in_clusters(unit, labels, cosine, keys, clusters, args, probes):
+    """The rule inside every cluster: kept mask, rank, the pairs (global row ids) with their cosines,
+    and which pairs lie across the pieces of a cluster over --max-cluster-size."""
     order = np.argsort(labels, kind="stable")
     bounds = np.searchsorted(labels[order], np.arange(clusters + 1))
     kept, rank = np.zeros(len(unit), dtype=bool), np.zeros(len(unit))
-    pairs, pair_cosine = [], []
+    pairs, pair_cosine, across = [], [], []
     for c in range(clusters):
         rows = order[bounds[c]:bounds[c + 1]]
         found = semdedup.dedup_cluster(unit[rows], [keys[i] for i in rows], cosine[rows], eps=args.eps, keep="hard",
-                                       seed=args.seed + c, max_rows=100_000, rule=args.rule)
+                                       seed=args.seed + c, max_rows=args.max_cluster_size, rule=args.rule,
+                                       probes=probes)
         kept[rows[found.order]], rank[rows[found.order]] = found.kept, found.rank
         pairs.append(rows[found.pairs])
         pair_cosine.append(found.pair_cosine)
-    return kept, rank, np.concatenate(pairs).reshape(-1, 2), np.concatenate(pair_cosine)
+        across.append(found.across)
+    return kept, rank, np.concatenate(pairs).reshape(-1, 2), np.concatenate(pair_cosine), np.concatenate(across)
 
 
-def across_clusters(unit, labels, visited, visit, eps):
-    """The pairs between every cluster's rows and the rows visiting it (global row ids)."""
-    rows, slot = np.nonzero(visit)
-    targets = visited[rows, slot]
-    by_target = np.argsort(targets, kind="stable")
-    bounds = np.searchsorted(targets[by_target], np.arange(labels.max() + 2))
-    members = np.argsort(labels, kind="stable")
-    member_bounds = np.searchsorted(labels[members], np.arange(labels.max() + 2))
-    pairs, cosines = [], []
-    for c in range(labels.max() + 1):
-        mine = members[member_bounds[c]:member_bounds[c + 1]]
-        theirs = rows[by_target[bounds[c]:bounds[c + 1]]]
-        if not len(theirs):
-            continue
-        found = crosscluster.cross_pairs(unit[mine], visited[mine], unit[theirs], labels[theirs], eps)
-        pairs.append(np.stack([theirs[found.pairs[:, 0]], mine[found.pairs[:, 1]]], axis=1))
-        cosines.append(found.cosine)
-    return np.concatenate(pairs).reshape(-1, 2) if pairs else np.zeros((0, 2), np.int64), \
-        np.concatenate(cosines) if cosines else np.zeros(0, np.float32), len(rows)
-
-
-def kept_pairs_above(unit, source, kept, labels, eps) -> tuple[int, int]:
-    """(kept pairs at or above 1 - eps, those of them in different clusters), exactly: near-duplicates
-    are a source row and its planted copies."""
+def kept_pairs_above(unit, source, kept, labels, eps) -> tuple[int, int, int]:
+    """(kept pairs at or above 1 - eps, those of them in different clusters, removed rows with no kept
+    row at or above 1 - eps), exactly: near-duplicates are a source row and its planted copies."""
     groups = np.argsort(source, kind="stable")
     bounds = np.flatnonzero(np.diff(source[groups])) + 1
-    total = across = 0
+    total = across = orphans = 0
     for members in np.split(groups, bounds):
-        members = members[kept[members]]
         if len(members) < 2:
+            orphans += int((~kept[members]).sum())
             continue
-        above = np.triu(unit[members] @ unit[members].T >= np.float32(1 - eps), k=1)
-        a, b = np.nonzero(above)
+        above, mine = unit[members] @ unit[members].T >= np.float32(1 - eps), kept[members]
+        orphans += int((~mine & ~(above & mine[None, :]).any(axis=1)).sum())
+        a, b = np.nonzero(np.triu(above & mine[:, None] & mine[None, :], k=1))
         total += len(a)
         across += int((labels[members[a]] != labels[members[b]]).sum())
-    return total, across
+    return total, across, orphans
 
 
 def main() -> None:
@@ -121,7 +104,10 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rule", choices=semdedup.RULES, default="kept")
-    parser.add_argument("--cross-clusters", type=int, default=4, help="rule kept: other clusters each row visits")
+    parser.add_argument("--cross-clusters", type=int, default=4, help="rule kept: most other clusters a row visits")
+    parser.add_argument("--margin", type=float, default=crosscluster.VISIT_MARGIN,
+                        help="rule kept: visit clusters within this many sqrt(2 eps) of the home cosine")
+    parser.add_argument("--max-cluster-size", type=int, default=100_000, help="split larger clusters into pieces")
     parser.add_argument("--nemo", action="store_true", help="also NeMo's full-matrix algorithm (rule semdedup)")
     parser.add_argument("--nemo-max-rows", type=int, default=20_000, help="NeMo's n x n matrix: skip larger clusters")
     args = parser.parse_args()
@@ -132,27 +118,29 @@ def main() -> None:
     clusters = round(np.sqrt(args.vectors))
     sample = np.random.default_rng(args.seed).choice(args.vectors, min(args.vectors, 64 * clusters), replace=False)
     centroids = timer.run("fit", lambda: semdedup.fit_centroids(unit[np.sort(sample)], clusters, args.seed))
-    planned = timer.run("assign", lambda: crosscluster.plan_visits(unit, centroids, probes, args.eps))
-    labels, cosine, visited = planned.home, planned.cosine, planned.others
+    planned = timer.run("assign", lambda: crosscluster.plan_visits(unit, centroids, probes, args.eps, args.margin))
+    labels, cosine = planned.home, planned.cosine
     keys = np.char.mod("%08d", np.arange(args.vectors)).tolist()
-    kept, rank, pairs, pair_cosine = timer.run("pairs", lambda: in_clusters(unit, labels, cosine, keys, clusters, args))
+    kept, rank, pairs, pair_cosine, pieces = timer.run(
+        "pairs", lambda: in_clusters(unit, labels, cosine, keys, clusters, args, probes))
     removed_in_clusters = int((~kept).sum())
     figures: dict = {"vectors": args.vectors, "dim": args.dim, "rule": args.rule, "cross_clusters": probes,
-                     "clusters": clusters, "largest_cluster": int(np.bincount(labels).max())}
+                     "margin": args.margin, "clusters": clusters, "largest_cluster": int(np.bincount(labels).max())}
     if args.rule == "kept":
-        cross, cross_cosine, visits = timer.run("across", lambda: across_clusters(unit, labels, visited, planned.visit,
-                                                                                 args.eps))
-        everything = np.concatenate([pairs, cross])
-        flags = np.arange(len(everything)) >= len(pairs)
+        cross = timer.run("across", lambda: crosscluster.pairs_across(unit, planned, args.eps))
+        everything = np.concatenate([pairs, cross.pairs])
+        flags = np.concatenate([pieces, np.ones(len(cross.pairs), bool)])
         found = timer.run("resolve", lambda: crosscluster.resolve(
-            rank, keys, everything, np.concatenate([pair_cosine, cross_cosine]), flags))
+            rank, keys, everything, np.concatenate([pair_cosine, cross.cosine]), flags))
         kept[found.rows] = found.kept
-        figures |= {"visits": visits, "cross_pairs": len(cross), "in_cluster_pairs": len(pairs)}
+        figures |= {"visits": int(planned.visit.sum()), "rows_capped": int(planned.capped.sum()),
+                    "cross_pairs": len(cross.pairs), "piece_pairs": int(pieces.sum()),
+                    "in_cluster_pairs": int((~pieces).sum())}
     figures["vitbatch_peak_rss_mb"] = round(peak_rss_mb())
-    total, across = kept_pairs_above(unit, source, kept, labels, args.eps)
+    total, across, orphans = kept_pairs_above(unit, source, kept, labels, args.eps)
     figures |= {"removed": int((~kept).sum()), "removed_in_clusters": removed_in_clusters,
                 "planted": int(args.vectors * args.dup_share), "kept_pairs_above": total,
-                "kept_pairs_above_across_clusters": across}
+                "kept_pairs_above_across_clusters": across, "removed_without_kept_stand_in": orphans}
     if args.nemo:
         figures["rows_differing_from_nemo"] = timer.run("nemo_pairs", lambda: nemo_differ(unit, labels, cosine, kept, args))
     phases = [p for p in timer.wall if p not in ("generate", "nemo_pairs")]

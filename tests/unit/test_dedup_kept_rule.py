@@ -74,12 +74,19 @@ def test_groups_without_a_pair_across_clusters_are_left_as_their_clusters_decide
     assert found.rows.tolist() == [2, 3] and found.kept.tolist() == [True, False]
 
 
-def test_rows_visit_only_the_near_other_clusters_that_can_hold_a_near_duplicate():
+def test_rows_visit_only_the_other_clusters_within_the_limit_however_many_probes_allow():
+    """Cluster 1 is the first row's nearest other cluster but 0.08 below its home cosine: past the exact
+    bound sqrt(2 eps) |c0 - c1| = 0.064 (no near-duplicate can lie there) and past the default limit,
+    so neither visited (--cross-clusters is a cap, not a count) nor counted. The second row is 0.023
+    below: within the exact limit (0.032) it visits; past VISIT_MARGIN sqrt(2 eps) (0.018) but within
+    twice that it only counts cluster 1 (meets its visitors)."""
     centroids = semdedup.unit_rows(np.array([[1, 0, 0], [0.9, 0.44, 0], [0, 0, 1]], dtype=np.float32))
-    row = semdedup.unit_rows(np.array([[1, 0.05, 0]], dtype=np.float32))
-    home, _, visited = crosscluster.visits(row, centroids, 2, EPS)
-    assert home.tolist() == [0] and visited[0, 0] == 1
-    assert (visited[0, 1:] == -1).all()  # cluster 2 is too far to hold one; there are no others
+    rows = semdedup.unit_rows(np.array([[1, 0.05, 0], [1, 0.18, 0]], dtype=np.float32))
+    plan = crosscluster.plan_visits(rows, centroids, 2, EPS)
+    exact = crosscluster.plan_visits(rows, centroids, 2, EPS, margin=None)
+    assert plan.home.tolist() == [0, 0] and (plan.others[0] == -1).all() and (exact.others[0] == -1).all()
+    assert plan.others[1, 0] == 1 and not plan.visit.any() and exact.visit[1].tolist()[:2] == [True, False]
+    assert not (plan.others[:, 1:] >= 0).any() and not plan.capped.any()  # cluster 2 is too far to hold one
 
 
 def test_a_pair_across_a_boundary_is_found_between_the_rows_that_visit_each_other():
@@ -92,14 +99,16 @@ def test_a_pair_across_a_boundary_is_found_between_the_rows_that_visit_each_othe
 
 
 def test_a_pair_neither_of_whose_rows_has_the_others_cluster_nearest_is_found_by_its_margins():
-    """x (home 4) and y (home 0) are near-duplicates; each has cluster 3 nearest after its own, so with
-    one probe neither visits the other's cluster by rank. x's margin to cluster 0 is within
-    VISIT_MARGIN sqrt(2 eps) and y counts cluster 4 within BACK_MARGIN: x visits 0 and meets y there."""
+    """x (home 4) and y (home 0) are near-duplicates; each has cluster 3 nearest after its own, so a
+    single visit by rank would miss the pair. x's margin to cluster 0 is within VISIT_MARGIN sqrt(2 eps)
+    and y counts cluster 4 within twice that: x visits 0 and meets y there."""
     centroids = semdedup.unit_rows(np.array([[-9, 9, 4], [-3, -1, -1], [1, -3, -3], [8, -5, -3], [7, 0, 9]],
                                             dtype=np.float32))
     rows = semdedup.unit_rows(np.array([[4, 6, -2], [3.5, 5.5, -2]], dtype=np.float32))
-    plan = crosscluster.plan_visits(rows, centroids, 1, EPS)
-    assert plan.home.tolist() == [4, 0] and plan.others[:, 0].tolist() == [3, 3]  # by rank: cluster 3 only
+    nearest, _ = semdedup.nearest_centroids(rows, centroids, 2)
+    assert nearest[:, 1].tolist() == [3, 3]  # by rank: cluster 3 only
+    plan = crosscluster.plan_visits(rows, centroids, 4, EPS)
+    assert plan.home.tolist() == [4, 0]
     assert plan.visit[0, plan.others[0] == 0].all() and (plan.others[1] == 4).any()
     found = crosscluster.cross_pairs(rows[1:], plan.others[1:], rows[:1], plan.home[:1], EPS)
     assert found.pairs.tolist() == [[0, 0]] and found.cosine[0] >= np.float32(1 - EPS)
@@ -119,3 +128,73 @@ def test_batched_products_find_every_pair_the_blocks_hold():
     expected = sorted(map(list, zip(*np.nonzero(met & (sims >= np.float32(1 - EPS))))))
     found = crosscluster.cross_pairs(resident, visits, visitor, home, EPS)
     assert len(expected) > 10 and sorted(found.pairs.tolist()) == expected
+
+
+def clustered(seed: int, n: int = 1500, dim: int = 8, clusters: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """Unit rows around a few directions, half of them with a near-duplicate a random step away (in 8-d
+    a step often runs along the centroids' difference, the case the default margin may miss), and
+    k-means centroids."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((6, dim)).astype(np.float32)
+    rows = semdedup.unit_rows(centres[rng.integers(0, 6, n)] + 0.6 * rng.standard_normal((n, dim)).astype(np.float32))
+    steps = semdedup.unit_rows(rng.standard_normal((n // 2, dim)).astype(np.float32))
+    copies = rows[: n // 2] + 0.14 * steps * rng.random((n // 2, 1)).astype(np.float32)
+    unit = semdedup.unit_rows(np.concatenate([rows, copies]))
+    return unit, semdedup.fit_centroids(unit, clusters, seed)
+
+
+def brute_pairs_across(unit: np.ndarray, home: np.ndarray) -> set[tuple[int, int]]:
+    a, b = np.nonzero(np.triu(unit @ unit.T >= np.float32(1 - EPS), k=1))
+    return {(i, j) for i, j in zip(a.tolist(), b.tolist()) if home[i] != home[j]}
+
+
+def found_pairs(found: crosscluster.CrossPairs) -> set[tuple[int, int]]:
+    return {(min(a, b), max(a, b)) for a, b in found.pairs.tolist()}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_with_the_exact_limit_every_pair_across_clusters_is_found_as_brute_force_finds_it(seed):
+    """The bound in `plan_visits`: two margins of a pair add up to at most sqrt(2 eps) |cX - cY|, so
+    with that limit (`margin` None) and no cap cutting a row's list no pair across clusters is missed."""
+    unit, centroids = clustered(seed)
+    plan = crosscluster.plan_visits(unit, centroids, len(centroids) - 1, EPS, margin=None)
+    expected = brute_pairs_across(unit, plan.home)
+    assert len(expected) > 20 and not plan.capped.any()
+    assert found_pairs(crosscluster.pairs_across(unit, plan, EPS)) == expected
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_default_margin_finds_every_pair_whose_margins_add_up_to_twice_it(seed):
+    """The proven part of the default: a pair whose two margins add up to at most 2 VISIT_MARGIN
+    sqrt(2 eps), on rows no cap cut, is found; the rest may be (both sets checked by brute force)."""
+    unit, centroids = clustered(seed)
+    plan = crosscluster.plan_visits(unit, centroids, 4, EPS)
+    found = found_pairs(crosscluster.pairs_across(unit, plan, EPS))
+    sims = unit @ centroids.T
+    limit = 2 * crosscluster.VISIT_MARGIN * np.sqrt(2 * EPS)
+    covered = {(i, j) for i, j in brute_pairs_across(unit, plan.home) if not (plan.capped[i] or plan.capped[j])
+               and sims[i, plan.home[i]] - sims[i, plan.home[j]] + sims[j, plan.home[j]] - sims[j, plan.home[i]] <= limit}
+    assert len(covered) > 10 and covered <= found <= brute_pairs_across(unit, plan.home)
+    assert found < brute_pairs_across(unit, plan.home), "in 8-d some pairs lie along the centroids' difference"
+
+
+def test_pairs_across_the_pieces_of_a_split_cluster_are_found_and_resolved_as_a_greedy_pass_over_every_pair():
+    """A cluster over max_rows is split into pieces; under the kept rule the pairs across pieces come
+    back marked `across`, and resolving them gives the greedy pass over the whole cluster (before: the
+    pieces were never compared, and a pair split by them stayed kept on both sides)."""
+    unit = chains(1, n=300)
+    keys = [f"k{i:04d}" for i in range(len(unit))]
+    centroid = semdedup.unit_rows(unit.mean(axis=0, keepdims=True))[0]
+    found = semdedup.dedup_cluster(unit, keys, unit @ centroid, eps=EPS, keep="hard", seed=0, max_rows=100,
+                                   rule="kept", probes=4)
+    every = np.triu(unit @ unit.T >= np.float32(1 - EPS), k=1)
+    distinct = np.unique(np.sort(found.pairs, axis=1), axis=0)  # a pair across pieces may be met from both
+    assert found.across.any() and len(distinct) == every.sum() and every[distinct[:, 0], distinct[:, 1]].all()
+    rank = np.zeros(len(unit))
+    rank[found.order] = found.rank
+    kept = np.zeros(len(unit), dtype=bool)
+    kept[found.order] = found.kept
+    resolved = crosscluster.resolve(rank, keys, found.pairs, found.pair_cosine, found.across)
+    kept[resolved.rows] = resolved.kept
+    reference, _ = semdedup.greedy_reference(unit, rank, keys, EPS)
+    assert (kept == reference).all()

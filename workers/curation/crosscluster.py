@@ -5,13 +5,15 @@ SemDeDup compares rows only inside a cluster, so two near-duplicates on either s
 boundary both survive. Here a row also visits a few near other clusters and meets, there, the
 rows that count its own cluster among theirs (`plan_visits`). What "near" means is a margin: a
 row's home cosine minus its cosine with the other centroid. For unit rows x (in X), y (in Y)
-with cos(x, y) >= 1 - eps, |x - y| <= sqrt(2 eps), so no row has a near-duplicate in a cluster
-farther than 2 sqrt(2 eps) (the reach), and m(x, Y) + m(y, X) = <x - y, cX - cY>: the two
-margins of a pair add up to little when its difference is not aligned with the centroids'.
-A row visits its `probes` nearest and those within VISIT_MARGIN sqrt(2 eps), and meets visitors
-from its `probes` nearest and those within BACK_MARGIN sqrt(2 eps); a pair whose margins add up
-to at most BACK_MARGIN sqrt(2 eps) is met from its smaller side, and with `probes` as large as the
-clusters every pair is.
+with cos(x, y) >= 1 - eps, |x - y| <= sqrt(2 eps), and m(x, Y) + m(y, X) = <x - y, cX - cY>: the
+two margins of a pair add up to little when its difference is not aligned with the centroids'.
+A row visits the clusters within a limit (`margin` sqrt(2 eps); at most `probes` of them, nearest
+first) and meets visitors from those within twice it (at most `back_clusters(probes)`); a pair whose
+margins add up to at most twice the limit is met from its smaller side (`plan_visits` proves
+it), and with the exact limit (`margin` None) and caps as large as the clusters every pair is.
+
+The same pass closes the pieces of a cluster split over --max-cluster-size (`piece_pairs`):
+the pieces are clusters of a second level, visited with the exact limit and no cap.
 
 Every pair found is a true pair above the threshold across clusters, whichever rows were
 compared to find it, so the products are batched freely (`cross_pairs`).
@@ -27,8 +29,9 @@ import numpy as np
 from workers.curation import semdedup
 
 BACK_CLUSTERS = 12  # a row meets visitors from at most this many of its nearest other clusters (bench/RESULTS.md)
-VISIT_MARGIN = 0.125  # also visit a cluster this near, in units of sqrt(2 eps) (see `plan_visits`)
-BACK_MARGIN = 2 * VISIT_MARGIN  # meet visitors from a cluster this near, beyond the `probes` nearest
+VISIT_MARGIN = 0.125  # visit a cluster this near, in units of sqrt(2 eps) (see `plan_visits`)
+PIECE_PROBES = 64  # a row of a split cluster visits at most this many other pieces (`Visits.capped` past it)
+SLACK = 1e-5  # fp32 rounding of the cosines the margins are computed from
 
 
 def back_clusters(probes: int) -> int:
@@ -39,34 +42,67 @@ def back_clusters(probes: int) -> int:
 @dataclass(frozen=True)
 class Visits:
     """Per unit row: its home cluster and cosine, its near other clusters ([rows, back_clusters(probes)],
-    nearest first, -1 where it meets no visitor from them) and which of them it visits (`visit`)."""
+    nearest first, -1 where it meets no visitor from them), which of them it visits (`visit`), and
+    whether a cap cut either list (`capped`: a cluster in the margin was left out, so the proof
+    below does not cover that row)."""
 
     home: np.ndarray
     cosine: np.ndarray
     others: np.ndarray
     visit: np.ndarray
+    capped: np.ndarray
 
 
-def plan_visits(unit: np.ndarray, centroids: np.ndarray, probes: int, eps: float) -> Visits:
+def plan_visits(unit: np.ndarray, centroids: np.ndarray, probes: int, eps: float,
+                margin: float | None = VISIT_MARGIN) -> Visits:
     """Which near other clusters each row visits and meets visitors from, by its margin there (the
-    home cosine minus the cosine with that centroid).
+    home cosine minus the cosine with that centroid): it visits those within a limit, at most
+    `probes`, nearest first (a cap, not a count: most rows visit one or two), and meets visitors
+    from those within twice the limit, at most `back_clusters(probes)`. The limit is `margin`
+    sqrt(2 eps), or with `margin` None the bound sqrt(2 eps) |cX - cY| / 2 of each pair of clusters.
 
-    For a pair x (in X), y (in Y) at or above 1 - eps, m(x, Y) + m(y, X) = <x - y, cX - cY>, at most
-    sqrt(2 eps) |cX - cY|; for a near-duplicate whose difference is not aligned with the centroids'
-    (noise, a re-encoding) it is a small share of that. So a row visits its `probes` nearest and
-    every cluster within VISIT_MARGIN sqrt(2 eps), and meets visitors from its `probes` nearest and
-    every cluster within BACK_MARGIN sqrt(2 eps): a pair whose margins add up to at most
-    BACK_MARGIN sqrt(2 eps) is always met from its smaller side (bench/RESULTS.md: the largest sum
-    among 11,568 planted pairs across clusters at 1,000,000 vectors was 0.21 sqrt(2 eps))."""
+    Why no pair is missed whose margins add up to at most twice the limit (and no cap cut its rows'
+    lists): take x (home X) and y (home Y), X != Y, cos(x, y) >= 1 - eps. Every row's home is its
+    nearest centroid, so both margins m(x, Y) and m(y, X) are >= 0. Say m(x, Y) <= m(y, X) (the other
+    case is the same with x and y swapped). If m(x, Y) + m(y, X) <= 2 L: 2 m(x, Y) <= 2 L, so x visits
+    Y; and m(y, X) <= 2 L - m(x, Y) <= 2 L, so y counts X among the clusters it meets visitors from;
+    `cross_pairs` at Y compares x with every resident that counts X: with y. With `margin` None
+    every pair is met: the margins add up to m(x, Y) + m(y, X) = <x - y, cX - cY> <= |x - y| |cX - cY|
+    (Cauchy-Schwarz) and |x - y|^2 = 2 - 2 cos(x, y) <= 2 eps, so they are at most 2 L for that L.
+    The default VISIT_MARGIN is narrower: for a near-duplicate whose difference is not aligned with
+    the centroids' (noise, a re-encoding) <x - y, cX - cY> is a small share of the bound
+    (bench/RESULTS.md: the largest sum among 11,568 pairs across clusters at 1,000,000 vectors was
+    0.21 sqrt(2 eps)); in 384-d random vectors the bound would visit almost every near cluster."""
     back = back_clusters(probes)
     nearest, cosine = semdedup.nearest_centroids(unit, centroids, 1 + back)
     others = nearest[:, 1:].copy()
-    margin = cosine[:, :1] - cosine[:, 1:]
+    gap = cosine[:, :1] - cosine[:, 1:]
     step = math.sqrt(2 * eps)
-    first = np.arange(back)[None, :] < probes
-    others[(margin > 2 * step) | (~first & (margin > BACK_MARGIN * step))] = -1  # no near-duplicate farther out
-    visit = (others >= 0) & (first | (margin <= VISIT_MARGIN * step))
-    return Visits(nearest[:, 0], cosine[:, 0], others, visit)
+    if margin is None:  # |cX - cY| of each row's home and each of its near others
+        limit = step * centroid_distance(centroids, nearest[:, 0], others) / 2 + SLACK
+    else:
+        limit = np.full(gap.shape, margin * step + SLACK, np.float32)
+    within = (others >= 0) & (gap <= 2 * limit)
+    others[~within] = -1
+    near = within & (gap <= limit)
+    visit = near & (np.cumsum(near, axis=1) <= probes)
+    capped = np.zeros(len(unit), bool)
+    if 0 < back < len(centroids) - 1:  # the last slot within the limit: more clusters may be
+        capped = within[:, -1].copy()
+    capped |= near.sum(axis=1) > probes  # a cluster within the limit was not visited
+    return Visits(nearest[:, 0], cosine[:, 0], others, visit, capped)
+
+
+def centroid_distance(centroids: np.ndarray, home: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """|c_home - c_other| for every row's home and each of its `others` ([rows, k]; -1 gives 0), from
+    the dot products of the distinct pairs of clusters (a row-by-row gather would be rows x k x dim)."""
+    clusters = len(centroids)
+    key = home[:, None].astype(np.int64) * clusters + np.maximum(others, 0)
+    distinct, back = np.unique(key, return_inverse=True)
+    dots = np.concatenate([np.einsum("ij,ij->i", centroids[chunk // clusters], centroids[chunk % clusters])
+                           for chunk in np.array_split(distinct, max(1, len(distinct) // 65536))])
+    apart = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * dots)).astype(np.float32)[back.reshape(key.shape)]
+    return np.where(others >= 0, apart, 0.0)
 
 
 def visits(unit: np.ndarray, centroids: np.ndarray, probes: int, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -113,6 +149,44 @@ def cross_pairs(resident: np.ndarray, resident_visits: np.ndarray, visitor: np.n
         pairs.append(found)
         cosines.append(sims)
     return CrossPairs(np.concatenate(pairs), np.concatenate(cosines))
+
+
+def pairs_across(unit: np.ndarray, plan: Visits, eps: float) -> CrossPairs:
+    """Every pair `plan` meets across clusters among `unit` rows (all in memory), as row indices:
+    each cluster's visitors against its residents (`cross_pairs`), the visitors in runs whose
+    products stay within semdedup.BLOCK_BYTES (a piece of a split cluster may hold 100,000 rows)."""
+    rows, slot = np.nonzero(plan.visit)
+    targets = plan.others[rows, slot]
+    visiting, members = groups_of(targets), groups_of(plan.home)
+    pairs, cosines = [np.zeros((0, 2), np.int64)], [np.zeros(0, np.float32)]
+    for cluster, at in visiting.items():
+        mine = members.get(cluster, np.zeros(0, np.int64))
+        run = max(1, semdedup.BLOCK_BYTES // (8 * max(1, len(mine))))  # padding may double a block's side
+        for start in range(0, len(at), run):
+            theirs = rows[at[start:start + run]]
+            found = cross_pairs(unit[mine], plan.others[mine], unit[theirs], plan.home[theirs], eps)
+            pairs.append(np.stack([theirs[found.pairs[:, 0]], mine[found.pairs[:, 1]]], axis=1))
+            cosines.append(found.cosine)
+    return CrossPairs(np.concatenate(pairs), np.concatenate(cosines))
+
+
+def groups_of(labels: np.ndarray) -> dict[int, np.ndarray]:
+    """Indices per label, sorted once (not one scan of every row per label)."""
+    order = np.argsort(labels, kind="stable")
+    ids, starts = np.unique(labels[order], return_index=True)
+    return {int(c): rows for c, rows in zip(ids, np.split(order, starts[1:]))}
+
+
+def piece_pairs(unit: np.ndarray, pieces: list[np.ndarray], eps: float) -> tuple[list[np.ndarray], CrossPairs]:
+    """The pieces of one cluster split over --max-cluster-size, each row moved to the piece whose
+    centroid (the unit mean of its rows) is nearest, and the pairs across those pieces, met as pairs
+    across clusters are but with the exact limit: every pair across pieces is found (`plan_visits`)
+    unless a row has more than PIECE_PROBES pieces within it. The move makes every row's home its nearest centroid, which the proof needs; a
+    piece may end a little over the size. Pieces of one cluster lie close together, so the exact
+    limit (sqrt(2 eps) |cP - cQ| / 2) is narrow where it matters."""
+    centroids = semdedup.unit_rows(np.stack([unit[piece].mean(axis=0) for piece in pieces]))
+    plan = plan_visits(unit, centroids, min(len(pieces) - 1, PIECE_PROBES), eps, margin=None)
+    return list(groups_of(plan.home).values()), pairs_across(unit, plan, eps)
 
 
 @dataclass(frozen=True)

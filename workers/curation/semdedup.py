@@ -14,7 +14,9 @@ a seeded shuffle) and walked in that order. Two rules decide which rows go:
 
 The pairwise step is computed in row blocks (memory: block x cluster rows), never as the
 full cluster x cluster matrix; a cluster above `max_rows` is split by a second k-means level
-first (pairs across the split are not compared, as pairs across first-level clusters are not).
+first. Under the kept rule the pieces are then met as clusters are (crosscluster.piece_pairs)
+and their pairs marked `across`, for the resolution that settles pairs across clusters; under
+NeMo's rule pairs across the split are not compared, as pairs across clusters are not.
 """
 
 from __future__ import annotations
@@ -170,7 +172,8 @@ class ClusterResult:
     """One cluster's rows in keep order: index into the cluster's input rows, kept, the best earlier
     match (input row index, -1 when none; kept rule: the best kept one) and its cosine (NaN when
     none), the row's rank in the job-wide keep order (ties broken by key), and (kept rule) every pair
-    at or above the threshold as input row indices (earlier, later)."""
+    at or above the threshold as input row indices (earlier, later; across pieces: visitor, resident),
+and which of them lie across pieces (`across`: the per-piece decisions do not hold them yet)."""
 
     order: np.ndarray
     kept: np.ndarray
@@ -179,6 +182,7 @@ class ClusterResult:
     rank: np.ndarray
     pairs: np.ndarray
     pair_cosine: np.ndarray
+    across: np.ndarray
 
 
 def order_rank(centroid_cosine: np.ndarray, order: np.ndarray, keep: str) -> np.ndarray:
@@ -191,13 +195,20 @@ def order_rank(centroid_cosine: np.ndarray, order: np.ndarray, keep: str) -> np.
 
 
 def dedup_cluster(unit: np.ndarray, keys: list[str], centroid_cosine: np.ndarray, *, eps: float, keep: str,
-                  seed: int, max_rows: int, rule: str = "kept") -> ClusterResult:
-    """Kept and duplicate rows of one cluster (unit rows); see the module docstring."""
+                  seed: int, max_rows: int, rule: str = "kept", probes: int = 0) -> ClusterResult:
+    """Kept and duplicate rows of one cluster (unit rows); see the module docstring. `probes` 0 (the
+    job's --cross-clusters 0): the pieces of a split cluster are not compared, as clusters are not."""
+    from workers.curation import crosscluster  # it builds on this module
+
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, not {rule!r}")
     threshold = np.float32(1.0 - eps)
     orders, kept, match, cosine, rank, pairs, pair_cosine = [], [], [], [], [], [], []
-    for piece in split_large(unit, max_rows, seed):
+    pieces = split_large(unit, max_rows, seed)
+    between = crosscluster.CrossPairs(np.zeros((0, 2), np.int64), np.zeros(0, np.float32))
+    if rule == "kept" and probes and len(pieces) > 1:
+        pieces, between = crosscluster.piece_pairs(unit, pieces, eps)
+    for piece in pieces:
         order = piece[keep_order([keys[i] for i in piece], centroid_cosine[piece], keep, seed)]
         found = earlier_matches(unit[order], rule, float(threshold))
         has = found.position >= 0
@@ -208,9 +219,12 @@ def dedup_cluster(unit: np.ndarray, keys: list[str], centroid_cosine: np.ndarray
         rank.append(order_rank(centroid_cosine, order, keep))
         pairs.append(order[found.pairs])
         pair_cosine.append(found.pair_cosine)
+    inside = sum(len(p) for p in pairs)
+    pairs.append(between.pairs)
+    pair_cosine.append(between.cosine)
     return ClusterResult(np.concatenate(orders), np.concatenate(kept), np.concatenate(match),
                          np.concatenate(cosine), np.concatenate(rank), np.concatenate(pairs).reshape(-1, 2),
-                         np.concatenate(pair_cosine))
+                         np.concatenate(pair_cosine), np.arange(inside + len(between.pairs)) >= inside)
 
 
 def greedy_reference(unit: np.ndarray, rank: np.ndarray, keys: list[str], eps: float) -> tuple[np.ndarray, np.ndarray]:
