@@ -119,3 +119,17 @@ def test_the_record_counts_pairs_across_clusters_and_the_rows_each_phase_removed
         phases["in_clusters"]["removed"] + phases["across_clusters"]["removed"] - phases["across_clusters"]["kept_again"])
     assert read_kept_keys(output) == [r["key"] for r in rows if r["kept"]]
     assert all(r["cosine"] is None for r in rows if r["kept"]), "a kept row's cosine is null under the kept rule"
+
+
+@pytest.mark.parametrize("keep", ["hard", "easy"])
+def test_a_cluster_split_over_max_cluster_size_loses_nothing_across_its_pieces(embedded, keep):
+    """One cluster of every image, split into pieces of about 100 rows: the pairs across pieces are
+    found and resolved with the rest, so the result is the greedy pass over the whole set (before, the
+    pieces were never compared: a chain cut by the split kept both its halves)."""
+    eps = 0.005
+    output = dedup(embedded, f"pieces-{keep}", eps=eps, keep=keep, clusters=1, max_cluster_size=100)
+    rows = read_table(output).to_pylist()
+    assert len(rows) > 200 and {r["cluster"] for r in rows} == {0}
+    kept, _ = semdedup.greedy_reference(embedded["unit"], job_rank(embedded, output, rows, keep), embedded["keys"], eps)
+    assert {r["key"] for r in rows if not r["kept"]} == {key for key, k in zip(embedded["keys"], kept) if not k}
+    assert_both_invariants(embedded, rows, eps)

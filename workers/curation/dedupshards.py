@@ -128,9 +128,11 @@ def pairs(spec: DedupSpec, plan: VectorPlan, group: int, store: ObjectStore, fol
         rows = np.flatnonzero(clusters == cluster)
         found = semdedup.dedup_cluster(unit[rows], [keys[i] for i in rows], cosines[rows], eps=spec.eps,
                                        keep=spec.keep, seed=spec.seed + int(cluster), max_rows=spec.max_cluster_size,
-                                       rule=spec.rule)
+                                       rule=spec.rule, probes=probes(spec))
         add_decided(out, found, rows, keys, int(cluster))
-        add_edges(edges, [keys[i] for i in rows], found.pairs, found.pair_cosine, False)
+        names = [keys[i] for i in rows]
+        add_edges(edges, names, found.pairs[~found.across], found.pair_cosine[~found.across], False)
+        add_edges(edges, names, found.pairs[found.across], found.pair_cosine[found.across], True)  # across pieces
         if on_progress:
             on_progress(len(out["key"]), len(keys))
     visits = np.asarray(bucket.get("visits", []), dtype=np.int32).reshape(len(keys), crosscluster.back_clusters(probes(spec)))
