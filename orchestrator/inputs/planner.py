@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from orchestrator.errors import ObjectNotFound, SpecError, UnsafeKey, VitbatchError
-from orchestrator.inputs.manifest import Item
+from orchestrator.inputs.manifest import Item, write_manifests
 from orchestrator.inputs.parquetinputs import ParquetColumns, is_table_key, plan_parquet, shard_runs
 from orchestrator.inputs.tarsamples import TarFields, fields_of, kept_schema
 from orchestrator.store.scope import INPUT_LIST_SUFFIXES, brace_range, input_root, outside_input
@@ -36,10 +36,19 @@ class Plan:
     row_groups: list[Item] = field(default_factory=list)  # parquet row groups (parquetinputs.py)
     kept_columns: object | None = None  # pyarrow.Schema of --keep-columns, from the parquet footers
     not_kept: int = 0  # images --kept-by left out (a dedup job removed them)
+    model_identity: str | None = None  # the model's files as planned (modelrefs.model_identity): carry-over's key
 
     @property
     def n_shards(self) -> int:
         return -(-len(self.items) // self.shard_size) + len(self.tars) + len(self._parquet_runs())
+
+    def first(self) -> range:
+        """The shards submit sends: all of them (an image job has one phase)."""
+        return range(self.n_shards)
+
+    def write(self, folder: str, store: ObjectStore) -> None:
+        """The shards' manifests in the job's folder (what a worker reads of its shard)."""
+        write_manifests(self, folder, store)
 
     def _parquet_runs(self) -> list[list[Item]]:
         return list(shard_runs(self.row_groups, self.shard_size))

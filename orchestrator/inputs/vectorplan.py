@@ -92,6 +92,11 @@ class VectorPlan:
     def first(self) -> range:
         return self.phase_range(self.phases[0][0])
 
+    @property
+    def model_identity(self) -> None:
+        """A vector job runs no model: nothing a later run's carry-over compares (kinds.Planned)."""
+        return None
+
     def group_of(self, cluster: int) -> int:
         return cluster % self.groups
 

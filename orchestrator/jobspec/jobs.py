@@ -1,7 +1,9 @@
 """Job specs: the contract between the CLI, the orchestrator and the workers.
 
 One pydantic model per job kind. Every field has a description: it becomes the
-`--help` text and the JSON schema (`vitbatch schema`).
+`--help` text and the JSON schema (`vitbatch schema`). What a kind asks of its model's
+checkpoint is its spec's own `check_checkpoint` (submit's checks and the worker call it), so
+no check elsewhere tests a kind's name.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator,
 
 from orchestrator.errors import SpecError, VitbatchError
 from orchestrator.jobspec.checks.outputs import storable_output
+from orchestrator.jobspec.modelkinds import Checkpoint, Kind, classifier_refusal
 from orchestrator.jobspec.modelrefs import normalize_model_ref, refuse_file_keys
 from orchestrator.store.storage import normalize_uri
 
@@ -53,6 +56,17 @@ def _output_uri(value: str) -> str:
     return storable_output(normalize_uri(value))
 
 
+def _refuse_onnx(model: str, needs: str, config: dict | None) -> None:
+    """SpecError for a job that needs the PyTorch model when `config` describes an ONNX export."""
+    source = (config or {}).get("source", {}).get("ref", "its source")
+    raise SpecError(f"model {model!r} is an ONNX export: {needs}; pass the model it was exported from ({source})")
+
+
+def _needs_classifier(model: str, checkpoint: Checkpoint) -> None:
+    if not checkpoint.classifier:
+        raise SpecError(classifier_refusal(model, checkpoint))
+
+
 class _Spec(BaseModel):
     """The rules every spec applies to the fields it has: locations, the output and the model."""
 
@@ -72,6 +86,10 @@ class _Spec(BaseModel):
     @classmethod
     def _model(cls, value: str | None) -> str | None:
         return _field_value(normalize_model_ref, value)
+
+    def check_checkpoint(self, checkpoint: Checkpoint, config: dict | None = None) -> None:
+        """SpecError when the checkpoint (and its config.json, where read) cannot serve this kind of job.
+        Each kind that asks something of its model says what; the rest ask nothing."""
 
 
 class JobBase(_Spec):
@@ -186,6 +204,15 @@ class ClassifySpec(JobBase):
             raise ValueError("--prompt must hold exactly one {} (where the label goes) and no other braces")
         return value
 
+    def check_checkpoint(self, checkpoint: Checkpoint, config: dict | None = None) -> None:
+        """Zero-shot --labels need an image-text model; without them, a trained classifier."""
+        if self.labels is None:
+            _needs_classifier(self.model, checkpoint)
+        elif not checkpoint.zero_shot:
+            raise SpecError(f"model {self.model!r} is a {checkpoint.kind.value} ({checkpoint.architecture}): "
+                            "zero-shot --labels needs an image-text model (CLIPModel, SiglipModel); drop --labels to "
+                            "use its own classifier")
+
     @model_validator(mode="after")
     def _top_k_within_labels(self):
         if self.labels is not None and self.top_k > len(self.labels):
@@ -227,6 +254,18 @@ class EmbedSpec(JobBase):
     def _dedupe(cls, value: list[str]) -> list[str]:
         return list(dict.fromkeys(value))
 
+    def check_checkpoint(self, checkpoint: Checkpoint, config: dict | None = None) -> None:
+        """--pooling pooled needs a pooled output apart from `cls` (an ONNX export lists its outputs)."""
+        if "pooled" not in self.pooling:
+            return
+        if checkpoint.kind is Kind.ONNX and config is not None and "pooled" not in (config.get("outputs") or {}):
+            raise SpecError(f"model {self.model!r} is an ONNX export without a pooled output apart from its `cls` "
+                            "embedding (only CLIP, SigLIP and timm image projections have one): drop `pooled` from "
+                            "--pooling")
+        if checkpoint.kind not in (Kind.DUAL, Kind.VISION_TOWER, Kind.TIMM, Kind.ONNX):
+            raise SpecError(f"model {self.model!r} ({checkpoint.kind.value}) has no pooled output apart from its "
+                            "`cls` embedding: drop `pooled` from --pooling")
+
 
 class AttentionSpec(JobBase):
     """CLS-to-patch attention maps per layer, attention rollout, and PNG overlays."""
@@ -246,6 +285,12 @@ class AttentionSpec(JobBase):
     @classmethod
     def _split(cls, value):
         return [int(p) for p in value.split(",") if p.strip()] if isinstance(value, str) else value
+
+    def check_checkpoint(self, checkpoint: Checkpoint, config: dict | None = None) -> None:
+        """Attention maps are the PyTorch model's softmax weights, which an ONNX graph does not output."""
+        if checkpoint.kind is Kind.ONNX:
+            _refuse_onnx(self.model, "attention maps need the PyTorch model's softmax weights, which the ONNX "
+                         "graph does not output", config)
 
 
 class TrainBase(_Spec):
@@ -319,6 +364,11 @@ class FinetuneSpec(TrainBase):
         _field_value(refuse_file_keys, value)
         return value
 
+    def check_checkpoint(self, checkpoint: Checkpoint, config: dict | None = None) -> None:
+        """A model is made from the PyTorch modules: an ONNX export cannot be fine-tuned."""
+        if checkpoint.kind is Kind.ONNX:
+            _refuse_onnx(str(self.model), "fine-tuning starts from a PyTorch model only", config)
+
     @model_validator(mode="after")
     def _one_start(self):
         if (self.model is None) == (self.config is None):
@@ -334,6 +384,10 @@ class EvaluateSpec(TrainBase):
                        "parquet files / webdataset tars that carry their labels.")
     model: str = Field(description="hf:, timm:, a local save_pretrained directory, or s3:// directory.")
     batch_size: int = Field(64, gt=0, le=4096, description="Images per forward pass.")
+
+    def check_checkpoint(self, checkpoint: Checkpoint, config: dict | None = None) -> None:
+        """Accuracy needs a trained classifier."""
+        _needs_classifier(self.model, checkpoint)
 
 
 class ExportSpec(_Spec):
@@ -365,6 +419,11 @@ class ExportSpec(_Spec):
         "sample images (top-2 probability margin > 0.05; models without a classifier: the share of images whose "
         "int8 cls embedding has cosine >= 0.99 with PyTorch fp32); the job fails below it.",
     )
+
+    def check_checkpoint(self, checkpoint: Checkpoint, config: dict | None = None) -> None:
+        """Export reads the PyTorch modules: an ONNX export is not exported again."""
+        if checkpoint.kind is Kind.ONNX:
+            _refuse_onnx(self.model, "export starts from a PyTorch model only", config)
 
 
 class VectorJob(_Spec):
@@ -415,9 +474,8 @@ class DedupSpec(VectorJob):
         "resolved too; semdedup = NeMo Curator's rule: removed when any row before it in its cluster is >= 1 - eps "
         "(a chain A ~ B ~ C loses C), clusters never compared.")
     cross_clusters: int = Field(4, ge=0, le=16, description="rule kept: each row is also compared with the rows of "
-                                "the other clusters whose centroid cosine is within 0.125 sqrt(2 eps) of its own "
-                                "cluster's, at most this many, nearest first; 0 = inside clusters (and the pieces "
-                                "of a split one) only.")
+                                "its this many nearest other clusters (those that could hold a near-duplicate); "
+                                "0 = inside clusters only.")
 
 
 class NeighborsSpec(VectorJob):

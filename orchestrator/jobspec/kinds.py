@@ -1,19 +1,22 @@
 """Job kinds: each kind is one record here, and whatever differs between kinds is read from it.
 
-A kind's spec (its pydantic model) lives in `jobs.py`; everything else the control plane and the
-workers need to know about it is a field of its `JobKind`: the CLI makes `submit <name>` and
-`run <name>` from `spec`, submit and the enqueuer send `task`, the reconciler reads `slow_unit`,
-a job's record reads `makes_model`, the worker's metrics read `runs_shards`.
+A kind's spec (its pydantic model, with what it asks of its model's checkpoint) lives in `jobs.py`,
+its submit-time checks and plan in `plans.py`; everything else the control plane and the workers
+need to know about it is a field of its `JobKind`: the CLI makes `submit <name>` and `run <name>`
+from `spec`, submit runs `plan`, submit and the enqueuer send `task`, the reconciler reads
+`slow_unit`, a job's record reads `makes_model`, the worker's metrics read `runs_shards`.
 `tests/unit/test_kinds.py` fails when a registered kind lacks a piece (a spec in the `JobSpec`
-union, a task the worker app registers, a CLI command, a schema entry).
+union, a plan, a task the worker app registers, a worker head, a CLI command, a schema entry, a row
+in docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import operator
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, Field, TypeAdapter
 
@@ -36,8 +39,26 @@ from orchestrator.jobspec.jobs import (
     FinetuneSpec,
     NeighborsSpec,
 )
+from orchestrator.store.storage import ObjectStore
 
 Unit = Literal["images", "single", "vectors"]
+PLANS = "orchestrator.jobspec.plans"  # where each kind's `plan` function lives
+
+
+class Planned(Protocol):
+    """A kind's plan as submit uses it, whatever the kind's unit (plans.py makes them)."""
+
+    @property
+    def n_shards(self) -> int: ...  # the job's units (tasks), all phases together
+
+    def summary(self) -> dict: ...  # the plan's counts, for `_job.json` and the submit output (`items` at least)
+
+    def first(self) -> range: ...  # the units enqueued at submit (a vector job's later phases follow)
+
+    def write(self, folder: str, store: ObjectStore) -> None: ...  # into the job's folder, once the prefix is held
+
+    @property
+    def model_identity(self) -> str | None: ...  # the model's files as planned (an image kind's), else None
 
 
 @dataclass(frozen=True)
@@ -49,6 +70,7 @@ class JobKind:
     unit: Unit  # images: shards of images planned into manifests; single: one task is the whole job;
     #             vectors: shards of an embed job's vectors, in phases (vectorplan.py)
     task: str  # the Celery task one unit runs as (constants.TASK_*)
+    plan: str  # its function in plans.py: submit's checks of the kind, then its plan (what to write and enqueue)
     slow_unit: bool = False  # one long unit that reports progress sparsely: never handed on as stalled
     makes_model: bool = False  # its output is a model (`--model <output>` loads it), made from PyTorch modules
     exclusive: bool = False  # a redelivery must not run beside a live run (two trainers on one output fight)
@@ -61,32 +83,39 @@ class JobKind:
         """Its units run through workers/runner.run_shard: image shards planned from manifests at submit."""
         return self.unit == "images"
 
+    def planned(self, spec: Any, store: ObjectStore) -> Planned:
+        """Check `spec` as this kind and plan it (SpecError on the first problem). The function is named,
+        as `task` is, and found when a job is planned: the job records below submit (commits, results)
+        read this registry, and the plans read them, so the registry imports no plan."""
+        return getattr(importlib.import_module(PLANS), self.plan)(spec, store)
+
     def task_args(self, job_id: str, unit: int) -> list:
         """The task's arguments for one unit (a single task takes the job only)."""
         return [job_id] if self.unit == "single" else [job_id, unit]
 
 
 def _images(name: str, spec: type[BaseModel], **traits) -> JobKind:
-    return JobKind(name, spec, "images", TASK_RUN_SHARD, **traits)
+    return JobKind(name, spec, "images", TASK_RUN_SHARD, "plan_images", **traits)
 
 
-def _single(name: str, spec: type[BaseModel], task: str, **traits) -> JobKind:
-    return JobKind(name, spec, "single", task, slow_unit=True, **traits)
+def _single(name: str, spec: type[BaseModel], task: str, plan: str, **traits) -> JobKind:
+    return JobKind(name, spec, "single", task, plan, slow_unit=True, **traits)
 
 
-def _vectors(name: str, spec: type[BaseModel]) -> JobKind:
-    return JobKind(name, spec, "vectors", TASK_VECTOR_SHARD)
+def _vectors(name: str, spec: type[BaseModel], plan: str) -> JobKind:
+    return JobKind(name, spec, "vectors", TASK_VECTOR_SHARD, plan)
 
 
 KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
     _images("classify", ClassifySpec, carries_over=True, rows_shown=5),
     _images("embed", EmbedSpec),
     _images("attention", AttentionSpec),
-    _single("finetune", FinetuneSpec, TASK_FINETUNE, makes_model=True, exclusive=True, queue=QUEUE_TRAIN),
-    _single("evaluate", EvaluateSpec, TASK_EVALUATE),
-    _single("export", ExportSpec, TASK_EXPORT, makes_model=True),
-    _vectors("dedup", DedupSpec),
-    _vectors("neighbors", NeighborsSpec),
+    _single("finetune", FinetuneSpec, TASK_FINETUNE, "plan_finetune", makes_model=True, exclusive=True,
+            queue=QUEUE_TRAIN),
+    _single("evaluate", EvaluateSpec, TASK_EVALUATE, "plan_evaluate"),
+    _single("export", ExportSpec, TASK_EXPORT, "plan_export", makes_model=True),
+    _vectors("dedup", DedupSpec, "plan_dedup"),
+    _vectors("neighbors", NeighborsSpec, "plan_neighbors"),
 )}
 
 

@@ -20,28 +20,16 @@ from orchestrator.constants import (
 from orchestrator.errors import BrokerUnavailable, ObjectExists, OutputBusy, SpecError
 from orchestrator.fleet.celery_app import make_app
 from orchestrator.fleet.redisretry import ride_out
-from orchestrator.inputs.manifest import write_manifests
-from orchestrator.inputs.planner import Plan, plan_job
-from orchestrator.inputs.vectorplan import plan_vectors
-from orchestrator.jobspec.checks.models import check_export, check_model_options
+from orchestrator.inputs.planner import Plan
 from orchestrator.jobspec.checks.outputs import check_prefix_free
-from orchestrator.jobspec.jobs import (
-    DedupSpec,
-    EvaluateSpec,
-    ExportSpec,
-    FinetuneSpec,
-    InferenceSpec,
-    JobSpec,
-    NeighborsSpec,
-    normalize_model_ref,
-)
-from orchestrator.jobspec.kinds import job_kind
-from orchestrator.jobspec.modelrefs import model_identity, read_config, resolve_alias
+from orchestrator.jobspec.jobs import JobSpec, normalize_model_ref
+from orchestrator.jobspec.kinds import JobKind, Planned, job_kind
+from orchestrator.jobspec.modelrefs import resolve_alias
 from orchestrator.lifecycle.finalize import finalize
 from orchestrator.lifecycle.ledger import Ledger
 from orchestrator.lifecycle.states import JobState, JobStatus, ShardState
 from orchestrator.published.outputs import job_dir, new_job_id
-from orchestrator.published.results import read_record
+from orchestrator.published.results import read_json
 from orchestrator.store.storage import ObjectStore, join
 from orchestrator.submission.enqueue import send_units
 from orchestrator.submission.incremental import carry_over, submitted_job
@@ -71,82 +59,66 @@ class Client:
         self.ledger.r.close()
 
     # -- submit ----------------------------------------------------------------------------
-    def check(self, spec: InferenceSpec, overwrite: bool = False) -> Plan:
-        """Every check that does not need a GPU; SpecError on the first problem."""
-        config = read_config(spec.model, self.store)
-        check_model_options(spec, config)  # layers, top_k, architecture, remote code
-        check_prefix_free(spec, self.store, overwrite)
-        return plan_job(spec, self.store)
-
     def submit(self, spec: JobSpec, overwrite: bool = False, previous_output: str | None = None,
                lane: str | None = None) -> tuple[str, dict]:
-        """Check, take the output prefix, plan, record and enqueue; returns the job id and the plan's summary.
+        """Check, plan by the kind, hold the output prefix, record and enqueue; returns the job id and the
+        plan's summary. The same line for every kind: what differs is the kind's plan (kinds.py, plans.py).
 
         Nothing is written before every check has passed and the prefix is this job's.
         `previous_output`: a committed run of the same job whose unchanged rows are carried over.
         """
         self.ledger.ping()
-        extra: dict = {}
-        model = getattr(spec, "model", None)  # vector jobs have none; a job from scratch leaves it unset
-        if model and model.startswith("alias:"):
-            extra["model_alias"] = model
-            spec = spec.model_copy(update={"model": normalize_model_ref(resolve_alias(model, self.store))})
-        job_plan, vector_plan = None, None
-        if isinstance(spec, DedupSpec | NeighborsSpec):  # an embed job's vectors, in phases
-            check_prefix_free(spec, self.store, overwrite)
-            vector_plan = plan_vectors(spec, self.store)
-            summary, n_units = vector_plan.summary(), vector_plan.n_shards
-        elif isinstance(spec, ExportSpec):  # a single task, as are finetune and evaluate
-            check_prefix_free(spec, self.store, overwrite)
-            summary, n_units = check_export(spec, self.store), 1
-        elif isinstance(spec, FinetuneSpec | EvaluateSpec):
-            from orchestrator.jobspec.checks.training import check_labeled
-
-            check_prefix_free(spec, self.store, overwrite)
-            summary, n_units = check_labeled(spec, self.store), 1
-        else:
-            job_plan = self.check(spec, overwrite)
-            extra["model_identity"] = model_identity(spec.model, self.store)
-            summary, n_units = job_plan.summary(), job_plan.n_shards
+        spec, alias = self._followed(spec)
+        kind = job_kind(spec.kind)
+        check_prefix_free(spec, self.store, overwrite)
+        planned = kind.planned(spec, self.store)
         job_id = new_job_id()
         self.ledger.hold_output(spec.output, job_id)
         try:
-            if vector_plan is not None:
-                vector_plan.write(job_dir(spec.output, job_id), self.store)
-            summary, n_units = self._record(job_id, spec, job_plan, summary, n_units, extra, previous_output)
+            summary = self._record(job_id, spec, kind, planned, alias, previous_output)
         except BaseException:
             self._abandon(job_id, spec.output)
             raise
-        if n_units == 0:  # everything carried over: nothing to enqueue
-            finalize(job_id, self.ledger, self.store)
-            return job_id, summary
-        try:
-            first = vector_plan.first() if vector_plan is not None else range(n_units)  # later phases follow
-            self.enqueue(job_id, first, spec.kind, lane or self.queue_for(spec, n_units))
-        except Exception as e:
-            # Shards already sent see a cancelled job and do nothing: no half-run job.
-            self._safe_cancel(job_id, f"enqueue failed: {e}")
-            raise BrokerUnavailable(f"enqueueing job {job_id} failed ({e}); the job was cancelled") from e
+        self._start(job_id, kind, planned, lane or self.queue_for(spec, planned.n_shards))
         return job_id, summary
 
-    def _record(self, job_id: str, spec: JobSpec, job_plan: Plan | None, summary: dict, n_units: int,
-                extra: dict, previous_output: str | None) -> tuple[dict, int]:
-        """Write the job's folder (carried rows, manifests, its record), then the ledger entry."""
+    def _followed(self, spec: JobSpec) -> tuple[JobSpec, str | None]:
+        """The spec with its `--model alias:<uri>` followed to the model it names now, and the alias."""
+        model = getattr(spec, "model", None)  # vector jobs have none; a job from scratch leaves it unset
+        alias = model if model and model.startswith("alias:") else None
+        if alias:
+            spec = spec.model_copy(update={"model": normalize_model_ref(resolve_alias(alias, self.store))})
+        return spec, alias
+
+    def _record(self, job_id: str, spec: JobSpec, kind: JobKind, planned: Planned, alias: str | None,
+                previous_output: str | None) -> dict:
+        """Write the job's folder (carried rows, what the plan writes, its record), the prefix's record, then
+        the ledger entry; returns the plan's summary as recorded."""
         folder = job_dir(spec.output, job_id)
-        if job_plan is not None:
-            carried = 0
-            if previous_output and job_kind(spec.kind).carries_over:
-                carried = carry_over(job_plan, previous_output, folder, extra["model_identity"], self.store, job_id)
-            write_manifests(job_plan, folder, self.store)
-            summary, n_units = {**job_plan.summary(), "carried": carried}, job_plan.n_shards
-        spec_json = spec.model_dump_json()
-        record = submitted_job(job_id, spec, summary, self.store, model_alias=extra.get("model_alias"),
-                               identity=extra.get("model_identity")).to_bytes()
+        carried = 0
+        if previous_output and kind.carries_over and isinstance(planned, Plan) and planned.model_identity:
+            carried = carry_over(planned, previous_output, folder, planned.model_identity, self.store, job_id)
+        planned.write(folder, self.store)
+        summary = {**planned.summary(), "carried": carried} if kind.runs_shards else planned.summary()
+        record = submitted_job(job_id, spec, summary, self.store, model_alias=alias,
+                               identity=planned.model_identity).to_bytes()
         self.store.write(join(folder, JOB_SPEC_FILE), record)
         self._take_prefix_record(spec.output, record)
-        self.ledger.create(job_id, spec_json, spec.kind, spec.output, summary["items"], n_units,
-                           carried=summary.get("carried", 0))
-        return summary, n_units
+        self.ledger.create(job_id, spec.model_dump_json(), spec.kind, spec.output, summary["items"],
+                           planned.n_shards, carried=carried)
+        return summary
+
+    def _start(self, job_id: str, kind: JobKind, planned: Planned, queue: str) -> None:
+        """Enqueue the plan's first units; a job whose rows were all carried over is finished at once.
+        A send that fails cancels the job: shards already sent see it cancelled and do nothing."""
+        if not planned.n_shards:
+            finalize(job_id, self.ledger, self.store)
+        else:
+            try:
+                self.enqueue(job_id, planned.first(), kind.name, queue)
+            except Exception as e:
+                self._safe_cancel(job_id, f"enqueue failed: {e}")
+                raise BrokerUnavailable(f"enqueueing job {job_id} failed ({e}); the job was cancelled") from e
 
     def _take_prefix_record(self, output: str, record: bytes) -> None:
         """`_job.json` at the prefix names its holder; a first job creates it create-only, so two
@@ -167,13 +139,11 @@ class Client:
             log.warning("could not clean up abandoned job %s at %s", job_id, output, exc_info=True)
 
     def queue_for(self, spec: JobSpec, n_units: int) -> str:
-        own_queue = job_kind(spec.kind).queue
-        if own_queue is not None:
-            return own_queue
+        """The kind's own queue, else the spec's lane (auto: interactive for a job of few units)."""
         lane = getattr(spec, "lane", "auto")
         if lane == "auto":
             lane = "interactive" if n_units <= self.settings.interactive_max_shards else "bulk"
-        return QUEUE_INTERACTIVE if lane == "interactive" else QUEUE_DEFAULT
+        return job_kind(spec.kind).queue or (QUEUE_INTERACTIVE if lane == "interactive" else QUEUE_DEFAULT)
 
     def enqueue(self, job_id: str, shards, kind: str | None = None, queue: str | None = None) -> None:
         """Send one task per shard; `queue` defaults to the lane the job was submitted to."""
@@ -235,9 +205,9 @@ class Client:
         SpecError when a later job has replaced its output.
         """
         status = self.status(job_id)
-        record = read_record(self.store, join(status.output, SUCCESS_FILE))
-        if record is not None and record.job_id not in ("", job_id) and record.finished_at > status.created_at:
-            raise SpecError(f"job {job_id} was replaced at {status.output} by job {record.job_id}: "
+        record = read_json(self.store, join(status.output, SUCCESS_FILE)) or {}
+        if record.get("job_id") not in (None, job_id) and record.get("finished_at", 0) > status.created_at:
+            raise SpecError(f"job {job_id} was replaced at {status.output} by job {record['job_id']}: "
                             "submit it again instead")
         self.ledger.hold_output(status.output, job_id)
         states = self.ledger.shard_states(job_id)

@@ -22,7 +22,7 @@ from orchestrator.config import Settings
 from orchestrator.constants import EXPORT_REPORT_FILE
 from orchestrator.errors import SpecError
 from orchestrator.jobspec.checks.models import check_export, check_model_options
-from orchestrator.jobspec.checks.training import check_labeled
+from orchestrator.jobspec.checks.training import check_finetune
 from orchestrator.jobspec.jobs import normalize_model_ref, parse_spec
 from orchestrator.jobspec.modelrefs import read_config
 from orchestrator.published.results import read_embeddings, read_table
@@ -163,7 +163,7 @@ def test_refusals_at_submit(exported, images, tmp_path):
     check_model_options(parse_spec({"kind": "classify", **common}), config)
     finetune = parse_spec({"kind": "finetune", "train": str(images), "output": str(tmp_path / "f"), "model": ref})
     with pytest.raises(SpecError, match="fine-tuning starts from a PyTorch model only"):
-        check_labeled(finetune, store)
+        check_finetune(finetune, store)
     with pytest.raises(SpecError, match="export starts from a PyTorch model only"):
         check_export(parse_spec({"kind": "export", "model": ref, "output": str(tmp_path / "e")}), store)
     model = load_model(ref, device="cpu")

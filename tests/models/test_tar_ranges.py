@@ -74,7 +74,7 @@ def labeled_tar(path, labels: list[str], seed: int) -> None:
 def test_evaluate_and_finetune_take_a_brace_range_of_labeled_tars(tmp_path, hf_model_dir):
     from helpers_models import LABELS
 
-    from orchestrator.jobspec.checks.training import check_labeled
+    from orchestrator.jobspec.checks.training import check_evaluate, check_finetune
     from orchestrator.jobspec.jobs import EvaluateSpec, FinetuneSpec
     from workers.training.evaluation import evaluate
     from workers.training.finetune import finetune
@@ -87,7 +87,7 @@ def test_evaluate_and_finetune_take_a_brace_range_of_labeled_tars(tmp_path, hf_m
     store, ctx = ObjectStore(Settings()), WorkerContext(Settings())
 
     spec = EvaluateSpec(input=uri, model=str(hf_model_dir), output=str(tmp_path / "e"), device="cpu", precision="fp32")
-    assert check_labeled(spec, store) == {"items": 12, "classes": sorted(LABELS[:2])}
+    assert check_evaluate(spec, store) == {"items": 12, "classes": sorted(LABELS[:2])}
     evaluate(spec, "job-eval", ctx, lambda _: None)
     predictions = pq.read_table(tmp_path / "e" / "predictions.parquet").to_pylist()
     assert [r["key"] for r in predictions][:2] == ["00000.tar/000000000", "00000.tar/000000001"]
@@ -97,7 +97,7 @@ def test_evaluate_and_finetune_take_a_brace_range_of_labeled_tars(tmp_path, hf_m
             "intermediate_size": 32}
     train = FinetuneSpec(train=uri, output=str(tmp_path / "m"), config=tiny, epochs=1, batch_size=4, augment="none",
                          val_split=0.25, device="cpu", precision="fp32")
-    assert check_labeled(train, store)["train_images"] == 12
+    assert check_finetune(train, store)["train_images"] == 12
     result = finetune(train, "job-train", ctx, lambda _: None)
     assert result["errors"] == 0
     config = json.loads((tmp_path / "m" / "config.json").read_text())
@@ -105,7 +105,7 @@ def test_evaluate_and_finetune_take_a_brace_range_of_labeled_tars(tmp_path, hf_m
 
 
 def test_a_brace_range_of_labeled_tars_with_a_missing_number_is_refused_at_submit(tmp_path, hf_model_dir):
-    from orchestrator.jobspec.checks.training import check_labeled
+    from orchestrator.jobspec.checks.training import check_evaluate
     from orchestrator.jobspec.jobs import EvaluateSpec
 
     (tmp_path / "shards").mkdir()
@@ -113,4 +113,4 @@ def test_a_brace_range_of_labeled_tars_with_a_missing_number_is_refused_at_submi
     uri = normalize_uri(str(tmp_path / "shards")) + "/{00000..00001}.tar"
     spec = EvaluateSpec(input=uri, model=str(hf_model_dir), output=str(tmp_path / "e"), device="cpu")
     with pytest.raises(SpecError, match="1 of the 2 tars the range names do not exist.*00001.tar"):
-        check_labeled(spec, ObjectStore(Settings()))
+        check_evaluate(spec, ObjectStore(Settings()))

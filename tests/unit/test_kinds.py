@@ -2,14 +2,73 @@
 
 from __future__ import annotations
 
+import importlib
 import typing
+from pathlib import Path
 
 import pytest
 import typer.main
+from pydantic import Field
 
 from orchestrator.errors import SpecError
-from orchestrator.jobspec.jobs import InferenceSpec, JobSpec, parse_spec
-from orchestrator.jobspec.kinds import KINDS, job_kind, spec_schema
+from orchestrator.jobspec.jobs import InferenceSpec, JobBase, JobSpec, parse_spec
+from orchestrator.jobspec.kinds import KINDS, PLANS, JobKind, job_kind, spec_schema
+
+ARCHITECTURE = Path(__file__).parents[2] / "docs" / "architecture.md"
+
+
+def missing_pieces(kind: JobKind) -> list[str]:
+    """What a registered kind lacks of what a new kind must bring (docs/architecture.md, Adding a job kind)."""
+    from pydantic import TypeAdapter
+
+    from orchestrator.commands.cli import app as cli
+    from workers.celery import app as worker_app
+    from workers.jobheads import HEADS
+
+    worker_app.loader.import_default_modules()  # what a worker imports at boot (app.conf.imports)
+    commands = typer.main.get_command(cli).commands  # type: ignore[attr-defined]
+    static_schema = TypeAdapter(JobSpec).json_schema()["discriminator"]["mapping"]
+    pieces = {
+        "its spec names it as its kind": kind.spec.model_fields.get("kind") is not None
+        and kind.spec.model_fields["kind"].default == kind.name,
+        "its spec in the JobSpec union": kind.spec in union_members(JobSpec),
+        "an entry in the schema specs are parsed by": kind.name in static_schema,
+        "a plan in plans.py": callable(getattr(importlib.import_module(PLANS), kind.plan, None)),
+        "a task the worker app registers": kind.task in worker_app.tasks,
+        "a worker head (jobheads.HEADS)": not kind.runs_shards or kind.name in HEADS,
+        "a `submit` command": kind.name in commands["submit"].commands,
+        "a `run` command": kind.name in commands["run"].commands,
+        "a row in docs/architecture.md": f"| `{kind.name}` |" in ARCHITECTURE.read_text(),
+    }
+    return [piece for piece, present in pieces.items() if not present]
+
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_every_registered_kind_has_every_piece(name):
+    assert missing_pieces(KINDS[name]) == []
+
+
+class ResizeSpec(JobBase):
+    """A kind registered here only: it has a spec and a record, and nothing else."""
+
+    kind: typing.Literal["resize"] = Field("resize", description="Job kind: resize.")
+
+
+def test_a_kind_registered_without_its_pieces_is_told_each_piece_it_lacks(monkeypatch):
+    resize = JobKind("resize", ResizeSpec, "images", "vitbatch.resize_shard", "plan_resize")
+    monkeypatch.setitem(KINDS, "resize", resize)
+    lacking = {name: missing_pieces(kind) for name, kind in KINDS.items() if missing_pieces(kind)}
+    assert lacking == {"resize": [
+        "its spec in the JobSpec union", "an entry in the schema specs are parsed by", "a plan in plans.py",
+        "a task the worker app registers", "a worker head (jobheads.HEADS)", "a `submit` command",
+        "a `run` command", "a row in docs/architecture.md",
+    ]}
+
+
+def test_a_heads_maker_without_a_registered_kind_is_found():
+    from workers.jobheads import HEADS
+
+    assert set(HEADS) == {name for name, kind in KINDS.items() if kind.runs_shards}
 
 
 def union_members(annotation) -> set[type]:

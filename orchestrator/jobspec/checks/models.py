@@ -14,57 +14,35 @@ from functools import cache
 from pathlib import Path
 
 from orchestrator.errors import SpecError
-from orchestrator.jobspec.kinds import job_kind
-from orchestrator.jobspec.modelkinds import Checkpoint, Kind, checkpoint_kind, classifier_refusal
+from orchestrator.jobspec.modelkinds import Checkpoint, Kind, checkpoint_kind
 from orchestrator.jobspec.modelrefs import is_onnx, label_count, model_depth, read_config
 
 
 def check_model_options(spec, config: dict | None) -> None:
     """SpecError when the spec asks the model (config.json of a directory; None for hub names) for
-    what it does not have: remote code, an unknown architecture, a classifier it lacks, more labels
-    or layers. A hub name is checked once by the worker that loads it (the job fails once)."""
+    what it does not have: remote code, an unknown architecture, what its kind needs of the checkpoint
+    (the spec's own `check_checkpoint`), more labels or layers. A hub name is checked once by the
+    worker that loads it (the job fails once)."""
     if config is None:
         return
-    _check_no_remote_code(spec.model, config)
-    if is_onnx(config):
-        _check_onnx_kind(spec, config)
-    else:
-        _check_architecture(spec.model, config)
-    check_job_fits(spec, checkpoint_kind(spec.model, config))
+    check_checkpoint(spec, config)
     if getattr(spec, "labels", None) is None:
         _check_top_k(spec, config)
     _check_layers(spec, config)
 
 
+def check_checkpoint(spec, config: dict) -> None:
+    """No remote code, an architecture vitbatch loads (an ONNX export's is its source's), and what the
+    spec's kind needs of the checkpoint."""
+    _check_no_remote_code(spec.model, config)
+    if not is_onnx(config):
+        _check_architecture(spec.model, config)
+    spec.check_checkpoint(checkpoint_kind(spec.model, config), config)
+
+
 def check_job_fits(spec, checkpoint: Checkpoint) -> None:
-    """What the job needs of the checkpoint: a trained classifier (classify, evaluate), an image-text
-    model (zero-shot --labels), a pooled output apart from `cls` (embed --pooling pooled)."""
-    kind = spec.kind
-    zero_shot = getattr(spec, "labels", None) is not None
-    if kind == "classify" and zero_shot and not checkpoint.zero_shot:
-        raise SpecError(f"model {spec.model!r} is a {checkpoint.kind.value} ({checkpoint.architecture}): zero-shot "
-                        "--labels needs an image-text model (CLIPModel, SiglipModel); drop --labels to use its own "
-                        "classifier")
-    if kind in ("classify", "evaluate") and not zero_shot and not checkpoint.classifier:
-        raise SpecError(classifier_refusal(spec.model, checkpoint))
-    pooled_kinds = (Kind.DUAL, Kind.VISION_TOWER, Kind.TIMM, Kind.ONNX)  # ONNX: _check_onnx_kind looks closer
-    if kind == "embed" and "pooled" in spec.pooling and checkpoint.kind not in pooled_kinds:
-        raise SpecError(f"model {spec.model!r} ({checkpoint.kind.value}) has no pooled output apart from its `cls` "
-                        "embedding: drop `pooled` from --pooling")
-
-
-def _check_onnx_kind(spec, config: dict) -> None:
-    """An ONNX export runs classify, embed and evaluate; what needs the PyTorch modules is refused."""
-    if spec.kind == "attention":
-        raise SpecError(f"model {spec.model!r} is an ONNX export: attention maps need the PyTorch model's "
-                        f"softmax weights, which the ONNX graph does not output; pass the model it was exported from "
-                        f"({config.get('source', {}).get('ref', 'its source')})")
-    if job_kind(spec.kind).makes_model:  # a model is made from the PyTorch modules
-        raise SpecError(f"model {spec.model!r} is an ONNX export: {spec.kind} starts from a PyTorch model only; pass "
-                        f"the model it was exported from ({config.get('source', {}).get('ref', 'its source')})")
-    if spec.kind == "embed" and "pooled" in spec.pooling and "pooled" not in (config.get("outputs") or {}):
-        raise SpecError(f"model {spec.model!r} is an ONNX export without a pooled output apart from its `cls` "
-                        "embedding (only CLIP, SigLIP and timm image projections have one): drop `pooled` from --pooling")
+    """What the job's kind needs of a loaded checkpoint (the worker's check of a hub name): its spec says."""
+    spec.check_checkpoint(checkpoint)
 
 
 def check_export(spec, store) -> dict:
@@ -74,10 +52,7 @@ def check_export(spec, store) -> dict:
 
     config = read_config(spec.model, store)
     if config is not None:
-        _check_no_remote_code(spec.model, config)
-        if is_onnx(config):
-            _check_onnx_kind(spec, config)
-        _check_architecture(spec.model, config)
+        check_checkpoint(spec, config)
     if spec.input is None:
         return {"items": spec.samples, "sample": "synthetic"}
     images = [item for item in plan(spec.input, 1_000_000, store).items if not item.tar]

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from collections import Counter
 
-from orchestrator.errors import SpecError
 from orchestrator.inputs.labeledsources import LabeledItem, label_options
 from orchestrator.inputs.labels import check_val_labels, class_names, load_labeled
-from orchestrator.jobspec.checks.models import check_job_fits
 from orchestrator.jobspec.jobs import EvaluateSpec, FinetuneSpec
 from orchestrator.jobspec.modelkinds import checkpoint_kind
-from orchestrator.jobspec.modelrefs import is_onnx, read_config
+from orchestrator.jobspec.modelrefs import read_config
 from orchestrator.store.storage import ObjectStore
 
 
@@ -30,15 +28,16 @@ def held_out(class_size: int, val_split: float) -> int:
     return n_val
 
 
-def check_labeled(spec: FinetuneSpec | EvaluateSpec, store: ObjectStore) -> dict:
-    """Every check that needs no GPU; returns the plan summary written to _job.json."""
-    if spec.model is not None:
-        config = read_config(spec.model, store)  # a local/s3 model without config.json is refused now
-        if config is not None:
-            _check_model(spec, spec.model, config)
-    if isinstance(spec, EvaluateSpec):
-        items = load_labeled(spec.input, store, label_options(spec))
-        return {"items": len(items), "classes": class_names(items)}
+def check_evaluate(spec: EvaluateSpec, store: ObjectStore) -> dict:
+    """An evaluate job's checks that need no GPU; returns the plan summary written to _job.json."""
+    _check_model(spec, spec.model, store)
+    items = load_labeled(spec.input, store, label_options(spec))
+    return {"items": len(items), "classes": class_names(items)}
+
+
+def check_finetune(spec: FinetuneSpec, store: ObjectStore) -> dict:
+    """A finetune job's checks that need no GPU; returns the plan summary written to _job.json."""
+    _check_model(spec, spec.model, store)
     train = load_labeled(spec.train, store, label_options(spec))
     names = class_names(train)
     summary = {"train_images": len(train), "classes": names}
@@ -57,11 +56,9 @@ def _n_train(train: list[LabeledItem], spec: FinetuneSpec) -> int:
     return len(train) - sum(held_out(n, spec.val_split) for n in Counter(item.label for item in train).values())
 
 
-def _check_model(spec: FinetuneSpec | EvaluateSpec, model: str, config: dict) -> None:
-    """`model` is the spec's (set: a job from scratch has no checkpoint to check)."""
-    if isinstance(spec, FinetuneSpec) and is_onnx(config):
-        raise SpecError(f"model {model!r} is an ONNX export: fine-tuning starts from a PyTorch model only; "
-                        f"pass the model it was exported from ({config.get('source', {}).get('ref', 'its source')})")
-    checkpoint = checkpoint_kind(model, config)  # SpecError for a checkpoint vitbatch cannot load
-    if isinstance(spec, EvaluateSpec):
-        check_job_fits(spec, checkpoint)  # a trained classifier to evaluate
+def _check_model(spec: FinetuneSpec | EvaluateSpec, model: str | None, store: ObjectStore) -> None:
+    """The spec's model, where it names one (a job from scratch has no checkpoint to check): a local or
+    s3 model without config.json is refused now, and the kind's needs are its spec's."""
+    config = read_config(model, store) if model is not None else None
+    if model is not None and config is not None:
+        spec.check_checkpoint(checkpoint_kind(model, config), config)  # SpecError for one vitbatch cannot load
