@@ -180,7 +180,7 @@ def image_column(schema: pa.Schema, uri: str, requested: str | None = None) -> s
         if requested not in schema.names:
             raise SpecError(f"--image-column {requested!r} is not a column of {uri} (it has {', '.join(schema.names)})")
         if not is_image_type(schema.field(requested).type):
-            _refuse_nested(schema, uri, [requested])
+            refuse_nested(schema, uri, [requested])
             raise SpecError(f"--image-column {requested!r} of {uri} is {schema.field(requested).type}: expected "
                             "binary, or a struct with bytes (binary) and path (string)")
         return requested
@@ -190,7 +190,7 @@ def image_column(schema: pa.Schema, uri: str, requested: str | None = None) -> s
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
-        _refuse_nested(schema, uri, nested_image_columns(schema))
+        refuse_nested(schema, uri, nested_image_columns(schema))
         raise SpecError(f"{uri} has no image column (no binary or struct{{bytes, path}} column among "
                         f"{', '.join(schema.names)}): name it with --image-column")
     raise SpecError(f"{uri} has several image columns ({', '.join(candidates)}): pick one with --image-column")
@@ -216,7 +216,7 @@ def _nested_image(kind: pa.DataType, where: str = "") -> str | None:
     return None
 
 
-def _refuse_nested(schema: pa.Schema, uri: str, names: list[str]) -> None:
+def refuse_nested(schema: pa.Schema, uri: str, names: list[str]) -> None:
     """SpecError naming the first of `names` that holds its images nested; nothing when none does."""
     for name in names:
         where = _nested_image(schema.field(name).type)
@@ -250,65 +250,6 @@ def row_group_items(item: Item, group_rows: list[int]) -> list[Item]:
             out.append(Item(item.key, item.uri, item.size, item.etag, row_group=index, first_row=first, rows=rows))
         first += rows
     return out
-
-
-@dataclass
-class ParquetPlan:
-    """Every row group of a job's parquet files, and the types its kept columns are written with."""
-
-    row_groups: list[Item] = field(default_factory=list)
-    kept_columns: pa.Schema | None = None
-    ignored: list[str] = field(default_factory=list)  # files without an image column (img2dataset's sidecars)
-
-
-def plan_parquet(files: list[Item], store: ObjectStore, columns: ParquetColumns, scope: str,
-                 stats: ReadStats | None = None) -> ParquetPlan:
-    """The row groups of every table file (parquet, save_to_disk's Arrow streams), in file then row-group
-    order; SpecError on an unreadable footer."""
-    from orchestrator.inputs.tablefiles import read_table_footer, streams_in_state
-
-    if columns.image_root is not None:
-        check_image_root(columns.image_root, store)
-    groups: list[Item] = []
-    kept: list[pa.Schema] = []
-    files, ignored = streams_in_state(files, store)
-    for item in files:
-        try:
-            footer = read_table_footer(store, item.uri, item.size, within=scope, stats=stats)
-        except ValueError as e:
-            raise SpecError(f"{item.uri}: {e}; fix or remove the file (or list the others in a manifest)") from e
-        except (ObjectNotFound, ObjectUnreadable) as e:
-            raise SpecError(f"{item.uri}: the footer cannot be read ({e})") from e
-        schema = footer.schema
-        if columns.image is None and not any(is_image_type(schema.field(n).type) for n in schema.names):
-            _refuse_nested(schema, item.uri, nested_image_columns(schema))
-            ignored.append(item.key)  # a table without images: img2dataset's sidecar of a .tar, say
-            continue
-        check_columns(schema, item.uri, columns)
-        kept.append(pa.schema([schema.field(name) for name in columns.keep]))
-        groups += row_group_items(Item(item.key, item.uri, footer.size, item.etag), footer.group_rows())
-    return ParquetPlan(groups, _unified(kept, files) if columns.keep and kept else None, ignored)
-
-
-def check_image_root(root: str, store: ObjectStore) -> None:
-    """--image-root names a folder that holds objects, and not the whole file system; SpecError otherwise."""
-    if root.rstrip("/") == "file:":  # file:/// is the whole file system
-        raise SpecError("--image-root / would let path cells name any file: pass the folder that holds the images")
-    try:
-        first = next(iter(store.list(root)), None)
-    except (ObjectNotFound, StorageError) as e:
-        raise SpecError(f"--image-root {root} cannot be listed ({e}): pass the folder that holds the images") from e
-    if first is None:
-        raise SpecError(f"--image-root {root} holds no objects: pass the folder that holds the images")
-
-
-def _unified(schemas: list[pa.Schema], files: list[Item]) -> pa.Schema:
-    """One type per kept column across files (int32 and int64 become int64); SpecError when they clash."""
-    try:
-        return pa.unify_schemas(schemas, promote_options="permissive").remove_metadata()
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise SpecError(f"--keep-columns: the files give a column different types ({e}); keep columns whose "
-                        f"types agree across {files[0].uri} and the other files") from e
 
 
 def shard_runs(groups: list[Item], shard_size: int) -> Iterator[list[Item]]:

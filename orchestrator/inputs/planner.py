@@ -16,7 +16,8 @@ import pyarrow as pa
 
 from orchestrator.errors import ObjectNotFound, SpecError, UnsafeKey, VitbatchError
 from orchestrator.inputs.manifest import Item, write_manifests
-from orchestrator.inputs.parquetinputs import ParquetColumns, is_table_key, plan_parquet, shard_runs
+from orchestrator.inputs.parquetinputs import ParquetColumns, is_table_key, shard_runs
+from orchestrator.inputs.tablefiles import plan_parquet
 from orchestrator.inputs.tarsamples import TarFields, fields_of, kept_schema
 from orchestrator.store.scope import INPUT_LIST_SUFFIXES, brace_range, input_root, outside_input
 from orchestrator.store.storage import ObjectInfo, ObjectStore, join, relative_key

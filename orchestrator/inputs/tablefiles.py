@@ -1,7 +1,9 @@
 """Tables whose rows are images, whatever file holds them: a parquet file (row groups, from its footer) or an
 Arrow IPC stream that `datasets` save_to_disk wrote (record batches, from their headers). Planning, the
 workers' row groups and the labeled readers ask a `Footer` for a table's schema and groups and read one
-group at a time through it; nothing else knows which kind of file it is.
+group at a time through it; nothing else knows which kind of file it is. Planning a job's tables
+(`plan_parquet`: their row groups and kept columns) is here too, above parquetinputs.py, which reads
+one parquet file's footer and columns and imports nothing back.
 
 A save_to_disk folder holds `state.json` (its `_data_files`: the streams, in order) and
 `dataset_info.json` (its `features`: which column is an Image, a ClassLabel's names); those features
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote
 
 import pyarrow as pa
@@ -21,7 +23,18 @@ import pyarrow.parquet as pq
 from orchestrator.errors import ObjectNotFound, ObjectUnreadable, SpecError, StorageError
 from orchestrator.inputs.arrowstreams import StreamIndex, read_batch, read_stream_index
 from orchestrator.inputs.manifest import Item
-from orchestrator.inputs.parquetinputs import HF_METADATA_KEY, RangedFile, ReadStats, read_footer
+from orchestrator.inputs.parquetinputs import (
+    HF_METADATA_KEY,
+    ParquetColumns,
+    RangedFile,
+    ReadStats,
+    check_columns,
+    is_image_type,
+    nested_image_columns,
+    read_footer,
+    refuse_nested,
+    row_group_items,
+)
 from orchestrator.store.scope import outside_input
 from orchestrator.store.storage import ObjectStore
 
@@ -158,3 +171,60 @@ def listed_streams(store: ObjectStore, folder: str) -> list[str] | None:
     if not isinstance(files, list) or not all(isinstance(f, dict) and isinstance(f.get("filename"), str) for f in files):
         raise ValueError(f"{folder}/{DATASET_STATE} lists no _data_files: is this a datasets save_to_disk folder?")
     return [f["filename"] for f in files]
+
+
+@dataclass
+class ParquetPlan:
+    """Every row group of a job's parquet files, and the types its kept columns are written with."""
+
+    row_groups: list[Item] = field(default_factory=list)
+    kept_columns: pa.Schema | None = None
+    ignored: list[str] = field(default_factory=list)  # files without an image column (img2dataset's sidecars)
+
+
+def plan_parquet(files: list[Item], store: ObjectStore, columns: ParquetColumns, scope: str,
+                 stats: ReadStats | None = None) -> ParquetPlan:
+    """The row groups of every table file (parquet, save_to_disk's Arrow streams), in file then row-group
+    order; SpecError on an unreadable footer. Planning reads each table's `Footer` only."""
+    if columns.image_root is not None:
+        check_image_root(columns.image_root, store)
+    groups: list[Item] = []
+    kept: list[pa.Schema] = []
+    files, ignored = streams_in_state(files, store)
+    for item in files:
+        try:
+            footer = read_table_footer(store, item.uri, item.size, within=scope, stats=stats)
+        except ValueError as e:
+            raise SpecError(f"{item.uri}: {e}; fix or remove the file (or list the others in a manifest)") from e
+        except (ObjectNotFound, ObjectUnreadable) as e:
+            raise SpecError(f"{item.uri}: the footer cannot be read ({e})") from e
+        schema = footer.schema
+        if columns.image is None and not any(is_image_type(schema.field(n).type) for n in schema.names):
+            refuse_nested(schema, item.uri, nested_image_columns(schema))
+            ignored.append(item.key)  # a table without images: img2dataset's sidecar of a .tar, say
+            continue
+        check_columns(schema, item.uri, columns)
+        kept.append(pa.schema([schema.field(name) for name in columns.keep]))
+        groups += row_group_items(Item(item.key, item.uri, footer.size, item.etag), footer.group_rows())
+    return ParquetPlan(groups, _unified(kept, files) if columns.keep and kept else None, ignored)
+
+
+def check_image_root(root: str, store: ObjectStore) -> None:
+    """--image-root names a folder that holds objects, and not the whole file system; SpecError otherwise."""
+    if root.rstrip("/") == "file:":  # file:/// is the whole file system
+        raise SpecError("--image-root / would let path cells name any file: pass the folder that holds the images")
+    try:
+        first = next(iter(store.list(root)), None)
+    except (ObjectNotFound, StorageError) as e:
+        raise SpecError(f"--image-root {root} cannot be listed ({e}): pass the folder that holds the images") from e
+    if first is None:
+        raise SpecError(f"--image-root {root} holds no objects: pass the folder that holds the images")
+
+
+def _unified(schemas: list[pa.Schema], files: list[Item]) -> pa.Schema:
+    """One type per kept column across files (int32 and int64 become int64); SpecError when they clash."""
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive").remove_metadata()
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise SpecError(f"--keep-columns: the files give a column different types ({e}); keep columns whose "
+                        f"types agree across {files[0].uri} and the other files") from e

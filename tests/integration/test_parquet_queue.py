@@ -11,7 +11,8 @@ import pytest
 from parquet_datasets import N, hf_dataset, image_files, img2dataset_shard, saved_dataset
 
 from orchestrator.inputs.manifest import Item
-from orchestrator.inputs.parquetinputs import ParquetColumns, ReadStats, plan_parquet
+from orchestrator.inputs.parquetinputs import ParquetColumns, ReadStats
+from orchestrator.inputs.tablefiles import plan_parquet
 from orchestrator.published.results import read_embeddings, read_table
 from orchestrator.store.storage import ObjectStore
 

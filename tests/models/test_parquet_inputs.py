@@ -17,8 +17,9 @@ from parquet_datasets import N, hf_dataset, image_files, img2dataset_shard, png
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
 from orchestrator.inputs.manifest import Item
-from orchestrator.inputs.parquetinputs import ParquetColumns, ReadStats, plan_parquet
+from orchestrator.inputs.parquetinputs import ParquetColumns, ReadStats
 from orchestrator.inputs.planner import plan
+from orchestrator.inputs.tablefiles import plan_parquet
 from orchestrator.jobspec.jobs import parse_spec
 from orchestrator.published.results import read_embeddings, read_table
 from orchestrator.store.storage import ObjectStore, normalize_uri
