@@ -54,7 +54,7 @@ def _submit(spec, wait: bool, workers: int, overwrite: bool, show_rows: int = 5)
                      if summary.get("skipped") else ""))
         if not wait:
             console.print(job_id)
-            return
+            raise typer.Exit(0)
         status = watch(client, job_id, summary["items"], embedded_stack.stop_requested if embedded else None)
         if embedded and status.state is JobState.SUCCEEDED:
             embedded_stack.discard()  # nothing the stack holds is needed any more

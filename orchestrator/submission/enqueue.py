@@ -23,12 +23,11 @@ RETRY_POLICY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5}
 def send_units(app: Celery, ledger: Ledger, job_id: str, kind: str, units: Iterable[int], queue: str) -> list[int]:
     """Stamp `units` of the job as enqueued and send one task each on `queue`; returns the units sent."""
     units, task = list(units), job_kind(kind)
-    if not units:
-        return units
-    ledger.mark_enqueued(job_id, units)
-    with app.producer_or_acquire() as producer:
-        for unit in units:
-            # A deterministic task id per (job, unit) makes duplicates easy to spot in Flower.
-            app.send_task(task.task, args=task.task_args(job_id, unit), task_id=shard_task_id(job_id, unit),
-                          producer=producer, retry=True, retry_policy=RETRY_POLICY, queue=queue)
+    if units:
+        ledger.mark_enqueued(job_id, units)
+        with app.producer_or_acquire() as producer:
+            for unit in units:
+                # A deterministic task id per (job, unit) makes duplicates easy to spot in Flower.
+                app.send_task(task.task, args=task.task_args(job_id, unit), task_id=shard_task_id(job_id, unit),
+                              producer=producer, retry=True, retry_policy=RETRY_POLICY, queue=queue)
     return units

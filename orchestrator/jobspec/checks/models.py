@@ -23,12 +23,11 @@ def check_model_options(spec, config: dict | None) -> None:
     what it does not have: remote code, an unknown architecture, what its kind needs of the checkpoint
     (the spec's own `check_checkpoint`), more labels or layers. A hub name is checked once by the
     worker that loads it (the job fails once)."""
-    if config is None:
-        return
-    check_checkpoint(spec, config)
-    if getattr(spec, "labels", None) is None:
-        _check_top_k(spec, config)
-    _check_layers(spec, config)
+    if config is not None:
+        check_checkpoint(spec, config)
+        if getattr(spec, "labels", None) is None:
+            _check_top_k(spec, config)
+        _check_layers(spec, config)
 
 
 def check_checkpoint(spec, config: dict) -> None:
