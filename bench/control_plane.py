@@ -47,9 +47,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def noop_shard(work_s: float, tar_images: int):
     """workers.runner.run_shard without a model: the images of its tar are 'found', `work_s` pass
     with progress reported as they do, and the commit marker is written like a real shard's."""
+    from orchestrator.lifecycle.commits import JobStamp, ShardWork
     from workers.writers import commit_shard
 
-    def run(spec, shard, ctx, on_progress=None, job_id="", marker_fields=None, on_found=None):
+    def run(spec, shard, ctx, on_progress=None, job_id="", stamp=None, on_found=None):
         if on_found is not None:
             on_found(tar_images)
         steps = max(1, int(work_s))
@@ -57,9 +58,8 @@ def noop_shard(work_s: float, tar_images: int):
             time.sleep(work_s / steps)
             if on_progress is not None:
                 on_progress(tar_images * step // steps, tar_images)
-        summary = {**(marker_fields or {"job_id": job_id}), "rows": tar_images, "errors": 0,
-                   "worker": ctx.hostname, "compute": "none (bench)", "stats": {"wall_s": work_s}}
-        return commit_shard(ctx.store, spec.output, shard, {}, summary)
+        work = ShardWork(rows=tar_images, worker=ctx.hostname, compute="none (bench)", stats={"wall_s": work_s})
+        return commit_shard(ctx.store, spec.output, shard, {}, stamp or JobStamp(job_id), work)
 
     return run
 

@@ -93,8 +93,10 @@ def _timed(cmd: list[str]) -> float:
 def _model_dir(out: Path, system: str) -> Path:
     if system == "trainer":
         return out / "model"
-    record = json.loads((out / "_SUCCESS.json").read_text())
-    return out / record["job_dir"]
+    from orchestrator.constants import SUCCESS_FILE
+    from orchestrator.lifecycle.commits import JobRecord
+
+    return out / JobRecord.from_json(json.loads((out / SUCCESS_FILE).read_text())).job_dir
 
 
 def holdout_accuracy(model_dir: Path, holdout: Path, id2label: bool) -> float:

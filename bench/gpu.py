@@ -75,9 +75,9 @@ def end_to_end(ctx, name: str, model_dir, image_dir, n: int, batch_size: int, de
     seconds, markers = run_shards_in_process(ctx, spec, in_flight)
     # run_shards_in_process writes straight into spec.output (a job folder); read the parts its markers name
     folder = bench_dir() / f"out-gpu-{name}"
-    table = pa.concat_tables([pq.read_table(folder / part) for marker in markers for part in marker["parts"]
+    table = pa.concat_tables([pq.read_table(folder / part) for marker in markers for part in marker.parts
                               if part.endswith(".parquet")])
-    return n / seconds, markers[0]["stats"], dict(zip(table.column("key").to_pylist(), table.column("label_id").to_pylist()))
+    return n / seconds, markers[0].stats, dict(zip(table.column("key").to_pylist(), table.column("label_id").to_pylist()))
 
 
 def main() -> None:

@@ -304,18 +304,19 @@ def vitbatch_command(image_dir: Path, out_dir: Path, model_dir: Path) -> list[st
 
 def run_vitbatch(image_dir: Path, model_dir: Path, out_dir: Path, work: Path) -> dict:
     from orchestrator.constants import SUCCESS_FILE
+    from orchestrator.lifecycle.commits import JobRecord
     from orchestrator.published.results import read_table
 
     env = {k: v for k, v in os.environ.items() if k not in ("VITBATCH_BROKER_URL", "VITBATCH_RESULT_BACKEND")}
     cmd = vitbatch_command(image_dir, out_dir, model_dir)
     print("  $ " + " ".join(cmd), flush=True)
     timing = timed_subprocess(cmd, env, work / "vitbatch.log")
-    record = json.loads((out_dir / SUCCESS_FILE).read_text())
+    record = JobRecord.from_json(json.loads((out_dir / SUCCESS_FILE).read_text()))
     table = read_table(str(out_dir))
     labels = {k: v for k, v, e in zip(table.column("key").to_pylist(), table.column("label_id").to_pylist(),
                                       table.column("error").to_pylist()) if e is None}
-    return {**timing, "labels": labels, "success_wall_s": record.get("wall_s"),
-            "success_images_per_s": record.get("images_per_s"), "stage_seconds": record.get("stage_seconds")}
+    return {**timing, "labels": labels, "success_wall_s": record.wall_s,
+            "success_images_per_s": record.images_per_s, "stage_seconds": record.stage_seconds}
 
 
 def agreement(reference: dict, margins: dict, labels: dict) -> tuple[float, int, int]:

@@ -86,9 +86,9 @@ def write_vectors(output: str, vectors: np.ndarray, part_rows: int, name: str = 
 
     from orchestrator import __version__
     from orchestrator.config import Settings
-    from orchestrator.lifecycle.commits import JobRecord
-    from orchestrator.lifecycle.finalize import publish
+    from orchestrator.lifecycle.commits import JobRecord, JobStamp, ShardWork
     from orchestrator.published.outputs import job_dir, new_job_id
+    from orchestrator.published.publication import publish
     from orchestrator.store.storage import ObjectStore, normalize_uri, relative_key
     from workers.writers import commit_shard
 
@@ -110,13 +110,12 @@ def write_vectors(output: str, vectors: np.ndarray, part_rows: int, name: str = 
         np.save(array, vectors[start:start + part_rows].astype(np.float16), allow_pickle=False)
         markers.append(commit_shard(store, folder, shard, {f"part-{shard:05d}.parquet": index.getvalue(),
                                                            f"cls/part-{shard:05d}.npy": array.getvalue()},
-                                    {"job_id": job_id, "rows": len(part_keys), "errors": 0,
-                                     "model_fingerprint": fingerprint}))
+                                    JobStamp(job_id), ShardWork(rows=len(part_keys), model_fingerprint=fingerprint)))
     record = JobRecord.build(job_id=job_id, spec_sha256="sha256:" + "0" * 64, kind="embed",
                              job_dir=relative_key(output, folder), markers=markers, items=len(keys),
                              processed=len(keys), errors=0, shards=len(markers), failed_shards={}, carried=0,
                              wall_s=0.0, finished_at=time.time(), version=__version__)
-    publish(store, output, record.to_json(), True, {})
+    publish(store, output, record, True, {})
     return keys
 
 

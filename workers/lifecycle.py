@@ -24,7 +24,7 @@ from redis import RedisError
 from orchestrator.errors import NotRetryable, StaleDelivery
 from orchestrator.jobspec.jobs import JobSpec, parse_spec
 from orchestrator.jobspec.kinds import job_kind
-from orchestrator.lifecycle.commits import ShardMarker
+from orchestrator.lifecycle.commits import JobStamp, ShardMarker
 from orchestrator.lifecycle.fencing import Lease
 from orchestrator.lifecycle.finalize import finalize
 from orchestrator.lifecycle.states import JobState, ShardState
@@ -36,8 +36,8 @@ from workers.writers import commit_shard, read_commit, written_files
 
 log = logging.getLogger(__name__)
 
-# work(spec with output = the job's folder, ctx, the marker's job fields, the delivery's lease) -> its marker
-Work = Callable[[JobSpec, WorkerContext, dict, Lease], ShardMarker]
+# work(spec with output = the job's folder, ctx, what names the job in its marker, the delivery's lease) -> its marker
+Work = Callable[[JobSpec, WorkerContext, JobStamp, Lease], ShardMarker]
 Settle = Callable[[str], object]
 
 
@@ -53,7 +53,7 @@ def run_unit(ctx: WorkerContext, job_id: str, unit: int, work: Work, backoff_s: 
     spec = parse_spec(spec_json)
     # Everything this job writes goes into its own folder under the output prefix.
     local = spec.model_copy(update={"output": job_dir(spec.output, job_id)})
-    fields = {"job_id": job_id, "spec_sha256": spec_digest(spec_json)}
+    stamp = JobStamp(job_id, spec_digest(spec_json))
     settle = settle or (lambda settled_job: finalize(settled_job, ctx.ledger, ctx.store))
     marker = read_commit(ctx.store, local.output, unit, job_id)
     if marker is None and job_kind(spec.kind).exclusive and held_elsewhere(ctx, job_id, unit):
@@ -64,7 +64,7 @@ def run_unit(ctx: WorkerContext, job_id: str, unit: int, work: Work, backoff_s: 
         lease = ledger.start_shard(job_id, unit)
         if lease.attempts > ctx.settings.max_attempts:
             _quarantine(ctx, lease, settle)
-        marker = _fenced_work(ctx, lease, lambda: work(local, ctx, fields, lease), backoff_s)
+        marker = _fenced_work(ctx, lease, lambda: work(local, ctx, stamp, lease), backoff_s)
     else:  # a crash lost the ack: the marker only needs recording, under a lease of its own
         lease = ledger.start_shard(job_id, unit, count=False)
     if ledger.record_commit(lease, marker.rows, marker.errors, marker.stats):
@@ -120,9 +120,9 @@ def image_work(shard: int, announce: Announce) -> Work:
     """An `images` unit: the shard path (runner.run_shard); tars' items found are counted in the ledger."""
     from workers.runner import run_shard
 
-    def work(spec: JobSpec, ctx: WorkerContext, fields: dict, lease: Lease) -> ShardMarker:
+    def work(spec: JobSpec, ctx: WorkerContext, stamp: JobStamp, lease: Lease) -> ShardMarker:
         return run_shard(spec, shard, ctx, progress_reporter(ctx, lease, announce),  # type: ignore[arg-type]
-                         job_id=lease.job_id, marker_fields=fields,
+                         job_id=lease.job_id, stamp=stamp,
                          on_found=lambda n_items: ctx.ledger.shard_items(lease.job_id, shard, n_items))
 
     return work
@@ -132,8 +132,8 @@ def vector_work(shard: int, announce: Announce) -> Work:
     """A `vectors` unit: one shard of a dedup or neighbors job's phase."""
     from workers.curation.vectorshards import run_vector_shard
 
-    def work(spec: JobSpec, ctx: WorkerContext, fields: dict, lease: Lease) -> ShardMarker:
-        return run_vector_shard(spec, shard, ctx.store, fields, lease.token,  # type: ignore[arg-type]
+    def work(spec: JobSpec, ctx: WorkerContext, stamp: JobStamp, lease: Lease) -> ShardMarker:
+        return run_vector_shard(spec, shard, ctx.store, stamp, lease.token,  # type: ignore[arg-type]
                                 progress_reporter(ctx, lease, announce))
 
     return work
@@ -141,9 +141,9 @@ def vector_work(shard: int, announce: Announce) -> Work:
 
 def single_work(run: Callable, announce: Announce) -> Work:
     """A `single` unit (finetune, evaluate, export): one run whose files, all of them, are the job's output."""
-    def work(spec: JobSpec, ctx: WorkerContext, fields: dict, lease: Lease) -> ShardMarker:
-        summary = run(spec, lease.job_id, ctx, training_reporter(ctx, lease, announce))
-        return commit_shard(ctx.store, spec.output, 0, {}, {**fields, **summary},
+    def work(spec: JobSpec, ctx: WorkerContext, stamp: JobStamp, lease: Lease) -> ShardMarker:
+        report = run(spec, lease.job_id, ctx, training_reporter(ctx, lease, announce))
+        return commit_shard(ctx.store, spec.output, 0, {}, stamp, report,
                             written=written_files(ctx.store, spec.output))
 
     return work

@@ -18,7 +18,7 @@ from orchestrator.inputs.manifest import Item, read_kept_columns, read_manifest
 from orchestrator.inputs.parquetinputs import columns_of
 from orchestrator.inputs.tarsamples import NO_FIELDS, TarFields, fields_of
 from orchestrator.jobspec.jobs import InferenceSpec
-from orchestrator.lifecycle.commits import ShardMarker
+from orchestrator.lifecycle.commits import JobStamp, ShardMarker, ShardWork
 from orchestrator.store.scope import input_root, outside_input
 from orchestrator.store.storage import ObjectStore
 from workers import hooks, jobheads
@@ -141,29 +141,29 @@ def run_with(model: LoadedModel, store: ObjectStore, items: list[Item], head: Co
 
 
 def run_shard(spec: InferenceSpec, shard: int, ctx: WorkerContext, on_progress: ProgressFn | None = None,
-              job_id: str = "", marker_fields: dict | None = None,
+              job_id: str = "", stamp: JobStamp | None = None,
               on_found: Callable[[int], None] | None = None) -> ShardMarker:
     """Compute one shard and commit it into `spec.output` (the job's folder); returns the commit marker.
 
     A plain function: it reads and writes the object store only. Its caller hears of progress
     through `on_progress(done, total)` and of the images found inside the shard's tars (unknown
     when the job was planned) through `on_found(n_items)`; the task turns both into ledger writes.
-    `marker_fields`: what names the job in the marker (job_id, spec_sha256). The worker's metrics
+    `stamp`: what names the job in the marker (JobStamp(job_id) when None). The worker's metrics
     hear of the shard through workers.hooks.
     """
     with hooks.shard(spec.kind) as events:
-        return events.committed(_run_shard(spec, shard, ctx, on_progress, job_id, marker_fields, on_found))
+        return events.committed(_run_shard(spec, shard, ctx, on_progress, stamp or JobStamp(job_id), on_found))
 
 
 def _run_shard(spec: InferenceSpec, shard: int, ctx: WorkerContext, on_progress: ProgressFn | None,
-               job_id: str, marker_fields: dict | None, on_found: Callable[[int], None] | None) -> ShardMarker:
+               stamp: JobStamp, on_found: Callable[[int], None] | None) -> ShardMarker:
     scope = input_root(spec.input)
     kept = read_kept_columns(spec.output, ctx.store) if getattr(spec, "keep_columns", None) else None
     items, blobs, kept_rows = expand_tars(read_manifest(spec.output, shard, ctx.store), ctx, scope, fields_of(spec), kept)
     if blobs and on_found is not None:  # the job's total grows by what the tars hold
         on_found(len(items))
     items, blobs, passthrough = expand_parquet(items, blobs, spec, ctx, scope, kept, kept_rows)  # counted when planned
-    head = jobheads.for_job(spec, shard, ctx, (marker_fields or {}).get("job_id", job_id))
+    head = jobheads.for_job(spec, shard, ctx, stamp.job_id)
     head.passthrough = passthrough
     batch_size = spec.batch_size or default_batch_size(head.model.device)
     times = StageTimes()  # this shard's timer: the stages below add to it, the marker's stats report it
@@ -176,8 +176,7 @@ def _run_shard(spec: InferenceSpec, shard: int, ctx: WorkerContext, on_progress:
     t0 = time.perf_counter()
     written = upload_parts(ctx.store, spec.output, head.parts())
     times.write_s = time.perf_counter() - t0  # serialising and uploading
-    summary = {**(marker_fields or {"job_id": job_id}), "rows": len(head.rows), "errors": head.errors,
-               "model_fingerprint": head.model.fingerprint, "compute": head.model.compute + path.decoder.provenance,
-               "worker": ctx.hostname,
-               "batch_size": batch_size}  # after any out-of-memory halving
-    return commit_shard(ctx.store, spec.output, shard, {}, {**summary, "stats": times.to_json()}, written=written)
+    work = ShardWork(rows=len(head.rows), errors=head.errors, model_fingerprint=head.model.fingerprint,
+                     compute=head.model.compute + path.decoder.provenance, worker=ctx.hostname,
+                     batch_size=batch_size, stats=times.to_json())  # batch size after any out-of-memory halving
+    return commit_shard(ctx.store, spec.output, shard, {}, stamp, work, written=written)

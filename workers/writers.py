@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from orchestrator.constants import commit_name
 from orchestrator.lifecycle.commits import (
+    JobStamp,
     PartEntry,
     ShardMarker,
+    ShardWork,
     parquet_bytes,
     read_marker,
     upload_parts,
@@ -23,15 +25,15 @@ from orchestrator.store.storage import ObjectStore
 __all__ = ["commit_shard", "parquet_bytes", "read_commit", "upload_parts", "written_files"]
 
 
-def commit_shard(store: ObjectStore, folder: str, shard: int, parts: dict[str, bytes], summary: dict,
-                 written: dict[str, PartEntry] | None = None) -> ShardMarker:
+def commit_shard(store: ObjectStore, folder: str, shard: int, parts: dict[str, bytes], stamp: JobStamp,
+                 work: ShardWork, written: dict[str, PartEntry] | None = None) -> ShardMarker:
     """Write each part (name -> bytes) into the job's folder, then the marker naming them with their sha256.
 
-    `summary` carries job_id, spec_sha256, rows, errors and what else the work reports;
+    `stamp` names the job; `work` is what the shard's work reported (rows, errors, the kind's outcome);
     `written`: parts already uploaded (name -> PartEntry).
     """
     written = {**(written or {}), **upload_parts(store, folder, parts)}
-    return write_marker(store, folder, ShardMarker.build(shard, written, summary))
+    return write_marker(store, folder, ShardMarker.build(shard, written, stamp, work))
 
 
 def read_commit(store: ObjectStore, folder: str, shard: int, job_id: str) -> ShardMarker | None:

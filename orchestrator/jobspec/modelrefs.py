@@ -21,7 +21,7 @@ import re
 
 from orchestrator.constants import CHECKPOINTS_DIR, MODEL_CONFIG_FILE, SUCCESS_FILE
 from orchestrator.errors import SpecError, StorageError
-from orchestrator.published.results import read_json
+from orchestrator.published.results import read_record
 from orchestrator.store.storage import ObjectInfo, ObjectStore, join, normalize_uri, relative_key
 
 # -- references ------------------------------------------------------------------------------
@@ -107,8 +107,8 @@ def model_folder(output: str, store: ObjectStore) -> str:
     names the folder relative to the prefix: it is its own model folder. A directory that
     holds no vitbatch record is taken as a plain model directory.
     """
-    record = read_json(store, join(output, SUCCESS_FILE))
-    model = record.get("model") if record else None
+    record = read_record(store, join(output, SUCCESS_FILE))
+    model = record.model if record else ""
     if not model or output.rstrip("/").endswith("/" + model.strip("/")):
         return output
     return join(output, model)

@@ -15,8 +15,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.constants import JOB_SPEC_FILE
 from orchestrator.errors import ObjectNotFound
-from orchestrator.store.storage import ObjectStore
+from orchestrator.store.storage import ObjectStore, join
 
 
 @dataclass(frozen=True)
@@ -75,3 +76,8 @@ def read_submitted(store: ObjectStore, uri: str) -> SubmittedJob | None:
     except ObjectNotFound:
         return None
     return SubmittedJob.from_json(data)
+
+
+def prefix_holder(output: str, store: ObjectStore) -> SubmittedJob | None:
+    """The record of the job that last took the prefix (`_job.json` at the prefix), if any."""
+    return read_submitted(store, join(output, JOB_SPEC_FILE))

@@ -13,15 +13,16 @@ import logging
 from collections.abc import Callable
 
 from orchestrator import __version__
-from orchestrator.constants import CARRIED_MARKER, FAILURES_FILE, SUCCESS_FILE, commit_name
+from orchestrator.constants import CARRIED_MARKER, FAILURES_FILE, commit_name
 from orchestrator.errors import JobNotFound, StorageError
+from orchestrator.jobspec.kinds import job_kind
 from orchestrator.lifecycle.commits import JobRecord, ShardMarker, read_marker
 from orchestrator.lifecycle.fencing import Publication
 from orchestrator.lifecycle.ledgers import JobLedger
 from orchestrator.lifecycle.states import JobState, JobStatus, ShardState
-from orchestrator.published.delta import commit_job, retained_jobs
+from orchestrator.published.delta import retained_jobs
 from orchestrator.published.outputs import job_dir, remove_superseded, spec_digest
-from orchestrator.published.report import write_report_quietly
+from orchestrator.published.publication import publish
 from orchestrator.store.storage import ObjectStore, join, relative_key
 
 log = logging.getLogger(__name__)
@@ -70,21 +71,21 @@ def _publish_claimed(claim: Publication, status: JobStatus, folder: str, markers
                      ledger: JobLedger, store: ObjectStore) -> JobState:
     job_id = status.job_id
     wall_s = claim.finished_at - status.created_at
-    summary = JobRecord.build(
+    record = JobRecord.build(
         job_id=job_id, spec_sha256=spec_digest(spec_json), kind=status.kind,
         job_dir=relative_key(status.output, folder), markers=markers, items=status.n_items, processed=status.done,
         errors=status.errors, shards=status.n_shards, failed_shards=status.failed_shards, carried=status.carried,
         wall_s=wall_s, finished_at=claim.finished_at, version=__version__,
-        shard_stats=list(ledger.shard_stats(job_id).values()),
-    ).to_json()  # with what the kind adds (dedup: kept and removed per cluster; neighbors: mode, recall)
+        shard_stats=list(ledger.shard_stats(job_id).values()), makes_model=job_kind(status.kind).makes_model,
+    )  # with what the kind adds (dedup: kept and removed per cluster; neighbors: mode, recall)
     if claim.prefix_holder not in ("", job_id):  # another job took the prefix: it is not this job's to write
-        store.write(join(folder, FAILURES_FILE), json.dumps(summary, indent=2).encode())
+        store.write(join(folder, FAILURES_FILE), record.to_bytes())
         ledger.set_state(job_id, JobState.FAILED, f"job {claim.prefix_holder} took {status.output} before this "
                          f"job could publish; its record is in {folder}", publication=claim)
         return ledger.state(job_id)
     state = JobState.SUCCEEDED if not status.failed_shards else JobState.FINISHED_WITH_FAILURES
     succeeded = state is JobState.SUCCEEDED
-    publish(store, status.output, summary, succeeded, json.loads(spec_json))
+    publish(store, status.output, record, succeeded, json.loads(spec_json))
     if succeeded:  # before the job is seen to end: `vitbatch wait` returning means the old folders are gone
         _remove_replaced(status, store, ledger)
     reason = "" if succeeded else f"{len(status.failed_shards)} shard(s) failed"
@@ -117,24 +118,3 @@ def replaced_by(job_id: str, created_at: float, ledger: JobLedger) -> Callable[[
         return status.state.terminal and status.created_at < created_at
 
     return removable
-
-
-def publish(store: ObjectStore, output: str, summary: dict, succeeded: bool, spec: dict) -> None:
-    """Write the job's record in its folder, then at the prefix (the commit point readers follow).
-
-    Only a success commits the job's rows to the Delta table at the prefix (once: delta.py),
-    replaces `_SUCCESS.json` (and clears `_FAILURES.json`) and moves the spec's alias (if any) to
-    this output; finalize then removes the folders of the jobs it replaced that the table's
-    latest two commits no longer hold.
-    """
-    name = SUCCESS_FILE if succeeded else FAILURES_FILE
-    data = json.dumps(summary, indent=2).encode()
-    store.write(join(output, summary["job_dir"], name), data)
-    if succeeded:  # the Delta table holds the job before `_SUCCESS.json` says it is live (delta.py)
-        commit_job(output, summary, store)
-    store.write(join(output, name), data)
-    if succeeded:
-        store.delete(join(output, FAILURES_FILE))  # a retry fixed what an earlier pass reported
-        if spec.get("alias"):  # nightly jobs that name this alias pick the new model up by themselves
-            store.write(spec["alias"], output.encode())
-        write_report_quietly(output, store)  # the job's page (report.py); never fails the publication

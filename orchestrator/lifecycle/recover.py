@@ -27,7 +27,7 @@ from orchestrator.jobspec.submitted import SubmittedJob, read_submitted
 from orchestrator.lifecycle.commits import ShardMarker, read_marker
 from orchestrator.lifecycle.finalize import finalize
 from orchestrator.published.outputs import job_dir, spec_digest
-from orchestrator.published.results import prefix_holder, read_json
+from orchestrator.published.results import prefix_holder, read_record
 from orchestrator.store.storage import ObjectStore, join
 
 
@@ -92,8 +92,8 @@ def _check_lost(client, job_id: str, output: str) -> None:
     try:
         state = client.ledger.status(job_id).state
     except JobNotFound:
-        published = read_json(client.store, join(output, SUCCESS_FILE)) or {}
-        if published.get("job_id") == job_id:
+        published = read_record(client.store, join(output, SUCCESS_FILE))
+        if published is not None and published.job_id == job_id:
             raise SpecError(f"job {job_id} succeeded and published {join(output, SUCCESS_FILE)}: nothing to recover") from None
         return
     raise SpecError(f"job {job_id} is in Redis ({state.value}): nothing to recover (`vitbatch retry {job_id}` "

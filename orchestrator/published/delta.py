@@ -34,6 +34,7 @@ import pyarrow as pa
 from orchestrator.config import Settings
 from orchestrator.errors import ObjectNotFound, StorageError
 from orchestrator.inputs.parquetinputs import read_footer
+from orchestrator.lifecycle.commits import JobRecord, RecordPart
 from orchestrator.store.localfs import local_path
 from orchestrator.store.storage import ObjectStore, join
 
@@ -87,42 +88,33 @@ def storage_options(settings: Settings, output: str) -> dict[str, str] | None:
     return options
 
 
-def row_parts(record: dict) -> list[dict]:
-    """The record's row-holding parquet parts (one per shard, plus carried-over rows): what
-    `read_table` reads, and so what the table holds. Array and phase files live in subfolders."""
-    return [part for part in record.get("parts", [])  # a model job's record may list none
-            if part["name"].endswith(".parquet") and "/" not in part["name"].split("/", 2)[2]]
-
-
 FOOTER_READS = 16  # concurrent footer reads: a 10,000-shard job's publication waits on latency, not bandwidth
 
 
-def parts_schema(output: str, parts: list[dict], store: ObjectStore) -> pa.Schema:
+def parts_schema(output: str, parts: list[RecordPart], store: ObjectStore) -> pa.Schema:
     """The parts' common arrow schema, from their footers (one ranged read each, FOOTER_READS at a
     time): parts may differ where one shard's kept column held only nulls."""
-    def schema(part: dict) -> pa.Schema:
-        return read_footer(store, join(output, part["name"]), part["bytes"]).schema.to_arrow_schema()
+    def schema(part: RecordPart) -> pa.Schema:
+        return read_footer(store, join(output, part.name), part.bytes).schema.to_arrow_schema()
 
     with ThreadPoolExecutor(min(FOOTER_READS, len(parts)), thread_name_prefix="vitbatch-footers") as pool:
         schemas = list(pool.map(schema, parts))
     return pa.unify_schemas(schemas).remove_metadata()
 
 
-def _add_action(part: dict, finished_ms: int) -> Any:
+def _add_action(part: RecordPart, finished_ms: int) -> Any:
     from deltalake.transaction import AddAction
 
-    return AddAction(path=part["name"], size=int(part["bytes"]), partition_values={},
-                     modification_time=finished_ms, data_change=True,
-                     stats=json.dumps({"numRecords": int(part["rows"])}))
+    return AddAction(path=part.name, size=part.bytes, partition_values={}, modification_time=finished_ms,
+                     data_change=True, stats=json.dumps({"numRecords": part.rows}))
 
 
-def _commit_properties(record: dict, finished_ms: int) -> Any:
+def _commit_properties(record: JobRecord, finished_ms: int) -> Any:
     from deltalake import CommitProperties, Transaction
 
-    metadata = {JOB_ID_KEY: record["job_id"], "vitbatch.kind": record.get("kind", ""),
-                "vitbatch.job_dir": record["job_dir"]}
+    metadata = {JOB_ID_KEY: record.job_id, "vitbatch.kind": record.kind, "vitbatch.job_dir": record.job_dir}
     return CommitProperties(custom_metadata=metadata,
-                            app_transactions=[Transaction(app_id(record["job_id"]), 1, finished_ms)])
+                            app_transactions=[Transaction(app_id(record.job_id), 1, finished_ms)])
 
 
 def open_table(output: str, settings: Settings, version: int | None = None) -> Any:
@@ -132,43 +124,43 @@ def open_table(output: str, settings: Settings, version: int | None = None) -> A
     return DeltaTable(table_uri(output), version=version, storage_options=storage_options(settings, output))
 
 
-def commit_job(output: str, record: dict, store: ObjectStore) -> DeltaCommit | None:
+def commit_job(output: str, record: JobRecord, store: ObjectStore) -> DeltaCommit | None:
     """Commit a succeeded job's row parts to the table at `output` once; None when the job has no
     row parts (finetune, export) or their types have no Delta form (a float16 kept column)."""
     from deltalake.exceptions import CommitFailedError, TableNotFoundError
     from deltalake.schema import Schema
 
-    parts = row_parts(record)
+    parts = record.row_parts()  # what `read_table` reads, and so what the table holds
     if not parts:
         return None
     if output.startswith("file://") and "%" in str(local_path(output)):
         log.warning("job %s: no Delta table at %s: deltalake decodes a '%%' in a local path (a folder named "
-                    "without one gets its table)", record["job_id"], output)
+                    "without one gets its table)", record.job_id, output)
         return None
     try:
         schema = Schema.from_arrow(parts_schema(output, parts, store))
     except Exception as e:  # deltalake raises a bare Exception for a type Delta cannot hold
         log.warning("job %s at %s: no Delta table commit, its rows have a type Delta cannot hold: %s",
-                    record["job_id"], output, str(e).splitlines()[0])
+                    record.job_id, output, str(e).splitlines()[0])
         return None
-    finished_ms = int(record["finished_at"] * 1000)
+    finished_ms = int(record.finished_at * 1000)
     adds = [_add_action(part, finished_ms) for part in parts]
     props = _commit_properties(record, finished_ms)
     try:
         table = open_table(output, store.settings)
     except TableNotFoundError:
         return _create(output, record, schema, adds, props, store.settings)
-    already = _committed(table, record["job_id"])
+    already = _committed(table, record.job_id)
     if already is not None:
         return already
     try:
         table.create_write_transaction(adds, mode="overwrite", schema=schema, commit_properties=props)
     except CommitFailedError:  # another publisher of this job won the race: its commit is this one
-        return _require_committed(output, record["job_id"], store.settings)
+        return _require_committed(output, record.job_id, store.settings)
     return DeltaCommit(open_table(output, store.settings).version(), len(adds), True)
 
 
-def _create(output: str, record: dict, schema: Any, adds: list, props: Any, settings: Settings) -> DeltaCommit:
+def _create(output: str, record: JobRecord, schema: Any, adds: list, props: Any, settings: Settings) -> DeltaCommit:
     """Version 0 holding the job's files; a publisher that loses the creation race reads the winner's."""
     from deltalake.transaction import create_table_with_add_actions
 
@@ -176,7 +168,7 @@ def _create(output: str, record: dict, schema: Any, adds: list, props: Any, sett
         create_table_with_add_actions(table_uri(output), schema, adds, mode="error",
                                       storage_options=storage_options(settings, output), commit_properties=props)
     except Exception:  # the table appeared meanwhile (deltalake says so only in its message)
-        return _require_committed(output, record["job_id"], settings)
+        return _require_committed(output, record.job_id, settings)
     return DeltaCommit(0, len(adds), True)
 
 

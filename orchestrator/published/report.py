@@ -23,6 +23,7 @@ from orchestrator.constants import JOB_SPEC_FILE, REPORT_FILE, VECTOR_PLAN_FILE
 from orchestrator.errors import StorageError
 from orchestrator.jobspec.kinds import KINDS
 from orchestrator.jobspec.submitted import read_submitted
+from orchestrator.lifecycle.commits import JobRecord
 from orchestrator.published.reportpage import (
     Card,
     Page,
@@ -105,16 +106,16 @@ def encode_thumbnail(image_bytes: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def job_spec(output: str, record: dict, store: ObjectStore) -> dict:
-    submitted = read_submitted(store, join(output, record["job_dir"], JOB_SPEC_FILE))
+def job_spec(output: str, record: JobRecord, store: ObjectStore) -> dict:
+    submitted = read_submitted(store, join(output, record.job_dir, JOB_SPEC_FILE))
     return submitted.spec if submitted is not None else {}
 
 
-def source_prefix(output: str, record: dict, spec: dict, store: ObjectStore) -> str | None:
+def source_prefix(output: str, record: JobRecord, spec: dict, store: ObjectStore) -> str | None:
     """Where the rows' keys are objects: the input prefix; for dedup and neighbors, the embed job's
     input, from the job's vector plan (it names the embed job it read)."""
-    if record.get("kind") in ("dedup", "neighbors"):
-        plan = read_json(store, join(output, record["job_dir"], VECTOR_PLAN_FILE)) or {}
+    if record.kind in ("dedup", "neighbors"):
+        plan = read_json(store, join(output, record.job_dir, VECTOR_PLAN_FILE)) or {}
         source = (plan.get("source") or {}).get("input")
     else:
         source = spec.get("input")
@@ -185,8 +186,8 @@ def sample_cards(rows: list[dict], output: str, prefix: str | None, thumbs: Thum
     return cards
 
 
-def evaluate_sections(output: str, record: dict, store: ObjectStore) -> list[str]:
-    folder = join(output, record["job_dir"])
+def evaluate_sections(output: str, record: JobRecord, store: ObjectStore) -> list[str]:
+    folder = join(output, record.job_dir)
     metrics = read_json(store, join(folder, "metrics.json")) or {}
     sections = [table_html("Metrics", ["metric", "value"],
                            [(k, metrics.get(k)) for k in ("accuracy", "top5_accuracy", "macro_precision",
@@ -237,10 +238,10 @@ def build_page(output: str, store: ObjectStore, seed: int = 0) -> str:
     output = normalize_uri(output)
     record = success_record(output, store)
     spec = job_spec(output, record, store)
-    kind = str(record.get("kind") or spec.get("kind"))
+    kind = record.kind or str(spec.get("kind"))
     facts = dict(record_rows(record))
     facts.update({k: spec[k] for k in ("model", "input", "embeddings", "queries") if spec.get(k)})
-    page = Page(f"vitbatch {kind} job {record['job_id']}", facts)
+    page = Page(f"vitbatch {kind} job {record.job_id}", facts)
     if kind in KINDS and KINDS[kind].makes_model:  # its output is a model, not rows
         return render(page)
     rows = read_table(output, store).to_pylist()

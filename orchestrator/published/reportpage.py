@@ -10,6 +10,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from orchestrator.lifecycle.commits import JobRecord
+
 STYLE = """
 body { font: 14px system-ui, sans-serif; margin: 24px; color: #222; }
 table { border-collapse: collapse; margin: 8px 0 16px; }
@@ -83,18 +85,17 @@ def _cell(value: object) -> str:
     return "" if value is None else str(value)
 
 
-def record_rows(record: dict) -> list[tuple[str, object]]:
-    """The job's record as (field, value) lines, the most asked first."""
-    finished = record.get("finished_at")
-    first = [("job id", record.get("job_id")), ("kind", record.get("kind")),
-             ("model fingerprint", record.get("model_fingerprint")), ("items", record.get("items")),
-             ("processed", record.get("processed")), ("errors", record.get("errors")),
-             ("carried over", record.get("carried_over")), ("shards", record.get("shards")),
-             ("failed shards", record.get("failed_shards")), ("wall s", record.get("wall_s")),
-             ("images per s", record.get("images_per_s")), ("seconds per stage", record.get("stage_seconds")),
-             ("computed with", record.get("computed_with")),
+def record_rows(record: JobRecord) -> list[tuple[str, object]]:
+    """The job's record as (field, value) lines, the most asked first; what it leaves empty is left out."""
+    finished = record.finished_at
+    first = [("job id", record.job_id), ("kind", record.kind), ("model fingerprint", record.model_fingerprint),
+             ("items", record.items), ("processed", record.processed), ("errors", record.errors),
+             ("carried over", record.carried_over), ("shards", record.shards),
+             ("failed shards", record.failed_shards), ("wall s", record.wall_s),
+             ("images per s", record.images_per_s), ("seconds per stage", record.stage_seconds),
+             ("computed with", record.computed_with),
              ("finished (UTC)", time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(finished)) if finished else None),
-             ("vitbatch", record.get("vitbatch_version"))]
+             ("vitbatch", record.vitbatch_version)]
     return [(name, value) for name, value in first if value not in (None, "", {})]
 
 

@@ -22,11 +22,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.config import Settings
-from orchestrator.constants import FAILURES_FILE, JOB_SPEC_FILE, SUCCESS_FILE, VECTORS_DIR
+from orchestrator.constants import FAILURES_FILE, SUCCESS_FILE, VECTORS_DIR
 from orchestrator.errors import CorruptOutput, ObjectNotFound, OutputNotFound
-from orchestrator.jobspec.submitted import SubmittedJob, read_submitted
+from orchestrator.jobspec.submitted import prefix_holder
+from orchestrator.lifecycle.commits import JobRecord, RecordPart
 from orchestrator.published.outputs import job_dir
 from orchestrator.store.storage import ObjectStore, join, normalize_uri
+
+__all__ = ["prefix_holder"]  # with every reader below: the records first, then tables and arrays
 
 # -- records ---------------------------------------------------------------------------------
 
@@ -39,42 +42,43 @@ def read_json(store: ObjectStore, uri: str) -> dict | None:
         return None
 
 
-def prefix_holder(output: str, store: ObjectStore) -> SubmittedJob | None:
-    """The record of the job that last took the prefix (`_job.json`), if any."""
-    return read_submitted(store, join(output, JOB_SPEC_FILE))
+def read_record(store: ObjectStore, uri: str) -> JobRecord | None:
+    """The job record (`_SUCCESS.json` or `_FAILURES.json`) at `uri`, typed; None when there is none."""
+    data = read_json(store, uri)
+    return None if data is None else JobRecord.from_json(data)
 
 
-def success_record(output: str, store: ObjectStore, job_id: str | None = None) -> dict:
+def success_record(output: str, store: ObjectStore, job_id: str | None = None) -> JobRecord:
     """The record readers follow: the latest succeeded job, or the job named (succeeded or not)."""
     if job_id is None:
-        record = read_json(store, join(output, SUCCESS_FILE))
+        record = read_record(store, join(output, SUCCESS_FILE))
         if record is None:
-            failed = read_json(store, join(output, FAILURES_FILE))
-            hint = (f"; job {failed['job_id']} finished with failures: pass its id to read its committed parts"
-                    if failed and failed.get("job_id") else "")
+            failed = read_record(store, join(output, FAILURES_FILE))
+            hint = (f"; job {failed.job_id} finished with failures: pass its id to read its committed parts"
+                    if failed and failed.job_id else "")
             raise OutputNotFound(f"no succeeded job at {output}{hint}")
-        if "job_id" not in record:
-            raise OutputNotFound(f"{output} was written by an older vitbatch (no job id in {SUCCESS_FILE}): rerun "
-                                 "the job with --overwrite")
+        if not record.job_id or not record.job_dir:  # written before jobs had folders and listed parts
+            raise OutputNotFound(f"{output} was written by an older vitbatch (no job id or job folder in "
+                                 f"{SUCCESS_FILE}): rerun the job with --overwrite")
         return record
     folder = job_dir(output, job_id)
-    record = read_json(store, join(folder, SUCCESS_FILE)) or read_json(store, join(folder, FAILURES_FILE))
+    record = read_record(store, join(folder, SUCCESS_FILE)) or read_record(store, join(folder, FAILURES_FILE))
     if record is None:
         raise OutputNotFound(f"job {job_id} has no finished output at {output} (still running, or its files were "
                              "removed when a later job replaced it)")
     return record
 
 
-def part_entries(record: dict, suffix: str = "") -> list[dict]:
+def part_entries(record: JobRecord, suffix: str = "") -> list[RecordPart]:
     """The record's parts (in shard order) whose name ends with `suffix`."""
-    return [part for part in record["parts"] if part["name"].endswith(suffix)]
+    return [part for part in record.parts if part.name.endswith(suffix)]
 
 
-def read_part(output: str, part: dict, store: ObjectStore) -> bytes:
+def read_part(output: str, part: RecordPart, store: ObjectStore) -> bytes:
     """A listed part's bytes, checked against the sha256 its job recorded."""
-    data = store.read(join(output, part["name"]))
-    if hashlib.sha256(data).hexdigest() != part["sha256"]:
-        raise CorruptOutput(f"{join(output, part['name'])} does not match the sha256 its job recorded: "
+    data = store.read(join(output, part.name))
+    if hashlib.sha256(data).hexdigest() != part.sha256:
+        raise CorruptOutput(f"{join(output, part.name)} does not match the sha256 its job recorded: "
                             "it was changed after the job committed it; rerun the job")
     return data
 
@@ -90,12 +94,7 @@ def open_store(store: ObjectStore | None = None) -> ObjectStore:
 def committed_parts(output: str, store: ObjectStore, suffix: str = ".parquet", job_id: str | None = None) -> list[str]:
     """URIs of the parts the job's record lists, in shard order."""
     output = normalize_uri(output)
-    return [join(output, part["name"]) for part in part_entries(success_record(output, store, job_id), suffix)]
-
-
-def _index_parts(record: dict) -> list[dict]:
-    """The row-holding parquet parts of a record (one per shard, plus carried-over rows)."""
-    return [part for part in part_entries(record, ".parquet") if "/" not in part["name"].split("/", 2)[2]]
+    return [join(output, part.name) for part in part_entries(success_record(output, store, job_id), suffix)]
 
 
 def read_table(output: str, store: ObjectStore | None = None, limit_parts: int | None = None,
@@ -103,9 +102,9 @@ def read_table(output: str, store: ObjectStore | None = None, limit_parts: int |
     """Every committed row of a classify job (or the index of an embed/attention job) as one Arrow table."""
     store, output = open_store(store), normalize_uri(output)  # a plain local path is fine too
     record = success_record(output, store, job_id)
-    parts = _index_parts(record)[:limit_parts]
+    parts = record.row_parts()[:limit_parts]
     if not parts:
-        raise OutputNotFound(f"job {record['job_id']} at {output} committed no row parts ({record.get('kind')} job)")
+        raise OutputNotFound(f"job {record.job_id} at {output} committed no row parts ({record.kind} job)")
     return pa.concat_tables([pq.read_table(io.BytesIO(read_part(output, part, store))) for part in parts])
 
 
@@ -134,30 +133,30 @@ def read_arrays(output: str, name: str, store: ObjectStore | None = None,
     return keys, np.concatenate(arrays)
 
 
-def array_parts(record: dict, name: str) -> list[tuple[dict, dict | None]]:
+def array_parts(record: JobRecord, name: str) -> list[tuple[RecordPart, RecordPart | None]]:
     """(index part, its `name` array part or None when the shard had no good row) per shard, in shard order."""
-    listed = {part["name"]: part for part in record["parts"]}
+    listed = {part.name: part for part in record.parts}
     pairs = []
-    for index_part in _index_parts(record):
-        folder, part = index_part["name"].rsplit("/", 1)
+    for index_part in record.row_parts():
+        folder, part = index_part.name.rsplit("/", 1)
         pairs.append((index_part, listed.get(f"{folder}/{name}/{part.replace('.parquet', '.npy')}")))
     return pairs
 
 
-def read_array_part(output: str, index_part: dict, array_part: dict | None,
+def read_array_part(output: str, index_part: RecordPart, array_part: RecordPart | None,
                     store: ObjectStore) -> tuple[list[str], np.ndarray | None]:
     """(keys, array rows) of one shard's good rows, both parts checked against their sha256."""
     good = [row for row in pq.read_table(io.BytesIO(read_part(output, index_part, store))).to_pylist()
             if row["error"] is None]
     if not good:
         return [], None
-    name = index_part["name"]
+    name = index_part.name
     if array_part is None:
         raise OutputNotFound(f"{output}: the job stored no such array beside {name}: read an array its "
                              "embed job computed (its --pooling)")
     array = np.load(io.BytesIO(read_part(output, array_part, store)), allow_pickle=False)
     if len(array) != len(good):
-        raise CorruptOutput(f"{name}: {len(array)} rows of {array_part['name']} for {len(good)} index rows")
+        raise CorruptOutput(f"{name}: {len(array)} rows of {array_part.name} for {len(good)} index rows")
     return [row["key"] for row in sorted(good, key=lambda r: r["row"])], array
 
 
@@ -173,9 +172,9 @@ def read_embeddings(output: str, pooling: str = "cls", store: ObjectStore | None
         raise ValueError(f"source={source!r}: read 'npy' or 'parquet'")
     store, output = open_store(store), normalize_uri(output)
     record = success_record(output, store, job_id)
-    parts = [p for p in part_entries(record, ".parquet") if p["name"].split("/")[-2:-1] == [VECTORS_DIR]]
+    parts = [p for p in part_entries(record, ".parquet") if p.name.split("/")[-2:-1] == [VECTORS_DIR]]
     if not parts:
-        raise OutputNotFound(f"job {record['job_id']} at {output} wrote no parquet vectors: run embed with "
+        raise OutputNotFound(f"job {record.job_id} at {output} wrote no parquet vectors: run embed with "
                              "--parquet-vectors float16 (or float32), or read source='npy'")
     keys: list[str] = []
     arrays = []
@@ -184,7 +183,7 @@ def read_embeddings(output: str, pooling: str = "cls", store: ObjectStore | None
         if table.num_rows == 0:
             continue
         if pooling not in table.column_names:
-            raise OutputNotFound(f"{part['name']} holds no {pooling!r} vectors (it has {table.column_names[1:]})")
+            raise OutputNotFound(f"{part.name} holds no {pooling!r} vectors (it has {table.column_names[1:]})")
         keys += table.column("key").to_pylist()
         arrays.append(vector_array(table.column(pooling)))
     if not arrays:

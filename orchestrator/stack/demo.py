@@ -21,6 +21,7 @@ import numpy as np
 
 from orchestrator.constants import OVERLAYS_DIR, SUCCESS_FILE
 from orchestrator.errors import VitbatchError
+from orchestrator.lifecycle.commits import JobRecord
 
 # Found by search on this 2-core machine (see the closing notes of the fine-tuning issue).
 # 8x8 patches of the 32x32 digits: 16 tokens, so attention is cheap and 30 epochs fit in two minutes.
@@ -66,8 +67,8 @@ def _step(client, title: str, spec: dict) -> dict:
     from orchestrator.jobspec.jobs import parse_spec
 
     err.print(f"\n[bold]{title}[/]")
-    job_id, summary = client.submit(parse_spec(spec), overwrite=True)
-    status = watch(client, job_id, summary["items"])
+    job_id, plan = client.submit(parse_spec(spec), overwrite=True)
+    status = watch(client, job_id, plan["items"])
     if status.state.value != "succeeded":
         raise SystemExit(f"{title} ended {status.state.value}: {status.reason or status.failed_shards}")
     return {"job_id": job_id, "wall_s": status.finished_at - status.created_at, "status": status}
@@ -75,12 +76,12 @@ def _step(client, title: str, spec: dict) -> dict:
 
 def _job_file(output: Path, name: str) -> dict:
     """A JSON file of the latest succeeded job at `output` (its folder is named in _SUCCESS.json)."""
-    record = json.loads((output / SUCCESS_FILE).read_text())
-    return json.loads((output / record["job_dir"] / name).read_text())
+    return json.loads((_job_folder(output) / name).read_text())
 
 
 def _job_folder(output: Path) -> Path:
-    return output / json.loads((output / SUCCESS_FILE).read_text())["job_dir"]
+    """The folder of the latest succeeded job at `output`, as its record names it."""
+    return output / JobRecord.from_json(json.loads((output / SUCCESS_FILE).read_text())).job_dir
 
 
 def _digits(work: Path) -> tuple[Path, Path]:

@@ -28,7 +28,15 @@ from orchestrator.jobspec.jobs import JobSpec
 from orchestrator.jobspec.kinds import job_kind
 from orchestrator.jobspec.modelrefs import model_identity
 from orchestrator.jobspec.submitted import SubmittedJob, read_submitted
-from orchestrator.lifecycle.commits import ShardMarker, table_bytes, upload_parts, write_marker
+from orchestrator.lifecycle.commits import (
+    CarriedOver,
+    JobStamp,
+    ShardMarker,
+    ShardWork,
+    table_bytes,
+    upload_parts,
+    write_marker,
+)
 from orchestrator.published.outputs import spec_digest
 from orchestrator.published.results import read_table, success_record
 from orchestrator.store.storage import ObjectStore, join
@@ -53,7 +61,7 @@ def previous_identity(previous_output: str, store: ObjectStore) -> str | None:
         record = success_record(previous_output, store)
     except OutputNotFound:
         return None
-    submitted = read_submitted(store, join(previous_output, record["job_dir"], JOB_SPEC_FILE))
+    submitted = read_submitted(store, join(previous_output, record.job_dir, JOB_SPEC_FILE))
     return submitted.model_identity if submitted is not None else None
 
 
@@ -74,7 +82,6 @@ def carry_over(job_plan: Plan, previous_output: str, folder: str, identity: str,
     job_plan.items = [item for item in job_plan.items if item.key not in unchanged]
     written = upload_parts(store, folder, {CARRIED_PART: table_bytes(carried)})
     n_errors = carried.num_rows - carried.column("error").null_count
-    write_marker(store, folder, ShardMarker.build("carried", written, {
-        "job_id": job_id, "rows": carried.num_rows, "errors": n_errors, "carried_from": previous_output}),
-        name=CARRIED_MARKER)
+    work = ShardWork(rows=carried.num_rows, errors=n_errors, outcome=CarriedOver(previous_output))
+    write_marker(store, folder, ShardMarker.build("carried", written, JobStamp(job_id), work), name=CARRIED_MARKER)
     return carried.num_rows

@@ -38,6 +38,8 @@ from orchestrator.constants import (
 )
 from orchestrator.errors import JobNotFound, SpecError, StorageError
 from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.lifecycle.commits import JobRecord
+from orchestrator.published.results import read_record
 from orchestrator.store.storage import join
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -139,39 +141,47 @@ def start_run(client, entry: ScheduleEntry, now: float | None = None) -> dict:
     run_id = new_run_id(now)
     spec = parse_spec({**entry.job, "output": join(parse_spec(entry.job).output, run_id), "lane": "bulk"})
     previous = last_succeeded(client, entry.name) if entry.incremental else None
-    job_id, summary = client.submit(spec, previous_output=previous["output"] if previous else None)
-    record = {"run_id": run_id, "job_id": job_id, "output": spec.output, "started_at": now,
-              "previous": previous["run_id"] if previous else None, "carried": summary.get("carried", 0),
-              "to_compute": summary["items"]}
+    job_id, plan = client.submit(spec, previous_output=previous["output"] if previous else None)
+    run = {"run_id": run_id, "job_id": job_id, "output": spec.output, "started_at": now,
+           "previous": previous["run_id"] if previous else None, "carried": plan.get("carried", 0),
+           "to_compute": plan["items"]}
     pipe = client.ledger.r.pipeline(transaction=True)
-    pipe.lpush(schedule_runs_key(entry.name), json.dumps(record))
+    pipe.lpush(schedule_runs_key(entry.name), json.dumps(run))
     pipe.ltrim(schedule_runs_key(entry.name), 0, SCHEDULE_RUNS_KEPT - 1)  # Redis does not grow for ever
     pipe.execute()
-    return record
+    return run
 
 
 def runs(client, name: str, limit: int = 20) -> list[dict]:
-    """Past runs, newest first, with their state and _SUCCESS.json figures when finished."""
+    """Past runs, newest first, with their state and, when finished, their output's record (under
+    `summary`, the key `vitbatch runs --json` has always shown it under)."""
     out = []
     for raw in client.ledger.r.lrange(schedule_runs_key(name), 0, limit - 1):
-        record = json.loads(raw)
+        run = json.loads(raw)
+        published = published_record(client, run["output"])
+        if published is not None:
+            run["summary"] = published.to_json()
         try:
-            record["summary"] = json.loads(client.store.read(join(record["output"], SUCCESS_FILE)))
-        except StorageError:
-            pass
-        try:
-            status = client.ledger.status(record["job_id"])
-            record.update(state=status.state.value, processed=status.done, errors=status.errors,
-                          images_per_s=round(status.images_per_s, 2))
+            status = client.ledger.status(run["job_id"])
+            run.update(state=status.state.value, processed=status.done, errors=status.errors,
+                       images_per_s=round(status.images_per_s, 2))
         except JobNotFound:  # its Redis state expired (VITBATCH_JOB_TTL_S): the output's record remains
-            published = record.get("summary", {}).get("job_id") == record["job_id"]
-            record.update(state="succeeded" if published else "expired")
-        out.append(record)
+            run.update(state="succeeded" if published is not None and published.job_id == run["job_id"]
+                       else "expired")
+        out.append(run)
     return out
 
 
+def published_record(client, output: str) -> JobRecord | None:
+    """The record of the succeeded job at a run's output; None before it succeeds (or when unreadable)."""
+    try:
+        return read_record(client.store, join(output, SUCCESS_FILE))
+    except StorageError:
+        return None
+
+
 def last_succeeded(client, name: str) -> dict | None:
-    for record in runs(client, name, limit=50):
-        if record["state"] == "succeeded":
-            return record
+    for run in runs(client, name, limit=50):
+        if run["state"] == "succeeded":
+            return run
     return None

@@ -29,7 +29,7 @@ from orchestrator.lifecycle.finalize import finalize
 from orchestrator.lifecycle.ledger import Ledger
 from orchestrator.lifecycle.states import JobState, JobStatus, ShardState
 from orchestrator.published.outputs import job_dir, new_job_id
-from orchestrator.published.results import read_json
+from orchestrator.published.results import read_record
 from orchestrator.store.storage import ObjectStore, join
 from orchestrator.submission.enqueue import send_units
 from orchestrator.submission.incremental import carry_over, submitted_job
@@ -205,9 +205,9 @@ class Client:
         SpecError when a later job has replaced its output.
         """
         status = self.status(job_id)
-        record = read_json(self.store, join(status.output, SUCCESS_FILE)) or {}
-        if record.get("job_id") not in (None, job_id) and record.get("finished_at", 0) > status.created_at:
-            raise SpecError(f"job {job_id} was replaced at {status.output} by job {record['job_id']}: "
+        record = read_record(self.store, join(status.output, SUCCESS_FILE))
+        if record is not None and record.job_id not in ("", job_id) and record.finished_at > status.created_at:
+            raise SpecError(f"job {job_id} was replaced at {status.output} by job {record.job_id}: "
                             "submit it again instead")
         self.ledger.hold_output(status.output, job_id)
         states = self.ledger.shard_states(job_id)

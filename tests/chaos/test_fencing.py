@@ -18,6 +18,7 @@ import pytest
 from orchestrator.constants import SUCCESS_FILE, commit_name
 from orchestrator.errors import StaleDelivery, StorageError
 from orchestrator.fleet.fleetmetrics import FleetCollector
+from orchestrator.lifecycle.commits import JobStamp, ShardMarker, ShardWork
 from orchestrator.lifecycle.finalize import finalize
 from orchestrator.lifecycle.reconcile import reconcile
 from orchestrator.lifecycle.states import JobState
@@ -31,11 +32,11 @@ pytestmark = pytest.mark.chaos
 ROWS = {0: 100, 1: 60}  # the digits job: 160 images in shards of 100
 
 
-def commit(ctx, spec, fields: dict, shard: int) -> dict:
+def commit(ctx, spec, stamp: JobStamp, shard: int) -> ShardMarker:
     """What a shard's work leaves behind: one part and the marker naming it."""
     part = json.dumps([{"key": f"k{shard}-{i}"} for i in range(ROWS[shard])]).encode()
-    return commit_shard(ctx.store, spec.output, shard, {f"part-{shard:05d}.json": part},
-                        {**fields, "rows": ROWS[shard], "errors": 0, "stats": {"compute_s": 0.1}})
+    return commit_shard(ctx.store, spec.output, shard, {f"part-{shard:05d}.json": part}, stamp,
+                        ShardWork(rows=ROWS[shard], stats={"compute_s": 0.1}))
 
 
 class Work:
@@ -44,9 +45,9 @@ class Work:
     def __init__(self, shard: int) -> None:
         self.shard, self.lease = shard, None
 
-    def __call__(self, spec, ctx, fields: dict, lease=None) -> dict:
+    def __call__(self, spec, ctx, stamp: JobStamp, lease=None) -> ShardMarker:
         self.lease = lease
-        return commit(ctx, spec, fields, self.shard)
+        return commit(ctx, spec, stamp, self.shard)
 
 
 class Partitioned:
@@ -60,14 +61,14 @@ class Partitioned:
         self.outcome: BaseException | dict | None = None
         self.thread = threading.Thread(target=self._deliver, daemon=True)
 
-    def _work(self, spec, ctx, fields: dict, lease=None) -> dict:
+    def _work(self, spec, ctx, stamp: JobStamp, lease=None) -> ShardMarker:
         self.started.set()
         self.healed.wait(60)
         try:
             ctx.ledger.progress(lease, ROWS[self.shard] // 2)
         except Exception as e:
             self.progress_error = e
-        return commit(ctx, spec, fields, self.shard)
+        return commit(ctx, spec, stamp, self.shard)
 
     def _deliver(self) -> None:
         try:
@@ -140,11 +141,11 @@ def test_a_stale_finalize_of_a_replaced_job_leaves_the_overwrite_running_and_it_
     stale.heal()
     assert isinstance(stale.outcome, StaleDelivery), f"the stale delivery committed: {stale.outcome!r}"
     assert stack.store.exists(join(stack.folder(job_b), commit_name(0))), "B's folder was removed under it"
-    assert success_record(stack.output, stack.store)["job_id"] == job_a
+    assert success_record(stack.output, stack.store).job_id == job_a
 
     run_all(ctx, job_b, shards=[1])
     assert stack.client.status(job_b).state is JobState.SUCCEEDED
-    assert success_record(stack.output, stack.store)["job_id"] == job_b
+    assert success_record(stack.output, stack.store).job_id == job_b
     assert not stack.store.exists(join(stack.folder(job_a), commit_name(0))), "B's success removes A's folder"
 
 

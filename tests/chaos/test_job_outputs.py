@@ -60,7 +60,7 @@ def test_a_rerun_with_overwrite_and_other_inputs_holds_exactly_the_new_keys(stac
 
     assert status.state is JobState.SUCCEEDED, explain(status)
     assert_exactly_once(stack.output, keys_of(digits, "1"), stack.store)
-    assert success_record(stack.output, stack.store)["job_id"] == second_id
+    assert success_record(stack.output, stack.store).job_id == second_id
     assert job_folders(stack) == {first_id, second_id}, "the replaced job's folder stays for the table's previous version"
 
 
@@ -72,7 +72,7 @@ def test_a_shrinking_rerun_leaves_no_rows_of_the_bigger_job(stack, digits):
     assert stack.wait(small).state is JobState.SUCCEEDED
 
     assert_exactly_once(stack.output, keys_of(digits, "2"), stack.store)
-    assert len(success_record(stack.output, stack.store)["parts"]) == 1
+    assert len(success_record(stack.output, stack.store).parts) == 1
 
 
 def test_two_concurrent_submits_to_one_prefix_one_is_refused_the_other_is_exact(stack, digits):
@@ -132,7 +132,7 @@ def test_readers_see_the_previous_job_while_a_rerun_is_half_done(stack, slow_s3,
 
     during = read_table(stack.output, stack.store)
     assert during.equals(before), "a half-finished rerun changed what readers see"
-    assert success_record(stack.output, stack.store)["job_id"] == first
+    assert success_record(stack.output, stack.store).job_id == first
     assert stack.wait(rerun).state is JobState.SUCCEEDED
     assert_exactly_once(stack.output, digits.keys, stack.store)
 
@@ -220,13 +220,13 @@ def test_finetune_and_evaluate_with_overwrite_run_again_for_real(stack, digits):
     second = _finetune(stack, digits, seed=1)
 
     record = success_record(stack.output, stack.store)
-    assert record["job_id"] == second and record["model"] == f"{JOBS_DIR}/{second}"
+    assert record.job_id == second and record.model == f"{JOBS_DIR}/{second}"
     assert job_folders(stack) == {second}
-    metrics = json.loads(stack.store.read(join(stack.output, record["model"], "metrics.json")))
+    metrics = json.loads(stack.store.read(join(stack.output, record.model, "metrics.json")))
     assert metrics["labels"] == [str(d) for d in range(10)] and metrics["epochs"]
     # The workers run with OMP_NUM_THREADS=1 (one core each for inference shards); training takes them all.
     assert metrics["threads"] == len(os.sched_getaffinity(0))
-    assert {p["name"].rsplit("/", 1)[1] for p in record["parts"]} >= {"config.json", "model.safetensors"}
+    assert {p.name.rsplit("/", 1)[1] for p in record.parts} >= {"config.json", "model.safetensors"}
     assert first != second
 
     evals = []
@@ -236,10 +236,10 @@ def test_finetune_and_evaluate_with_overwrite_run_again_for_real(stack, digits):
         assert stack.wait(job_id, timeout_s=300).state is JobState.SUCCEEDED
         evals.append(job_id)
     eval_record = success_record(spec.output, stack.store)
-    assert eval_record["job_id"] == evals[1] != evals[0]
+    assert eval_record.job_id == evals[1] != evals[0]
     predictions = read_table(spec.output, stack.store)
     assert predictions.num_rows == len(digits.keys)
-    metrics_part = next(p["name"] for p in eval_record["parts"] if p["name"].endswith("/metrics.json"))
+    metrics_part = next(p.name for p in eval_record.parts if p.name.endswith("/metrics.json"))
     eval_metrics = json.loads(stack.store.read(join(spec.output, metrics_part)))
     assert eval_metrics["threads"] == len(os.sched_getaffinity(0))
 

@@ -57,9 +57,9 @@ def test_a_sigkilled_worker_mid_search_block_is_replaced_and_the_index_is_built_
     assert status.requeued >= 1, "the silent block was re-enqueued by the reconciler"
     assert_exactly_once(stack.output, keys, stack.store, row_ok=lambda row: len(row["neighbors"]) == K)
     record = success_record(stack.output, stack.store)
-    index = sorted(p["name"].rsplit(".", 1)[1] for p in record["parts"] if "/index/" in p["name"])
+    index = sorted(p.name.rsplit(".", 1)[1] for p in record.parts if "/index/" in p.name)
     assert index == ["arrow", "faiss"], "one index and its keys, those the index shard's marker names"
-    assert record["neighbors"]["mode"] == "approximate" and record["neighbors"]["recall_sample"] == 256
+    assert record.figures["mode"] == "approximate" and record.figures["recall_sample"] == 256
 
 
 def test_a_sigkilled_worker_mid_cluster_group_of_dedup_is_replaced_and_each_row_is_written_once(
@@ -94,5 +94,5 @@ def test_a_sigkilled_worker_mid_cluster_group_of_dedup_is_replaced_and_each_row_
     assert sorted(row["key"] for row in rows) == keys, "every indexed key has exactly one dedup row"
     assert all(row["kept"] in (True, False) for row in rows)
     record = success_record(stack.output, stack.store)
-    assert record["dedup"]["removed"] == sum(not row["kept"] for row in rows), record["dedup"]
-    assert record["dedup"]["kept"] + record["dedup"]["removed"] == len(keys)
+    assert record.figures["removed"] == sum(not row["kept"] for row in rows), record.figures
+    assert record.figures["kept"] + record.figures["removed"] == len(keys)

@@ -33,14 +33,14 @@ def test_a_dedup_job_runs_its_phases_on_workers_and_publishes_once(embedded, buc
     store = ObjectStore(settings)
     record = success_record(out, store)
     rows = read_table(out, store).to_pylist()
-    assert record["kind"] == "dedup" and record["shards"] > 4  # fit, assign per embed part, pairs, manifest
-    assert len(rows) == len({r["key"] for r in rows}) == record["items"]
-    assert record["dedup"]["kept"] == len(read_kept_keys(out, store))
-    assert record["dedup"]["removed"] == len(read_duplicate_pairs(out, store)) > 0
+    assert record.kind == "dedup" and record.shards > 4  # fit, assign per embed part, pairs, manifest
+    assert len(rows) == len({r["key"] for r in rows}) == record.items
+    assert record.figures["kept"] == len(read_kept_keys(out, store))
+    assert record.figures["removed"] == len(read_duplicate_pairs(out, store)) > 0
     kept = set(read_kept_keys(out, store))
     assert all(cosine >= 0.99 and of in kept for _, of, cosine in read_duplicate_pairs(out, store))
-    phases = record["dedup"]["phases"]  # the pairs tasks found pairs across clusters, the manifest resolved them
-    assert record["dedup"]["rule"] == "kept" and phases["across_clusters"]["cross_clusters"] == 4
-    assert record["dedup"]["removed"] == (phases["in_clusters"]["removed"] + phases["across_clusters"]["removed"]
+    phases = record.figures["phases"]  # the pairs tasks found pairs across clusters, the manifest resolved them
+    assert record.figures["rule"] == "kept" and phases["across_clusters"]["cross_clusters"] == 4
+    assert record.figures["removed"] == (phases["in_clusters"]["removed"] + phases["across_clusters"]["removed"]
                                           - phases["across_clusters"]["kept_again"])
-    assert any("/visit/g-" in part["name"] for part in record["parts"]), "rows visited near other clusters"
+    assert any("/visit/g-" in part.name for part in record.parts), "rows visited near other clusters"

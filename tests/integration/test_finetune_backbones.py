@@ -26,8 +26,9 @@ from orchestrator.jobspec.jobs import (
 )
 from orchestrator.jobspec.modelkinds import Kind
 from orchestrator.jobspec.modelrefs import model_folder, read_config
-from orchestrator.lifecycle.finalize import publish
+from orchestrator.lifecycle.commits import JobRecord, ShardWork
 from orchestrator.published.outputs import job_dir
+from orchestrator.published.publication import publish
 from orchestrator.published.results import read_table
 from orchestrator.stack.demo import write_digits
 from orchestrator.store.storage import ObjectStore, join
@@ -79,12 +80,12 @@ def spec_for(train: Path, output: Path | str, start: Path, **overrides) -> Finet
     return FinetuneSpec(train=str(train), output=str(output), model=str(start), **options)
 
 
-def finetune_job(spec: FinetuneSpec, ctx: WorkerContext, reports: list | None = None) -> tuple[dict, str]:
+def finetune_job(spec: FinetuneSpec, ctx: WorkerContext, reports: list | None = None) -> tuple[ShardWork, str]:
     """As the finetune task and finalize do: train into the job's folder, then publish its record."""
     folder = job_dir(spec.output, JOB)
     result = finetune(spec.model_copy(update={"output": folder}), JOB, ctx,
                       reports.append if reports is not None else lambda _: None)
-    record = {"job_id": JOB, "kind": "finetune", "job_dir": f"_jobs/{JOB}", "model": f"_jobs/{JOB}"}
+    record = JobRecord.from_json({"job_id": JOB, "kind": "finetune", "job_dir": f"_jobs/{JOB}", "model": f"_jobs/{JOB}"})
     publish(ctx.store, spec.output, record, True, {})  # the record's copy lands in the job folder too
     return result, folder
 
@@ -166,7 +167,7 @@ def test_a_vit_backbone_fine_tuned_on_digits_reloads_with_transformers_and_class
     changed = [key for key in trained if not torch.equal(trained[key], start[key])]
     assert len(changed) > len(trained) // 2  # the backbone trained too, not only the head
     loaded = load_model(normalize_model_ref(str(folder)), device="cpu", precision="fp32")
-    assert loaded.family.kind is Kind.CLASSIFIER and loaded.fingerprint == result["model_fingerprint"]
+    assert loaded.family.kind is Kind.CLASSIFIER and loaded.fingerprint == result.model_fingerprint
     labels = classify_labels(str(folder), few_digits, tmp_path / "classified", ctx)
     assert labels == transformers_labels(folder, few_digits)
 
@@ -189,10 +190,10 @@ def test_freeze_backbone_trains_only_the_new_head_and_the_probe_classifies(name,
 # -- progress ------------------------------------------------------------------------------------------
 def test_a_finished_finetune_reports_done_equal_to_total_in_trained_images(tuned, ctx):
     spec, result, reports, _ = tuned
-    n_train = result["stats"]["n_train"]
+    n_train = result.stats["n_train"]
     assert reports[-1]["done"] == reports[-1]["total"] == EPOCHS * n_train
     # The commit's rows become the job's done count; submit's total is the same number.
-    assert result["rows"] == EPOCHS * n_train
+    assert result.rows == EPOCHS * n_train
     assert check_finetune(spec, ctx.store)["items"] == EPOCHS * n_train
 
 
@@ -213,7 +214,7 @@ def test_evaluate_takes_a_finetune_job_folder_as_its_model(tuned, digits, ctx, t
         evaluation = EvaluateSpec(input=str(digits), output=str(tmp_path / "eval"), model=model, device="cpu",
                                   precision="fp32")
         assert check_evaluate(evaluation, ctx.store)["items"] == 200  # submit's checks read its config.json
-        assert evaluate(evaluation, "job-eval", ctx, lambda _: None)["model_fingerprint"] == result["model_fingerprint"]
+        assert evaluate(evaluation, "job-eval", ctx, lambda _: None).model_fingerprint == result.model_fingerprint
 
 
 def test_an_s3_finetune_job_folder_is_its_own_model_folder(tuned, s3, s3_endpoint, tmp_path):

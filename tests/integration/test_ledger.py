@@ -13,6 +13,7 @@ from orchestrator import constants as k
 from orchestrator.config import Settings
 from orchestrator.errors import JobNotFound, OutputBusy
 from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.lifecycle.commits import JobStamp, ShardMarker, ShardWork
 from orchestrator.lifecycle.ledger import Ledger
 from orchestrator.lifecycle.states import JobState, ShardState
 from orchestrator.published.outputs import job_dir
@@ -50,13 +51,12 @@ class Work:
     def __init__(self, shard: int | None = None, compute: str = "") -> None:
         self.calls, self.shard, self.compute = 0, shard, compute
 
-    def __call__(self, spec, ctx, fields: dict, lease=None) -> dict:
+    def __call__(self, spec, ctx, stamp: JobStamp, lease=None) -> ShardMarker:
         self.calls += 1
         shard = self.calls - 1 if self.shard is None else self.shard  # shards 0, 1, ... in call order
         rows = json.dumps([{"key": f"k{shard}"}]).encode()
-        return commit_shard(ctx.store, spec.output, shard, {f"part-{shard:05d}.json": rows},
-                            {**fields, "rows": 2, "errors": 0, "stats": {"compute_s": 0.1},
-                             **({"compute": self.compute} if self.compute else {})})
+        return commit_shard(ctx.store, spec.output, shard, {f"part-{shard:05d}.json": rows}, stamp,
+                            ShardWork(rows=2, compute=self.compute, stats={"compute_s": 0.1}))
 
 
 def test_a_first_delivery_runs_the_work_commits_and_the_last_shard_publishes_the_job(ctx, job):
@@ -69,8 +69,8 @@ def test_a_first_delivery_runs_the_work_commits_and_the_last_shard_publishes_the
     assert work.calls == 2
     assert ctx.ledger.state(job_id) is JobState.SUCCEEDED
     record = success_record(spec.output, ctx.store)
-    assert record["job_id"] == job_id and record["job_dir"] == f"_jobs/{job_id}"
-    assert [p["name"] for p in record["parts"]] == [f"_jobs/{job_id}/part-00000.json", f"_jobs/{job_id}/part-00001.json"]
+    assert record.job_id == job_id and record.job_dir == f"_jobs/{job_id}"
+    assert [p.name for p in record.parts] == [f"_jobs/{job_id}/part-00000.json", f"_jobs/{job_id}/part-00001.json"]
 
 
 def test_the_record_counts_the_shards_of_each_way_they_were_computed(ctx, job):
@@ -78,7 +78,7 @@ def test_the_record_counts_the_shards_of_each_way_they_were_computed(ctx, job):
     job_id, spec = job
     run_unit(ctx, job_id, 0, Work(0, "cuda fp16"))
     run_unit(ctx, job_id, 1, Work(1, "cpu fp32"))
-    assert success_record(spec.output, ctx.store)["computed_with"] == {"cpu fp32": 1, "cuda fp16": 1}
+    assert success_record(spec.output, ctx.store).computed_with == {"cpu fp32": 1, "cuda fp16": 1}
 
 
 def test_a_redelivery_after_commit_only_records_the_marker(ctx, job):
@@ -94,7 +94,7 @@ def test_a_redelivery_after_commit_only_records_the_marker(ctx, job):
 def test_a_marker_of_another_job_in_the_folder_is_not_honoured(ctx, job):
     job_id, spec = job
     folder = job_dir(spec.output, job_id)
-    commit_shard(ctx.store, folder, 0, {}, {"job_id": "someone-else", "rows": 9, "errors": 0, "stats": {}})
+    commit_shard(ctx.store, folder, 0, {}, JobStamp("someone-else"), ShardWork(rows=9))
     work = Work()
     run_unit(ctx, job_id, 0, work)
     assert work.calls == 1, "a stale marker made the shard skip its work"

@@ -58,6 +58,7 @@ def test_a_job_the_reconciler_finalizes_records_the_model_its_shards_ran(client,
     """The reconciler and the last worker race to finalize; either way the record names the model
     (it once came only from the last worker's call, so a reconciler's record had an empty one)."""
     from orchestrator.constants import SUCCESS_FILE
+    from orchestrator.lifecycle.commits import JobStamp
     from orchestrator.published.outputs import job_dir, spec_digest
     from orchestrator.published.results import read_json
     from orchestrator.store.storage import join
@@ -70,11 +71,11 @@ def test_a_job_the_reconciler_finalizes_records_the_model_its_shards_ran(client,
     spec_json = client.ledger.spec_json(job_id)
     spec = parse_spec(spec_json)
     local = spec.model_copy(update={"output": job_dir(spec.output, job_id)})
-    fields = {"job_id": job_id, "spec_sha256": spec_digest(spec_json)}
+    stamp = JobStamp(job_id, spec_digest(spec_json))
     fingerprints = set()
     for shard in range(3):
         lease = client.ledger.start_shard(job_id, shard)
-        marker = run_shard(local, shard, ctx, job_id=job_id, marker_fields=fields)
+        marker = run_shard(local, shard, ctx, job_id=job_id, stamp=stamp)
         fingerprints.add(marker.model_fingerprint)
         client.ledger.record_commit(lease, marker.rows, marker.errors, marker.stats)
     # ...and the worker died before finalizing: the reconciler closes the job.

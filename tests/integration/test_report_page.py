@@ -130,9 +130,9 @@ def run_evaluate_here(input_uri: str, output: str, model_dir) -> str:
 
     from orchestrator import __version__
     from orchestrator.constants import JOB_SPEC_FILE
-    from orchestrator.lifecycle.commits import JobRecord
-    from orchestrator.lifecycle.finalize import publish
+    from orchestrator.lifecycle.commits import JobRecord, JobStamp
     from orchestrator.published.outputs import job_dir, new_job_id, spec_digest
+    from orchestrator.published.publication import publish
     from orchestrator.store.storage import join, normalize_uri, relative_key
     from workers.training.evaluation import evaluate
     from workers.writers import commit_shard, written_files
@@ -143,14 +143,14 @@ def run_evaluate_here(input_uri: str, output: str, model_dir) -> str:
     folder = job_dir(normalize_uri(output), job_id)
     fields = {"job_id": job_id, "spec_sha256": spec_digest(spec.model_dump_json())}
     ctx.store.write(join(folder, JOB_SPEC_FILE), jsonlib.dumps({**fields, "spec": spec.model_dump()}).encode())
-    summary = evaluate(spec.model_copy(update={"output": folder}), job_id, ctx, lambda _: None)
-    marker = commit_shard(ctx.store, folder, 0, {}, {**fields, **summary}, written=written_files(ctx.store, folder))
+    work = evaluate(spec.model_copy(update={"output": folder}), job_id, ctx, lambda _: None)
+    marker = commit_shard(ctx.store, folder, 0, {}, JobStamp(**fields), work, written=written_files(ctx.store, folder))
     record = JobRecord.build(
         job_id=job_id, spec_sha256=fields["spec_sha256"], kind="evaluate",
         job_dir=relative_key(normalize_uri(output), folder), markers=[marker], items=marker.rows,
         processed=marker.rows, errors=marker.errors, shards=1, failed_shards={}, carried=0,
         wall_s=time.time() - started, finished_at=time.time(), version=__version__)
-    publish(ctx.store, normalize_uri(output), record.to_json(), True, jsonlib.loads(spec.model_dump_json()))
+    publish(ctx.store, normalize_uri(output), record, True, jsonlib.loads(spec.model_dump_json()))
     return job_id
 
 

@@ -132,7 +132,7 @@ def test_embed_normalize_writes_unit_vectors_that_say_so(checkpoint_dirs, images
     _, cls = read_embeddings(spec.output, "cls", store)
     np.testing.assert_allclose(np.linalg.norm(cls.astype(np.float32), axis=1), 1.0, atol=2e-3)
     record = success_record(spec.output, store)
-    index = next(p["name"] for p in record["parts"] if p["name"].endswith(".parquet"))
+    index = next(p.name for p in record.parts if p.name.endswith(".parquet"))
     arrays = json.loads(pq.read_table(io.BytesIO(store.read(join(spec.output, index)))).schema.metadata[
         b"vitbatch.arrays"])
     assert arrays["cls"]["normalized"] is True and arrays["cls"]["projected"] is True

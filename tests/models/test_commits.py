@@ -7,7 +7,16 @@ import json
 from orchestrator.config import Settings
 from orchestrator.constants import JOB_SPEC_FILE, SUCCESS_FILE, commit_name
 from orchestrator.jobspec.jobs import parse_spec
-from orchestrator.lifecycle.commits import JobRecord, PartEntry, ShardMarker, read_marker, write_marker
+from orchestrator.lifecycle.commits import (
+    JobRecord,
+    JobStamp,
+    PartEntry,
+    ShardMarker,
+    ShardWork,
+    Trained,
+    read_marker,
+    write_marker,
+)
 from orchestrator.store.storage import ObjectStore, normalize_uri
 from workers.context import WorkerContext
 from workers.inprocess import run_local
@@ -15,12 +24,13 @@ from workers.inprocess import run_local
 
 def test_a_marker_round_trips_through_json_keeping_what_a_job_kind_adds(tmp_path):
     store, folder = ObjectStore(Settings()), normalize_uri(str(tmp_path))
-    marker = ShardMarker.build(3, {"part-00003.parquet": PartEntry.of(b"rows")},
-                               {"job_id": "j1", "spec_sha256": "s", "rows": 5, "errors": 2, "val_accuracy": 0.9,
-                                "stats": {"compute_s": 1.5}, "compute": "cpu fp32"})
+    work = ShardWork(rows=5, errors=2, compute="cpu fp32", stats={"compute_s": 1.5},
+                     outcome=Trained(val_accuracy=0.9, resumed_from_step=0))
+    marker = ShardMarker.build(3, {"part-00003.parquet": PartEntry.of(b"rows")}, JobStamp("j1", "s"), work)
     write_marker(store, folder, marker)
     again = read_marker(store, folder, commit_name(3), "j1")
-    assert again == marker and again.extra == {"val_accuracy": 0.9} and again.good_rows == 3
+    assert again == marker and again.outcome_as(Trained).val_accuracy == 0.9 and again.good_rows == 3
+    assert json.loads((tmp_path / commit_name(3)).read_text())["val_accuracy"] == 0.9  # flat, as markers always were
     assert read_marker(store, folder, commit_name(3), "another-job") is None  # a stale marker is not this job's
 
 
@@ -35,7 +45,7 @@ def test_the_in_process_path_writes_what_a_queued_job_writes(hf_model_dir, tmp_p
                        "model": str(hf_model_dir), "top_k": 1, "shard_size": 4, "device": "cpu"})
     job_id, markers = run_local(spec, WorkerContext(Settings()))
     record = json.loads((tmp_path / "out" / SUCCESS_FILE).read_text())
-    merged = ("model_info", "kind_fields")  # their keys go to the top level (kind_fields: none for classify)
+    merged = ("model_fingerprints", "figures", "model")  # written only when set: none for a classify job of one model
     keys = {f for f in JobRecord.__dataclass_fields__ if f not in merged} | {"images_per_s", "computed_with",
                                                                             "model_fingerprint"}
     assert keys <= set(record)

@@ -108,9 +108,9 @@ def test_rule_semdedup_keeps_the_rows_nemo_curators_algorithm_keeps_on_the_same_
     _, vectors = read_embeddings(embedded["emb"], "cls")
     unit = semdedup.unit_rows(vectors)
     record = success_record(nemo, ObjectStore(Settings()))
-    assert record["dedup"]["phases"]["across_clusters"] == {"cross_clusters": 0, "pairs": 0, "removed": 0,
+    assert record.figures["phases"]["across_clusters"] == {"cross_clusters": 0, "pairs": 0, "removed": 0,
                                                             "kept_again": 0}
-    folder = join(nemo, record["job_dir"])
+    folder = join(nemo, record.job_dir)
     centroids = np.load(next((Path(folder[len("file://"):]) / "kmeans").glob("centroids-*.npy")))
     for cluster in {r["cluster"] for r in rows}:
         members = [r for r in rows if r["cluster"] == cluster]
@@ -122,24 +122,24 @@ def test_rule_semdedup_keeps_the_rows_nemo_curators_algorithm_keeps_on_the_same_
 def test_the_record_counts_kept_and_removed_per_cluster_and_lists_every_part(deduped):
     record = success_record(deduped, ObjectStore(Settings()))
     rows = read_table(deduped).to_pylist()
-    counts = record["dedup"]["clusters"]
-    assert record["kind"] == "dedup" and record["items"] == len(rows)
-    assert record["dedup"]["kept"] == sum(r["kept"] for r in rows)
-    assert record["dedup"]["removed"] == sum(not r["kept"] for r in rows)
+    counts = record.figures["clusters"]
+    assert record.kind == "dedup" and record.items == len(rows)
+    assert record.figures["kept"] == sum(r["kept"] for r in rows)
+    assert record.figures["removed"] == sum(not r["kept"] for r in rows)
     for cluster, count in counts.items():
         members = [r for r in rows if r["cluster"] == int(cluster)]
         assert count == {"kept": sum(r["kept"] for r in members), "removed": sum(not r["kept"] for r in members)}
-    names = [part["name"] for part in record["parts"]]
+    names = [part.name for part in record.parts]
     assert any("/kmeans/centroids-" in n for n in names) and any("/assign/g-00001/" in n for n in names)
-    assert all(len(part["sha256"]) == 64 for part in record["parts"])
+    assert all(len(part.sha256) == 64 for part in record.parts)
 
 
 def test_the_kept_manifest_holds_the_kept_keys_as_keys_of_the_embed_input(embedded, deduped):
     record = success_record(deduped, ObjectStore(Settings()))
-    manifest = [p for p in record["parts"] if p["name"].endswith("/kept.jsonl")]
-    text = ObjectStore(Settings()).read(join(deduped, manifest[0]["name"])).decode()
+    manifest = [p for p in record.parts if p.name.endswith("/kept.jsonl")]
+    text = ObjectStore(Settings()).read(join(deduped, manifest[0].name)).decode()
     assert [json.loads(line)["key"] for line in text.splitlines()] == read_kept_keys(deduped)
-    assert record["dedup"]["input"] == str(parse_spec({"kind": "embed", "input": str(embedded["root"] / "images"),
+    assert record.figures["input"] == str(parse_spec({"kind": "embed", "input": str(embedded["root"] / "images"),
                                                        "output": "/x", "model": "/m"}).input)
 
 
@@ -173,21 +173,21 @@ def test_patches_a_missing_array_and_a_classify_output_are_refused(embedded, tmp
 
 def test_vectors_of_several_models_or_normalizations_are_not_comparable():
     one = {"source": "cls_token", "normalized": False, "model_fingerprint": "a" * 64, "family": "hf", "dtype": "float16"}
-    assert comparable([one, one], {}, "cls", "x") == ("a" * 64, False)
+    assert comparable([one, one], [], "cls", "x") == ("a" * 64, False)
     with pytest.raises(SpecError, match="2 different models"):
-        comparable([one, {**one, "model_fingerprint": "b" * 64}], {}, "cls", "x")
+        comparable([one, {**one, "model_fingerprint": "b" * 64}], [], "cls", "x")
     with pytest.raises(SpecError, match="differ in normalized"):
-        comparable([one, {**one, "normalized": True}], {}, "cls", "x")
+        comparable([one, {**one, "normalized": True}], [], "cls", "x")
     with pytest.raises(SpecError, match="2 different models"):
-        comparable([{}], {"model_fingerprints": ["a", "b"]}, "cls", "x")  # an older output: the record says
+        comparable([{}], ["a", "b"], "cls", "x")  # an older output: the record says
 
 
 def test_a_job_folder_reads_that_job(embedded, tmp_path):
     record = success_record(embedded["emb"], ObjectStore(Settings()))
-    spec = parse_spec({"kind": "dedup", "embeddings": join(embedded["emb"], record["job_dir"]) + "/",
+    spec = parse_spec({"kind": "dedup", "embeddings": join(embedded["emb"], record.job_dir) + "/",
                        "output": str(tmp_path / "o")})
-    assert plan_dedup(spec, ObjectStore(Settings())).source.job_id == record["job_id"]
-    assert read_json(ObjectStore(Settings()), join(embedded["emb"], "_SUCCESS.json"))["job_id"] == record["job_id"]
+    assert plan_dedup(spec, ObjectStore(Settings())).source.job_id == record.job_id
+    assert read_json(ObjectStore(Settings()), join(embedded["emb"], "_SUCCESS.json"))["job_id"] == record.job_id
 
 
 def test_exact_neighbors_equal_brute_force_cosine_top_k(embedded):

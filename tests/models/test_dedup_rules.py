@@ -45,7 +45,7 @@ def dedup(embedded: dict, name: str, **options) -> str:
 def job_rank(embedded: dict, output: str, rows: list[dict], keep: str) -> np.ndarray:
     """Each embedded row's place in the job's keep order: its cosine with its cluster's centroid
     (hard: farthest first; easy: nearest first), ties by key."""
-    folder = join(output, success_record(output, ObjectStore(Settings()))["job_dir"])
+    folder = join(output, success_record(output, ObjectStore(Settings())).job_dir)
     centroids = np.load(next((Path(folder[len("file://"):]) / "kmeans").glob("centroids-*.npy")))
     rank = np.zeros(len(embedded["keys"]))
     for row in rows:
@@ -82,7 +82,7 @@ def test_removed_rows_equal_a_brute_force_greedy_pass_over_the_whole_set(embedde
     kept, _ = semdedup.greedy_reference(embedded["unit"], job_rank(embedded, output, rows, keep), embedded["keys"], eps)
     should = {key for key, k in zip(embedded["keys"], kept) if not k}
     removed = {r["key"] for r in rows if not r["kept"]}
-    record = success_record(output, ObjectStore(Settings()))["dedup"]
+    record = success_record(output, ObjectStore(Settings())).figures
     assert record["phases"]["across_clusters"]["pairs"] > 0, "the forced clusters parted some near-duplicates"
     assert len(should) > 0 and removed == should, (len(removed & should) / len(removed), len(removed & should) / len(should))
     assert_both_invariants(embedded, rows, eps)
@@ -110,7 +110,7 @@ def test_nemos_rule_loses_a_chains_far_end_that_the_kept_rule_keeps(embedded):
 
 def test_the_record_counts_pairs_across_clusters_and_the_rows_each_phase_removed(embedded):
     output = dedup(embedded, "counts", eps=0.0005)
-    record = success_record(output, ObjectStore(Settings()))["dedup"]
+    record = success_record(output, ObjectStore(Settings())).figures
     rows = read_table(output).to_pylist()
     phases = record["phases"]
     assert record["rule"] == "kept" and phases["across_clusters"]["cross_clusters"] == 4

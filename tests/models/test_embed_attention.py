@@ -273,7 +273,7 @@ def test_each_index_row_addresses_its_own_vector_in_its_shards_npy(embed_job):
     keys, cls = read_embeddings(out, "cls")
     store = ObjectStore(Settings())
     for row in (r for r in read_index(out).to_pylist() if r["error"] is None):
-        folder = join(out, success_record(out, store)["job_dir"])
+        folder = join(out, success_record(out, store).job_dir)
         part = np.load(io.BytesIO(store.read(join(folder, "cls", f"part-{row['shard']:05d}.npy"))))
         assert np.array_equal(part[row["row"]], cls[keys.index(row["key"])])
 
@@ -397,7 +397,7 @@ def test_max_overlays_writes_only_the_first_n_images_of_the_job(ctx, model_dirs,
     rows = read_index(out).to_pylist()
     assert [row["overlay"] is not None for row in rows] == [True, True, False, False, False]
     assert committed_parts(out, ObjectStore(Settings()), ".png") == sorted(join(out, row["overlay"]) for row in rows[:2])
-    job_folder = join(out, success_record(out, ObjectStore(Settings()))["job_dir"])
+    job_folder = join(out, success_record(out, ObjectStore(Settings())).job_dir)
     assert len(list(ObjectStore(Settings()).list(join(job_folder, "overlays")))) == 2
 
     # Across shards the count is per job: 4 overlays over shards of 3 = 3 + 1.

@@ -107,7 +107,7 @@ def test_family_jobs(name, family_dirs, images, tmp_path, ctx):
 
 
 def _index_name(record: dict) -> str:
-    return next(p["name"] for p in record["parts"] if p["name"].endswith(".parquet"))
+    return next(p.name for p in record.parts if p.name.endswith(".parquet"))
 
 
 @pytest.mark.parametrize("name", ["timm-no-class-token", "hf-dinov2-registers"])

@@ -19,6 +19,7 @@ from orchestrator.inputs.labeledsources import LabeledItem
 from orchestrator.inputs.planner import plan
 from orchestrator.jobspec.jobs import EvaluateSpec, FinetuneSpec, normalize_model_ref
 from orchestrator.jobspec.modelkinds import Kind
+from orchestrator.lifecycle.commits import Evaluated
 from orchestrator.stack.demo import write_digits
 from orchestrator.store.storage import ObjectStore, normalize_uri
 from workers.context import WorkerContext
@@ -91,8 +92,8 @@ def trained(digits, ctx, tmp_path_factory) -> tuple[FinetuneSpec, dict, Path]:
 
 def test_a_tiny_vit_from_scratch_learns_digits_well_above_chance(trained):
     _, result, output = trained
-    assert result["val_accuracy"] > 0.5  # chance is 0.1
-    assert result["rows"] == EPOCHS * 360 and result["errors"] == 1 and result["resumed_from_step"] == 0
+    assert result.outcome.val_accuracy > 0.5  # chance is 0.1
+    assert result.rows == EPOCHS * 360 and result.errors == 1 and result.outcome.resumed_from_step == 0
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["skipped"] == [{"key": BROKEN, "reason": metrics["skipped"][0]["reason"]}]
     assert "Truncated" in metrics["skipped"][0]["reason"]
@@ -119,7 +120,7 @@ def test_the_output_loads_with_transformers_and_with_workers(trained):
     assert AutoImageProcessor.from_pretrained(output).size == {"height": 32, "width": 32}
     loaded = load_model(normalize_model_ref(str(output)), device="cpu")
     assert loaded.id2label == dict(enumerate(DIGITS))
-    assert loaded.fingerprint == result["model_fingerprint"]
+    assert loaded.fingerprint == result.model_fingerprint
 
 
 def test_classify_pipeline_predicts_what_transformers_predicts(trained, digits):
@@ -152,13 +153,13 @@ def test_a_crashed_run_resumes_from_its_last_committed_checkpoint(digits, ctx, t
     assert (tmp_path / "out" / "checkpoints" / "step-00000005" / "_COMMITTED.json").exists()
     # Like a redelivered task: a fresh call that knows nothing but the spec.
     result = finetune(spec, "job-resume", WorkerContext(Settings()), ignore)
-    assert result["resumed_from_step"] == 5
+    assert result.outcome.resumed_from_step == 5
     assert (tmp_path / "out" / "config.json").exists()
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["resumed_from_step"] == 5 and metrics["steps"] == 23  # ceil(360 / 16)
     # Weights, optimizer, schedule and data position all came back: bit-identical to a run that never crashed.
     uninterrupted = finetune(spec.model_copy(update={"output": normalize_uri(str(tmp_path / "b"))}), "b", ctx, ignore)
-    assert result["model_fingerprint"] == uninterrupted["model_fingerprint"]
+    assert result.model_fingerprint == uninterrupted.model_fingerprint
 
 
 def test_an_uncommitted_checkpoint_is_ignored_when_resuming(digits, ctx, tmp_path):
@@ -166,7 +167,7 @@ def test_an_uncommitted_checkpoint_is_ignored_when_resuming(digits, ctx, tmp_pat
     junk = tmp_path / "out" / "checkpoints" / "step-00000010"
     junk.mkdir(parents=True)
     (junk / "model.safetensors").write_bytes(b"half written")
-    assert finetune(spec, "job-partial", ctx, ignore)["resumed_from_step"] == 0
+    assert finetune(spec, "job-partial", ctx, ignore).outcome.resumed_from_step == 0
 
 
 def test_checkpoints_of_another_spec_are_not_resumed(digits, ctx, tmp_path):
@@ -201,7 +202,7 @@ def test_a_timm_vit_trains_and_saves_what_workers_load_again(digits, ctx, tmp_pa
     result = finetune(spec, "job-timm", ctx, ignore)
     loaded = load_model(normalize_model_ref(str(tmp_path / "out")), device="cpu")
     assert loaded.family.kind is Kind.TIMM and loaded.id2label == dict(enumerate(DIGITS))
-    assert loaded.input_size == (32, 32) and loaded.fingerprint == result["model_fingerprint"]
+    assert loaded.input_size == (32, 32) and loaded.fingerprint == result.model_fingerprint
 
 
 def test_freeze_backbone_trains_only_the_classifier_of_a_pretrained_model(trained, digits, ctx, tmp_path):
@@ -223,11 +224,12 @@ def test_evaluate_metrics_agree_with_its_own_predictions(trained, digits, ctx, t
     result = evaluate(spec, "job-eval", ctx, ignore)
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     rows = pq.read_table(tmp_path / "eval" / "predictions.parquet").to_pylist()
-    assert result["rows"] == metrics["n_images"] == len(rows) == 401
-    assert result["errors"] == metrics["n_errors"] == 1
+    assert result.rows == metrics["n_images"] == len(rows) == 401
+    assert result.errors == metrics["n_errors"] == 1
     good = [r for r in rows if r["error"] is None]
     assert [r["key"] for r in rows if r["error"]] == [BROKEN]
-    assert metrics["accuracy"] == result["accuracy"] == pytest.approx(np.mean([r["correct"] for r in good]))
+    assert result.outcome == Evaluated(metrics["accuracy"])
+    assert metrics["accuracy"] == pytest.approx(np.mean([r["correct"] for r in good]))
     assert metrics["top5_accuracy"] >= metrics["accuracy"]
     truth, predicted = [r["label"] for r in good], [r["predicted"] for r in good]
     precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=DIGITS,

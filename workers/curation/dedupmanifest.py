@@ -17,6 +17,7 @@ import pyarrow as pa
 from orchestrator.constants import KEPT_MANIFEST
 from orchestrator.inputs.vectorplan import VectorPlan
 from orchestrator.jobspec.jobs import DedupSpec
+from orchestrator.lifecycle.commits import ShardWork, VectorShard
 from orchestrator.store.storage import ObjectStore
 from workers.curation import crosscluster
 from workers.curation.dedupparts import (
@@ -61,7 +62,7 @@ def resolve_across(rows: dict[str, list], edges: pa.Table) -> dict:
             "kept_again": kept_again}
 
 
-def manifest(spec: DedupSpec, plan: VectorPlan, store: ObjectStore, folder: str, job_id: str) -> tuple[dict, dict]:
+def manifest(spec: DedupSpec, plan: VectorPlan, store: ObjectStore, folder: str, job_id: str) -> tuple[dict, ShardWork]:
     """The published rows (one part per pairs shard), kept.jsonl (one {"key": ...} per kept row, keys
     as in the embed job's input) and the job's counts."""
     decided, edges = read_decided(plan, store, folder, job_id)
@@ -78,11 +79,11 @@ def manifest(spec: DedupSpec, plan: VectorPlan, store: ObjectStore, folder: str,
         start = stop
     lines = [json.dumps({"key": key}) for key, kept in zip(rows["key"], rows["kept"]) if kept]
     parts[KEPT_MANIFEST] = ("\n".join(lines) + "\n").encode()
-    summary = {**counts(rows), "input": plan.source.input, "kept_manifest": KEPT_MANIFEST, "rule": spec.rule,
+    figures = {**counts(rows), "input": plan.source.input, "kept_manifest": KEPT_MANIFEST, "rule": spec.rule,
                "phases": {"in_clusters": {"removed": removed_in_clusters},
                           "across_clusters": {"cross_clusters": spec.cross_clusters if spec.rule == "kept" else 0,
                                               **across}}}
-    return parts, {"rows": 0, "job_fields": {"dedup": summary}}
+    return parts, ShardWork(rows=0, outcome=VectorShard("manifest", job_fields={"dedup": figures}))
 
 
 def counts(rows: dict[str, list]) -> dict:

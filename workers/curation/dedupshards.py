@@ -22,6 +22,7 @@ import numpy as np
 from orchestrator.inputs.vectorplan import VectorPlan
 from orchestrator.inputs.vectorsource import read_vectors
 from orchestrator.jobspec.jobs import DedupSpec
+from orchestrator.lifecycle.commits import ShardWork, VectorShard
 from orchestrator.store.storage import ObjectStore
 from workers.curation import crosscluster, semdedup
 from workers.curation.dedupparts import (
@@ -48,7 +49,7 @@ def probes(spec: DedupSpec) -> int:
     return spec.cross_clusters if spec.rule == "kept" else 0
 
 
-def fit(spec: DedupSpec, plan: VectorPlan, store: ObjectStore, token: int) -> tuple[dict, dict]:
+def fit(spec: DedupSpec, plan: VectorPlan, store: ObjectStore, token: int) -> tuple[dict, ShardWork]:
     """k-means on a seeded sample. The file name carries the delivery's lease token: k-means on
     several threads is not bit-reproducible, and a late delivery must not overwrite what the
     committed one's marker names."""
@@ -60,7 +61,8 @@ def fit(spec: DedupSpec, plan: VectorPlan, store: ObjectStore, token: int) -> tu
         if len(pick):
             sample.append(semdedup.unit_rows(read_vectors(plan.source, part, store)[1][pick]))
     centroids = semdedup.fit_centroids(np.concatenate(sample), plan.clusters, spec.seed)
-    return {f"kmeans/centroids-{token:08d}.npy": npy_bytes(centroids)}, {"rows": 0, "sample_rows": len(chosen)}
+    return ({f"kmeans/centroids-{token:08d}.npy": npy_bytes(centroids)},
+            ShardWork(rows=0, outcome=VectorShard("fit", sample_rows=len(chosen))))
 
 
 def centroids_of(store: ObjectStore, folder: str, plan: VectorPlan, job_id: str) -> np.ndarray:
@@ -70,12 +72,12 @@ def centroids_of(store: ObjectStore, folder: str, plan: VectorPlan, job_id: str)
 
 
 def assign(spec: DedupSpec, plan: VectorPlan, part: int, store: ObjectStore, folder: str,
-           job_id: str) -> tuple[dict, dict]:
+           job_id: str) -> tuple[dict, ShardWork]:
     """Nearest centroid of every row of one embed part; the rows bucketed by cluster group, and
     each visit of a near other cluster by that cluster's group."""
     keys, vectors = read_vectors(plan.source, part, store)
     if not keys:
-        return {}, {"rows": 0}
+        return {}, ShardWork(rows=0, outcome=VectorShard("assign"))
     centroids = centroids_of(store, folder, plan, job_id)
     found = crosscluster.plan_visits(semdedup.unit_rows(vectors), centroids, probes(spec), spec.eps)
     labels, cosine, visited = found.home, found.cosine, found.others
@@ -95,7 +97,7 @@ def assign(spec: DedupSpec, plan: VectorPlan, part: int, store: ObjectStore, fol
             {"key": [keys[i] for i in rows[mine]], "cluster": labels[rows[mine]], "target": targets[mine]},
             VISIT_SCHEMA)
         parts[visit_name(group, part, "npy")] = npy_bytes(vectors[rows[mine]])
-    return parts, {"rows": 0, "visits": len(rows)}
+    return parts, ShardWork(rows=0, outcome=VectorShard("assign", visits=len(rows)))
 
 
 def read_buckets(plan: VectorPlan, group: int, store: ObjectStore, folder: str, job_id: str,
@@ -114,7 +116,7 @@ def read_buckets(plan: VectorPlan, group: int, store: ObjectStore, folder: str, 
 
 
 def pairs(spec: DedupSpec, plan: VectorPlan, group: int, store: ObjectStore, folder: str, job_id: str,
-          on_progress: ProgressFn | None = None) -> tuple[dict, dict]:
+          on_progress: ProgressFn | None = None) -> tuple[dict, ShardWork]:
     """The rule inside every cluster of one group, then the pairs between each cluster and its visitors."""
     bucket, vectors = read_buckets(plan, group, store, folder, job_id, bucket_name)
     keys, clusters = bucket.get("key", []), np.asarray(bucket.get("cluster", []), dtype=np.int32)
@@ -137,7 +139,8 @@ def pairs(spec: DedupSpec, plan: VectorPlan, group: int, store: ObjectStore, fol
     across = cross_edges(spec, plan, group, store, folder, job_id, (keys, clusters, unit, visits), edges)
     shard = plan.phase_range("pairs")[group]
     parts = {decided_name(shard): table_bytes(out, DECIDED_SCHEMA), edges_name(shard): table_bytes(edges, EDGE_SCHEMA)}
-    return parts, {"rows": len(keys), "removed_in_clusters": len(out["key"]) - sum(out["kept"]), "cross_pairs": across}
+    removed = len(out["key"]) - sum(out["kept"])
+    return parts, ShardWork(rows=len(keys), outcome=VectorShard("pairs", removed_in_clusters=removed, cross_pairs=across))
 
 
 def add_decided(out: dict[str, list], found: semdedup.ClusterResult, rows: np.ndarray, keys: list[str],
@@ -187,8 +190,8 @@ def by_cluster(clusters: np.ndarray) -> dict[int, np.ndarray]:
 
 
 def run_dedup_shard(spec: DedupSpec, plan: VectorPlan, shard: int, store: ObjectStore, job_id: str, token: int,
-                    on_progress: ProgressFn | None = None) -> tuple[dict, dict]:
-    """The shard's parts (name -> bytes) and marker fields, by its phase. `spec.output` is the job's folder."""
+                    on_progress: ProgressFn | None = None) -> tuple[dict, ShardWork]:
+    """The shard's parts (name -> bytes) and what its work found, by its phase. `spec.output` is the job's folder."""
     from workers.curation.dedupmanifest import manifest
 
     phase, index = plan.phase(shard)

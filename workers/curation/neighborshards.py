@@ -38,10 +38,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.errors import CorruptOutput
 from orchestrator.inputs.vectorplan import VectorPlan
 from orchestrator.inputs.vectorsource import VectorSource, read_vectors
 from orchestrator.jobspec.jobs import NeighborsSpec
-from orchestrator.lifecycle.commits import ShardMarker
+from orchestrator.lifecycle.commits import ShardMarker, ShardWork, VectorShard
 from orchestrator.store.storage import ObjectStore
 from workers.curation import knn
 from workers.curation.dedupparts import committed_part, phase_marker
@@ -137,14 +138,14 @@ def result_part(query_keys: list[str], keys: list[str], cosines: np.ndarray, ids
 
 
 def search_exact(spec: NeighborsSpec, plan: VectorPlan, shard: int, store: ObjectStore,
-                 on_progress: ProgressFn | None = None) -> tuple[dict, dict]:
+                 on_progress: ProgressFn | None = None) -> tuple[dict, ShardWork]:
     start, stop = plan.query_blocks[plan.phase(shard)[1]]
     query_keys, queries = query_rows(queries_of(plan), start, stop, store)
     keys, cosines, ids = search(plan, spec.k, queries, store, on_progress)
-    fields: dict = {"rows": len(query_keys), "mode": "exact"}
-    if not plan.approximate:  # else the index shard's marker says what the job did
-        fields["job_fields"] = {"neighbors": {"mode": "exact", "k": spec.k}}
-    return {f"part-{shard:05d}.parquet": result_part(query_keys, keys, cosines, ids)}, fields
+    # an approximate job's index shard says what the job did (its marker's job fields)
+    job_fields = None if plan.approximate else {"neighbors": {"mode": "exact", "k": spec.k}}
+    return ({f"part-{shard:05d}.parquet": result_part(query_keys, keys, cosines, ids)},
+            ShardWork(rows=len(query_keys), outcome=VectorShard("search", mode="exact", job_fields=job_fields)))
 
 
 def keys_bytes(keys: list[str]) -> bytes:
@@ -159,7 +160,7 @@ def keys_from(data: bytes) -> list[str]:
 
 
 def build_index(spec: NeighborsSpec, plan: VectorPlan, store: ObjectStore, token: int,
-                on_progress: ProgressFn | None = None) -> tuple[dict, dict]:
+                on_progress: ProgressFn | None = None) -> tuple[dict, ShardWork]:
     """The index shard: the IVF-Flat index of every indexed vector, its keys, nprobe and recall."""
     keys: list[str] = []
     stored = []
@@ -188,15 +189,17 @@ def build_index(spec: NeighborsSpec, plan: VectorPlan, store: ObjectStore, token
     if spec.mode == "auto" and nprobe > DECLINE_SCANNED_SHARE * lists:  # the blocks search exactly instead
         declined = {"index": f"IVF{lists},Flat", "nprobe": nprobe, "tuned_recall_at_k": round(tune_recall, 4),
                     "recall_target": spec.recall_target}
-        return {}, {"rows": 0, "lists": lists, "nprobe": nprobe, "declined": True,
-                    "job_fields": {"neighbors": {"mode": "exact", "k": spec.k, "index_declined": declined}}}
+        figures = {"mode": "exact", "k": spec.k, "index_declined": declined}
+        return {}, ShardWork(rows=0, outcome=VectorShard("index", lists=lists, nprobe=nprobe, declined=True,
+                                                         job_fields={"neighbors": figures}))
     found, _ = knn.search_index(index, queries[measured], spec.k, nprobe)
     recall = knn.recall_at_k(found, exact[measured], spec.k)
-    summary = {"mode": "approximate", "k": spec.k, "index": f"IVF{lists},Flat", "nprobe": nprobe,
+    figures = {"mode": "approximate", "k": spec.k, "index": f"IVF{lists},Flat", "nprobe": nprobe,
                "recall_at_k": round(recall, 4), "recall_sample": len(measure), "recall_target": spec.recall_target,
                "tuned_recall_at_k": round(tune_recall, 4), "indexed": len(rows)}
     parts_out = {f"index/ivf-{token:08d}.faiss": knn.index_bytes(index), f"index/keys-{token:08d}.arrow": keys_bytes(keys)}
-    return parts_out, {"rows": 0, "lists": lists, "nprobe": nprobe, "job_fields": {"neighbors": summary}}
+    return parts_out, ShardWork(rows=0, outcome=VectorShard("index", lists=lists, nprobe=nprobe,
+                                                            job_fields={"neighbors": figures}))
 
 
 def committed_index(marker: ShardMarker, store: ObjectStore, folder: str):
@@ -204,11 +207,14 @@ def committed_index(marker: ShardMarker, store: ObjectStore, folder: str):
     (index_name,) = [n for n in marker.parts if n.endswith(".faiss")]
     (keys_name,) = [n for n in marker.parts if n.endswith(".arrow")]
     index = knn.index_from_bytes(committed_part(store, folder, marker, index_name))
-    return index, keys_from(committed_part(store, folder, marker, keys_name)), int(marker.extra["nprobe"])
+    nprobe = marker.outcome_as(VectorShard).nprobe
+    if nprobe is None:
+        raise CorruptOutput(f"job {marker.job_id}: its index shard's marker names no nprobe: rerun the job")
+    return index, keys_from(committed_part(store, folder, marker, keys_name)), nprobe
 
 
 def search_approximate(spec: NeighborsSpec, plan: VectorPlan, shard: int, store: ObjectStore, marker: ShardMarker,
-                       on_progress: ProgressFn | None = None) -> tuple[dict, dict]:
+                       on_progress: ProgressFn | None = None) -> tuple[dict, ShardWork]:
     """One block of queries against the job's index, one embed part of queries at a time."""
     index, keys, nprobe = committed_index(marker, store, spec.output)
     start, stop = plan.query_blocks[plan.phase(shard)[1]]
@@ -222,17 +228,18 @@ def search_approximate(spec: NeighborsSpec, plan: VectorPlan, shard: int, store:
         if on_progress:
             on_progress(len(query_keys), stop - start)
     data = result_part(query_keys, keys, np.concatenate(cosines), np.concatenate(ids))
-    return {f"part-{shard:05d}.parquet": data}, {"rows": len(query_keys), "mode": "approximate"}
+    return {f"part-{shard:05d}.parquet": data}, ShardWork(rows=len(query_keys),
+                                                          outcome=VectorShard("search", mode="approximate"))
 
 
 def run_neighbors_shard(spec: NeighborsSpec, plan: VectorPlan, shard: int, store: ObjectStore, job_id: str,
-                        token: int, on_progress: ProgressFn | None = None) -> tuple[dict, dict]:
-    """The shard's parts (name -> bytes) and marker fields, by its phase. `spec.output` is the job's folder."""
+                        token: int, on_progress: ProgressFn | None = None) -> tuple[dict, ShardWork]:
+    """The shard's parts (name -> bytes) and what its work found, by its phase. `spec.output` is the job's folder."""
     phase, _ = plan.phase(shard)
     if phase == "index":
         return build_index(spec, plan, store, token, on_progress)
     if plan.approximate:
         marker = phase_marker(store, spec.output, plan.phase_range("index")[0], job_id)
-        if not marker.extra.get("declined"):
+        if not marker.outcome_as(VectorShard).declined:
             return search_approximate(spec, plan, shard, store, marker, on_progress)
     return search_exact(spec, plan, shard, store, on_progress)

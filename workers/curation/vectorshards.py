@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from orchestrator.inputs.vectorplan import VectorPlan
 from orchestrator.jobspec.jobs import DedupSpec, NeighborsSpec
-from orchestrator.lifecycle.commits import ShardMarker
+from orchestrator.lifecycle.commits import JobStamp, ShardMarker
 from orchestrator.store.storage import ObjectStore
 from workers.writers import commit_shard
 
@@ -19,21 +20,20 @@ ProgressFn = Callable[[int, int], None]
 VectorSpec = DedupSpec | NeighborsSpec
 
 
-def run_vector_shard(spec: VectorSpec, shard: int, store: ObjectStore, marker_fields: dict, token: int = 0,
+def run_vector_shard(spec: VectorSpec, shard: int, store: ObjectStore, stamp: JobStamp, token: int = 0,
                      on_progress: ProgressFn | None = None) -> ShardMarker:
     """Compute one shard of the job whose folder is `spec.output` and commit it; returns the marker."""
     plan = VectorPlan.read(spec.output, store)
-    job_id = marker_fields["job_id"]
+    job_id = stamp.job_id
     start = time.perf_counter()
     if spec.kind == "dedup":
         from workers.curation.dedupshards import run_dedup_shard
 
-        parts, fields = run_dedup_shard(spec, plan, shard, store, job_id, token, on_progress)
+        parts, work = run_dedup_shard(spec, plan, shard, store, job_id, token, on_progress)
     else:
         from workers.curation.neighborshards import run_neighbors_shard
 
-        parts, fields = run_neighbors_shard(spec, plan, shard, store, job_id, token, on_progress)
+        parts, work = run_neighbors_shard(spec, plan, shard, store, job_id, token, on_progress)
     compute_s = time.perf_counter() - start
-    summary = {**marker_fields, "rows": fields.pop("rows"), "errors": 0, "phase": plan.phase(shard)[0],
-               "model_fingerprint": plan.source.model_fingerprint, **fields}
-    return commit_shard(store, spec.output, shard, parts, {**summary, "stats": {"compute_s": round(compute_s, 4)}})
+    work = replace(work, model_fingerprint=plan.source.model_fingerprint, stats={"compute_s": round(compute_s, 4)})
+    return commit_shard(store, spec.output, shard, parts, stamp, work)

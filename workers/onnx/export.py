@@ -41,6 +41,7 @@ from orchestrator.constants import EXPORT_REPORT_FILE, MODEL_CONFIG_FILE, ONNX_M
 from orchestrator.jobspec.jobs import ExportSpec
 from orchestrator.jobspec.modelkinds import Kind
 from orchestrator.jobspec.modelrefs import ONNX_FORMAT
+from orchestrator.lifecycle.commits import Exported, ShardWork
 from orchestrator.store.storage import join
 from workers.errors import ExportFailed, ModelLoadError
 from workers.loaded import LoadedModel
@@ -177,7 +178,7 @@ def output_shapes(reference: dict[str, np.ndarray]) -> list[dict]:
              "meaning": meaning[name]} for name in reference]
 
 
-def export(spec: ExportSpec, job_id: str, ctx, report: Callable[[dict], None] | None = None) -> dict:
+def export(spec: ExportSpec, job_id: str, ctx, report: Callable[[dict], None] | None = None) -> ShardWork:
     """Export, check parity, write model.onnx + config.json + export_report.json into spec.output (the job's folder)."""
     t0 = time.perf_counter()
     model = load(spec.model, "cpu", "fp32", settings=ctx.settings, store=ctx.store)  # a private copy: hooks go on it
@@ -222,8 +223,8 @@ def export(spec: ExportSpec, job_id: str, ctx, report: Callable[[dict], None] | 
     finally:
         wrapper.close()
     fingerprint = "sha256:" + hashlib.sha256(json.dumps(model.prep.to_json(), sort_keys=True).encode() + data).hexdigest()
-    return {"rows": len(pixels) + len(sample["errors"]), "errors": len(sample["errors"]), "stats": stats,
-            "model_fingerprint": fingerprint, "parity": figures}
+    return ShardWork(rows=len(pixels) + len(sample["errors"]), errors=len(sample["errors"]), stats=stats,
+                     model_fingerprint=fingerprint, outcome=Exported(figures))
 
 
 def _grid(model: LoadedModel, n_patches: int) -> tuple[int, int]:

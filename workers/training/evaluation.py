@@ -23,6 +23,7 @@ from orchestrator.inputs.manifest import Item
 from orchestrator.jobspec.checks.models import check_job_fits
 from orchestrator.jobspec.jobs import EvaluateSpec
 from orchestrator.jobspec.modelkinds import Checkpoint
+from orchestrator.lifecycle.commits import Evaluated, ShardWork
 from orchestrator.store.storage import join
 from workers.context import WorkerContext
 from workers.decode.labeledcells import ContainerReader
@@ -171,7 +172,7 @@ def _metrics(items, head: EvalHead, ids: dict[str, int], names: dict[int, str]) 
     }, y_true, y_pred
 
 
-def evaluate(spec: EvaluateSpec, job_id: str, ctx: WorkerContext, report: Callable[[dict], None]) -> dict:
+def evaluate(spec: EvaluateSpec, job_id: str, ctx: WorkerContext, report: Callable[[dict], None]) -> ShardWork:
     """Write metrics.json, confusion_matrix.png and predictions.parquet under spec.output."""
     items = load_labeled(spec.input, ctx.store, label_options(spec))
     model = ctx.models.get(spec.model, spec.device, spec.precision)
@@ -195,5 +196,5 @@ def evaluate(spec: EvaluateSpec, job_id: str, ctx: WorkerContext, report: Callab
     ctx.store.write(join(spec.output, "confusion_matrix.png"), confusion_png(matrix, metrics["confusion_labels"]))
     ctx.store.write(join(spec.output, "metrics.json"), json.dumps(metrics, indent=2).encode())
     stats = {**times.to_json(), "batch_latency_ms": metrics["batch_latency_ms"]}
-    return {"rows": len(items), "errors": len(head.errors), "model_fingerprint": model.fingerprint,
-            "stats": stats, "accuracy": metrics["accuracy"]}
+    return ShardWork(rows=len(items), errors=len(head.errors), model_fingerprint=model.fingerprint, stats=stats,
+                     outcome=Evaluated(metrics["accuracy"]))

@@ -29,6 +29,7 @@ from orchestrator.constants import MODEL_CONFIG_FILE
 from orchestrator.errors import SpecError
 from orchestrator.jobspec.jobs import FinetuneSpec
 from orchestrator.jobspec.modelrefs import normalize_model_ref
+from orchestrator.lifecycle.commits import ShardWork, Trained
 from orchestrator.store.storage import ObjectStore, join
 from workers import models
 from workers.context import WorkerContext
@@ -101,7 +102,7 @@ def _trainer(spec: FinetuneSpec, built: Built, names: list[str], data: tuple[lis
     return trainer
 
 
-def finetune(spec: FinetuneSpec, job_id: str, ctx: WorkerContext, report: Callable[[dict], None]) -> dict:
+def finetune(spec: FinetuneSpec, job_id: str, ctx: WorkerContext, report: Callable[[dict], None]) -> ShardWork:
     """Train, checkpoint and resume; save the model, metrics.json and training_curve.png at spec.output."""
     start = time.perf_counter()
     train_items, val_items, names = train_val(spec, ctx.store)
@@ -135,5 +136,5 @@ def finetune(spec: FinetuneSpec, job_id: str, ctx: WorkerContext, report: Callab
                             {"labels": names, "skipped": train_skipped + val_skipped,
                              "resumed_from_step": resumed_from, **stats})
     # rows: the job's done count, in the unit of its progress total (trained images, see ReportProgress).
-    return {"rows": progress.total, "errors": len(metrics["skipped"]), "model_fingerprint": fingerprint,
-            "stats": stats, "val_accuracy": metrics["val_accuracy"], "resumed_from_step": resumed_from}
+    return ShardWork(rows=progress.total, errors=len(metrics["skipped"]), model_fingerprint=fingerprint, stats=stats,
+                     outcome=Trained(val_accuracy=metrics["val_accuracy"], resumed_from_step=resumed_from))

@@ -12,7 +12,7 @@ from urllib.parse import unquote
 
 from orchestrator.constants import MODEL_CONFIG_FILE, SUCCESS_FILE
 from orchestrator.errors import SpecError
-from orchestrator.published.results import prefix_holder
+from orchestrator.jobspec.submitted import prefix_holder
 from orchestrator.store.storage import ObjectStore, join
 
 _S3_BUCKET = re.compile(r"^[A-Za-z0-9._-]{1,255}$")  # what any S3 store takes (AWS today: stricter)
