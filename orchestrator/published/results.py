@@ -5,10 +5,11 @@ the latest succeeded job at the prefix by default, or the job named by `job_id`.
 is checked against its recorded sha256. The records first (`success_record`, the prefix's
 holder, a listed part's bytes), then the tables and arrays built from them.
 
-The package passes its store everywhere. The public readers (`read_table`, `read_index`,
-`read_arrays`, `read_embeddings`, `read_kept_keys`, `read_duplicate_pairs`) are also called
-from notebooks and scripts as `read_table(output)` (README "Reading results"): for them alone
-`store` may be left out, and `open_store` builds one from the environment's Settings.
+The package passes its store everywhere. The public readers (`success_record`, the job's record as
+a JobRecord; `read_table`, `read_index`, `read_arrays`, `read_embeddings`, `read_kept_keys`,
+`read_duplicate_pairs`) are also called from notebooks and scripts as `read_table(output)` (README
+"Reading results"): for them alone `store` may be left out, and `open_store` builds one from the
+environment's Settings.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def read_record(store: ObjectStore, uri: str) -> JobRecord | None:
     return None if data is None else JobRecord.from_json(data)
 
 
-def success_record(output: str, store: ObjectStore, job_id: str | None = None) -> JobRecord:
+def success_record(output: str, store: ObjectStore | None = None, job_id: str | None = None) -> JobRecord:
     """The record readers follow: the latest succeeded job, or the job named (succeeded or not)."""
+    store, output = open_store(store), normalize_uri(output)
     if job_id is None:
         record = read_record(store, join(output, SUCCESS_FILE))
         if record is None:

@@ -103,3 +103,9 @@ def test_a_nightly_run_over_an_output_from_before_job_folders_carries_nothing_ov
 
     (tmp_path / SUCCESS_FILE).write_text(json.dumps(BEFORE_JOB_FOLDERS))
     assert previous_identity(normalize_uri(str(tmp_path)), ObjectStore(Settings())) is None
+
+
+def test_a_notebook_reads_the_record_by_its_plain_path_with_no_store(tmp_path):
+    (tmp_path / SUCCESS_FILE).write_text((RECORDS / "success-neighbors.json").read_text())
+    record = success_record(str(tmp_path))
+    assert record == JobRecord.from_json(old("success-neighbors.json")) and record.figures["mode"] == "approximate"
