@@ -104,10 +104,10 @@ def outcome_json(outcome: Outcome | None) -> dict[str, Any]:
 
 def outcome_from_json(data: dict[str, Any]) -> Outcome | None:
     """The outcome a marker's JSON holds (the type one of whose fields it names), or None."""
-    for kind in OUTCOMES:
-        names = {f.name for f in fields(kind)}
+    for outcome_type in OUTCOMES:
+        names = {f.name for f in fields(outcome_type)}
         if names & data.keys():
-            return kind(**{k: v for k, v in data.items() if k in names})
+            return outcome_type(**{k: v for k, v in data.items() if k in names})
     return None
 
 
@@ -133,10 +133,10 @@ class ShardMarker:
     def good_rows(self) -> int:
         return self.rows - self.errors
 
-    def outcome_as(self, kind: type[OutcomeT]) -> OutcomeT:
+    def outcome_as(self, wanted: type[OutcomeT]) -> OutcomeT:
         """The marker's outcome as the type its reader needs; CorruptOutput when it holds another."""
-        if not isinstance(self.outcome, kind):
-            raise CorruptOutput(f"job {self.job_id}: the marker of shard {self.shard} holds no {kind.__name__} "
+        if not isinstance(self.outcome, wanted):
+            raise CorruptOutput(f"job {self.job_id}: the marker of shard {self.shard} holds no {wanted.__name__} "
                                 f"({type(self.outcome).__name__}): rerun the job")
         return self.outcome
 
@@ -184,12 +184,6 @@ class ShardWork:
     batch_size: int | None = None  # after any out-of-memory halving
     stats: Mapping[str, float | str] = field(default_factory=dict)  # becomes ShardMarker.stats
     outcome: Outcome | None = None
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ShardWork:
-        """A report in the marker's JSON form (rows, errors, ... and the kind's keys), typed."""
-        names = {f.name for f in fields(cls)} - {"outcome"}
-        return cls(**{k: v for k, v in data.items() if k in names}, outcome=outcome_from_json(data))
 
 
 def parquet_bytes(rows: list[dict], schema: pa.Schema) -> bytes:

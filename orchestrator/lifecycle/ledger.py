@@ -393,7 +393,7 @@ class Ledger:
             submitted = None
         if submitted is not None and time.time() - submitted > self.job_ttl_s:
             return (f"job {job_id} ended more than {self.job_ttl_s / 86400:g} days ago and its state expired from "
-                    f"Redis (VITBATCH_JOB_TTL_S); its output's {k.SUCCESS_FILE} (or {k.FAILURES_FILE}) holds its summary")
+                    f"Redis (VITBATCH_JOB_TTL_S); its output's {k.SUCCESS_FILE} (or {k.FAILURES_FILE}) holds its record")
         return (f"no job {job_id!r} in Redis; check the id and VITBATCH_BROKER_URL (if Redis lost its data, "
                 f"`vitbatch recover <output>` rebuilds the job from its output's records)")
 

@@ -109,3 +109,15 @@ def test_a_notebook_reads_the_record_by_its_plain_path_with_no_store(tmp_path):
     (tmp_path / SUCCESS_FILE).write_text((RECORDS / "success-neighbors.json").read_text())
     record = success_record(str(tmp_path))
     assert record == JobRecord.from_json(old("success-neighbors.json")) and record.figures["mode"] == "approximate"
+
+
+def test_no_two_outcomes_and_no_outcome_and_marker_share_a_field_name():
+    """A marker's JSON says which outcome it holds by the names of its keys, written flat beside the
+    marker's own: a name two of them shared would read back as the wrong type."""
+    from dataclasses import fields
+
+    from orchestrator.lifecycle.commits import OUTCOMES
+
+    names = [f.name for kind in OUTCOMES for f in fields(kind)]
+    assert len(names) == len(set(names))
+    assert not set(names) & {f.name for f in fields(ShardMarker)}
