@@ -143,3 +143,50 @@ def test_the_spec_parser_knows_every_registered_kind_by_name(name):
 def test_a_kind_the_parser_does_not_know_is_refused_by_its_tag():
     with pytest.raises(SpecError, match="tag"):
         parse_spec({"kind": "resize"})
+
+
+# Where a kind's name may be compared, or its spec class tested: the registry, the specs, and the modules
+# that belong to the vector kinds alone (their plans, their shards) or read an embed job's output.
+OWN_MODULES = {"orchestrator/jobspec/kinds.py", "orchestrator/jobspec/jobs.py", "orchestrator/inputs/vectorplan.py",
+               "orchestrator/inputs/vectorsource.py", "workers/curation/vectorshards.py"}
+# Left for their own change: the report page picks its sections by the job's kind.
+LEFT = {"orchestrator/published/report.py"}
+
+
+def kind_dispatch(tree) -> list[int]:
+    """Lines that compare something with a kind's name (`spec.kind == "embed"`, `kind in ("dedup", ...)`)
+    or test an object against a spec class (`isinstance(spec, EmbedSpec)`)."""
+    import ast
+
+    spec_classes = {kind.spec.__name__ for kind in KINDS.values()}
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            names = {c.value for c in ast.walk(node) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+            if names & set(KINDS):
+                lines.append(node.lineno)
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", "") == "isinstance" and len(node.args) == 2:
+            if {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)} & spec_classes:
+                lines.append(node.lineno)
+    return lines
+
+
+def test_no_module_but_a_kinds_own_dispatches_on_its_name_or_spec_class():
+    import ast
+
+    root = ARCHITECTURE.parents[1]
+    found = {}
+    for folder in ("orchestrator", "workers"):
+        for path in sorted((root / folder).rglob("*.py")):
+            where = str(path.relative_to(root))
+            lines = kind_dispatch(ast.parse(path.read_text()))
+            if lines and where not in OWN_MODULES | LEFT:
+                found[where] = lines
+    assert found == {}
+
+
+def test_the_dispatch_finder_finds_a_name_test_and_a_spec_class_test():
+    import ast
+
+    source = 'if spec.kind == "embed":\n    pass\nif isinstance(spec, EmbedSpec | DedupSpec):\n    pass\nif x == "y":\n    pass\n'
+    assert kind_dispatch(ast.parse(source)) == [1, 3]
