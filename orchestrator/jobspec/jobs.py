@@ -474,8 +474,9 @@ class DedupSpec(VectorJob):
         "resolved too; semdedup = NeMo Curator's rule: removed when any row before it in its cluster is >= 1 - eps "
         "(a chain A ~ B ~ C loses C), clusters never compared.")
     cross_clusters: int = Field(4, ge=0, le=16, description="rule kept: each row is also compared with the rows of "
-                                "its this many nearest other clusters (those that could hold a near-duplicate); "
-                                "0 = inside clusters only.")
+                                "the other clusters whose centroid cosine is within 0.125 sqrt(2 eps) of its own "
+                                "cluster's, at most this many, nearest first; 0 = inside clusters (and the pieces "
+                                "of a split one) only.")
 
 
 class NeighborsSpec(VectorJob):
