@@ -19,7 +19,7 @@ from orchestrator.inputs.labeledsources import LabeledItem
 from orchestrator.inputs.planner import plan
 from orchestrator.jobspec.jobs import EvaluateSpec, FinetuneSpec, normalize_model_ref
 from orchestrator.jobspec.modelkinds import Kind
-from orchestrator.lifecycle.commits import Evaluated
+from orchestrator.lifecycle.commits import Evaluated, ShardWork
 from orchestrator.stack.demo import write_digits
 from orchestrator.store.storage import ObjectStore, normalize_uri
 from workers.context import WorkerContext
@@ -82,16 +82,16 @@ def digits(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(digits, ctx, tmp_path_factory) -> tuple[FinetuneSpec, dict, Path]:
+def trained(digits, ctx, tmp_path_factory) -> tuple[FinetuneSpec, ShardWork, Path, list[dict]]:
     output = tmp_path_factory.mktemp("trained")
     reports: list[dict] = []
     spec = make_spec(digits, output, epochs=EPOCHS)
     result = finetune(spec, "job-train", ctx, reports.append)
-    return spec, {**result, "reports": reports}, output
+    return spec, result, output, reports
 
 
 def test_a_tiny_vit_from_scratch_learns_digits_well_above_chance(trained):
-    _, result, output = trained
+    _, result, output, _ = trained
     assert result.outcome.val_accuracy > 0.5  # chance is 0.1
     assert result.rows == EPOCHS * 360 and result.errors == 1 and result.outcome.resumed_from_step == 0
     metrics = json.loads((output / "metrics.json").read_text())
@@ -103,7 +103,7 @@ def test_a_tiny_vit_from_scratch_learns_digits_well_above_chance(trained):
 
 
 def test_progress_reports_count_images_towards_the_total(trained):
-    reports = trained[1]["reports"]
+    reports = trained[3]
     steps = [r for r in reports if "loss" in r]
     assert steps and steps[-1]["done"] == steps[-1]["total"] == EPOCHS * 360
     assert all(r["images_per_s"] > 0 for r in steps)
@@ -114,7 +114,7 @@ def test_progress_reports_count_images_towards_the_total(trained):
 def test_the_output_loads_with_transformers_and_with_workers(trained):
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    _, result, output = trained
+    _, result, output, _ = trained
     hf = AutoModelForImageClassification.from_pretrained(output)
     assert hf.config.id2label == dict(enumerate(DIGITS))
     assert AutoImageProcessor.from_pretrained(output).size == {"height": 32, "width": 32}
@@ -126,7 +126,7 @@ def test_the_output_loads_with_transformers_and_with_workers(trained):
 def test_classify_pipeline_predicts_what_transformers_predicts(trained, digits):
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    _, _, output = trained
+    _, _, output, _ = trained
     items = [i for i in plan(normalize_uri(str(digits)), 1000, ObjectStore(Settings())).items if "broken" not in i.key]
     items = items[::20]
     loaded = load_model(normalize_model_ref(str(output)), device="cpu")
