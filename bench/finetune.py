@@ -1,10 +1,11 @@
 """Fine-tuning: `vitbatch run finetune` against the plain transformers Trainer recipe, whole processes.
 
-    python -m bench.finetune [--epochs 30] [--rounds 2] [--workdir DIR]
+    python -m bench.finetune [--epochs 30] [--rounds 2] [--precision fp32] [--workdir DIR]
 
 Both train the same custom ViTConfig (32 px, patch 4, hidden 96, 4 layers) from scratch on the same
 1,347 scikit-learn digits (the demo's training folder less every 10th image; no validation pass in
-either), lr 2e-3, batch 64, no augmentation, fp32, seed 0. Each is one fresh process timed whole
+either), lr 2e-3, batch 64, no augmentation, seed 0, in one precision for both: fp32, or bf16 autocast
+(`bf16=True` for the Trainer, which autocasts on a CPU too; `--precision bf16` for vitbatch). Each is one fresh process timed whole
 (vitbatch's embedded stack start-up included); the rounds alternate the order. Held-out accuracy is
 measured here afterwards on the demo's 300 held-out digits, both models loaded with transformers
 and fed the same normalized pixels. Prints the CPU, each run, and the wall-time ratio per round.
@@ -57,7 +58,7 @@ def _labeled(folder: Path) -> tuple[list[Path], list[int]]:
     return paths, [int(p.parent.name) for p in paths]
 
 
-def plain_trainer(train: Path, out: Path, epochs: int) -> None:
+def plain_trainer(train: Path, out: Path, epochs: int, precision: str) -> None:
     """The recipe a transformers user writes: tensors in memory, ViTForImageClassification, Trainer."""
     import torch
     from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
@@ -71,17 +72,17 @@ def plain_trainer(train: Path, out: Path, epochs: int) -> None:
                              num_train_epochs=epochs, learning_rate=TRAINING["lr"],
                              weight_decay=TRAINING["weight_decay"], warmup_steps=TRAINING["warmup_ratio"],
                              lr_scheduler_type="linear", seed=TRAINING["seed"], save_strategy="no", report_to=[],
-                             use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+                             use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, bf16=precision == "bf16")
     Trainer(model=model, args=args, train_dataset=dataset).train()
     model.save_pretrained(out / "model")
 
 
-def _vitbatch(train: Path, out: Path, epochs: int) -> list[str]:
+def _vitbatch(train: Path, out: Path, epochs: int, precision: str) -> list[str]:
     return [sys.executable, "-m", "orchestrator.commands.cli", "run", "finetune", "--train", str(train), "--output",
             str(out), "--config", json.dumps(CONFIG), "--epochs", str(epochs), "--lr", str(TRAINING["lr"]),
             "--batch-size", str(TRAINING["batch_size"]), "--weight-decay", str(TRAINING["weight_decay"]),
             "--warmup-ratio", str(TRAINING["warmup_ratio"]), "--seed", str(TRAINING["seed"]),
-            "--augment", "none", "--val-split", "0", "--precision", "fp32", "--overwrite"]
+            "--augment", "none", "--val-split", "0", "--precision", precision, "--overwrite"]
 
 
 def _timed(cmd: list[str]) -> float:
@@ -112,12 +113,12 @@ def holdout_accuracy(model_dir: Path, holdout: Path, id2label: bool) -> float:
     return float(np.mean(np.array(predicted) == np.array(labels)))
 
 
-def run_one(system: str, train: Path, holdout: Path, work: Path, epochs: int) -> dict:
+def run_one(system: str, train: Path, holdout: Path, work: Path, epochs: int, precision: str) -> dict:
     out = work / f"out-{system}"
-    cmd = (_vitbatch(train, out, epochs) if system == "vitbatch"
-           else [sys.executable, "-m", "bench.finetune", "--plain", str(train), str(out), str(epochs)])
+    cmd = (_vitbatch(train, out, epochs, precision) if system == "vitbatch"
+           else [sys.executable, "-m", "bench.finetune", "--plain", str(train), str(out), str(epochs), precision])
     wall_s = _timed(cmd)
-    return {"system": system, "wall_s": round(wall_s, 1),
+    return {"system": system, "precision": precision, "wall_s": round(wall_s, 1),
             "holdout_accuracy": round(holdout_accuracy(_model_dir(out, system), holdout, system == "vitbatch"), 3)}
 
 
@@ -125,21 +126,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=2, help="each round runs both; odd rounds reverse the order")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="both systems train in it (bf16: autocast, fp32 master weights)")
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--plain", nargs=3, metavar=("TRAIN", "OUT", "EPOCHS"), help=argparse.SUPPRESS)
+    parser.add_argument("--plain", nargs=4, metavar=("TRAIN", "OUT", "EPOCHS", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain:
-        plain_trainer(Path(args.plain[0]), Path(args.plain[1]), int(args.plain[2]))
+        plain_trainer(Path(args.plain[0]), Path(args.plain[1]), int(args.plain[2]), args.plain[3])
         return
     print(json.dumps(cpu_info()))
     with tempfile.TemporaryDirectory(prefix="vitbatch-bench-finetune-") as tmp:
         work = args.workdir or Path(tmp)
         train, holdout = write_data(work)
         print(f"train {len(list(train.rglob('*.png')))} digits, held out {len(list(holdout.rglob('*.png')))}, "
-              f"{args.epochs} epochs")
+              f"{args.epochs} epochs, {args.precision}")
         for round_ in range(args.rounds):
             order = ["trainer", "vitbatch"] if round_ % 2 == 0 else ["vitbatch", "trainer"]
-            results = {system: run_one(system, train, holdout, work, args.epochs) for system in order}
+            results = {system: run_one(system, train, holdout, work, args.epochs, args.precision)
+                       for system in order}
             for system in order:
                 print(json.dumps(results[system]))
             ratio = results["vitbatch"]["wall_s"] / results["trainer"]["wall_s"]

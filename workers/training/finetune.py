@@ -36,24 +36,21 @@ from workers.context import WorkerContext
 from workers.errors import TrainingDiverged
 from workers.training.checkpoints import ResumableTrainer, UploadCheckpoints, all_finite, restore
 from workers.training.datasets import LabeledImages, screen, transforms
+from workers.training.precision import resolve as training_precision
 from workers.training.splits import train_val
 from workers.training.trainable import Built, build_model
 from workers.training.trainlog import ReportProgress, StopOnDivergence, write_metrics
 
 
-def _precision(precision: str, device: torch.device) -> dict:
-    if precision == "auto":
-        # Measured on a 2-core AVX2 EPYC (no AVX512-BF16, no AMX): bf16 autocast trained the
-        # demo ViT about 10x slower than fp32, so CPUs get bf16 only where AMX runs it natively.
-        fast_bf16 = (torch.cuda.is_bf16_supported() if device.type == "cuda"
-                     else torch.cpu._is_amx_tile_supported())
-        precision = "bf16" if fast_bf16 else "fp32"
+def _precision(precision: str, device: torch.device, model: torch.nn.Module) -> dict:
+    precision = training_precision(precision, device, model)
     if precision == "fp16" and device.type != "cuda":
         raise SpecError("fp16 training needs a CUDA device: use --precision bf16 or fp32 on CPU workers")
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def _arguments(spec: FinetuneSpec, out_dir: Path, device: torch.device, has_val: bool) -> TrainingArguments:
+def _arguments(spec: FinetuneSpec, out_dir: Path, device: torch.device, has_val: bool,
+               model: torch.nn.Module) -> TrainingArguments:
     # Every save step is also a log step, so a NaN loss is caught before it is checkpointed.
     # warmup_steps below 1 is a share of the steps (transformers 5 dropped warmup_ratio).
     logging_steps = math.gcd(spec.checkpoint_every_steps, 10)
@@ -61,7 +58,7 @@ def _arguments(spec: FinetuneSpec, out_dir: Path, device: torch.device, has_val:
         output_dir=str(out_dir), per_device_train_batch_size=spec.batch_size,
         per_device_eval_batch_size=spec.batch_size, num_train_epochs=spec.epochs, learning_rate=spec.lr,
         weight_decay=spec.weight_decay, warmup_steps=spec.warmup_ratio, lr_scheduler_type="linear",
-        seed=spec.seed, **_precision(spec.precision, device), save_strategy="steps",
+        seed=spec.seed, **_precision(spec.precision, device, model), save_strategy="steps",
         save_steps=spec.checkpoint_every_steps, save_total_limit=2, logging_steps=logging_steps,
         logging_nan_inf_filter=False, eval_strategy="epoch" if has_val else "no", report_to=[],
         dataloader_num_workers=0, dataloader_pin_memory=device.type == "cuda", use_cpu=device.type == "cpu",
@@ -92,8 +89,9 @@ def _trainer(spec: FinetuneSpec, built: Built, names: list[str], data: tuple[lis
     train_items, val_items = data
     train_tf, eval_tf = transforms(built.prep, spec.augment)
     label_ids = {name: i for i, name in enumerate(names)}
+    device = models.resolve_device(spec.device)
     trainer = ResumableTrainer(
-        model=built.model, args=_arguments(spec, out_dir, models.resolve_device(spec.device), bool(val_items)),
+        model=built.model, args=_arguments(spec, out_dir, device, bool(val_items), built.model),
         train_dataset=LabeledImages(train_items, label_ids, ctx, train_tf),
         eval_dataset=LabeledImages(val_items, label_ids, ctx, eval_tf) if val_items else None,
         compute_metrics=_accuracy, callbacks=callbacks,
