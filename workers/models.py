@@ -25,7 +25,7 @@ from orchestrator.store.storage import ObjectStore
 from workers.decode.preprocess import Preprocess
 from workers.errors import ModelLoadError
 from workers.families import Family, HFBackbone, HFClassifier, HFDualEncoder, Timm
-from workers.loaded import DTYPES, LoadedModel
+from workers.loaded import DTYPES, LoadedModel, store_autocast_weights
 from workers.memory import long_lived, release_frozen
 from workers.modelfiles import check_model_dir, local_model_dir, read_local_config
 from workers.processors import hf_preprocess, timm_preprocess  # noqa: F401 (training reads them here)
@@ -220,8 +220,10 @@ def load(ref: str, device: str = "auto", precision: str = "auto", *, settings: S
         for sub in attention:
             sub.fused_attn = False
     fp = fingerprint(module, prep)
-    # On CUDA the weights themselves are cast; on CPU, fp16/bf16 run under autocast over fp32 weights.
+    # On CUDA the weights themselves are cast; on CPU, fp16/bf16 run under autocast (workers.compute).
     module = module.to(torch_device, dtype=dtype if torch_device.type == "cuda" else torch.float32)
+    if torch_device.type == "cpu":  # autocast's own casts of linear and conv weights, made once
+        store_autocast_weights(module, family, dtype)
     if compile:
         # One static graph: the device stage pads every batch to one size (a dynamic batch dimension
         # measured no faster than eager). The compiled kernels persist beside the model cache, so a

@@ -115,7 +115,8 @@ def test_attention_map_semantics(name, family_dirs):
     """With a CLS token: the CLS query's row; without one: the mean over the patch queries' rows.
     Either way only patch columns, renormalized (registers dropped)."""
     family = FAMILIES[name]
-    model = load_model(normalize_model_ref(str(family_dirs(name))), device="cpu", attn="eager")
+    model = load_model(normalize_model_ref(str(family_dirs(name))), device="cpu", precision="fp32",
+                       attn="eager")  # outside the device stage's autocast: fp32 weights
     head = AttentionHead(model, 0, layers=[-1], heads="mean", with_rollout=False, overlay_indices=set())
     pixels = torch.randn(2, 3, *model.input_size)
     with torch.inference_mode():
