@@ -295,22 +295,25 @@ def run_peer(system: str, precision: str, image_dir: Path, model_dir: Path, args
     return {**timing, **result}
 
 
-def vitbatch_command(image_dir: Path, out_dir: Path, model_dir: Path) -> list[str]:
+def vitbatch_command(image_dir: Path, out_dir: Path, model_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
     exe = Path(sys.executable).parent / "vitbatch"
     exe = str(exe) if exe.exists() else (shutil.which("vitbatch") or "vitbatch")
     return [exe, "run", "classify", "--input", str(image_dir), "--output", str(out_dir), "--model", str(model_dir),
-            "--overwrite"]
+            "--overwrite", *extra]
 
 
-def run_vitbatch(image_dir: Path, model_dir: Path, out_dir: Path, work: Path) -> dict:
+def run_vitbatch(image_dir: Path, model_dir: Path, out_dir: Path, work: Path, extra: tuple[str, ...] = (),
+                 log_name: str = "vitbatch") -> dict:
+    """The CLI as a user types it (its defaults, plus `extra` options), timed whole: its labels and
+    its _SUCCESS.json's figures."""
     from orchestrator.constants import SUCCESS_FILE
     from orchestrator.lifecycle.commits import JobRecord
     from orchestrator.published.results import read_table
 
     env = {k: v for k, v in os.environ.items() if k not in ("VITBATCH_BROKER_URL", "VITBATCH_RESULT_BACKEND")}
-    cmd = vitbatch_command(image_dir, out_dir, model_dir)
+    cmd = vitbatch_command(image_dir, out_dir, model_dir, extra)
     print("  $ " + " ".join(cmd), flush=True)
-    timing = timed_subprocess(cmd, env, work / "vitbatch.log")
+    timing = timed_subprocess(cmd, env, work / f"{log_name}.log")
     record = JobRecord.from_json(json.loads((out_dir / SUCCESS_FILE).read_text()))
     table = read_table(str(out_dir))
     labels = {k: v for k, v, e in zip(table.column("key").to_pylist(), table.column("label_id").to_pylist(),
