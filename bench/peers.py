@@ -394,6 +394,10 @@ def _round_rows(results: dict[str, dict], n: int) -> list[dict]:
     best = best_peer(rows)
     if best is not None:
         print(f"vitbatch vs the best peer of this round ({best[0]}): {best[1]:.2f}x")
+    for name, r in results.items():  # the job phase: what is left once each process has started
+        if name.startswith("daft") and "work_s" in r and vb.get("success_wall_s"):
+            print(f"job phase: vitbatch {vb['success_wall_s']:.1f} s (submit to finish) vs {name} {r['work_s']:.1f} s "
+                  f"(after its imports: engine, model load, job): {r['work_s'] / vb['success_wall_s']:.2f}x")
     print(f"decisive images (plain fp32 top-2 margin > 0.05): {rows[0]['decisive'] if base else '- (no baseline)'} "
           f"of {n}\n")
     return rows
