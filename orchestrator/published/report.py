@@ -19,8 +19,9 @@ import logging
 import random
 from collections import defaultdict
 
-from orchestrator.constants import JOB_SPEC_FILE, REPORT_FILE, VECTOR_PLAN_FILE
-from orchestrator.errors import StorageError
+from orchestrator.constants import JOB_SPEC_FILE, REPORT_FILE
+from orchestrator.errors import ObjectNotFound, StorageError
+from orchestrator.inputs.vectorplan import VectorPlan
 from orchestrator.jobspec.kinds import KINDS
 from orchestrator.jobspec.submitted import read_submitted
 from orchestrator.lifecycle.commits import JobRecord
@@ -112,12 +113,11 @@ def job_spec(output: str, record: JobRecord, store: ObjectStore) -> dict:
 
 
 def source_prefix(output: str, record: JobRecord, spec: dict, store: ObjectStore) -> str | None:
-    """Where the rows' keys are objects: the input prefix; for dedup and neighbors, the embed job's
-    input, from the job's vector plan (it names the embed job it read)."""
-    if record.kind in ("dedup", "neighbors"):
-        plan = read_json(store, join(output, record.job_dir, VECTOR_PLAN_FILE)) or {}
-        source = (plan.get("source") or {}).get("input")
-    else:
+    """Where the rows' keys are objects: the input prefix; for a job over vectors (dedup, neighbors),
+    the embed job's input, which the job's vector plan names."""
+    try:
+        source = VectorPlan.read(join(output, record.job_dir), store).source.input
+    except ObjectNotFound:  # a job over images: its own input
         source = spec.get("input")
     if not isinstance(source, str) or source.rstrip("/").lower().endswith(NOT_FILES):
         return None
