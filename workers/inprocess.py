@@ -40,7 +40,10 @@ def _quiet(text: str) -> None:
 
 
 def plan_units(spec: ShardedSpec, folder: str, store: ObjectStore) -> tuple[dict, int]:
-    """Plan as submit does and write the plan into the job's folder; the plan's summary and its units."""
+    """Plan as submit does and write the plan into the job's folder; the plan's summary and its units.
+
+    The planners submit's plans call, without the submit-time checks around them (the kind's
+    `planned`): a job run here reaches the worker's own refusals (tests/models/test_checkpoints)."""
     if job_kind(spec.kind).unit == "vectors":
         vector_plan = plan_vectors(spec, store)  # type: ignore[arg-type]
         vector_plan.write(folder, store)
