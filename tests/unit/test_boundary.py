@@ -58,13 +58,14 @@ def test_the_import_scan_sees_imports_inside_functions(tmp_path):
 
 IMPORT_SHARD_PATH = """
 import sys
-import workers.runner, workers.inprocess, workers.models, workers.families
+import workers.runner, workers.inprocess, workers.lifecycle, workers.models, workers.families
 print("celery" in sys.modules, "workers.celery" in sys.modules)
 """
 
 
 def test_importing_the_shard_path_builds_no_celery_app():
-    """Tests, bench and the in-process path import the shard function without a broker or Celery's signals."""
+    """Tests, bench and the in-process path import the shard function and the unit lifecycle without a broker
+    or Celery's signals."""
     result = subprocess.run([sys.executable, "-c", IMPORT_SHARD_PATH], capture_output=True, text=True, timeout=120,
                             env={"PATH": "/usr/bin:/bin", "VITBATCH_VISIBILITY_TIMEOUT_S": "1"})
     assert result.returncode == 0, result.stderr
