@@ -115,6 +115,7 @@ def job_spec(output: str, record: JobRecord, store: ObjectStore) -> dict:
 def source_prefix(output: str, record: JobRecord, spec: dict, store: ObjectStore) -> str | None:
     """Where the rows' keys are objects: the input prefix; for a job over vectors (dedup, neighbors),
     the embed job's input, which the job's vector plan names."""
+    source: object
     try:
         source = VectorPlan.read(join(output, record.job_dir), store).source.input
     except ObjectNotFound:  # a job over images: its own input
