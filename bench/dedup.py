@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rule", choices=semdedup.RULES, default="kept")
-    parser.add_argument("--cross-clusters", type=int, default=4, help="rule kept: most other clusters a row visits")
+    parser.add_argument("--cross-clusters", type=int, default=12, help="rule kept: most other clusters a row visits")
     parser.add_argument("--margin", type=float, default=crosscluster.VISIT_MARGIN,
                         help="rule kept: visit clusters within this many sqrt(2 eps) of the home cosine")
     parser.add_argument("--max-cluster-size", type=int, default=100_000, help="split larger clusters into pieces")

@@ -473,7 +473,7 @@ class DedupSpec(VectorJob):
         "kept pair above the threshold, every removed row has a kept one above it), and pairs across clusters are "
         "resolved too; semdedup = NeMo Curator's rule: removed when any row before it in its cluster is >= 1 - eps "
         "(a chain A ~ B ~ C loses C), clusters never compared.")
-    cross_clusters: int = Field(4, ge=0, le=16, description="rule kept: each row is also compared with the rows of "
+    cross_clusters: int = Field(12, ge=0, le=16, description="rule kept: each row is also compared with the rows of "
                                 "the other clusters whose centroid cosine is within 0.125 sqrt(2 eps) of its own "
                                 "cluster's, at most this many, nearest first; 0 = inside clusters (and the pieces "
                                 "of a split one) only.")

@@ -40,7 +40,7 @@ def test_a_dedup_job_runs_its_phases_on_workers_and_publishes_once(embedded, buc
     kept = set(read_kept_keys(out, store))
     assert all(cosine >= 0.99 and of in kept for _, of, cosine in read_duplicate_pairs(out, store))
     phases = record.figures["phases"]  # the pairs tasks found pairs across clusters, the manifest resolved them
-    assert record.figures["rule"] == "kept" and phases["across_clusters"]["cross_clusters"] == 4
+    assert record.figures["rule"] == "kept" and phases["across_clusters"]["cross_clusters"] == 12
     assert record.figures["removed"] == (phases["in_clusters"]["removed"] + phases["across_clusters"]["removed"]
                                           - phases["across_clusters"]["kept_again"])
     assert any("/visit/g-" in part.name for part in record.parts), "rows visited near other clusters"

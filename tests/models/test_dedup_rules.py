@@ -113,7 +113,7 @@ def test_the_record_counts_pairs_across_clusters_and_the_rows_each_phase_removed
     record = success_record(output, ObjectStore(Settings())).figures
     rows = read_table(output).to_pylist()
     phases = record["phases"]
-    assert record["rule"] == "kept" and phases["across_clusters"]["cross_clusters"] == 4
+    assert record["rule"] == "kept" and phases["across_clusters"]["cross_clusters"] == 12
     assert phases["across_clusters"]["pairs"] > 0
     assert record["removed"] == sum(not r["kept"] for r in rows) == (
         phases["in_clusters"]["removed"] + phases["across_clusters"]["removed"] - phases["across_clusters"]["kept_again"])
