@@ -36,7 +36,9 @@ def _submit(spec, wait: bool, workers: int, overwrite: bool, show_rows: int = 5)
         if embedded:
             from orchestrator.stack.embedded import EmbeddedStack, auto_workers
 
-            workers = workers or auto_workers()
+            # A job that is one task (finetune, evaluate, export) keeps one worker busy: a second
+            # would only compete with it for the cores while it starts.
+            workers = workers or (1 if KINDS[spec.kind].unit == "single" else auto_workers())
             err.print(f"no VITBATCH_BROKER_URL: starting the embedded stack with {workers} worker(s)")
             embedded_stack = stack.enter_context(EmbeddedStack(workers=workers, settings=settings))
             settings = embedded_stack.settings
@@ -106,7 +108,8 @@ def _job_command(group: typer.Typer, job_kind: JobKind, wait: bool) -> None:
                                     default=typer.Option(False, help="Replace a finished job's output.")))
     params.append(inspect.Parameter("workers", inspect.Parameter.KEYWORD_ONLY, annotation=int,
                                     default=typer.Option(0, help="Embedded stack only: local worker processes (0: one "
-                                                        "per CPU core up to 4, or 1 on a GPU host).")))
+                                                        "per CPU core up to 4, or 1 on a GPU host or for a job "
+                                                        "that is one task).")))
 
     def command(**kwargs) -> None:
         overwrite, workers = kwargs.pop("overwrite"), kwargs.pop("workers")
