@@ -68,9 +68,9 @@ def in_clusters(unit, labels, cosine, keys, clusters, args, probes):
     pairs, pair_cosine, across = [], [], []
     for c in range(clusters):
         rows = order[bounds[c]:bounds[c + 1]]
-        found = semdedup.dedup_cluster(unit[rows], [keys[i] for i in rows], cosine[rows], eps=args.eps, keep="hard",
-                                       seed=args.seed + c, max_rows=args.max_cluster_size, rule=args.rule,
-                                       probes=probes)
+        found = crosscluster.dedup_cluster(unit[rows], [keys[i] for i in rows], cosine[rows], eps=args.eps, keep="hard",
+                                           seed=args.seed + c, max_rows=args.max_cluster_size, rule=args.rule,
+                                           probes=probes)
         kept[rows[found.order]], rank[rows[found.order]] = found.kept, found.rank
         pairs.append(rows[found.pairs])
         pair_cosine.append(found.pair_cosine)

@@ -185,8 +185,8 @@ def test_pairs_across_the_pieces_of_a_split_cluster_are_found_and_resolved_as_a_
     unit = chains(1, n=300)
     keys = [f"k{i:04d}" for i in range(len(unit))]
     centroid = semdedup.unit_rows(unit.mean(axis=0, keepdims=True))[0]
-    found = semdedup.dedup_cluster(unit, keys, unit @ centroid, eps=EPS, keep="hard", seed=0, max_rows=100,
-                                   rule="kept", probes=4)
+    found = crosscluster.dedup_cluster(unit, keys, unit @ centroid, eps=EPS, keep="hard", seed=0, max_rows=100,
+                                       rule="kept", probes=4)
     every = np.triu(unit @ unit.T >= np.float32(1 - EPS), k=1)
     distinct = np.unique(np.sort(found.pairs, axis=1), axis=0)  # a pair across pieces may be met from both
     assert found.across.any() and len(distinct) == every.sum() and every[distinct[:, 0], distinct[:, 1]].all()

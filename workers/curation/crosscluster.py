@@ -189,6 +189,20 @@ def piece_pairs(unit: np.ndarray, pieces: list[np.ndarray], eps: float) -> tuple
     return list(groups_of(plan.home).values()), pairs_across(unit, plan, eps)
 
 
+def dedup_cluster(unit: np.ndarray, keys: list[str], centroid_cosine: np.ndarray, *, eps: float, keep: str,
+                  seed: int, max_rows: int, rule: str, probes: int) -> semdedup.ClusterResult:
+    """semdedup.dedup_cluster, and under the kept rule with `probes` (--cross-clusters > 0) the pieces
+    of a cluster over `max_rows` compared with each other (`piece_pairs`): every pair across them comes
+    back marked `across`, for the resolution that settles pairs across clusters."""
+    pieces = semdedup.split_large(unit, max_rows, seed)
+    between = None
+    if rule == "kept" and probes and len(pieces) > 1:
+        pieces, found = piece_pairs(unit, pieces, eps)
+        between = (found.pairs, found.cosine)
+    return semdedup.decide_pieces(unit, keys, centroid_cosine, pieces, eps=eps, keep=keep, seed=seed, rule=rule,
+                                  between=between)
+
+
 @dataclass(frozen=True)
 class Blocks:
     """The (home cluster, resident cluster) blocks of one cluster's visitors: each a run of the

@@ -126,9 +126,9 @@ def pairs(spec: DedupSpec, plan: VectorPlan, group: int, store: ObjectStore, fol
     edges: dict[str, list] = {name: [] for name in EDGE_SCHEMA.names}
     for cluster in np.unique(clusters):
         rows = np.flatnonzero(clusters == cluster)
-        found = semdedup.dedup_cluster(unit[rows], [keys[i] for i in rows], cosines[rows], eps=spec.eps,
-                                       keep=spec.keep, seed=spec.seed + int(cluster), max_rows=spec.max_cluster_size,
-                                       rule=spec.rule, probes=probes(spec))
+        found = crosscluster.dedup_cluster(unit[rows], [keys[i] for i in rows], cosines[rows], eps=spec.eps,
+                                           keep=spec.keep, seed=spec.seed + int(cluster), max_rows=spec.max_cluster_size,
+                                           rule=spec.rule, probes=probes(spec))
         add_decided(out, found, rows, keys, int(cluster))
         names = [keys[i] for i in rows]
         add_edges(edges, names, found.pairs[~found.across], found.pair_cosine[~found.across], False)

@@ -14,7 +14,7 @@ a seeded shuffle) and walked in that order. Two rules decide which rows go:
 
 The pairwise step is computed in row blocks (memory: block x cluster rows), never as the
 full cluster x cluster matrix; a cluster above `max_rows` is split by a second k-means level
-first. Under the kept rule the pieces are then met as clusters are (crosscluster.piece_pairs)
+first. Under the kept rule the pieces are then met as clusters are (crosscluster.dedup_cluster)
 and their pairs marked `across`, for the resolution that settles pairs across clusters; under
 NeMo's rule pairs across the split are not compared, as pairs across clusters are not.
 """
@@ -195,19 +195,23 @@ def order_rank(centroid_cosine: np.ndarray, order: np.ndarray, keep: str) -> np.
 
 
 def dedup_cluster(unit: np.ndarray, keys: list[str], centroid_cosine: np.ndarray, *, eps: float, keep: str,
-                  seed: int, max_rows: int, rule: str = "kept", probes: int = 0) -> ClusterResult:
-    """Kept and duplicate rows of one cluster (unit rows); see the module docstring. `probes` 0 (the
-    job's --cross-clusters 0): the pieces of a split cluster are not compared, as clusters are not."""
-    from workers.curation import crosscluster  # it builds on this module
+                  seed: int, max_rows: int, rule: str = "kept") -> ClusterResult:
+    """Kept and duplicate rows of one cluster (unit rows); see the module docstring. The pieces of a
+    cluster over `max_rows` are not compared here (crosscluster.dedup_cluster compares them)."""
+    return decide_pieces(unit, keys, centroid_cosine, split_large(unit, max_rows, seed), eps=eps, keep=keep,
+                         seed=seed, rule=rule)
 
+
+def decide_pieces(unit: np.ndarray, keys: list[str], centroid_cosine: np.ndarray, pieces: list[np.ndarray], *,
+                  eps: float, keep: str, seed: int, rule: str,
+                  between: tuple[np.ndarray, np.ndarray] | None = None) -> ClusterResult:
+    """The rule inside each piece of one cluster (row indices), and `between`: the pairs across pieces
+    with their cosines, passed through marked `across` for the resolution across clusters."""
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, not {rule!r}")
     threshold = np.float32(1.0 - eps)
+    between = between or (np.zeros((0, 2), np.int64), np.zeros(0, np.float32))
     orders, kept, match, cosine, rank, pairs, pair_cosine = [], [], [], [], [], [], []
-    pieces = split_large(unit, max_rows, seed)
-    between = crosscluster.CrossPairs(np.zeros((0, 2), np.int64), np.zeros(0, np.float32))
-    if rule == "kept" and probes and len(pieces) > 1:
-        pieces, between = crosscluster.piece_pairs(unit, pieces, eps)
     for piece in pieces:
         order = piece[keep_order([keys[i] for i in piece], centroid_cosine[piece], keep, seed)]
         found = earlier_matches(unit[order], rule, float(threshold))
@@ -220,11 +224,11 @@ def dedup_cluster(unit: np.ndarray, keys: list[str], centroid_cosine: np.ndarray
         pairs.append(order[found.pairs])
         pair_cosine.append(found.pair_cosine)
     inside = sum(len(p) for p in pairs)
-    pairs.append(between.pairs)
-    pair_cosine.append(between.cosine)
+    pairs.append(between[0])
+    pair_cosine.append(between[1])
     return ClusterResult(np.concatenate(orders), np.concatenate(kept), np.concatenate(match),
                          np.concatenate(cosine), np.concatenate(rank), np.concatenate(pairs).reshape(-1, 2),
-                         np.concatenate(pair_cosine), np.arange(inside + len(between.pairs)) >= inside)
+                         np.concatenate(pair_cosine), np.arange(inside + len(between[0])) >= inside)
 
 
 def greedy_reference(unit: np.ndarray, rank: np.ndarray, keys: list[str], eps: float) -> tuple[np.ndarray, np.ndarray]:
