@@ -17,9 +17,10 @@ from PIL import Image
 
 from orchestrator.config import Settings
 from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.lifecycle.commits import JobRecord
 from orchestrator.published.delta import commit_job, job_versions, storage_options, table_uri
-from orchestrator.published.results import read_json, read_table
-from orchestrator.store.storage import ObjectStore, join, normalize_uri
+from orchestrator.published.results import read_table, success_record
+from orchestrator.store.storage import ObjectStore, normalize_uri
 from workers.context import WorkerContext
 from workers.inprocess import run_local
 
@@ -134,7 +135,7 @@ def test_a_second_commit_of_the_same_job_is_not_made(images, tmp_path, hf_model_
     output = str(tmp_path / "twice")
     job_id = run("classify", images / "a", output, hf_model_dir, top_k=1)
     store = ObjectStore(Settings())
-    record = read_json(store, join(normalize_uri(output), "_SUCCESS.json"))
+    record = success_record(output, store)
     again = commit_job(normalize_uri(output), record, store)  # a redelivered finalize publishing again
     assert again is not None and not again.committed and again.version == 0
     assert DeltaTable(table_uri(normalize_uri(output))).version() == 0
@@ -212,9 +213,9 @@ def test_rows_of_a_type_delta_cannot_hold_publish_without_a_commit(tmp_path):
                       "input_half": pa.array(np.array([1.5], dtype=np.float16))})  # a float16 kept column
     pq.write_table(table, folder / "part-00000.parquet")
     entry = PartEntry.of((folder / "part-00000.parquet").read_bytes())
-    record = {"job_id": "job-1", "kind": "classify", "job_dir": "_jobs/job-1", "finished_at": 1.0,
-              "parts": [{"name": "_jobs/job-1/part-00000.parquet", "sha256": entry.sha256, "bytes": entry.bytes,
-                         "rows": 1}]}
+    record = JobRecord.from_json({
+        "job_id": "job-1", "kind": "classify", "job_dir": "_jobs/job-1", "finished_at": 1.0,
+        "parts": [{"name": "_jobs/job-1/part-00000.parquet", "sha256": entry.sha256, "bytes": entry.bytes, "rows": 1}]})
     said = Said()
     logging.getLogger("orchestrator.published.delta").addHandler(said)
     try:

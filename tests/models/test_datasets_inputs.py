@@ -168,7 +168,7 @@ def test_a_save_to_disk_folder_gives_finetune_and_evaluate_its_classlabel_names(
     torch.set_num_threads(1)
     spec = FinetuneSpec(train=str(saved), output=str(tmp_path / "model"), config=TINY_VIT, epochs=1, lr=1e-3,
                         batch_size=4, augment="none", val_split=0.25, device="cpu", precision="fp32")
-    assert finetune(spec, "job-saved", ctx, lambda _: None)["errors"] == 0
+    assert finetune(spec, "job-saved", ctx, lambda _: None).errors == 0
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert sorted(config["id2label"].values()) == NAMES
     evaluate(EvaluateSpec(input=str(saved), model=str(tmp_path / "model"), output=str(tmp_path / "e"), device="cpu",

@@ -83,7 +83,7 @@ def test_finetune_on_a_parquet_dataset_and_evaluate_on_a_tar_under_the_dataset_n
                         batch_size=4, augment="none", val_split=0.25, device="cpu", precision="fp32")
     result = finetune(spec, "job-parquet", ctx, lambda _: None)
     config = json.loads((tmp_path / "model" / "config.json").read_text())
-    assert sorted(config["id2label"].values()) == NAMES and result["errors"] == 0
+    assert sorted(config["id2label"].values()) == NAMES and result.errors == 0
     tar = webdataset_tar(tmp_path / "test" / "shard-000.tar", "json")
     metrics_spec = EvaluateSpec(input=str(tmp_path / "test"), model=str(tmp_path / "model"), output=str(tmp_path / "e"),
                                 label_key="label", device="cpu", precision="fp32")

@@ -99,7 +99,7 @@ def test_evaluate_and_finetune_take_a_brace_range_of_labeled_tars(tmp_path, hf_m
                          val_split=0.25, device="cpu", precision="fp32")
     assert check_finetune(train, store)["train_images"] == 12
     result = finetune(train, "job-train", ctx, lambda _: None)
-    assert result["errors"] == 0
+    assert result.errors == 0
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert sorted(config["id2label"].values()) == sorted(LABELS[:2])
 
