@@ -62,10 +62,8 @@ def plain_loop(model_dir, paths, batch_size: int) -> float:
 
 def end_to_end(ctx, name: str, model_dir, image_dir, n: int, batch_size: int, decode: str, compile: bool = False,
                in_flight: int = 1, shards: int = 1) -> tuple[float, dict, dict[str, int]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from orchestrator.jobspec.jobs import parse_spec
+    from orchestrator.published.results import read_table
 
     spec = parse_spec({"kind": "classify", "input": str(image_dir), "output": str(bench_dir() / f"out-gpu-{name}"),
                        "model": str(model_dir), "shard_size": -(-n // shards), "batch_size": batch_size,
@@ -73,10 +71,7 @@ def end_to_end(ctx, name: str, model_dir, image_dir, n: int, batch_size: int, de
                        "decode": decode})
     run_shards_in_process(ctx, spec, in_flight)  # warm: decode processes started, compile done
     seconds, markers = run_shards_in_process(ctx, spec, in_flight)
-    # run_shards_in_process writes straight into spec.output (a job folder); read the parts its markers name
-    folder = bench_dir() / f"out-gpu-{name}"
-    table = pa.concat_tables([pq.read_table(folder / part) for marker in markers for part in marker.parts
-                              if part.endswith(".parquet")])
+    table = read_table(str(bench_dir() / f"out-gpu-{name}"))  # published as a queued job's is, through its record
     return n / seconds, markers[0].stats, dict(zip(table.column("key").to_pylist(), table.column("label_id").to_pylist()))
 
 
