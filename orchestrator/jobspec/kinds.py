@@ -42,6 +42,9 @@ from orchestrator.jobspec.jobs import (
 from orchestrator.store.storage import ObjectStore
 
 Unit = Literal["images", "single", "vectors"]
+# A job page's body: a sample of result rows; nothing (the output is a model); the evaluation's metrics and
+# then its rows; duplicate groups, kept image first; queries with their neighbors.
+PageBody = Literal["rows", "model", "evaluation", "duplicates", "neighbors"]
 PLANS = "orchestrator.jobspec.plans"  # where each kind's `plan` function lives
 
 
@@ -77,6 +80,7 @@ class JobKind:
     queue: str | None = None  # a queue of its own; None: the job's lane (interactive or bulk)
     carries_over: bool = False  # a nightly run carries unchanged rows over from the previous run (incremental.py)
     rows_shown: int = 0  # result rows `vitbatch run` prints once the job has succeeded
+    page: PageBody = "rows"  # what its `_report.html` shows besides the record (published/report.py)
 
     @property
     def runs_shards(self) -> bool:
@@ -102,20 +106,20 @@ def _single(name: str, spec: type[BaseModel], task: str, plan: str, **traits) ->
     return JobKind(name, spec, "single", task, plan, slow_unit=True, **traits)
 
 
-def _vectors(name: str, spec: type[BaseModel], plan: str) -> JobKind:
-    return JobKind(name, spec, "vectors", TASK_VECTOR_SHARD, plan)
+def _vectors(name: str, spec: type[BaseModel], plan: str, **traits) -> JobKind:
+    return JobKind(name, spec, "vectors", TASK_VECTOR_SHARD, plan, **traits)
 
 
 KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
     _images("classify", ClassifySpec, carries_over=True, rows_shown=5),
     _images("embed", EmbedSpec),
     _images("attention", AttentionSpec),
-    _single("finetune", FinetuneSpec, TASK_FINETUNE, "plan_finetune", makes_model=True, exclusive=True,
+    _single("finetune", FinetuneSpec, TASK_FINETUNE, "plan_finetune", makes_model=True, page="model", exclusive=True,
             queue=QUEUE_TRAIN),
-    _single("evaluate", EvaluateSpec, TASK_EVALUATE, "plan_evaluate"),
-    _single("export", ExportSpec, TASK_EXPORT, "plan_export", makes_model=True),
-    _vectors("dedup", DedupSpec, "plan_dedup"),
-    _vectors("neighbors", NeighborsSpec, "plan_neighbors"),
+    _single("evaluate", EvaluateSpec, TASK_EVALUATE, "plan_evaluate", page="evaluation"),
+    _single("export", ExportSpec, TASK_EXPORT, "plan_export", makes_model=True, page="model"),
+    _vectors("dedup", DedupSpec, "plan_dedup", page="duplicates"),
+    _vectors("neighbors", NeighborsSpec, "plan_neighbors", page="neighbors"),
 )}
 
 

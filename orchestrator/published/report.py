@@ -234,6 +234,26 @@ def neighbor_groups(rows: list[dict], prefix: str | None, thumbs: Thumbnails, se
     return groups
 
 
+def sample_section(rows: list[dict], output: str, prefix: str | None, thumbs: Thumbnails, seed: int) -> str:
+    note = (f"{len(rows)} rows, {sum(bool(r.get('error')) for r in rows)} errors; up to {SAMPLE_ROWS} drawn "
+            f"with seed {seed}: error rows and the lowest-confidence rows first")
+    return cards_html("Sample", sample_cards(rows, output, prefix, thumbs, seed), note)
+
+
+def duplicates_section(rows: list[dict], output: str, prefix: str | None, thumbs: Thumbnails, seed: int) -> str:
+    return groups_html("Duplicate groups", dedup_groups(rows, prefix, thumbs, seed),
+                       f"{len(rows)} rows; groups drawn with seed {seed}, kept image first")
+
+
+def neighbors_section(rows: list[dict], output: str, prefix: str | None, thumbs: Thumbnails, seed: int) -> str:
+    return groups_html("Queries and their neighbors", neighbor_groups(rows, prefix, thumbs, seed),
+                       f"{len(rows)} queries; drawn with seed {seed}")
+
+
+# The body of a page by what its kind's record says it shows (JobKind.page); the rest show a sample of rows.
+BODIES = {"duplicates": duplicates_section, "neighbors": neighbors_section}
+
+
 def build_page(output: str, store: ObjectStore, seed: int = 0) -> str:
     """The page of the latest succeeded job at `output`, as HTML."""
     output = normalize_uri(output)
@@ -243,22 +263,14 @@ def build_page(output: str, store: ObjectStore, seed: int = 0) -> str:
     facts = dict(record_rows(record))
     facts.update({k: spec[k] for k in ("model", "input", "embeddings", "queries") if spec.get(k)})
     page = Page(f"vitbatch {kind} job {record.job_id}", facts)
-    if kind in KINDS and KINDS[kind].makes_model:  # its output is a model, not rows
+    shows = KINDS[kind].page if kind in KINDS else "rows"  # a record of a kind this version does not know: its rows
+    if shows == "model":  # its output is a model, not rows
         return render(page)
     rows = read_table(output, store).to_pylist()
     prefix, thumbs = source_prefix(output, record, spec, store), Thumbnails(store)
-    if kind == "evaluate":
+    if shows == "evaluation":
         page.sections += evaluate_sections(output, record, store)
-    if kind == "dedup":
-        page.sections.append(groups_html("Duplicate groups", dedup_groups(rows, prefix, thumbs, seed),
-                                         f"{len(rows)} rows; groups drawn with seed {seed}, kept image first"))
-    elif kind == "neighbors":
-        page.sections.append(groups_html("Queries and their neighbors", neighbor_groups(rows, prefix, thumbs, seed),
-                                         f"{len(rows)} queries; drawn with seed {seed}"))
-    else:
-        note = (f"{len(rows)} rows, {sum(bool(r.get('error')) for r in rows)} errors; up to {SAMPLE_ROWS} drawn "
-                f"with seed {seed}: error rows and the lowest-confidence rows first")
-        page.sections.append(cards_html("Sample", sample_cards(rows, output, prefix, thumbs, seed), note))
+    page.sections.append(BODIES.get(shows, sample_section)(rows, output, prefix, thumbs, seed))
     return render(page)
 
 
