@@ -128,6 +128,15 @@ class PrimarySentinelChannel(SentinelChannel):
 
     connection_class = PrimaryConnection
 
+    def _connparams(self, asynchronous: bool = False) -> dict:
+        """No redis-py retry under kombu: a connection error reaches kombu, whose consumer reconnects
+        through the sentinels. With redis-py's default retry, a subscription read that met the dead
+        primary reconnected, subscribed again and then blocked reading a socket on which nothing
+        would come: the worker's event loop stood still and took no task after the failover (seen
+        in tests/chaos/test_sentinel.py, about one run in four: py-spy showed the worker in
+        PubSub.parse_response under Retry.call_with_retry)."""
+        return super()._connparams(asynchronous) | {"retry": Retry(NoBackoff(), 0)}
+
 
 class PrimarySentinelTransport(SentinelTransport):
     """The broker transport for a sentinel:// URL (Celery's `broker_transport`)."""
