@@ -1,10 +1,10 @@
 """Fine-tuning: `vitbatch run finetune` against the plain transformers Trainer recipe, whole processes.
 
-    python -m bench.finetune [--epochs 30] [--rounds 2] [--precision fp32] [--workdir DIR]
+    python -m bench.finetune [--epochs 30] [--rounds 2] [--seeds 0] [--precision fp32] [--workdir DIR]
 
 Both train the same custom ViTConfig (32 px, patch 4, hidden 96, 4 layers) from scratch on the same
 1,347 scikit-learn digits (the demo's training folder less every 10th image; no validation pass in
-either), lr 2e-3, batch 64, no augmentation, seed 0, in one precision for both: fp32, or bf16 autocast
+either), lr 2e-3, batch 64, no augmentation, the same seed (0, or --seeds), in one precision for both: fp32, or bf16 autocast
 (`bf16=True` for the Trainer, which autocasts on a CPU too; `--precision bf16` for vitbatch). Each is one fresh process timed whole
 (vitbatch's embedded stack start-up included); the rounds alternate the order. Held-out accuracy is
 measured here afterwards on the demo's 300 held-out digits, both models loaded with transformers
@@ -27,7 +27,7 @@ from bench.common import cpu_info
 
 CONFIG = {"image_size": 32, "patch_size": 4, "hidden_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4,
           "intermediate_size": 384}
-TRAINING = {"lr": 2e-3, "batch_size": 64, "weight_decay": 0.05, "warmup_ratio": 0.1, "seed": 0}
+TRAINING = {"lr": 2e-3, "batch_size": 64, "weight_decay": 0.05, "warmup_ratio": 0.1}
 
 
 def write_data(work: Path) -> tuple[Path, Path]:
@@ -58,7 +58,7 @@ def _labeled(folder: Path) -> tuple[list[Path], list[int]]:
     return paths, [int(p.parent.name) for p in paths]
 
 
-def plain_trainer(train: Path, out: Path, epochs: int, precision: str) -> None:
+def plain_trainer(train: Path, out: Path, epochs: int, precision: str, seed: int) -> None:
     """The recipe a transformers user writes: tensors in memory, ViTForImageClassification, Trainer."""
     import torch
     from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
@@ -66,22 +66,22 @@ def plain_trainer(train: Path, out: Path, epochs: int, precision: str) -> None:
     paths, labels = _labeled(train)
     pixels, targets = _pixels(paths), torch.tensor(labels)
     dataset = [{"pixel_values": pixels[i], "labels": targets[i]} for i in range(len(paths))]
-    torch.manual_seed(TRAINING["seed"])
+    torch.manual_seed(seed)
     model = ViTForImageClassification(ViTConfig(**CONFIG, num_labels=10))
     args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=TRAINING["batch_size"],
                              num_train_epochs=epochs, learning_rate=TRAINING["lr"],
                              weight_decay=TRAINING["weight_decay"], warmup_steps=TRAINING["warmup_ratio"],
-                             lr_scheduler_type="linear", seed=TRAINING["seed"], save_strategy="no", report_to=[],
+                             lr_scheduler_type="linear", seed=seed, save_strategy="no", report_to=[],
                              use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, bf16=precision == "bf16")
     Trainer(model=model, args=args, train_dataset=dataset).train()
     model.save_pretrained(out / "model")
 
 
-def _vitbatch(train: Path, out: Path, epochs: int, precision: str) -> list[str]:
+def _vitbatch(train: Path, out: Path, epochs: int, precision: str, seed: int) -> list[str]:
     return [sys.executable, "-m", "orchestrator.commands.cli", "run", "finetune", "--train", str(train), "--output",
             str(out), "--config", json.dumps(CONFIG), "--epochs", str(epochs), "--lr", str(TRAINING["lr"]),
             "--batch-size", str(TRAINING["batch_size"]), "--weight-decay", str(TRAINING["weight_decay"]),
-            "--warmup-ratio", str(TRAINING["warmup_ratio"]), "--seed", str(TRAINING["seed"]),
+            "--warmup-ratio", str(TRAINING["warmup_ratio"]), "--seed", str(seed),
             "--augment", "none", "--val-split", "0", "--precision", precision, "--overwrite"]
 
 
@@ -113,12 +113,13 @@ def holdout_accuracy(model_dir: Path, holdout: Path, id2label: bool) -> float:
     return float(np.mean(np.array(predicted) == np.array(labels)))
 
 
-def run_one(system: str, train: Path, holdout: Path, work: Path, epochs: int, precision: str) -> dict:
+def run_one(system: str, train: Path, holdout: Path, work: Path, epochs: int, precision: str, seed: int) -> dict:
     out = work / f"out-{system}"
-    cmd = (_vitbatch(train, out, epochs, precision) if system == "vitbatch"
-           else [sys.executable, "-m", "bench.finetune", "--plain", str(train), str(out), str(epochs), precision])
+    cmd = (_vitbatch(train, out, epochs, precision, seed) if system == "vitbatch"
+           else [sys.executable, "-m", "bench.finetune", "--plain", str(train), str(out), str(epochs), precision,
+                 str(seed)])
     wall_s = _timed(cmd)
-    return {"system": system, "precision": precision, "wall_s": round(wall_s, 1),
+    return {"system": system, "precision": precision, "seed": seed, "wall_s": round(wall_s, 1),
             "holdout_accuracy": round(holdout_accuracy(_model_dir(out, system), holdout, system == "vitbatch"), 3)}
 
 
@@ -128,11 +129,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="each round runs both; odd rounds reverse the order")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="both systems train in it (bf16: autocast, fp32 master weights)")
+    parser.add_argument("--seeds", default="0", help="comma-separated; round i trains both with seed i mod their "
+                        "number (one seed's held-out accuracy on 300 digits moves by a few points)")
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--plain", nargs=4, metavar=("TRAIN", "OUT", "EPOCHS", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--plain", nargs=5, metavar=("TRAIN", "OUT", "EPOCHS", "PRECISION", "SEED"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain:
-        plain_trainer(Path(args.plain[0]), Path(args.plain[1]), int(args.plain[2]), args.plain[3])
+        plain_trainer(Path(args.plain[0]), Path(args.plain[1]), int(args.plain[2]), args.plain[3], int(args.plain[4]))
         return
     print(json.dumps(cpu_info()))
     with tempfile.TemporaryDirectory(prefix="vitbatch-bench-finetune-") as tmp:
@@ -140,14 +144,20 @@ def main() -> None:
         train, holdout = write_data(work)
         print(f"train {len(list(train.rglob('*.png')))} digits, held out {len(list(holdout.rglob('*.png')))}, "
               f"{args.epochs} epochs, {args.precision}")
+        seeds = [int(s) for s in args.seeds.split(",")]
+        accuracy: dict[str, list[float]] = {"trainer": [], "vitbatch": []}
         for round_ in range(args.rounds):
             order = ["trainer", "vitbatch"] if round_ % 2 == 0 else ["vitbatch", "trainer"]
-            results = {system: run_one(system, train, holdout, work, args.epochs, args.precision)
+            seed = seeds[round_ % len(seeds)]
+            results = {system: run_one(system, train, holdout, work, args.epochs, args.precision, seed)
                        for system in order}
             for system in order:
                 print(json.dumps(results[system]))
+                accuracy[system].append(results[system]["holdout_accuracy"])
             ratio = results["vitbatch"]["wall_s"] / results["trainer"]["wall_s"]
-            print(f"round {round_ + 1} ({' then '.join(order)}): vitbatch / Trainer wall = {ratio:.2f}x")
+            print(f"round {round_ + 1} ({' then '.join(order)}, seed {seed}): vitbatch / Trainer wall = {ratio:.2f}x")
+        print("held-out accuracy, mean over rounds: " + ", ".join(
+            f"{system} {np.mean(values):.3f}" for system, values in accuracy.items()))
 
 
 if __name__ == "__main__":
