@@ -24,7 +24,7 @@ from PIL import Image
 
 from orchestrator.constants import OVERLAYS_DIR
 from orchestrator.inputs.manifest import Item
-from orchestrator.jobspec.modelkinds import Kind
+from orchestrator.jobspec.modelkinds import ModelKind
 from workers.decode.preprocess import seen_box
 from workers.errors import ModelLoadError
 from workers.heads import INDEX_SCHEMA, ArrayHead
@@ -70,7 +70,7 @@ class AttentionHead(ArrayHead):
     def __init__(self, model: LoadedModel, shard: int, *, layers: list[int], heads: str, with_rollout: bool,
                  overlay_indices: set[int], overlay_prefix: str = "") -> None:
         super().__init__(model, shard)
-        if model.family.kind is Kind.ONNX:  # submit refuses it; a spec run in-process gets the same reason
+        if model.family.model_kind is ModelKind.ONNX:  # submit refuses it; a spec run in-process gets the same reason
             raise ModelLoadError(f"model {model.ref} is an ONNX export: attention maps need the PyTorch model")
         self.class_token = model.family.class_token
         self.overlay_prefix = overlay_prefix  # the job's folder under the output: the column reads from the prefix

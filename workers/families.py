@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.jobspec.modelkinds import Kind
+from orchestrator.jobspec.modelkinds import ModelKind
 from workers.errors import ModelLoadError
 
 
@@ -38,7 +38,7 @@ class Embedded:
 class Family:
     """The questions every family answers; the defaults are the ViT-with-CLS-token answers."""
 
-    kind: Kind
+    model_kind: ModelKind
 
     def __init__(self, module: Any) -> None:
         # An HF or timm module (or export's ORT session): asked by attribute (config, base_model,
@@ -59,7 +59,7 @@ class Family:
 
     @property
     def name(self) -> str:
-        return self.kind.value
+        return self.model_kind.value
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         raise ModelLoadError(f"a {self.name} has no trained classifier")
@@ -119,7 +119,7 @@ class HFClassifier(Family):
     is their `cls`, as the classifier reads it.
     """
 
-    kind = Kind.CLASSIFIER
+    model_kind = ModelKind.CLASSIFIER
     has_classifier: bool = True  # False where the checkpoint's head was initialised at random (models.py)
 
     @property
@@ -188,7 +188,7 @@ class HFBackbone(HFClassifier):
     the identity order as its "noise", so every patch is seen, in place, every time.
     """
 
-    kind = Kind.BACKBONE
+    model_kind = ModelKind.BACKBONE
     has_classifier = False
 
     @property
@@ -225,12 +225,12 @@ class HFDualEncoder(Family):
     forward pass; the same LayerNorm is applied to every token here).
     """
 
-    kind = Kind.DUAL
+    model_kind = ModelKind.DUAL
     has_pooled = True
 
-    def __init__(self, module: torch.nn.Module, tokenizer=None, kind: Kind = Kind.DUAL) -> None:
+    def __init__(self, module: torch.nn.Module, tokenizer=None, model_kind: ModelKind = ModelKind.DUAL) -> None:
         super().__init__(module)
-        self.kind = kind
+        self.model_kind = model_kind
         self.tokenizer = tokenizer
         self.tower: Any = getattr(module, "vision_model", module)
         self.projection: Any = getattr(module, "visual_projection", None)
@@ -254,7 +254,7 @@ class HFDualEncoder(Family):
 
     @property
     def zero_shot(self) -> bool:
-        return self.kind is Kind.DUAL
+        return self.model_kind is ModelKind.DUAL
 
     def embed(self, pixels: torch.Tensor) -> Embedded:
         outputs = self.tower(pixel_values=pixels)
@@ -298,7 +298,7 @@ class Timm(Family):
     is then the projected embedding, `pooled` the features before it, and there are no logits.
     """
 
-    kind = Kind.TIMM
+    model_kind = ModelKind.TIMM
     has_classifier: bool = False  # set per model in __init__ (a plain attribute over Family's property)
     has_pooled: bool = False
 
@@ -374,7 +374,7 @@ class Onnx(Family):
     where the source family had one apart from `cls` (config.json `outputs` lists it).
     """
 
-    kind = Kind.ONNX
+    model_kind = ModelKind.ONNX
 
     @property
     def meta(self) -> dict:

@@ -19,7 +19,7 @@ import torch
 
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
-from orchestrator.jobspec.modelkinds import Checkpoint, Kind, checkpoint_kind
+from orchestrator.jobspec.modelkinds import Checkpoint, ModelKind, checkpoint_kind
 from orchestrator.jobspec.modelrefs import is_onnx, normalize_model_ref
 from orchestrator.store.storage import ObjectStore
 from workers.decode.preprocess import Preprocess
@@ -95,9 +95,9 @@ def hf_checkpoint(ref: str, name: str, config: dict | None) -> Checkpoint:
 def _hf_class(checkpoint: Checkpoint):
     import transformers
 
-    if checkpoint.kind is Kind.CLASSIFIER:
+    if checkpoint.model_kind is ModelKind.CLASSIFIER:
         return transformers.AutoModelForImageClassification
-    if checkpoint.kind is Kind.VISION_TOWER:  # one of modelkinds.TOWER_ARCHITECTURES, never a free name
+    if checkpoint.model_kind is ModelKind.VISION_TOWER:  # one of modelkinds.TOWER_ARCHITECTURES, never a free name
         return getattr(transformers, checkpoint.architecture)
     return transformers.AutoModel  # backbones (ViTMAEForPreTraining -> ViTMAEModel) and dual encoders
 
@@ -131,9 +131,9 @@ def _load_hf(name: str, checkpoint: Checkpoint, attn: str, allow_pickle: bool = 
 
 
 def _hf_family(module: torch.nn.Module, checkpoint: Checkpoint, name: str, info: dict) -> Family:
-    if checkpoint.kind in (Kind.DUAL, Kind.VISION_TOWER):
-        return HFDualEncoder(module, _tokenizer(name) if checkpoint.kind is Kind.DUAL else None, checkpoint.kind)
-    if checkpoint.kind is Kind.BACKBONE:
+    if checkpoint.model_kind in (ModelKind.DUAL, ModelKind.VISION_TOWER):
+        return HFDualEncoder(module, _tokenizer(name) if checkpoint.model_kind is ModelKind.DUAL else None, checkpoint.model_kind)
+    if checkpoint.model_kind is ModelKind.BACKBONE:
         return HFBackbone(module)
     family = HFClassifier(module)
     # Weights the checkpoint lacks were initialised at random: a head among them classifies nothing.

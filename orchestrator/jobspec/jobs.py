@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator,
 
 from orchestrator.errors import SpecError, VitbatchError
 from orchestrator.jobspec.checks.outputs import storable_output
-from orchestrator.jobspec.modelkinds import Checkpoint, Kind, classifier_refusal
+from orchestrator.jobspec.modelkinds import Checkpoint, ModelKind, classifier_refusal
 from orchestrator.jobspec.modelrefs import normalize_model_ref, refuse_file_keys
 from orchestrator.store.storage import normalize_uri
 
@@ -209,7 +209,7 @@ class ClassifySpec(JobBase):
         if self.labels is None:
             _needs_classifier(self.model, checkpoint)
         elif not checkpoint.zero_shot:
-            raise SpecError(f"model {self.model!r} is a {checkpoint.kind.value} ({checkpoint.architecture}): "
+            raise SpecError(f"model {self.model!r} is a {checkpoint.model_kind.value} ({checkpoint.architecture}): "
                             "zero-shot --labels needs an image-text model (CLIPModel, SiglipModel); drop --labels to "
                             "use its own classifier")
 
@@ -258,12 +258,12 @@ class EmbedSpec(JobBase):
         """--pooling pooled needs a pooled output apart from `cls` (an ONNX export lists its outputs)."""
         if "pooled" not in self.pooling:
             return
-        if checkpoint.kind is Kind.ONNX and config is not None and "pooled" not in (config.get("outputs") or {}):
+        if checkpoint.model_kind is ModelKind.ONNX and config is not None and "pooled" not in (config.get("outputs") or {}):
             raise SpecError(f"model {self.model!r} is an ONNX export without a pooled output apart from its `cls` "
                             "embedding (only CLIP, SigLIP and timm image projections have one): drop `pooled` from "
                             "--pooling")
-        if checkpoint.kind not in (Kind.DUAL, Kind.VISION_TOWER, Kind.TIMM, Kind.ONNX):
-            raise SpecError(f"model {self.model!r} ({checkpoint.kind.value}) has no pooled output apart from its "
+        if checkpoint.model_kind not in (ModelKind.DUAL, ModelKind.VISION_TOWER, ModelKind.TIMM, ModelKind.ONNX):
+            raise SpecError(f"model {self.model!r} ({checkpoint.model_kind.value}) has no pooled output apart from its "
                             "`cls` embedding: drop `pooled` from --pooling")
 
 
@@ -288,7 +288,7 @@ class AttentionSpec(JobBase):
 
     def check_checkpoint(self, checkpoint: Checkpoint, config: dict | None = None) -> None:
         """Attention maps are the PyTorch model's softmax weights, which an ONNX graph does not output."""
-        if checkpoint.kind is Kind.ONNX:
+        if checkpoint.model_kind is ModelKind.ONNX:
             _refuse_onnx(self.model, "attention maps need the PyTorch model's softmax weights, which the ONNX "
                          "graph does not output", config)
 
@@ -366,7 +366,7 @@ class FinetuneSpec(TrainBase):
 
     def check_checkpoint(self, checkpoint: Checkpoint, config: dict | None = None) -> None:
         """A model is made from the PyTorch modules: an ONNX export cannot be fine-tuned."""
-        if checkpoint.kind is Kind.ONNX:
+        if checkpoint.model_kind is ModelKind.ONNX:
             _refuse_onnx(str(self.model), "fine-tuning starts from a PyTorch model only", config)
 
     @model_validator(mode="after")
@@ -422,7 +422,7 @@ class ExportSpec(_Spec):
 
     def check_checkpoint(self, checkpoint: Checkpoint, config: dict | None = None) -> None:
         """Export reads the PyTorch modules: an ONNX export is not exported again."""
-        if checkpoint.kind is Kind.ONNX:
+        if checkpoint.model_kind is ModelKind.ONNX:
             _refuse_onnx(self.model, "export starts from a PyTorch model only", config)
 
 

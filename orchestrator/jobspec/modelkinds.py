@@ -4,7 +4,7 @@ model loads and which jobs it can run.
 The hub publishes the checkpoints people use under many classes: in21k ViT as `ViTModel`,
 DINOv2 as `Dinov2Model`, CLIP as `CLIPModel`, SigLIP as `SiglipModel`, MAE as
 `ViTMAEModel`. Loading them all as image classifiers would wrap each backbone in a freshly
-initialised, random head, so the kind is read from `config.architectures` (and `model_type`
+initialised, random head, so the model kind is read from `config.architectures` (and `model_type`
 where a config names no architecture), or from a timm `architecture` and its `pretrained_cfg`.
 The worker's adapters (workers/families.py) and submit's checks both ask `checkpoint_kind`.
 """
@@ -17,7 +17,7 @@ from enum import Enum
 from orchestrator.errors import SpecError
 
 
-class Kind(str, Enum):
+class ModelKind(str, Enum):
     """How a checkpoint loads; the value reads well in errors and records."""
 
     CLASSIFIER = "hf image classifier"       # ...ForImageClassification: trained head, id2label
@@ -42,22 +42,22 @@ UNSUPPORTED_ARCHITECTURES = {
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """What a config says: its kind, the architecture it names, and whether it holds a trained classifier."""
+    """What a config says: its model kind, the architecture it names, and whether it holds a trained classifier."""
 
-    kind: Kind
+    model_kind: ModelKind
     architecture: str
     model_type: str = ""
     classifier: bool = False  # a head whose outputs are labels (never a projection, never absent)
 
     @property
     def zero_shot(self) -> bool:
-        return self.kind is Kind.DUAL
+        return self.model_kind is ModelKind.DUAL
 
 
 def checkpoint_kind(ref: str, config: dict) -> Checkpoint:
     """The Checkpoint a config.json describes, or SpecError saying why vitbatch cannot load it."""
     if config.get("format") == "onnx":
-        return Checkpoint(Kind.ONNX, "onnx", classifier=bool(config.get("id2label")) and config.get(
+        return Checkpoint(ModelKind.ONNX, "onnx", classifier=bool(config.get("id2label")) and config.get(
             "classifier", True))
     if "architecture" in config:
         return _timm_checkpoint(ref, config)
@@ -70,18 +70,18 @@ def checkpoint_kind(ref: str, config: dict) -> Checkpoint:
     if architecture in UNSUPPORTED_ARCHITECTURES:
         raise SpecError(f"model {ref!r} is a {architecture}: {UNSUPPORTED_ARCHITECTURES[architecture]}")
     if architecture.endswith(("ForImageClassification", "ForImageClassificationWithTeacher")):
-        return Checkpoint(Kind.CLASSIFIER, architecture, model_type, classifier=True)
+        return Checkpoint(ModelKind.CLASSIFIER, architecture, model_type, classifier=True)
     if architecture in DUAL_ARCHITECTURES:
-        return Checkpoint(Kind.DUAL, architecture, model_type)
+        return Checkpoint(ModelKind.DUAL, architecture, model_type)
     if architecture in TOWER_ARCHITECTURES:
-        return Checkpoint(Kind.VISION_TOWER, architecture, model_type)
+        return Checkpoint(ModelKind.VISION_TOWER, architecture, model_type)
     if model_type in BACKBONE_TYPES and (not architecture or architecture.endswith(("Model", "ForPreTraining",
                                                                                      "ForMaskedImageModeling"))):
-        return Checkpoint(Kind.BACKBONE, architecture or model_type, model_type)
+        return Checkpoint(ModelKind.BACKBONE, architecture or model_type, model_type)
     if not architecture and model_type in ("clip", "siglip"):
-        return Checkpoint(Kind.DUAL, model_type, model_type)
+        return Checkpoint(ModelKind.DUAL, model_type, model_type)
     if not architecture:  # an old config: the worker loads it as a classifier and refuses a missing head
-        return Checkpoint(Kind.CLASSIFIER, model_type, model_type, classifier=True)
+        return Checkpoint(ModelKind.CLASSIFIER, model_type, model_type, classifier=True)
     raise SpecError(
         f"model {ref!r}: architecture {architecture!r} (model_type {model_type!r}) is not a ViT image model "
         "vitbatch runs: it loads ...ForImageClassification checkpoints, ViT/DeiT/BEiT/DINOv2/MAE backbones, "
@@ -103,18 +103,18 @@ def _timm_checkpoint(ref: str, config: dict) -> Checkpoint:
     tag = str(cfg.get("tag") or "")
     projection = ("clip" in architecture or "siglip" in architecture) and not config.get("label_names") \
         and not any(label in tag for label in _LABEL_TAGS)
-    return Checkpoint(Kind.TIMM, architecture, classifier=bool(classes) and not projection)
+    return Checkpoint(ModelKind.TIMM, architecture, classifier=bool(classes) and not projection)
 
 
 def classifier_refusal(ref: str, checkpoint: Checkpoint) -> str:
     """Why `classify` cannot run on this checkpoint without --labels, and what to do instead."""
     what = {
-        Kind.BACKBONE: f"a {checkpoint.architecture} backbone without a trained classifier",
-        Kind.DUAL: f"a {checkpoint.architecture} image-text model, which has no fixed labels",
-        Kind.VISION_TOWER: f"a {checkpoint.architecture}, the image side of an image-text model, without labels",
-        Kind.TIMM: f"a timm {checkpoint.architecture} whose head is not a trained classifier "
+        ModelKind.BACKBONE: f"a {checkpoint.architecture} backbone without a trained classifier",
+        ModelKind.DUAL: f"a {checkpoint.architecture} image-text model, which has no fixed labels",
+        ModelKind.VISION_TOWER: f"a {checkpoint.architecture}, the image side of an image-text model, without labels",
+        ModelKind.TIMM: f"a timm {checkpoint.architecture} whose head is not a trained classifier "
                    "(an image projection, or no head)",
-    }.get(checkpoint.kind, f"a {checkpoint.architecture} without trained classifier weights")
+    }.get(checkpoint.model_kind, f"a {checkpoint.architecture} without trained classifier weights")
     zero_shot = " run zero-shot classify with --labels \"cat,dog,...\";" if checkpoint.zero_shot else ""
     return (f"model {ref!r} is {what}: classify would write a random head's labels. Instead:{zero_shot} "
             "run `embed` for its embeddings, or `finetune` it on labeled images (--freeze-backbone for a linear "

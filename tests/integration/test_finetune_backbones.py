@@ -24,7 +24,7 @@ from orchestrator.jobspec.jobs import (
     FinetuneSpec,
     normalize_model_ref,
 )
-from orchestrator.jobspec.modelkinds import Kind
+from orchestrator.jobspec.modelkinds import ModelKind
 from orchestrator.jobspec.modelrefs import model_folder, read_config
 from orchestrator.lifecycle.commits import JobRecord, ShardWork
 from orchestrator.published.outputs import job_dir
@@ -167,7 +167,7 @@ def test_a_vit_backbone_fine_tuned_on_digits_reloads_with_transformers_and_class
     changed = [key for key in trained if not torch.equal(trained[key], start[key])]
     assert len(changed) > len(trained) // 2  # the backbone trained too, not only the head
     loaded = load_model(normalize_model_ref(str(folder)), device="cpu", precision="fp32")
-    assert loaded.family.kind is Kind.CLASSIFIER and loaded.fingerprint == result.model_fingerprint
+    assert loaded.family.model_kind is ModelKind.CLASSIFIER and loaded.fingerprint == result.model_fingerprint
     labels = classify_labels(str(folder), few_digits, tmp_path / "classified", ctx)
     assert labels == transformers_labels(folder, few_digits)
 

@@ -21,7 +21,7 @@ from support import build_tiny_vit
 
 from orchestrator.config import Settings
 from orchestrator.jobspec.jobs import normalize_model_ref, parse_spec
-from orchestrator.jobspec.modelkinds import Kind
+from orchestrator.jobspec.modelkinds import ModelKind
 from orchestrator.published.results import committed_parts, read_arrays, read_embeddings, read_index, success_record
 from orchestrator.store.storage import ObjectStore, join
 from workers.attention import rollout
@@ -346,7 +346,7 @@ def test_timm_shards_leave_no_attention_hooks_on_the_cached_model(inputs, model_
     out = run_job(ctx, tmp_path / "out", "attention", inputs, model_dirs["timm"], max_overlays=0)
     assert len(read_index(out)) == len(IMAGES)  # three shards ran on one cached model
     loaded = ctx.models.get(normalize_model_ref(str(model_dirs["timm"])), "cpu", "auto", attn="eager")
-    assert loaded.family.kind is Kind.TIMM and len(loaded.module.blocks) == EXPECT["timm"].layers
+    assert loaded.family.model_kind is ModelKind.TIMM and len(loaded.module.blocks) == EXPECT["timm"].layers
     assert all(not block.attn.attn_drop._forward_hooks for block in loaded.module.blocks)
 
 

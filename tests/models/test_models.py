@@ -26,7 +26,7 @@ from PIL import Image
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
 from orchestrator.jobspec.jobs import normalize_model_ref
-from orchestrator.jobspec.modelkinds import Kind
+from orchestrator.jobspec.modelkinds import ModelKind
 from orchestrator.jobspec.modelrefs import label_count, read_config
 from orchestrator.store.storage import ObjectStore
 from workers import models
@@ -41,7 +41,7 @@ def load(directory, prefix: str = "") -> models.LoadedModel:
 
 def test_an_hf_dir_gets_its_preprocessing_from_the_image_processor(hf_model_dir):
     model = load(hf_model_dir)
-    assert model.family.kind is Kind.CLASSIFIER
+    assert model.family.model_kind is ModelKind.CLASSIFIER
     assert model.prep.size == (HF_SIZE, HF_SIZE) and model.input_size == (HF_SIZE, HF_SIZE)
     assert model.prep.mean == pytest.approx(HF_MEAN) and model.prep.std == pytest.approx(HF_STD)
     assert model.prep.resample == HF_RESAMPLE
@@ -66,7 +66,7 @@ def test_compute_names_the_device_and_precision_the_outputs_come_from(hf_model_d
 
 def test_a_timm_dir_gets_its_preprocessing_from_timms_data_config(timm_model_dir):
     model = load(timm_model_dir)
-    assert model.family.kind is Kind.TIMM
+    assert model.family.model_kind is ModelKind.TIMM
     assert model.prep.crop == (TIMM_SIZE, TIMM_SIZE) and model.input_size == (TIMM_SIZE, TIMM_SIZE)
     assert model.prep.shortest_edge == TIMM_SHORTEST_EDGE  # from crop_pct 0.875, not timm's default 0.9
     assert model.prep.mean == pytest.approx(TIMM_MEAN) and model.prep.std == pytest.approx(TIMM_STD)
@@ -75,7 +75,7 @@ def test_a_timm_dir_gets_its_preprocessing_from_timms_data_config(timm_model_dir
 
 def test_a_timm_dir_gets_its_labels_from_label_names(timm_model_dir):
     model = load(timm_model_dir, prefix="timm:")
-    assert model.family.kind is Kind.TIMM
+    assert model.family.model_kind is ModelKind.TIMM
     assert model.id2label == dict(enumerate(LABELS))
 
 

@@ -18,7 +18,7 @@ from orchestrator.errors import ObjectNotFound, SpecError
 from orchestrator.inputs.labeledsources import LabeledItem
 from orchestrator.inputs.planner import plan
 from orchestrator.jobspec.jobs import EvaluateSpec, FinetuneSpec, normalize_model_ref
-from orchestrator.jobspec.modelkinds import Kind
+from orchestrator.jobspec.modelkinds import ModelKind
 from orchestrator.lifecycle.commits import Evaluated, ShardWork
 from orchestrator.stack.demo import write_digits
 from orchestrator.store.storage import ObjectStore, normalize_uri
@@ -201,7 +201,7 @@ def test_a_timm_vit_trains_and_saves_what_workers_load_again(digits, ctx, tmp_pa
     spec = make_spec(digits, tmp_path / "out", config=TINY_TIMM, epochs=1, augment="randaugment")
     result = finetune(spec, "job-timm", ctx, ignore)
     loaded = load_model(normalize_model_ref(str(tmp_path / "out")), device="cpu")
-    assert loaded.family.kind is Kind.TIMM and loaded.id2label == dict(enumerate(DIGITS))
+    assert loaded.family.model_kind is ModelKind.TIMM and loaded.id2label == dict(enumerate(DIGITS))
     assert loaded.input_size == (32, 32) and loaded.fingerprint == result.model_fingerprint
 
 

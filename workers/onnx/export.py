@@ -39,7 +39,7 @@ import torch
 
 from orchestrator.constants import EXPORT_REPORT_FILE, MODEL_CONFIG_FILE, ONNX_MODEL_FILE
 from orchestrator.jobspec.jobs import ExportSpec
-from orchestrator.jobspec.modelkinds import Kind
+from orchestrator.jobspec.modelkinds import ModelKind
 from orchestrator.jobspec.modelrefs import ONNX_FORMAT
 from orchestrator.lifecycle.commits import Exported, ShardWork
 from orchestrator.store.storage import join
@@ -147,7 +147,7 @@ def versions(model: LoadedModel) -> dict[str, str]:
 
     out = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
            "onnxruntime": onnxruntime.__version__}
-    library = "timm" if model.family.kind is Kind.TIMM else "transformers"
+    library = "timm" if model.family.model_kind is ModelKind.TIMM else "transformers"
     out[library] = __import__(library).__version__
     return out
 
@@ -156,7 +156,7 @@ def model_config(model: LoadedModel, spec: ExportSpec, grid: tuple[int, int], na
     """config.json of the exported directory: what load_onnx and the control plane read (no torch needed).
     A headless export says `"classifier": false` (orchestrator/jobspec/modelkinds.py reads it; a classifier's
     config is what it always was, with no such key) and has no labels."""
-    source = model.module.pretrained_cfg if model.family.kind is Kind.TIMM else model.module.config.to_dict()
+    source = model.module.pretrained_cfg if model.family.model_kind is ModelKind.TIMM else model.module.config.to_dict()
     headless = {} if model.family.has_classifier else {"classifier": False}
     return {
         "format": ONNX_FORMAT, "model_file": ONNX_MODEL_FILE, "quantize": spec.quantize, "opset": spec.opset,

@@ -77,7 +77,7 @@ def loaded_checkpoint(model: LoadedModel) -> Checkpoint:
     architectures = getattr(getattr(module, "config", None), "architectures", None) or []
     architecture = architectures[0] if architectures else getattr(module, "pretrained_cfg", {}).get(
         "architecture", type(module).__name__)
-    return Checkpoint(model.family.kind, architecture, classifier=model.family.has_classifier)
+    return Checkpoint(model.family.model_kind, architecture, classifier=model.family.has_classifier)
 
 
 def label_ids(model: LoadedModel, labels: set[str]) -> dict[str, int]:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from orchestrator.errors import SpecError
-from orchestrator.jobspec.modelkinds import Checkpoint, Kind
+from orchestrator.jobspec.modelkinds import Checkpoint, ModelKind
 from workers import models
 from workers.context import WorkerContext
 from workers.decode.preprocess import Preprocess
@@ -117,9 +117,9 @@ def from_pretrained(ref: str, labels: dict, ctx: WorkerContext) -> Built:
     # The same rules as inference: no remote code, safetensors only.
     config = check_model_dir(path) if path is not None else None
     name = str(path) if path is not None else ref.split(":", 1)[1]
-    checkpoint = Checkpoint(Kind.TIMM, name) if ref.startswith("timm:") else models.hf_checkpoint(ref, name, config)
+    checkpoint = Checkpoint(ModelKind.TIMM, name) if ref.startswith("timm:") else models.hf_checkpoint(ref, name, config)
     try:
-        if checkpoint.kind is Kind.TIMM:
+        if checkpoint.model_kind is ModelKind.TIMM:
             import timm
 
             source = f"local-dir:{name}" if path is not None else name
@@ -139,7 +139,7 @@ def _hf_start(name: str, checkpoint: Checkpoint, labels: dict) -> torch.nn.Modul
     """The HF classifier a checkpoint starts: its own weights, a head for `labels`."""
     if checkpoint.model_type == "vit_mae":
         return _from_mae(name, labels)
-    if checkpoint.kind is Kind.VISION_TOWER:
+    if checkpoint.model_kind is ModelKind.VISION_TOWER:
         return _from_tower(name, checkpoint, labels)
     from transformers import AutoModelForImageClassification
 

@@ -14,7 +14,7 @@ from functools import cache
 from pathlib import Path
 
 from orchestrator.errors import SpecError
-from orchestrator.jobspec.modelkinds import Checkpoint, Kind, checkpoint_kind
+from orchestrator.jobspec.modelkinds import Checkpoint, ModelKind, checkpoint_kind
 from orchestrator.jobspec.modelrefs import is_onnx, label_count, model_depth, read_config
 
 
@@ -74,7 +74,7 @@ def _check_architecture(ref: str, config: dict) -> None:
     checkpoint = checkpoint_kind(ref, config)  # SpecError for what vitbatch cannot load
     model_type = checkpoint.model_type
     known = image_model_types()
-    if checkpoint.kind is Kind.CLASSIFIER and known is not None and model_type not in known:
+    if checkpoint.model_kind is ModelKind.CLASSIFIER and known is not None and model_type not in known:
         raise SpecError(f"model {ref!r}: model_type {model_type!r} is not an image classifier transformers "
                         f"knows (it has {', '.join(sorted(known)[:8])}, ...)")
 
