@@ -19,8 +19,9 @@ from orchestrator.constants import JOB_SPEC_FILE
 from orchestrator.inputs.manifest import write_manifests
 from orchestrator.inputs.planner import plan_job
 from orchestrator.inputs.vectorplan import plan_vectors
-from orchestrator.jobspec.jobs import DedupSpec, InferenceSpec, NeighborsSpec
+from orchestrator.jobspec.imagespecs import InferenceSpec
 from orchestrator.jobspec.kinds import job_kind
+from orchestrator.jobspec.vectorspecs import DedupSpec, NeighborsSpec
 from orchestrator.lifecycle.commits import ShardMarker
 from orchestrator.lifecycle.finalize import committed_markers, finalize
 from orchestrator.lifecycle.memoryledger import MemoryLedger

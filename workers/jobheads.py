@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.constants import JOBS_DIR
-from orchestrator.jobspec.jobs import AttentionSpec, ClassifySpec, EmbedSpec, InferenceSpec
+from orchestrator.jobspec.imagespecs import AttentionSpec, ClassifySpec, EmbedSpec, InferenceSpec
 from workers import hooks
 from workers.attention import AttentionHead
 from workers.heads import ClassifyHead, EmbedHead, Head, ZeroShotHead

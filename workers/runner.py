@@ -17,7 +17,7 @@ import torch
 from orchestrator.inputs.manifest import Item, read_kept_columns, read_manifest
 from orchestrator.inputs.parquetinputs import columns_of
 from orchestrator.inputs.tarsamples import NO_FIELDS, TarFields, fields_of
-from orchestrator.jobspec.jobs import InferenceSpec
+from orchestrator.jobspec.imagespecs import InferenceSpec
 from orchestrator.lifecycle.commits import JobStamp, ShardMarker, ShardWork
 from orchestrator.store.scope import input_root, outside_input
 from orchestrator.store.storage import ObjectStore

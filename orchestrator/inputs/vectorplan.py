@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from orchestrator.constants import VECTOR_PLAN_FILE
 from orchestrator.errors import SpecError
 from orchestrator.inputs.vectorsource import VectorSource, resolve_vectors
-from orchestrator.jobspec.jobs import DedupSpec, NeighborsSpec
+from orchestrator.jobspec.vectorspecs import DedupSpec, NeighborsSpec
 from orchestrator.store.storage import ObjectStore, join
 
 MAX_DEFAULT_CLUSTERS = 50_000

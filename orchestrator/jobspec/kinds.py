@@ -1,7 +1,8 @@
 """Job kinds: each kind is one record here, and whatever differs between kinds is read from it.
 
-A kind's spec (its pydantic model, with what it asks of its model's checkpoint) lives in `jobs.py`,
-its submit-time checks and plan in `plans.py`; everything else the control plane and the workers
+A kind's spec (its pydantic model, with what it asks of its model's checkpoint) lives with its family
+(`imagespecs.py`, `modelspecs.py`, `vectorspecs.py`; `jobs.JobSpec` is their union), its submit-time
+checks and plan in `plans.py`; everything else the control plane and the workers
 need to know about it is a field of its `JobKind`: the CLI makes `submit <name>` and `run <name>`
 from `spec`, submit runs `plan`, submit and the enqueuer send `task`, the reconciler reads
 `slow_unit`, a job's record reads `makes_model`, the worker's metrics read `runs_shards`.
@@ -29,16 +30,9 @@ from orchestrator.constants import (
     TASK_VECTOR_SHARD,
 )
 from orchestrator.errors import SpecError
-from orchestrator.jobspec.jobs import (
-    AttentionSpec,
-    ClassifySpec,
-    DedupSpec,
-    EmbedSpec,
-    EvaluateSpec,
-    ExportSpec,
-    FinetuneSpec,
-    NeighborsSpec,
-)
+from orchestrator.jobspec.imagespecs import AttentionSpec, ClassifySpec, EmbedSpec
+from orchestrator.jobspec.modelspecs import EvaluateSpec, ExportSpec, FinetuneSpec
+from orchestrator.jobspec.vectorspecs import DedupSpec, NeighborsSpec
 from orchestrator.store.storage import ObjectStore
 
 Unit = Literal["images", "single", "vectors"]
@@ -69,7 +63,7 @@ class JobKind:
     """What one job kind is, in one place."""
 
     name: str  # the spec's `kind`, the CLI command and the ledger's job kind
-    spec: type[BaseModel]  # its pydantic spec (jobs.py)
+    spec: type[BaseModel]  # its pydantic spec (imagespecs, modelspecs or vectorspecs.py)
     unit: Unit  # images: shards of images planned into manifests; single: one task is the whole job;
     #             vectors: shards of an embed job's vectors, in phases (vectorplan.py)
     task: str  # the Celery task one unit runs as (constants.TASK_*)

@@ -17,8 +17,9 @@ from orchestrator.inputs.planner import Plan, plan_job
 from orchestrator.inputs.vectorplan import plan_dedup, plan_neighbors
 from orchestrator.jobspec.checks.models import check_export, check_model_options
 from orchestrator.jobspec.checks.training import check_evaluate, check_finetune
-from orchestrator.jobspec.jobs import EvaluateSpec, ExportSpec, FinetuneSpec, InferenceSpec
+from orchestrator.jobspec.imagespecs import InferenceSpec
 from orchestrator.jobspec.modelrefs import model_identity, read_config
+from orchestrator.jobspec.modelspecs import EvaluateSpec, ExportSpec, FinetuneSpec
 from orchestrator.store.storage import ObjectStore
 
 __all__ = ["OneTask", "plan_dedup", "plan_evaluate", "plan_export", "plan_finetune", "plan_images",

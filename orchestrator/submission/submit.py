@@ -22,9 +22,9 @@ from orchestrator.fleet.celery_app import make_app
 from orchestrator.fleet.redisretry import ride_out
 from orchestrator.inputs.planner import Plan
 from orchestrator.jobspec.checks.outputs import check_prefix_free
-from orchestrator.jobspec.jobs import JobSpec, normalize_model_ref
+from orchestrator.jobspec.jobs import JobSpec
 from orchestrator.jobspec.kinds import JobKind, Planned, job_kind
-from orchestrator.jobspec.modelrefs import resolve_alias
+from orchestrator.jobspec.modelrefs import normalize_model_ref, resolve_alias
 from orchestrator.lifecycle.finalize import finalize
 from orchestrator.lifecycle.ledger import Ledger
 from orchestrator.lifecycle.states import JobState, JobStatus, ShardState

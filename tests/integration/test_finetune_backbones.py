@@ -18,14 +18,10 @@ from PIL import Image
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
 from orchestrator.jobspec.checks.training import check_evaluate, check_finetune, held_out
-from orchestrator.jobspec.jobs import (
-    ClassifySpec,
-    EvaluateSpec,
-    FinetuneSpec,
-    normalize_model_ref,
-)
+from orchestrator.jobspec.imagespecs import ClassifySpec
 from orchestrator.jobspec.modelkinds import ModelKind
-from orchestrator.jobspec.modelrefs import model_folder, read_config
+from orchestrator.jobspec.modelrefs import model_folder, normalize_model_ref, read_config
+from orchestrator.jobspec.modelspecs import EvaluateSpec, FinetuneSpec
 from orchestrator.lifecycle.commits import JobRecord, ShardWork
 from orchestrator.published.outputs import job_dir
 from orchestrator.published.publication import publish

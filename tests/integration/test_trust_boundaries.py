@@ -22,7 +22,8 @@ from orchestrator.errors import ObjectUnreadable, OutsideInput, SpecError
 from orchestrator.inputs.manifest import Item
 from orchestrator.inputs.planner import plan
 from orchestrator.jobspec.checks.models import check_model_options
-from orchestrator.jobspec.jobs import normalize_model_ref, parse_spec
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.jobspec.modelrefs import normalize_model_ref
 from orchestrator.store.scope import input_root, outside_input
 from orchestrator.store.storage import ObjectStore, normalize_uri
 from workers import models

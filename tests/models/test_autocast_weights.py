@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers_models import load_model
 
-from orchestrator.jobspec.jobs import normalize_model_ref
+from orchestrator.jobspec.modelrefs import normalize_model_ref
 from workers.loaded import LoadedModel
 
 LOWERED = (torch.nn.Linear, torch.nn.Conv2d)  # what autocast runs in bf16, args cast: ViTs' layers

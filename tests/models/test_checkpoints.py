@@ -20,8 +20,8 @@ from PIL import Image
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
 from orchestrator.jobspec.checks.models import check_model_options
-from orchestrator.jobspec.jobs import normalize_model_ref, parse_spec
-from orchestrator.jobspec.modelrefs import read_config
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.jobspec.modelrefs import normalize_model_ref, read_config
 from orchestrator.published.results import read_embeddings, read_table
 from orchestrator.store.storage import ObjectStore
 from workers.context import WorkerContext

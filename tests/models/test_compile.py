@@ -11,7 +11,8 @@ import torch
 from helpers_models import load_model
 
 from orchestrator.config import Settings
-from orchestrator.jobspec.jobs import normalize_model_ref, parse_spec
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.jobspec.modelrefs import normalize_model_ref
 from workers.compute import DeviceStage, first_rows
 from workers.context import WorkerContext
 from workers.decode.preprocess import Decoder

@@ -28,7 +28,8 @@ from orchestrator.errors import SpecError
 from orchestrator.inputs.labels import load_labeled
 from orchestrator.inputs.parquetinputs import ParquetColumns, columns_of
 from orchestrator.inputs.planner import plan
-from orchestrator.jobspec.jobs import EvaluateSpec, FinetuneSpec, parse_spec
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.jobspec.modelspecs import EvaluateSpec, FinetuneSpec
 from orchestrator.published.results import prefix_holder, read_embeddings, read_table
 from orchestrator.store.storage import ObjectStore, normalize_uri
 from workers.context import WorkerContext

@@ -19,7 +19,7 @@ from sklearn.datasets import load_sample_images
 from orchestrator.config import Settings
 from orchestrator.inputs.manifest import Item
 from orchestrator.inputs.planner import plan
-from orchestrator.jobspec.jobs import normalize_model_ref
+from orchestrator.jobspec.modelrefs import normalize_model_ref
 from orchestrator.store.storage import ObjectStore, normalize_uri
 from workers import models
 from workers.decode.device import decode_batch, device_decodable, resize_batch

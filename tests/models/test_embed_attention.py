@@ -20,8 +20,9 @@ from PIL import Image
 from support import build_tiny_vit
 
 from orchestrator.config import Settings
-from orchestrator.jobspec.jobs import normalize_model_ref, parse_spec
+from orchestrator.jobspec.jobs import parse_spec
 from orchestrator.jobspec.modelkinds import ModelKind
+from orchestrator.jobspec.modelrefs import normalize_model_ref
 from orchestrator.published.results import committed_parts, read_arrays, read_embeddings, read_index, success_record
 from orchestrator.store.storage import ObjectStore, join
 from workers.attention import rollout

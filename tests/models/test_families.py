@@ -20,7 +20,8 @@ from helpers_models import LABELS, load_model
 from PIL import Image
 
 from orchestrator.config import Settings
-from orchestrator.jobspec.jobs import normalize_model_ref, parse_spec
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.jobspec.modelrefs import normalize_model_ref
 from orchestrator.published.results import read_arrays, read_embeddings, read_table, success_record
 from orchestrator.store.storage import ObjectStore, join
 from workers.attention import AttentionHead, cls_to_patches

@@ -25,9 +25,8 @@ from PIL import Image
 
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
-from orchestrator.jobspec.jobs import normalize_model_ref
 from orchestrator.jobspec.modelkinds import ModelKind
-from orchestrator.jobspec.modelrefs import label_count, read_config
+from orchestrator.jobspec.modelrefs import label_count, normalize_model_ref, read_config
 from orchestrator.store.storage import ObjectStore
 from workers import models
 from workers.decode.imaging import decode_rgb

@@ -19,7 +19,7 @@ from orchestrator.config import Settings
 from orchestrator.errors import SpecError
 from orchestrator.inputs.labeledsources import LabelOptions
 from orchestrator.inputs.labels import load_labeled
-from orchestrator.jobspec.jobs import EvaluateSpec, FinetuneSpec
+from orchestrator.jobspec.modelspecs import EvaluateSpec, FinetuneSpec
 from orchestrator.store.storage import ObjectStore, normalize_uri
 from workers.context import WorkerContext
 from workers.decode.labeledcells import ContainerReader

@@ -14,7 +14,7 @@ from PIL import Image
 from orchestrator.config import Settings
 from orchestrator.inputs.manifest import Item
 from orchestrator.inputs.planner import plan
-from orchestrator.jobspec.jobs import normalize_model_ref
+from orchestrator.jobspec.modelrefs import normalize_model_ref
 from orchestrator.store.storage import ObjectStore, normalize_uri
 from workers import models
 from workers.decode.imaging import decode_rgb

@@ -75,7 +75,7 @@ def test_evaluate_and_finetune_take_a_brace_range_of_labeled_tars(tmp_path, hf_m
     from helpers_models import LABELS
 
     from orchestrator.jobspec.checks.training import check_evaluate, check_finetune
-    from orchestrator.jobspec.jobs import EvaluateSpec, FinetuneSpec
+    from orchestrator.jobspec.modelspecs import EvaluateSpec, FinetuneSpec
     from workers.training.evaluation import evaluate
     from workers.training.finetune import finetune
 
@@ -106,7 +106,7 @@ def test_evaluate_and_finetune_take_a_brace_range_of_labeled_tars(tmp_path, hf_m
 
 def test_a_brace_range_of_labeled_tars_with_a_missing_number_is_refused_at_submit(tmp_path, hf_model_dir):
     from orchestrator.jobspec.checks.training import check_evaluate
-    from orchestrator.jobspec.jobs import EvaluateSpec
+    from orchestrator.jobspec.modelspecs import EvaluateSpec
 
     (tmp_path / "shards").mkdir()
     labeled_tar(tmp_path / "shards" / "00000.tar", ["cat", "dog"], 0)

@@ -17,8 +17,9 @@ from orchestrator.config import Settings
 from orchestrator.errors import ObjectNotFound, SpecError
 from orchestrator.inputs.labeledsources import LabeledItem
 from orchestrator.inputs.planner import plan
-from orchestrator.jobspec.jobs import EvaluateSpec, FinetuneSpec, normalize_model_ref
 from orchestrator.jobspec.modelkinds import ModelKind
+from orchestrator.jobspec.modelrefs import normalize_model_ref
+from orchestrator.jobspec.modelspecs import EvaluateSpec, FinetuneSpec
 from orchestrator.lifecycle.commits import Evaluated, ShardWork
 from orchestrator.stack.demo import write_digits
 from orchestrator.store.storage import ObjectStore, normalize_uri

@@ -18,7 +18,8 @@ from PIL import Image
 from orchestrator.config import Settings
 from orchestrator.errors import SpecError
 from orchestrator.inputs.labels import load_labeled
-from orchestrator.jobspec.jobs import EvaluateSpec, parse_spec
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.jobspec.modelspecs import EvaluateSpec
 from orchestrator.published.results import read_table
 from orchestrator.store.storage import ObjectStore, normalize_uri
 from workers.context import WorkerContext

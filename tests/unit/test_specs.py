@@ -7,7 +7,8 @@ import json
 import pytest
 
 from orchestrator.errors import SpecError
-from orchestrator.jobspec.jobs import ClassifySpec, parse_spec
+from orchestrator.jobspec.imagespecs import ClassifySpec
+from orchestrator.jobspec.jobs import parse_spec
 from orchestrator.jobspec.kinds import KINDS
 
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from orchestrator.constants import KEPT_MANIFEST
 from orchestrator.inputs.vectorplan import VectorPlan
-from orchestrator.jobspec.jobs import DedupSpec
+from orchestrator.jobspec.vectorspecs import DedupSpec
 from orchestrator.lifecycle.commits import ShardWork, VectorShard
 from orchestrator.store.storage import ObjectStore
 from workers.curation import crosscluster

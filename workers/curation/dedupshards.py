@@ -21,7 +21,7 @@ import numpy as np
 
 from orchestrator.inputs.vectorplan import VectorPlan
 from orchestrator.inputs.vectorsource import read_vectors
-from orchestrator.jobspec.jobs import DedupSpec
+from orchestrator.jobspec.vectorspecs import DedupSpec
 from orchestrator.lifecycle.commits import ShardWork, VectorShard
 from orchestrator.store.storage import ObjectStore
 from workers.curation import crosscluster, semdedup

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from orchestrator.errors import CorruptOutput
 from orchestrator.inputs.vectorplan import VectorPlan
 from orchestrator.inputs.vectorsource import VectorSource, read_vectors
-from orchestrator.jobspec.jobs import NeighborsSpec
+from orchestrator.jobspec.vectorspecs import NeighborsSpec
 from orchestrator.lifecycle.commits import ShardMarker, ShardWork, VectorShard
 from orchestrator.store.storage import ObjectStore
 from workers.curation import knn

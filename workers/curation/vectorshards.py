@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from orchestrator.inputs.vectorplan import VectorPlan
-from orchestrator.jobspec.jobs import DedupSpec, NeighborsSpec
+from orchestrator.jobspec.vectorspecs import DedupSpec, NeighborsSpec
 from orchestrator.lifecycle.commits import JobStamp, ShardMarker
 from orchestrator.store.storage import ObjectStore
 from workers.writers import commit_shard

@@ -38,9 +38,9 @@ import numpy as np
 import torch
 
 from orchestrator.constants import EXPORT_REPORT_FILE, MODEL_CONFIG_FILE, ONNX_MODEL_FILE
-from orchestrator.jobspec.jobs import ExportSpec
 from orchestrator.jobspec.modelkinds import ModelKind
 from orchestrator.jobspec.modelrefs import ONNX_FORMAT
+from orchestrator.jobspec.modelspecs import ExportSpec
 from orchestrator.lifecycle.commits import Exported, ShardWork
 from orchestrator.store.storage import join
 from workers.errors import ExportFailed, ModelLoadError

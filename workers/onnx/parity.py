@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from orchestrator.inputs.manifest import Item
 from orchestrator.inputs.planner import plan
-from orchestrator.jobspec.jobs import ExportSpec
+from orchestrator.jobspec.modelspecs import ExportSpec
 from workers.compute import DeviceStage
 from workers.decode.preprocess import Decoder
 from workers.errors import ExportFailed

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from orchestrator.constants import CHECKPOINT_COMMITTED, CHECKPOINTS_DIR
 from orchestrator.errors import ObjectNotFound, SpecError
-from orchestrator.jobspec.jobs import FinetuneSpec
+from orchestrator.jobspec.modelspecs import FinetuneSpec
 from orchestrator.store.storage import ObjectStore, join, relative_key
 from workers.errors import TrainingDiverged
 

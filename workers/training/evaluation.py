@@ -21,8 +21,8 @@ from orchestrator.inputs.labeledsources import label_options
 from orchestrator.inputs.labels import load_labeled
 from orchestrator.inputs.manifest import Item
 from orchestrator.jobspec.checks.models import check_job_fits
-from orchestrator.jobspec.jobs import EvaluateSpec
 from orchestrator.jobspec.modelkinds import Checkpoint
+from orchestrator.jobspec.modelspecs import EvaluateSpec
 from orchestrator.lifecycle.commits import Evaluated, ShardWork
 from orchestrator.store.storage import join
 from workers.context import WorkerContext

@@ -27,8 +27,8 @@ from transformers.trainer_callback import PrinterCallback
 
 from orchestrator.constants import MODEL_CONFIG_FILE
 from orchestrator.errors import SpecError
-from orchestrator.jobspec.jobs import FinetuneSpec
 from orchestrator.jobspec.modelrefs import normalize_model_ref
+from orchestrator.jobspec.modelspecs import FinetuneSpec
 from orchestrator.lifecycle.commits import ShardWork, Trained
 from orchestrator.store.storage import ObjectStore, join
 from workers import models

@@ -7,7 +7,7 @@ from collections import defaultdict
 
 from orchestrator.inputs.labeledsources import LabeledItem, label_options
 from orchestrator.inputs.labels import check_val_labels, class_names, load_labeled
-from orchestrator.jobspec.jobs import FinetuneSpec
+from orchestrator.jobspec.modelspecs import FinetuneSpec
 from orchestrator.store.storage import ObjectStore
 
 

@@ -7,7 +7,7 @@
 - `checks.outputs`: whether an output location can be stored and is free to take.
 
 Each raises SpecError saying what to do instead. The shape of a spec (field types, ranges,
-normalized references) is pydantic's, in jobs.py; the checks here read the store. Nothing
-is imported here, so jobs.py can use `checks.outputs` without importing the checks that
-take its specs.
+normalized references) is pydantic's, in the specs (specbase.py and the kinds' families); the
+checks here read the store. Nothing is imported here, so specbase.py can use `checks.outputs`
+without importing the checks that take its specs.
 """

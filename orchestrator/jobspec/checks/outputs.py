@@ -1,6 +1,6 @@
 """Whether an output location can hold a job's files, and whether it is free to take.
 
-`storable_output` is the spec's (jobs.py validates `output` with it, so `parse_spec` reports it
+`storable_output` is the spec's (specbase.py validates `output` with it, so `parse_spec` reports it
 on its field); `check_prefix_free` is submit's, run before the prefix is taken.
 """
 
@@ -24,7 +24,7 @@ _LOCAL_PATH_BYTES = 4096
 
 class OutputSpec(Protocol):
     """What the prefix check reads of a job spec (every kind's has it; its inputs, where it has
-    them, are read by name), so this module needs nothing of jobs.py, which uses it."""
+    them, are read by name), so this module needs nothing of the specs, which use it."""
 
     @property
     def output(self) -> str: ...

@@ -6,9 +6,9 @@ from collections import Counter
 
 from orchestrator.inputs.labeledsources import LabeledItem, label_options
 from orchestrator.inputs.labels import check_val_labels, class_names, load_labeled
-from orchestrator.jobspec.jobs import EvaluateSpec, FinetuneSpec
 from orchestrator.jobspec.modelkinds import checkpoint_kind
 from orchestrator.jobspec.modelrefs import read_config
+from orchestrator.jobspec.modelspecs import EvaluateSpec, FinetuneSpec
 from orchestrator.store.storage import ObjectStore
 
 
