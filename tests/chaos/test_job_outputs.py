@@ -15,7 +15,8 @@ from chaos_stack import ROOT, assert_exactly_once, explain, via
 
 from orchestrator.constants import JOBS_DIR, SUCCESS_FILE
 from orchestrator.errors import OutputBusy, SpecError
-from orchestrator.jobspec.jobs import EvaluateSpec, FinetuneSpec, parse_spec
+from orchestrator.jobspec.jobs import parse_spec
+from orchestrator.jobspec.modelspecs import EvaluateSpec, FinetuneSpec
 from orchestrator.lifecycle.states import JobState, ShardState
 from orchestrator.published.results import read_table, success_record
 from orchestrator.store.storage import join
