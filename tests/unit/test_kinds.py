@@ -13,7 +13,9 @@ from pydantic import Field
 from orchestrator.errors import SpecError
 from orchestrator.jobspec.imagespecs import InferenceSpec, JobBase
 from orchestrator.jobspec.jobs import JobSpec, parse_spec
-from orchestrator.jobspec.kinds import KINDS, PLANS, JobKind, job_kind, spec_schema
+from orchestrator.jobspec.kinds import KINDS, PLANS, JobKind, Unit, job_kind, spec_schema
+from orchestrator.jobspec.modelspecs import ModelJobSpec
+from orchestrator.jobspec.vectorspecs import VectorSpec
 
 ARCHITECTURE = Path(__file__).parents[2] / "docs" / "architecture.md"
 
@@ -89,8 +91,19 @@ def test_a_kind_is_registered_under_its_specs_own_kind():
         assert kind.spec.model_fields["kind"].default == name
 
 
-def test_the_image_shard_kinds_are_exactly_the_inference_specs():
-    assert {kind.spec for kind in KINDS.values() if kind.runs_shards} == union_members(InferenceSpec)
+# Each family's union (jobs.JobSpec joins them) holds the specs of the kinds of one unit, and only those:
+# InferenceSpec the image shard kinds (`runs_shards`), ModelJobSpec the one-task kinds, VectorSpec the vector kinds.
+FAMILIES = {"images": InferenceSpec, "single": ModelJobSpec, "vectors": VectorSpec}
+
+
+@pytest.mark.parametrize("unit", sorted(FAMILIES))
+def test_each_family_union_holds_exactly_the_kinds_of_its_unit(unit):
+    assert {kind.spec for kind in KINDS.values() if kind.unit == unit} == union_members(FAMILIES[unit])
+
+
+def test_the_job_spec_union_is_the_families_together_and_every_unit_has_one():
+    assert set(FAMILIES) == set(typing.get_args(Unit))
+    assert union_members(JobSpec) == set().union(*(union_members(family) for family in FAMILIES.values()))
 
 
 def test_every_kinds_task_is_one_the_worker_app_registers():
