@@ -75,10 +75,10 @@ def test_a_heads_maker_without_a_registered_kind_is_found():
 
 
 def union_members(annotation) -> set[type]:
-    """The classes of a union, through an `Annotated[...]` wrapper."""
+    """The classes of a union, through an `Annotated[...]` wrapper (a family of one kind is its class)."""
     if typing.get_origin(annotation) is typing.Annotated:
         annotation = typing.get_args(annotation)[0]
-    return set(typing.get_args(annotation))
+    return {annotation} if isinstance(annotation, type) else set(typing.get_args(annotation))
 
 
 def test_every_spec_the_union_parses_is_a_registered_kind_and_the_reverse():
