@@ -132,7 +132,8 @@ def _load_hf(name: str, checkpoint: Checkpoint, attn: str, allow_pickle: bool = 
 
 def _hf_family(module: torch.nn.Module, checkpoint: Checkpoint, name: str, info: dict) -> Family:
     if checkpoint.model_kind in (ModelKind.DUAL, ModelKind.VISION_TOWER):
-        return HFDualEncoder(module, _tokenizer(name) if checkpoint.model_kind is ModelKind.DUAL else None, checkpoint.model_kind)
+        tokenizer = _tokenizer(name) if checkpoint.model_kind is ModelKind.DUAL else None
+        return HFDualEncoder(module, tokenizer, checkpoint.model_kind)
     if checkpoint.model_kind is ModelKind.BACKBONE:
         return HFBackbone(module)
     family = HFClassifier(module)

@@ -40,7 +40,6 @@ def read_labels(value: str) -> list[str]:
     return [label.strip() for label in value.split(",")]
 
 
-
 class JobBase(BaseSpec):
     """Options every inference job shares."""
 
@@ -160,7 +159,6 @@ class ClassifySpec(JobBase):
         return self
 
 
-
 def _cls_pooling() -> list[Pooling]:
     return ["cls"]
 
@@ -185,7 +183,8 @@ class EmbedSpec(JobBase):
         """--pooling pooled needs a pooled output apart from `cls` (an ONNX export lists its outputs)."""
         if "pooled" not in self.pooling:
             return
-        if checkpoint.model_kind is ModelKind.ONNX and config is not None and "pooled" not in (config.get("outputs") or {}):
+        onnx = checkpoint.model_kind is ModelKind.ONNX
+        if onnx and config is not None and "pooled" not in (config.get("outputs") or {}):
             raise SpecError(f"model {self.model!r} is an ONNX export without a pooled output apart from its `cls` "
                             "embedding (only CLIP, SigLIP and timm image projections have one): drop `pooled` from "
                             "--pooling")
@@ -217,7 +216,6 @@ class AttentionSpec(JobBase):
         """Attention maps are the PyTorch model's softmax weights, which an ONNX graph does not output."""
         refuse_onnx(self.model, "attention maps need the PyTorch model's softmax weights, which the ONNX graph "
                     "does not output", checkpoint, config)
-
 
 
 InferenceSpec = ClassifySpec | EmbedSpec | AttentionSpec  # the kinds planned into image shards (planner.plan_job)

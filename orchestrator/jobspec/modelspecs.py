@@ -54,11 +54,15 @@ class FinetuneSpec(TrainBase):
     """Fine-tune (or train from a config) an image classifier on labeled images."""
 
     kind: Literal["finetune"] = Field("finetune", description="Job kind: finetune.")
-    train: str = Field(description="Labeled images: an ImageFolder prefix (one folder per class), a CSV/JSONL manifest "
-                       "(key,label), or parquet files / webdataset tars that carry their labels (a prefix or one object).")
-    val: str | None = Field(None, description="Labeled validation images (same layouts); unset = --val-split of train.")
-    val_split: float = Field(0.1, ge=0.0, lt=0.9, description="Stratified, seeded share of train used for validation when --val is unset.")
-    model: str | None = Field(None, description="Pretrained starting point (hf:, timm:, local or s3:// dir); or use --config.")
+    train: str = Field(description="Labeled images: an ImageFolder prefix (one folder per class), a CSV/JSONL "
+                       "manifest (key,label), or parquet files / webdataset tars that carry their labels (a prefix "
+                       "or one object).")
+    val: str | None = Field(None, description="Labeled validation images (same layouts); unset = --val-split of "
+                            "train.")
+    val_split: float = Field(0.1, ge=0.0, lt=0.9, description="Stratified, seeded share of train used for "
+                             "validation when --val is unset.")
+    model: str | None = Field(None, description="Pretrained starting point (hf:, timm:, local or s3:// dir); or use "
+                              "--config.")
     config: dict | None = Field(
         None, description="JSON of a custom architecture trained from scratch: ViTConfig fields (HF), "
         "or {\"architecture\": timm name, ...create_model kwargs} for timm.",
@@ -69,7 +73,8 @@ class FinetuneSpec(TrainBase):
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps spent warming up the learning rate.")
     freeze_backbone: bool = Field(False, description="Train only the classifier head.")
     augment: Literal["none", "basic", "randaugment"] = Field(
-        "basic", description="none; basic = random resized crop + flip; randaugment = timm rand-m9-mstd0.5-inc1 + random erasing.",
+        "basic", description="none; basic = random resized crop + flip; randaugment = timm rand-m9-mstd0.5-inc1 + "
+        "random erasing.",
     )
     checkpoint_every_steps: int = Field(200, gt=0, description="Upload a resumable checkpoint every N steps.")
     alias: str | None = Field(
@@ -153,7 +158,6 @@ class ExportSpec(BaseSpec):
     def check_checkpoint(self, checkpoint: Checkpoint, config: dict | None = None) -> None:
         """Export reads the PyTorch modules: an ONNX export is not exported again."""
         refuse_onnx(self.model, "export starts from a PyTorch model only", checkpoint, config)
-
 
 
 ModelJobSpec = FinetuneSpec | EvaluateSpec | ExportSpec  # the kinds whose one task is the whole job

@@ -86,5 +86,4 @@ class NeighborsSpec(VectorJob):
                       "its nprobe is tuned and its recall measured on.")
 
 
-
 VectorSpec = DedupSpec | NeighborsSpec  # the kinds planned into phases of vector shards
