@@ -1,6 +1,6 @@
 """Fine-tuning: `vitbatch run finetune` against the plain transformers Trainer recipe, whole processes.
 
-    python -m bench.finetune [--epochs 30] [--rounds 2] [--seeds 0] [--precision fp32] [--workdir DIR]
+    python -m bench.finetune [--epochs 30] [--rounds 2] [--seeds 0] [--precision fp32] [--paired] [--workdir DIR]
 
 Both train the same custom ViTConfig (32 px, patch 4, hidden 96, 4 layers) from scratch on the same
 1,347 scikit-learn digits (the demo's training folder less every 10th image; no validation pass in
@@ -9,12 +9,19 @@ either), lr 2e-3, batch 64, no augmentation, the same seed (0, or --seeds), in o
 (vitbatch's embedded stack start-up included); the rounds alternate the order. Held-out accuracy is
 measured here afterwards on the demo's 300 held-out digits, both models loaded with transformers
 and fed the same normalized pixels. Prints the CPU, each run, and the wall-time ratio per round.
+
+--paired runs the two at the same time instead, each pinned to a core of its own with one compute thread
+(vitbatch's whole embedded stack on its core), and swaps the cores every round. On a shared 2-core VM
+the speed drifts by 10-30% within a minute (the plain Trainer's epochs, one process, one config:
+2.5 to 3.7 s), so whole runs minutes apart differ by more than the systems do; run side by side, both
+meet the same drift, and the swap cancels a faster core.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -91,6 +98,41 @@ def _timed(cmd: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def _command(system: str, train: Path, out: Path, epochs: int, precision: str, seed: int) -> list[str]:
+    if system == "vitbatch":
+        return _vitbatch(train, out, epochs, precision, seed)
+    return [sys.executable, "-m", "bench.finetune", "--plain", str(train), str(out), str(epochs), precision, str(seed)]
+
+
+def _pinned(cmd: list[str], core: int) -> subprocess.Popen:
+    """cmd on one core with one compute thread (its children, vitbatch's Redis and worker, inherit both)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+
+
+def _result(system: str, out: Path, holdout: Path, precision: str, seed: int, wall_s: float) -> dict:
+    return {"system": system, "precision": precision, "seed": seed, "wall_s": round(wall_s, 1),
+            "holdout_accuracy": round(holdout_accuracy(_model_dir(out, system), holdout, system == "vitbatch"), 3)}
+
+
+def run_paired(cores: dict[str, int], train: Path, holdout: Path, work: Path, epochs: int, precision: str,
+               seed: int) -> dict[str, dict]:
+    """Both systems at once, each on its core (`cores`); each result's wall_s is its own process's."""
+    start = time.perf_counter()
+    procs = {system: _pinned(_command(system, train, work / f"out-{system}", epochs, precision, seed), core)
+             for system, core in cores.items()}
+    walls = {}
+    while len(walls) < len(procs):
+        for system, proc in procs.items():
+            if system not in walls and proc.poll() is not None:
+                if proc.returncode:
+                    raise subprocess.CalledProcessError(proc.returncode, proc.args)
+                walls[system] = time.perf_counter() - start
+        time.sleep(0.05)
+    return {system: _result(system, work / f"out-{system}", holdout, precision, seed, walls[system])
+            for system in procs}
+
+
 def _model_dir(out: Path, system: str) -> Path:
     if system == "trainer":
         return out / "model"
@@ -115,12 +157,8 @@ def holdout_accuracy(model_dir: Path, holdout: Path, id2label: bool) -> float:
 
 def run_one(system: str, train: Path, holdout: Path, work: Path, epochs: int, precision: str, seed: int) -> dict:
     out = work / f"out-{system}"
-    cmd = (_vitbatch(train, out, epochs, precision, seed) if system == "vitbatch"
-           else [sys.executable, "-m", "bench.finetune", "--plain", str(train), str(out), str(epochs), precision,
-                 str(seed)])
-    wall_s = _timed(cmd)
-    return {"system": system, "precision": precision, "seed": seed, "wall_s": round(wall_s, 1),
-            "holdout_accuracy": round(holdout_accuracy(_model_dir(out, system), holdout, system == "vitbatch"), 3)}
+    wall_s = _timed(_command(system, train, out, epochs, precision, seed))
+    return _result(system, out, holdout, precision, seed, wall_s)
 
 
 def main() -> None:
@@ -131,6 +169,7 @@ def main() -> None:
                         help="both systems train in it (bf16: autocast, fp32 master weights)")
     parser.add_argument("--seeds", default="0", help="comma-separated; round i trains both with seed i mod their "
                         "number (one seed's held-out accuracy on 300 digits moves by a few points)")
+    parser.add_argument("--paired", action="store_true", help="both at once, a core each, cores swapped every round")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--plain", nargs=5, metavar=("TRAIN", "OUT", "EPOCHS", "PRECISION", "SEED"),
                         help=argparse.SUPPRESS)
@@ -149,13 +188,19 @@ def main() -> None:
         for round_ in range(args.rounds):
             order = ["trainer", "vitbatch"] if round_ % 2 == 0 else ["vitbatch", "trainer"]
             seed = seeds[round_ % len(seeds)]
-            results = {system: run_one(system, train, holdout, work, args.epochs, args.precision, seed)
-                       for system in order}
+            if args.paired:  # round 1: the Trainer on core 0, vitbatch on core 1; round 2 the reverse...
+                results = run_paired({system: core for core, system in enumerate(order)}, train, holdout, work,
+                                     args.epochs, args.precision, seed)
+                how = f"trainer on core {order.index('trainer')}, vitbatch on core {order.index('vitbatch')}"
+            else:
+                results = {system: run_one(system, train, holdout, work, args.epochs, args.precision, seed)
+                           for system in order}
+                how = " then ".join(order)
             for system in order:
                 print(json.dumps(results[system]))
                 accuracy[system].append(results[system]["holdout_accuracy"])
             ratio = results["vitbatch"]["wall_s"] / results["trainer"]["wall_s"]
-            print(f"round {round_ + 1} ({' then '.join(order)}, seed {seed}): vitbatch / Trainer wall = {ratio:.2f}x")
+            print(f"round {round_ + 1} ({how}, seed {seed}): vitbatch / Trainer wall = {ratio:.2f}x", flush=True)
         print("held-out accuracy, mean over rounds: " + ", ".join(
             f"{system} {np.mean(values):.3f}" for system, values in accuracy.items()))
 
