@@ -125,7 +125,9 @@ def run_paired(cores: dict[str, int], train: Path, holdout: Path, work: Path, ep
     while len(walls) < len(procs):
         for system, proc in procs.items():
             if system not in walls and proc.poll() is not None:
-                if proc.returncode:
+                if proc.returncode:  # the other would run on alone, unmeasured: stop it first
+                    for other in procs.values():
+                        other.kill()
                     raise subprocess.CalledProcessError(proc.returncode, proc.args)
                 walls[system] = time.perf_counter() - start
         time.sleep(0.05)
